@@ -1,0 +1,405 @@
+/* uvasyncore: Python's asyncore/asynchat programming model on libuv.
+ *
+ * Channels ("dispatchers") answer readable()/writable() each pass of the
+ * loop and receive handle_read / handle_write / handle_connect /
+ * handle_accepted / handle_close / handle_expt / handle_error calls, as in
+ * Python's asyncore.  A dispatcher is a struct the application embeds in its
+ * own struct; a const ops table says which methods it overrides (a NULL slot
+ * means the asyncore default).
+ *
+ * Errors: every int result is 0 (or a documented non-negative value) on
+ * success and a negative libuv error code (UV_E*, a negative errno on Unix)
+ * on failure; ac_strerror() / ac_err_name() describe it.
+ *
+ * Reference: docs/ (one page per type), the porting guide docs/porting.md.
+ */
+#ifndef UVASYNCORE_H
+#define UVASYNCORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <uv.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define AC_EXTERN __attribute__((visibility("default")))
+#else
+#define AC_EXTERN
+#endif
+
+#define AC_VERSION_MAJOR 0
+#define AC_VERSION_MINOR 1
+#define AC_VERSION_PATCH 0
+
+/* Recover the struct that embeds a member: ac_container_of(d, my_t, base). */
+#define ac_container_of(ptr, type, member)                                    \
+  ((type *) ((char *) (ptr) - offsetof(type, member)))
+
+/* Library result codes outside the errno range. */
+/* A handler asks the loop to return at once (asyncore.ExitNow). */
+#define AC_EXIT (-30001)
+/* "Any other exception": a handler failed for an application reason. */
+#define AC_EFAIL (-30002)
+
+/* ac_loop() count meaning "until the map is empty" (Python's None). */
+#define AC_FOREVER (-1L)
+/* ac_loop() timeout meaning "wait without limit" (Python's None). */
+#define AC_INFINITE (-1.0)
+
+/* Event flags for ac_readwrite() (the poll-mode wrapper, spec E-03). */
+enum {
+  AC_POLLIN = 0x01,
+  AC_POLLPRI = 0x02,
+  AC_POLLOUT = 0x04,
+  AC_POLLERR = 0x08,
+  AC_POLLHUP = 0x10,
+  AC_POLLNVAL = 0x20
+};
+
+typedef struct ac_map_s ac_map_t;
+typedef struct ac_dispatcher_s ac_dispatcher_t;
+typedef struct ac_dispatcher_ops_s ac_dispatcher_ops_t;
+
+/* What handle_error() receives: the code that escaped a handler (a negative
+ * errno, AC_EFAIL, or a resolver code), and which step it escaped from. */
+typedef struct ac_error_s {
+  int code;
+  const char *where; /* "handle_read", "handle_connect_event", ... */
+} ac_error_t;
+
+/* The overridable methods.  Every slot may be NULL: the channel then uses
+ * its class's default (asyncore.dispatcher, dispatcher_with_send, async_chat
+ * or file_dispatcher).  Handlers return 0, AC_EXIT, AC_EFAIL or a negative
+ * errno; anything but 0 is treated as an exception raised by the handler
+ * (spec E-02/E-03).  The table must outlive every channel that uses it. */
+struct ac_dispatcher_ops_s {
+  /* Predicates: asked once per pass when overridden (spec L-10).  They
+   * cannot fail (Q-23).  NULL: the class default, tracked from events at no
+   * per-pass cost. */
+  int (*readable)(ac_dispatcher_t *d);
+  int (*writable)(ac_dispatcher_t *d);
+
+  int (*handle_read)(ac_dispatcher_t *d);
+  int (*handle_write)(ac_dispatcher_t *d);
+  int (*handle_expt)(ac_dispatcher_t *d);
+  int (*handle_connect)(ac_dispatcher_t *d);
+  /* Deprecated in Python 3.2; an override bypasses handle_accepted. */
+  int (*handle_accept)(ac_dispatcher_t *d);
+  /* A new connection: the callee owns `sock` (close it or give it to a new
+   * channel with ac_dispatcher_open()). */
+  int (*handle_accepted)(ac_dispatcher_t *d, uv_os_sock_t sock,
+                         const struct sockaddr *addr, socklen_t addrlen);
+  int (*handle_close)(ac_dispatcher_t *d);
+  int (*handle_error)(ac_dispatcher_t *d, const ac_error_t *err);
+
+  /* Called exactly once, after the channel was closed and libuv released
+   * every handle of it: the application may free the memory here.  No
+   * callback reaches the channel afterwards. */
+  void (*closed)(ac_dispatcher_t *d);
+
+  /* Logging (D-24/D-25); NULL: through the map's log sink. */
+  void (*log)(ac_dispatcher_t *d, const char *message);
+  void (*log_info)(ac_dispatcher_t *d, const char *message,
+                   const char *type);
+
+  /* Name shown by ac_describe() (D-26); NULL: the class name, for example
+   * "asyncore.dispatcher". */
+  const char *type_name;
+};
+
+/* Private: which libuv handle backs a channel. */
+typedef enum {
+  AC_BACKEND_NONE = 0, /* no handle yet (socket not connected/listening) */
+  AC_BACKEND_STREAM,   /* uv_tcp_t */
+  AC_BACKEND_POLL,     /* uv_poll_t */
+  AC_BACKEND_ALWAYS    /* fd libuv cannot poll (regular file): always ready */
+} ac_backend_t;
+
+/* Private: intrusive list link. */
+typedef struct ac_link_s {
+  struct ac_link_s *next;
+  struct ac_link_s *prev;
+} ac_link_t;
+
+/* A channel.  Embed it in your own struct and never move it; initialise it
+ * with ac_dispatcher_init() or a class's init function.  Public members may
+ * be read at any time; `data`, `closing`, `debug` and `ignore_log_types` may
+ * also be written by the application.  Members after `private_` are the
+ * library's. */
+struct ac_dispatcher_s {
+  void *data;                      /* application pointer, never touched */
+  const ac_dispatcher_ops_t *ops;  /* overrides; never NULL after init */
+  ac_map_t *map;                   /* the map bound at init (D-02) */
+  unsigned connected : 1;          /* D-01 */
+  unsigned accepting : 1;
+  unsigned connecting : 1;
+  unsigned closing : 1;            /* never read or written by the library */
+  unsigned debug : 1;              /* dispatcher_with_send logs sends */
+  int family;                      /* from create_socket / the socket */
+  int type;
+  socklen_t addrlen;               /* 0: addr is "None" */
+  struct sockaddr_storage addr;    /* D-03, D-10, D-11 */
+  /* NULL-terminated list of log_info types not printed; NULL means the
+   * default {"warning"} (D-25). */
+  const char *const *ignore_log_types;
+
+  /* private_ */
+  uv_os_sock_t fd;
+  uint8_t backend;      /* ac_backend_t */
+  uint16_t flags;       /* AC__F_* */
+  uint8_t armed;        /* interest for this pass: AC__R / AC__W */
+  uint8_t ready;        /* synthetic readiness: AC__R / AC__W */
+  uint8_t nreq;         /* outstanding libuv requests */
+  uint8_t mode_poll;    /* poll-mode classification for this channel */
+  int so_error;         /* stream backend: connect result */
+  size_t wq_bytes;      /* stream backend: bytes queued in libuv */
+  const void *cls;      /* class: defaults of plain, with_send, chat ... */
+  ac_link_t link;       /* map membership, insertion order */
+  ac_link_t plink;      /* map's ask or dirty list */
+  ac_link_t slink;      /* map's list of synthetic readiness */
+  void *req;            /* connect or getaddrinfo request */
+  union {
+    uv_handle_t handle;
+    uv_tcp_t tcp;
+    uv_poll_t poll;
+  } h;
+};
+
+/* ------------------------------------------------------------------ */
+/* Map and loop (spec L-)                                              */
+
+/* Create a map of channels that runs on `loop` (which the caller owns and
+ * must keep alive until ac_map_free()).  Returns 0 or UV_ENOMEM/UV_EINVAL. */
+AC_EXTERN int ac_map_new(uv_loop_t *loop, ac_map_t **out);
+
+/* Close every channel of the map (as ac_close_all with ignore_all), finish
+ * pending closes and drains by running the loop until the map's own handles
+ * are released, then free the map.  Must not be called from a callback of
+ * the map's loop.  NULL is a no-op. */
+AC_EXTERN void ac_map_free(ac_map_t *map);
+
+/* The process-wide default map, created on first use on uv_default_loop().
+ * Returns NULL only when out of memory. */
+AC_EXTERN ac_map_t *ac_default_map(void);
+
+/* Replace the default map (L-01); returns the previous one (possibly NULL,
+ * not freed).  NULL makes the next ac_default_map() create a new one. */
+AC_EXTERN ac_map_t *ac_set_default_map(ac_map_t *map);
+
+/* The loop a map runs on. */
+AC_EXTERN uv_loop_t *ac_map_loop(const ac_map_t *map);
+
+/* Number of live channels in the map. */
+AC_EXTERN size_t ac_map_len(const ac_map_t *map);
+
+/* The channel registered under `fd`, or NULL (linear scan: for tests). */
+AC_EXTERN ac_dispatcher_t *ac_map_get(const ac_map_t *map, uv_os_sock_t fd);
+
+/* Make the running ac_loop() on this map return AC_EXIT after the current
+ * handler (ExitNow from outside a handler).  Events not yet dispatched in
+ * the pass are dropped (E-01). */
+AC_EXTERN void ac_map_stop(ac_map_t *map);
+
+/* Where log() and log_info() output goes for the channels of a map.  `type`
+ * is NULL for log() (by default written to stderr as "log: <msg>") and the
+ * log_info type otherwise (stdout, "<type>: <msg>").  NULL restores the
+ * default. */
+typedef void (*ac_log_sink_cb)(void *ctx, const char *type,
+                               const char *message);
+AC_EXTERN void ac_map_set_log_sink(ac_map_t *map, ac_log_sink_cb cb,
+                                   void *ctx);
+
+/* Run passes over `map` (NULL: the default map, resolved now).  Each pass
+ * asks the overridden predicates, waits up to `timeout` seconds (<0:
+ * without limit) for readiness and dispatches the handlers.  Returns when
+ * the map is empty (0), after `count` passes (0; count < 0: no limit), when
+ * a handler returned AC_EXIT or ac_map_stop() was called (AC_EXIT), or with
+ * the error that escaped handle_error/handle_close (E-08).  `use_poll`
+ * selects asyncore's poll-mode error classification (E-03, Q-11).  Returns
+ * UV_EBUSY when called from inside a callback of the same map. */
+AC_EXTERN int ac_loop(ac_map_t *map, double timeout, int use_poll,
+                      long count);
+
+/* Close every channel of the map with ac_close() (not handle_close) and
+ * empty it (L-12).  Returns 0, or the first error of a close when
+ * `ignore_all` is 0. */
+AC_EXTERN int ac_close_all(ac_map_t *map, int ignore_all);
+
+/* ------------------------------------------------------------------ */
+/* Dispatcher (spec D-, E-)                                            */
+
+/* Initialise a channel with no socket, bound to `map` (NULL: the default
+ * map now, D-02) with the overrides `ops` (NULL: all defaults).  It is not
+ * in the map until it gets a socket.  Returns 0, UV_EINVAL (d NULL) or
+ * UV_ENOMEM (no default map). */
+AC_EXTERN int ac_dispatcher_init(ac_dispatcher_t *d, ac_map_t *map,
+                                 const ac_dispatcher_ops_t *ops);
+
+/* Give an initialised channel an existing socket, as Python's
+ * dispatcher(sock) (D-03): non-blocking, registered, connected with `addr`
+ * the peer address, or unconnected when the socket has no peer.  The
+ * channel owns the socket afterwards.  On failure the socket stays the
+ * caller's and the channel is left without socket. */
+AC_EXTERN int ac_dispatcher_open(ac_dispatcher_t *d, uv_os_sock_t sock);
+
+/* set_socket (D-05): adopt `sock` and register; changes no flag and not
+ * the blocking mode. */
+AC_EXTERN int ac_set_socket(ac_dispatcher_t *d, uv_os_sock_t sock);
+
+/* create_socket (D-04): a non-blocking, close-on-exec socket of `family`
+ * (AF_INET, AF_INET6, AF_UNIX) and `type` (SOCK_STREAM, SOCK_DGRAM),
+ * registered in the map.  UV_EBUSY when the channel already has one. */
+AC_EXTERN int ac_create_socket(ac_dispatcher_t *d, int family, int type);
+
+/* set_reuse_addr (D-07): turn SO_REUSEADDR on; errors are ignored. */
+AC_EXTERN void ac_set_reuse_addr(ac_dispatcher_t *d);
+
+/* bind (D-10): sets addr first, then binds.  Errors from bind(2). */
+AC_EXTERN int ac_bind(ac_dispatcher_t *d, const struct sockaddr *addr);
+
+/* listen (D-09): sets accepting first, then listens. */
+AC_EXTERN int ac_listen(ac_dispatcher_t *d, int backlog);
+
+/* accept (D-12): 1 and the new socket (non-blocking, close-on-exec, owned
+ * by the caller) with its peer address; 0 when there is none now (would
+ * block, or the peer aborted); a negative errno otherwise.  `addr` and
+ * `addrlen` may be NULL. */
+AC_EXTERN int ac_accept(ac_dispatcher_t *d, uv_os_sock_t *sock,
+                        struct sockaddr_storage *addr, socklen_t *addrlen);
+
+/* connect (D-11) to a resolved address.  0: the connect is pending (or has
+ * completed and handle_connect already ran, for AF_UNIX); a negative errno:
+ * it failed now, connecting stays set (Q-19). */
+AC_EXTERN int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr);
+
+/* Connect to a host name without blocking the loop (Q-07 fixed): resolves
+ * with uv_getaddrinfo, then connects to the first address as ac_connect().
+ * Creates the socket (SOCK_STREAM) if the channel has none.  A resolution
+ * or connect failure reaches handle_error like a refused connection.
+ * Returns 0 or an immediate error (UV_EINVAL, UV_ENOMEM, UV_EBUSY). */
+AC_EXTERN int ac_connect_name(ac_dispatcher_t *d, const char *host,
+                              int port);
+
+/* send (D-13): one send; returns the bytes accepted (possibly fewer than
+ * n, 0 on would-block), 0 after calling handle_close on a disconnection,
+ * or a negative errno.  Bytes accepted always reach the peer, even when
+ * close() follows at once.  On a dispatcher_with_send or async_chat
+ * channel, this is the class's buffered send (W-02, returns n or an
+ * error). */
+AC_EXTERN ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n);
+
+/* The base dispatcher.send of D-13 whatever the class ("super().send"). */
+AC_EXTERN ssize_t ac_dispatcher_send(ac_dispatcher_t *d, const void *buf,
+                                     size_t n);
+
+/* recv (D-14): >0 bytes read; 0 at EOF or disconnection, after
+ * handle_close was called; UV_EAGAIN when nothing is there (Python raises,
+ * Q-09); another negative errno on error. */
+AC_EXTERN ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n);
+
+/* close (D-15): clears the flags, leaves the map and releases the socket;
+ * idempotent; never calls a handler.  The `closed` callback follows later
+ * from the loop.  Returns 0 (errors of close(2) are ignored). */
+AC_EXTERN int ac_close(ac_dispatcher_t *d);
+
+/* The channel's socket, or -1. */
+AC_EXTERN uv_os_sock_t ac_fileno(const ac_dispatcher_t *d);
+
+/* Whether `d` has been closed (or never had a socket). */
+AC_EXTERN int ac_is_closed(const ac_dispatcher_t *d);
+
+/* repr (D-26) into buf (always NUL-terminated when cap > 0); returns the
+ * length the full text needs, like snprintf. */
+AC_EXTERN size_t ac_describe(const ac_dispatcher_t *d, char *buf,
+                             size_t cap);
+
+/* log (D-24) and log_info (D-25); `type` NULL means "info". */
+AC_EXTERN void ac_log(ac_dispatcher_t *d, const char *message);
+AC_EXTERN void ac_log_info(ac_dispatcher_t *d, const char *message,
+                           const char *type);
+
+/* The defaults of the channel's class, callable from an override (like
+ * Python's super().handle_accept()). */
+AC_EXTERN int ac_default_readable(ac_dispatcher_t *d);
+AC_EXTERN int ac_default_writable(ac_dispatcher_t *d);
+AC_EXTERN int ac_default_handle_read(ac_dispatcher_t *d);
+AC_EXTERN int ac_default_handle_write(ac_dispatcher_t *d);
+AC_EXTERN int ac_default_handle_expt(ac_dispatcher_t *d);
+AC_EXTERN int ac_default_handle_connect(ac_dispatcher_t *d);
+AC_EXTERN int ac_default_handle_accept(ac_dispatcher_t *d);
+AC_EXTERN int ac_default_handle_accepted(ac_dispatcher_t *d,
+                                         uv_os_sock_t sock,
+                                         const struct sockaddr *addr,
+                                         socklen_t addrlen);
+AC_EXTERN int ac_default_handle_close(ac_dispatcher_t *d);
+AC_EXTERN int ac_default_handle_error(ac_dispatcher_t *d,
+                                      const ac_error_t *err);
+
+/* The event wrappers (E-02, E-03), exported for tests and for code that
+ * drives channels by hand.  They return 0, AC_EXIT, or an error that
+ * escaped handle_error/handle_close. */
+AC_EXTERN int ac_read(ac_dispatcher_t *d);
+AC_EXTERN int ac_write(ac_dispatcher_t *d);
+AC_EXTERN int ac_exception(ac_dispatcher_t *d);
+AC_EXTERN int ac_readwrite(ac_dispatcher_t *d, int flags);
+
+/* ------------------------------------------------------------------ */
+/* dispatcher_with_send (spec W-)                                      */
+
+/* A dispatcher with an output buffer.  `out_len` bytes from
+ * out_buf + out_off are queued. */
+typedef struct ac_dispatcher_with_send_s {
+  ac_dispatcher_t d;
+  /* private_ */
+  char *out_buf;
+  size_t out_off;
+  size_t out_len;
+  size_t out_cap;
+} ac_dispatcher_with_send_t;
+
+/* Initialise as ac_dispatcher_init (W-01). */
+AC_EXTERN int ac_dispatcher_with_send_init(ac_dispatcher_with_send_t *w,
+                                           ac_map_t *map,
+                                           const ac_dispatcher_ops_t *ops);
+
+/* The buffered send (W-02): copies `n` bytes to the output buffer and sends
+ * what the socket takes now.  Returns 0 or UV_ENOMEM/UV_EINVAL. */
+AC_EXTERN int ac_dispatcher_with_send_send(ac_dispatcher_with_send_t *w,
+                                           const void *buf, size_t n);
+
+/* initiate_send (W-03). */
+AC_EXTERN int ac_dispatcher_with_send_initiate_send(
+    ac_dispatcher_with_send_t *w);
+
+/* Bytes still queued in the output buffer. */
+AC_EXTERN size_t ac_dispatcher_with_send_pending(
+    const ac_dispatcher_with_send_t *w);
+
+/* ------------------------------------------------------------------ */
+/* Errors and helpers                                                  */
+
+/* Message and symbolic name of a result code (libuv's, plus AC_EXIT and
+ * AC_EFAIL).  _strerror of E-07: unknown codes give "Unknown error <n>". */
+AC_EXTERN const char *ac_strerror(int code);
+AC_EXTERN const char *ac_err_name(int code);
+
+/* Whether a negative errno is in asyncore's DISCONNECTED set (ECONNRESET,
+ * ENOTCONN, ESHUTDOWN, ECONNABORTED, EPIPE, EBADF). */
+AC_EXTERN int ac_is_disconnect(int code);
+
+/* Replace the allocator (like uv_replace_allocator).  All four must be
+ * given; call before creating any map.  Returns 0 or UV_EINVAL. */
+AC_EXTERN int ac_replace_allocator(void *(*malloc_fn)(size_t),
+                                   void *(*realloc_fn)(void *, size_t),
+                                   void *(*calloc_fn)(size_t, size_t),
+                                   void (*free_fn)(void *));
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* UVASYNCORE_H */

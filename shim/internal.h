@@ -1,0 +1,178 @@
+/* Internal declarations shared by the files of the library. */
+#ifndef AC_INTERNAL_H
+#define AC_INTERNAL_H
+
+#include "uvasyncore.h"
+
+#include <stdbool.h>
+
+#define AC__HIDDEN __attribute__((visibility("hidden")))
+
+/* Interest and readiness bits (ac_dispatcher_t.armed / .ready). */
+#define AC__R 0x01 /* read */
+#define AC__W 0x02 /* write */
+#define AC__P 0x04 /* priority (poll backend only) */
+
+/* ac_dispatcher_t.flags */
+#define AC__F_INIT 0x0001     /* ac_dispatcher_init ran */
+#define AC__F_OPEN 0x0002     /* has a socket, registered in the map */
+#define AC__F_CLOSED 0x0004   /* ac_close ran (or failed open) */
+#define AC__F_ASKED 0x0008    /* user predicates: asked every pass */
+#define AC__F_DIRTY 0x0010    /* tracked interest must be recomputed */
+#define AC__F_HANDLE 0x0020   /* h holds an initialised libuv handle */
+#define AC__F_DRAIN 0x0040    /* closed, waiting for queued writes */
+#define AC__F_RELEASED 0x0080 /* `closed` callback ran */
+#define AC__F_RESOLVING 0x0100 /* uv_getaddrinfo in flight */
+#define AC__F_CONN_DONE 0x0200 /* stream: connect callback came */
+#define AC__F_POLL_ON 0x0400  /* poll backend: uv_poll_start active */
+#define AC__F_PENDREL 0x0800  /* queued on the map's release list */
+#define AC__F_WERR 0x1000     /* stream: a queued write failed */
+#define AC__F_SOCK 0x2000     /* fd is a socket (else pipe, tty, file) */
+
+/* A class: the defaults of plain dispatchers, dispatcher_with_send,
+ * async_chat or file_dispatcher.  Every slot of `defaults` is set. */
+typedef struct ac__class_s {
+  const char *name; /* D-26 type name */
+  ac_dispatcher_ops_t defaults;
+  /* Virtual send (ac_send), NULL: the base dispatcher send. */
+  ssize_t (*send)(ac_dispatcher_t *d, const void *buf, size_t n);
+  /* Free class buffers when the channel is released (may be NULL). */
+  void (*release)(ac_dispatcher_t *d);
+} ac__class_t;
+
+/* The defaults of asyncore.dispatcher (events.c), for class tables. */
+AC__HIDDEN int ac__base_readable(ac_dispatcher_t *d);
+AC__HIDDEN int ac__base_writable(ac_dispatcher_t *d);
+AC__HIDDEN int ac__base_handle_read(ac_dispatcher_t *d);
+AC__HIDDEN int ac__base_handle_write(ac_dispatcher_t *d);
+AC__HIDDEN int ac__base_handle_expt(ac_dispatcher_t *d);
+AC__HIDDEN int ac__base_handle_connect(ac_dispatcher_t *d);
+AC__HIDDEN int ac__base_handle_accept(ac_dispatcher_t *d);
+AC__HIDDEN int ac__base_handle_accepted(ac_dispatcher_t *d, uv_os_sock_t s,
+                                        const struct sockaddr *addr,
+                                        socklen_t addrlen);
+AC__HIDDEN int ac__base_handle_close(ac_dispatcher_t *d);
+AC__HIDDEN int ac__base_handle_error(ac_dispatcher_t *d,
+                                     const ac_error_t *err);
+
+/* A class table's defaults, with the given predicate and write handler. */
+#define AC__DEFAULTS(readable_fn, writable_fn, write_fn, close_fn)            \
+  {                                                                           \
+    readable_fn, writable_fn, ac__base_handle_read, write_fn,                 \
+        ac__base_handle_expt, ac__base_handle_connect,                        \
+        ac__base_handle_accept, ac__base_handle_accepted, close_fn,           \
+        ac__base_handle_error, NULL, NULL, NULL, NULL                         \
+  }
+#define AC__BASE_DEFAULTS                                                     \
+  AC__DEFAULTS(ac__base_readable, ac__base_writable, ac__base_handle_write,   \
+               ac__base_handle_close)
+
+AC__HIDDEN extern const ac__class_t ac__dispatcher_class;
+AC__HIDDEN extern const ac__class_t ac__with_send_class;
+
+#define AC__CLS(d) ((const ac__class_t *) (d)->cls)
+/* The slot `name` of d: the override, else the class default. */
+#define AC__SLOT(d, name)                                                     \
+  ((d)->ops->name != NULL ? (d)->ops->name : AC__CLS(d)->defaults.name)
+
+struct ac_map_s {
+  uv_loop_t *loop;
+  ac_link_t channels; /* every open channel, insertion order */
+  size_t nchannels;
+  ac_link_t ask;      /* channels with overridden predicates */
+  ac_link_t dirty;    /* tracked channels whose interest changed */
+  ac_link_t synth;    /* channels ready without a libuv event */
+  ac_link_t release;  /* socketless channels waiting for `closed` */
+  ac_link_t drain;    /* closed streams still writing queued bytes */
+  int linger_expired;
+  size_t nlive;       /* channels initialised with a socket, not released */
+  uv_prepare_t prepare;
+  uv_check_t check;
+  uv_idle_t idle;
+  uv_timer_t timer;
+  int nhandles;       /* own handles still open */
+  int running;        /* ac_loop is inside uv_run */
+  int in_dispatch;    /* a handler of this map is running */
+  int stopping;       /* AC_EXIT requested: drop the rest of the pass */
+  int result;         /* what ac_loop returns */
+  int use_poll;       /* poll-mode classification (E-03) */
+  int raised;         /* error raised inside ac_send/ac_recv's handlers */
+  const char *where;  /* the step that is running, for ac_error_t */
+  long count;         /* passes left, <0: no limit */
+  uint64_t timeout_ms;
+  int timeout_inf;
+  int idle_on;
+  ac_log_sink_cb sink;
+  void *sink_ctx;
+};
+
+/* A negative libuv code from an errno (Unix libuv codes are -errno). */
+#define AC__ERR(e) (-(e))
+
+/* Lists (circular, with a head). */
+static inline void ac__list_init(ac_link_t *h) { h->next = h->prev = h; }
+static inline bool ac__list_empty(const ac_link_t *h) { return h->next == h; }
+static inline bool ac__linked(const ac_link_t *l) { return l->next != NULL; }
+static inline void ac__list_add(ac_link_t *h, ac_link_t *l) {
+  l->prev = h->prev;
+  l->next = h;
+  h->prev->next = l;
+  h->prev = l;
+}
+static inline void ac__list_del(ac_link_t *l) {
+  if (l->next != NULL) {
+    l->prev->next = l->next;
+    l->next->prev = l->prev;
+    l->next = l->prev = NULL;
+  }
+}
+#define AC__ENTRY(l, field)                                                   \
+  ((ac_dispatcher_t *) ((char *) (l) - offsetof(ac_dispatcher_t, field)))
+
+/* alloc.c */
+AC__HIDDEN void *ac__malloc(size_t n);
+AC__HIDDEN void *ac__realloc(void *p, size_t n);
+AC__HIDDEN void *ac__calloc(size_t n, size_t m);
+AC__HIDDEN void ac__free(void *p);
+
+/* map.c */
+AC__HIDDEN void ac__map_add(ac_map_t *m, ac_dispatcher_t *d);
+AC__HIDDEN void ac__map_del(ac_map_t *m, ac_dispatcher_t *d);
+AC__HIDDEN void ac__interest_changed(ac_dispatcher_t *d);
+AC__HIDDEN void ac__synth_update(ac_dispatcher_t *d);
+AC__HIDDEN void ac__handle_closed(uv_handle_t *h);
+AC__HIDDEN void ac__maybe_release(ac_dispatcher_t *d);
+AC__HIDDEN void ac__exit(ac_map_t *m, int result);
+AC__HIDDEN void ac__wake(ac_map_t *m);
+
+/* dispatcher.c */
+AC__HIDDEN int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
+                              const ac_dispatcher_ops_t *ops,
+                              const void *cls);
+AC__HIDDEN int ac__connect_event(ac_dispatcher_t *d);
+AC__HIDDEN int ac__dispatch(ac_dispatcher_t *d, int ev);
+AC__HIDDEN int ac__attach(ac_dispatcher_t *d, int want_stream);
+AC__HIDDEN ssize_t ac__send_raw(ac_dispatcher_t *d, const void *buf,
+                                size_t n);
+AC__HIDDEN int ac__raise(ac_dispatcher_t *d, int code);
+
+/* stream.c: the uv_tcp_t backend */
+AC__HIDDEN int ac__stream_open(ac_dispatcher_t *d);
+AC__HIDDEN void ac__stream_apply(ac_dispatcher_t *d, int bits);
+AC__HIDDEN int ac__stream_connect(ac_dispatcher_t *d,
+                                  const struct sockaddr *addr);
+AC__HIDDEN ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf,
+                                    size_t n);
+AC__HIDDEN void ac__stream_close(ac_dispatcher_t *d);
+AC__HIDDEN void ac__stream_abort_drains(ac_map_t *m);
+
+/* poll.c: the uv_poll_t backend */
+AC__HIDDEN int ac__poll_open(ac_dispatcher_t *d);
+AC__HIDDEN void ac__poll_apply(ac_dispatcher_t *d, int bits);
+AC__HIDDEN void ac__poll_close(ac_dispatcher_t *d);
+
+/* The emulated socket send buffer of the stream backend: bytes ac_send
+ * accepts beyond what the kernel takes at once. */
+#define AC__STREAM_WBUF (64 * 1024)
+
+#endif

@@ -1,0 +1,411 @@
+/* The map (the live channels of one uv loop) and the loop that drives it.
+ *
+ * One pass of the loop is one uv loop iteration.  The map's prepare handle
+ * runs just before libuv waits: it asks the overridden predicates (L-10) and
+ * recomputes the interest of tracked channels whose state changed, then
+ * turns interest into libuv calls (uv_read_start/stop, uv_poll_start/stop).
+ * libuv callbacks dispatch read events (and every event of poll-backed
+ * channels) as they arrive.  The check handle, just after the wait,
+ * dispatches readiness that has no libuv event: write readiness of streams
+ * (derived from libuv's write queue), a finished connect, files that are
+ * always ready.  So a pass touches only channels with something to say, plus
+ * the ones whose predicates the application overrides. */
+#include "internal.h"
+
+#include <signal.h>
+#include <stdlib.h>
+#include <stdio.h>
+#include <string.h>
+
+static ac_map_t *default_map;
+static uv_mutex_t default_lock;
+static uv_once_t default_once = UV_ONCE_INIT;
+
+static void default_lock_init(void) {
+  if (uv_mutex_init(&default_lock) != 0) {
+    abort();
+  }
+}
+
+static void on_prepare(uv_prepare_t *h);
+static void on_check(uv_check_t *h);
+
+static void on_idle(uv_idle_t *h) { (void) h; }
+
+static void on_timer(uv_timer_t *h) { (void) h; }
+
+static void default_sink(void *ctx, const char *type, const char *message) {
+  (void) ctx;
+  if (type == NULL) {
+    fprintf(stderr, "log: %s\n", message);
+  } else {
+    fprintf(stdout, "%s: %s\n", type, message);
+    fflush(stdout);
+  }
+}
+
+/* Python ignores SIGPIPE, so a write to a reset peer gives EPIPE (D-13).
+ * Our own sends use MSG_NOSIGNAL, but libuv's stream writes do not: when
+ * the disposition is still the default, ignore the signal as Python does. */
+static void ignore_sigpipe(void) {
+  struct sigaction sa;
+
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
+    signal(SIGPIPE, SIG_IGN);
+  }
+}
+
+int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
+  ac_map_t *m;
+
+  if (loop == NULL || out == NULL) {
+    return UV_EINVAL;
+  }
+  m = ac__calloc(1, sizeof(*m));
+  if (m == NULL) {
+    return UV_ENOMEM;
+  }
+  ignore_sigpipe();
+  m->loop = loop;
+  ac__list_init(&m->channels);
+  ac__list_init(&m->ask);
+  ac__list_init(&m->dirty);
+  ac__list_init(&m->synth);
+  ac__list_init(&m->release);
+  ac__list_init(&m->drain);
+  m->sink = default_sink;
+  uv_prepare_init(loop, &m->prepare);
+  uv_check_init(loop, &m->check);
+  uv_idle_init(loop, &m->idle);
+  uv_timer_init(loop, &m->timer);
+  m->nhandles = 4;
+  m->prepare.data = m->check.data = m->idle.data = m->timer.data = m;
+  uv_prepare_start(&m->prepare, on_prepare);
+  uv_check_start(&m->check, on_check);
+  /* They run every iteration but must not keep an embedding loop alive. */
+  uv_unref((uv_handle_t *) &m->prepare);
+  uv_unref((uv_handle_t *) &m->check);
+  uv_unref((uv_handle_t *) &m->timer);
+  *out = m;
+  return 0;
+}
+
+static void on_map_handle_closed(uv_handle_t *h) {
+  ac_map_t *m = h->data;
+  m->nhandles--;
+}
+
+static void on_linger(uv_timer_t *h) {
+  ac_map_t *m = h->data;
+  m->linger_expired = 1;
+}
+
+void ac_map_free(ac_map_t *m) {
+  if (m == NULL) {
+    return;
+  }
+  ac_close_all(m, 1);
+  uv_timer_start(&m->timer, on_linger, 2000, 0);
+  uv_ref((uv_handle_t *) &m->timer);
+  m->stopping = 0;
+  m->linger_expired = 0;
+  while (m->nlive > 0) {
+    /* Peers that stop reading get what the kernel took within the linger
+     * time; then the drains are cut. */
+    if (m->linger_expired) {
+      ac__stream_abort_drains(m);
+    }
+    uv_run(m->loop, UV_RUN_ONCE);
+  }
+  on_check(&m->check); /* socketless channels still on the release list */
+  uv_close((uv_handle_t *) &m->prepare, on_map_handle_closed);
+  uv_close((uv_handle_t *) &m->check, on_map_handle_closed);
+  uv_close((uv_handle_t *) &m->idle, on_map_handle_closed);
+  uv_close((uv_handle_t *) &m->timer, on_map_handle_closed);
+  while (m->nhandles > 0) {
+    uv_run(m->loop, UV_RUN_NOWAIT);
+  }
+  uv_once(&default_once, default_lock_init);
+  uv_mutex_lock(&default_lock);
+  if (default_map == m) {
+    default_map = NULL;
+  }
+  uv_mutex_unlock(&default_lock);
+  ac__free(m);
+}
+
+ac_map_t *ac_default_map(void) {
+  ac_map_t *m;
+
+  uv_once(&default_once, default_lock_init);
+  uv_mutex_lock(&default_lock);
+  if (default_map == NULL && ac_map_new(uv_default_loop(), &m) == 0) {
+    default_map = m;
+  }
+  m = default_map;
+  uv_mutex_unlock(&default_lock);
+  return m;
+}
+
+ac_map_t *ac_set_default_map(ac_map_t *map) {
+  ac_map_t *old;
+
+  uv_once(&default_once, default_lock_init);
+  uv_mutex_lock(&default_lock);
+  old = default_map;
+  default_map = map;
+  uv_mutex_unlock(&default_lock);
+  return old;
+}
+
+uv_loop_t *ac_map_loop(const ac_map_t *m) {
+  return m != NULL ? m->loop : NULL;
+}
+
+size_t ac_map_len(const ac_map_t *m) { return m != NULL ? m->nchannels : 0; }
+
+ac_dispatcher_t *ac_map_get(const ac_map_t *m, uv_os_sock_t fd) {
+  const ac_link_t *l;
+
+  if (m == NULL) {
+    return NULL;
+  }
+  for (l = m->channels.next; l != &m->channels; l = l->next) {
+    ac_dispatcher_t *d = AC__ENTRY(l, link);
+    if (d->fd == fd) {
+      return d;
+    }
+  }
+  return NULL;
+}
+
+void ac_map_set_log_sink(ac_map_t *m, ac_log_sink_cb cb, void *ctx) {
+  if (m != NULL) {
+    m->sink = cb != NULL ? cb : default_sink;
+    m->sink_ctx = cb != NULL ? ctx : NULL;
+  }
+}
+
+/* Stop the pass: ac_loop returns `result`, undispatched events of the pass
+ * are dropped (E-01). */
+void ac__exit(ac_map_t *m, int result) {
+  if (!m->stopping) {
+    m->stopping = 1;
+    m->result = result;
+  }
+  uv_stop(m->loop);
+}
+
+/* Make the loop run an iteration without waiting (for releases). */
+void ac__wake(ac_map_t *m) {
+  if (!m->idle_on) {
+    uv_idle_start(&m->idle, on_idle);
+    m->idle_on = 1;
+  }
+}
+
+void ac_map_stop(ac_map_t *m) {
+  if (m != NULL) {
+    ac__exit(m, AC_EXIT);
+  }
+}
+
+void ac__map_add(ac_map_t *m, ac_dispatcher_t *d) {
+  ac__list_add(&m->channels, &d->link);
+  m->nchannels++;
+  m->nlive++;
+  if (d->flags & AC__F_ASKED) {
+    ac__list_add(&m->ask, &d->plink);
+  } else {
+    ac__interest_changed(d);
+  }
+}
+
+void ac__map_del(ac_map_t *m, ac_dispatcher_t *d) {
+  if (!ac__linked(&d->link)) {
+    return;
+  }
+  ac__list_del(&d->link);
+  ac__list_del(&d->plink);
+  ac__list_del(&d->slink);
+  d->flags &= ~AC__F_DIRTY;
+  m->nchannels--;
+  if (m->nchannels == 0 && m->running) {
+    uv_stop(m->loop);
+  }
+}
+
+/* A tracked channel's state changed (connected, output queued, ...): its
+ * interest is recomputed at the next prepare.  Overridden predicates are
+ * asked every pass anyway. */
+void ac__interest_changed(ac_dispatcher_t *d) {
+  if ((d->flags & (AC__F_ASKED | AC__F_DIRTY)) || !ac__linked(&d->link)) {
+    return;
+  }
+  d->flags |= AC__F_DIRTY;
+  ac__list_add(&d->map->dirty, &d->plink);
+}
+
+/* Keep d on the synthetic list while it is interested in a readiness that
+ * no libuv event will report (level-triggered, L-13). */
+void ac__synth_update(ac_dispatcher_t *d) {
+  if ((d->armed & d->ready) && ac__linked(&d->link)) {
+    if (!ac__linked(&d->slink)) {
+      ac__list_add(&d->map->synth, &d->slink);
+    }
+  } else {
+    ac__list_del(&d->slink);
+  }
+}
+
+/* The interest of d now: its predicates, or the class defaults. */
+static int interest(ac_dispatcher_t *d) {
+  int bits = 0;
+  int r = AC__SLOT(d, readable)(d);
+  int w = AC__SLOT(d, writable)(d);
+
+  if (r) {
+    bits |= AC__R | AC__P;
+  }
+  if (w && !d->accepting) {
+    bits |= AC__W;
+    if (!d->map->use_poll) {
+      bits |= AC__P; /* select's E list holds every interested fd (L-02) */
+    }
+  }
+  return bits;
+}
+
+static void apply(ac_dispatcher_t *d, int bits) {
+  switch (d->backend) {
+  case AC_BACKEND_STREAM:
+    ac__stream_apply(d, bits);
+    break;
+  case AC_BACKEND_POLL:
+    ac__poll_apply(d, bits);
+    break;
+  case AC_BACKEND_ALWAYS:
+    d->armed = (uint8_t) bits;
+    ac__synth_update(d);
+    break;
+  default:
+    d->armed = (uint8_t) bits;
+    break;
+  }
+}
+
+static void on_prepare(uv_prepare_t *h) {
+  ac_map_t *m = h->data;
+  ac_link_t done;
+
+  while (!ac__list_empty(&m->dirty)) {
+    ac_dispatcher_t *d = AC__ENTRY(m->dirty.next, plink);
+    ac__list_del(&d->plink);
+    d->flags &= ~AC__F_DIRTY;
+    apply(d, interest(d));
+  }
+  /* Overridden predicates, once per channel per pass, in map order.  A
+   * predicate may close channels, so walk by moving entries aside. */
+  ac__list_init(&done);
+  while (!ac__list_empty(&m->ask)) {
+    ac_dispatcher_t *d = AC__ENTRY(m->ask.next, plink);
+    ac__list_del(&d->plink);
+    ac__list_add(&done, &d->plink);
+    apply(d, interest(d));
+  }
+  if (!ac__list_empty(&done)) {
+    done.next->prev = &m->ask;
+    done.prev->next = &m->ask;
+    m->ask = done;
+  }
+  if (m->running && !m->timeout_inf &&
+      (m->count >= 0 || !ac__list_empty(&m->ask))) {
+    uv_timer_start(&m->timer, on_timer, m->timeout_ms, 0);
+  }
+  if (!ac__list_empty(&m->synth) || !ac__list_empty(&m->release)) {
+    if (!m->idle_on) {
+      uv_idle_start(&m->idle, on_idle);
+      m->idle_on = 1;
+    }
+  } else if (m->idle_on) {
+    uv_idle_stop(&m->idle);
+    m->idle_on = 0;
+  }
+}
+
+/* Dispatch readiness that no libuv callback reported, then release the
+ * socketless channels closed since the last pass. */
+static void on_check(uv_check_t *h) {
+  ac_map_t *m = h->data;
+  ac_link_t done;
+
+  ac__list_init(&done);
+  while (!ac__list_empty(&m->synth) && !m->stopping) {
+    ac_dispatcher_t *d = AC__ENTRY(m->synth.next, slink);
+    ac__list_del(&d->slink);
+    ac__list_add(&done, &d->slink);
+    ac__dispatch(d, ((d->armed & d->ready & AC__R) ? AC_POLLIN : 0) |
+                        ((d->armed & d->ready & AC__W) ? AC_POLLOUT : 0));
+  }
+  while (!ac__list_empty(&done)) {
+    ac_dispatcher_t *d = AC__ENTRY(done.next, slink);
+    ac__list_del(&d->slink);
+    ac__synth_update(d);
+  }
+  while (!ac__list_empty(&m->release)) {
+    ac_dispatcher_t *d = AC__ENTRY(m->release.next, plink);
+    ac__list_del(&d->plink);
+    d->flags &= ~AC__F_PENDREL;
+    ac__maybe_release(d);
+  }
+}
+
+int ac_loop(ac_map_t *m, double timeout, int use_poll, long count) {
+  int r;
+
+  if (m == NULL && (m = ac_default_map()) == NULL) {
+    return UV_ENOMEM;
+  }
+  if (m->running || m->in_dispatch) {
+    return UV_EBUSY;
+  }
+  m->use_poll = use_poll != 0;
+  m->result = 0;
+  m->stopping = 0;
+  m->timeout_inf = timeout < 0;
+  /* L-07 truncates poll timeouts to ms; select waits at least. */
+  m->timeout_ms = m->timeout_inf ? 0
+                  : use_poll     ? (uint64_t) (timeout * 1000.0)
+                                 : (uint64_t) (timeout * 1000.0 + 0.999);
+  m->count = count;
+  m->running = 1;
+  uv_ref((uv_handle_t *) &m->prepare);
+  uv_ref((uv_handle_t *) &m->timer);
+  while (m->nchannels > 0 && m->count != 0 && !m->stopping) {
+    if (m->count > 0) {
+      m->count--;
+      uv_run(m->loop, UV_RUN_ONCE);
+    } else {
+      uv_run(m->loop, UV_RUN_DEFAULT);
+    }
+  }
+  uv_timer_stop(&m->timer);
+  uv_unref((uv_handle_t *) &m->timer);
+  uv_unref((uv_handle_t *) &m->prepare);
+  m->running = 0;
+  r = m->result;
+  m->stopping = 0;
+  m->result = 0;
+  return r;
+}
+
+int ac_close_all(ac_map_t *m, int ignore_all) {
+  if (m == NULL && (m = ac_default_map()) == NULL) {
+    return UV_ENOMEM;
+  }
+  (void) ignore_all; /* ac_close cannot fail: close(2) errors are ignored */
+  while (!ac__list_empty(&m->channels)) {
+    ac_close(AC__ENTRY(m->channels.next, link));
+  }
+  return 0;
+}

@@ -1,0 +1,180 @@
+/* The uv_tcp_t backend.
+ *
+ * Read readiness without copying: the alloc callback offers no buffer, so
+ * libuv answers UV_ENOBUFS, leaves the bytes in the kernel and keeps
+ * watching, level-triggered; the handler then recv()s them itself.  Write
+ * readiness, which libuv does not report for streams, is derived: the
+ * socket is writable while nothing of ours waits in libuv's write queue.
+ * ac_send writes straight to the kernel; what the kernel refuses is queued
+ * in libuv (up to AC__STREAM_WBUF), and its completion is the event that
+ * makes the channel writable again. */
+#include "internal.h"
+
+#include <string.h>
+
+typedef struct {
+  uv_write_t req;
+  size_t len;
+  char data[];
+} wreq_t;
+
+int ac__stream_open(ac_dispatcher_t *d) {
+  int r = uv_tcp_init(d->map->loop, &d->h.tcp);
+
+  if (r != 0) {
+    return r;
+  }
+  d->h.tcp.data = d;
+  r = uv_tcp_open(&d->h.tcp, d->fd);
+  if (r != 0) {
+    /* The handle holds no fd: close it without closing the caller's. */
+    d->h.tcp.io_watcher.fd = -1;
+    uv_close(&d->h.handle, NULL);
+    return r;
+  }
+  d->flags |= AC__F_HANDLE | AC__F_CONN_DONE;
+  d->backend = AC_BACKEND_STREAM;
+  d->ready = AC__W;
+  return 0;
+}
+
+static void on_alloc(uv_handle_t *h, size_t size, uv_buf_t *buf) {
+  (void) h;
+  (void) size;
+  buf->base = NULL;
+  buf->len = 0;
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  (void) nread; /* UV_ENOBUFS: bytes or EOF wait in the kernel */
+  (void) buf;
+  ac__dispatch(s->data, AC_POLLIN);
+}
+
+void ac__stream_apply(ac_dispatcher_t *d, int bits) {
+  if ((bits ^ d->armed) & AC__R) {
+    if (bits & AC__R) {
+      if (uv_read_start((uv_stream_t *) &d->h.tcp, on_alloc, on_read) != 0) {
+        bits &= ~AC__R;
+      }
+    } else {
+      uv_read_stop((uv_stream_t *) &d->h.tcp);
+    }
+  }
+  d->armed = (uint8_t) (bits & (AC__R | AC__W));
+  ac__synth_update(d);
+}
+
+static void on_connect(uv_connect_t *req, int status) {
+  ac_dispatcher_t *d = req->data;
+
+  d->req = NULL;
+  d->nreq--;
+  ac__free(req);
+  if (d->flags & AC__F_CLOSED) {
+    ac__maybe_release(d);
+    return;
+  }
+  d->flags |= AC__F_CONN_DONE;
+  d->so_error = status;
+  /* A refused connect reads as readable and writable (L-15). */
+  d->ready = status == 0 ? AC__W : (AC__R | AC__W);
+  ac__synth_update(d);
+}
+
+int ac__stream_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
+  uv_connect_t *req;
+  int r;
+
+  if (d->req != NULL) {
+    return UV_EALREADY;
+  }
+  req = ac__malloc(sizeof(*req));
+  if (req == NULL) {
+    return UV_ENOMEM;
+  }
+  req->data = d;
+  d->flags &= (uint16_t) ~AC__F_CONN_DONE;
+  d->ready = 0;
+  ac__synth_update(d);
+  r = uv_tcp_connect(req, &d->h.tcp, addr, on_connect);
+  if (r != 0) {
+    ac__free(req);
+    return r;
+  }
+  d->req = req;
+  d->nreq++;
+  return 0;
+}
+
+static void on_write(uv_write_t *req, int status) {
+  wreq_t *w = (wreq_t *) req;
+  ac_dispatcher_t *d = req->handle->data;
+
+  d->wq_bytes -= w->len;
+  d->nreq--;
+  ac__free(w);
+  if (status < 0 && status != UV_ECANCELED) {
+    d->flags |= AC__F_WERR; /* the next send or recv sees the error */
+  }
+  if (d->flags & AC__F_CLOSED) {
+    if ((d->flags & AC__F_DRAIN) &&
+        (d->wq_bytes == 0 || (d->flags & AC__F_WERR))) {
+      d->flags &= (uint16_t) ~AC__F_DRAIN;
+      ac__list_del(&d->plink);
+      uv_close(&d->h.handle, ac__handle_closed);
+    }
+    ac__maybe_release(d);
+    return;
+  }
+  if (d->wq_bytes == 0 || (d->flags & AC__F_WERR)) {
+    d->ready |= AC__W;
+    ac__synth_update(d);
+  }
+}
+
+ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf, size_t n) {
+  wreq_t *w = ac__malloc(sizeof(*w) + n);
+  uv_buf_t b;
+  int r;
+
+  if (w == NULL) {
+    return UV_ENOMEM;
+  }
+  w->len = n;
+  memcpy(w->data, buf, n);
+  b = uv_buf_init(w->data, (unsigned) n);
+  r = uv_write(&w->req, (uv_stream_t *) &d->h.tcp, &b, 1, on_write);
+  if (r != 0) {
+    ac__free(w);
+    return r;
+  }
+  d->wq_bytes += n;
+  d->nreq++;
+  d->ready &= (uint8_t) ~AC__W;
+  ac__synth_update(d);
+  return (ssize_t) n;
+}
+
+/* close() for a stream: bytes ac_send accepted must still reach the peer,
+ * and uv_close would drop libuv's queue, so a stream with queued bytes
+ * drains first (the fd stays open until then). */
+void ac__stream_close(ac_dispatcher_t *d) {
+  uv_read_stop((uv_stream_t *) &d->h.tcp);
+  if (d->wq_bytes > 0 && !(d->flags & AC__F_WERR)) {
+    d->flags |= AC__F_DRAIN;
+    ac__list_add(&d->map->drain, &d->plink);
+    return;
+  }
+  uv_close(&d->h.handle, ac__handle_closed);
+}
+
+/* Cut the drains that outlived the map's linger time. */
+void ac__stream_abort_drains(ac_map_t *m) {
+  while (!ac__list_empty(&m->drain)) {
+    ac_dispatcher_t *d = AC__ENTRY(m->drain.next, plink);
+    ac__list_del(&d->plink);
+    d->flags &= (uint16_t) ~AC__F_DRAIN;
+    uv_close(&d->h.handle, ac__handle_closed);
+  }
+}

@@ -1,0 +1,158 @@
+/* dispatcher_with_send (spec W-): a dispatcher with an output buffer. */
+#include "internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
+
+static ac_dispatcher_with_send_t *dws(ac_dispatcher_t *d) {
+  return ac_container_of(d, ac_dispatcher_with_send_t, d);
+}
+
+/* W-05 */
+static int dws_writable(ac_dispatcher_t *d) {
+  return !d->connected || dws(d)->out_len > 0;
+}
+
+/* W-04 */
+static int dws_handle_write(ac_dispatcher_t *d) {
+  int r = ac_dispatcher_with_send_initiate_send(dws(d));
+  return r < 0 ? r : 0;
+}
+
+static ssize_t dws_send(ac_dispatcher_t *d, const void *buf, size_t n) {
+  int r = ac_dispatcher_with_send_send(dws(d), buf, n);
+  return r < 0 ? r : (ssize_t) n;
+}
+
+static void dws_release(ac_dispatcher_t *d) {
+  ac_dispatcher_with_send_t *w = dws(d);
+
+  ac__free(w->out_buf);
+  w->out_buf = NULL;
+  w->out_off = w->out_len = w->out_cap = 0;
+}
+
+const ac__class_t ac__with_send_class = {
+    "asyncore.dispatcher_with_send",
+    AC__DEFAULTS(ac__base_readable, dws_writable, dws_handle_write,
+                 ac__base_handle_close),
+    dws_send,
+    dws_release,
+};
+
+int ac_dispatcher_with_send_init(ac_dispatcher_with_send_t *w,
+                                 ac_map_t *map,
+                                 const ac_dispatcher_ops_t *ops) {
+  int r;
+
+  if (w == NULL) {
+    return UV_EINVAL;
+  }
+  r = ac__init_class(&w->d, map, ops, &ac__with_send_class);
+  w->out_buf = NULL;
+  w->out_off = w->out_len = w->out_cap = 0;
+  return r;
+}
+
+/* Drop `n` sent bytes from the front of the buffer. */
+static void consume(ac_dispatcher_with_send_t *w, size_t n) {
+  w->out_off += n;
+  w->out_len -= n;
+  if (w->out_len == 0) {
+    w->out_off = 0;
+    ac__interest_changed(&w->d);
+  }
+}
+
+/* W-03: exactly one send of the first 64 KiB. */
+int ac_dispatcher_with_send_initiate_send(ac_dispatcher_with_send_t *w) {
+  size_t n;
+  ssize_t sent;
+
+  if (w == NULL || !(w->d.flags & AC__F_INIT)) {
+    return UV_EINVAL;
+  }
+  n = w->out_len < AC__DWS_CHUNK ? w->out_len : AC__DWS_CHUNK;
+  sent = ac__send_raw(&w->d, w->out_buf + w->out_off, n);
+  if (sent < 0) {
+    return (int) sent;
+  }
+  if (sent > 0) {
+    consume(w, (size_t) sent);
+  }
+  return 0;
+}
+
+static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n) {
+  size_t need = w->out_len + n;
+
+  if (w->out_off + need > w->out_cap) {
+    if (need <= w->out_cap && w->out_off > 0) {
+      memmove(w->out_buf, w->out_buf + w->out_off, w->out_len);
+    } else {
+      size_t cap = w->out_cap > 0 ? w->out_cap * 2 : 4096;
+      char *b;
+      while (cap < need) {
+        cap *= 2;
+      }
+      b = ac__malloc(cap);
+      if (b == NULL) {
+        return UV_ENOMEM;
+      }
+      if (w->out_len > 0) {
+        memcpy(b, w->out_buf + w->out_off, w->out_len);
+      }
+      ac__free(w->out_buf);
+      w->out_buf = b;
+      w->out_cap = cap;
+    }
+    w->out_off = 0;
+  }
+  memcpy(w->out_buf + w->out_off + w->out_len, p, n);
+  if (w->out_len == 0) {
+    ac__interest_changed(&w->d);
+  }
+  w->out_len += n;
+  return 0;
+}
+
+static void log_sending(ac_dispatcher_with_send_t *w, const char *p,
+                        size_t n) {
+  char msg[128];
+
+  snprintf(msg, sizeof(msg), "sending %zu bytes: %.*s", n,
+           (int) (n < 64 ? n : 64), p);
+  ac_log_info(&w->d, msg, "info");
+}
+
+/* W-02.  With an empty buffer, the one send of W-03 goes straight from the
+ * caller's bytes, and only what the socket refused is copied: the same
+ * bytes on the wire and the same buffer afterwards, one copy fewer. */
+int ac_dispatcher_with_send_send(ac_dispatcher_with_send_t *w,
+                                 const void *buf, size_t n) {
+  const char *p = buf;
+  ssize_t sent = 0;
+
+  if (w == NULL || !(w->d.flags & AC__F_INIT) || (buf == NULL && n > 0)) {
+    return UV_EINVAL;
+  }
+  if (w->d.debug) {
+    log_sending(w, p, n);
+  }
+  if (w->out_len > 0) {
+    int r = append(w, p, n);
+    return r != 0 ? r : ac_dispatcher_with_send_initiate_send(w);
+  }
+  sent = ac__send_raw(&w->d, p, n < AC__DWS_CHUNK ? n : AC__DWS_CHUNK);
+  if (sent < 0) {
+    int r = append(w, p, n); /* Python appended before the send failed */
+    return r != 0 ? r : (int) sent;
+  }
+  return (size_t) sent < n ? append(w, p + sent, n - (size_t) sent) : 0;
+}
+
+size_t ac_dispatcher_with_send_pending(const ac_dispatcher_with_send_t *w) {
+  return w != NULL ? w->out_len : 0;
+}
