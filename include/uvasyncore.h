@@ -112,7 +112,8 @@ struct ac_dispatcher_ops_s {
   const char *type_name;
 };
 
-/* Private: which libuv handle backs a channel. */
+/* Which libuv handle backs a channel (private, except as the argument of
+ * ac_map_set_tcp_backend() and ac_set_tcp_backend()). */
 typedef enum {
   AC_BACKEND_NONE = 0, /* no handle yet (socket not connected/listening) */
   AC_BACKEND_STREAM,   /* uv_tcp_t */
@@ -247,8 +248,9 @@ AC_EXTERN int ac_dispatcher_init(ac_dispatcher_t *d, ac_map_t *map,
  * caller's and the channel is left without socket. */
 AC_EXTERN int ac_dispatcher_open(ac_dispatcher_t *d, uv_os_sock_t sock);
 
-/* set_socket (D-05): adopt `sock` and register; changes no flag and not
- * the blocking mode. */
+/* set_socket (D-05): adopt `sock` and register; changes no flag.  A socket
+ * that gets a libuv handle (all but an unconnected, non-listening TCP
+ * socket and a regular file) is made non-blocking by libuv. */
 AC_EXTERN int ac_set_socket(ac_dispatcher_t *d, uv_os_sock_t sock);
 
 /* create_socket (D-04): a non-blocking, close-on-exec socket of `family`
@@ -381,6 +383,229 @@ AC_EXTERN size_t ac_dispatcher_with_send_pending(
     const ac_dispatcher_with_send_t *w);
 
 /* ------------------------------------------------------------------ */
+/* Embedding: a map on the application's own uv loop                  */
+/* (docs/embedding.md)                                                 */
+
+/* Called when the map stops while no ac_loop() runs on it: a handler
+ * returned AC_EXIT, ac_map_stop() was called, or an error escaped (E-08).
+ * `result` is what ac_loop() would have returned. */
+typedef void (*ac_map_exit_cb)(ac_map_t *map, int result, void *arg);
+
+/* Called by ac_map_close() once the map is detached, just before its
+ * memory is freed. */
+typedef void (*ac_map_close_cb)(ac_map_t *map, void *arg);
+
+/* What a stop outside ac_loop() does.  With `cb` NULL (the default) the
+ * map calls uv_stop() on its loop, so the application's uv_run() returns
+ * after the current iteration and ac_map_result() tells why.  Otherwise
+ * `cb` is called instead and the loop keeps running.  Either way the
+ * events not yet dispatched in that iteration are dropped (E-01) and the
+ * map is left as it is. */
+AC_EXTERN void ac_map_set_exit_cb(ac_map_t *map, ac_map_exit_cb cb,
+                                  void *arg);
+
+/* The error classification of passes run outside ac_loop(): 0 select
+ * mode (E-02, the default), non-zero poll mode (E-03).  ac_loop() sets it
+ * from its own `use_poll` argument. */
+AC_EXTERN void ac_map_set_use_poll(ac_map_t *map, int use_poll);
+
+/* The result of the map's last stop outside ac_loop() (AC_EXIT or the
+ * error that escaped), or 0 when there was none; reading clears it.
+ * ac_loop() clears it too.  0 for NULL. */
+AC_EXTERN int ac_map_result(ac_map_t *map);
+
+/* Detach a map from its loop without running the loop: close every
+ * channel (ac_close(), as ac_close_all) and every timer of the map, let
+ * closed streams deliver their queued bytes (cut after 2 s, as
+ * ac_map_free()), close the map's own handles, then call `cb` (may be
+ * NULL) and free the map.  The closes complete while the application
+ * keeps running the loop; the loop itself is left alive.  Callable from
+ * any callback, including the map's own handlers and timers (unlike
+ * ac_map_free()); `cb` is never called from inside ac_map_close().  The
+ * map must not be used afterwards (not even by ac_map_free()).  Returns 0,
+ * UV_EINVAL (NULL) or UV_EALREADY (already closing). */
+AC_EXTERN int ac_map_close(ac_map_t *map, ac_map_close_cb cb, void *arg);
+
+/* ------------------------------------------------------------------ */
+/* Timers: call a function after a delay and every interval, on the    */
+/* map's loop (docs/timers.md)                                         */
+
+typedef struct ac_timer_s ac_timer_t;
+
+/* A timer callback returns 0, or AC_EXIT / an error code: the map then
+ * stops as if a handler had let it escape (ac_loop() returns it; outside
+ * ac_loop see ac_map_set_exit_cb()). */
+typedef int (*ac_timer_cb)(ac_timer_t *timer, void *arg);
+
+/* Called once the timer's libuv handle is released: free it here. */
+typedef void (*ac_timer_closed_cb)(ac_timer_t *timer);
+
+/* A timer.  Embed it anywhere and never move it while it is open;
+ * `data` is the application's.  Members after `private_` are the
+ * library's. */
+struct ac_timer_s {
+  void *data;
+  /* private_ */
+  ac_map_t *map;
+  ac_timer_cb cb;
+  void *arg;
+  ac_timer_closed_cb closed;
+  ac_timer_t *next;   /* the map's open timers */
+  ac_timer_t **pprev;
+  unsigned flags;
+  uv_timer_t h;
+};
+
+/* Initialise a stopped timer of `map` (NULL: the default map now).
+ * Returns 0, UV_EINVAL (timer NULL, map closing) or UV_ENOMEM (no default
+ * map). */
+AC_EXTERN int ac_timer_init(ac_map_t *map, ac_timer_t *timer);
+
+/* (Re)start: `cb` runs after `delay` seconds, then every `interval`
+ * seconds (0: once).  Times are rounded up to whole milliseconds.
+ * Returns 0 or UV_EINVAL (not initialised, closed, cb NULL, a negative or
+ * non-finite time). */
+AC_EXTERN int ac_timer_start(ac_timer_t *timer, double delay,
+                             double interval, ac_timer_cb cb, void *arg);
+
+/* Stop without closing (start may follow).  Returns 0 or UV_EINVAL. */
+AC_EXTERN int ac_timer_stop(ac_timer_t *timer);
+
+/* Whether the timer is started. */
+AC_EXTERN int ac_timer_is_active(const ac_timer_t *timer);
+
+/* Stop and close the timer; `closed` (may be NULL) follows from the loop
+ * once libuv released the handle.  Idempotent: a second call changes
+ * nothing.  Returns 0 or UV_EINVAL (never initialised). */
+AC_EXTERN int ac_timer_close(ac_timer_t *timer, ac_timer_closed_cb closed);
+
+/* ------------------------------------------------------------------ */
+/* file_wrapper and file_dispatcher (spec F-, docs/file_dispatcher.md) */
+
+/* file_wrapper (F-02 to F-06): owns a duplicate of an fd.  `fd` is -1
+ * after close. */
+typedef struct ac_file_wrapper_s {
+  int fd;
+} ac_file_wrapper_t;
+
+/* Store dup(fd), close-on-exec (F-02); the caller keeps `fd`.  Returns 0,
+ * UV_EINVAL (w NULL) or the error of dup (UV_EBADF ...). */
+AC_EXTERN int ac_file_wrapper_init(ac_file_wrapper_t *w, int fd);
+
+/* One read(2) of up to n bytes (F-03): the count, 0 at EOF, UV_EAGAIN
+ * when nothing is there, UV_EBADF after close, another negative errno. */
+AC_EXTERN ssize_t ac_file_wrapper_recv(ac_file_wrapper_t *w, void *buf,
+                                       size_t n);
+AC_EXTERN ssize_t ac_file_wrapper_read(ac_file_wrapper_t *w, void *buf,
+                                       size_t n);
+
+/* One write(2) (F-03): the count written or a negative errno (UV_EAGAIN,
+ * UV_EPIPE, UV_EBADF after close ...). */
+AC_EXTERN ssize_t ac_file_wrapper_send(ac_file_wrapper_t *w,
+                                       const void *buf, size_t n);
+AC_EXTERN ssize_t ac_file_wrapper_write(ac_file_wrapper_t *w,
+                                        const void *buf, size_t n);
+
+/* getsockopt (F-04): (SOL_SOCKET, SO_ERROR) gives 0 in *value and returns
+ * 0; anything else returns UV_ENOTSUP. */
+AC_EXTERN int ac_file_wrapper_getsockopt(const ac_file_wrapper_t *w,
+                                         int level, int optname,
+                                         int *value);
+
+/* close (F-05): a no-op returning 0 when already closed; otherwise sets
+ * fd to -1 first, then closes the old fd and returns its error (once). */
+AC_EXTERN int ac_file_wrapper_close(ac_file_wrapper_t *w);
+
+/* fileno (F-06): the stored fd, -1 after close. */
+AC_EXTERN int ac_file_wrapper_fileno(const ac_file_wrapper_t *w);
+
+/* file_dispatcher (F-08, F-09): a connected channel on a duplicate of an
+ * fd (pipe, tty, regular file ...), read with read(2) and written with
+ * write(2).  ac_fileno() is the duplicate. */
+typedef struct ac_file_dispatcher_s {
+  ac_dispatcher_t d;
+} ac_file_dispatcher_t;
+
+/* F-08: initialise as a dispatcher of class "asyncore.file_dispatcher"
+ * with no socket, set `connected`, register a duplicate of `fd`
+ * (set_file), then set O_NONBLOCK on `fd` itself, which the caller keeps
+ * (and which keeps O_NONBLOCK afterwards).  Regular files are always
+ * ready (Q-08).  Returns 0, UV_EINVAL, UV_ENOMEM (no default map) or the
+ * error of dup/fcntl; on failure nothing is registered. */
+AC_EXTERN int ac_file_dispatcher_init(ac_file_dispatcher_t *f,
+                                      ac_map_t *map,
+                                      const ac_dispatcher_ops_t *ops,
+                                      int fd);
+
+/* set_file: register a duplicate of `fd` (flags and O_NONBLOCK
+ * unchanged).  Returns 0, UV_EINVAL, UV_EBUSY (has one already) or the
+ * error of dup. */
+AC_EXTERN int ac_file_dispatcher_set_file(ac_file_dispatcher_t *f, int fd);
+
+/* ------------------------------------------------------------------ */
+/* Adoption: a channel from an existing uv stream or fd                */
+/* (docs/adoption.md)                                                  */
+
+/* Turn the application's connected uv_tcp_t, uv_pipe_t or uv_tty_t into
+ * the initialised, socketless channel `d`, without losing bytes.  The
+ * channel gets a duplicate of the stream's fd (D-03 as
+ * ac_dispatcher_open()).  `pending` (n bytes, copied; may be NULL when n
+ * is 0) is input the application already read but did not consume: the
+ * channel's first ac_recv() calls return it, and the channel is readable
+ * until they did.  Reading on `stream` is stopped; bytes the application
+ * queued on it with uv_write() are still written, before anything the
+ * channel sends: until they are, the channel is not writable and ac_send()
+ * accepts nothing.  Then the library closes `stream` with uv_close(stream,
+ * close_cb); the application must not use it any more, and frees its
+ * memory in close_cb (may be NULL).  Returns 0, UV_EINVAL (bad argument or
+ * stream type, channel not initialised), UV_EBUSY (the channel has a
+ * socket), UV_ENOMEM, or the error of uv_fileno/dup/open; on failure the
+ * stream is unchanged and still the application's. */
+AC_EXTERN int ac_dispatcher_adopt_stream(ac_dispatcher_t *d,
+                                         uv_stream_t *stream,
+                                         const void *pending, size_t n,
+                                         uv_close_cb close_cb);
+
+/* ac_dispatcher_open() (D-03) of `sock`, plus `pending` input as above
+ * (the channel owns `sock` on success).  Same results as
+ * ac_dispatcher_open(), plus UV_ENOMEM. */
+AC_EXTERN int ac_dispatcher_adopt_fd(ac_dispatcher_t *d, uv_os_sock_t sock,
+                                     const void *pending, size_t n);
+
+/* ------------------------------------------------------------------ */
+/* Datagrams, out-of-band data, threads                                */
+
+/* recvfrom on a SOCK_DGRAM channel, like Python's socket.recvfrom: the
+ * datagram's length (0 is an empty datagram, not EOF: no handle_close),
+ * UV_EAGAIN when none is queued, another negative errno.  `addr` and
+ * `addrlen` (in: capacity ignored, out: length) may be NULL.  UV_EINVAL
+ * for a bad argument, UV_EBADF when closed, UV_EPROTOTYPE when the
+ * channel is not a datagram socket. */
+AC_EXTERN ssize_t ac_recvfrom(ac_dispatcher_t *d, void *buf, size_t n,
+                              struct sockaddr_storage *addr,
+                              socklen_t *addrlen);
+
+/* sendto on a SOCK_DGRAM channel (`addr` NULL: send on a connected one):
+ * the bytes sent, UV_EAGAIN, or another negative errno, as ac_recvfrom. */
+AC_EXTERN ssize_t ac_sendto(ac_dispatcher_t *d, const void *buf, size_t n,
+                            const struct sockaddr *addr);
+
+/* Which backend TCP channels take: AC_BACKEND_STREAM (uv_tcp_t, the
+ * default and the fast path) or AC_BACKEND_POLL (uv_poll_t: reports
+ * out-of-band data to handle_expt (D-19), ac_send is one send(2), write
+ * readiness is POLLOUT).  The map's choice applies to channels initialised
+ * after the call; ac_set_tcp_backend() changes one channel before it gets
+ * its handle (before connect, listen or open).  Return 0, UV_EINVAL or
+ * UV_EBUSY (the channel already has a handle). */
+AC_EXTERN int ac_map_set_tcp_backend(ac_map_t *map, ac_backend_t backend);
+AC_EXTERN int ac_set_tcp_backend(ac_dispatcher_t *d, ac_backend_t backend);
+
+/* Turn SO_REUSEPORT on, so that several channels (one per thread and
+ * loop) can listen on the same port and the kernel spreads connections
+ * over them.  Returns 0 or a negative errno (UV_EBADF without socket). */
+AC_EXTERN int ac_set_reuse_port(ac_dispatcher_t *d);
+
+/* ------------------------------------------------------------------ */
 /* Errors and helpers                                                  */
 
 /* Message and symbolic name of a result code (libuv's, plus AC_EXIT and
@@ -402,4 +627,7 @@ AC_EXTERN int ac_replace_allocator(void *(*malloc_fn)(size_t),
 #ifdef __cplusplus
 }
 #endif
+
+#include "uvasyncore/chat.h"
+
 #endif /* UVASYNCORE_H */

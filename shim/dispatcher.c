@@ -18,8 +18,16 @@ static socklen_t addr_len(const struct sockaddr *sa) {
     return sizeof(struct sockaddr_in);
   case AF_INET6:
     return sizeof(struct sockaddr_in6);
-  case AF_UNIX:
-    return sizeof(struct sockaddr_un);
+  case AF_UNIX: {
+    /* The exact length, as Python passes it: a path with its NUL, or an
+     * abstract name (leading NUL) up to its last non-NUL byte. */
+    const struct sockaddr_un *un = (const struct sockaddr_un *) sa;
+    size_t max = sizeof(un->sun_path);
+    size_t n = un->sun_path[0] != '\0' ? strnlen(un->sun_path, max) + 1
+                                        : 1 + strnlen(un->sun_path + 1, max - 1);
+    return (socklen_t) (offsetof(struct sockaddr_un, sun_path) +
+                        (n > max ? max : n));
+  }
   default:
     return sizeof(struct sockaddr_storage);
   }
@@ -42,6 +50,9 @@ int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
   if (map == NULL && (map = ac_default_map()) == NULL) {
     return UV_ENOMEM;
   }
+  if (map->closing) {
+    return UV_EINVAL; /* ac_map_close ran (embed.c) */
+  }
   memset(d, 0, sizeof(*d));
   d->ops = ops != NULL ? ops : &no_overrides;
   d->map = map;
@@ -50,6 +61,9 @@ int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
   d->flags = AC__F_INIT;
   if (d->ops->readable != NULL || d->ops->writable != NULL) {
     d->flags |= AC__F_ASKED;
+  }
+  if (map->tcp_poll) {
+    d->flags |= AC__F_TCP_POLL; /* net.c */
   }
   return 0;
 }
@@ -95,7 +109,9 @@ int ac__attach(ac_dispatcher_t *d, int want_stream) {
   if (d->backend != AC_BACKEND_NONE) {
     return 0;
   }
-  r = want_stream && is_tcp(d) ? ac__stream_open(d) : ac__poll_open(d);
+  r = want_stream && is_tcp(d) && !(d->flags & AC__F_TCP_POLL)
+          ? ac__stream_open(d)
+          : ac__poll_open(d);
   if (r == 0) {
     ac__interest_changed(d);
   }
@@ -126,7 +142,6 @@ int ac_set_socket(ac_dispatcher_t *d, uv_os_sock_t sock) {
     d->flags &= (uint16_t) ~AC__F_SOCK;
     return r;
   }
-  d->flags |= AC__F_OPEN;
   ac__map_add(d->map, d);
   return 0;
 }
@@ -205,7 +220,7 @@ void ac_set_reuse_addr(ac_dispatcher_t *d) {
 int ac_bind(ac_dispatcher_t *d, const struct sockaddr *addr) {
   socklen_t len;
 
-  if (d == NULL || addr == NULL) {
+  if (d == NULL || addr == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
   len = addr_len(addr);
@@ -246,7 +261,7 @@ int ac_accept(ac_dispatcher_t *d, uv_os_sock_t *sock,
   socklen_t len = sizeof(ss);
   int fd;
 
-  if (d == NULL || sock == NULL) {
+  if (d == NULL || sock == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
   if (d->fd < 0) {
@@ -291,13 +306,10 @@ int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   }
   if (d->backend == AC_BACKEND_STREAM) {
     r = ac__stream_connect(d, addr);
-    if (r == 0) {
-      set_addr(d, addr, len);
-      ac__interest_changed(d);
-    }
-    return r;
+    r = r == 0 ? EINPROGRESS : -r; /* libuv's connect never completes now */
+  } else {
+    r = connect(d->fd, addr, len) == 0 ? 0 : errno;
   }
-  r = connect(d->fd, addr, len) == 0 ? 0 : errno;
   if (r == EINPROGRESS || r == EALREADY || r == EWOULDBLOCK) {
     set_addr(d, addr, len);
     ac__interest_changed(d);
@@ -335,6 +347,9 @@ int ac_close(ac_dispatcher_t *d) {
   if (d->flags & AC__F_RESOLVING) {
     uv_cancel((uv_req_t *) d->req);
   }
+  if (d->flags & AC__F_ADOPT) {
+    ac__adopt_closed(d); /* drop pending input (adopt.c) */
+  }
   switch (d->backend) {
   case AC_BACKEND_STREAM:
     ac__stream_close(d); /* closes the fd, after draining queued bytes */
@@ -361,6 +376,8 @@ int ac_close(ac_dispatcher_t *d) {
 
 /* The `closed` callback, once every handle and request of d is done. */
 void ac__maybe_release(ac_dispatcher_t *d) {
+  ac_map_t *m = d->map;
+
   if (!(d->flags & AC__F_CLOSED) ||
       (d->flags & (AC__F_HANDLE | AC__F_RELEASED | AC__F_PENDREL)) ||
       d->nreq > 0) {
@@ -375,6 +392,9 @@ void ac__maybe_release(ac_dispatcher_t *d) {
   }
   if (d->ops->closed != NULL) {
     d->ops->closed(d);
+  }
+  if (m->closing) {
+    ac__map_close_check(m); /* the last release detaches the map */
   }
 }
 
@@ -426,23 +446,33 @@ static ssize_t os_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   return r;
 }
 
-ssize_t ac__send_raw(ac_dispatcher_t *d, const void *buf, size_t n) {
+/* Everything of ac__send_raw but its fast path.  `first` is what the
+ * fast path's send(2) returned (with errno), or AC__SEND_UNTRIED. */
+ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf, size_t n,
+                      ssize_t first) {
   const char *p = buf;
-  ssize_t r = 0;
+  ssize_t r = first;
   size_t room;
 
-  if (d->fd < 0) {
-    return disconnected(d); /* D-13: EBADF after close */
-  }
-  if (d->backend == AC_BACKEND_STREAM) {
-    if (!(d->flags & AC__F_CONN_DONE)) {
-      return 0; /* SYN_SENT: would block (W-03) */
+  if (first == AC__SEND_UNTRIED) {
+    if (d->fd < 0) {
+      return disconnected(d); /* D-13: EBADF after close */
     }
-    if (d->wq_bytes > 0 && !(d->flags & AC__F_WERR)) {
-      goto queue; /* keep the byte order behind libuv's queue */
+    if (d->backend == AC_BACKEND_STREAM) {
+      if (!(d->flags & AC__F_CONN_DONE)) {
+        return 0; /* SYN_SENT: would block (W-03) */
+      }
+      if (d->wq_bytes > 0 && !(d->flags & AC__F_WERR)) {
+        r = 0;
+        goto queue; /* keep the byte order behind libuv's queue */
+      }
+    } else if ((d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d)) {
+      return 0; /* the application's queued bytes go first (adopt.c) */
     }
+    r = os_send(d, p, n);
+  } else if (r < 0 && errno == EINTR) {
+    r = os_send(d, p, n);
   }
-  r = os_send(d, p, n);
   if (r < 0) {
     int err = errno;
     if (err != EAGAIN && err != EWOULDBLOCK) {
@@ -471,6 +501,51 @@ queue:
   return r;
 }
 
+/* ac__send_raw of several buffers in one system call (async_chat's
+ * gathered send): returns the bytes accepted from the front of iov.  The
+ * cases without a plain send (closed, connecting, behind queued bytes,
+ * adopted), errors and would-block are ac__send_slow's on the first
+ * buffer; on a stream, what the kernel refused of the buffer where it
+ * stopped goes to libuv's queue as there. */
+ssize_t ac__sendv_raw(ac_dispatcher_t *d, const struct iovec *iov,
+                      int cnt) {
+  struct msghdr mh;
+  ssize_t r;
+  ssize_t q;
+  int i = 0;
+
+  if (cnt <= 1) {
+    return cnt == 1 ? ac__send_raw(d, iov[0].iov_base, iov[0].iov_len) : 0;
+  }
+  if (d->fd < 0 || ((d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d)) ||
+      (d->backend == AC_BACKEND_STREAM &&
+       (!(d->flags & AC__F_CONN_DONE) ||
+        (d->wq_bytes > 0 && !(d->flags & AC__F_WERR))))) {
+    return ac__send_slow(d, iov[0].iov_base, iov[0].iov_len,
+                         AC__SEND_UNTRIED);
+  }
+  memset(&mh, 0, sizeof(mh));
+  mh.msg_iov = (struct iovec *) iov;
+  mh.msg_iovlen = (size_t) cnt;
+  do {
+    r = (d->flags & AC__F_SOCK) ? sendmsg(d->fd, &mh, MSG_NOSIGNAL)
+                                 : writev(d->fd, iov, cnt);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    return ac__send_slow(d, iov[0].iov_base, iov[0].iov_len, r);
+  }
+  q = r;
+  while (i < cnt && (size_t) q >= iov[i].iov_len) {
+    q -= (ssize_t) iov[i++].iov_len;
+  }
+  if (i == cnt || d->backend != AC_BACKEND_STREAM) {
+    return r;
+  }
+  q = ac__send_slow(d, (const char *) iov[i].iov_base + q,
+                    iov[i].iov_len - (size_t) q, 0);
+  return q > 0 ? r + q : r;
+}
+
 ssize_t ac_dispatcher_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
@@ -488,11 +563,46 @@ ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   return ac__send_raw(d, buf, n);
 }
 
+/* What a recv(2) that gave no bytes means (D-14): EOF or disconnection
+ * close the channel, would-block is UV_EAGAIN (Q-09), the rest an error. */
+static ssize_t recv_result(ac_dispatcher_t *d, ssize_t r) {
+  int err = errno;
+
+  if (r == 0) {
+    return disconnected(d);
+  }
+  if (err == EAGAIN || err == EWOULDBLOCK) {
+    return UV_EAGAIN;
+  }
+  return ac_is_disconnect(AC__ERR(err)) ? disconnected(d) : AC__ERR(err);
+}
+
 ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   ssize_t r;
 
-  if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
-    return UV_EINVAL;
+  /* The hot path first: a connected socket with bytes waiting.  Its
+   * result, whatever it is, is the one recv of D-14 (a pending socket error
+   * is reported once by the kernel). */
+  if (d != NULL && (d->flags & (AC__F_INIT | AC__F_ADOPT | AC__F_SOCK)) ==
+                       (AC__F_INIT | AC__F_SOCK) &&
+      d->fd >= 0 && buf != NULL && n > 0) {
+    r = recv(d->fd, buf, n, 0);
+    if (r > 0) {
+      return r;
+    }
+    return r < 0 && errno == EINTR ? ac_recv(d, buf, n)
+                                   : recv_result(d, r);
+  }
+
+  /* One test for misuse and for adopted input still pending (adopt.c). */
+  if (d == NULL || (d->flags & (AC__F_INIT | AC__F_ADOPT)) != AC__F_INIT ||
+      (buf == NULL && n > 0)) {
+    if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
+      return UV_EINVAL;
+    }
+    if (n > 0 && (r = ac__adopt_recv(d, buf, n)) > 0) {
+      return r;
+    }
   }
   if (d->fd < 0 || n == 0) {
     return disconnected(d); /* D-14: EBADF, or recv(0) gives b'' */
@@ -501,15 +611,5 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
     r = (d->flags & AC__F_SOCK) ? recv(d->fd, buf, n, 0)
                                  : read(d->fd, buf, n);
   } while (r < 0 && errno == EINTR);
-  if (r > 0) {
-    return r;
-  }
-  if (r == 0) {
-    return disconnected(d);
-  }
-  if (errno == EAGAIN || errno == EWOULDBLOCK) {
-    return UV_EAGAIN; /* not "closed" */
-  }
-  r = AC__ERR(errno);
-  return ac_is_disconnect((int) r) ? disconnected(d) : r;
+  return r > 0 ? r : recv_result(d, r);
 }

@@ -16,7 +16,10 @@ const char *ac_strerror(int code) {
   if (code == AC_EFAIL) {
     return "handler failed";
   }
-  if (code < 0 && code > -4096) {
+  if (code <= UV_EAI_ADDRFAMILY && code >= UV_EAI_SOCKTYPE - 20) {
+    return uv_strerror_r(code, buf, sizeof buf); /* resolver codes */
+  }
+  if (code < 0 && code > -4000) {
     /* GNU strerror_r may return a static string instead of filling buf. */
     return strerror_r(-code, buf, sizeof buf);
   }

@@ -192,6 +192,35 @@ int ac_readwrite(ac_dispatcher_t *d, int flags) {
   return r;
 }
 
+/* The hot path: a stream channel is readable.  The same steps as
+ * ac__dispatch(d, AC_POLLIN) in either mode, without the generic flag
+ * handling. */
+void ac__dispatch_read(ac_dispatcher_t *d) {
+  ac_map_t *m = d->map;
+  int r;
+
+  if (m->stopping) {
+    return; /* E-01: the rest of the pass is dropped */
+  }
+  m->in_dispatch++;
+  if (!d->accepting && d->connected) {
+    m->where = "handle_read";
+    r = AC__SLOT(d, handle_read)(d);
+  } else {
+    r = read_event(d);
+  }
+  if (r != 0 || m->raised != 0) {
+    r = settle(m, r);
+    if (r != 0) {
+      r = fail(d, r, m->use_poll);
+    }
+  }
+  m->in_dispatch--;
+  if (r != 0) {
+    ac__exit(m, r);
+  }
+}
+
 /* Deliver the readiness `flags` (AC_POLL*) the loop found for d.  Select
  * mode runs read, write and exception in turn, skipping the later ones once
  * the channel left the map (L-05); Linux select counts HUP and ERR as
@@ -216,6 +245,11 @@ int ac__dispatch(ac_dispatcher_t *d, int flags) {
     }
     if (r == 0 && (flags & AC_POLLPRI) && ac__linked(&d->link)) {
       r = ac_exception(d);
+    }
+    /* Q-20: an fd closed behind our back is handle_close in both modes
+     * (select(2) would fail the whole loop with EBADF). */
+    if (r == 0 && (flags & AC_POLLNVAL) && ac__linked(&d->link)) {
+      r = wrap(d, close_step);
     }
   }
   if (r != 0) {
@@ -313,11 +347,11 @@ const ac__class_t ac__dispatcher_class = {
 #define AC__DEFAULT(d, name) (AC__CLS(d)->defaults.name)
 
 int ac_default_readable(ac_dispatcher_t *d) {
-  return d != NULL && AC__DEFAULT(d, readable)(d);
+  return d != NULL && (d->flags & AC__F_INIT) && AC__DEFAULT(d, readable)(d);
 }
 
 int ac_default_writable(ac_dispatcher_t *d) {
-  return d != NULL && AC__DEFAULT(d, writable)(d);
+  return d != NULL && (d->flags & AC__F_INIT) && AC__DEFAULT(d, writable)(d);
 }
 
 #define AC__DEFAULT_CALL(name)                                                \

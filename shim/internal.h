@@ -5,6 +5,7 @@
 #include "uvasyncore.h"
 
 #include <stdbool.h>
+#include <sys/uio.h>
 
 #define AC__HIDDEN __attribute__((visibility("hidden")))
 
@@ -28,6 +29,8 @@
 #define AC__F_PENDREL 0x0800  /* queued on the map's release list */
 #define AC__F_WERR 0x1000     /* stream: a queued write failed */
 #define AC__F_SOCK 0x2000     /* fd is a socket (else pipe, tty, file) */
+#define AC__F_TCP_POLL 0x4000 /* TCP on the poll backend (net.c) */
+#define AC__F_ADOPT 0x8000    /* adoption in progress (adopt.c) */
 
 /* A class: the defaults of plain dispatchers, dispatcher_with_send,
  * async_chat or file_dispatcher.  Every slot of `defaults` is set. */
@@ -102,8 +105,25 @@ struct ac_map_s {
   uint64_t timeout_ms;
   int timeout_inf;
   int idle_on;
+  int hooks_on;       /* prepare and check handles started */
   ac_log_sink_cb sink;
   void *sink_ctx;
+  /* Embedding, timers, adoption (embed.c, timer.c, adopt.c, net.c); all
+   * start zeroed by ac_map_new's calloc. */
+  int closing;          /* ac_map_close: 1 closing channels, 2 own handles */
+  int tcp_poll;         /* new TCP channels take the poll backend */
+  ac_map_exit_cb exit_cb;
+  void *exit_arg;
+  ac_map_close_cb close_cb;
+  void *close_arg;
+  uv_timer_t linger;    /* ac_map_close's tick and linger timer */
+  ac_timer_t *timers;   /* timers not closed yet */
+  size_t ntimers;       /* timers not released yet */
+  struct ac__adopt_s *adopts; /* adoptions in progress */
+  /* async_chat (chat.c): the receive buffer its channels share. */
+  char *chat_rbuf;
+  size_t chat_rbuf_cap;
+  int chat_rbuf_busy;
 };
 
 /* A negative libuv code from an errno (Unix libuv codes are -errno). */
@@ -144,6 +164,9 @@ AC__HIDDEN void ac__handle_closed(uv_handle_t *h);
 AC__HIDDEN void ac__maybe_release(ac_dispatcher_t *d);
 AC__HIDDEN void ac__exit(ac_map_t *m, int result);
 AC__HIDDEN void ac__wake(ac_map_t *m);
+AC__HIDDEN void ac__kick(ac_map_t *m);
+AC__HIDDEN void ac__map_forget(ac_map_t *m);
+AC__HIDDEN void ac__kick_apply(ac_map_t *m);
 
 /* dispatcher.c */
 AC__HIDDEN int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
@@ -151,9 +174,13 @@ AC__HIDDEN int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
                               const void *cls);
 AC__HIDDEN int ac__connect_event(ac_dispatcher_t *d);
 AC__HIDDEN int ac__dispatch(ac_dispatcher_t *d, int ev);
+AC__HIDDEN void ac__dispatch_read(ac_dispatcher_t *d);
 AC__HIDDEN int ac__attach(ac_dispatcher_t *d, int want_stream);
-AC__HIDDEN ssize_t ac__send_raw(ac_dispatcher_t *d, const void *buf,
-                                size_t n);
+#define AC__SEND_UNTRIED (-2)
+AC__HIDDEN ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf,
+                                 size_t n, ssize_t first);
+AC__HIDDEN ssize_t ac__sendv_raw(ac_dispatcher_t *d, const struct iovec *iov,
+                                 int cnt);
 AC__HIDDEN int ac__raise(ac_dispatcher_t *d, int code);
 
 /* stream.c: the uv_tcp_t backend */
@@ -171,8 +198,42 @@ AC__HIDDEN int ac__poll_open(ac_dispatcher_t *d);
 AC__HIDDEN void ac__poll_apply(ac_dispatcher_t *d, int bits);
 AC__HIDDEN void ac__poll_close(ac_dispatcher_t *d);
 
+/* timer.c */
+AC__HIDDEN void ac__timer_close_all(ac_map_t *m);
+
+/* embed.c */
+AC__HIDDEN void ac__embed_exit(ac_map_t *m);
+AC__HIDDEN void ac__map_close_check(ac_map_t *m);
+
+/* adopt.c: pending input and the application's queued writes */
+AC__HIDDEN ssize_t ac__adopt_recv(ac_dispatcher_t *d, void *buf, size_t n);
+AC__HIDDEN int ac__adopt_fenced(const ac_dispatcher_t *d);
+AC__HIDDEN void ac__adopt_closed(ac_dispatcher_t *d);
+AC__HIDDEN void ac__adopt_abort(ac_map_t *m);
+
+/* file.c */
+AC__HIDDEN extern const ac__class_t ac__file_class;
+
+/* chat.c: free the map's async_chat buffer (the map is being freed). */
+AC__HIDDEN void ac__chat_map_free(ac_map_t *m);
+
 /* The emulated socket send buffer of the stream backend: bytes ac_send
  * accepts beyond what the kernel takes at once. */
 #define AC__STREAM_WBUF (64 * 1024)
+
+/* The base dispatcher.send (D-13).  Inline for the common case: a
+ * connected stream with nothing queued in libuv, where the kernel takes
+ * everything; the rest (partial sends, errors, other backends) is
+ * ac__send_slow's. */
+static inline ssize_t ac__send_raw(ac_dispatcher_t *d, const void *buf,
+                                   size_t n) {
+  if (d->backend == AC_BACKEND_STREAM && d->wq_bytes == 0 &&
+      (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) == AC__F_CONN_DONE &&
+      d->fd >= 0) {
+    ssize_t r = send(d->fd, buf, n, MSG_NOSIGNAL);
+    return r == (ssize_t) n ? r : ac__send_slow(d, buf, n, r);
+  }
+  return ac__send_slow(d, buf, n, AC__SEND_UNTRIED);
+}
 
 #endif

@@ -80,8 +80,7 @@ int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
   uv_timer_init(loop, &m->timer);
   m->nhandles = 4;
   m->prepare.data = m->check.data = m->idle.data = m->timer.data = m;
-  uv_prepare_start(&m->prepare, on_prepare);
-  uv_check_start(&m->check, on_check);
+  /* Started by ac__kick when the map has work; stopped when idle. */
   /* They run every iteration but must not keep an embedding loop alive. */
   uv_unref((uv_handle_t *) &m->prepare);
   uv_unref((uv_handle_t *) &m->check);
@@ -105,11 +104,12 @@ void ac_map_free(ac_map_t *m) {
     return;
   }
   ac_close_all(m, 1);
+  ac__timer_close_all(m);
   uv_timer_start(&m->timer, on_linger, 2000, 0);
   uv_ref((uv_handle_t *) &m->timer);
   m->stopping = 0;
   m->linger_expired = 0;
-  while (m->nlive > 0) {
+  while (m->nlive > 0 || m->ntimers > 0) {
     /* Peers that stop reading get what the kernel took within the linger
      * time; then the drains are cut. */
     if (m->linger_expired) {
@@ -125,13 +125,19 @@ void ac_map_free(ac_map_t *m) {
   while (m->nhandles > 0) {
     uv_run(m->loop, UV_RUN_NOWAIT);
   }
+  ac__map_forget(m);
+  ac__chat_map_free(m);
+  ac__free(m);
+}
+
+/* m is going away: the next ac_default_map() must not return it. */
+void ac__map_forget(ac_map_t *m) {
   uv_once(&default_once, default_lock_init);
   uv_mutex_lock(&default_lock);
   if (default_map == m) {
     default_map = NULL;
   }
   uv_mutex_unlock(&default_lock);
-  ac__free(m);
 }
 
 ac_map_t *ac_default_map(void) {
@@ -167,7 +173,7 @@ size_t ac_map_len(const ac_map_t *m) { return m != NULL ? m->nchannels : 0; }
 ac_dispatcher_t *ac_map_get(const ac_map_t *m, uv_os_sock_t fd) {
   const ac_link_t *l;
 
-  if (m == NULL) {
+  if (m == NULL || fd < 0) {
     return NULL;
   }
   for (l = m->channels.next; l != &m->channels; l = l->next) {
@@ -189,15 +195,41 @@ void ac_map_set_log_sink(ac_map_t *m, ac_log_sink_cb cb, void *ctx) {
 /* Stop the pass: ac_loop returns `result`, undispatched events of the pass
  * are dropped (E-01). */
 void ac__exit(ac_map_t *m, int result) {
-  if (!m->stopping) {
+  int first = !m->stopping;
+
+  if (first) {
     m->stopping = 1;
     m->result = result;
+    ac__kick(m); /* the check hook ends the stop after the pass */
   }
-  uv_stop(m->loop);
+  if (m->running) {
+    uv_stop(m->loop);
+  } else if (first) {
+    ac__embed_exit(m); /* the application's uv_run (embed.c) */
+  }
+}
+
+/* The map has per-iteration work (a list is not empty, or ac_loop counts
+ * passes): run its prepare and check hooks.  A map with nothing to say
+ * costs the loop nothing. */
+void ac__kick(ac_map_t *m) {
+  if (!m->hooks_on) {
+    uv_prepare_start(&m->prepare, on_prepare);
+    uv_check_start(&m->check, on_check);
+    m->hooks_on = 1;
+  }
+}
+
+/* Whether the hooks can stop: nothing listed, no pass to bound. */
+static int hooks_idle(const ac_map_t *m) {
+  return ac__list_empty(&m->dirty) && ac__list_empty(&m->ask) &&
+         ac__list_empty(&m->synth) && ac__list_empty(&m->release) &&
+         !m->stopping && !(m->running && !m->timeout_inf && m->count >= 0);
 }
 
 /* Make the loop run an iteration without waiting (for releases). */
 void ac__wake(ac_map_t *m) {
+  ac__kick(m);
   if (!m->idle_on) {
     uv_idle_start(&m->idle, on_idle);
     m->idle_on = 1;
@@ -211,11 +243,16 @@ void ac_map_stop(ac_map_t *m) {
 }
 
 void ac__map_add(ac_map_t *m, ac_dispatcher_t *d) {
+  if (ac__linked(&d->link)) {
+    return;
+  }
+  d->flags |= AC__F_OPEN;
   ac__list_add(&m->channels, &d->link);
   m->nchannels++;
   m->nlive++;
   if (d->flags & AC__F_ASKED) {
     ac__list_add(&m->ask, &d->plink);
+    ac__kick_apply(m);
   } else {
     ac__interest_changed(d);
   }
@@ -244,6 +281,19 @@ void ac__interest_changed(ac_dispatcher_t *d) {
   }
   d->flags |= AC__F_DIRTY;
   ac__list_add(&d->map->dirty, &d->plink);
+  ac__kick_apply(d->map);
+}
+
+/* Interest must be applied at the next prepare.  Under ac_loop the loop
+ * iterates anyway; under the application's uv_run the iteration must also
+ * come when no handle of the map is active yet (a new channel) and must
+ * not block (embed.c): the idle handle does both, for one iteration. */
+void ac__kick_apply(ac_map_t *m) {
+  if (m->running) {
+    ac__kick(m);
+  } else {
+    ac__wake(m);
+  }
 }
 
 /* Keep d on the synthetic list while it is interested in a readiness that
@@ -252,6 +302,7 @@ void ac__synth_update(ac_dispatcher_t *d) {
   if ((d->armed & d->ready) && ac__linked(&d->link)) {
     if (!ac__linked(&d->slink)) {
       ac__list_add(&d->map->synth, &d->slink);
+      ac__kick(d->map);
     }
   } else {
     ac__list_del(&d->slink);
@@ -289,8 +340,7 @@ static void apply(ac_dispatcher_t *d, int bits) {
     ac__synth_update(d);
     break;
   default:
-    d->armed = (uint8_t) bits;
-    break;
+    break; /* no handle yet: nothing to arm (armed stays 0) */
   }
 }
 
@@ -358,6 +408,18 @@ static void on_check(uv_check_t *h) {
     d->flags &= ~AC__F_PENDREL;
     ac__maybe_release(d);
   }
+  if (!m->running) {
+    m->stopping = 0; /* embedded: a stop drops the rest of one pass only */
+  }
+  if (hooks_idle(m)) {
+    if (m->idle_on) {
+      uv_idle_stop(&m->idle);
+      m->idle_on = 0;
+    }
+    uv_prepare_stop(&m->prepare);
+    uv_check_stop(&m->check);
+    m->hooks_on = 0;
+  }
 }
 
 int ac_loop(ac_map_t *m, double timeout, int use_poll, long count) {
@@ -369,20 +431,40 @@ int ac_loop(ac_map_t *m, double timeout, int use_poll, long count) {
   if (m->running || m->in_dispatch) {
     return UV_EBUSY;
   }
+  if (timeout != timeout) {
+    return UV_EINVAL; /* NaN */
+  }
   m->use_poll = use_poll != 0;
   m->result = 0;
   m->stopping = 0;
-  m->timeout_inf = timeout < 0;
+  /* negative means without limit; beyond a year it makes no odds. */
+  m->timeout_inf = timeout < 0 || timeout > 3.2e7;
   /* L-07 truncates poll timeouts to ms; select waits at least. */
   m->timeout_ms = m->timeout_inf ? 0
                   : use_poll     ? (uint64_t) (timeout * 1000.0)
                                  : (uint64_t) (timeout * 1000.0 + 0.999);
   m->count = count;
   m->running = 1;
+  if (count >= 0) {
+    ac__kick(m); /* every pass arms the timeout */
+  }
+  if (m->idle_on && ac__list_empty(&m->synth) &&
+      ac__list_empty(&m->release)) {
+    /* Woken for an embedding loop (ac__kick_apply): the first pass must
+     * still wait; prepare applies the interest before the wait anyway. */
+    uv_idle_stop(&m->idle);
+    m->idle_on = 0;
+  }
   uv_ref((uv_handle_t *) &m->prepare);
   uv_ref((uv_handle_t *) &m->timer);
   while (m->nchannels > 0 && m->count != 0 && !m->stopping) {
-    if (m->count > 0) {
+    if (!uv_loop_alive(m->loop)) {
+      /* Nobody is interested in anything: a pass sleeps (L-03). */
+      uv_timer_start(&m->timer, on_timer,
+                     m->timeout_inf ? 3600000 : m->timeout_ms, 0);
+      m->count -= m->count > 0;
+      uv_run(m->loop, UV_RUN_ONCE);
+    } else if (m->count > 0) {
       m->count--;
       uv_run(m->loop, UV_RUN_ONCE);
     } else {

@@ -1,11 +1,21 @@
-/* The uv_poll_t backend: listening sockets, UDP, AF_UNIX, pipes, ttys and
- * adopted fds.  Interest becomes the poll mask; a changed mask restarts the
- * poll.  Files libuv cannot poll (regular files, directories, block
- * devices) have no handle and are always ready (Q-08). */
+/* The uv_poll_t backend: listening sockets, UDP, AF_UNIX, pipes, ttys,
+ * files (file_dispatcher), TCP channels that asked for it (out-of-band
+ * data) and adopted fds.  Interest becomes the poll mask; a changed mask
+ * restarts the poll.  Files libuv cannot poll (regular files, directories,
+ * block devices) have no handle and are always ready (Q-08).
+ *
+ * Flags (L-15, E-03): UV_READABLE, UV_WRITABLE and UV_PRIORITIZED map to
+ * POLLIN, POLLOUT and POLLPRI.  libuv hides POLLERR and POLLHUP: a lone
+ * ERR or HUP comes as every requested direction, which always includes
+ * PRI when reading, and ERR without PRI as a bare error status.  So on
+ * the two rare reports that may hide them (an error status, or PRI) the
+ * true flags are read with one poll(2) on the fd.  A hang-up that comes
+ * with data shows at the next report, once the data is read. */
 #include "internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/stat.h>
 
 int ac__poll_open(ac_dispatcher_t *d) {
@@ -33,17 +43,40 @@ int ac__poll_open(ac_dispatcher_t *d) {
   return 0;
 }
 
+/* What poll(2) reports for d now, asked for its armed interest (the L-06
+ * mask); `dflt` when the condition is already gone. */
+static int exact_flags(const ac_dispatcher_t *d, int dflt) {
+  struct pollfd p;
+  int f = 0;
+
+  p.fd = d->fd;
+  p.events = (short) (((d->armed & AC__R) ? POLLIN : 0) |
+                      ((d->armed & AC__P) ? POLLPRI : 0) |
+                      ((d->armed & AC__W) ? POLLOUT : 0));
+  p.revents = 0;
+  if (poll(&p, 1, 0) != 1) {
+    return dflt;
+  }
+  f |= (p.revents & POLLIN) ? AC_POLLIN : 0;
+  f |= (p.revents & POLLPRI) ? AC_POLLPRI : 0;
+  f |= (p.revents & POLLOUT) ? AC_POLLOUT : 0;
+  f |= (p.revents & POLLERR) ? AC_POLLERR : 0;
+  f |= (p.revents & POLLHUP) ? AC_POLLHUP : 0;
+  f |= (p.revents & POLLNVAL) ? AC_POLLNVAL : 0;
+  return f;
+}
+
 static void on_poll(uv_poll_t *h, int status, int events) {
   ac_dispatcher_t *d = h->data;
   int flags = 0;
 
   if (status < 0) {
-    /* POLLERR: libuv stopped the handle.  The kernel would also report
-     * the requested directions (Linux folds them in). */
+    /* POLLERR: libuv stopped the handle and names no direction.  The next
+     * prepare restarts it (same mask, POLL_ON clear). */
     d->flags &= (uint16_t) ~AC__F_POLL_ON;
-    d->armed = 0;
     ac__interest_changed(d);
-    flags = AC_POLLERR | AC_POLLIN | AC_POLLOUT;
+    flags = exact_flags(d, AC_POLLERR | ((d->armed & AC__R) ? AC_POLLIN : 0) |
+                               ((d->armed & AC__W) ? AC_POLLOUT : 0));
   } else {
     if (events & UV_READABLE) {
       flags |= AC_POLLIN;
@@ -52,7 +85,7 @@ static void on_poll(uv_poll_t *h, int status, int events) {
       flags |= AC_POLLOUT;
     }
     if (events & UV_PRIORITIZED) {
-      flags |= AC_POLLPRI;
+      flags = exact_flags(d, flags | AC_POLLPRI);
     }
   }
   ac__dispatch(d, flags);
@@ -61,6 +94,9 @@ static void on_poll(uv_poll_t *h, int status, int events) {
 void ac__poll_apply(ac_dispatcher_t *d, int bits) {
   int mask = 0;
 
+  if ((d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d)) {
+    bits &= ~AC__W; /* the application's queued bytes go first */
+  }
   if (bits == d->armed && (bits == 0 || (d->flags & AC__F_POLL_ON))) {
     return;
   }
@@ -85,6 +121,9 @@ void ac__poll_apply(ac_dispatcher_t *d, int bits) {
     d->flags |= AC__F_POLL_ON;
   }
   d->armed = (uint8_t) bits;
+  if (d->flags & AC__F_ADOPT) {
+    ac__synth_update(d); /* pending adopted input: synthetic read */
+  }
 }
 
 void ac__poll_close(ac_dispatcher_t *d) {

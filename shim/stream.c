@@ -48,7 +48,7 @@ static void on_alloc(uv_handle_t *h, size_t size, uv_buf_t *buf) {
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   (void) nread; /* UV_ENOBUFS: bytes or EOF wait in the kernel */
   (void) buf;
-  ac__dispatch(s->data, AC_POLLIN);
+  ac__dispatch_read(s->data);
 }
 
 void ac__stream_apply(ac_dispatcher_t *d, int bits) {
@@ -94,14 +94,14 @@ int ac__stream_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
     return UV_ENOMEM;
   }
   req->data = d;
+  r = uv_tcp_connect(req, &d->h.tcp, addr, on_connect);
+  if (r != 0) {
+    ac__free(req); /* e.g. EISCONN: the stream stays as it was */
+    return r;
+  }
   d->flags &= (uint16_t) ~AC__F_CONN_DONE;
   d->ready = 0;
   ac__synth_update(d);
-  r = uv_tcp_connect(req, &d->h.tcp, addr, on_connect);
-  if (r != 0) {
-    ac__free(req);
-    return r;
-  }
   d->req = req;
   d->nreq++;
   return 0;
@@ -177,4 +177,5 @@ void ac__stream_abort_drains(ac_map_t *m) {
     d->flags &= (uint16_t) ~AC__F_DRAIN;
     uv_close(&d->h.handle, ac__handle_closed);
   }
+  ac__adopt_abort(m); /* adopted streams' queued bytes too (adopt.c) */
 }

@@ -21,8 +21,13 @@ static int dws_handle_write(ac_dispatcher_t *d) {
   return r < 0 ? r : 0;
 }
 
+static inline int send_buffered(ac_dispatcher_with_send_t *w,
+                                const char *p, size_t n)
+    __attribute__((always_inline));
+
+/* ac_send on a dispatcher_with_send channel (arguments checked there). */
 static ssize_t dws_send(ac_dispatcher_t *d, const void *buf, size_t n) {
-  int r = ac_dispatcher_with_send_send(dws(d), buf, n);
+  int r = send_buffered(dws(d), buf, n);
   return r < 0 ? r : (ssize_t) n;
 }
 
@@ -75,7 +80,8 @@ int ac_dispatcher_with_send_initiate_send(ac_dispatcher_with_send_t *w) {
     return UV_EINVAL;
   }
   n = w->out_len < AC__DWS_CHUNK ? w->out_len : AC__DWS_CHUNK;
-  sent = ac__send_raw(&w->d, w->out_buf + w->out_off, n);
+  /* An empty buffer may have no storage: NULL + 0 is undefined. */
+  sent = ac__send_raw(&w->d, n > 0 ? w->out_buf + w->out_off : "", n);
   if (sent < 0) {
     return (int) sent;
   }
@@ -132,12 +138,16 @@ static void log_sending(ac_dispatcher_with_send_t *w, const char *p,
  * bytes on the wire and the same buffer afterwards, one copy fewer. */
 int ac_dispatcher_with_send_send(ac_dispatcher_with_send_t *w,
                                  const void *buf, size_t n) {
-  const char *p = buf;
-  ssize_t sent = 0;
-
   if (w == NULL || !(w->d.flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
   }
+  return send_buffered(w, buf, n);
+}
+
+static inline int send_buffered(ac_dispatcher_with_send_t *w,
+                                const char *p, size_t n) {
+  ssize_t sent = 0;
+
   if (w->d.debug) {
     log_sending(w, p, n);
   }

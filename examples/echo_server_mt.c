@@ -1,0 +1,225 @@
+/* A multi-threaded echo server: one listening port spread over threads.
+ *
+ *   usage: echo_server_mt PORT [THREADS]
+ *
+ * Every thread has its own uv loop, its own map and its own listening
+ * channel on 127.0.0.1:PORT with SO_REUSEPORT (ac_set_reuse_port); the
+ * kernel spreads new connections over the listeners, and each connection
+ * lives in the thread that accepted it, so threads share nothing.  THREADS
+ * defaults to the number of CPUs.  SIGINT or SIGTERM stops every thread
+ * (through a uv_async_t each: ac_map_stop() is not thread-safe, uv_async_send
+ * is) and the program exits with status 0. */
+#include <uvasyncore.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+typedef struct {
+  ac_dispatcher_with_send_t base;
+} echo_handler_t;
+
+static int handler_read(ac_dispatcher_t *d) {
+  char data[8192];
+  ssize_t n = ac_recv(d, data, sizeof(data));
+
+  if (n > 0) {
+    n = ac_send(d, data, (size_t) n);
+  }
+  return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+}
+
+static void handler_closed(ac_dispatcher_t *d) {
+  free(ac_container_of(d, echo_handler_t, base.d));
+}
+
+static const ac_dispatcher_ops_t handler_ops = {
+    .handle_read = handler_read,
+    .closed = handler_closed,
+    .type_name = "EchoHandler",
+};
+
+static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
+                           const struct sockaddr *addr, socklen_t len) {
+  echo_handler_t *h = malloc(sizeof(*h));
+  int r = h != NULL ? 0 : UV_ENOMEM;
+
+  (void) addr;
+  (void) len;
+  if (r == 0) {
+    r = ac_dispatcher_with_send_init(&h->base, d->map, &handler_ops);
+  }
+  if (r == 0) {
+    r = ac_dispatcher_open(&h->base.d, sock);
+  }
+  if (r != 0) {
+    close(sock);
+    free(h);
+  }
+  return r;
+}
+
+static const ac_dispatcher_ops_t server_ops = {
+    .handle_accepted = server_accepted,
+    .type_name = "EchoServer",
+};
+
+/* One thread: a loop, a map, a listener, and the async that stops it. */
+typedef struct {
+  uv_thread_t tid;
+  uv_loop_t loop;
+  ac_map_t *map;
+  ac_dispatcher_t server;
+  uv_async_t stop;
+  int port;
+  int result;
+  uv_sem_t ready;
+} worker_t;
+
+static void on_stop(uv_async_t *a) { ac_map_stop(a->data); }
+
+static int worker_setup(worker_t *w) {
+  struct sockaddr_in addr;
+  int r = uv_loop_init(&w->loop);
+
+  uv_ip4_addr("127.0.0.1", w->port, &addr);
+  if (r == 0) {
+    r = ac_map_new(&w->loop, &w->map);
+  }
+  if (r == 0) {
+    r = ac_dispatcher_init(&w->server, w->map, &server_ops);
+  }
+  if (r == 0) {
+    r = ac_create_socket(&w->server, AF_INET, SOCK_STREAM);
+  }
+  if (r == 0) {
+    ac_set_reuse_addr(&w->server);
+    r = ac_set_reuse_port(&w->server);
+  }
+  if (r == 0) {
+    r = ac_bind(&w->server, (const struct sockaddr *) &addr);
+  }
+  if (r == 0) {
+    r = ac_listen(&w->server, 128);
+  }
+  if (r == 0) {
+    r = uv_async_init(&w->loop, &w->stop, on_stop);
+    w->stop.data = w->map;
+  }
+  return r;
+}
+
+static void worker_run(void *arg) {
+  worker_t *w = arg;
+
+  int r = worker_setup(w);
+
+  w->result = r;
+  uv_sem_post(&w->ready);
+  if (r != 0) {
+    ac_map_free(w->map); /* NULL-safe; closes the listener */
+    uv_loop_close(&w->loop);
+    return;
+  }
+  w->result = ac_loop(w->map, 30.0, 1, AC_FOREVER); /* asyncore.loop() */
+  uv_close((uv_handle_t *) &w->stop, NULL);
+  ac_map_free(w->map);
+  uv_loop_close(&w->loop);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+  (void) signum;
+  uv_stop(s->loop);
+}
+
+/* The number of CPUs, at least 1. */
+static int cpus(void) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+  return n > 0 ? (int) n : 1;
+}
+
+/* Start the workers one after the other; returns how many listen (n
+ * when all do). */
+static int start(worker_t *w, int n, int port) {
+  int i;
+
+  for (i = 0; i < n; i++) {
+    int r;
+    w[i].port = port;
+    uv_sem_init(&w[i].ready, 0);
+    r = uv_thread_create(&w[i].tid, worker_run, &w[i]);
+    if (r == 0) {
+      uv_sem_wait(&w[i].ready);
+      r = w[i].result;
+      if (r != 0) {
+        uv_thread_join(&w[i].tid);
+      }
+    }
+    if (r != 0) {
+      uv_sem_destroy(&w[i].ready);
+      fprintf(stderr, "echo_server_mt: thread %d: %s\n", i, ac_strerror(r));
+      return i;
+    }
+  }
+  return n;
+}
+
+/* Stop and join the first n workers; 0 when each loop ended cleanly. */
+static int stop(worker_t *w, int n) {
+  int bad = 0;
+  int i;
+
+  for (i = 0; i < n; i++) {
+    uv_async_send(&w[i].stop);
+  }
+  for (i = 0; i < n; i++) {
+    uv_thread_join(&w[i].tid);
+    uv_sem_destroy(&w[i].ready);
+    bad |= w[i].result != 0 && w[i].result != AC_EXIT;
+  }
+  return bad;
+}
+
+int main(int argc, char **argv) {
+  uv_signal_t sigint, sigterm;
+  worker_t *w;
+  int n;
+  int r;
+
+  if (argc < 2 || argc > 3) {
+    fprintf(stderr, "usage: %s PORT [THREADS]\n", argv[0]);
+    return 2;
+  }
+  n = argc == 3 ? atoi(argv[2]) : cpus();
+  if (n < 1 || n > 1024) {
+    fprintf(stderr, "echo_server_mt: bad thread count\n");
+    return 2;
+  }
+  setvbuf(stdout, NULL, _IOLBF, 0);
+  w = calloc((size_t) n, sizeof(*w));
+  if (w == NULL) {
+    return 1;
+  }
+  r = start(w, n, atoi(argv[1]));
+  if (r < n) {
+    stop(w, r); /* the ones that listen */
+    free(w);
+    return 1;
+  }
+  printf("echo_server_mt: %d threads on 127.0.0.1:%s\n", n, argv[1]);
+
+  uv_signal_init(uv_default_loop(), &sigint);
+  uv_signal_init(uv_default_loop(), &sigterm);
+  uv_signal_start(&sigint, on_signal, SIGINT);
+  uv_signal_start(&sigterm, on_signal, SIGTERM);
+  uv_run(uv_default_loop(), UV_RUN_DEFAULT); /* until a signal */
+  uv_close((uv_handle_t *) &sigint, NULL);
+  uv_close((uv_handle_t *) &sigterm, NULL);
+  uv_run(uv_default_loop(), UV_RUN_DEFAULT);
+  uv_loop_close(uv_default_loop());
+
+  r = stop(w, n);
+  free(w);
+  return r;
+}

@@ -1,0 +1,469 @@
+/* async_chat's output side (spec C-15 to C-22, P-01 to P-03): the producer
+ * fifo, push, initiate_send and simple_producer.
+ *
+ * The fifo holds data entries (bytes not sent yet, copied by push, owned
+ * by the application for push_owned, borrowed from a producer for a
+ * chunk), producers and close markers, in a ring (fifo.c).  On a stream,
+ * one initiate_send gathers the data entries at the head into a single
+ * vectored send: one system call per writable pass, however many replies
+ * are queued. */
+#include "chat_internal.h"
+
+#include <string.h>
+
+static ac_chat_t *chat(ac_dispatcher_t *d) { return ac_chat_of(d); }
+
+static ac__entry_t *head(ac_chat_t *c) { return ac__ring_at(&c->fifo, 0); }
+
+int ac__chat_usable(const ac_chat_t *c) {
+  return c != NULL && (c->d.flags & AC__F_INIT) &&
+         c->d.cls == &ac__chat_class;
+}
+
+/* The fifo went empty <-> non-empty: writable() changed (C-19). */
+static void track(ac_chat_t *c) {
+  uint8_t nonempty = c->fifo.len_ > 0;
+
+  if (nonempty != c->out_nonempty) {
+    c->out_nonempty = nonempty;
+    ac__interest_changed(&c->d);
+  }
+}
+
+/* C-19: something queued, or not connected. */
+int ac__chat_writable(ac_dispatcher_t *d) {
+  return chat(d)->fifo.len_ > 0 || !d->connected;
+}
+
+/* Give an entry's resources back (the entry is out of the fifo). */
+static void entry_release(ac__entry_t *e) {
+  if (e->kind == AC__E_PRODUCER) {
+    ac_producer_t *p = e->owner;
+    if (p->release != NULL) {
+      p->release(p);
+    }
+  } else if (e->own == AC__OWN_FREE) {
+    ac__free(e->owner);
+  } else if (e->own == AC__OWN_CB && e->free_fn != NULL) {
+    e->free_fn(e->owner, e->ctx);
+  }
+}
+
+/* Remove the head entry, then release it (its callback may push). */
+static void pop_release(ac_chat_t *c) {
+  ac__entry_t e;
+
+  ac__ring_pop_front(&c->fifo, &e);
+  if (e.kind == AC__E_DATA) {
+    c->out_bytes -= e.n;
+  }
+  track(c);
+  entry_release(&e);
+}
+
+/* C-22 (the output part) and release: empty the fifo.  The producer whose
+ * more() is running is released when more() returns. */
+void ac__chat_out_discard(ac_chat_t *c) {
+  ac_fifo_t old = c->fifo;
+  size_t i;
+
+  ac__ring_init(&c->fifo, sizeof(ac__entry_t));
+  c->out_bytes = 0;
+  c->out_gen++;
+  track(c);
+  for (i = 0; i < old.len_; i++) {
+    ac__entry_t *e = ac__ring_at(&old, i);
+    if (e->kind == AC__E_PRODUCER && e->owner == c->in_more) {
+      c->more_orphan = 1;
+    } else {
+      entry_release(e);
+    }
+  }
+  ac__ring_free(&old);
+}
+
+/* ---------------------------------------------------------------- */
+/* Sending                                                            */
+
+/* Streams take one gathered send; a datagram socket keeps Python's one
+ * slice per send, since each send is a message there. */
+static int gathers(const ac_chat_t *c) {
+  return !(c->d.flags & AC__F_SOCK) || c->d.type == SOCK_STREAM;
+}
+
+/* `sent` bytes left: drop the entries they cover, shorten the next.  The
+ * covered entries are counted before any release callback runs, and a
+ * discard from inside one ends the walk. */
+static void consume(ac_chat_t *c, size_t sent) {
+  size_t k = 0;
+  uint32_t gen = c->out_gen;
+  ac__entry_t *e;
+
+  while (k < c->fifo.len_) {
+    e = ac__ring_at(&c->fifo, k);
+    if (e->kind != AC__E_DATA || e->n > sent) {
+      break;
+    }
+    sent -= e->n;
+    k++;
+  }
+  if (sent > 0) {
+    e = ac__ring_at(&c->fifo, k);
+    e->p += sent;
+    e->n -= sent;
+    c->out_bytes -= sent;
+  }
+  while (k-- > 0 && c->out_gen == gen) {
+    pop_release(c);
+  }
+}
+
+/* C-21 step 5: the send raised.  Python calls handle_error itself. */
+static int send_failed(ac_chat_t *c, int code) {
+  ac_error_t err;
+
+  err.code = code;
+  err.where = "initiate_send";
+  return ac__raise(&c->d, AC__SLOT(&c->d, handle_error)(&c->d, &err));
+}
+
+/* One send of the data entries at the head (C-21 steps 3 to 6). */
+static int send_head(ac_chat_t *c) {
+  struct iovec iov[AC__CHAT_IOV];
+  size_t limit = c->ac_out_buffer_size;
+  int gather = gathers(c);
+  int cnt = 0;
+  size_t i;
+  ssize_t r;
+
+  for (i = 0; i < c->fifo.len_ && cnt < AC__CHAT_IOV; i++) {
+    ac__entry_t *e = ac__ring_at(&c->fifo, i);
+    if (e->kind != AC__E_DATA) {
+      break;
+    }
+    if (e->n == 0) {
+      continue;
+    }
+    iov[cnt].iov_base = (void *) e->p;
+    iov[cnt].iov_len = e->n;
+    if (!gather) {
+      if (limit > 0 && e->n > limit) {
+        iov[cnt].iov_len = limit;
+      }
+      cnt++;
+      break;
+    }
+    cnt++;
+  }
+  r = ac__sendv_raw(&c->d, iov, cnt);
+  if (r < 0) {
+    return send_failed(c, (int) r);
+  }
+  if (r > 0) {
+    consume(c, (size_t) r);
+  }
+  return 0;
+}
+
+/* C-21 step 3 for a producer at the head (P-01): queue its next chunk in
+ * front of it, or drop it when exhausted. */
+static int call_more(ac_chat_t *c) {
+  ac_producer_t *p = head(c)->owner;
+  const void *data = NULL;
+  size_t n = 0;
+  ac__entry_t e;
+  int r;
+
+  c->in_more = p;
+  c->more_orphan = 0;
+  r = p->more(p, &data, &n);
+  c->in_more = NULL;
+  if (c->more_orphan) { /* discarded from inside more() */
+    c->more_orphan = 0;
+    if (p->release != NULL) {
+      p->release(p);
+    }
+    return 0;
+  }
+  if (r != 0 || n == 0) {
+    if (r == 0 && c->fifo.len_ > 0 && head(c)->kind == AC__E_PRODUCER &&
+        head(c)->owner == p) {
+      pop_release(c);
+    }
+    return r;
+  }
+  if (data == NULL) {
+    return UV_EINVAL;
+  }
+  memset(&e, 0, sizeof(e));
+  e.kind = AC__E_DATA;
+  e.p = data;
+  e.n = n;
+  if (ac__ring_push_front(&c->fifo, &e) != 0) {
+    return UV_ENOMEM;
+  }
+  c->out_bytes += n;
+  return 0;
+}
+
+/* The loop of C-21; handlers and more() results travel as exceptions
+ * (ac__raise): returned outside the event loop, to the wrapper inside. */
+static int send_loop(ac_chat_t *c) {
+  int r;
+
+  while (c->fifo.len_ > 0 && c->d.connected) {
+    ac__entry_t *e = head(c);
+    if (e->kind == AC__E_CLOSE) {
+      pop_release(c);
+      return ac__raise(&c->d, AC__SLOT(&c->d, handle_close)(&c->d));
+    }
+    if (e->kind == AC__E_PRODUCER) {
+      r = call_more(c);
+      if (r != 0) {
+        return ac__raise(&c->d, r);
+      }
+      continue;
+    }
+    if (e->n == 0) {
+      pop_release(c); /* no zero-length send */
+      continue;
+    }
+    return send_head(c);
+  }
+  return 0;
+}
+
+int ac_chat_initiate_send(ac_chat_t *c) {
+  int r;
+
+  if (!ac__chat_usable(c)) {
+    return UV_EINVAL;
+  }
+  if (c->sending) {
+    return 0; /* from inside more() or a release callback */
+  }
+  c->sending = 1;
+  r = send_loop(c);
+  c->sending = 0;
+  return r;
+}
+
+/* C-15 */
+int ac__chat_handle_write(ac_dispatcher_t *d) {
+  return ac_chat_initiate_send(chat(d));
+}
+
+/* ---------------------------------------------------------------- */
+/* Queueing                                                           */
+
+static int can_queue(const ac_chat_t *c) {
+  if (!ac__chat_usable(c)) {
+    return UV_EINVAL;
+  }
+  return (c->d.flags & AC__F_RELEASED) ? UV_EBADF : 0;
+}
+
+/* After a push: send now, unless batching inside the parse loop. */
+static int kick(ac_chat_t *c) {
+  if (c->batch && c->parsing) {
+    return 0;
+  }
+  return ac_chat_initiate_send(c);
+}
+
+/* Append bytes [skip, n) of a push as the slices of C-16 (boundaries at
+ * multiples of `size`, the first one shortened by what was sent).  The
+ * bytes are copied (free_fn NULL and `copy`) or borrowed from `data`; the
+ * last slice owns them. */
+static int append_slices(ac_chat_t *c, const char *data, size_t n,
+                         size_t skip, size_t size, int copy,
+                         ac_chat_free_cb free_fn, void *ctx) {
+  const char *base = data; /* holds byte `bias` of the push */
+  size_t bias = 0;
+  size_t first = skip - skip % size;
+  size_t k = (n - first + size - 1) / size;
+  ac__entry_t e;
+  size_t off;
+
+  if (ac__ring_reserve(&c->fifo, k) != 0) {
+    return UV_ENOMEM;
+  }
+  if (copy) {
+    char *b = ac__malloc(n - skip);
+    if (b == NULL) {
+      return UV_ENOMEM;
+    }
+    memcpy(b, data + skip, n - skip);
+    base = b;
+    bias = skip;
+  }
+  memset(&e, 0, sizeof(e));
+  e.kind = AC__E_DATA;
+  for (off = first; off < n; off += size) {
+    size_t lo = off > skip ? off : skip;
+    size_t hi = n - off > size ? off + size : n;
+    e.p = base + (lo - bias);
+    e.n = hi - lo;
+    if (hi == n) {
+      e.own = copy ? AC__OWN_FREE : AC__OWN_CB;
+      e.owner = (void *) base;
+      e.free_fn = free_fn;
+      e.ctx = ctx;
+    }
+    ac__ring_push_back(&c->fifo, &e);
+  }
+  c->out_bytes += n - skip;
+  track(c);
+  return 0;
+}
+
+/* Queue one entry that is not a slice: empty data, producer, marker. */
+static int append_entry(ac_chat_t *c, int kind, void *owner,
+                        ac_chat_free_cb free_fn, void *ctx) {
+  ac__entry_t e;
+
+  memset(&e, 0, sizeof(e));
+  e.kind = (uint8_t) kind;
+  e.owner = owner;
+  e.own = free_fn != NULL ? AC__OWN_CB : AC__OWN_NONE;
+  e.free_fn = free_fn;
+  e.ctx = ctx;
+  if (ac__ring_push_back(&c->fifo, &e) != 0) {
+    return UV_ENOMEM;
+  }
+  track(c);
+  return 0;
+}
+
+/* push and push_owned (C-16).  With nothing queued the one send of
+ * initiate_send goes straight from `data` (same bytes, same order), and
+ * only what the socket refused is queued. */
+static int push(ac_chat_t *c, const void *data, size_t n, int copy,
+                ac_chat_free_cb free_fn, void *ctx) {
+  ssize_t sent = 0;
+  struct iovec v;
+  size_t size;
+  int r;
+
+  if ((r = can_queue(c)) != 0) {
+    return r;
+  }
+  size = c->ac_out_buffer_size;
+  if ((data == NULL && n > 0) || (size == 0 && n > 0)) {
+    return UV_EINVAL; /* Python: TypeError / range() step 0 */
+  }
+  if (n == 0) {
+    r = append_entry(c, AC__E_DATA, (void *) data, free_fn, ctx);
+    return r != 0 ? r : kick(c);
+  }
+  if (c->fifo.len_ > 0 || !c->d.connected || c->sending ||
+      (c->batch && c->parsing)) {
+    r = append_slices(c, data, n, 0, size, copy, free_fn, ctx);
+    return r != 0 ? r : kick(c);
+  }
+  v.iov_base = (void *) data;
+  v.iov_len = gathers(c) || n <= size ? n : size;
+  sent = ac__sendv_raw(&c->d, &v, 1);
+  if ((size_t) sent == n) {
+    if (free_fn != NULL) {
+      free_fn((void *) data, ctx);
+    }
+    return 0;
+  }
+  r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0, size, copy,
+                    free_fn, ctx);
+  if (r != 0) {
+    return r;
+  }
+  return sent < 0 ? send_failed(c, (int) sent) : 0;
+}
+
+int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
+  return push(c, data, n, 1, NULL, NULL);
+}
+
+int ac_chat_push_owned(ac_chat_t *c, const void *data, size_t n,
+                       ac_chat_free_cb free_fn, void *ctx) {
+  return push(c, data, n, 0, free_fn, ctx);
+}
+
+/* Virtual send (ac_send on a chat): push; returns n or an error. */
+ssize_t ac__chat_send(ac_dispatcher_t *d, const void *buf, size_t n) {
+  int r = ac_chat_push(chat(d), buf, n);
+
+  return r != 0 ? r : (ssize_t) n;
+}
+
+int ac_chat_push_with_producer(ac_chat_t *c, ac_producer_t *p) {
+  int r = can_queue(c);
+
+  if (r != 0) {
+    return r;
+  }
+  if (p == NULL || p->more == NULL) {
+    return UV_EINVAL;
+  }
+  r = append_entry(c, AC__E_PRODUCER, p, NULL, NULL);
+  return r != 0 ? r : kick(c);
+}
+
+/* C-20: no send here, as in Python. */
+int ac_chat_close_when_done(ac_chat_t *c) {
+  int r = can_queue(c);
+
+  return r != 0 ? r : append_entry(c, AC__E_CLOSE, NULL, NULL, NULL);
+}
+
+size_t ac_chat_fifo_len(const ac_chat_t *c) {
+  return ac__chat_usable(c) ? c->fifo.len_ : 0;
+}
+
+size_t ac_chat_out_bytes(const ac_chat_t *c) {
+  return ac__chat_usable(c) ? c->out_bytes : 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* simple_producer (P-03)                                             */
+
+typedef struct {
+  ac_producer_t base;
+  size_t off;
+  size_t len;
+  size_t size;
+  char data[];
+} simple_t;
+
+static int simple_more(ac_producer_t *p, const void **data, size_t *n) {
+  simple_t *s = (simple_t *) p;
+  size_t left = s->len - s->off;
+
+  *data = s->data + s->off;
+  *n = left > s->size ? s->size : left;
+  s->off += *n;
+  return 0;
+}
+
+static void simple_release(ac_producer_t *p) { ac__free(p); }
+
+int ac_simple_producer_new(const void *data, size_t n, size_t buffer_size,
+                           ac_producer_t **out) {
+  simple_t *s;
+
+  if (out == NULL || (data == NULL && n > 0)) {
+    return UV_EINVAL;
+  }
+  s = ac__malloc(sizeof(*s) + n);
+  if (s == NULL) {
+    return UV_ENOMEM;
+  }
+  memset(s, 0, sizeof(*s));
+  s->base.more = simple_more;
+  s->base.release = simple_release;
+  s->len = n;
+  s->size = buffer_size > 0 ? buffer_size : AC_SIMPLE_PRODUCER_SIZE;
+  if (n > 0) {
+    memcpy(s->data, data, n);
+  }
+  *out = &s->base;
+  return 0;
+}

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Tests of examples/ over loopback, as a user runs them.
+
+usage: test_examples.py BUILD_DIR
+Prints "examples: N passed, N failed" and exits non-zero on any failure.
+"""
+import http.server
+import os
+import random
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+BUILD = sys.argv[1] if len(sys.argv) > 1 else "build"
+EXAMPLES = os.path.join(BUILD, "examples")
+results = []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, limit=10.0):
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited with %s" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("port %d never opened" % port)
+
+
+def start(name, *args):
+    proc = subprocess.Popen([os.path.join(EXAMPLES, name)] + list(args),
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    return proc
+
+
+def stop(proc, sig=signal.SIGTERM):
+    proc.send_signal(sig)
+    try:
+        return proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return "hung"
+
+
+def test(fn):
+    try:
+        fn()
+        results.append((fn.__name__, None))
+        print("ok   %s" % fn.__name__, file=sys.stderr)
+    except Exception as e:  # a failed check or an unexpected error
+        results.append((fn.__name__, e))
+        print("FAIL %s: %s" % (fn.__name__, e), file=sys.stderr)
+    return fn
+
+
+class Client:
+    """One echo client: sends its messages one after the other and checks
+    that each comes back byte-exactly before sending the next."""
+
+    def __init__(self, port, sizes, rng):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setblocking(False)
+        self.msgs = [rng.randbytes(n) for n in sizes]
+        self.cur = 0
+        self.out = memoryview(self.msgs[0])
+        self.got = bytearray()
+
+    def events(self):
+        ev = selectors.EVENT_READ
+        if self.out:
+            ev |= selectors.EVENT_WRITE
+        return ev
+
+    def on_ready(self, mask):
+        if mask & selectors.EVENT_WRITE and self.out:
+            n = self.sock.send(self.out[:1 << 20])
+            self.out = self.out[n:]
+        if mask & selectors.EVENT_READ:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise AssertionError("server closed early")
+            self.got += data
+            want = self.msgs[self.cur]
+            if len(self.got) > len(want):
+                raise AssertionError("more bytes than sent")
+            if len(self.got) == len(want):
+                if bytes(self.got) != want:
+                    raise AssertionError("echo differs (%d bytes)" % len(want))
+                self.got = bytearray()
+                self.cur += 1
+                if self.cur < len(self.msgs):
+                    self.out = memoryview(self.msgs[self.cur])
+        return self.cur == len(self.msgs)
+
+
+@test
+def echo_server_100_clients_1B_to_4MiB():
+    port = free_port()
+    proc = start("echo_server", str(port))
+    try:
+        wait_port(port, proc)
+        rng = random.Random(7)
+        clients = []
+        for i in range(100):
+            big = 4 << 20 if i % 10 == 0 else 256 << 10
+            sizes = [1, 1500, 65536, big]
+            rng.shuffle(sizes)
+            clients.append(Client(port, sizes, rng))
+        sel = selectors.DefaultSelector()
+        for c in clients:
+            sel.register(c.sock, c.events(), c)
+        live = len(clients)
+        deadline = time.monotonic() + 120
+        while live:
+            if time.monotonic() > deadline:
+                raise AssertionError("%d clients unfinished" % live)
+            for key, mask in sel.select(1.0):
+                c = key.data
+                if c.on_ready(mask):
+                    sel.unregister(c.sock)
+                    c.sock.close()
+                    live -= 1
+                else:
+                    sel.modify(c.sock, c.events(), c)
+        assert proc.poll() is None, "server died"
+    finally:
+        rc = stop(proc)
+    assert rc == 0, "exit status %s on SIGTERM" % rc
+
+
+@test
+def echo_server_exits_0_on_sigint():
+    port = free_port()
+    proc = start("echo_server", str(port))
+    wait_port(port, proc)
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"ping")
+    assert s.recv(4) == b"ping"
+    rc = stop(proc, signal.SIGINT)
+    s.close()
+    assert rc == 0, "exit status %s on SIGINT" % rc
+
+
+@test
+def echo_server_usage_error():
+    rc = subprocess.run([os.path.join(EXAMPLES, "echo_server")],
+                        stderr=subprocess.PIPE).returncode
+    assert rc == 2, rc
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@test
+def http_client_fetches_a_page():
+    body = b"hello from the test server\n" * 500
+    root = os.path.join(BUILD, "http-root")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "page.txt"), "wb") as f:
+        f.write(body)
+    handler = lambda *a, **k: Quiet(*a, directory=root, **k)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        out = subprocess.run(
+            [os.path.join(EXAMPLES, "http_client"),
+             str(srv.server_address[1]), "localhost", "/page.txt"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    finally:
+        srv.shutdown()
+    assert out.returncode == 0, out.stderr
+    head, _, got = out.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head[:40]
+    assert got == body, "body differs (%d vs %d bytes)" % (len(got), len(body))
+
+
+@test
+def http_client_refused_exits_1():
+    out = subprocess.run([os.path.join(EXAMPLES, "http_client"),
+                          str(free_port())],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         timeout=30)
+    assert out.returncode == 1, out.returncode
+    assert b"refused" in out.stderr.lower(), out.stderr
+
+
+@test
+def http_client_unknown_host_exits_1():
+    out = subprocess.run([os.path.join(EXAMPLES, "http_client"), "80",
+                          "nonexistent.invalid"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         timeout=60)
+    assert out.returncode == 1, out.returncode
+
+
+@test
+def echo_server_mt_3_threads_60_clients():
+    port = free_port()
+    proc = start("echo_server_mt", str(port), "3")
+    try:
+        wait_port(port, proc)
+        rng = random.Random(11)
+        clients = [Client(port, [1, 1500, 256 << 10], rng) for _ in range(60)]
+        sel = selectors.DefaultSelector()
+        for c in clients:
+            sel.register(c.sock, c.events(), c)
+        live = len(clients)
+        deadline = time.monotonic() + 60
+        while live:
+            if time.monotonic() > deadline:
+                raise AssertionError("%d clients unfinished" % live)
+            for key, mask in sel.select(1.0):
+                c = key.data
+                if c.on_ready(mask):
+                    sel.unregister(c.sock)
+                    c.sock.close()
+                    live -= 1
+                else:
+                    sel.modify(c.sock, c.events(), c)
+        assert proc.poll() is None, "server died"
+    finally:
+        rc = stop(proc)
+    assert rc == 0, "exit status %s on SIGTERM" % rc
+
+
+@test
+def echo_server_mt_usage_errors():
+    exe = os.path.join(EXAMPLES, "echo_server_mt")
+    assert subprocess.run([exe], stderr=subprocess.PIPE).returncode == 2
+    assert subprocess.run([exe, "1", "0"],
+                          stderr=subprocess.PIPE).returncode == 2
+
+
+@test
+def embed_demo_runs_to_completion():
+    out = subprocess.run([os.path.join(EXAMPLES, "embed_demo")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (b"echo: ping 1\necho: ping 2\n"
+                          b"map detached: yes; the application's timer "
+                          b"ticked: yes\n"), out.stdout
+
+
+@test
+def embedding_guide_shows_embed_demo():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "embedding.md")) as f:
+        page = f.read()
+    with open(os.path.join(root, "examples", "embed_demo.c")) as f:
+        program = f.read()
+    assert "```c\n" + program + "```" in page, \
+        "docs/embedding.md does not show examples/embed_demo.c as it is"
+
+
+failed = sum(1 for _, e in results if e is not None)
+print("examples: %d passed, %d failed" % (len(results) - failed, failed))
+sys.exit(1 if failed else 0)

@@ -1,0 +1,1890 @@
+/* async_chat, producers and the fifo: the C- and P- items of the spec
+ * (and Q-05, Q-14 to Q-18, Q-26), over real sockets: AF_UNIX socketpairs
+ * (poll backend) driven by direct ac_read/ac_write calls where the exact
+ * cut of each receive matters, loopback TCP (stream backend) through
+ * bounded ac_loop passes elsewhere. */
+#include "probe.h"
+#include "../shim/internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+/* ---------------------------------------------------------------- */
+/* A recording chat                                                   */
+
+typedef struct rec_s rec_t;
+
+struct rec_s {
+  ac_chat_t chat;
+  char trace[8192]; /* "data|" per collect, "#|" or "#<count>|" per found */
+  size_t tlen;
+  int collects;
+  int founds;
+  int closes;
+  int errors;
+  int err_code;
+  const char *err_where;
+  int released;
+  int (*on_found)(rec_t *r); /* optional extra behaviour */
+  int (*on_collect)(rec_t *r, const char *data, size_t n);
+  int ret_found;             /* what found_terminator returns */
+  size_t fifo_in_found;      /* ac_chat_fifo_len seen at the last found */
+};
+
+static rec_t *rec(ac_chat_t *c) { return ac_container_of(c, rec_t, chat); }
+
+static void append(rec_t *r, const char *p, size_t n) {
+  if (r->tlen + n < sizeof(r->trace)) {
+    memcpy(r->trace + r->tlen, p, n);
+    r->tlen += n;
+    r->trace[r->tlen] = '\0';
+  }
+}
+
+static int rec_collect(ac_chat_t *c, const char *data, size_t n) {
+  rec_t *r = rec(c);
+
+  if (n == 0) {
+    task_failed = 1; /* C-11: never an empty collect */
+  }
+  r->collects++;
+  append(r, data, n);
+  append(r, "|", 1);
+  return r->on_collect != NULL ? r->on_collect(r, data, n) : 0;
+}
+
+static int rec_found(ac_chat_t *c) {
+  rec_t *r = rec(c);
+  uint64_t count;
+  char buf[32];
+
+  r->founds++;
+  if (ac_chat_get_terminator(c, NULL, NULL, &count) == AC_TERM_COUNT) {
+    snprintf(buf, sizeof(buf), "#%llu|", (unsigned long long) count);
+  } else {
+    snprintf(buf, sizeof(buf), "#|");
+  }
+  append(r, buf, strlen(buf));
+  if (r->on_found != NULL) {
+    return r->on_found(r);
+  }
+  return r->ret_found;
+}
+
+static int rec_close(ac_dispatcher_t *d) {
+  rec(ac_chat_of(d))->closes++;
+  return ac_default_handle_close(d);
+}
+
+static int rec_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  rec_t *r = rec(ac_chat_of(d));
+
+  r->errors++;
+  r->err_code = err->code;
+  r->err_where = err->where;
+  return ac_default_handle_error(d, err);
+}
+
+static void rec_closed(ac_dispatcher_t *d) { rec(ac_chat_of(d))->released++; }
+
+static const ac_chat_ops_t rec_ops = {
+    .base = {.handle_close = rec_close,
+             .handle_error = rec_error,
+             .closed = rec_closed},
+    .collect_incoming_data = rec_collect,
+    .found_terminator = rec_found,
+};
+
+/* Only the async_chat defaults (C-05): no collect, no found. */
+static const ac_chat_ops_t abstract_ops = {
+    .base = {.handle_close = rec_close,
+             .handle_error = rec_error,
+             .closed = rec_closed},
+};
+
+static int rec_init(rec_t *r, ac_map_t *map, const ac_chat_ops_t *ops) {
+  memset(r, 0, sizeof(*r));
+  return ac_chat_init(&r->chat, map, ops);
+}
+
+/* A chat on one end of an AF_UNIX socketpair of `type`; the other end
+ * (blocking) in *peer. */
+static int rec_pair(rec_t *r, ac_map_t *map, int type, int *peer) {
+  int sv[2];
+  int e;
+
+  if (rec_init(r, map, &rec_ops) != 0 ||
+      socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0) {
+    return -1;
+  }
+  e = ac_dispatcher_open(&r->chat.d, sv[0]);
+  if (e != 0) {
+    close(sv[0]);
+    close(sv[1]);
+    return e;
+  }
+  *peer = sv[1];
+  return 0;
+}
+
+/* A chat on the server end of a loopback TCP connection (stream
+ * backend); the client end (blocking) in *peer. */
+static int rec_tcp(rec_t *r, ac_map_t *map, int *peer) {
+  uv_os_sock_t fds[2];
+  int e;
+
+  if (rec_init(r, map, &rec_ops) != 0 ||
+      probe_tcp_pair(AF_INET, fds) != 0) {
+    return -1;
+  }
+  e = ac_dispatcher_open(&r->chat.d, fds[1]);
+  if (e != 0) {
+    close(fds[0]);
+    close(fds[1]);
+    return e;
+  }
+  *peer = fds[0];
+  return 0;
+}
+
+/* Write `s` to the peer, then one read event on the chat: one receive
+ * sees exactly these bytes. */
+static int deliver(rec_t *r, int peer, const char *s, size_t n) {
+  if (write(peer, s, n) != (ssize_t) n) {
+    return -1;
+  }
+  return ac_read(&r->chat.d);
+}
+
+#define DELIVER(r, peer, lit) ASSERT_OK(deliver((r), (peer), lit, sizeof(lit) - 1))
+
+/* Read what the peer has now (non-blocking); returns the count. */
+static size_t peer_take(int peer, char *buf, size_t cap) {
+  size_t got = 0;
+  ssize_t n;
+
+  while (got < cap &&
+         (n = recv(peer, buf + got, cap - got, MSG_DONTWAIT)) > 0) {
+    got += (size_t) n;
+  }
+  return got;
+}
+
+/* Run passes until the peer received `want` bytes into buf (bounded). */
+static size_t peer_read_loop(ac_map_t *map, int peer, char *buf,
+                             size_t want) {
+  size_t got = 0;
+  int i;
+
+  for (i = 0; i < 5000 && got < want; i++) {
+    if (ac_loop(map, 0.01, 0, 1) != 0) {
+      break;
+    }
+    got += peer_take(peer, buf + got, want - got);
+  }
+  return got;
+}
+
+/* ---------------------------------------------------------------- */
+/* C-01 to C-07                                                       */
+
+/* C-01, C-02, Q-14, C-23, Q-18 */
+TASK(c01_c02_defaults) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  char desc[256];
+  const void *p;
+  size_t n;
+
+  ASSERT_OK(rec_init(&r, map, &rec_ops));
+  ASSERT_EQ(r.chat.ac_in_buffer_size, 65536);
+  ASSERT_EQ(r.chat.ac_out_buffer_size, 65536);
+  ASSERT_EQ(r.chat.use_encoding, 0);
+  ASSERT_STR_EQ(r.chat.encoding, "latin-1");
+  ASSERT_EQ(ac_chat_get_terminator(&r.chat, &p, &n, NULL), AC_TERM_NONE);
+  ASSERT(p == NULL);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), 0);
+  ASSERT_EQ(ac_chat_get_data(&r.chat, NULL), 0);
+  ac_describe(&r.chat.d, desc, sizeof(desc));
+  ASSERT(strstr(desc, "<asynchat.async_chat at ") == desc);
+  ASSERT_OK(ac_close(&r.chat.d));
+  task_map_free(map);
+  ASSERT_EQ(r.released, 1);
+}
+
+/* C-02: bad arguments and channels of another class. */
+TASK(c02_misuse) {
+  ac_map_t *map = task_map_new();
+  ac_chat_t zero;
+  ac_chat_t plain;
+
+  memset(&zero, 0, sizeof(zero));
+  ASSERT_EQ(ac_chat_init(NULL, map, NULL), UV_EINVAL);
+  ASSERT_EQ(ac_chat_push(&zero, "x", 1), UV_EINVAL);
+  ASSERT_EQ(ac_chat_push(NULL, "x", 1), UV_EINVAL);
+  ASSERT_EQ(ac_chat_set_terminator(&zero, "x", 1), UV_EINVAL);
+  ASSERT_EQ(ac_chat_feed(&zero, "x", 1), UV_EINVAL);
+  ASSERT_EQ(ac_chat_initiate_send(&zero), UV_EINVAL);
+  ASSERT_EQ(ac_chat_discard_buffers(NULL), UV_EINVAL);
+  ASSERT_EQ(ac_chat_close_when_done(NULL), UV_EINVAL);
+  ASSERT_EQ(ac_chat_get_terminator(NULL, NULL, NULL, NULL), UV_EINVAL);
+  /* A plain dispatcher is not a chat. */
+  ASSERT_OK(ac_dispatcher_init(&plain.d, map, NULL));
+  ASSERT_EQ(ac_chat_push(&plain, "x", 1), UV_EINVAL);
+  ASSERT_EQ(ac_chat_set_terminator_none(&plain), UV_EINVAL);
+  ac_close(&plain.d);
+  task_map_free(map);
+}
+
+/* C-03 (test_disallow_negative_terminator), C-04 */
+TASK(c03_c04_set_get_terminator) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  char big[100];
+  const void *p;
+  size_t n;
+  uint64_t count = 99;
+
+  ASSERT_OK(rec_init(&r, map, &rec_ops));
+  ASSERT_EQ(ac_chat_set_terminator_count(&r.chat, -1), UV_EINVAL);
+  ASSERT_EQ(ac_chat_get_terminator(&r.chat, NULL, NULL, NULL), AC_TERM_NONE);
+  ASSERT_OK(ac_chat_set_terminator_count(&r.chat, 0)); /* 0 is accepted */
+  ASSERT_EQ(ac_chat_get_terminator(&r.chat, &p, &n, &count), AC_TERM_COUNT);
+  ASSERT_EQ(count, 0);
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "a\0\xe2\x82\xac", 5));
+  ASSERT_EQ(ac_chat_get_terminator(&r.chat, &p, &n, &count), AC_TERM_BYTES);
+  ASSERT_EQ(n, 5);
+  ASSERT_MEM_EQ(p, "a\0\xe2\x82\xac", 5);
+  ASSERT_EQ(count, 0);
+  memset(big, 'z', sizeof(big));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, big, sizeof(big)));
+  ASSERT_EQ(ac_chat_get_terminator(&r.chat, &p, &n, NULL), AC_TERM_BYTES);
+  ASSERT_EQ(n, sizeof(big));
+  ASSERT_MEM_EQ(p, big, sizeof(big));
+  /* Setting the terminator it already has, from its own bytes. */
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, p, n));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, NULL, 0)); /* the empty one */
+  ASSERT_EQ(ac_chat_get_terminator(&r.chat, &p, &n, NULL), AC_TERM_BYTES);
+  ASSERT_EQ(n, 0);
+  ASSERT_EQ(ac_chat_set_terminator(&r.chat, NULL, 1), UV_EINVAL);
+  ASSERT_OK(ac_chat_set_terminator_none(&r.chat));
+  ASSERT_EQ(ac_chat_get_terminator(&r.chat, &p, NULL, NULL), AC_TERM_NONE);
+  ASSERT(p == NULL);
+  /* C-10: the countdown is what get_terminator shows. */
+  ASSERT_OK(ac_chat_set_terminator_count(&r.chat, 5));
+  ASSERT_OK(ac_chat_feed(&r.chat, "abc", 3));
+  ASSERT_EQ(ac_chat_get_terminator(&r.chat, NULL, NULL, &count),
+            AC_TERM_COUNT);
+  ASSERT_EQ(count, 2);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* C-05: without collect_incoming_data, the first input leads to
+ * handle_error, then handle_close, then close (E-02, E-05). */
+TASK(c05_abstract_methods) {
+  ac_map_t *map = task_map_new();
+  log_capture_t log;
+  rec_t r;
+  int sv[2];
+
+  memset(&log, 0, sizeof(log));
+  ac_map_set_log_sink(map, log_capture_cb, &log);
+  ASSERT_OK(rec_init(&r, map, &abstract_ops));
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+  ASSERT_OK(ac_dispatcher_open(&r.chat.d, sv[0]));
+  ASSERT_EQ(write(sv[1], "data", 4), 4);
+  LOOP_UNTIL(map, 0, r.closes > 0, 200);
+  ASSERT_EQ(r.errors, 1);
+  ASSERT_EQ(r.err_code, AC_EFAIL);
+  ASSERT_STR_EQ(r.err_where, "handle_read");
+  ASSERT_EQ(r.closes, 1);
+  ASSERT(ac_is_closed(&r.chat.d));
+  ASSERT(strstr(log.text, "uncaptured error") != NULL);
+  close(sv[1]);
+  task_map_free(map);
+  ASSERT_EQ(r.released, 1);
+}
+
+/* C-05 for found_terminator alone: the record's data was collected
+ * first. */
+static int collect_only(ac_chat_t *c, const char *data, size_t n) {
+  (void) data;
+  rec(c)->collects += (int) n;
+  return 0;
+}
+
+static const ac_chat_ops_t collect_only_ops = {
+    .base = {.handle_error = rec_error, .closed = rec_closed},
+    .collect_incoming_data = collect_only,
+};
+
+TASK(c05_abstract_found_terminator) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+
+  ASSERT_OK(rec_init(&r, map, &collect_only_ops));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  ASSERT_EQ(ac_chat_feed(&r.chat, "ab\ncd", 5), AC_EFAIL);
+  ASSERT_EQ(r.collects, 2);
+  /* Python's exception left the rest of the buffer in place. */
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), 2);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* C-06: the incoming helpers as the collect method. */
+static int helper_found(ac_chat_t *c) {
+  rec_t *r = rec(c);
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+
+  append(r, data, n);
+  append(r, "|", 1);
+  return 0;
+}
+
+static const ac_chat_ops_t helper_ops = {
+    .base = {.closed = rec_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = helper_found,
+};
+
+TASK(c06_incoming_helpers) {
+  ac_map_t *map = task_map_new();
+  const char *data;
+  rec_t r;
+
+  ASSERT_OK(rec_init(&r, map, &helper_ops));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\r\n", 2));
+  ASSERT_OK(ac_chat_feed(&r.chat, "hel", 3));
+  ASSERT_OK(ac_chat_feed(&r.chat, "lo\r", 3));
+  ASSERT_OK(ac_chat_feed(&r.chat, "\nwor", 4));
+  ASSERT_OK(ac_chat_feed(&r.chat, "ld\r\n\r\n", 6));
+  ASSERT_STR_EQ(r.trace, "hello|world||");
+  ASSERT_EQ(ac_chat_get_data(&r.chat, &data), 0); /* emptied */
+  ASSERT_OK(ac_chat_collect_incoming(&r.chat, "ab", 2));
+  ASSERT_OK(ac_chat_collect_incoming(&r.chat, "cd", 2));
+  ASSERT_EQ(ac_chat_get_data(&r.chat, &data), 4);
+  ASSERT_MEM_EQ(data, "abcd", 4);
+  ASSERT_EQ(ac_chat_collect_incoming(&r.chat, NULL, 1), UV_EINVAL);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* C-07, Q-09 (TestAsynchatMocked.test_blockingioerror): a read event
+ * with nothing to read returns quietly, no handle_error. */
+TASK(c07_would_block_is_silent) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_OK(ac_read(&r.chat.d));
+  ASSERT_OK(ac_default_handle_read(&r.chat.d));
+  ASSERT_EQ(r.errors, 0);
+  ASSERT_EQ(r.closes, 0);
+  ASSERT_EQ(r.collects, 0);
+  ASSERT(!ac_is_closed(&r.chat.d));
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-07: another receive error goes to handle_error (read(2) of a
+ * directory fails with EISDIR). */
+TASK(c07_receive_error_to_handle_error) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+  ASSERT_GE(fd, 0);
+  ASSERT_OK(rec_init(&r, map, &rec_ops));
+  ASSERT_OK(ac_dispatcher_open(&r.chat.d, fd));
+  ASSERT_OK(ac_read(&r.chat.d));
+  ASSERT_EQ(r.errors, 1);
+  ASSERT_EQ(r.err_code, UV_EISDIR);
+  ASSERT_STR_EQ(r.err_where, "handle_read");
+  ASSERT_EQ(r.closes, 1); /* the default handle_error closes */
+  task_map_free(map);
+}
+
+/* C-07, C-14, Q-17: at EOF recv has called handle_close; a partial
+ * terminator is never delivered and no found_terminator follows. */
+TASK(c14_eof_drops_partial_record) {
+  ac_map_t *map = task_map_new();
+  const void *p;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\r\n", 2));
+  DELIVER(&r, peer, "line\r\nabc\r");
+  ASSERT_STR_EQ(r.trace, "line|#|abc|");
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, &p), 1);
+  ASSERT_MEM_EQ(p, "\r", 1);
+  close(peer);
+  ASSERT_OK(ac_read(&r.chat.d));
+  ASSERT_EQ(r.closes, 1);
+  ASSERT(ac_is_closed(&r.chat.d));
+  ASSERT_STR_EQ(r.trace, "line|#|abc|");
+  ASSERT_EQ(r.founds, 1);
+  task_map_free(map);
+}
+
+/* ac_in_buffer_size is the size of each receive (C-01, Q-26). */
+TASK(c07_in_buffer_size_per_receive) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.chat.ac_in_buffer_size = 3;
+  DELIVER(&r, peer, "0123456789");
+  ASSERT_STR_EQ(r.trace, "012|");
+  ASSERT_OK(ac_read(&r.chat.d));
+  ASSERT_STR_EQ(r.trace, "012|345|");
+  close(peer);
+  task_map_free(map);
+}
+
+/* ---------------------------------------------------------------- */
+/* C-08 to C-14: the parse loop                                       */
+
+/* C-08, C-11, C-12, C-16 (test_line_terminator1/2/3): records survive
+ * any cut of the input, terminators split across receives included. */
+static void line_terminator(const char *term, size_t chunk) {
+  static const char *const lines[] = {"hello world", "I'm not dead yet!"};
+  ac_map_t *map = task_map_new();
+  char all[128];
+  size_t n = 0;
+  size_t i;
+  rec_t r;
+  int peer;
+
+  for (i = 0; i < 2; i++) {
+    n += (size_t) snprintf(all + n, sizeof(all) - n, "%s%s", lines[i], term);
+  }
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, term, strlen(term)));
+  for (i = 0; i < n; i += chunk) {
+    ASSERT_OK(deliver(&r, peer, all + i, n - i < chunk ? n - i : chunk));
+  }
+  ASSERT_EQ(r.founds, 2);
+  /* Collected bytes, with the found markers, give back the lines. */
+  {
+    char joined[128] = "";
+    char *t = r.trace;
+    char *bar;
+    while ((bar = strchr(t, '|')) != NULL) {
+      if (strncmp(t, "#", 1) == 0 && bar == t + 1) {
+        strcat(joined, "\n");
+      } else {
+        strncat(joined, t, (size_t) (bar - t));
+      }
+      t = bar + 1;
+    }
+    ASSERT_STR_EQ(joined, "hello world\nI'm not dead yet!\n");
+  }
+  close(peer);
+  task_map_free(map);
+}
+
+TASK(c11_c12_line_terminator_lf) {
+  line_terminator("\n", 1);
+  line_terminator("\n", 2);
+  line_terminator("\n", 3);
+}
+
+TASK(c11_c12_line_terminator_crlf) {
+  line_terminator("\r\n", 1);
+  line_terminator("\r\n", 2);
+  line_terminator("\r\n", 3);
+}
+
+TASK(c11_c12_line_terminator_qqq) {
+  line_terminator("qqq", 1);
+  line_terminator("qqq", 2);
+  line_terminator("qqq", 3);
+}
+
+/* C-09 (test_none_terminator): everything is collected, no record. */
+TASK(c09_none_terminator) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  DELIVER(&r, peer, "hello\n");
+  DELIVER(&r, peer, "world");
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "", 0)); /* empty: also none */
+  DELIVER(&r, peer, "\n!");
+  ASSERT_STR_EQ(r.trace, "hello\n|world|\n!|");
+  ASSERT_EQ(r.founds, 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-10, Q-15: the countdown (the spec's verified trace), and a count
+ * that reached 0 means no terminator any more. */
+TASK(c10_numeric_terminator) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_OK(ac_chat_set_terminator_count(&r.chat, 5));
+  DELIVER(&r, peer, "abc");
+  DELIVER(&r, peer, "defgh");
+  DELIVER(&r, peer, "ijk");
+  ASSERT_STR_EQ(r.trace, "abc|de|#0|fgh|ijk|");
+  ASSERT_EQ(r.founds, 1);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-10 (test_numeric_terminator1/2): exactly one record of n bytes. */
+TASK(c10_numeric_terminator_one_record) {
+  static const int sizes[] = {1, 6};
+  size_t i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    rec_t r;
+    int peer;
+    ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+    ASSERT_OK(ac_chat_set_terminator_count(&r.chat, sizes[i]));
+    DELIVER(&r, peer, "hello world, I'm not dead yet!\n");
+    ASSERT_EQ(r.founds, 1);
+    ASSERT(strncmp(r.trace, "hello world", (size_t) sizes[i]) == 0);
+    ASSERT_EQ(r.trace[sizes[i]], '|');
+    ASSERT_EQ(r.trace[sizes[i] + 1], '#');
+    close(peer);
+    task_map_free(map);
+  }
+}
+
+/* C-11 (test_empty_line): an empty record is a found_terminator with no
+ * collect call. */
+TASK(c11_empty_line) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  DELIVER(&r, peer, "\nx\n\n");
+  ASSERT_STR_EQ(r.trace, "#|x|#|#|");
+  ASSERT_EQ(r.collects, 1);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-12: the spec's verified trace; partial terminators wait for the next
+ * receive, the rest is delivered at once. */
+TASK(c12_partial_terminator_kept) {
+  ac_map_t *map = task_map_new();
+  const void *p;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "qqq", 3));
+  DELIVER(&r, peer, "aqq");
+  ASSERT_STR_EQ(r.trace, "a|");
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, &p), 2);
+  ASSERT_MEM_EQ(p, "qq", 2);
+  DELIVER(&r, peer, "qbqqq");
+  ASSERT_STR_EQ(r.trace, "a|#|b|#|");
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), 0);
+  /* The whole receive may be a partial terminator: no collect at all. */
+  DELIVER(&r, peer, "q");
+  DELIVER(&r, peer, "q");
+  ASSERT_STR_EQ(r.trace, "a|#|b|#|");
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), 2);
+  DELIVER(&r, peer, "x");
+  ASSERT_STR_EQ(r.trace, "a|#|b|#|qqx|");
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-12 with a long (heap) terminator whose partial matches overlap. */
+TASK(c12_long_terminator_split_everywhere) {
+  ac_map_t *map = task_map_new();
+  const char *t = "abababababababababac"; /* 20 bytes */
+  const char *in = "xabababababababababababacyabababababababababac";
+  size_t i;
+  rec_t r;
+
+  ASSERT_OK(rec_init(&r, map, &rec_ops));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, t, strlen(t)));
+  for (i = 0; in[i] != '\0'; i++) {
+    ASSERT_OK(ac_chat_feed(&r.chat, in + i, 1));
+  }
+  /* Collected pieces join to "xabab" then "y"; two records. */
+  ASSERT_EQ(r.founds, 2);
+  {
+    char joined[64] = "";
+    char *tr = r.trace;
+    char *bar;
+    while ((bar = strchr(tr, '|')) != NULL) {
+      if (bar == tr + 1 && tr[0] == '#') {
+        strcat(joined, "/");
+      } else {
+        strncat(joined, tr, (size_t) (bar - tr));
+      }
+      tr = bar + 1;
+    }
+    ASSERT_STR_EQ(joined, "xabab/y/");
+  }
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* C-13: found_terminator switches between a string and a count; the rest
+ * of the receive is parsed under the new terminator (the spec's trace). */
+static int switch_found(rec_t *r) {
+  uint64_t count;
+
+  if (ac_chat_get_terminator(&r->chat, NULL, NULL, &count) == AC_TERM_BYTES) {
+    return ac_chat_set_terminator_count(&r->chat, 5);
+  }
+  return ac_chat_set_terminator(&r->chat, "\n", 1);
+}
+
+TASK(c13_terminator_changed_in_found) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.on_found = switch_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  DELIVER(&r, peer, "hdr\n12345rest");
+  ASSERT_STR_EQ(r.trace, "hdr|#|12345|#0|rest|");
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-13: close() inside found_terminator does not stop the loop. */
+static int close_in_found(rec_t *r) { return ac_close(&r->chat.d); }
+
+TASK(c13_close_in_found_keeps_parsing) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.on_found = close_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  DELIVER(&r, peer, "a;b;c");
+  ASSERT(ac_is_closed(&r.chat.d));
+  ASSERT_STR_EQ(r.trace, "a|#|b|#|c|");
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-13, C-22: discard_buffers() inside found_terminator does stop it. */
+static int discard_in_found(rec_t *r) {
+  return ac_chat_discard_buffers(&r->chat);
+}
+
+TASK(c13_discard_in_found_stops_parsing) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.on_found = discard_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  DELIVER(&r, peer, "a;b;c");
+  ASSERT_STR_EQ(r.trace, "a|#|");
+  DELIVER(&r, peer, "d;");
+  ASSERT_STR_EQ(r.trace, "a|#|d|#|");
+  ASSERT(!ac_is_closed(&r.chat.d));
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-13: a callback's failure leaves handle_read (E-02: handle_error), and
+ * what it did not consume stays buffered for the next receive. */
+TASK(c13_found_failure_keeps_rest) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.ret_found = AC_EXIT;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  ASSERT_EQ(deliver(&r, peer, "a;b;c", 5), AC_EXIT);
+  ASSERT_STR_EQ(r.trace, "a|#|");
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), 3);
+  r.ret_found = 0;
+  ASSERT_OK(ac_chat_feed(&r.chat, NULL, 0)); /* parse what is buffered */
+  ASSERT_STR_EQ(r.trace, "a|#|b|#|c|");
+  close(peer);
+  task_map_free(map);
+}
+
+/* Q-14: before any set_terminator, input is collected (Python closed the
+ * channel with an AttributeError). */
+TASK(q14_no_terminator_collects) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  DELIVER(&r, peer, "early\n");
+  ASSERT_STR_EQ(r.trace, "early\n|");
+  ASSERT_EQ(r.errors, 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* ---------------------------------------------------------------- */
+/* C-15 to C-22: the output side                                      */
+
+/* C-15: the default handle_close closes without logging. */
+TASK(c15_handle_close_does_not_log) {
+  static const char *const none[] = {NULL};
+  ac_map_t *map = task_map_new();
+  log_capture_t log;
+  ac_chat_t c;
+  int sv[2];
+
+  memset(&log, 0, sizeof(log));
+  ac_map_set_log_sink(map, log_capture_cb, &log);
+  ASSERT_OK(ac_chat_init(&c, map, NULL));
+  c.d.ignore_log_types = none; /* warnings would be printed */
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+  ASSERT_OK(ac_dispatcher_open(&c.d, sv[0]));
+  ASSERT_OK(ac_default_handle_close(&c.d));
+  ASSERT(ac_is_closed(&c.d));
+  ASSERT_EQ(log.lines, 0);
+  close(sv[1]);
+  task_map_free(map);
+}
+
+/* C-16: push copies; an empty fifo sends at once from the caller's
+ * bytes. */
+TASK(c16_push_sends_and_copies) {
+  ac_map_t *map = task_map_new();
+  char msg[] = "hello";
+  char got[16];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_OK(ac_chat_push(&r.chat, msg, 5));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 5);
+  ASSERT_MEM_EQ(got, "hello", 5);
+  /* Not connected: queued as copies, in slices of ac_out_buffer_size. */
+  r.chat.d.connected = 0;
+  r.chat.ac_out_buffer_size = 4;
+  ASSERT_OK(ac_chat_push(&r.chat, "0123456789", 10));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 3); /* 4 + 4 + 2 */
+  ASSERT_OK(ac_chat_push(&r.chat, msg, 4));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 4); /* exactly S: one entry */
+  ASSERT_OK(ac_chat_push(&r.chat, msg, 0));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 5); /* empty: an empty entry */
+  ASSERT_EQ(ac_chat_out_bytes(&r.chat), 14);
+  memcpy(msg, "XXXX", 4);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 0); /* nothing sent */
+  r.chat.d.connected = 1;
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 14);
+  ASSERT_MEM_EQ(got, "0123456789hell", 14);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(ac_chat_push(&r.chat, NULL, 1), UV_EINVAL);
+  r.chat.ac_out_buffer_size = 0;
+  ASSERT_EQ(ac_chat_push(&r.chat, "x", 1), UV_EINVAL);
+  close(peer);
+  task_map_free(map);
+}
+
+/* ac_send on a chat is push (the class's virtual send). */
+TASK(c16_ac_send_is_push) {
+  ac_map_t *map = task_map_new();
+  char got[8];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.chat.d.connected = 0;
+  ASSERT_EQ(ac_send(&r.chat.d, "abc", 3), 3);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 1);
+  r.chat.d.connected = 1;
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 3);
+  ASSERT_MEM_EQ(got, "abc", 3);
+  close(peer);
+  task_map_free(map);
+}
+
+/* push_owned: zero-copy; free_fn once the bytes are not needed. */
+static void count_free(void *data, void *ctx) {
+  (void) data;
+  (*(int *) ctx)++;
+}
+
+TASK(c16_push_owned) {
+  ac_map_t *map = task_map_new();
+  static const char body[] = "owned bytes";
+  char got[32];
+  int freed = 0;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_OK(ac_chat_push_owned(&r.chat, body, 11, count_free, &freed));
+  ASSERT_EQ(freed, 1); /* sent at once */
+  r.chat.d.connected = 0;
+  r.chat.ac_out_buffer_size = 4;
+  ASSERT_OK(ac_chat_push_owned(&r.chat, body, 11, count_free, &freed));
+  ASSERT_OK(ac_chat_push_owned(&r.chat, body, 0, count_free, &freed));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 4);
+  ASSERT_EQ(freed, 1);
+  r.chat.d.connected = 1;
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(freed, 3);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 22);
+  ASSERT_MEM_EQ(got, "owned bytesowned bytes", 22);
+  /* Queued when the channel goes: freed by the release. */
+  r.chat.d.connected = 0;
+  ASSERT_OK(ac_chat_push_owned(&r.chat, body, 5, count_free, &freed));
+  ASSERT_EQ(ac_chat_push_owned(&r.chat, NULL, 5, count_free, &freed),
+            UV_EINVAL);
+  ac_close(&r.chat.d);
+  ASSERT_EQ(freed, 3);
+  task_map_free(map);
+  ASSERT_EQ(freed, 4);
+  ASSERT_EQ(r.released, 1);
+  /* After the release, nothing can be queued any more. */
+  ASSERT_EQ(ac_chat_push_owned(&r.chat, body, 5, count_free, &freed),
+            UV_EBADF);
+  close(peer);
+}
+
+/* A test producer: `left` chunks of `size` bytes, all in one buffer that
+ * more() rewrites (legal: the chunk is borrowed until the next more()). */
+typedef struct {
+  ac_producer_t base;
+  char buf[4096];
+  size_t size;
+  int left;
+  int index;
+  int calls;
+  int released;
+  int fail;        /* more() returns this when set */
+} gen_t;
+
+static int gen_more(ac_producer_t *p, const void **data, size_t *n) {
+  gen_t *g = (gen_t *) p;
+  size_t i;
+
+  g->calls++;
+  if (g->fail != 0) {
+    return g->fail;
+  }
+  if (g->left == 0) {
+    *n = 0;
+    return 0;
+  }
+  for (i = 0; i < g->size; i++) {
+    g->buf[i] = (char) ('a' + (g->index + (int) i) % 26);
+  }
+  g->left--;
+  g->index++;
+  *data = g->buf;
+  *n = g->size;
+  return 0;
+}
+
+static void gen_release(ac_producer_t *p) { ((gen_t *) p)->released++; }
+
+static void gen_init(gen_t *g, int chunks, size_t size) {
+  memset(g, 0, sizeof(*g));
+  g->base.more = gen_more;
+  g->base.release = gen_release;
+  g->left = chunks;
+  g->size = size;
+}
+
+/* C-17, C-21, P-01 (test_simple_producer): a producer's chunks arrive in
+ * order, more() only when its previous chunk is gone, over TCP. */
+TASK(c17_p01_producer_over_tcp) {
+  ac_map_t *map = task_map_new();
+  static char got[200 * 4096];
+  gen_t g;
+  rec_t r;
+  int peer;
+  int k;
+  size_t i;
+
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  gen_init(&g, 200, 4096);
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, &g.base));
+  ASSERT_EQ(peer_read_loop(map, peer, got, sizeof(got)), sizeof(got));
+  for (k = 0; k < 200; k++) {
+    for (i = 0; i < 4096; i += 511) {
+      ASSERT_EQ(got[(size_t) k * 4096 + i], 'a' + (k + (int) i) % 26);
+    }
+  }
+  LOOP_UNTIL(map, 0, g.released == 1, 200);
+  ASSERT_EQ(g.calls, 201); /* 200 chunks, then the empty one */
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-17, P-03 (test_simple_producer, test_string_producer). */
+TASK(c17_p03_simple_producer) {
+  ac_map_t *map = task_map_new();
+  static const char msg[] = "hello world\nI'm not dead yet!\n";
+  ac_producer_t *p;
+  char got[64];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  ASSERT_OK(ac_simple_producer_new(msg, sizeof(msg) - 1, 8, &p));
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, p));
+  ASSERT_OK(ac_simple_producer_new(msg, sizeof(msg) - 1, 1000, &p));
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, p));
+  ASSERT_EQ(peer_read_loop(map, peer, got, 2 * (sizeof(msg) - 1)),
+            2 * (sizeof(msg) - 1));
+  ASSERT_MEM_EQ(got, msg, sizeof(msg) - 1);
+  ASSERT_MEM_EQ(got + sizeof(msg) - 1, msg, sizeof(msg) - 1);
+  close(peer);
+  task_map_free(map); /* valgrind: the producers were freed */
+}
+
+/* P-03: the chunking of simple_producer. */
+TASK(p03_simple_producer_chunks) {
+  ac_producer_t *p;
+  const void *d;
+  size_t n;
+
+  ASSERT_OK(ac_simple_producer_new("0123456789", 10, 4, &p));
+  ASSERT_OK(p->more(p, &d, &n));
+  ASSERT_EQ(n, 4);
+  ASSERT_MEM_EQ(d, "0123", 4);
+  ASSERT_OK(p->more(p, &d, &n));
+  ASSERT_EQ(n, 4);
+  ASSERT_MEM_EQ(d, "4567", 4);
+  ASSERT_OK(p->more(p, &d, &n));
+  ASSERT_EQ(n, 2);
+  ASSERT_MEM_EQ(d, "89", 2);
+  ASSERT_OK(p->more(p, &d, &n));
+  ASSERT_EQ(n, 0);
+  p->release(p);
+  ASSERT_OK(ac_simple_producer_new("0123", 4, 4, &p)); /* exactly size */
+  ASSERT_OK(p->more(p, &d, &n));
+  ASSERT_EQ(n, 4);
+  ASSERT_OK(p->more(p, &d, &n));
+  ASSERT_EQ(n, 0);
+  p->release(p);
+  {
+    static char big[1000];
+    ASSERT_OK(ac_simple_producer_new(big, sizeof(big), 0, &p));
+    ASSERT_OK(p->more(p, &d, &n));
+    ASSERT_EQ(n, AC_SIMPLE_PRODUCER_SIZE); /* the default, 512 */
+    p->release(p);
+  }
+  ASSERT_EQ(ac_simple_producer_new(NULL, 1, 4, &p), UV_EINVAL);
+  ASSERT_EQ(ac_simple_producer_new("x", 1, 4, NULL), UV_EINVAL);
+}
+
+/* C-18, Q-26: readable() is always true, whatever is buffered. */
+TASK(c18_readable_always) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+
+  ASSERT_OK(rec_init(&r, map, &rec_ops));
+  ASSERT_EQ(ac_default_readable(&r.chat.d), 1);
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\r\n", 2));
+  ASSERT_OK(ac_chat_feed(&r.chat, "x\r", 2));
+  ASSERT_EQ(ac_default_readable(&r.chat.d), 1);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* C-19: writable() is "fifo non-empty or not connected"; a close marker
+ * alone counts. */
+TASK(c19_writable) {
+  ac_map_t *map = task_map_new();
+  rec_t socketless;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_init(&socketless, map, &rec_ops));
+  ASSERT_EQ(ac_default_writable(&socketless.chat.d), 1); /* unconnected */
+  ac_close(&socketless.chat.d);
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_EQ(ac_default_writable(&r.chat.d), 0);
+  ASSERT_OK(ac_chat_close_when_done(&r.chat));
+  ASSERT_EQ(ac_default_writable(&r.chat.d), 1);
+  ASSERT_OK(ac_chat_discard_buffers(&r.chat));
+  ASSERT_EQ(ac_default_writable(&r.chat.d), 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-20, C-21, C-15 (test_close_when_done): what was queued before the
+ * marker arrives, then the channel closes; what follows is never sent. */
+TASK(c20_close_when_done) {
+  ac_map_t *map = task_map_new();
+  char got[64];
+  size_t n;
+  rec_t r;
+  int peer;
+  int i;
+
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  r.chat.d.connected = 0; /* queue everything first */
+  ASSERT_OK(ac_chat_push(&r.chat, "last words", 10));
+  ASSERT_OK(ac_chat_close_when_done(&r.chat));
+  ASSERT_OK(ac_chat_push(&r.chat, "never", 5));
+  r.chat.d.connected = 1;
+  ac__interest_changed(&r.chat.d);
+  LOOP_UNTIL(map, 0, r.closes > 0, 200);
+  ASSERT(ac_is_closed(&r.chat.d));
+  n = 0;
+  for (i = 0; i < 200; i++) {
+    ssize_t k;
+    ASSERT(probe_wait_fd(peer, POLLIN, 100) & POLLIN);
+    k = recv(peer, got + n, sizeof(got) - n, 0);
+    ASSERT_GE(k, 0);
+    if (k == 0) {
+      break; /* EOF after the data */
+    }
+    n += (size_t) k;
+  }
+  ASSERT_EQ(n, 10);
+  ASSERT_MEM_EQ(got, "last words", 10);
+  close(peer);
+  task_map_free(map);
+  ASSERT_EQ(r.released, 1);
+}
+
+/* C-21 with the documented departure: one initiate_send sends every data
+ * entry at the head in one vectored send; it stops at a producer, whose
+ * more() is called only once the producer is at the head (P-01). */
+TASK(c21_one_gathered_send_per_call) {
+  ac_map_t *map = task_map_new();
+  char got[64];
+  gen_t g1;
+  gen_t g2;
+  gen_t g3;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  gen_init(&g1, 1, 3);
+  gen_init(&g2, 0, 3); /* exhausted at once */
+  gen_init(&g3, 0, 3);
+  r.chat.d.connected = 0;
+  ASSERT_OK(ac_chat_push(&r.chat, "AA", 2));
+  ASSERT_OK(ac_chat_push(&r.chat, "BB", 2));
+  ASSERT_OK(ac_chat_push(&r.chat, "CC", 2));
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, &g1.base));
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, &g2.base));
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, &g3.base));
+  ASSERT_OK(ac_chat_push(&r.chat, "DD", 2));
+  ASSERT_EQ(g1.calls, 0); /* nothing while not connected */
+  r.chat.d.connected = 1;
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 6);
+  ASSERT_MEM_EQ(got, "AABBCC", 6);
+  ASSERT_EQ(g1.calls, 0); /* not at the head yet */
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(g1.calls, 1);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 3);
+  ASSERT_MEM_EQ(got, "abc", 3);
+  /* The exhausted producers all leave in one call, then DD goes. */
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(g1.calls, 2);
+  ASSERT_EQ(g2.calls, 1);
+  ASSERT_EQ(g3.calls, 1);
+  ASSERT_EQ(g1.released + g2.released + g3.released, 3);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 2);
+  ASSERT_MEM_EQ(got, "DD", 2);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-21 exactly as Python on a datagram socket: one slice of
+ * ac_out_buffer_size per send, each a datagram. */
+TASK(c21_datagram_one_slice_per_send) {
+  ac_map_t *map = task_map_new();
+  char got[16];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_DGRAM, &peer));
+  r.chat.ac_out_buffer_size = 4;
+  ASSERT_OK(ac_chat_push(&r.chat, "0123456789", 10));
+  ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), 4);
+  ASSERT_MEM_EQ(got, "0123", 4);
+  ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), -1);
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), 4);
+  ASSERT_MEM_EQ(got, "4567", 4);
+  ASSERT_OK(ac_write(&r.chat.d)); /* handle_write = initiate_send */
+  ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), 2);
+  ASSERT_MEM_EQ(got, "89", 2);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-21 step 5: a send error goes to handle_error, from initiate_send. */
+TASK(c21_send_error_to_handle_error) {
+  ac_map_t *map = task_map_new();
+  static char big[1 << 20];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_DGRAM, &peer));
+  r.chat.ac_out_buffer_size = sizeof(big); /* one datagram: too big */
+  ASSERT_OK(ac_chat_push(&r.chat, big, sizeof(big)));
+  ASSERT_EQ(r.errors, 1);
+  ASSERT_EQ(r.err_code, UV_EMSGSIZE);
+  ASSERT_STR_EQ(r.err_where, "initiate_send");
+  ASSERT_EQ(r.closes, 1);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-21 step 5 and D-13: a disconnection during a push calls
+ * handle_close. */
+TASK(c21_disconnect_calls_handle_close) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  close(peer);
+  ASSERT_OK(ac_chat_push(&r.chat, "x", 1));
+  ASSERT_EQ(r.closes, 1);
+  ASSERT_EQ(r.errors, 0);
+  ASSERT(ac_is_closed(&r.chat.d));
+  task_map_free(map);
+}
+
+/* P-01: an error from more() leaves initiate_send (outside the loop the
+ * caller gets it); the producer stays queued.  Inside the loop it reaches
+ * handle_error. */
+TASK(p01_more_failure) {
+  ac_map_t *map = task_map_new();
+  gen_t g;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  gen_init(&g, 3, 3);
+  g.fail = UV_EIO;
+  ASSERT_EQ(ac_chat_push_with_producer(&r.chat, &g.base), UV_EIO);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 1);
+  ASSERT_EQ(ac_chat_initiate_send(&r.chat), UV_EIO);
+  ASSERT_EQ(g.released, 0);
+  ASSERT_OK(ac_write(&r.chat.d));
+  ASSERT_EQ(r.errors, 1);
+  ASSERT_EQ(r.err_code, UV_EIO);
+  ASSERT_STR_EQ(r.err_where, "handle_write");
+  close(peer);
+  task_map_free(map);
+  ASSERT_EQ(g.released, 1); /* by the channel's release */
+}
+
+/* C-22: discard_buffers drops input, incoming data and the whole fifo,
+ * close marker included; producers are released, owned bytes freed; no
+ * flag changes. */
+TASK(c22_discard_buffers) {
+  ac_map_t *map = task_map_new();
+  int freed = 0;
+  char got[8];
+  gen_t g;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  gen_init(&g, 3, 3);
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\r\n", 2));
+  DELIVER(&r, peer, "ab\r");
+  ASSERT_OK(ac_chat_collect_incoming(&r.chat, "in", 2));
+  r.chat.d.connected = 0;
+  ASSERT_OK(ac_chat_push(&r.chat, "data", 4));
+  ASSERT_OK(ac_chat_push_owned(&r.chat, "own", 3, count_free, &freed));
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, &g.base));
+  ASSERT_OK(ac_chat_close_when_done(&r.chat));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 4);
+  ASSERT_OK(ac_chat_discard_buffers(&r.chat));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(ac_chat_out_bytes(&r.chat), 0);
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), 0);
+  ASSERT_EQ(ac_chat_get_data(&r.chat, NULL), 0);
+  ASSERT_EQ(freed, 1);
+  ASSERT_EQ(g.released, 1);
+  ASSERT_EQ(g.calls, 0);
+  ASSERT_EQ(r.chat.d.connected, 0); /* untouched */
+  r.chat.d.connected = 1;
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(r.closes, 0); /* the marker went too */
+  ASSERT(!ac_is_closed(&r.chat.d));
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 0);
+  /* The kept "\r" is gone: "\n" starts nothing. */
+  DELIVER(&r, peer, "\nz\r\n");
+  ASSERT_STR_EQ(r.trace, "ab|\nz|#|");
+  close(peer);
+  task_map_free(map);
+}
+
+/* Q-16: an empty entry is skipped without a zero-length send, and the
+ * next entry goes in the same call. */
+TASK(q16_empty_entry_skipped) {
+  ac_map_t *map = task_map_new();
+  char got[8];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.chat.d.connected = 0;
+  ASSERT_OK(ac_chat_push(&r.chat, "", 0));
+  ASSERT_OK(ac_chat_push(&r.chat, "abc", 3));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 2);
+  r.chat.d.connected = 1;
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 3);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* Q-18: use_encoding and encoding change nothing: bytes stay bytes. */
+TASK(q18_encoding_is_a_no_op) {
+  ac_map_t *map = task_map_new();
+  char got[8];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.chat.use_encoding = 1;
+  r.chat.encoding = "utf-16";
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\xe9", 1));
+  DELIVER(&r, peer, "caf\xe9!");
+  ASSERT_STR_EQ(r.trace, "caf|#|!|");
+  ASSERT_OK(ac_chat_push(&r.chat, "\xe9", 1));
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 1);
+  ASSERT_EQ((unsigned char) got[0], 0xe9);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-21 on the poll backend with a small send buffer: sends stop inside
+ * an entry, the rest of it goes out later, nothing is lost or reordered
+ * across data, producer chunks and several pushes. */
+TASK(c21_partial_sends_keep_order) {
+  ac_map_t *map = task_map_new();
+  const size_t n = 300000;
+  char *out = malloc(3 * n + 4096 * 20);
+  char *in = malloc(3 * n + 4096 * 20);
+  int small = 4096;
+  size_t total = 0;
+  size_t i;
+  gen_t g;
+  rec_t r;
+  int peer;
+
+  ASSERT(out != NULL && in != NULL);
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  ASSERT_OK(setsockopt(ac_fileno(&r.chat.d), SOL_SOCKET, SO_SNDBUF, &small,
+                       sizeof(small)));
+  for (i = 0; i < 3 * n; i++) {
+    out[i] = (char) ('A' + (i * 13 + i / 1000) % 26);
+  }
+  r.chat.ac_out_buffer_size = 10000; /* many slices per push */
+  ASSERT_OK(ac_chat_push(&r.chat, out, n));
+  ASSERT_OK(ac_chat_push(&r.chat, out + n, n));
+  gen_init(&g, 20, 4096);
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, &g.base));
+  ASSERT_OK(ac_chat_push(&r.chat, out + 2 * n, n));
+  total = 3 * n + 20 * 4096;
+  ASSERT_EQ(peer_read_loop(map, peer, in, total), total);
+  ASSERT_MEM_EQ(in, out, 2 * n);
+  for (i = 0; i < 20; i++) {
+    ASSERT_EQ(in[2 * n + i * 4096], 'a' + (int) i % 26);
+  }
+  ASSERT_MEM_EQ(in + 2 * n + 20 * 4096, out + 2 * n, n);
+  ASSERT_EQ(g.calls, 21);
+  free(out);
+  free(in);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-21: a producer chunk longer than ac_out_buffer_size on a datagram
+ * socket goes out in slices; a send error on a queued entry goes to
+ * handle_error too. */
+TASK(c21_datagram_producer_slices_and_error) {
+  ac_map_t *map = task_map_new();
+  static char big[1 << 20];
+  char got[16];
+  gen_t g;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_DGRAM, &peer));
+  r.chat.ac_out_buffer_size = 4;
+  gen_init(&g, 1, 10);
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, &g.base));
+  ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), 4);
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), 4);
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), 2);
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(g.released, 1);
+  r.chat.d.connected = 0;
+  r.chat.ac_out_buffer_size = sizeof(big);
+  ASSERT_OK(ac_chat_push(&r.chat, big, sizeof(big)));
+  r.chat.d.connected = 1;
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(r.errors, 1);
+  ASSERT_EQ(r.err_code, UV_EMSGSIZE);
+  ASSERT_STR_EQ(r.err_where, "initiate_send");
+  close(peer);
+  task_map_free(map);
+}
+
+/* A handler that feeds its own channel gets UV_EBUSY; one that reads
+ * another chat of the same map works (that read gets its own buffer). */
+static rec_t *other_chat;
+static int nested_result;
+
+static int nested_found(rec_t *r) {
+  nested_result = ac_chat_feed(&r->chat, "x", 1);
+  return other_chat != NULL ? ac_read(&other_chat->chat.d) : 0;
+}
+
+TASK(c08_reentrant_reads) {
+  ac_map_t *map = task_map_new();
+  rec_t a;
+  rec_t b;
+  int pa;
+  int pb;
+
+  ASSERT_OK(rec_pair(&a, map, SOCK_STREAM, &pa));
+  ASSERT_OK(rec_pair(&b, map, SOCK_STREAM, &pb));
+  a.on_found = nested_found;
+  other_chat = &b;
+  ASSERT_OK(ac_chat_set_terminator(&a.chat, ";", 1));
+  ASSERT_OK(ac_chat_set_terminator(&b.chat, ";", 1));
+  ASSERT_EQ(write(pb, "b1;b2", 5), 5);
+  DELIVER(&a, pa, "a1;a2");
+  other_chat = NULL;
+  ASSERT_EQ(nested_result, UV_EBUSY);
+  ASSERT_STR_EQ(a.trace, "a1|#|a2|");
+  ASSERT_STR_EQ(b.trace, "b1|#|b2|");
+  close(pa);
+  close(pb);
+  task_map_free(map);
+}
+
+/* A producer that discards its channel's buffers, or calls initiate_send,
+ * from inside more(): no crash, released once. */
+static int meddling_more(ac_producer_t *p, const void **data, size_t *n) {
+  gen_t *g = (gen_t *) p;
+  ac_chat_t *c = g->base.data;
+
+  g->calls++;
+  if (ac_chat_initiate_send(c) != 0) { /* re-entered: a no-op */
+    task_failed = 1;
+  }
+  if (g->left-- > 0) {
+    *data = "zz";
+    *n = 2;
+    return 0;
+  }
+  ac_chat_discard_buffers(c);
+  *n = 0;
+  return 0;
+}
+
+TASK(p01_producer_meddles) {
+  ac_map_t *map = task_map_new();
+  char got[8];
+  gen_t g;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  gen_init(&g, 1, 2);
+  g.base.more = meddling_more;
+  g.base.data = &r.chat;
+  ASSERT_OK(ac_chat_push_with_producer(&r.chat, &g.base));
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 2);
+  ASSERT_OK(ac_chat_initiate_send(&r.chat)); /* discards from more() */
+  ASSERT_EQ(g.calls, 2);
+  ASSERT_EQ(g.released, 1);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  close(peer);
+  task_map_free(map);
+  ASSERT_EQ(g.released, 1);
+}
+
+/* C-12, C-13: a long terminator's kept prefix survives a failing collect
+ * (the bytes stay buffered, as Python's exception leaves them) and a
+ * terminator change from inside collect_incoming_data. */
+static int fail_collect;
+static const char long_term[] = "<<<<<<<<<<<<<<<<<<<<END>";
+
+static int flaky_collect(rec_t *r, const char *data, size_t n) {
+  (void) data;
+  (void) n;
+  if (fail_collect == 1) {
+    return AC_EFAIL;
+  }
+  if (fail_collect == 2) {
+    fail_collect = 0;
+    return ac_chat_set_terminator(&r->chat, ">", 1);
+  }
+  return 0;
+}
+
+TASK(c12_kept_prefix_survives_failures) {
+  ac_map_t *map = task_map_new();
+  const void *p;
+  rec_t r;
+
+  ASSERT_OK(rec_init(&r, map, &rec_ops));
+  r.on_collect = flaky_collect;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, long_term, strlen(long_term)));
+  ASSERT_OK(ac_chat_feed(&r.chat, "ab<<<<<<<<<<", 12));
+  ASSERT_STR_EQ(r.trace, "ab|");
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, &p), 10);
+  fail_collect = 1;
+  ASSERT_EQ(ac_chat_feed(&r.chat, "x<", 2), AC_EFAIL);
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, &p), 12);
+  ASSERT_MEM_EQ(p, "<<<<<<<<<<x<", 12);
+  fail_collect = 2; /* the next collect switches to ">" */
+  ASSERT_OK(ac_chat_feed(&r.chat, "<<<", 3));
+  ASSERT_STR_EQ(r.trace, "ab|<<<<<<<<<<x|<<<<<<<<<<x|");
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, &p), 4);
+  ASSERT_MEM_EQ(p, "<<<<", 4);
+  ASSERT_OK(ac_chat_feed(&r.chat, "a>b", 3));
+  ASSERT_STR_EQ(r.trace, "ab|<<<<<<<<<<x|<<<<<<<<<<x|<<<<a|#|b|");
+  /* A count: a failing collect leaves the count untouched. */
+  ASSERT_OK(ac_chat_set_terminator_count(&r.chat, 4));
+  fail_collect = 1;
+  ASSERT_EQ(ac_chat_feed(&r.chat, "12", 2), AC_EFAIL);
+  fail_collect = 0;
+  ASSERT_OK(ac_chat_feed(&r.chat, "345", 3));
+  ASSERT_STR_EQ(r.trace + strlen("ab|<<<<<<<<<<x|<<<<<<<<<<x|<<<<a|#|b|"),
+                "12|1234|#0|5|");
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* ---------------------------------------------------------------- */
+/* P-04, P-05                                                         */
+
+TASK(p04_find_prefix_at_end) {
+  static char big[1 << 16];
+
+  ASSERT_EQ(ac_find_prefix_at_end("qwerty\r", 7, "\r\n", 2), 1);
+  ASSERT_EQ(ac_find_prefix_at_end("qwertydkjf", 10, "\r\n", 2), 0);
+  ASSERT_EQ(ac_find_prefix_at_end("ab\r\n\r", 5, "\r\n\r\n", 4), 3);
+  ASSERT_EQ(ac_find_prefix_at_end("aaa", 3, "aab", 3), 2);
+  ASSERT_EQ(ac_find_prefix_at_end("", 0, "ab", 2), 0);
+  ASSERT_EQ(ac_find_prefix_at_end("xxa", 3, "a", 1), 0); /* 1-byte needle */
+  ASSERT_EQ(ac_find_prefix_at_end("xxa", 3, "", 0), 0);  /* Python: -1 */
+  ASSERT_EQ(ac_find_prefix_at_end("ab", 2, "abab", 4), 2);
+  ASSERT_EQ(ac_find_prefix_at_end("ab", 2, "bab", 3), 1);
+  ASSERT_EQ(ac_find_prefix_at_end("ba", 2, "bba", 3), 0);
+  /* A long needle against a long haystack (Python: quadratic). */
+  memset(big, 'a', sizeof(big));
+  big[sizeof(big) - 1] = 'b';
+  ASSERT_EQ(ac_find_prefix_at_end(big, sizeof(big) - 1, big, sizeof(big)),
+            sizeof(big) - 1);
+  ASSERT_EQ(ac_find_prefix_at_end(big, sizeof(big), big, sizeof(big) - 1),
+            0);
+}
+
+TASK(p05_fifo) {
+  static int a;
+  static int b;
+  static int c;
+  void *items[] = {&a, &b};
+  void *item = NULL;
+  ac_fifo_t f;
+  int i;
+
+  ASSERT_OK(ac_fifo_init(&f, NULL, 0));
+  ASSERT(ac_fifo_is_empty(&f));
+  ASSERT_EQ(ac_fifo_first(&f, &item), UV_ENOENT);
+  ASSERT_EQ(ac_fifo_pop(&f, &item), 0);
+  ac_fifo_free(&f);
+  ASSERT_OK(ac_fifo_init(&f, items, 2)); /* a copy of the sequence */
+  items[0] = NULL;
+  ASSERT_EQ(ac_fifo_len(&f), 2);
+  ASSERT_OK(ac_fifo_first(&f, &item));
+  ASSERT(item == &a);
+  ASSERT_OK(ac_fifo_push(&f, &c));
+  ASSERT_OK(ac_fifo_push_front(&f, &c));
+  ASSERT_OK(ac_fifo_set_first(&f, &b));
+  ASSERT_EQ(ac_fifo_pop(&f, &item), 1);
+  ASSERT(item == &b);
+  ASSERT_EQ(ac_fifo_pop(&f, &item), 1);
+  ASSERT(item == &a);
+  ASSERT_EQ(ac_fifo_pop(&f, &item), 1);
+  ASSERT(item == &b);
+  ASSERT_EQ(ac_fifo_pop(&f, &item), 1);
+  ASSERT(item == &c);
+  ASSERT_EQ(ac_fifo_pop(&f, &item), 0);
+  /* Wrap around and grow. */
+  for (i = 0; i < 1000; i++) {
+    ASSERT_OK(i % 3 == 0 ? ac_fifo_push_front(&f, &a) : ac_fifo_push(&f, &b));
+  }
+  ASSERT_EQ(ac_fifo_len(&f), 1000);
+  ac_fifo_clear(&f);
+  ASSERT(ac_fifo_is_empty(&f));
+  ASSERT_EQ(ac_fifo_set_first(&f, &a), UV_ENOENT);
+  ASSERT_EQ(ac_fifo_push(NULL, &a), UV_EINVAL);
+  ac_fifo_free(&f);
+  {
+    ac_fifo_t z; /* zero-initialised is empty and usable */
+    memset(&z, 0, sizeof(z));
+    ASSERT_OK(ac_fifo_push(&z, &a));
+    ASSERT_EQ(ac_fifo_len(&z), 1);
+    ac_fifo_free(&z);
+  }
+}
+
+/* ---------------------------------------------------------------- */
+/* Q-05: linear time                                                  */
+
+static int count_collect(ac_chat_t *c, const char *data, size_t n) {
+  (void) data;
+  rec(c)->collects += (int) (n > 0);
+  rec(c)->err_code += (int) n; /* bytes collected */
+  return 0;
+}
+
+static int count_found(ac_chat_t *c) {
+  rec(c)->founds++;
+  return 0;
+}
+
+static const ac_chat_ops_t count_ops = {
+    .base = {.closed = rec_closed},
+    .collect_incoming_data = count_collect,
+    .found_terminator = count_found,
+};
+
+/* Q-05: a 16 MiB record in 1-byte receives, with a 2-byte terminator and
+ * its first byte all over the record, costs O(n): a bounded number of
+ * bytes examined and copied per byte received. */
+TASK(q05_linear_16mib_one_byte_reads) {
+  ac_map_t *map = task_map_new();
+  const size_t n = (size_t) 16 << 20;
+  uint64_t work;
+  size_t i;
+  rec_t r;
+  char ch;
+
+  ASSERT_OK(rec_init(&r, map, &count_ops));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\r\n", 2));
+  for (i = 0; i < n; i++) {
+    ch = (i % 3 == 0) ? '\r' : 'x'; /* every third byte may start one */
+    ASSERT_OK(ac_chat_feed(&r.chat, &ch, 1));
+  }
+  ASSERT_OK(ac_chat_feed(&r.chat, "\r\n", 2));
+  ASSERT_EQ(r.founds, 1);
+  ASSERT_EQ(r.err_code, (int) n);
+  work = r.chat.work_scan + r.chat.work_copy;
+  ASSERT_LE(work, 4 * (uint64_t) n);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* Q-05: the same with a long terminator that matches deep into itself at
+ * every byte (Python: O(n * len) per search plus a quadratic
+ * find_prefix_at_end). */
+TASK(q05_linear_long_terminator) {
+  ac_map_t *map = task_map_new();
+  const size_t n = (size_t) 1 << 20;
+  char term[200];
+  uint64_t work;
+  size_t i;
+  rec_t r;
+
+  memset(term, 'a', sizeof(term) - 1);
+  term[sizeof(term) - 1] = 'b';
+  ASSERT_OK(rec_init(&r, map, &count_ops));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, term, sizeof(term)));
+  for (i = 0; i < n; i++) {
+    ASSERT_OK(ac_chat_feed(&r.chat, "a", 1));
+  }
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), sizeof(term) - 1);
+  ASSERT_OK(ac_chat_feed(&r.chat, "b", 1));
+  ASSERT_EQ(r.founds, 1);
+  ASSERT_EQ(r.err_code, (int) (n - (sizeof(term) - 1)));
+  work = r.chat.work_scan + r.chat.work_copy;
+  ASSERT_LE(work, 8 * (uint64_t) n);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* Q-05: many records per receive are each found once, without copying the
+ * rest of the buffer after each one. */
+TASK(q05_many_records_per_receive) {
+  ac_map_t *map = task_map_new();
+  static char buf[1 << 16];
+  size_t i;
+  rec_t r;
+
+  for (i = 0; i < sizeof(buf); i++) {
+    buf[i] = i % 4 == 3 ? '\n' : 'x';
+  }
+  ASSERT_OK(rec_init(&r, map, &count_ops));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  ASSERT_OK(ac_chat_feed(&r.chat, buf, sizeof(buf)));
+  ASSERT_EQ(r.founds, (int) sizeof(buf) / 4);
+  ASSERT_LE(r.chat.work_scan, 2 * sizeof(buf));
+  ASSERT_EQ(r.chat.work_copy, 0);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* Large records both ways over TCP: 8 MiB pushed to a peer that reads
+ * slowly arrive intact; 8 MiB read by a chat in whatever pieces TCP
+ * gives, with a terminator, arrive intact. */
+TASK(q05_large_transfer_tcp) {
+  ac_map_t *map = task_map_new();
+  const size_t n = (size_t) 8 << 20;
+  char *out = malloc(n);
+  char *in = malloc(n);
+  size_t got = 0;
+  size_t sent = 0;
+  size_t i;
+  rec_t r;
+  int peer;
+
+  ASSERT(out != NULL && in != NULL);
+  for (i = 0; i < n; i++) {
+    out[i] = (char) ('a' + (i * 7 + i / 4096) % 26);
+  }
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  ASSERT_OK(ac_chat_push(&r.chat, out, n));
+  ASSERT_GT(ac_chat_out_bytes(&r.chat), 0); /* the socket refused some */
+  ASSERT_EQ(peer_read_loop(map, peer, in, n), n);
+  ASSERT_MEM_EQ(in, out, n);
+  /* The other way: the chat collects a record as the pieces come. */
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  r.on_collect = NULL;
+  {
+    const ac_chat_ops_t *keep = r.chat.cops;
+    r.chat.cops = &count_ops;
+    for (i = 0; i < 10000 && r.founds == 0; i++) {
+      if (sent < n + 1) {
+        ssize_t k = send(peer, sent < n ? out + sent : "\n",
+                         sent < n ? n - sent : 1, MSG_DONTWAIT);
+        sent += k > 0 ? (size_t) k : 0;
+      }
+      ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+    }
+    r.chat.cops = keep;
+    got = (size_t) r.err_code;
+  }
+  ASSERT_EQ(r.founds, 1);
+  ASSERT_EQ(got, n);
+  free(out);
+  free(in);
+  close(peer);
+  task_map_free(map);
+}
+
+/* ---------------------------------------------------------------- */
+/* The line server of docs/chat.md, and the batch extension           */
+
+typedef struct {
+  ac_chat_t chat;
+  int *released;
+} conn_t;
+
+static int conn_line(ac_chat_t *c) {
+  const char *line;
+  size_t n = ac_chat_get_data(c, &line);
+
+  ac_chat_push(c, line, n);
+  return ac_chat_push(c, "\r\n", 2);
+}
+
+static void conn_closed(ac_dispatcher_t *d) {
+  conn_t *conn = ac_container_of(d, conn_t, chat.d);
+  (*conn->released)++;
+  free(conn);
+}
+
+static const ac_chat_ops_t conn_ops = {
+    .base = {.closed = conn_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = conn_line,
+};
+
+static int conn_released;
+static int conn_batch;
+
+static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t s,
+                           const struct sockaddr *a, socklen_t l) {
+  conn_t *conn = malloc(sizeof(*conn));
+
+  (void) a;
+  (void) l;
+  ac_chat_init(&conn->chat, d->map, &conn_ops);
+  conn->released = &conn_released;
+  conn->chat.batch = (unsigned) conn_batch;
+  ac_chat_set_terminator(&conn->chat, "\r\n", 2);
+  return ac_dispatcher_open(&conn->chat.d, s);
+}
+
+static const ac_dispatcher_ops_t server_ops = {
+    .handle_accepted = server_accepted};
+
+static void line_server(int batch) {
+  ac_map_t *map = task_map_new();
+  static const char req[] = "one\r\ntwo\r\n\r\nthree\r\n";
+  ac_dispatcher_t server;
+  char got[64];
+  size_t i;
+  int port;
+  int fd;
+
+  conn_released = 0;
+  conn_batch = batch;
+  ASSERT_OK(ac_dispatcher_init(&server, map, &server_ops));
+  ASSERT_OK(ac_create_socket(&server, AF_INET, SOCK_STREAM));
+  {
+    struct sockaddr_storage ss;
+    task_addr(AF_INET, 0, &ss);
+    ASSERT_OK(ac_bind(&server, (struct sockaddr *) &ss));
+  }
+  ASSERT_OK(ac_listen(&server, 8));
+  port = probe_port(ac_fileno(&server));
+  fd = task_connect_tcp(AF_INET, port);
+  ASSERT_GE(fd, 0);
+  /* One byte per segment, then the rest at once. */
+  for (i = 0; i < 6; i++) {
+    ASSERT_EQ(write(fd, req + i, 1), 1);
+    ASSERT_OK(ac_loop(map, 0.01, 0, 2));
+  }
+  ASSERT_EQ(write(fd, req + 6, sizeof(req) - 7), (ssize_t) sizeof(req) - 7);
+  ASSERT_EQ(peer_read_loop(map, fd, got, sizeof(req) - 1), sizeof(req) - 1);
+  ASSERT_MEM_EQ(got, req, sizeof(req) - 1);
+  close(fd);
+  LOOP_UNTIL(map, 0, conn_released == 1, 500);
+  ac_close(&server);
+  task_map_free(map);
+}
+
+TASK(line_server_example) { line_server(0); }
+
+TASK(line_server_batched) { line_server(1); }
+
+/* The batch extension: pushes inside the parse loop wait for the end of
+ * handle_read, then go out together. */
+static int push_in_found(rec_t *r) {
+  int e = ac_chat_push(&r->chat, "ok;", 3);
+  r->fifo_in_found = ac_chat_fifo_len(&r->chat);
+  return e;
+}
+
+TASK(batch_sends_once_per_read) {
+  ac_map_t *map = task_map_new();
+  char got[32];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.on_found = push_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  DELIVER(&r, peer, "a;");
+  ASSERT_EQ(r.fifo_in_found, 0); /* default: sent at once */
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 3);
+  r.chat.batch = 1;
+  DELIVER(&r, peer, "a;b;c;");
+  ASSERT_EQ(r.fifo_in_found, 3); /* queued until the end of the read */
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 9);
+  ASSERT_MEM_EQ(got, "ok;ok;ok;", 9);
+  close(peer);
+  task_map_free(map);
+}
+
+static const task_t tasks[] = {
+    TASK_ENTRY(c01_c02_defaults),
+    TASK_ENTRY(c02_misuse),
+    TASK_ENTRY(c03_c04_set_get_terminator),
+    TASK_ENTRY(c05_abstract_methods),
+    TASK_ENTRY(c05_abstract_found_terminator),
+    TASK_ENTRY(c06_incoming_helpers),
+    TASK_ENTRY(c07_would_block_is_silent),
+    TASK_ENTRY(c07_receive_error_to_handle_error),
+    TASK_ENTRY(c07_in_buffer_size_per_receive),
+    TASK_ENTRY(c14_eof_drops_partial_record),
+    TASK_ENTRY(c11_c12_line_terminator_lf),
+    TASK_ENTRY(c11_c12_line_terminator_crlf),
+    TASK_ENTRY(c11_c12_line_terminator_qqq),
+    TASK_ENTRY(c09_none_terminator),
+    TASK_ENTRY(c10_numeric_terminator),
+    TASK_ENTRY(c10_numeric_terminator_one_record),
+    TASK_ENTRY(c11_empty_line),
+    TASK_ENTRY(c12_partial_terminator_kept),
+    TASK_ENTRY(c12_long_terminator_split_everywhere),
+    TASK_ENTRY(c13_terminator_changed_in_found),
+    TASK_ENTRY(c13_close_in_found_keeps_parsing),
+    TASK_ENTRY(c13_discard_in_found_stops_parsing),
+    TASK_ENTRY(c13_found_failure_keeps_rest),
+    TASK_ENTRY(q14_no_terminator_collects),
+    TASK_ENTRY(c15_handle_close_does_not_log),
+    TASK_ENTRY(c16_push_sends_and_copies),
+    TASK_ENTRY(c16_ac_send_is_push),
+    TASK_ENTRY(c16_push_owned),
+    TASK_ENTRY(c17_p01_producer_over_tcp),
+    TASK_ENTRY(c17_p03_simple_producer),
+    TASK_ENTRY(p03_simple_producer_chunks),
+    TASK_ENTRY(c18_readable_always),
+    TASK_ENTRY(c19_writable),
+    TASK_ENTRY(c20_close_when_done),
+    TASK_ENTRY(c21_one_gathered_send_per_call),
+    TASK_ENTRY(c21_datagram_one_slice_per_send),
+    TASK_ENTRY(c21_send_error_to_handle_error),
+    TASK_ENTRY(c21_disconnect_calls_handle_close),
+    TASK_ENTRY(p01_more_failure),
+    TASK_ENTRY(c22_discard_buffers),
+    TASK_ENTRY(q16_empty_entry_skipped),
+    TASK_ENTRY(q18_encoding_is_a_no_op),
+    TASK_ENTRY(c21_partial_sends_keep_order),
+    TASK_ENTRY(c21_datagram_producer_slices_and_error),
+    TASK_ENTRY(c08_reentrant_reads),
+    TASK_ENTRY(p01_producer_meddles),
+    TASK_ENTRY(c12_kept_prefix_survives_failures),
+    TASK_ENTRY(p04_find_prefix_at_end),
+    TASK_ENTRY(p05_fifo),
+    TASK_ENTRY(q05_linear_16mib_one_byte_reads),
+    TASK_ENTRY(q05_linear_long_terminator),
+    TASK_ENTRY(q05_many_records_per_receive),
+    TASK_ENTRY(q05_large_transfer_tcp),
+    TASK_ENTRY(line_server_example),
+    TASK_ENTRY(line_server_batched),
+    TASK_ENTRY(batch_sends_once_per_read),
+};
+
+int main(int argc, char **argv) {
+  return task_run("chat", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
+                  argv);
+}

@@ -1,0 +1,1496 @@
+/* The dispatcher (spec section 1, D-01 to D-26): state flags, construction,
+ * socket methods, event steps, default handlers, logging, describe. */
+#include "probe.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+static const int modes[2] = {0, 1}; /* select mode, poll mode */
+
+/* Whether fd has O_NONBLOCK / FD_CLOEXEC. */
+static int is_nonblocking(int fd) {
+  return (fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
+}
+
+static int is_cloexec(int fd) {
+  return (fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0;
+}
+
+static int sockopt(int fd, int level, int name) {
+  int v = -1;
+  socklen_t len = sizeof(v);
+
+  if (getsockopt(fd, level, name, &v, &len) != 0) {
+    return -1;
+  }
+  return v;
+}
+
+static int addr_port(const struct sockaddr_storage *ss) {
+  return ntohs(ss->ss_family == AF_INET6
+                   ? ((const struct sockaddr_in6 *) ss)->sin6_port
+                   : ((const struct sockaddr_in *) ss)->sin_port);
+}
+
+/* A TCP port on 127.0.0.1 that nothing listens on. */
+static int closed_port(void) {
+  int port = 0;
+  int fd = task_listen_tcp(AF_INET, &port);
+
+  if (fd >= 0) {
+    close(fd);
+  }
+  return port;
+}
+
+/* D-01, D-08: a fresh dispatcher: every flag false, no addr, no socket,
+ * readable and writable, default ignore_log_types hides warnings only. */
+TASK(d01_fresh_defaults) {
+  ac_map_t *map = task_map_new();
+  log_capture_t cap = {{0}, 0};
+  ac_dispatcher_t d;
+
+  ASSERT(map != NULL);
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ASSERT_EQ(d.connected, 0);
+  ASSERT_EQ(d.accepting, 0);
+  ASSERT_EQ(d.connecting, 0);
+  ASSERT_EQ(d.closing, 0);
+  ASSERT_EQ(d.debug, 0);
+  ASSERT_EQ(d.addrlen, 0);
+  ASSERT(d.ignore_log_types == NULL);
+  ASSERT(d.data == NULL);
+  ASSERT_EQ(ac_default_readable(&d), 1); /* D-08 (test_basic) */
+  ASSERT_EQ(ac_default_writable(&d), 1);
+  ac_map_set_log_sink(map, log_capture_cb, &cap);
+  ac_log_info(&d, "hidden", "warning");
+  ac_log_info(&d, "shown", NULL);
+  ASSERT_STR_EQ(cap.text, "info: shown\n");
+  ac_close(&d);
+  task_map_free(map);
+}
+
+/* D-01, D-09, D-15, D-17 (test_connection_attributes): the flags of a
+ * listener and a client through connect and close, in both modes. */
+TASK(d01_connection_attributes) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    probe_t server;
+    probe_t client;
+    struct sockaddr_storage ss;
+    int port;
+
+    ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+    port = probe_listen(&server, AF_INET);
+    ASSERT_GT(port, 0);
+    ASSERT_EQ(server.base.d.accepting, 1);
+    ASSERT_EQ(server.base.d.connected, 0);
+
+    ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+    client.readable = 0;
+    client.writable = 1;
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    ASSERT_EQ(client.base.d.accepting, 0);
+    ASSERT_EQ(client.base.d.connected, 0);
+    task_addr(AF_INET, port, &ss);
+    ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+    ASSERT_EQ(client.base.d.connecting, 1);
+    ASSERT_EQ(client.base.d.connected, 0);
+    LOOP_UNTIL(map, modes[i], client.n[EV_CONNECT] == 1, 200);
+    ASSERT_EQ(client.base.d.connected, 1);
+    ASSERT_EQ(client.base.d.connecting, 0);
+    ASSERT_EQ(client.base.d.accepting, 0);
+    ASSERT_EQ(server.base.d.accepting, 1);
+    ASSERT_EQ(server.base.d.connected, 0);
+
+    ac_close(&client.base.d);
+    ASSERT_EQ(client.base.d.connected, 0);
+    ASSERT_EQ(client.base.d.accepting, 0);
+    ASSERT_EQ(client.base.d.connecting, 0);
+    ac_close(&server.base.d);
+    ASSERT_EQ(server.base.d.accepting, 0);
+    ASSERT_EQ(server.base.d.connected, 0);
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+    ASSERT_EQ(server.closed, 1);
+  }
+}
+
+/* D-02: without a map, init binds the default map of that moment; the
+ * channel has no socket and is in no map. */
+TASK(d02_default_map_captured_at_init) {
+  ac_map_t *m1 = task_map_new();
+  ac_map_t *m2 = task_map_new();
+  ac_map_t *old;
+  ac_dispatcher_t d;
+
+  ASSERT(m1 != NULL && m2 != NULL);
+  ASSERT_EQ(ac_dispatcher_init(NULL, m1, NULL), UV_EINVAL);
+  old = ac_set_default_map(m1);
+  ASSERT_OK(ac_dispatcher_init(&d, NULL, NULL));
+  ac_set_default_map(m2);
+  ASSERT(d.map == m1);
+  ASSERT_EQ(ac_fileno(&d), -1);
+  ASSERT(ac_is_closed(&d));
+  ASSERT_EQ(ac_map_len(m1), 0);
+  ASSERT_OK(ac_create_socket(&d, AF_INET, SOCK_STREAM));
+  ASSERT_EQ(ac_map_len(m1), 1);
+  ASSERT_EQ(ac_map_len(m2), 0);
+  ASSERT(ac_set_default_map(old) == m2);
+  ac_close(&d);
+  task_map_free(m1);
+  task_map_free(m2);
+}
+
+/* D-03: a connected socket: non-blocking, registered, connected, addr is
+ * the peer address. */
+TASK(d03_open_connected_tcp) {
+  ac_map_t *map = task_map_new();
+  uv_os_sock_t fds[2];
+  probe_t p;
+
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT(!is_nonblocking(fds[1]));
+  ASSERT_OK(probe_init(&p, map, &probe_ops, 0, "p"));
+  ASSERT_OK(ac_dispatcher_open(&p.base.d, fds[1]));
+  ASSERT(is_nonblocking(fds[1]));
+  ASSERT_EQ(ac_fileno(&p.base.d), fds[1]);
+  ASSERT(ac_map_get(map, fds[1]) == &p.base.d);
+  ASSERT_EQ(ac_map_len(map), 1);
+  ASSERT_EQ(p.base.d.connected, 1);
+  ASSERT_EQ(p.base.d.connecting, 0);
+  ASSERT_EQ(p.base.d.accepting, 0);
+  ASSERT_EQ(p.base.d.addr.ss_family, AF_INET);
+  ASSERT_EQ(addr_port(&p.base.d.addr), probe_port(fds[0]));
+  ASSERT_EQ(p.base.d.family, AF_INET);
+  ASSERT_EQ(p.base.d.type, SOCK_STREAM);
+  ac_close(&p.base.d);
+  close(fds[0]);
+  task_map_free(map);
+  ASSERT_EQ(p.closed, 1);
+}
+
+/* D-03: a socket without a peer (fresh TCP socket) stays unconnected with
+ * no addr; a socketpair end is connected with the unnamed AF_UNIX addr. */
+TASK(d03_open_unconnected_and_socketpair) {
+  ac_map_t *map = task_map_new();
+  ac_dispatcher_t a;
+  ac_dispatcher_t b;
+  int sv[2];
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+  ASSERT_GE(fd, 0);
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+  ASSERT_OK(ac_dispatcher_init(&a, map, NULL));
+  ASSERT_OK(ac_dispatcher_open(&a, fd));
+  ASSERT_EQ(a.connected, 0);
+  ASSERT_EQ(a.addrlen, 0);
+  ASSERT(ac_map_get(map, fd) == &a);
+  ASSERT(is_nonblocking(fd));
+
+  ASSERT_OK(ac_dispatcher_init(&b, map, NULL));
+  ASSERT_OK(ac_dispatcher_open(&b, sv[0]));
+  ASSERT_EQ(b.connected, 1);
+  ASSERT_GT(b.addrlen, 0);
+  ASSERT_EQ(b.addr.ss_family, AF_UNIX);
+  ASSERT_EQ(ac_map_len(map), 2);
+  ac_close(&a);
+  ac_close(&b);
+  close(sv[1]);
+  task_map_free(map);
+}
+
+/* D-03: bad sockets are refused with an error and leave the channel out
+ * of the map. */
+TASK(d03_open_bad_socket) {
+  ac_map_t *map = task_map_new();
+  ac_dispatcher_t d;
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ASSERT_EQ(ac_dispatcher_open(&d, -1), UV_EINVAL);
+  close(fd); /* a number that is now closed */
+  ASSERT_EQ(ac_dispatcher_open(&d, fd), UV_EBADF);
+  ASSERT_EQ(ac_map_len(map), 0);
+  ASSERT_EQ(ac_fileno(&d), -1);
+  ASSERT_EQ(ac_dispatcher_open(NULL, 0), UV_EINVAL);
+  ac_close(&d);
+  task_map_free(map);
+}
+
+/* D-03, D-12 (bpo-10340, test_quick_connect): a connection reset before
+ * it is accepted must not make ac_dispatcher_open fail or disturb the
+ * loop. */
+TASK(d03_quick_connect_reset) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    struct linger lg = {1, 0};
+    probe_t server;
+    int port;
+    int fd;
+    int k;
+
+    ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+    server.adopt = 1;
+    port = probe_listen(&server, AF_INET);
+    ASSERT_GT(port, 0);
+    fd = task_connect_tcp(AF_INET, port);
+    ASSERT_GE(fd, 0);
+    ASSERT_OK(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+    close(fd); /* RST */
+    LOOP_UNTIL(map, modes[i], server.n[EV_ACCEPTED] == 1, 200);
+    ASSERT(server.child != NULL); /* ac_dispatcher_open returned 0 */
+    ASSERT_EQ(server.n[EV_ERROR], 0);
+    for (k = 0; k < 3; k++) {
+      ASSERT_OK(ac_loop(map, 0.01, modes[i], 1));
+    }
+    ASSERT_EQ(server.n[EV_ERROR], 0);
+    ASSERT_EQ(server.base.d.accepting, 1);
+    task_map_free(map); /* closes and frees the child */
+    ASSERT_EQ(probe_violations, 0);
+  }
+}
+
+/* D-04: create_socket gives a non-blocking, close-on-exec socket of the
+ * family and type, registered, with no flag changed. */
+TASK(d04_create_socket) {
+  static const int families[3] = {AF_INET, AF_INET6, AF_UNIX};
+  ac_map_t *map = task_map_new();
+  ac_dispatcher_t ds[3];
+  int i;
+
+  for (i = 0; i < 3; i++) {
+    ac_dispatcher_t *dp = &ds[i]; /* not reused before `closed` */
+    int fd;
+
+    ASSERT_OK(ac_dispatcher_init(dp, map, NULL));
+    ASSERT_OK(ac_create_socket(dp, families[i], SOCK_STREAM));
+    fd = ac_fileno(dp);
+    ASSERT_GE(fd, 0);
+    ASSERT(is_nonblocking(fd));
+    ASSERT(is_cloexec(fd));
+    ASSERT_EQ(sockopt(fd, SOL_SOCKET, SO_TYPE), SOCK_STREAM);
+    ASSERT_EQ(sockopt(fd, SOL_SOCKET, SO_DOMAIN), families[i]);
+    ASSERT_EQ(dp->family, families[i]);
+    ASSERT_EQ(dp->type, SOCK_STREAM);
+    ASSERT_EQ(dp->connected, 0);
+    ASSERT_EQ(dp->accepting, 0);
+    ASSERT_EQ(dp->connecting, 0);
+    ASSERT(ac_map_get(map, fd) == dp);
+    ASSERT_EQ(ac_create_socket(dp, families[i], SOCK_STREAM), UV_EBUSY);
+    ac_close(dp);
+    ASSERT_EQ(ac_create_socket(dp, families[i], SOCK_STREAM), UV_EBUSY);
+  }
+  ASSERT_EQ(ac_map_len(map), 0);
+  task_map_free(map);
+}
+
+/* D-04: datagram sockets, and an unsupported family fails with the OS
+ * error and registers nothing. */
+TASK(d04_create_socket_dgram_and_bad_family) {
+  ac_map_t *map = task_map_new();
+  ac_dispatcher_t d;
+  ac_dispatcher_t bad;
+
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ASSERT_OK(ac_create_socket(&d, AF_INET, SOCK_DGRAM));
+  ASSERT_EQ(sockopt(ac_fileno(&d), SOL_SOCKET, SO_TYPE), SOCK_DGRAM);
+  ASSERT_EQ(d.type, SOCK_DGRAM);
+  ASSERT_OK(ac_dispatcher_init(&bad, map, NULL));
+  ASSERT_EQ(ac_create_socket(&bad, 4242, SOCK_STREAM), UV_EAFNOSUPPORT);
+  ASSERT_EQ(ac_fileno(&bad), -1);
+  ASSERT_EQ(ac_map_len(map), 1);
+  ASSERT_EQ(ac_create_socket(NULL, AF_INET, SOCK_STREAM), UV_EINVAL);
+  ac_close(&d);
+  ac_close(&bad);
+  task_map_free(map);
+}
+
+/* D-05: set_socket registers the socket and changes neither the blocking
+ * mode (of a socket that gets no libuv handle) nor any flag. */
+TASK(d05_set_socket) {
+  ac_map_t *map = task_map_new();
+  uv_os_sock_t fds[2];
+  ac_dispatcher_t a;
+  ac_dispatcher_t b;
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+  ASSERT_OK(ac_dispatcher_init(&a, map, NULL));
+  ASSERT_OK(ac_set_socket(&a, fd));
+  ASSERT(!is_nonblocking(fd));
+  ASSERT(ac_map_get(map, fd) == &a);
+  ASSERT_EQ(a.connected, 0);
+  ASSERT_EQ(a.connecting, 0);
+  ASSERT_EQ(a.accepting, 0);
+  ASSERT_EQ(ac_set_socket(&a, fd), UV_EBUSY);
+
+  /* A connected socket: still no flag change (unlike D-03). */
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_init(&b, map, NULL));
+  ASSERT_OK(ac_set_socket(&b, fds[1]));
+  ASSERT_EQ(b.connected, 0);
+  ASSERT_EQ(b.addrlen, 0);
+  ASSERT_EQ(ac_map_len(map), 2);
+  ac_close(&a);
+  ac_close(&b);
+  close(fds[0]);
+  task_map_free(map);
+}
+
+/* D-07: SO_REUSEADDR is off on a fresh socket and on after the call; a
+ * channel without a socket is ignored. */
+TASK(d07_set_reuse_addr) {
+  ac_map_t *map = task_map_new();
+  ac_dispatcher_t d;
+
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ac_set_reuse_addr(&d); /* no socket: errors are ignored */
+  ASSERT_OK(ac_create_socket(&d, AF_INET, SOCK_STREAM));
+  ASSERT_EQ(sockopt(ac_fileno(&d), SOL_SOCKET, SO_REUSEADDR), 0);
+  ac_set_reuse_addr(&d);
+  ASSERT_NE(sockopt(ac_fileno(&d), SOL_SOCKET, SO_REUSEADDR), 0);
+  ac_close(&d);
+  ac_set_reuse_addr(&d);
+  ac_set_reuse_addr(NULL);
+  task_map_free(map);
+}
+
+/* D-09, Q-19: accepting is set before listen(2) and stays set when it
+ * fails (UDP: EOPNOTSUPP; no socket: EBADF). */
+TASK(d09_listen_sets_accepting_first) {
+  ac_map_t *map = task_map_new();
+  ac_dispatcher_t udp;
+  ac_dispatcher_t none;
+
+  ASSERT_OK(ac_dispatcher_init(&udp, map, NULL));
+  ASSERT_OK(ac_create_socket(&udp, AF_INET, SOCK_DGRAM));
+  ASSERT_EQ(ac_listen(&udp, 5), -EOPNOTSUPP);
+  ASSERT_EQ(udp.accepting, 1);
+  ASSERT_OK(ac_dispatcher_init(&none, map, NULL));
+  ASSERT_EQ(ac_listen(&none, 5), UV_EBADF);
+  ASSERT_EQ(none.accepting, 1);
+  ASSERT_EQ(ac_listen(NULL, 5), UV_EINVAL);
+  ac_close(&udp);
+  ac_close(&none);
+  ASSERT_EQ(udp.accepting, 0);
+  task_map_free(map);
+}
+
+/* D-10, Q-19 (test_bind): addr is the address as given (port 0), set
+ * before bind(2); a second bind to a used port fails and keeps addr. */
+TASK(d10_bind) {
+  static const int families[2] = {AF_INET, AF_INET6};
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    ac_dispatcher_t a;
+    ac_dispatcher_t b;
+    struct sockaddr_storage ss;
+    int port;
+
+    ASSERT_OK(ac_dispatcher_init(&a, map, NULL));
+    ASSERT_OK(ac_create_socket(&a, families[i], SOCK_STREAM));
+    task_addr(families[i], 0, &ss);
+    ASSERT_OK(ac_bind(&a, (struct sockaddr *) &ss));
+    ASSERT_EQ(a.addr.ss_family, families[i]);
+    ASSERT_EQ(addr_port(&a.addr), 0);
+    ASSERT_OK(ac_listen(&a, 5));
+    port = probe_port(ac_fileno(&a));
+    ASSERT_GT(port, 0);
+
+    ASSERT_OK(ac_dispatcher_init(&b, map, NULL));
+    ASSERT_OK(ac_create_socket(&b, families[i], SOCK_STREAM));
+    task_addr(families[i], port, &ss);
+    ASSERT_EQ(ac_bind(&b, (struct sockaddr *) &ss), UV_EADDRINUSE);
+    ASSERT_EQ(addr_port(&b.addr), port);
+    ASSERT_GT(b.addrlen, 0);
+    ASSERT_EQ(ac_bind(&b, NULL), UV_EINVAL);
+    ac_close(&a);
+    ac_close(&b);
+    task_map_free(map);
+  }
+}
+
+/* D-11, D-17, D-18 (test_handle_connect): a TCP connect is pending when
+ * ac_connect returns; handle_connect then runs once, with connected still
+ * false and connecting true; afterwards the flags flip.  Both families,
+ * both modes. */
+TASK(d11_connect_tcp_pending) {
+  static const int families[2] = {AF_INET, AF_INET6};
+  int f;
+  int i;
+
+  for (f = 0; f < 2; f++) {
+    for (i = 0; i < 2; i++) {
+      ac_map_t *map = task_map_new();
+      probe_t server;
+      probe_t client;
+      struct sockaddr_storage ss;
+      int port;
+
+      ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+      port = probe_listen(&server, families[f]);
+      ASSERT_GT(port, 0);
+      ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+      client.readable = 0;
+      ASSERT_OK(ac_create_socket(&client.base.d, families[f], SOCK_STREAM));
+      task_addr(families[f], port, &ss);
+      ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+      ASSERT_EQ(client.n[EV_CONNECT], 0);
+      ASSERT_EQ(client.base.d.connecting, 1);
+      ASSERT_EQ(addr_port(&client.base.d.addr), port);
+      LOOP_UNTIL(map, modes[i], client.n[EV_CONNECT] == 1, 200);
+      ASSERT_EQ(client.conn_connected, 0);
+      ASSERT_EQ(client.conn_connecting, 1);
+      ASSERT_EQ(client.base.d.connected, 1);
+      ASSERT_EQ(client.base.d.connecting, 0);
+      /* D-18: the write event that completed the connect goes on to
+       * handle_write. */
+      ASSERT_STR_EQ(client.trace, "connect write ");
+      ASSERT_EQ(client.n[EV_ERROR], 0);
+      task_map_free(map);
+    }
+  }
+}
+
+/* D-11 step 4: an AF_UNIX connect completes at once; handle_connect has
+ * run (with the pre-connect flags) when ac_connect returns. */
+TASK(d11_connect_unix_immediate) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  char path[108];
+  socklen_t len;
+  probe_t server;
+  probe_t client;
+
+  probe_unix_path(path, sizeof(path));
+  len = probe_unix_addr(&ss, path);
+  ASSERT_GT(len, 0);
+  ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+  ASSERT_OK(ac_create_socket(&server.base.d, AF_UNIX, SOCK_STREAM));
+  ASSERT_OK(ac_bind(&server.base.d, (struct sockaddr *) &ss));
+  ASSERT_OK(ac_listen(&server.base.d, 5));
+  ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_UNIX, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+  ASSERT_EQ(client.n[EV_CONNECT], 1);
+  ASSERT_EQ(client.conn_connected, 0);
+  ASSERT_EQ(client.conn_connecting, 1);
+  ASSERT_EQ(client.base.d.connected, 1);
+  ASSERT_EQ(client.base.d.connecting, 0);
+  ASSERT_STR_EQ(((struct sockaddr_un *) &client.base.d.addr)->sun_path,
+                path);
+  LOOP_UNTIL(map, 0, server.n[EV_ACCEPTED] == 1, 200);
+  ASSERT_EQ(client.n[EV_CONNECT], 1);
+  task_map_free(map);
+  unlink(path);
+}
+
+/* D-11 step 3: a second connect while the first is pending is EALREADY,
+ * which counts as pending: 0, still connecting, and the connect completes
+ * once (one handle_connect). */
+TASK(d11_connect_again_while_pending) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  probe_t server;
+  probe_t client;
+  int port;
+
+  ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+  port = probe_listen(&server, AF_INET);
+  ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+  client.readable = 0;
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+  task_addr(AF_INET, port, &ss);
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+  ASSERT_EQ(client.base.d.connecting, 1);
+  ASSERT_EQ(client.base.d.connected, 0);
+  LOOP_UNTIL(map, 0, client.n[EV_CONNECT] == 1, 200);
+  ASSERT_OK(ac_loop(map, 0.001, 0, 3));
+  ASSERT_EQ(client.n[EV_CONNECT], 1);
+  ASSERT_EQ(client.n[EV_ERROR], 0);
+  ASSERT_EQ(client.base.d.connected, 1);
+  task_map_free(map);
+}
+
+/* D-11 step 4: connect on a connected channel completes again: the
+ * kernel answers the first repeat with 0 (libuv then reports completion
+ * at the next event), later ones with EISCONN, where handle_connect runs
+ * before ac_connect returns.  The channel keeps working. */
+TASK(d11_connect_again_when_connected) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  probe_t server;
+  probe_t client;
+  int port;
+
+  ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+  server.adopt = 1;
+  port = probe_listen(&server, AF_INET);
+  ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+  client.consume = 1;
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+  task_addr(AF_INET, port, &ss);
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+  LOOP_UNTIL(map, 0, client.n[EV_CONNECT] == 1, 200);
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+  LOOP_UNTIL(map, 0, client.n[EV_CONNECT] == 2, 200);
+  client.writable = 0;
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+  ASSERT_EQ(client.n[EV_CONNECT], 3);
+  ASSERT_EQ(client.conn_connected, 0);
+  ASSERT_EQ(client.conn_connecting, 1);
+  ASSERT_EQ(client.base.d.connected, 1);
+  ASSERT_EQ(client.base.d.connecting, 0);
+  LOOP_UNTIL(map, 0, server.child != NULL, 200);
+  ASSERT_EQ(ac_send(&client.base.d, "ping", 4), 4);
+  ASSERT_EQ(ac_send(&server.child->base.d, "pong", 4), 4);
+  LOOP_UNTIL(map, 0, client.nin == 4, 200);
+  ASSERT_EQ(client.n[EV_ERROR], 0);
+  task_map_free(map);
+}
+
+/* D-11 step 4, E-10: when an AF_UNIX connect completes at once, what
+ * handle_connect returns goes to the caller of ac_connect, not to
+ * handle_error; the flags are not updated (D-17). */
+TASK(d11_unix_handle_connect_failure_to_caller) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  char path[108];
+  probe_t server;
+  probe_t client;
+
+  probe_unix_path(path, sizeof(path));
+  probe_unix_addr(&ss, path);
+  ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+  ASSERT_OK(ac_create_socket(&server.base.d, AF_UNIX, SOCK_STREAM));
+  ASSERT_OK(ac_bind(&server.base.d, (struct sockaddr *) &ss));
+  ASSERT_OK(ac_listen(&server.base.d, 5));
+  ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_UNIX, SOCK_STREAM));
+  client.ret[EV_CONNECT] = AC_EFAIL;
+  ASSERT_EQ(ac_connect(&client.base.d, (struct sockaddr *) &ss), AC_EFAIL);
+  ASSERT_STR_EQ(client.trace, "connect ");
+  ASSERT_EQ(client.base.d.connected, 0);
+  ASSERT_EQ(client.base.d.connecting, 1);
+  task_map_free(map);
+  unlink(path);
+}
+
+/* D-11 step 5, Q-19: an immediate failure is returned; connecting stays
+ * set, connected false, addr unchanged; no handler runs. */
+TASK(d11_connect_immediate_failure) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  char path[108];
+  probe_t client;
+
+  probe_unix_path(path, sizeof(path)); /* nobody listens there */
+  probe_unix_addr(&ss, path);
+  ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_UNIX, SOCK_STREAM));
+  ASSERT_EQ(ac_connect(&client.base.d, (struct sockaddr *) &ss), UV_ENOENT);
+  ASSERT_EQ(client.base.d.connecting, 1);
+  ASSERT_EQ(client.base.d.connected, 0);
+  ASSERT_EQ(client.base.d.addrlen, 0);
+  ASSERT_STR_EQ(client.trace, "");
+  ASSERT_EQ(ac_connect(&client.base.d, NULL), UV_EINVAL);
+  task_map_free(map);
+  ASSERT_STR_EQ(client.trace, "");
+}
+
+/* D-11, D-16, D-17, L-15: a refused TCP connect reaches handle_error with
+ * ECONNREFUSED from handle_connect_event, then handle_close; never
+ * handle_connect.  Both modes. */
+TASK(d17_connect_refused) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    struct sockaddr_storage ss;
+    probe_t client;
+
+    ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, closed_port(), &ss);
+    ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+    LOOP_UNTIL(map, modes[i], client.n[EV_CLOSE] > 0, 200);
+    ASSERT_STR_EQ(client.trace, "error close ");
+    ASSERT_EQ(client.err_code, UV_ECONNREFUSED);
+    ASSERT_STR_EQ(client.err_where, "handle_connect_event");
+    ASSERT_EQ(ac_map_len(map), 0);
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+  }
+}
+
+/* D-16, D-17, L-15: a refused connect is reported readable (and
+ * writable), so a client whose writable() is false still gets
+ * handle_error (ECONNREFUSED from handle_connect_event) and handle_close.
+ * Both modes. */
+TASK(d17_connect_refused_read_only) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    struct sockaddr_storage ss;
+    probe_t client;
+
+    ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+    client.writable = 0;
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, closed_port(), &ss);
+    ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+    LOOP_UNTIL(map, modes[i], client.n[EV_CLOSE] > 0, 200);
+    ASSERT_STR_EQ(client.trace, "error close ");
+    ASSERT_EQ(client.err_code, UV_ECONNREFUSED);
+    ASSERT_STR_EQ(client.err_where, "handle_connect_event");
+    task_map_free(map);
+  }
+}
+
+/* D-16, D-17: a client that is only readable learns of its connect from
+ * the first input: handle_connect, then handle_read, in one read event.
+ * Both modes. */
+TASK(d16_connect_completed_by_read) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    struct sockaddr_storage ss;
+    probe_t server;
+    probe_t client;
+    int port;
+
+    ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+    server.adopt = 1;
+    port = probe_listen(&server, AF_INET);
+    ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+    client.writable = 0;
+    client.consume = 1;
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, port, &ss);
+    ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+    LOOP_UNTIL(map, modes[i], server.child != NULL, 200);
+    ASSERT_EQ(ac_send(&server.child->base.d, "hi", 2), 2);
+    LOOP_UNTIL(map, modes[i], client.nin == 2, 200);
+    ASSERT_STR_EQ(client.trace, "connect read ");
+    ASSERT_EQ(client.base.d.connected, 1);
+    task_map_free(map);
+  }
+}
+
+/* Q-07 fixed: ac_connect_name resolves without blocking; the connect is
+ * pending when it returns, then completes as D-11. */
+TASK(d11_connect_name_localhost) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    probe_t server;
+    probe_t client;
+    int port;
+
+    ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+    port = probe_listen(&server, AF_INET);
+    ASSERT_GT(port, 0);
+    ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+    client.readable = 0;
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    ASSERT_OK(ac_connect_name(&client.base.d, "localhost", port));
+    ASSERT_EQ(client.n[EV_CONNECT], 0);
+    ASSERT_EQ(client.base.d.connecting, 1);
+    ASSERT_EQ(client.base.d.connected, 0);
+    LOOP_UNTIL(map, modes[i], client.n[EV_CONNECT] == 1, 500);
+    ASSERT_EQ(client.conn_connecting, 1);
+    ASSERT_EQ(client.base.d.connected, 1);
+    ASSERT_EQ(addr_port(&client.base.d.addr), port);
+    LOOP_UNTIL(map, modes[i], server.n[EV_ACCEPTED] == 1, 200);
+    ASSERT_EQ(client.n[EV_ERROR], 0);
+    task_map_free(map);
+  }
+}
+
+/* Q-07 fixed: a name that cannot be resolved reaches handle_error with a
+ * non-zero code, then (default chain) handle_close. */
+TASK(d11_connect_name_unresolvable) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    probe_t client;
+
+    ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+    ASSERT_OK(ac_connect_name(&client.base.d, "nonexistent.invalid", 80));
+    ASSERT_EQ(client.base.d.connecting, 1);
+    ASSERT_STR_EQ(client.trace, "");
+    LOOP_UNTIL(map, modes[i], client.n[EV_ERROR] == 1, 1000);
+    ASSERT_NE(client.err_code, 0);
+    ASSERT_STR_EQ(client.trace, "error close ");
+    ASSERT_EQ(client.n[EV_CONNECT], 0);
+    ASSERT_EQ(ac_map_len(map), 0);
+    ASSERT_EQ(ac_connect_name(&client.base.d, NULL, 80), UV_EINVAL);
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+  }
+}
+
+/* D-12: accept gives "none" (0) with nothing pending, then 1 with a
+ * non-blocking close-on-exec socket and the peer address; the new socket
+ * is in no map.  A socket that does not listen gives an error. */
+TASK(d12_accept) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage peer;
+  socklen_t plen = 0;
+  uv_os_sock_t s = -1;
+  ac_dispatcher_t server;
+  ac_dispatcher_t plain;
+  int port;
+  int fd;
+
+  ASSERT_OK(ac_dispatcher_init(&server, map, NULL));
+  ASSERT_OK(ac_create_socket(&server, AF_INET, SOCK_STREAM));
+  task_addr(AF_INET, 0, &peer);
+  ASSERT_OK(ac_bind(&server, (struct sockaddr *) &peer));
+  ASSERT_OK(ac_listen(&server, 5));
+  port = probe_port(ac_fileno(&server));
+  ASSERT_EQ(ac_accept(&server, &s, &peer, &plen), 0);
+  ASSERT_EQ(s, -1);
+  fd = task_connect_tcp(AF_INET, port);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ac_accept(&server, &s, &peer, &plen), 1);
+  ASSERT_GE(s, 0);
+  ASSERT(is_nonblocking(s));
+  ASSERT(is_cloexec(s));
+  ASSERT_EQ(peer.ss_family, AF_INET);
+  ASSERT_EQ(addr_port(&peer), probe_port(fd));
+  ASSERT(plen > 0);
+  ASSERT(ac_map_get(map, s) == NULL);
+  ASSERT_EQ(ac_map_len(map), 1);
+  close(s);
+  close(fd);
+  ASSERT_EQ(ac_accept(&server, NULL, NULL, NULL), UV_EINVAL);
+
+  ASSERT_OK(ac_dispatcher_init(&plain, map, NULL));
+  ASSERT_OK(ac_create_socket(&plain, AF_INET, SOCK_STREAM));
+  ASSERT_EQ(ac_accept(&plain, &s, NULL, NULL), UV_EINVAL);
+  ac_close(&plain);
+  ASSERT_EQ(ac_accept(&plain, &s, NULL, NULL), UV_EBADF);
+  ac_close(&server);
+  task_map_free(map);
+}
+
+/* A TCP connection between a probe (opened from the accepted end) and a
+ * raw blocking fd. */
+static int probe_pair(ac_map_t *map, probe_t *p, uv_os_sock_t *peer) {
+  uv_os_sock_t fds[2];
+  int r = probe_init(p, map, &probe_ops, 0, "p");
+
+  if (r == 0 && (r = probe_tcp_pair(AF_INET, fds)) == 0) {
+    *peer = fds[0];
+    r = ac_dispatcher_open(&p->base.d, fds[1]);
+  }
+  return r;
+}
+
+/* D-13: send returns what the kernel took (all of a small buffer, 0 for
+ * nothing) and the bytes arrive. */
+TASK(d13_send_counts) {
+  ac_map_t *map = task_map_new();
+  uv_os_sock_t peer;
+  probe_t p;
+  char buf[16];
+
+  ASSERT_OK(probe_pair(map, &p, &peer));
+  ASSERT_EQ(ac_send(&p.base.d, "hello", 5), 5);
+  ASSERT_EQ(ac_send(&p.base.d, "", 0), 0);
+  ASSERT_EQ(ac_dispatcher_send(&p.base.d, "!", 1), 1);
+  ASSERT_EQ(ac_send(&p.base.d, NULL, 3), UV_EINVAL);
+  ASSERT_EQ(recv(peer, buf, 6, MSG_WAITALL), 6);
+  ASSERT_MEM_EQ(buf, "hello!", 6);
+  ASSERT_STR_EQ(p.trace, "");
+  ac_close(&p.base.d);
+  close(peer);
+  task_map_free(map);
+}
+
+/* D-13: with the peer not reading, sends are eventually refused: 0 for
+ * "would block", never an error, and no handler runs. */
+TASK(d13_send_would_block) {
+  ac_map_t *map = task_map_new();
+  static char chunk[65536];
+  uv_os_sock_t peer;
+  probe_t p;
+  ssize_t n = 1;
+  int i;
+
+  ASSERT_OK(probe_pair(map, &p, &peer));
+  for (i = 0; i < 4096 && n > 0; i++) {
+    n = ac_send(&p.base.d, chunk, sizeof(chunk));
+    ASSERT_GE(n, 0);
+  }
+  ASSERT_EQ(n, 0);
+  ASSERT_STR_EQ(p.trace, "");
+  ac_close(&p.base.d);
+  close(peer);
+  task_map_free(map);
+}
+
+/* D-13, E-04: a send to a reset peer, and a send after close, call
+ * handle_close and return 0. */
+TASK(d13_send_disconnected) {
+  ac_map_t *map = task_map_new();
+  struct linger lg = {1, 0};
+  uv_os_sock_t peer;
+  probe_t p;
+  ssize_t n = 1;
+  int i;
+
+  ASSERT_OK(probe_pair(map, &p, &peer));
+  p.keep_open = 1;
+  ASSERT_OK(setsockopt(peer, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+  close(peer); /* RST */
+  for (i = 0; i < 10 && p.n[EV_CLOSE] == 0; i++) {
+    n = ac_send(&p.base.d, "x", 1);
+  }
+  ASSERT_EQ(n, 0);
+  ASSERT_EQ(p.n[EV_CLOSE], 1);
+  ASSERT_STR_EQ(p.trace, "close ");
+  ac_close(&p.base.d);
+  ASSERT_EQ(ac_send(&p.base.d, "x", 1), 0);
+  ASSERT_STR_EQ(p.trace, "close close ");
+  task_map_free(map);
+  ASSERT_EQ(p.closed, 1);
+}
+
+/* D-14, Q-09: recv returns data; UV_EAGAIN when nothing is there (not 0,
+ * no handler); 0 with handle_close at EOF; 0 with handle_close for n = 0
+ * and after close. */
+TASK(d14_recv) {
+  ac_map_t *map = task_map_new();
+  uv_os_sock_t peer;
+  probe_t p;
+  char buf[16];
+
+  ASSERT_OK(probe_pair(map, &p, &peer));
+  p.keep_open = 1;
+  ASSERT_EQ(ac_recv(&p.base.d, buf, sizeof(buf)), UV_EAGAIN);
+  ASSERT_STR_EQ(p.trace, "");
+  ASSERT_EQ(send(peer, "abc", 3, 0), 3);
+  ASSERT(probe_wait_fd(ac_fileno(&p.base.d), POLLIN, 1000) & POLLIN);
+  ASSERT_EQ(ac_recv(&p.base.d, buf, sizeof(buf)), 3);
+  ASSERT_MEM_EQ(buf, "abc", 3);
+  ASSERT_EQ(ac_recv(&p.base.d, buf, 0), 0);
+  ASSERT_STR_EQ(p.trace, "close ");
+  shutdown(peer, SHUT_WR);
+  ASSERT(probe_wait_fd(ac_fileno(&p.base.d), POLLIN, 1000) & POLLIN);
+  ASSERT_EQ(ac_recv(&p.base.d, buf, sizeof(buf)), 0);
+  ASSERT_STR_EQ(p.trace, "close close ");
+  ac_close(&p.base.d);
+  ASSERT_EQ(ac_recv(&p.base.d, buf, sizeof(buf)), 0);
+  ASSERT_STR_EQ(p.trace, "close close close ");
+  ASSERT_EQ(ac_recv(&p.base.d, NULL, 4), UV_EINVAL);
+  close(peer);
+  task_map_free(map);
+}
+
+/* D-14, E-04: a reset connection is a disconnection: handle_close, 0. */
+TASK(d14_recv_reset) {
+  ac_map_t *map = task_map_new();
+  struct linger lg = {1, 0};
+  uv_os_sock_t peer;
+  probe_t p;
+  char buf[16];
+
+  ASSERT_OK(probe_pair(map, &p, &peer));
+  ASSERT_OK(setsockopt(peer, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+  close(peer);
+  ASSERT(probe_wait_fd(ac_fileno(&p.base.d), POLLIN, 1000) != 0);
+  ASSERT_EQ(ac_recv(&p.base.d, buf, sizeof(buf)), 0);
+  ASSERT_STR_EQ(p.trace, "close ");
+  ASSERT_EQ(ac_map_len(map), 0); /* the probe's handle_close closed it */
+  task_map_free(map);
+}
+
+/* D-14 through the loop (test_handle_close): the peer closes at once; the
+ * reader's recv sees EOF, which calls handle_close.  Both modes. */
+TASK(d14_eof_in_loop) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    uv_os_sock_t peer;
+    probe_t p;
+
+    ASSERT_OK(probe_pair(map, &p, &peer));
+    p.consume = 1;
+    ASSERT_EQ(send(peer, "bye", 3, 0), 3);
+    close(peer);
+    LOOP_UNTIL(map, modes[i], p.closed == 1, 200);
+    ASSERT_EQ(p.nin, 3);
+    ASSERT_EQ(p.eof, 1);
+    ASSERT_EQ(p.n[EV_CLOSE], 1);
+    ASSERT_EQ(p.n[EV_ERROR], 0);
+    task_map_free(map);
+  }
+}
+
+/* D-15: close clears the three flags (not closing, not addr), leaves the
+ * map, closes the fd, calls no handler; a second close changes nothing;
+ * `closed` follows once, later, from the loop. */
+TASK(d15_close) {
+  ac_map_t *map = task_map_new();
+  uv_os_sock_t peer;
+  probe_t p;
+  int fd;
+
+  ASSERT_OK(probe_pair(map, &p, &peer));
+  fd = ac_fileno(&p.base.d);
+  p.base.d.closing = 1;
+  p.base.d.accepting = 1; /* whatever they were */
+  p.base.d.connecting = 1;
+  ASSERT_OK(ac_close(&p.base.d));
+  ASSERT_EQ(p.base.d.connected, 0);
+  ASSERT_EQ(p.base.d.accepting, 0);
+  ASSERT_EQ(p.base.d.connecting, 0);
+  ASSERT_EQ(p.base.d.closing, 1);
+  ASSERT_GT(p.base.d.addrlen, 0);
+  ASSERT_EQ(ac_map_len(map), 0);
+  ASSERT(ac_map_get(map, fd) == NULL);
+  ASSERT_EQ(ac_fileno(&p.base.d), -1);
+  ASSERT(ac_is_closed(&p.base.d));
+  ASSERT_EQ(fcntl(fd, F_GETFD), -1); /* the fd number is free */
+  ASSERT_EQ(p.closed, 0);
+  ASSERT_OK(ac_close(&p.base.d));
+  ASSERT_EQ(ac_map_len(map), 0);
+  ASSERT_STR_EQ(p.trace, "");
+  ASSERT_EQ(ac_close(NULL), UV_EINVAL);
+  ASSERT_OK(ac_loop(map, 0.01, 0, 1)); /* empty map: returns at once */
+  task_map_free(map);
+  ASSERT_EQ(p.closed, 1);
+  ASSERT_STR_EQ(p.trace, "");
+  close(peer);
+}
+
+/* D-15: the `closed` callback comes from the loop, once, for a channel
+ * closed inside a running ac_loop too, and for one that never had a
+ * socket. */
+TASK(d15_closed_callback_once) {
+  ac_map_t *map = task_map_new();
+  probe_t keep;
+  probe_t a;
+  probe_t never;
+  uv_os_sock_t peer;
+  uv_os_sock_t peer2;
+
+  ASSERT_OK(probe_pair(map, &keep, &peer));
+  ASSERT_OK(probe_pair(map, &a, &peer2));
+  ASSERT_OK(probe_init(&never, map, &probe_ops, 0, "never"));
+  ac_close(&a.base.d);
+  ac_close(&never.base.d);
+  ac_close(&never.base.d);
+  ASSERT_EQ(a.closed, 0);
+  ASSERT_EQ(never.closed, 0);
+  ASSERT_OK(ac_loop(map, 0.01, 0, 2));
+  ASSERT_EQ(a.closed, 1);
+  ASSERT_EQ(never.closed, 1);
+  ac_close(&a.base.d);
+  ASSERT_OK(ac_loop(map, 0.01, 0, 2));
+  ASSERT_EQ(a.closed, 1);
+  task_map_free(map);
+  ASSERT_EQ(keep.closed, 1);
+  ASSERT_EQ(never.closed, 1);
+  ASSERT_EQ(probe_violations, 0);
+  close(peer);
+  close(peer2);
+}
+
+/* D-16: a listener's read event goes to handle_accept only; a channel
+ * that is neither connected nor connecting still gets handle_read. */
+TASK(d16_read_event) {
+  ac_map_t *map = task_map_new();
+  probe_t server;
+  probe_t idle;
+  int port;
+  int fd;
+
+  ASSERT_OK(probe_init(&server, map, &probe_accept_ops, 0, "server"));
+  port = probe_listen(&server, AF_INET);
+  ASSERT_GT(port, 0);
+  ASSERT_OK(ac_read(&server.base.d));
+  ASSERT_STR_EQ(server.trace, "accept ");
+  fd = task_connect_tcp(AF_INET, port);
+  LOOP_UNTIL(map, 0, server.n[EV_ACCEPT] >= 2, 200);
+  ASSERT_EQ(server.n[EV_READ], 0);
+  ASSERT_EQ(server.n[EV_ACCEPTED], 0); /* the override bypasses it */
+
+  ASSERT_OK(probe_init(&idle, map, &probe_ops, 0, "idle"));
+  ASSERT_OK(ac_create_socket(&idle.base.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_read(&idle.base.d));
+  ASSERT_STR_EQ(idle.trace, "read ");
+  close(fd);
+  task_map_free(map);
+}
+
+/* D-16, D-18: on a connecting channel, read and write events first run
+ * handle_connect_event (SO_ERROR 0 -> handle_connect, flags flip), then
+ * the leaf handler; a second event does not connect again. */
+TASK(d16_d18_connect_event_first) {
+  int ev;
+
+  for (ev = 0; ev < 2; ev++) {
+    ac_map_t *map = task_map_new();
+    struct sockaddr_storage ss;
+    probe_t server;
+    probe_t c;
+    int port;
+
+    ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+    port = probe_listen(&server, AF_INET);
+    ASSERT_OK(probe_init(&c, map, &probe_ops, 0, "c"));
+    ASSERT_OK(ac_create_socket(&c.base.d, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, port, &ss);
+    ASSERT_OK(ac_connect(&c.base.d, (struct sockaddr *) &ss));
+    /* Wait for the handshake outside the loop. */
+    ASSERT(probe_wait_fd(ac_fileno(&c.base.d), POLLOUT, 1000) & POLLOUT);
+    ASSERT_OK(ev == 0 ? ac_read(&c.base.d) : ac_write(&c.base.d));
+    ASSERT_STR_EQ(c.trace, ev == 0 ? "connect read " : "connect write ");
+    ASSERT_EQ(c.base.d.connected, 1);
+    ASSERT_EQ(c.base.d.connecting, 0);
+    ASSERT_OK(ev == 0 ? ac_read(&c.base.d) : ac_write(&c.base.d));
+    ASSERT_EQ(c.n[EV_CONNECT], 1);
+    task_map_free(map);
+  }
+}
+
+/* D-18, L-14: a write event on a listener calls nothing; on a channel
+ * neither connected nor connecting it calls handle_write. */
+TASK(d18_write_event) {
+  ac_map_t *map = task_map_new();
+  probe_t server;
+  probe_t idle;
+
+  ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+  ASSERT_GT(probe_listen(&server, AF_INET), 0);
+  ASSERT_OK(ac_write(&server.base.d));
+  ASSERT_OK(ac_readwrite(&server.base.d, AC_POLLOUT));
+  ASSERT_STR_EQ(server.trace, "");
+  ASSERT_OK(probe_init(&idle, map, &probe_ops, 0, "idle"));
+  ASSERT_OK(ac_create_socket(&idle.base.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_write(&idle.base.d));
+  ASSERT_STR_EQ(idle.trace, "write ");
+  task_map_free(map);
+}
+
+/* D-19: SO_ERROR 0 -> handle_expt; a pending socket error -> handle_close
+ * (the error is read, so a second event gets handle_expt).  A UDP socket
+ * connected to a closed port gets ECONNREFUSED from ICMP. */
+TASK(d19_expt_event) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  probe_t p;
+
+  ASSERT_OK(probe_init(&p, map, &probe_ops, 0, "udp"));
+  p.keep_open = 1;
+  ASSERT_OK(ac_create_socket(&p.base.d, AF_INET, SOCK_DGRAM));
+  ASSERT_OK(ac_exception(&p.base.d));
+  ASSERT_STR_EQ(p.trace, "expt ");
+  task_addr(AF_INET, closed_port(), &ss);
+  ASSERT_OK(ac_connect(&p.base.d, (struct sockaddr *) &ss));
+  ASSERT_STR_EQ(p.trace, "expt connect ");
+  ASSERT_EQ(ac_send(&p.base.d, "x", 1), 1);
+  ASSERT(probe_wait_fd(ac_fileno(&p.base.d), 0, 1000) & POLLERR);
+  ASSERT_OK(ac_exception(&p.base.d));
+  ASSERT_STR_EQ(p.trace, "expt connect close ");
+  ASSERT_OK(ac_exception(&p.base.d));
+  ASSERT_STR_EQ(p.trace, "expt connect close expt ");
+  ac_close(&p.base.d);
+  task_map_free(map);
+}
+
+/* D-20, D-25 (test_unhandled): the default leaf handlers log these
+ * warnings, visible once ignore_log_types is emptied, and do nothing
+ * else. */
+TASK(d20_default_handler_warnings) {
+  static const char *const none[] = {NULL};
+  ac_map_t *map = task_map_new();
+  log_capture_t cap = {{0}, 0};
+  ac_dispatcher_t d;
+
+  ac_map_set_log_sink(map, log_capture_cb, &cap);
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ASSERT_OK(ac_default_handle_expt(&d));
+  ASSERT_OK(ac_default_handle_read(&d));
+  ASSERT_OK(ac_default_handle_write(&d));
+  ASSERT_OK(ac_default_handle_connect(&d));
+  ASSERT_STR_EQ(cap.text, ""); /* hidden by default */
+  d.ignore_log_types = none;
+  ASSERT_OK(ac_default_handle_expt(&d));
+  ASSERT_OK(ac_default_handle_read(&d));
+  ASSERT_OK(ac_default_handle_write(&d));
+  ASSERT_OK(ac_default_handle_connect(&d));
+  ASSERT_STR_EQ(cap.text, "warning: unhandled incoming priority event\n"
+                          "warning: unhandled read event\n"
+                          "warning: unhandled write event\n"
+                          "warning: unhandled connect event\n");
+  ASSERT_EQ(ac_default_handle_read(NULL), UV_EINVAL);
+  ac_close(&d);
+  task_map_free(map);
+}
+
+static int never(ac_dispatcher_t *d) {
+  (void) d;
+  return 0;
+}
+
+/* D-20, L-13: the default handle_read consumes nothing, so the input is
+ * reported again in the next pass. */
+TASK(d20_default_read_leaves_input) {
+  static const char *const none[] = {NULL};
+  static const ac_dispatcher_ops_t ro = {.writable = never};
+  ac_map_t *map = task_map_new();
+  log_capture_t cap = {{0}, 0};
+  ac_dispatcher_t d;
+  uv_os_sock_t fds[2];
+  char buf[4];
+
+  ac_map_set_log_sink(map, log_capture_cb, &cap);
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_init(&d, map, &ro));
+  d.ignore_log_types = none;
+  ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+  ASSERT_EQ(send(fds[0], "abc", 3, 0), 3);
+  ASSERT(probe_wait_fd(fds[1], POLLIN, 1000) & POLLIN);
+  ASSERT_OK(ac_loop(map, 0.01, 0, 3));
+  ASSERT_STR_EQ(cap.text, "warning: unhandled read event\n"
+                          "warning: unhandled read event\n"
+                          "warning: unhandled read event\n");
+  ASSERT_EQ(recv(fds[1], buf, sizeof(buf), 0), 3); /* still there */
+  ac_close(&d);
+  close(fds[0]);
+  task_map_free(map);
+}
+
+/* D-21 (test_handle_accepted): an override of handle_accept that calls the
+ * default gets handle_accepted(sock, addr) with the client's address; the
+ * default does nothing when no connection is pending. */
+TASK(d21_default_accept_calls_accepted) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    probe_t server;
+    int port;
+    int fd;
+
+    ASSERT_OK(probe_init(&server, map, &probe_accept_ops, 0, "server"));
+    server.accept_chain = 1;
+    port = probe_listen(&server, AF_INET);
+    ASSERT_OK(ac_default_handle_accept(&server.base.d));
+    ASSERT_STR_EQ(server.trace, "");
+    fd = task_connect_tcp(AF_INET, port);
+    ASSERT_GE(fd, 0);
+    LOOP_UNTIL(map, modes[i], server.n[EV_ACCEPTED] == 1, 200);
+    ASSERT_STR_EQ(server.trace, "accept accepted ");
+    ASSERT_EQ(server.n[EV_READ], 0);
+    ASSERT_EQ(server.n[EV_WRITE], 0);
+    close(fd);
+    task_map_free(map);
+  }
+}
+
+/* D-22: the default handle_accepted closes the new connection (the client
+ * sees EOF) and logs "unhandled accepted event". */
+TASK(d22_default_accepted_closes) {
+  static const char *const none[] = {NULL};
+  ac_map_t *map = task_map_new();
+  log_capture_t cap = {{0}, 0};
+  ac_dispatcher_t server;
+  struct sockaddr_storage ss;
+  char c;
+  int port;
+  int fd;
+
+  ac_map_set_log_sink(map, log_capture_cb, &cap);
+  ASSERT_OK(ac_dispatcher_init(&server, map, NULL));
+  server.ignore_log_types = none;
+  ASSERT_OK(ac_create_socket(&server, AF_INET, SOCK_STREAM));
+  task_addr(AF_INET, 0, &ss);
+  ASSERT_OK(ac_bind(&server, (struct sockaddr *) &ss));
+  ASSERT_OK(ac_listen(&server, 5));
+  port = probe_port(ac_fileno(&server));
+  fd = task_connect_tcp(AF_INET, port);
+  ASSERT_GE(fd, 0);
+  LOOP_UNTIL(map, 0, cap.lines > 0, 200);
+  ASSERT_STR_EQ(cap.text, "warning: unhandled accepted event\n");
+  ASSERT(probe_wait_fd(fd, POLLIN, 1000) & POLLIN);
+  ASSERT_EQ(recv(fd, &c, 1, 0), 0);
+  ASSERT_EQ(server.accepting, 1);
+  close(fd);
+  ac_close(&server);
+  task_map_free(map);
+}
+
+/* D-23: the default handle_close logs "unhandled close event", then
+ * closes the channel. */
+TASK(d23_default_handle_close) {
+  static const char *const none[] = {NULL};
+  ac_map_t *map = task_map_new();
+  log_capture_t cap = {{0}, 0};
+  ac_dispatcher_t d;
+
+  ac_map_set_log_sink(map, log_capture_cb, &cap);
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ASSERT_OK(ac_create_socket(&d, AF_INET, SOCK_STREAM));
+  d.ignore_log_types = none;
+  ASSERT_OK(ac_default_handle_close(&d));
+  ASSERT_STR_EQ(cap.text, "warning: unhandled close event\n");
+  ASSERT_EQ(ac_map_len(map), 0);
+  ASSERT(ac_is_closed(&d));
+  task_map_free(map);
+}
+
+/* Read what a default sink wrote to `fd` (stdout or stderr) during
+ * `fn(d)`. */
+static void capture_fd(int fd, void (*fn)(ac_dispatcher_t *),
+                       ac_dispatcher_t *d, char *out, size_t cap) {
+  FILE *tmp = tmpfile();
+  int saved = dup(fd);
+  size_t n;
+
+  fflush(fd == 1 ? stdout : stderr);
+  dup2(fileno(tmp), fd);
+  fn(d);
+  fflush(fd == 1 ? stdout : stderr);
+  dup2(saved, fd);
+  close(saved);
+  rewind(tmp);
+  n = fread(out, 1, cap - 1, tmp);
+  out[n] = '\0';
+  fclose(tmp);
+}
+
+static void log_two(ac_dispatcher_t *d) {
+  ac_log(d, "first");
+  ac_log(d, "second");
+}
+
+static void log_info_three(ac_dispatcher_t *d) {
+  static const char *const spam[] = {"SPAM", NULL};
+
+  d->ignore_log_types = spam;
+  ac_log_info(d, "eggs", "EGGS");
+  ac_log_info(d, "plain", NULL);
+  ac_log_info(d, "ham", "SPAM");
+  ac_log_info(d, "w", "warning");
+  d->ignore_log_types = NULL;
+}
+
+/* D-24 (test_log): log() writes "log: <msg>" lines to stderr, unfiltered;
+ * through a sink, type NULL. */
+TASK(d24_log) {
+  ac_map_t *map = task_map_new();
+  log_capture_t cap = {{0}, 0};
+  ac_dispatcher_t d;
+  char out[256];
+
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  capture_fd(2, log_two, &d, out, sizeof(out));
+  ASSERT_STR_EQ(out, "log: first\nlog: second\n");
+  ac_map_set_log_sink(map, log_capture_cb, &cap);
+  ac_log(&d, "x");
+  ASSERT_STR_EQ(cap.text, "log: x\n");
+  ac_map_set_log_sink(map, NULL, NULL);
+  capture_fd(2, log_two, &d, out, sizeof(out));
+  ASSERT_STR_EQ(out, "log: first\nlog: second\n");
+  ac_close(&d);
+  task_map_free(map);
+}
+
+/* D-25 (test_log_info): "<type>: <msg>" on stdout unless the type is
+ * ignored; the default type is "info". */
+TASK(d25_log_info) {
+  ac_map_t *map = task_map_new();
+  ac_dispatcher_t d;
+  char out[256];
+
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  capture_fd(1, log_info_three, &d, out, sizeof(out));
+  ASSERT_STR_EQ(out, "EGGS: eggs\ninfo: plain\nwarning: w\n");
+  ac_close(&d);
+  task_map_free(map);
+}
+
+static int log_calls;
+
+static void my_log(ac_dispatcher_t *d, const char *message) {
+  (void) d;
+  log_calls += strcmp(message, "m") == 0;
+}
+
+static void my_log_info(ac_dispatcher_t *d, const char *message,
+                        const char *type) {
+  (void) d;
+  log_calls += 10 * (strcmp(message, "m") == 0 && strcmp(type, "info") == 0);
+}
+
+/* D-24, D-25: overrides of log and log_info replace the sink (and the
+ * ignore filter). */
+TASK(d25_log_overrides) {
+  static const ac_dispatcher_ops_t ops = {.log = my_log,
+                                          .log_info = my_log_info};
+  ac_map_t *map = task_map_new();
+  log_capture_t cap = {{0}, 0};
+  ac_dispatcher_t d;
+
+  ac_map_set_log_sink(map, log_capture_cb, &cap);
+  ASSERT_OK(ac_dispatcher_init(&d, map, &ops));
+  log_calls = 0;
+  ac_log(&d, "m");
+  ac_log_info(&d, "m", NULL);
+  ASSERT_EQ(log_calls, 11);
+  ASSERT_STR_EQ(cap.text, "");
+  ac_close(&d);
+  task_map_free(map);
+}
+
+/* Expected describe text: printf of `fmt` with the channel address. */
+static int describes_as(ac_dispatcher_t *d, const char *fmt) {
+  char want[256];
+  char got[256];
+  size_t n;
+
+  snprintf(want, sizeof(want), fmt, (void *) d);
+  n = ac_describe(d, got, sizeof(got));
+  if (n != strlen(want) || strcmp(got, want) != 0) {
+    fprintf(stderr, "  describe: \"%s\" want \"%s\"\n", got, want);
+    return 0;
+  }
+  return 1;
+}
+
+/* D-26 (test_repr): a fresh dispatcher, a listener, a connected IPv4 and
+ * IPv6 channel, an AF_UNIX one, the with_send class and type_name. */
+TASK(d26_describe) {
+  static const ac_dispatcher_ops_t named = {.type_name = "__main__.Echo"};
+  ac_map_t *map = task_map_new();
+  ac_dispatcher_t d;
+  ac_dispatcher_t l;
+  ac_dispatcher_t c6;
+  ac_dispatcher_t u;
+  ac_dispatcher_with_send_t w;
+  struct sockaddr_storage ss;
+  uv_os_sock_t fds[2];
+  char fmt[128];
+  char small[8];
+  int sv[2];
+
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ASSERT(describes_as(&d, "<asyncore.dispatcher at %p>"));
+  ASSERT_OK(ac_create_socket(&d, AF_INET, SOCK_STREAM));
+  ASSERT(describes_as(&d, "<asyncore.dispatcher at %p>"));
+
+  ASSERT_OK(ac_dispatcher_init(&l, map, &named));
+  ASSERT_OK(ac_create_socket(&l, AF_INET, SOCK_STREAM));
+  task_addr(AF_INET, 0, &ss);
+  ASSERT_OK(ac_bind(&l, (struct sockaddr *) &ss));
+  ASSERT(describes_as(&l, "<__main__.Echo 127.0.0.1:0 at %p>"));
+  ASSERT_OK(ac_listen(&l, 5));
+  ASSERT(describes_as(&l, "<__main__.Echo listening 127.0.0.1:0 at %p>"));
+
+  ASSERT_OK(probe_tcp_pair(AF_INET6, fds));
+  ASSERT_OK(ac_dispatcher_init(&c6, map, NULL));
+  ASSERT_OK(ac_dispatcher_open(&c6, fds[1]));
+  snprintf(fmt, sizeof(fmt),
+           "<asyncore.dispatcher connected ('::1', %d, 0, 0) at %%p>",
+           probe_port(fds[0]));
+  ASSERT(describes_as(&c6, fmt));
+  ac_close(&c6); /* flags cleared, addr kept (D-15) */
+  snprintf(fmt, sizeof(fmt),
+           "<asyncore.dispatcher ('::1', %d, 0, 0) at %%p>",
+           probe_port(fds[0]));
+  ASSERT(describes_as(&c6, fmt));
+
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+  ASSERT_OK(ac_dispatcher_init(&u, map, NULL));
+  ASSERT_OK(ac_dispatcher_open(&u, sv[0]));
+  ASSERT(describes_as(&u, "<asyncore.dispatcher connected '' at %p>"));
+
+  ASSERT_OK(ac_dispatcher_with_send_init(&w, map, NULL));
+  ASSERT(describes_as(&w.d, "<asyncore.dispatcher_with_send at %p>"));
+
+  ASSERT_EQ(ac_describe(&d, small, sizeof(small)),
+            ac_describe(&d, fmt, sizeof(fmt)));
+  ASSERT_STR_EQ(small, "<asynco");
+  ac_close(&d);
+  ac_close(&l);
+  ac_close(&u);
+  ac_close(&w.d);
+  close(fds[0]);
+  close(sv[1]);
+  task_map_free(map);
+}
+
+static const task_t tasks[] = {
+    TASK_ENTRY(d01_fresh_defaults),
+    TASK_ENTRY(d01_connection_attributes),
+    TASK_ENTRY(d02_default_map_captured_at_init),
+    TASK_ENTRY(d03_open_connected_tcp),
+    TASK_ENTRY(d03_open_unconnected_and_socketpair),
+    TASK_ENTRY(d03_open_bad_socket),
+    TASK_ENTRY(d03_quick_connect_reset),
+    TASK_ENTRY(d04_create_socket),
+    TASK_ENTRY(d04_create_socket_dgram_and_bad_family),
+    TASK_ENTRY(d05_set_socket),
+    TASK_ENTRY(d07_set_reuse_addr),
+    TASK_ENTRY(d09_listen_sets_accepting_first),
+    TASK_ENTRY(d10_bind),
+    TASK_ENTRY(d11_connect_tcp_pending),
+    TASK_ENTRY(d11_connect_unix_immediate),
+    TASK_ENTRY(d11_connect_immediate_failure),
+    TASK_ENTRY(d11_connect_again_while_pending),
+    TASK_ENTRY(d11_connect_again_when_connected),
+    TASK_ENTRY(d11_unix_handle_connect_failure_to_caller),
+    TASK_ENTRY(d17_connect_refused),
+    TASK_ENTRY(d17_connect_refused_read_only),
+    TASK_ENTRY(d16_connect_completed_by_read),
+    TASK_ENTRY(d11_connect_name_localhost),
+    TASK_ENTRY(d11_connect_name_unresolvable),
+    TASK_ENTRY(d12_accept),
+    TASK_ENTRY(d13_send_counts),
+    TASK_ENTRY(d13_send_would_block),
+    TASK_ENTRY(d13_send_disconnected),
+    TASK_ENTRY(d14_recv),
+    TASK_ENTRY(d14_recv_reset),
+    TASK_ENTRY(d14_eof_in_loop),
+    TASK_ENTRY(d15_close),
+    TASK_ENTRY(d15_closed_callback_once),
+    TASK_ENTRY(d16_read_event),
+    TASK_ENTRY(d16_d18_connect_event_first),
+    TASK_ENTRY(d18_write_event),
+    TASK_ENTRY(d19_expt_event),
+    TASK_ENTRY(d20_default_handler_warnings),
+    TASK_ENTRY(d20_default_read_leaves_input),
+    TASK_ENTRY(d21_default_accept_calls_accepted),
+    TASK_ENTRY(d22_default_accepted_closes),
+    TASK_ENTRY(d23_default_handle_close),
+    TASK_ENTRY(d24_log),
+    TASK_ENTRY(d25_log_info),
+    TASK_ENTRY(d25_log_overrides),
+    TASK_ENTRY(d26_describe),
+};
+
+int main(int argc, char **argv) {
+  return task_run("dispatcher", tasks, sizeof(tasks) / sizeof(tasks[0]),
+                  argc, argv);
+}

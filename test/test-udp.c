@@ -1,0 +1,291 @@
+/* UDP channels (poll backend) with ac_recvfrom/ac_sendto, both modes and
+ * families; an ICMP error as POLLERR (L-15, E-02, E-03); D-11 on a
+ * datagram socket. */
+#include "task.h"
+
+#include <arpa/inet.h>
+#include <unistd.h>
+
+static const int modes[2] = {0, 1};
+
+typedef struct {
+  ac_dispatcher_t d;
+  char got[64];
+  ssize_t ngot;
+  int reads;
+  int closes;
+  int errors;
+  int last_error;
+  int connects;
+  int sent;
+  struct sockaddr_storage from;
+  struct sockaddr_storage to;   /* where handle_write sends */
+  const char *msg;
+  size_t msglen;
+  int echo;                     /* server: send back what came */
+} udp_t;
+
+static udp_t *udp(ac_dispatcher_t *d) { return ac_container_of(d, udp_t, d); }
+
+static int u_writable(ac_dispatcher_t *d) {
+  return udp(d)->msg != NULL && !udp(d)->sent;
+}
+
+static int u_write(ac_dispatcher_t *d) {
+  udp_t *u = udp(d);
+  ssize_t n = ac_sendto(d, u->msg, u->msglen,
+                        u->to.ss_family ? (struct sockaddr *) &u->to : NULL);
+
+  if (n < 0) {
+    return (int) n;
+  }
+  u->sent = 1;
+  return 0;
+}
+
+static int u_read(ac_dispatcher_t *d) {
+  udp_t *u = udp(d);
+  socklen_t len = sizeof(u->from);
+  ssize_t n = ac_recvfrom(d, u->got, sizeof(u->got), &u->from, &len);
+
+  u->reads++;
+  if (n < 0) {
+    return (int) n;
+  }
+  u->ngot = n;
+  if (u->echo) {
+    n = ac_sendto(d, u->got, (size_t) n, (struct sockaddr *) &u->from);
+  }
+  return n < 0 ? (int) n : 0;
+}
+
+static int u_close(ac_dispatcher_t *d) {
+  udp(d)->closes++;
+  return ac_close(d);
+}
+
+static int u_error(ac_dispatcher_t *d, const ac_error_t *e) {
+  udp(d)->errors++;
+  udp(d)->last_error = e->code;
+  return ac_close(d);
+}
+
+static int u_connect(ac_dispatcher_t *d) {
+  udp(d)->connects++;
+  return 0;
+}
+
+static const ac_dispatcher_ops_t udp_ops = {
+    .writable = u_writable,
+    .handle_write = u_write,
+    .handle_read = u_read,
+    .handle_close = u_close,
+    .handle_error = u_error,
+    .handle_connect = u_connect,
+};
+
+/* A bound UDP channel on the loopback address of `family`. */
+static int udp_open(udp_t *u, ac_map_t *map, int family) {
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof(ss);
+  int r;
+
+  memset(u, 0, sizeof(*u));
+  task_addr(family, 0, &ss);
+  r = ac_dispatcher_init(&u->d, map, &udp_ops);
+  if (r == 0) {
+    r = ac_create_socket(&u->d, family, SOCK_DGRAM);
+  }
+  if (r == 0) {
+    r = ac_bind(&u->d, (struct sockaddr *) &ss);
+  }
+  if (r == 0) {
+    getsockname(ac_fileno(&u->d), (struct sockaddr *) &u->to, &len);
+  }
+  return r;
+}
+
+#define LOOP_UNTIL(map, mode, cond, max)                                      \
+  do {                                                                        \
+    int n_;                                                                   \
+    for (n_ = 0; n_ < (max) && !(cond); n_++) {                               \
+      ASSERT_OK(ac_loop((map), 0.01, (mode), 1));                             \
+    }                                                                         \
+    ASSERT(cond);                                                             \
+  } while (0)
+
+/* A datagram round trip: the client sends with ac_sendto from
+ * handle_write, the server answers to the address ac_recvfrom gave, both
+ * IPv4 and IPv6, select and poll mode. */
+TASK(udp_echo_round_trip) {
+  static const int families[2] = {AF_INET, AF_INET6};
+  int f;
+  int m;
+
+  for (f = 0; f < 2; f++) {
+    for (m = 0; m < 2; m++) {
+      ac_map_t *map = task_map_new();
+      udp_t srv;
+      udp_t cli;
+
+      ASSERT(map != NULL);
+      ASSERT_OK(udp_open(&srv, map, families[f]));
+      ASSERT_OK(udp_open(&cli, map, families[f]));
+      ASSERT_EQ(srv.d.backend, AC_BACKEND_POLL);
+      ASSERT_EQ(srv.d.type, SOCK_DGRAM);
+      srv.echo = 1;
+      memcpy(&cli.to, &srv.to, sizeof(cli.to));
+      cli.msg = "ping";
+      cli.msglen = 4;
+      LOOP_UNTIL(map, modes[m], cli.ngot == 4, 500);
+      ASSERT_MEM_EQ(cli.got, "ping", 4);
+      ASSERT_EQ(srv.ngot, 4);
+      ASSERT_EQ(cli.from.ss_family, families[f]);
+      ASSERT_MEM_EQ(&cli.from, &srv.to,
+                    f == 0 ? sizeof(struct sockaddr_in)
+                           : sizeof(struct sockaddr_in6));
+      ASSERT_EQ(srv.closes + cli.closes + srv.errors + cli.errors, 0);
+      task_map_free(map);
+    }
+  }
+}
+
+/* An empty datagram is a datagram, not EOF: ac_recvfrom returns 0 and no
+ * handle_close follows (unlike ac_recv on a stream, D-14). */
+TASK(udp_empty_datagram_is_not_eof) {
+  int m;
+
+  for (m = 0; m < 2; m++) {
+    ac_map_t *map = task_map_new();
+    udp_t srv;
+    udp_t cli;
+
+    ASSERT(map != NULL);
+    ASSERT_OK(udp_open(&srv, map, AF_INET));
+    ASSERT_OK(udp_open(&cli, map, AF_INET));
+    srv.ngot = -1;
+    memcpy(&cli.to, &srv.to, sizeof(cli.to));
+    cli.msg = "";
+    cli.msglen = 0;
+    LOOP_UNTIL(map, modes[m], srv.ngot == 0, 500);
+    ASSERT_EQ(srv.reads, 1);
+    ASSERT_EQ(srv.closes, 0);
+    ASSERT(!ac_is_closed(&srv.d));
+    ASSERT_EQ(ac_map_len(map), 2);
+    task_map_free(map);
+  }
+}
+
+/* Nothing queued: UV_EAGAIN, as socket.recvfrom raises BlockingIOError. */
+TASK(udp_recvfrom_would_block) {
+  ac_map_t *map = task_map_new();
+  udp_t u;
+  char buf[4];
+
+  ASSERT(map != NULL);
+  ASSERT_OK(udp_open(&u, map, AF_INET));
+  ASSERT_EQ(ac_recvfrom(&u.d, buf, sizeof(buf), NULL, NULL), UV_EAGAIN);
+  task_map_free(map);
+}
+
+/* Bad input returns codes, never crashes. */
+TASK(udp_bad_input) {
+  ac_map_t *map = task_map_new();
+  udp_t u;
+  ac_dispatcher_t tcp;
+  struct sockaddr_storage ss;
+  char buf[4];
+
+  ASSERT(map != NULL);
+  ASSERT_EQ(ac_recvfrom(NULL, buf, 1, NULL, NULL), UV_EINVAL);
+  ASSERT_EQ(ac_sendto(NULL, buf, 1, NULL), UV_EINVAL);
+  ASSERT_OK(udp_open(&u, map, AF_INET));
+  ASSERT_EQ(ac_recvfrom(&u.d, NULL, 1, NULL, NULL), UV_EINVAL);
+  ASSERT_EQ(ac_sendto(&u.d, NULL, 1, NULL), UV_EINVAL);
+  memset(&ss, 0, sizeof(ss));
+  ss.ss_family = AF_APPLETALK;
+  ASSERT_EQ(ac_sendto(&u.d, "x", 1, (struct sockaddr *) &ss),
+            UV_EAFNOSUPPORT);
+  ASSERT_EQ(ac_sendto(&u.d, "x", 1, NULL), UV_EDESTADDRREQ);
+  ac_close(&u.d);
+  ASSERT_EQ(ac_recvfrom(&u.d, buf, 1, NULL, NULL), UV_EBADF);
+  ASSERT_EQ(ac_sendto(&u.d, "x", 1, NULL), UV_EBADF);
+  ASSERT_OK(ac_dispatcher_init(&tcp, map, NULL));
+  ASSERT_OK(ac_create_socket(&tcp, AF_INET, SOCK_STREAM));
+  ASSERT_EQ(ac_recvfrom(&tcp, buf, 1, NULL, NULL), UV_EPROTOTYPE);
+  ASSERT_EQ(ac_sendto(&tcp, "x", 1, NULL), UV_EPROTOTYPE);
+  task_map_free(map);
+}
+
+/* D-11 on a datagram socket: connect completes at once, handle_connect
+ * runs inside ac_connect, and ac_sendto(NULL) / ac_send go to the peer. */
+TASK(udp_connected) {
+  ac_map_t *map = task_map_new();
+  udp_t srv;
+  udp_t cli;
+
+  ASSERT(map != NULL);
+  ASSERT_OK(udp_open(&srv, map, AF_INET));
+  ASSERT_OK(udp_open(&cli, map, AF_INET));
+  ASSERT_OK(ac_connect(&cli.d, (struct sockaddr *) &srv.to));
+  ASSERT_EQ(cli.connects, 1);
+  ASSERT_EQ(cli.d.connected, 1);
+  ASSERT_EQ(ac_sendto(&cli.d, "ab", 2, NULL), 2);
+  LOOP_UNTIL(map, 0, srv.ngot == 2, 500);
+  ASSERT_MEM_EQ(srv.got, "ab", 2);
+  srv.ngot = 0;
+  ASSERT_EQ(ac_send(&cli.d, "cde", 3), 3);
+  LOOP_UNTIL(map, 1, srv.ngot == 3, 500);
+  ASSERT_MEM_EQ(srv.got, "cde", 3);
+  task_map_free(map);
+}
+
+/* L-15: a connected UDP socket whose datagram met a closed port gets
+ * ICMP "port unreachable": POLLERR.  Select mode counts ERR as readable
+ * (handle_read, whose recvfrom raises ECONNREFUSED: handle_error, E-02);
+ * poll mode reports POLLERR alone, so readwrite calls handle_close
+ * (E-03), as Python does. */
+TASK(udp_icmp_error_is_pollerr) {
+  int m;
+
+  for (m = 0; m < 2; m++) {
+    ac_map_t *map = task_map_new();
+    udp_t gone;
+    udp_t cli;
+    struct sockaddr_storage dead;
+
+    ASSERT(map != NULL);
+    ASSERT_OK(udp_open(&gone, map, AF_INET));
+    memcpy(&dead, &gone.to, sizeof(dead));
+    ac_close(&gone.d); /* nobody listens there any more */
+    ASSERT_OK(udp_open(&cli, map, AF_INET));
+    ASSERT_OK(ac_connect(&cli.d, (struct sockaddr *) &dead));
+    ASSERT_EQ(ac_sendto(&cli.d, "x", 1, NULL), 1);
+    LOOP_UNTIL(map, modes[m], ac_is_closed(&cli.d), 500);
+    if (m == 0) {
+      ASSERT_EQ(cli.reads, 1);
+      ASSERT_EQ(cli.errors, 1);
+      ASSERT_EQ(cli.last_error, UV_ECONNREFUSED);
+      ASSERT_EQ(cli.closes, 0);
+    } else {
+      ASSERT_EQ(cli.reads, 0);
+      ASSERT_EQ(cli.errors, 0);
+      ASSERT_EQ(cli.closes, 1);
+    }
+    task_map_free(map);
+  }
+}
+
+static const task_t tasks[] = {
+    TASK_ENTRY(udp_echo_round_trip),
+    TASK_ENTRY(udp_empty_datagram_is_not_eof),
+    TASK_ENTRY(udp_recvfrom_would_block),
+    TASK_ENTRY(udp_bad_input),
+    TASK_ENTRY(udp_connected),
+    TASK_ENTRY(udp_icmp_error_is_pollerr),
+};
+
+int main(int argc, char **argv) {
+  return task_run("udp", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
+                  argv);
+}
