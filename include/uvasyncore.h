@@ -156,7 +156,7 @@ struct ac_dispatcher_s {
   uint8_t armed;        /* interest for this pass: AC__R / AC__W */
   uint8_t ready;        /* synthetic readiness: AC__R / AC__W */
   uint8_t nreq;         /* outstanding libuv requests */
-  uint8_t mode_poll;    /* poll-mode classification for this channel */
+  uint8_t paused;       /* listener: accepting paused after EMFILE (map.c) */
   int so_error;         /* stream backend: connect result */
   size_t wq_bytes;      /* stream backend: bytes queued in libuv */
   const void *cls;      /* class: defaults of plain, with_send, chat ... */

@@ -37,6 +37,8 @@ typedef struct ac__adopt_s {
   char data[];
 } ac__adopt_t;
 
+/* The adoption in progress of d, or NULL (a short list: adoptions end
+ * once their input is read and their fence is through). */
 static ac__adopt_t *find(const ac_dispatcher_t *d) {
   ac__adopt_t *a;
 
@@ -99,6 +101,7 @@ void ac__adopt_closed(ac_dispatcher_t *d) {
   }
 }
 
+/* Close the application's handle, once, with its close callback. */
 static void close_app(ac__adopt_t *a) {
   if (a->app != NULL && !uv_is_closing((uv_handle_t *) a->app)) {
     uv_close((uv_handle_t *) a->app, a->app_closed);
@@ -142,6 +145,7 @@ void ac__adopt_abort(ac_map_t *m) {
   }
 }
 
+/* A new adoption of d holding a copy of the n pending bytes, or NULL. */
 static ac__adopt_t *adopt_new(ac_dispatcher_t *d, const void *pending,
                               size_t n) {
   ac__adopt_t *a = ac__malloc(sizeof(*a) + n);
@@ -181,6 +185,7 @@ static void adopt_start(ac__adopt_t *a) {
   finish(a);
 }
 
+/* ac_dispatcher_open plus pending input; returns 0 or the open's error. */
 int ac_dispatcher_adopt_fd(ac_dispatcher_t *d, uv_os_sock_t sock,
                            const void *pending, size_t n) {
   ac__adopt_t *a;
@@ -202,6 +207,7 @@ int ac_dispatcher_adopt_fd(ac_dispatcher_t *d, uv_os_sock_t sock,
   return 0;
 }
 
+/* Whether s is a stream type with an fd (TCP, pipe, tty) and not closing. */
 static int stream_ok(const uv_stream_t *s) {
   uv_handle_type t = s->type;
 
@@ -225,6 +231,8 @@ static int fence_start(ac__adopt_t *a) {
   return 1;
 }
 
+/* Open d on a duplicate of stream's fd, carry pending input over, fence
+ * the stream's queued writes; returns 0 or an error, stream untouched. */
 int ac_dispatcher_adopt_stream(ac_dispatcher_t *d, uv_stream_t *stream,
                                const void *pending, size_t n,
                                uv_close_cb close_cb) {

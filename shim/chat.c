@@ -119,11 +119,23 @@ static int usable(const ac_chat_t *c) {
   return c != NULL && (c->d.flags & AC__F_INIT) && c->d.cls == &ac__chat_class;
 }
 
+/* For the calls that may allocate: 0, UV_EINVAL (not a chat), or UV_EBADF
+ * once the channel was released (nothing would free the memory). */
+static int alive(const ac_chat_t *c) {
+  if (!usable(c)) {
+    return UV_EINVAL;
+  }
+  return (c->d.flags & AC__F_RELEASED) ? UV_EBADF : 0;
+}
+
 int ac_chat_set_terminator(ac_chat_t *c, const void *term, size_t n) {
   char *heap = NULL;
 
   if (!usable(c) || (term == NULL && n > 0) || n >= UINT32_MAX) {
     return UV_EINVAL;
+  }
+  if (alive(c) != 0) {
+    return UV_EBADF;
   }
   if (c->term_kind == AC_TERM_BYTES && c->term_len == n &&
       (n == 0 || memcmp(term_bytes(c), term, n) == 0)) {
@@ -150,6 +162,9 @@ int ac_chat_set_terminator(ac_chat_t *c, const void *term, size_t n) {
 
 /* Shared by the count and none setters. */
 static int set_other(ac_chat_t *c, int kind, uint64_t count) {
+  if (c->d.flags & AC__F_RELEASED) {
+    return UV_EBADF;
+  }
   if (spill_keep(c) != 0) {
     return UV_ENOMEM;
   }
@@ -595,6 +610,9 @@ int ac_chat_feed(ac_chat_t *c, const void *data, size_t n) {
   if (!usable(c) || (data == NULL && n > 0)) {
     return UV_EINVAL;
   }
+  if (alive(c) != 0) {
+    return UV_EBADF;
+  }
   if (c->parsing) {
     return UV_EBUSY;
   }
@@ -634,6 +652,9 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   if (c->parsing) {
     return UV_EBUSY;
   }
+  if (want > (size_t) -1 - front) {
+    return UV_ENOMEM; /* front + want would wrap */
+  }
   buf = rbuf_get(c, front + want, &own);
   if (buf == NULL) {
     return UV_ENOMEM;
@@ -670,6 +691,9 @@ int ac_chat_collect_incoming(ac_chat_t *c, const char *data, size_t n) {
 
   if (!usable(c) || (data == NULL && n > 0)) {
     return UV_EINVAL;
+  }
+  if (alive(c) != 0) {
+    return UV_EBADF;
   }
   need = c->inc_len + n;
   if (need > c->inc_cap) {
@@ -721,7 +745,7 @@ static void chat_release(ac_dispatcher_t *d) {
   ac_chat_t *c = chat(d);
 
   ac_chat_discard_buffers(c);
-  ac__ring_free(&c->fifo);
+  ac__chat_out_free(c);
   term_drop(c);
   c->term_kind = AC_TERM_NONE;
   ac__free(c->spill);

@@ -4,26 +4,62 @@
 
 #include "internal.h"
 
+#include <string.h>
 #include <sys/uio.h>
 
-/* Ring primitives on ac_fifo_t (fifo.c): items of f->esize_ bytes. */
-AC__HIDDEN void ac__ring_init(ac_fifo_t *f, size_t esize);
-AC__HIDDEN void *ac__ring_at(const ac_fifo_t *f, size_t i);
+/* A ring on ac_fifo_t: items of `es` bytes (the same for every call on a
+ * ring; a constant at each call site, so the copies inline).  The
+ * capacity is a power of two.  Growing is fifo.c's. */
+AC__HIDDEN void ac__ring_init(ac_fifo_t *f, size_t es);
 AC__HIDDEN int ac__ring_reserve(ac_fifo_t *f, size_t n);
-AC__HIDDEN int ac__ring_push_back(ac_fifo_t *f, const void *item);
-AC__HIDDEN int ac__ring_push_front(ac_fifo_t *f, const void *item);
-AC__HIDDEN void ac__ring_pop_front(ac_fifo_t *f, void *item);
 AC__HIDDEN void ac__ring_free(ac_fifo_t *f);
+
+/* Item i from the head. */
+static inline void *ac__ring_at(const ac_fifo_t *f, size_t i, size_t es) {
+  return f->buf_ + ((f->head_ + i) & (f->cap_ - 1)) * es;
+}
+
+static inline int ac__ring_push_back(ac_fifo_t *f, const void *item,
+                                     size_t es) {
+  if (f->len_ == f->cap_ && ac__ring_reserve(f, 1) != 0) {
+    return UV_ENOMEM;
+  }
+  memcpy(ac__ring_at(f, f->len_++, es), item, es);
+  return 0;
+}
+
+static inline int ac__ring_push_front(ac_fifo_t *f, const void *item,
+                                      size_t es) {
+  if (f->len_ == f->cap_ && ac__ring_reserve(f, 1) != 0) {
+    return UV_ENOMEM;
+  }
+  f->head_ = (f->head_ + f->cap_ - 1) & (f->cap_ - 1);
+  f->len_++;
+  memcpy(ac__ring_at(f, 0, es), item, es);
+  return 0;
+}
+
+/* Remove the head (the ring must not be empty) into `item`. */
+static inline void ac__ring_pop_front(ac_fifo_t *f, void *item, size_t es) {
+  memcpy(item, ac__ring_at(f, 0, es), es);
+  f->head_ = (f->head_ + 1) & (f->cap_ - 1);
+  f->len_--;
+}
 
 /* One entry of the producer fifo. */
 enum { AC__E_DATA, AC__E_PRODUCER, AC__E_CLOSE };
-/* Who frees the bytes of a data entry (the last slice of a push owns). */
-enum { AC__OWN_NONE, AC__OWN_FREE, AC__OWN_CB };
+/* Where the bytes of a data entry live: borrowed (a producer's chunk),
+ * the channel's arena (pushed copies), or the application's (push_owned:
+ * the last slice calls free_fn). */
+enum { AC__OWN_NONE, AC__OWN_ARENA, AC__OWN_CB };
 
 typedef struct {
-  const char *p;   /* data: the bytes not sent yet */
+  union {
+    const char *p; /* the bytes not sent yet */
+    size_t pos;    /* AC__OWN_ARENA: their position in the arena */
+  } at;
   size_t n;
-  void *owner;     /* allocation, owned bytes or the producer */
+  void *owner;     /* owned bytes or the producer */
   ac_chat_free_cb free_fn;
   void *ctx;
   uint8_t kind;    /* AC__E_* */
@@ -39,6 +75,7 @@ AC__HIDDEN int ac__chat_handle_write(ac_dispatcher_t *d);
 AC__HIDDEN ssize_t ac__chat_send(ac_dispatcher_t *d, const void *buf,
                                  size_t n);
 AC__HIDDEN void ac__chat_out_discard(ac_chat_t *c);
+AC__HIDDEN void ac__chat_out_free(ac_chat_t *c);
 AC__HIDDEN int ac__chat_usable(const ac_chat_t *c);
 
 /* chat.c */

@@ -12,6 +12,9 @@
 
 static const ac_dispatcher_ops_t no_overrides;
 
+/* The length of an address of a family the library knows, 0 for any other
+ * family (its size is unknown: copying a sockaddr_storage from it could read
+ * past the caller's object). */
 static socklen_t addr_len(const struct sockaddr *sa) {
   switch (sa->sa_family) {
   case AF_INET:
@@ -29,7 +32,7 @@ static socklen_t addr_len(const struct sockaddr *sa) {
                         (n > max ? max : n));
   }
   default:
-    return sizeof(struct sockaddr_storage);
+    return 0;
   }
 }
 
@@ -208,7 +211,7 @@ void ac_set_reuse_addr(ac_dispatcher_t *d) {
   int v = 0;
   socklen_t len = sizeof(v);
 
-  if (d == NULL || d->fd < 0) {
+  if (d == NULL || !(d->flags & AC__F_INIT) || d->fd < 0) {
     return;
   }
   if (getsockopt(d->fd, SOL_SOCKET, SO_REUSEADDR, &v, &len) == 0) {
@@ -224,6 +227,9 @@ int ac_bind(ac_dispatcher_t *d, const struct sockaddr *addr) {
     return UV_EINVAL;
   }
   len = addr_len(addr);
+  if (len == 0) {
+    return UV_EAFNOSUPPORT;
+  }
   set_addr(d, addr, len); /* D-10: addr is set even if bind fails */
   if (d->fd < 0) {
     return UV_EBADF;
@@ -272,10 +278,14 @@ int ac_accept(ac_dispatcher_t *d, uv_os_sock_t *sock,
                  SOCK_NONBLOCK | SOCK_CLOEXEC);
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED) {
+    int err = errno;
+    if (err == EAGAIN || err == EWOULDBLOCK || err == ECONNABORTED) {
       return 0; /* D-12: "None" */
     }
-    return AC__ERR(errno);
+    if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+      ac__accept_pause(d); /* the connection waits; do not spin on it */
+    }
+    return AC__ERR(err);
   }
   *sock = fd;
   if (addr != NULL) {
@@ -294,12 +304,15 @@ int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   if (d == NULL || addr == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
+  len = addr_len(addr);
+  if (len == 0) {
+    return UV_EAFNOSUPPORT;
+  }
   d->connected = 0; /* D-11 step 1 */
   d->connecting = 1;
   if (d->fd < 0) {
     return UV_EBADF;
   }
-  len = addr_len(addr);
   r = ac__attach(d, 1);
   if (r != 0) {
     return r;
@@ -371,6 +384,9 @@ int ac_close(ac_dispatcher_t *d) {
     ac__list_add(&d->map->release, &d->plink);
     ac__wake(d->map);
   }
+  if (d->map->npaused > 0) {
+    ac__accept_resume(d->map); /* an fd may be free: listeners try again */
+  }
   return 0;
 }
 
@@ -406,11 +422,11 @@ void ac__handle_closed(uv_handle_t *h) {
 }
 
 uv_os_sock_t ac_fileno(const ac_dispatcher_t *d) {
-  return d != NULL ? d->fd : -1;
+  return d != NULL && (d->flags & AC__F_INIT) ? d->fd : -1;
 }
 
 int ac_is_closed(const ac_dispatcher_t *d) {
-  return d == NULL || d->fd < 0;
+  return ac_fileno(d) < 0;
 }
 
 /* A handler called from inside ac_send/ac_recv (handle_close) failed:
@@ -431,8 +447,15 @@ int ac__raise(ac_dispatcher_t *d, int code) {
   return code;
 }
 
+/* EOF or a DISCONNECTED error: handle_close (D-13, D-14), except on a
+ * channel already released, which no callback may reach any more. */
 static ssize_t disconnected(ac_dispatcher_t *d) {
-  int r = ac__raise(d, AC__SLOT(d, handle_close)(d));
+  int r;
+
+  if (d->flags & AC__F_RELEASED) {
+    return UV_EBADF;
+  }
+  r = ac__raise(d, AC__SLOT(d, handle_close)(d));
   return r != 0 ? r : 0;
 }
 

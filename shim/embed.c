@@ -12,6 +12,7 @@
  * long to deliver their queued bytes before their drains are cut. */
 #define AC__LINGER_MS 2000
 
+/* Set what a stop outside ac_loop calls (NULL: uv_stop). */
 void ac_map_set_exit_cb(ac_map_t *m, ac_map_exit_cb cb, void *arg) {
   if (m != NULL) {
     m->exit_cb = cb;
@@ -19,12 +20,14 @@ void ac_map_set_exit_cb(ac_map_t *m, ac_map_exit_cb cb, void *arg) {
   }
 }
 
+/* Choose the E-02/E-03 classification of passes outside ac_loop. */
 void ac_map_set_use_poll(ac_map_t *m, int use_poll) {
   if (m != NULL) {
     m->use_poll = use_poll != 0;
   }
 }
 
+/* Take the result of the last stop outside ac_loop (0 if none). */
 int ac_map_result(ac_map_t *m) {
   int r;
 
@@ -74,6 +77,7 @@ void ac__map_close_check(ac_map_t *m) {
   uv_close((uv_handle_t *) &m->check, on_own_closed);
   uv_close((uv_handle_t *) &m->idle, on_own_closed);
   uv_close((uv_handle_t *) &m->timer, on_own_closed);
+  uv_close((uv_handle_t *) &m->accept_timer, on_own_closed);
   uv_close((uv_handle_t *) &m->linger, on_own_closed);
 }
 
@@ -95,6 +99,8 @@ static void on_tick(uv_timer_t *h) {
   }
 }
 
+/* Start detaching m: close its channels and timers now, its own handles
+ * once they are released (from the loop); returns 0 or an error. */
 int ac_map_close(ac_map_t *m, ac_map_close_cb cb, void *arg) {
   if (m == NULL) {
     return UV_EINVAL;

@@ -139,6 +139,9 @@ static int wrap(ac_dispatcher_t *d, step_fn step) {
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
+  if (d->flags & AC__F_RELEASED) {
+    return UV_EBADF; /* no callback reaches a released channel */
+  }
   m = d->map;
   m->in_dispatch++;
   m->raised = 0;
@@ -169,6 +172,9 @@ int ac_readwrite(ac_dispatcher_t *d, int flags) {
 
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
+  }
+  if (d->flags & AC__F_RELEASED) {
+    return UV_EBADF; /* no callback reaches a released channel */
   }
   m = d->map;
   m->in_dispatch++;
@@ -291,13 +297,29 @@ int ac__base_handle_connect(ac_dispatcher_t *d) {
   return 0;
 }
 
-/* D-21: accept, and hand a new connection to handle_accepted. */
+/* Whether an accept error means "out of fds or memory": ac_accept has
+ * paused the listener, and the connection stays queued in the kernel. */
+static int accept_starved(int r) {
+  return r == UV_EMFILE || r == UV_ENFILE || r == UV_ENOBUFS ||
+         r == UV_ENOMEM;
+}
+
+/* D-21: accept, and hand a new connection to handle_accepted.  Unlike
+ * Python (Q-02), running out of fds is "no connection now", not an error
+ * that closes the listener: ac_accept paused it, it tries again later. */
 int ac__base_handle_accept(ac_dispatcher_t *d) {
   struct sockaddr_storage addr;
   socklen_t len = sizeof(addr);
   uv_os_sock_t sock;
   int r = ac_accept(d, &sock, &addr, &len);
 
+  if (r < 0 && accept_starved(r)) {
+    char msg[96];
+    snprintf(msg, sizeof(msg), "accept: %s, listening paused",
+             ac_err_name(r));
+    ac_log_info(d, msg, "warning");
+    return 0;
+  }
   if (r <= 0) {
     return r;
   }
@@ -464,6 +486,9 @@ size_t ac_describe(const ac_dispatcher_t *d, char *buf, size_t cap) {
   const char *name;
   int n;
 
+  if (buf == NULL) {
+    cap = 0; /* measure only */
+  }
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     n = snprintf(buf, cap, "<invalid dispatcher at %p>", (const void *) d);
     return n < 0 ? 0 : (size_t) n;

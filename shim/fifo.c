@@ -5,18 +5,15 @@
 
 #include <string.h>
 
+#define PTR sizeof(void *)
+
 static size_t esize(const ac_fifo_t *f) {
-  return f->esize_ != 0 ? f->esize_ : sizeof(void *);
+  return f->esize_ != 0 ? f->esize_ : PTR;
 }
 
 void ac__ring_init(ac_fifo_t *f, size_t item_size) {
   memset(f, 0, sizeof(*f));
   f->esize_ = item_size;
-}
-
-/* Item i from the head (the capacity is a power of two). */
-void *ac__ring_at(const ac_fifo_t *f, size_t i) {
-  return f->buf_ + ((f->head_ + i) & (f->cap_ - 1)) * esize(f);
 }
 
 /* Make room for `n` more items without moving the live ones' order. */
@@ -54,35 +51,6 @@ int ac__ring_reserve(ac_fifo_t *f, size_t n) {
   return 0;
 }
 
-int ac__ring_push_back(ac_fifo_t *f, const void *item) {
-  if (ac__ring_reserve(f, 1) != 0) {
-    return UV_ENOMEM;
-  }
-  f->len_++;
-  memcpy(ac__ring_at(f, f->len_ - 1), item, esize(f));
-  return 0;
-}
-
-int ac__ring_push_front(ac_fifo_t *f, const void *item) {
-  if (ac__ring_reserve(f, 1) != 0) {
-    return UV_ENOMEM;
-  }
-  f->head_ = (f->head_ + f->cap_ - 1) & (f->cap_ - 1);
-  f->len_++;
-  memcpy(ac__ring_at(f, 0), item, esize(f));
-  return 0;
-}
-
-/* Remove the head (the ring must not be empty), copying it to `item`
- * unless NULL. */
-void ac__ring_pop_front(ac_fifo_t *f, void *item) {
-  if (item != NULL) {
-    memcpy(item, ac__ring_at(f, 0), esize(f));
-  }
-  f->head_ = (f->head_ + 1) & (f->cap_ - 1);
-  f->len_--;
-}
-
 void ac__ring_free(ac_fifo_t *f) {
   ac__free(f->buf_);
   f->buf_ = NULL;
@@ -91,7 +59,7 @@ void ac__ring_free(ac_fifo_t *f) {
 
 /* The public fifo holds pointers: refuse a ring of other items. */
 static int is_ptr_fifo(const ac_fifo_t *f) {
-  return f != NULL && esize(f) == sizeof(void *);
+  return f != NULL && esize(f) == PTR;
 }
 
 int ac_fifo_init(ac_fifo_t *f, void *const *items, size_t n) {
@@ -100,12 +68,12 @@ int ac_fifo_init(ac_fifo_t *f, void *const *items, size_t n) {
   if (f == NULL || (items == NULL && n > 0)) {
     return UV_EINVAL;
   }
-  ac__ring_init(f, sizeof(void *));
+  ac__ring_init(f, PTR);
   if (ac__ring_reserve(f, n) != 0) {
     return UV_ENOMEM;
   }
   for (i = 0; i < n; i++) {
-    ac__ring_push_back(f, &items[i]);
+    ac__ring_push_back(f, &items[i], PTR);
   }
   return 0;
 }
@@ -127,16 +95,16 @@ int ac_fifo_first(const ac_fifo_t *f, void **item) {
   if (f->len_ == 0) {
     return UV_ENOENT;
   }
-  memcpy(item, ac__ring_at(f, 0), sizeof(void *));
+  memcpy(item, ac__ring_at(f, 0, PTR), PTR);
   return 0;
 }
 
 int ac_fifo_push(ac_fifo_t *f, void *item) {
-  return is_ptr_fifo(f) ? ac__ring_push_back(f, &item) : UV_EINVAL;
+  return is_ptr_fifo(f) ? ac__ring_push_back(f, &item, PTR) : UV_EINVAL;
 }
 
 int ac_fifo_push_front(ac_fifo_t *f, void *item) {
-  return is_ptr_fifo(f) ? ac__ring_push_front(f, &item) : UV_EINVAL;
+  return is_ptr_fifo(f) ? ac__ring_push_front(f, &item, PTR) : UV_EINVAL;
 }
 
 int ac_fifo_pop(ac_fifo_t *f, void **item) {
@@ -148,7 +116,7 @@ int ac_fifo_pop(ac_fifo_t *f, void **item) {
   if (f->len_ == 0) {
     return 0;
   }
-  ac__ring_pop_front(f, item != NULL ? (void *) item : (void *) &dummy);
+  ac__ring_pop_front(f, item != NULL ? (void *) item : (void *) &dummy, PTR);
   return 1;
 }
 
@@ -159,7 +127,7 @@ int ac_fifo_set_first(ac_fifo_t *f, void *item) {
   if (f->len_ == 0) {
     return UV_ENOENT;
   }
-  memcpy(ac__ring_at(f, 0), &item, sizeof(void *));
+  memcpy(ac__ring_at(f, 0, PTR), &item, PTR);
   return 0;
 }
 

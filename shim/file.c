@@ -22,6 +22,7 @@ static int dup_fd(int fd) {
   return r < 0 ? AC__ERR(errno) : r;
 }
 
+/* F-02: keep a close-on-exec duplicate of fd; 0 or the error of dup. */
 int ac_file_wrapper_init(ac_file_wrapper_t *w, int fd) {
   int r;
 
@@ -37,6 +38,7 @@ int ac_file_wrapper_init(ac_file_wrapper_t *w, int fd) {
   return 0;
 }
 
+/* F-03: one read(2); the count, 0 at EOF, or a negative errno. */
 ssize_t ac_file_wrapper_recv(ac_file_wrapper_t *w, void *buf, size_t n) {
   ssize_t r;
 
@@ -49,10 +51,12 @@ ssize_t ac_file_wrapper_recv(ac_file_wrapper_t *w, void *buf, size_t n) {
   return r < 0 ? AC__ERR(errno) : r;
 }
 
+/* F-03: the alias of recv. */
 ssize_t ac_file_wrapper_read(ac_file_wrapper_t *w, void *buf, size_t n) {
   return ac_file_wrapper_recv(w, buf, n);
 }
 
+/* F-03: one write(2); the count or a negative errno. */
 ssize_t ac_file_wrapper_send(ac_file_wrapper_t *w, const void *buf,
                              size_t n) {
   ssize_t r;
@@ -66,11 +70,13 @@ ssize_t ac_file_wrapper_send(ac_file_wrapper_t *w, const void *buf,
   return r < 0 ? AC__ERR(errno) : r;
 }
 
+/* F-03: the alias of send. */
 ssize_t ac_file_wrapper_write(ac_file_wrapper_t *w, const void *buf,
                               size_t n) {
   return ac_file_wrapper_send(w, buf, n);
 }
 
+/* F-04: SO_ERROR is 0; anything else UV_ENOTSUP. */
 int ac_file_wrapper_getsockopt(const ac_file_wrapper_t *w, int level,
                                int optname, int *value) {
   if (w == NULL || value == NULL) {
@@ -99,6 +105,7 @@ int ac_file_wrapper_close(ac_file_wrapper_t *w) {
   return close(fd) == 0 || errno == EINTR ? 0 : AC__ERR(errno);
 }
 
+/* F-06: the duplicate, -1 after close. */
 int ac_file_wrapper_fileno(const ac_file_wrapper_t *w) {
   return w != NULL ? w->fd : -1;
 }
@@ -126,6 +133,7 @@ static int register_file(ac_dispatcher_t *d, int fd) {
   return 0;
 }
 
+/* set_file: register a duplicate of fd; 0 or an error (nothing kept). */
 int ac_file_dispatcher_set_file(ac_file_dispatcher_t *f, int fd) {
   ac_dispatcher_t *d;
   int r;
@@ -149,6 +157,7 @@ int ac_file_dispatcher_set_file(ac_file_dispatcher_t *f, int fd) {
   return r;
 }
 
+/* Set O_NONBLOCK on fd; 0 or a negative errno. */
 static int set_nonblock(int fd) {
   int fl = fcntl(fd, F_GETFL);
 
@@ -158,6 +167,7 @@ static int set_nonblock(int fd) {
   return 0;
 }
 
+/* F-08: a connected file_dispatcher on a duplicate of fd; 0 or an error. */
 int ac_file_dispatcher_init(ac_file_dispatcher_t *f, ac_map_t *map,
                             const ac_dispatcher_ops_t *ops, int fd) {
   int r;

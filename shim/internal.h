@@ -124,6 +124,10 @@ struct ac_map_s {
   char *chat_rbuf;
   size_t chat_rbuf_cap;
   int chat_rbuf_busy;
+  /* Listeners out of fds (map.c): their read interest is paused until
+   * this timer fires or a channel of the map closes. */
+  uv_timer_t accept_timer;
+  size_t npaused;
 };
 
 /* A negative libuv code from an errno (Unix libuv codes are -errno). */
@@ -167,6 +171,11 @@ AC__HIDDEN void ac__wake(ac_map_t *m);
 AC__HIDDEN void ac__kick(ac_map_t *m);
 AC__HIDDEN void ac__map_forget(ac_map_t *m);
 AC__HIDDEN void ac__kick_apply(ac_map_t *m);
+AC__HIDDEN void ac__accept_pause(ac_dispatcher_t *d);
+AC__HIDDEN void ac__accept_resume(ac_map_t *m);
+/* How long a listener that ran out of fds waits before it accepts again
+ * (unless a channel of its map closes first). */
+#define AC__ACCEPT_PAUSE_MS 100
 
 /* dispatcher.c */
 AC__HIDDEN int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,

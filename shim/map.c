@@ -78,8 +78,10 @@ int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
   uv_check_init(loop, &m->check);
   uv_idle_init(loop, &m->idle);
   uv_timer_init(loop, &m->timer);
-  m->nhandles = 4;
+  uv_timer_init(loop, &m->accept_timer);
+  m->nhandles = 5;
   m->prepare.data = m->check.data = m->idle.data = m->timer.data = m;
+  m->accept_timer.data = m;
   /* Started by ac__kick when the map has work; stopped when idle. */
   /* They run every iteration but must not keep an embedding loop alive. */
   uv_unref((uv_handle_t *) &m->prepare);
@@ -122,6 +124,7 @@ void ac_map_free(ac_map_t *m) {
   uv_close((uv_handle_t *) &m->check, on_map_handle_closed);
   uv_close((uv_handle_t *) &m->idle, on_map_handle_closed);
   uv_close((uv_handle_t *) &m->timer, on_map_handle_closed);
+  uv_close((uv_handle_t *) &m->accept_timer, on_map_handle_closed);
   while (m->nhandles > 0) {
     uv_run(m->loop, UV_RUN_NOWAIT);
   }
@@ -267,6 +270,10 @@ void ac__map_del(ac_map_t *m, ac_dispatcher_t *d) {
   ac__list_del(&d->slink);
   d->flags &= ~AC__F_DIRTY;
   m->nchannels--;
+  if (d->paused) {
+    d->paused = 0;
+    m->npaused--;
+  }
   if (m->nchannels == 0 && m->running) {
     uv_stop(m->loop);
   }
@@ -296,6 +303,46 @@ void ac__kick_apply(ac_map_t *m) {
   }
 }
 
+static void on_accept_timer(uv_timer_t *h) { ac__accept_resume(h->data); }
+
+/* accept() failed for want of fds or memory (EMFILE, ENFILE, ENOBUFS,
+ * ENOMEM): the listener stays readable, so asking again at once would spin.
+ * Stop watching it until the map's accept timer fires or a channel of the
+ * map closes (an fd is free again), whichever comes first. */
+void ac__accept_pause(ac_dispatcher_t *d) {
+  ac_map_t *m = d->map;
+
+  if (!ac__linked(&d->link)) {
+    return;
+  }
+  if (!d->paused) {
+    d->paused = 1;
+    m->npaused++;
+    ac__interest_changed(d);
+  }
+  if (!uv_is_active((uv_handle_t *) &m->accept_timer)) {
+    uv_timer_start(&m->accept_timer, on_accept_timer, AC__ACCEPT_PAUSE_MS,
+                   0);
+  }
+}
+
+/* Watch the paused listeners of m again (their interest is recomputed at
+ * the next prepare).  Rare, so a walk over the map is fine. */
+void ac__accept_resume(ac_map_t *m) {
+  ac_link_t *l;
+
+  uv_timer_stop(&m->accept_timer);
+  for (l = m->channels.next; l != &m->channels && m->npaused > 0;
+       l = l->next) {
+    ac_dispatcher_t *d = AC__ENTRY(l, link);
+    if (d->paused) {
+      d->paused = 0;
+      m->npaused--;
+      ac__interest_changed(d);
+    }
+  }
+}
+
 /* Keep d on the synthetic list while it is interested in a readiness that
  * no libuv event will report (level-triggered, L-13). */
 void ac__synth_update(ac_dispatcher_t *d) {
@@ -315,7 +362,7 @@ static int interest(ac_dispatcher_t *d) {
   int r = AC__SLOT(d, readable)(d);
   int w = AC__SLOT(d, writable)(d);
 
-  if (r) {
+  if (r && !d->paused) {
     bits |= AC__R | AC__P;
   }
   if (w && !d->accepting) {

@@ -23,6 +23,7 @@ static int check_dgram(const ac_dispatcher_t *d) {
   return 0;
 }
 
+/* One recvfrom(2) on a datagram channel: the length, or a negative errno. */
 ssize_t ac_recvfrom(ac_dispatcher_t *d, void *buf, size_t n,
                     struct sockaddr_storage *addr, socklen_t *addrlen) {
   struct sockaddr_storage ss;
@@ -50,6 +51,7 @@ ssize_t ac_recvfrom(ac_dispatcher_t *d, void *buf, size_t n,
   return r;
 }
 
+/* One sendto(2) on a datagram channel: the bytes sent, or an error. */
 ssize_t ac_sendto(ac_dispatcher_t *d, const void *buf, size_t n,
                   const struct sockaddr *addr) {
   socklen_t len = 0;
@@ -85,10 +87,12 @@ ssize_t ac_sendto(ac_dispatcher_t *d, const void *buf, size_t n,
   return r;
 }
 
+/* Whether b is a backend a TCP channel may take. */
 static int backend_ok(ac_backend_t b) {
   return b == AC_BACKEND_STREAM || b == AC_BACKEND_POLL;
 }
 
+/* The backend of TCP channels initialised on m from now on. */
 int ac_map_set_tcp_backend(ac_map_t *m, ac_backend_t backend) {
   if (m == NULL || !backend_ok(backend)) {
     return UV_EINVAL;
@@ -97,6 +101,7 @@ int ac_map_set_tcp_backend(ac_map_t *m, ac_backend_t backend) {
   return 0;
 }
 
+/* The backend of d, chosen before it has a handle. */
 int ac_set_tcp_backend(ac_dispatcher_t *d, ac_backend_t backend) {
   if (d == NULL || !(d->flags & AC__F_INIT) || !backend_ok(backend)) {
     return UV_EINVAL;
@@ -112,6 +117,7 @@ int ac_set_tcp_backend(ac_dispatcher_t *d, ac_backend_t backend) {
   return 0;
 }
 
+/* Turn SO_REUSEPORT on; 0 or a negative errno. */
 int ac_set_reuse_port(ac_dispatcher_t *d) {
   int one = 1;
 

@@ -1,19 +1,84 @@
 /* async_chat's output side (spec C-15 to C-22, P-01 to P-03): the producer
  * fifo, push, initiate_send and simple_producer.
  *
- * The fifo holds data entries (bytes not sent yet, copied by push, owned
- * by the application for push_owned, borrowed from a producer for a
- * chunk), producers and close markers, in a ring (fifo.c).  On a stream,
- * one initiate_send gathers the data entries at the head into a single
- * vectored send: one system call per writable pass, however many replies
- * are queued. */
+ * The fifo holds data entries (bytes not sent yet: copies made by push,
+ * the application's bytes for push_owned, a producer's chunk), producers
+ * and close markers, in a ring.  Copies live in a per-channel arena, a
+ * byte buffer consumed from the front as the entries that point into it
+ * are sent, so a queued push costs a memcpy, not an allocation.  On a
+ * stream, one initiate_send gathers the data entries at the head into a
+ * single vectored send: one system call per writable pass, however many
+ * replies are queued. */
 #include "chat_internal.h"
 
-#include <string.h>
+#define ES sizeof(ac__entry_t)
+
+/* Give the arena back after a burst larger than this. */
+#define ARENA_KEEP (256 * 1024)
 
 static ac_chat_t *chat(ac_dispatcher_t *d) { return ac_chat_of(d); }
 
-static ac__entry_t *head(ac_chat_t *c) { return ac__ring_at(&c->fifo, 0); }
+static ac__entry_t *entry(ac_chat_t *c, size_t i) {
+  return ac__ring_at(&c->fifo, i, ES);
+}
+
+static ac__entry_t *head(ac_chat_t *c) { return entry(c, 0); }
+
+static const char *bytes_of(const ac_chat_t *c, const ac__entry_t *e) {
+  return e->own == AC__OWN_ARENA ? c->obuf + (e->at.pos - c->obase)
+                                 : e->at.p;
+}
+
+/* ---------------------------------------------------------------- */
+/* The arena                                                          */
+
+/* Room for n more bytes at the end: compact when at most half is live,
+ * else grow (both amortised over the bytes appended since). */
+static int arena_reserve(ac_chat_t *c, size_t n) {
+  size_t live = c->oend - c->ostart;
+  size_t cap = c->obuf_cap > 0 ? c->obuf_cap : 4096;
+  char *b;
+
+  if (c->oend + n <= c->obase + c->obuf_cap) {
+    return 0;
+  }
+  if (live + n <= c->obuf_cap / 2) {
+    memmove(c->obuf, c->obuf + (c->ostart - c->obase), live);
+    c->obase = c->ostart;
+    return 0;
+  }
+  while (cap < 2 * (live + n)) {
+    if (cap > ((size_t) -1) / 4) {
+      return UV_ENOMEM;
+    }
+    cap *= 2;
+  }
+  b = ac__malloc(cap);
+  if (b == NULL) {
+    return UV_ENOMEM;
+  }
+  if (live > 0) {
+    memcpy(b, c->obuf + (c->ostart - c->obase), live);
+  }
+  ac__free(c->obuf);
+  c->obuf = b;
+  c->obuf_cap = cap;
+  c->obase = c->ostart;
+  return 0;
+}
+
+/* n arena bytes were sent or dropped (they are at its front). */
+static void arena_consumed(ac_chat_t *c, size_t n) {
+  c->ostart += n;
+  if (c->ostart == c->oend) {
+    c->obase = c->ostart; /* empty: start over at obuf[0] */
+    if (c->obuf_cap > ARENA_KEEP) {
+      ac__free(c->obuf);
+      c->obuf = NULL;
+      c->obuf_cap = 0;
+    }
+  }
+}
 
 int ac__chat_usable(const ac_chat_t *c) {
   return c != NULL && (c->d.flags & AC__F_INIT) &&
@@ -42,20 +107,22 @@ static void entry_release(ac__entry_t *e) {
     if (p->release != NULL) {
       p->release(p);
     }
-  } else if (e->own == AC__OWN_FREE) {
-    ac__free(e->owner);
   } else if (e->own == AC__OWN_CB && e->free_fn != NULL) {
     e->free_fn(e->owner, e->ctx);
   }
 }
 
-/* Remove the head entry, then release it (its callback may push). */
+/* Remove the head entry (its bytes sent or dropped), then release it:
+ * the release callback may push. */
 static void pop_release(ac_chat_t *c) {
   ac__entry_t e;
 
-  ac__ring_pop_front(&c->fifo, &e);
+  ac__ring_pop_front(&c->fifo, &e, ES);
   if (e.kind == AC__E_DATA) {
     c->out_bytes -= e.n;
+    if (e.own == AC__OWN_ARENA) {
+      arena_consumed(c, e.n);
+    }
   }
   track(c);
   entry_release(&e);
@@ -67,12 +134,13 @@ void ac__chat_out_discard(ac_chat_t *c) {
   ac_fifo_t old = c->fifo;
   size_t i;
 
-  ac__ring_init(&c->fifo, sizeof(ac__entry_t));
+  ac__ring_init(&c->fifo, ES);
   c->out_bytes = 0;
   c->out_gen++;
+  arena_consumed(c, c->oend - c->ostart);
   track(c);
   for (i = 0; i < old.len_; i++) {
-    ac__entry_t *e = ac__ring_at(&old, i);
+    ac__entry_t *e = ac__ring_at(&old, i, ES);
     if (e->kind == AC__E_PRODUCER && e->owner == c->in_more) {
       c->more_orphan = 1;
     } else {
@@ -80,6 +148,15 @@ void ac__chat_out_discard(ac_chat_t *c) {
     }
   }
   ac__ring_free(&old);
+}
+
+/* The channel is released: after the discard, free the storage too. */
+void ac__chat_out_free(ac_chat_t *c) {
+  ac__chat_out_discard(c);
+  ac__ring_free(&c->fifo);
+  ac__free(c->obuf);
+  c->obuf = NULL;
+  c->obuf_cap = 0;
 }
 
 /* ---------------------------------------------------------------- */
@@ -100,7 +177,7 @@ static void consume(ac_chat_t *c, size_t sent) {
   ac__entry_t *e;
 
   while (k < c->fifo.len_) {
-    e = ac__ring_at(&c->fifo, k);
+    e = entry(c, k);
     if (e->kind != AC__E_DATA || e->n > sent) {
       break;
     }
@@ -108,8 +185,13 @@ static void consume(ac_chat_t *c, size_t sent) {
     k++;
   }
   if (sent > 0) {
-    e = ac__ring_at(&c->fifo, k);
-    e->p += sent;
+    e = entry(c, k);
+    if (e->own == AC__OWN_ARENA) {
+      e->at.pos += sent;
+      arena_consumed(c, sent); /* k entries before it: popped below */
+    } else {
+      e->at.p += sent;
+    }
     e->n -= sent;
     c->out_bytes -= sent;
   }
@@ -137,14 +219,14 @@ static int send_head(ac_chat_t *c) {
   ssize_t r;
 
   for (i = 0; i < c->fifo.len_ && cnt < AC__CHAT_IOV; i++) {
-    ac__entry_t *e = ac__ring_at(&c->fifo, i);
+    ac__entry_t *e = entry(c, i);
     if (e->kind != AC__E_DATA) {
       break;
     }
     if (e->n == 0) {
       continue;
     }
-    iov[cnt].iov_base = (void *) e->p;
+    iov[cnt].iov_base = (void *) bytes_of(c, e);
     iov[cnt].iov_len = e->n;
     if (!gather) {
       if (limit > 0 && e->n > limit) {
@@ -197,9 +279,9 @@ static int call_more(ac_chat_t *c) {
   }
   memset(&e, 0, sizeof(e));
   e.kind = AC__E_DATA;
-  e.p = data;
+  e.at.p = data;
   e.n = n;
-  if (ac__ring_push_front(&c->fifo, &e) != 0) {
+  if (ac__ring_push_front(&c->fifo, &e, ES) != 0) {
     return UV_ENOMEM;
   }
   c->out_bytes += n;
@@ -272,45 +354,45 @@ static int kick(ac_chat_t *c) {
 }
 
 /* Append bytes [skip, n) of a push as the slices of C-16 (boundaries at
- * multiples of `size`, the first one shortened by what was sent).  The
- * bytes are copied (free_fn NULL and `copy`) or borrowed from `data`; the
- * last slice owns them. */
+ * multiples of `size`, the first one shortened by what was sent), copied
+ * into the arena or, with `copy` 0, borrowed from `data` until the last
+ * slice calls free_fn. */
 static int append_slices(ac_chat_t *c, const char *data, size_t n,
                          size_t skip, size_t size, int copy,
                          ac_chat_free_cb free_fn, void *ctx) {
-  const char *base = data; /* holds byte `bias` of the push */
-  size_t bias = 0;
-  size_t first = skip - skip % size;
-  size_t k = (n - first + size - 1) / size;
+  size_t first = n <= size ? 0 : skip - skip % size;
+  size_t k = n <= size ? 1 : (n - first + size - 1) / size;
+  size_t pos = c->oend; /* arena position of byte `skip` */
   ac__entry_t e;
   size_t off;
 
-  if (ac__ring_reserve(&c->fifo, k) != 0) {
+  if ((c->fifo.len_ + k > c->fifo.cap_ &&
+       ac__ring_reserve(&c->fifo, k) != 0) ||
+      (copy && arena_reserve(c, n - skip) != 0)) {
     return UV_ENOMEM;
   }
   if (copy) {
-    char *b = ac__malloc(n - skip);
-    if (b == NULL) {
-      return UV_ENOMEM;
-    }
-    memcpy(b, data + skip, n - skip);
-    base = b;
-    bias = skip;
+    memcpy(c->obuf + (c->oend - c->obase), data + skip, n - skip);
+    c->oend += n - skip;
   }
   memset(&e, 0, sizeof(e));
   e.kind = AC__E_DATA;
+  e.own = copy ? AC__OWN_ARENA : AC__OWN_CB;
   for (off = first; off < n; off += size) {
     size_t lo = off > skip ? off : skip;
     size_t hi = n - off > size ? off + size : n;
-    e.p = base + (lo - bias);
+    if (copy) {
+      e.at.pos = pos + (lo - skip);
+    } else {
+      e.at.p = data + lo;
+    }
     e.n = hi - lo;
-    if (hi == n) {
-      e.own = copy ? AC__OWN_FREE : AC__OWN_CB;
-      e.owner = (void *) base;
+    if (hi == n && !copy) {
+      e.owner = (void *) data;
       e.free_fn = free_fn;
       e.ctx = ctx;
     }
-    ac__ring_push_back(&c->fifo, &e);
+    ac__ring_push_back(&c->fifo, &e, ES);
   }
   c->out_bytes += n - skip;
   track(c);
@@ -328,7 +410,7 @@ static int append_entry(ac_chat_t *c, int kind, void *owner,
   e.own = free_fn != NULL ? AC__OWN_CB : AC__OWN_NONE;
   e.free_fn = free_fn;
   e.ctx = ctx;
-  if (ac__ring_push_back(&c->fifo, &e) != 0) {
+  if (ac__ring_push_back(&c->fifo, &e, ES) != 0) {
     return UV_ENOMEM;
   }
   track(c);

@@ -24,6 +24,7 @@ static int64_t to_ms(double s) {
   return (double) v < ms ? v + 1 : v;
 }
 
+/* libuv's timer fired: run the callback; a non-zero result stops the map. */
 static void on_timer(uv_timer_t *h) {
   ac_timer_t *t = h->data;
   ac_map_t *m = t->map;
@@ -49,6 +50,7 @@ static void on_closed(uv_handle_t *h) {
   }
 }
 
+/* Initialise t, stopped, on the map's list of open timers. */
 int ac_timer_init(ac_map_t *map, ac_timer_t *t) {
   if (t == NULL) {
     return UV_EINVAL;
@@ -74,10 +76,12 @@ int ac_timer_init(ac_map_t *map, ac_timer_t *t) {
   return 0;
 }
 
+/* Whether t was initialised and is not closed. */
 static int usable(const ac_timer_t *t) {
   return t != NULL && (t->flags & (AC__T_INIT | AC__T_CLOSED)) == AC__T_INIT;
 }
 
+/* (Re)start t; 0 or UV_EINVAL. */
 int ac_timer_start(ac_timer_t *t, double delay, double interval,
                    ac_timer_cb cb, void *arg) {
   int64_t d = to_ms(delay);
@@ -91,6 +95,7 @@ int ac_timer_start(ac_timer_t *t, double delay, double interval,
   return uv_timer_start(&t->h, on_timer, (uint64_t) d, (uint64_t) i);
 }
 
+/* Stop t without closing it. */
 int ac_timer_stop(ac_timer_t *t) {
   if (!usable(t)) {
     return UV_EINVAL;
@@ -98,10 +103,12 @@ int ac_timer_stop(ac_timer_t *t) {
   return uv_timer_stop(&t->h);
 }
 
+/* Whether t is started. */
 int ac_timer_is_active(const ac_timer_t *t) {
   return usable(t) && uv_is_active((const uv_handle_t *) &t->h);
 }
 
+/* Close t once: off the map's list, uv_close; `closed` comes later. */
 int ac_timer_close(ac_timer_t *t, ac_timer_closed_cb closed) {
   if (t == NULL || !(t->flags & AC__T_INIT)) {
     return UV_EINVAL;

@@ -10,6 +10,13 @@ static ac_dispatcher_with_send_t *dws(ac_dispatcher_t *d) {
   return ac_container_of(d, ac_dispatcher_with_send_t, d);
 }
 
+/* Whether w is an initialised channel of this class (a channel of another
+ * class has no output buffer behind its dispatcher). */
+static int is_dws(const ac_dispatcher_with_send_t *w) {
+  return w != NULL && (w->d.flags & AC__F_INIT) &&
+         w->d.cls == &ac__with_send_class;
+}
+
 /* W-05 */
 static int dws_writable(ac_dispatcher_t *d) {
   return !d->connected || dws(d)->out_len > 0;
@@ -76,7 +83,7 @@ int ac_dispatcher_with_send_initiate_send(ac_dispatcher_with_send_t *w) {
   size_t n;
   ssize_t sent;
 
-  if (w == NULL || !(w->d.flags & AC__F_INIT)) {
+  if (!is_dws(w)) {
     return UV_EINVAL;
   }
   n = w->out_len < AC__DWS_CHUNK ? w->out_len : AC__DWS_CHUNK;
@@ -138,7 +145,7 @@ static void log_sending(ac_dispatcher_with_send_t *w, const char *p,
  * bytes on the wire and the same buffer afterwards, one copy fewer. */
 int ac_dispatcher_with_send_send(ac_dispatcher_with_send_t *w,
                                  const void *buf, size_t n) {
-  if (w == NULL || !(w->d.flags & AC__F_INIT) || (buf == NULL && n > 0)) {
+  if (!is_dws(w) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
   }
   return send_buffered(w, buf, n);
@@ -148,6 +155,9 @@ static inline int send_buffered(ac_dispatcher_with_send_t *w,
                                 const char *p, size_t n) {
   ssize_t sent = 0;
 
+  if (w->d.flags & AC__F_RELEASED) {
+    return UV_EBADF; /* the buffer was freed; nothing would free it again */
+  }
   if (w->d.debug) {
     log_sending(w, p, n);
   }
@@ -164,5 +174,5 @@ static inline int send_buffered(ac_dispatcher_with_send_t *w,
 }
 
 size_t ac_dispatcher_with_send_pending(const ac_dispatcher_with_send_t *w) {
-  return w != NULL ? w->out_len : 0;
+  return is_dws(w) ? w->out_len : 0;
 }

@@ -819,6 +819,33 @@ TASK(embed_map_close_delivers_accepted_bytes) {
   ASSERT_OK(loop_free(loop));
 }
 
+/* ac_map_close from a handler while ac_loop runs the map: ac_loop returns
+ * (the map is empty, L-09) and the detach completes as the application
+ * keeps running the loop afterwards. */
+TASK(embed_map_close_inside_ac_loop) {
+  uv_loop_t *loop = loop_new();
+  ac_map_t *map = NULL;
+  detacher_t x;
+  exit_seen_t seen = {0};
+  int sv[2];
+
+  ASSERT(loop != NULL);
+  ASSERT_OK(ac_map_new(loop, &map));
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+  memset(&x, 0, sizeof(x));
+  x.seen = &seen;
+  ASSERT_OK(ac_dispatcher_init(&x.d, map, &detach_ops));
+  ASSERT_OK(ac_dispatcher_open(&x.d, sv[0]));
+  ASSERT_EQ(write(sv[1], "x", 1), 1);
+  ASSERT_OK(ac_loop(map, 1.0, 0, AC_FOREVER));
+  ASSERT(ac_is_closed(&x.d));
+  ASSERT_EQ(uv_run(loop, UV_RUN_DEFAULT), 0);
+  ASSERT_EQ(seen.map_closed, 1);
+  ASSERT_EQ(x.released, 1);
+  close(sv[1]);
+  ASSERT_OK(loop_free(loop));
+}
+
 /* A map with nothing but timers (and one never initialised) detaches. */
 TASK(embed_map_close_timers_only) {
   uv_loop_t *loop = loop_new();
@@ -931,6 +958,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(embed_exit_callback),
     TASK_ENTRY(embed_map_close_from_handler),
     TASK_ENTRY(embed_map_close_delivers_accepted_bytes),
+    TASK_ENTRY(embed_map_close_inside_ac_loop),
     TASK_ENTRY(embed_map_close_timers_only),
     TASK_ENTRY(embed_predicates_once_per_iteration),
 };

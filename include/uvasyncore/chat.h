@@ -96,6 +96,11 @@ struct ac_chat_s {
   const ac_chat_ops_t *cops;
   ac_fifo_t fifo;       /* producer_fifo: entries (chat_internal.h) */
   size_t out_bytes;     /* data bytes queued */
+  char *obuf;           /* the arena: pushed copies not sent yet */
+  size_t obuf_cap;
+  size_t obase;         /* arena position of obuf[0] */
+  size_t ostart;        /* position of the first byte not sent */
+  size_t oend;          /* position after the last byte */
   uint32_t out_gen;     /* bumped by discard */
   uint8_t out_nonempty; /* what writable() last reported for the fifo */
   uint8_t sending;      /* inside initiate_send */
