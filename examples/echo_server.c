@@ -1,14 +1,17 @@
 /* The echo server of the asyncore documentation, on uvasyncore.
  *
- *   usage: echo_server PORT
+ *   usage: echo_server PORT [--embed]
  *
  * Listens on 127.0.0.1:PORT; every connection gets back what it sends.
- * SIGINT or SIGTERM ends it with status 0. */
+ * SIGINT or SIGTERM ends it with status 0.  With --embed the program runs
+ * the uv loop itself (uv_run) instead of ac_loop, as an application that
+ * hosts channels in its own loop does (docs/embedding.md). */
 #include <uvasyncore.h>
 
 #include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 typedef struct {
@@ -80,10 +83,11 @@ int main(int argc, char **argv) {
   struct sockaddr_in addr;
   uv_signal_t sigint, sigterm;
   ac_map_t *map;
+  int embed = argc > 2 && strcmp(argv[2], "--embed") == 0;
   int r;
 
   if (argc < 2) {
-    fprintf(stderr, "usage: %s PORT\n", argv[0]);
+    fprintf(stderr, "usage: %s PORT [--embed]\n", argv[0]);
     return 2;
   }
   setvbuf(stdout, NULL, _IOLBF, 0);
@@ -112,7 +116,13 @@ int main(int argc, char **argv) {
   uv_unref((uv_handle_t *) &sigint);
   uv_unref((uv_handle_t *) &sigterm);
 
-  r = ac_loop(map, 30.0, 1, AC_FOREVER); /* asyncore.loop() */
+  if (embed) {
+    ac_map_set_use_poll(map, 1);
+    uv_run(ac_map_loop(map), UV_RUN_DEFAULT); /* ac_map_stop: uv_stop */
+    r = ac_map_result(map);
+  } else {
+    r = ac_loop(map, 30.0, 1, AC_FOREVER); /* asyncore.loop() */
+  }
 
   uv_close((uv_handle_t *) &sigint, NULL);
   uv_close((uv_handle_t *) &sigterm, NULL);

@@ -580,6 +580,17 @@ ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
   }
+  if (d->cls == &ac__with_send_class && d->backend == AC_BACKEND_STREAM &&
+      n <= AC__DWS_CHUNK && !d->debug && d->wq_bytes == 0 &&
+      (d->flags & (AC__F_CONN_DONE | AC__F_WERR | AC__F_ADOPT |
+                   AC__F_RELEASED)) == AC__F_CONN_DONE &&
+      d->fd >= 0 &&
+      ac_container_of(d, ac_dispatcher_with_send_t, d)->out_len == 0) {
+    /* W-02/W-03 with an empty buffer on an idle stream: the one send, from
+     * the caller's bytes.  The echo hot path, without the class call. */
+    ssize_t r = send(d->fd, buf, n, MSG_NOSIGNAL);
+    return r == (ssize_t) n ? r : ac__dws_send_rest(d, buf, n, r);
+  }
   if (AC__CLS(d)->send != NULL) {
     return AC__CLS(d)->send(d, buf, n);
   }

@@ -186,6 +186,9 @@ AC__HIDDEN int ac__dispatch(ac_dispatcher_t *d, int ev);
 AC__HIDDEN void ac__dispatch_read(ac_dispatcher_t *d);
 AC__HIDDEN int ac__attach(ac_dispatcher_t *d, int want_stream);
 #define AC__SEND_UNTRIED (-2)
+#define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
+AC__HIDDEN ssize_t ac__dws_send_rest(ac_dispatcher_t *d, const void *buf,
+                                     size_t n, ssize_t first);
 AC__HIDDEN ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf,
                                  size_t n, ssize_t first);
 AC__HIDDEN ssize_t ac__sendv_raw(ac_dispatcher_t *d, const struct iovec *iov,

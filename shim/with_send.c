@@ -4,7 +4,6 @@
 #include <stdio.h>
 #include <string.h>
 
-#define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
 
 static ac_dispatcher_with_send_t *dws(ac_dispatcher_t *d) {
   return ac_container_of(d, ac_dispatcher_with_send_t, d);
@@ -31,6 +30,26 @@ static int dws_handle_write(ac_dispatcher_t *d) {
 static inline int send_buffered(ac_dispatcher_with_send_t *w,
                                 const char *p, size_t n)
     __attribute__((always_inline));
+
+static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n);
+
+/* ac_send's inline path (dispatcher.c) made the first send(2) of W-03 with
+ * an empty buffer and got `first`: finish as send_buffered would. */
+ssize_t ac__dws_send_rest(ac_dispatcher_t *d, const void *buf, size_t n,
+                          ssize_t first) {
+  ac_dispatcher_with_send_t *w = dws(d);
+  ssize_t sent = ac__send_slow(d, buf, n, first);
+  int r;
+
+  if (sent < 0) {
+    r = append(w, buf, n); /* Python appended before the send failed */
+    return r != 0 ? r : sent;
+  }
+  r = (size_t) sent < n ? append(w, (const char *) buf + sent,
+                                 n - (size_t) sent)
+                        : 0;
+  return r < 0 ? r : (ssize_t) n;
+}
 
 /* ac_send on a dispatcher_with_send channel (arguments checked there). */
 static ssize_t dws_send(ac_dispatcher_t *d, const void *buf, size_t n) {

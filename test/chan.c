@@ -109,6 +109,11 @@ static int ch_connect(ac_dispatcher_t *d) {
   return 0;
 }
 
+static int ch_accept(ac_dispatcher_t *d) {
+  enter(d, CH_ACCEPT);
+  return ac_default_handle_accept(d);
+}
+
 static int ch_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
                        const struct sockaddr *addr, socklen_t addrlen) {
   (void) addr;
@@ -155,7 +160,8 @@ static void ch_closed(ac_dispatcher_t *d) {
 
 #define CH_HANDLERS                                                           \
   .handle_write = ch_write, .handle_connect = ch_connect,                     \
-  .handle_accepted = ch_accepted, .handle_close = ch_close,                   \
+  .handle_accept = ch_accept, .handle_accepted = ch_accepted,                 \
+  .handle_close = ch_close,                                                   \
   .handle_error = ch_error, .closed = ch_closed
 
 static const ac_dispatcher_ops_t plain_ops = {

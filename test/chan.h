@@ -18,6 +18,7 @@ enum {
   CH_READ,     /* handle_read (plain, with_send) or a collect (chat) */
   CH_WRITE,
   CH_CONNECT,
+  CH_ACCEPT,   /* handle_accept (counts, then the default) */
   CH_ACCEPTED,
   CH_CLOSE,
   CH_ERROR,

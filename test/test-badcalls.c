@@ -278,7 +278,12 @@ TASK(dispatcher_wrong_state) {
   ASSERT_OK(ac_listen(&l.u.d, 4));
   ASSERT_OK(ac_listen(&l.u.d, -1));
   ASSERT_EQ(ac_accept(&l.u.d, &s, NULL, NULL), 0); /* none pending */
-  ASSERT_EQ(ac_connect(&l.u.d, (struct sockaddr *) &ss), UV_EISCONN);
+  /* connect on a listener: Linux says EISCONN, which D-11 takes for a
+   * connect that completed at once (Python too): handle_connect runs,
+   * the channel still listens. */
+  ASSERT_OK(ac_connect(&l.u.d, (struct sockaddr *) &ss));
+  ASSERT_EQ(l.n[CH_CONNECT], 1);
+  ASSERT_EQ(l.u.d.accepting, 1);
   port = probe_port(ac_fileno(&l.u.d));
   fd = task_connect_tcp(AF_INET, port);
   ASSERT(fd >= 0);
@@ -339,6 +344,7 @@ TASK(dispatcher_before_connect) {
  * handle_close until the release and return UV_EBADF afterwards (no
  * callback reaches a released channel), nothing is allocated for it. */
 TASK(closed_and_released_channel) {
+  long live0 = alloc_lib.live;
   ac_map_t *map = quiet_map();
   struct sockaddr_storage ss;
   const struct sockaddr *sa = (const struct sockaddr *) &ss;
@@ -416,7 +422,7 @@ TASK(closed_and_released_channel) {
     close(peer);
   }
   task_map_free(map);
-  ASSERT_EQ(alloc_lib.live, 0); /* nothing allocated after a release */
+  ASSERT_EQ(alloc_lib.live, live0); /* nothing allocated after release */
 }
 
 /* dispatcher_with_send functions given NULL, a zeroed struct, a channel
