@@ -271,6 +271,157 @@ def embedding_guide_shows_embed_demo():
         "docs/embedding.md does not show examples/embed_demo.c as it is"
 
 
+
+def tool(name):
+    """The path of a client program, or None (the test is then skipped)."""
+    import shutil
+    return shutil.which(name)
+
+
+def skipped(name, why):
+    print("skip %s: %s" % (name, why), file=sys.stderr)
+
+
+def run(cmd, timeout=60, **kw):
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout, **kw)
+
+
+class Server:
+    """An example server on a free port, stopped with SIGTERM (exit 0)."""
+
+    def __init__(self, name):
+        self.port = free_port()
+        self.proc = start(name, str(self.port))
+        wait_port(self.port, self.proc)
+
+    def stop(self):
+        rc = stop(self.proc)
+        assert rc == 0, "exit status %s on SIGTERM" % rc
+
+
+@test
+def http_server_with_curl():
+    if not tool("curl"):
+        return skipped("http_server_with_curl", "no curl")
+    srv = Server("http_server")
+    base = "http://127.0.0.1:%d" % srv.port
+    try:
+        out = run(["curl", "-s", "-i", base + "/"])
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(b"HTTP/1.1 200 OK"), out.stdout[:60]
+        assert out.stdout.endswith(b"Hello from uvasyncore\n"), out.stdout
+        # HTTP/1.1 keep-alive: two URLs over one connection.
+        out = run(["curl", "-s", "-v", base + "/a", base + "/b"])
+        assert out.stdout == b"Hello from uvasyncore\n" * 2, out.stdout
+        assert b"Re-using existing connection" in out.stderr or \
+            b"Reusing existing connection" in out.stderr, out.stderr[-300:]
+        # HTTP/1.0 closes unless asked to keep the connection.
+        out = run(["curl", "-s", "-i", "--http1.0", base + "/"])
+        assert b"Connection: close" in out.stdout, out.stdout
+        out = run(["curl", "-s", "-i", "--http1.0", "-H",
+                   "Connection: keep-alive", base + "/"])
+        assert b"Connection: keep-alive" in out.stdout, out.stdout
+        # POST bodies come back byte-exactly (count terminator), small and
+        # large, binary.
+        body = random.Random(3).randbytes(3 << 20)
+        path = os.path.join(BUILD, "post-body.bin")
+        with open(path, "wb") as f:
+            f.write(body)
+        out = run(["curl", "-s", "--data-binary", "@" + path, base + "/echo"])
+        assert out.stdout == body, "POST echo differs (%d bytes)" % \
+            len(out.stdout)
+        out = run(["curl", "-s", "-d", "x=1", base + "/echo"])
+        assert out.stdout == b"x=1", out.stdout
+    finally:
+        srv.stop()
+
+
+@test
+def http_server_with_wrk():
+    if not tool("wrk"):
+        return skipped("http_server_with_wrk", "no wrk")
+    srv = Server("http_server")
+    try:
+        out = run(["wrk", "-t1", "-c20", "-d1s",
+                   "http://127.0.0.1:%d/" % srv.port], timeout=30)
+        text = out.stdout.decode()
+        assert out.returncode == 0, out.stderr
+        assert "Requests/sec" in text, text
+        assert "Socket errors" not in text, text
+        assert "Non-2xx" not in text, text
+    finally:
+        srv.stop()
+
+
+@test
+def resp_server_with_redis_cli():
+    cli = tool("redis-cli")
+    if not cli:
+        return skipped("resp_server_with_redis_cli", "no redis-cli")
+    srv = Server("resp_server")
+
+    def r(*args, stdin=None):
+        out = run([cli, "-p", str(srv.port)] + list(args), input=stdin)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.rstrip(b"\n")
+
+    try:
+        assert r("PING") == b"PONG"
+        assert r("FLUSHALL") == b"OK"
+        assert r("SET", "k", "v1") == b"OK"
+        assert r("GET", "k") == b"v1"
+        assert r("GET", "missing") == b""
+        assert r("INCR", "n") == b"1"
+        assert r("INCR", "n") == b"2"
+        assert r("INCR", "k").startswith(b"ERR"), r("INCR", "k")
+        assert r("ECHO", "hello world") == b"hello world"
+        assert r("DBSIZE") == b"2"
+        assert r("DEL", "k", "n", "nope") == b"2"
+        assert r("DBSIZE") == b"0"
+        # Binary-safe values: -x reads the last argument from stdin.
+        blob = bytes(range(256)) * 64 + b"\r\n\0tail"
+        assert r("-x", "SET", "bin", stdin=blob) == b"OK"
+        out = run([cli, "-p", str(srv.port), "--raw", "GET", "bin"])
+        assert out.stdout[:-1] == blob, "binary value differs"
+        assert r("NOSUCH", "x").startswith(b"ERR unknown command")
+        # Inline and pipelined commands over one raw connection.
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.sendall(b"PING\r\nECHO  spaced\r\n*2\r\n$4\r\nECHO\r\n$3\r\nx\ny\r\n"
+                  b"QUIT\r\n")
+        got = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        assert got == b"+PONG\r\n$6\r\nspaced\r\n$3\r\nx\ny\r\n+OK\r\n", got
+    finally:
+        srv.stop()
+
+
+@test
+def resp_server_with_redis_benchmark():
+    bench = tool("redis-benchmark")
+    if not bench:
+        return skipped("resp_server_with_redis_benchmark", "no redis-benchmark")
+    srv = Server("resp_server")
+    try:
+        for extra in ([], ["-P", "16"]):
+            out = run([bench, "-p", str(srv.port), "-t", "ping,set,get",
+                       "-n", "20000", "-c", "50", "-q"] + extra, timeout=120)
+            text = out.stdout.decode().replace("\r", "\n")
+            assert out.returncode == 0, out.stderr
+            for name in ("PING_INLINE", "PING_MBULK", "SET", "GET"):
+                assert "%s: " % name in text and "requests per second" in text, \
+                    text[-400:]
+        assert run(["redis-cli", "-p", str(srv.port), "DBSIZE"]).stdout \
+            .strip() == b"1", "redis-benchmark's key:__rand_int__ was not set"
+    finally:
+        srv.stop()
+
+
 failed = sum(1 for _, e in results if e is not None)
 print("examples: %d passed, %d failed" % (len(results) - failed, failed))
 sys.exit(1 if failed else 0)

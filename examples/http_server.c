@@ -1,0 +1,273 @@
+/* The asynchat documentation's http_request_handler idea, made real.
+ *
+ *   usage: http_server PORT
+ *
+ * Listens on 127.0.0.1:PORT.  HTTP/1.0 and HTTP/1.1 with keep-alive: the
+ * header block is read with the string terminator "\r\n\r\n", a request
+ * body with a byte-count terminator of its Content-Length.  GET and HEAD
+ * get a small fixed page; POST gets its body back.  SIGINT or SIGTERM ends
+ * it with status 0. */
+#include <uvasyncore.h>
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#define MAX_HEADER (64 * 1024)
+#define MAX_BODY (16 * 1024 * 1024)
+
+static const char page[] = "Hello from uvasyncore\n";
+
+typedef struct {
+  ac_chat_t chat;  /* class http_request_handler(asynchat.async_chat) */
+  char *buf;       /* the header block, then the body */
+  size_t len;
+  size_t cap;
+  int in_body;     /* reading the body (count terminator) */
+  int keep_alive;  /* after this response */
+  int head;        /* a HEAD request: no body in the response */
+  int minor;       /* HTTP/1.<minor> */
+} http_t;
+
+static http_t *http_of(ac_chat_t *c) { return ac_container_of(c, http_t, chat); }
+
+/* def collect_incoming_data(self, data): self.ibuffer.append(data) */
+static int on_collect(ac_chat_t *c, const char *data, size_t n) {
+  http_t *h = http_of(c);
+
+  if (h->len + n + 1 > h->cap) {
+    size_t cap = h->cap ? h->cap : 1024;
+    char *p;
+    while (cap < h->len + n + 1) {
+      cap *= 2;
+    }
+    p = realloc(h->buf, cap);
+    if (p == NULL) {
+      return UV_ENOMEM;
+    }
+    h->buf = p;
+    h->cap = cap;
+  }
+  memcpy(h->buf + h->len, data, n);
+  h->len += n;
+  if (!h->in_body && h->len > MAX_HEADER) {
+    return UV_E2BIG; /* handle_error answers 431-like by closing */
+  }
+  return 0;
+}
+
+static int respond(http_t *h, int status, const char *reason,
+                   const char *body, size_t n) {
+  char head[256];
+  int len = snprintf(head, sizeof(head),
+                     "HTTP/1.%d %d %s\r\n"
+                     "Server: uvasyncore-http_server\r\n"
+                     "Content-Type: text/plain\r\n"
+                     "Content-Length: %zu\r\n"
+                     "%s\r\n",
+                     h->minor, status, reason, n,
+                     h->keep_alive ? (h->minor == 0 ? "Connection: keep-alive\r\n"
+                                                    : "")
+                                   : "Connection: close\r\n");
+  int r = ac_chat_push(&h->chat, head, (size_t) len);
+
+  if (r == 0 && n > 0 && !h->head) {
+    r = ac_chat_push(&h->chat, body, n);
+  }
+  if (r == 0 && !h->keep_alive) {
+    r = ac_chat_close_when_done(&h->chat);
+  }
+  return r;
+}
+
+/* The value of header `name` in the block, or NULL; *n gets its length. */
+static const char *header(const char *block, const char *name, size_t *n) {
+  size_t nl = strlen(name);
+  const char *p = strstr(block, "\r\n");
+
+  while (p != NULL && p[0] != '\0' && p[2] != '\0') {
+    const char *line = p + 2;
+    const char *end = strstr(line, "\r\n");
+    if (end == NULL) {
+      end = line + strlen(line); /* the last line: its CRLF was the end of
+                                    the terminator */
+    }
+    if ((size_t) (end - line) > nl && line[nl] == ':' &&
+        strncasecmp(line, name, nl) == 0) {
+      const char *v = line + nl + 1;
+      while (*v == ' ' || *v == '\t') {
+        v++;
+      }
+      *n = (size_t) (end - v);
+      return v;
+    }
+    if (*end == '\0') {
+      break;
+    }
+    p = end;
+  }
+  return NULL;
+}
+
+static int token_is(const char *v, size_t n, const char *word) {
+  return v != NULL && n == strlen(word) && strncasecmp(v, word, n) == 0;
+}
+
+/* The header block is complete: decide keep-alive, then either answer or
+ * read the body with a count terminator. */
+static int found_headers(http_t *h) {
+  char method[16];
+  int major = 1;
+  size_t n = 0;
+  const char *v;
+  long long clen = 0;
+
+  h->buf[h->len] = '\0';
+  h->minor = 1;
+  if (sscanf(h->buf, "%15s %*s HTTP/%d.%d", method, &major, &h->minor) != 3 ||
+      major != 1 || h->minor < 0 || h->minor > 1) {
+    h->minor = 0;
+    h->keep_alive = 0;
+    return respond(h, 400, "Bad Request", "bad request\n", 12);
+  }
+  v = header(h->buf, "Connection", &n);
+  h->keep_alive = h->minor == 1 ? !token_is(v, n, "close")
+                                : token_is(v, n, "keep-alive");
+  h->head = strcmp(method, "HEAD") == 0;
+  v = header(h->buf, "Content-Length", &n);
+  if (v != NULL) {
+    clen = strtoll(v, NULL, 10);
+  }
+  if (clen < 0 || clen > MAX_BODY) {
+    h->keep_alive = 0;
+    return respond(h, 413, "Payload Too Large", "too large\n", 10);
+  }
+  if (strcmp(method, "POST") == 0 && clen > 0) {
+    h->in_body = 1;
+    h->len = 0;
+    return ac_chat_set_terminator_count(&h->chat, clen);
+  }
+  if (strcmp(method, "GET") != 0 && !h->head && strcmp(method, "POST") != 0) {
+    return respond(h, 501, "Not Implemented", "not implemented\n", 16);
+  }
+  h->len = 0;
+  return respond(h, 200, "OK", strcmp(method, "POST") == 0 ? "" : page,
+                 strcmp(method, "POST") == 0 ? 0 : sizeof(page) - 1);
+}
+
+/* def found_terminator(self): ... */
+static int on_found(ac_chat_t *c) {
+  http_t *h = http_of(c);
+  int r;
+
+  if (!h->in_body) {
+    return found_headers(h);
+  }
+  r = respond(h, 200, "OK", h->buf, h->len); /* echo the POST body */
+  h->in_body = 0;
+  h->len = 0;
+  return r != 0 ? r : ac_chat_set_terminator(c, "\r\n\r\n", 4);
+}
+
+static void on_closed(ac_dispatcher_t *d) {
+  http_t *h = http_of(ac_chat_of(d));
+  free(h->buf);
+  free(h);
+}
+
+static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  return ac_close(d);
+}
+
+static const ac_chat_ops_t http_ops = {
+    .base = {.closed = on_closed,
+             .handle_error = on_error,
+             .type_name = "http_request_handler"},
+    .collect_incoming_data = on_collect,
+    .found_terminator = on_found,
+};
+
+static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
+                           const struct sockaddr *addr, socklen_t len) {
+  http_t *h = calloc(1, sizeof(*h));
+  int r;
+
+  (void) addr;
+  (void) len;
+  if (h == NULL) {
+    close(sock);
+    return 0;
+  }
+  r = ac_chat_init(&h->chat, d->map, &http_ops);
+  if (r == 0) {
+    h->chat.batch = 1; /* pipelined responses leave in one send */
+    r = ac_chat_set_terminator(&h->chat, "\r\n\r\n", 4);
+  }
+  if (r == 0) {
+    r = ac_dispatcher_open(&h->chat.d, sock);
+  }
+  if (r != 0) {
+    ac_close(&h->chat.d); /* the closed callback frees h */
+    close(sock);
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t server_ops = {
+    .handle_accepted = server_accepted,
+    .type_name = "http_server",
+};
+
+static void on_signal(uv_signal_t *s, int signum) {
+  (void) signum;
+  ac_map_stop(s->data);
+}
+
+int main(int argc, char **argv) {
+  ac_dispatcher_t server;
+  struct sockaddr_in addr;
+  uv_signal_t sigint, sigterm;
+  ac_map_t *map;
+  int r;
+
+  if (argc < 2) {
+    fprintf(stderr, "usage: %s PORT\n", argv[0]);
+    return 2;
+  }
+  map = ac_default_map();
+  uv_ip4_addr("127.0.0.1", atoi(argv[1]), &addr);
+  r = ac_dispatcher_init(&server, map, &server_ops);
+  if (r == 0) {
+    r = ac_create_socket(&server, AF_INET, SOCK_STREAM);
+  }
+  if (r == 0) {
+    ac_set_reuse_addr(&server);
+    r = ac_bind(&server, (const struct sockaddr *) &addr);
+  }
+  if (r == 0) {
+    r = ac_listen(&server, 511);
+  }
+  if (r != 0) {
+    fprintf(stderr, "http_server: %s\n", ac_strerror(r));
+    return 1;
+  }
+  uv_signal_init(ac_map_loop(map), &sigint);
+  uv_signal_init(ac_map_loop(map), &sigterm);
+  sigint.data = sigterm.data = map;
+  uv_signal_start(&sigint, on_signal, SIGINT);
+  uv_signal_start(&sigterm, on_signal, SIGTERM);
+  uv_unref((uv_handle_t *) &sigint);
+  uv_unref((uv_handle_t *) &sigterm);
+
+  r = ac_loop(map, 30.0, 1, AC_FOREVER);
+
+  uv_close((uv_handle_t *) &sigint, NULL);
+  uv_close((uv_handle_t *) &sigterm, NULL);
+  ac_map_free(map);
+  uv_loop_close(uv_default_loop());
+  return r == 0 || r == AC_EXIT ? 0 : 1;
+}

@@ -1,0 +1,623 @@
+/* A small Redis-protocol (RESP) server on async_chat.
+ *
+ *   usage: resp_server PORT
+ *
+ * Listens on 127.0.0.1:PORT.  Understands inline commands ("PING\r\n") and
+ * multibulk ones ("*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n"); bulk payloads are read
+ * with a byte-count terminator, so keys and values are binary-safe.
+ * Commands: PING ECHO SET GET DEL INCR DBSIZE FLUSHALL QUIT, plus what
+ * redis-cli and redis-benchmark send when they start (COMMAND, CONFIG GET,
+ * CLIENT, SELECT, INFO).  SIGINT or SIGTERM ends it with status 0.
+ *
+ * The protocol machine is three terminator states: a line ("\r\n") that is
+ * either "*<n>" or an inline command, a "$<len>" line, and <len>+2 bytes.
+ * Replies are pushed as they are computed; with `batch` set, everything a
+ * pipelined read produced leaves in one vectored send. */
+#include <uvasyncore.h>
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MAX_ARGS 64
+#define MAX_BULK (512u * 1024 * 1024)
+
+/* ---------------------------------------------------------------- */
+/* The key space: a chained hash table of byte strings.              */
+
+typedef struct entry_s {
+  struct entry_s *next;
+  uint64_t hash;
+  size_t klen;
+  size_t vlen;
+  char bytes[]; /* key, then value */
+} entry_t;
+
+typedef struct {
+  entry_t **slots;
+  size_t nslots;
+  size_t count;
+} db_t;
+
+static db_t db;
+
+static uint64_t hash_bytes(const char *p, size_t n) {
+  uint64_t h = 1469598103934665603ull; /* FNV-1a */
+  size_t i;
+
+  for (i = 0; i < n; i++) {
+    h = (h ^ (unsigned char) p[i]) * 1099511628211ull;
+  }
+  return h;
+}
+
+static entry_t **db_find(const char *k, size_t klen, uint64_t h) {
+  entry_t **e = &db.slots[h & (db.nslots - 1)];
+
+  while (*e != NULL && ((*e)->hash != h || (*e)->klen != klen ||
+                        memcmp((*e)->bytes, k, klen) != 0)) {
+    e = &(*e)->next;
+  }
+  return e;
+}
+
+static int db_grow(void) {
+  size_t n = db.nslots ? db.nslots * 2 : 1024;
+  entry_t **slots = calloc(n, sizeof(*slots));
+  size_t i;
+
+  if (slots == NULL) {
+    return -1;
+  }
+  for (i = 0; i < db.nslots; i++) {
+    entry_t *e = db.slots[i];
+    while (e != NULL) {
+      entry_t *next = e->next;
+      e->next = slots[e->hash & (n - 1)];
+      slots[e->hash & (n - 1)] = e;
+      e = next;
+    }
+  }
+  free(db.slots);
+  db.slots = slots;
+  db.nslots = n;
+  return 0;
+}
+
+static const entry_t *db_get(const char *k, size_t klen) {
+  return db.nslots ? *db_find(k, klen, hash_bytes(k, klen)) : NULL;
+}
+
+static int db_set(const char *k, size_t klen, const char *v, size_t vlen) {
+  uint64_t h = hash_bytes(k, klen);
+  entry_t **slot;
+  entry_t *e;
+
+  if (db.count >= db.nslots && db_grow() != 0) {
+    return -1;
+  }
+  e = malloc(sizeof(*e) + klen + vlen);
+  if (e == NULL) {
+    return -1;
+  }
+  e->hash = h;
+  e->klen = klen;
+  e->vlen = vlen;
+  memcpy(e->bytes, k, klen);
+  memcpy(e->bytes + klen, v, vlen);
+  slot = db_find(k, klen, h);
+  if (*slot != NULL) {
+    e->next = (*slot)->next;
+    free(*slot);
+  } else {
+    e->next = NULL;
+    db.count++;
+  }
+  *slot = e;
+  return 0;
+}
+
+static int db_del(const char *k, size_t klen) {
+  entry_t **slot;
+  entry_t *e;
+
+  if (db.nslots == 0) {
+    return 0;
+  }
+  slot = db_find(k, klen, hash_bytes(k, klen));
+  if (*slot == NULL) {
+    return 0;
+  }
+  e = *slot;
+  *slot = e->next;
+  free(e);
+  db.count--;
+  return 1;
+}
+
+static void db_flush(void) {
+  size_t i;
+
+  for (i = 0; i < db.nslots; i++) {
+    while (db.slots[i] != NULL) {
+      entry_t *e = db.slots[i];
+      db.slots[i] = e->next;
+      free(e);
+    }
+  }
+  db.count = 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* A client connection.                                              */
+
+enum { ST_LINE, ST_BULKLEN, ST_BULK };
+
+typedef struct {
+  ac_chat_t chat;
+  int state;
+  long nargs;        /* arguments of the multibulk command */
+  long nread;        /* of which read so far */
+  int argc;          /* arguments read so far */
+  size_t argoff[MAX_ARGS + 1];
+  char *rec;         /* the record being collected, then the arguments */
+  size_t rec_len;
+  size_t rec_cap;
+  size_t arg_start;  /* where the current record starts in rec */
+  int too_many;      /* more than MAX_ARGS arguments: reply an error */
+} client_t;
+
+static client_t *client_of(ac_chat_t *c) {
+  return ac_container_of(c, client_t, chat);
+}
+
+static int reply(client_t *cl, const char *s, size_t n) {
+  return ac_chat_push(&cl->chat, s, n);
+}
+
+static int reply_str(client_t *cl, const char *s) {
+  return reply(cl, s, strlen(s));
+}
+
+static int reply_int(client_t *cl, long long v) {
+  char buf[32];
+  int n = snprintf(buf, sizeof(buf), ":%lld\r\n", v);
+  return reply(cl, buf, (size_t) n);
+}
+
+static int reply_bulk(client_t *cl, const char *p, size_t n) {
+  char head[32];
+  int h = snprintf(head, sizeof(head), "$%zu\r\n", n);
+  int r;
+
+  if (n <= 256) { /* one entry, one copy */
+    char buf[32 + 256 + 2];
+    memcpy(buf, head, (size_t) h);
+    memcpy(buf + h, p, n);
+    memcpy(buf + h + n, "\r\n", 2);
+    return reply(cl, buf, (size_t) h + n + 2);
+  }
+  r = reply(cl, head, (size_t) h);
+  if (r == 0) {
+    r = reply(cl, p, n);
+  }
+  return r != 0 ? r : reply(cl, "\r\n", 2);
+}
+
+static const char *arg(const client_t *cl, int i, size_t *len) {
+  *len = cl->argoff[i + 1] - cl->argoff[i];
+  return cl->rec + cl->argoff[i];
+}
+
+static int arg_is(const client_t *cl, int i, const char *name) {
+  size_t n;
+  const char *p = arg(cl, i, &n);
+  size_t j;
+
+  if (n != strlen(name)) {
+    return 0;
+  }
+  for (j = 0; j < n; j++) {
+    if (toupper((unsigned char) p[j]) != name[j]) {
+      return 0;
+    }
+  }
+  return 1;
+}
+
+static int cmd_incr(client_t *cl) {
+  size_t klen;
+  const char *k = arg(cl, 1, &klen);
+  const entry_t *e = db_get(k, klen);
+  char num[32];
+  long long v = 0;
+
+  if (e != NULL) {
+    char *end;
+    if (e->vlen == 0 || e->vlen >= sizeof(num)) {
+      return reply_str(cl, "-ERR value is not an integer or out of range\r\n");
+    }
+    memcpy(num, e->bytes + e->klen, e->vlen);
+    num[e->vlen] = '\0';
+    errno = 0;
+    v = strtoll(num, &end, 10);
+    if (*end != '\0' || errno != 0 || v == LLONG_MAX) {
+      return reply_str(cl, "-ERR value is not an integer or out of range\r\n");
+    }
+  }
+  v++;
+  snprintf(num, sizeof(num), "%lld", v);
+  if (db_set(k, klen, num, strlen(num)) != 0) {
+    return reply_str(cl, "-ERR out of memory\r\n");
+  }
+  return reply_int(cl, v);
+}
+
+/* CONFIG GET <name>: redis-benchmark asks for "save" and "appendonly". */
+static int cmd_config(client_t *cl) {
+  size_t n;
+  const char *name;
+  const char *value = "";
+  char buf[160];
+  int len;
+
+  if (cl->argc < 3 || !arg_is(cl, 1, "GET")) {
+    return reply_str(cl, "+OK\r\n");
+  }
+  name = arg(cl, 2, &n);
+  if (n > 64) {
+    return reply_str(cl, "*0\r\n");
+  }
+  if (n == 10 && memcmp(name, "appendonly", 10) == 0) {
+    value = "no";
+  }
+  len = snprintf(buf, sizeof(buf), "*2\r\n$%zu\r\n%.*s\r\n$%zu\r\n%s\r\n", n,
+                 (int) n, name, strlen(value), value);
+  return reply(cl, buf, (size_t) len);
+}
+
+static int wrong_args(client_t *cl) {
+  return reply_str(cl, "-ERR wrong number of arguments\r\n");
+}
+
+/* Run the command in argv[0..argc). */
+static int execute(client_t *cl) {
+  int argc = cl->argc;
+  size_t n;
+  const char *p;
+  int i;
+  long long deleted = 0;
+
+  if (argc == 0) {
+    return 0;
+  }
+  if (cl->too_many) {
+    return reply_str(cl, "-ERR too many arguments\r\n");
+  }
+  if (arg_is(cl, 0, "PING")) {
+    if (argc > 1) {
+      p = arg(cl, 1, &n);
+      return reply_bulk(cl, p, n);
+    }
+    return reply_str(cl, "+PONG\r\n");
+  }
+  if (arg_is(cl, 0, "GET")) {
+    const entry_t *e;
+    if (argc != 2) {
+      return wrong_args(cl);
+    }
+    p = arg(cl, 1, &n);
+    e = db_get(p, n);
+    return e != NULL ? reply_bulk(cl, e->bytes + e->klen, e->vlen)
+                     : reply_str(cl, "$-1\r\n");
+  }
+  if (arg_is(cl, 0, "SET")) {
+    size_t vlen;
+    const char *v;
+    if (argc < 3) {
+      return wrong_args(cl);
+    }
+    p = arg(cl, 1, &n);
+    v = arg(cl, 2, &vlen);
+    return db_set(p, n, v, vlen) == 0 ? reply_str(cl, "+OK\r\n")
+                                      : reply_str(cl, "-ERR out of memory\r\n");
+  }
+  if (arg_is(cl, 0, "ECHO")) {
+    if (argc != 2) {
+      return wrong_args(cl);
+    }
+    p = arg(cl, 1, &n);
+    return reply_bulk(cl, p, n);
+  }
+  if (arg_is(cl, 0, "INCR")) {
+    return argc == 2 ? cmd_incr(cl) : wrong_args(cl);
+  }
+  if (arg_is(cl, 0, "DEL")) {
+    if (argc < 2) {
+      return wrong_args(cl);
+    }
+    for (i = 1; i < argc; i++) {
+      p = arg(cl, i, &n);
+      deleted += db_del(p, n);
+    }
+    return reply_int(cl, deleted);
+  }
+  if (arg_is(cl, 0, "DBSIZE")) {
+    return reply_int(cl, (long long) db.count);
+  }
+  if (arg_is(cl, 0, "FLUSHALL") || arg_is(cl, 0, "FLUSHDB")) {
+    db_flush();
+    return reply_str(cl, "+OK\r\n");
+  }
+  if (arg_is(cl, 0, "QUIT")) {
+    int r = reply_str(cl, "+OK\r\n");
+    return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
+  }
+  if (arg_is(cl, 0, "COMMAND")) {
+    return reply_str(cl, "*0\r\n");
+  }
+  if (arg_is(cl, 0, "CONFIG")) {
+    return cmd_config(cl);
+  }
+  if (arg_is(cl, 0, "CLIENT") || arg_is(cl, 0, "SELECT")) {
+    return reply_str(cl, "+OK\r\n");
+  }
+  if (arg_is(cl, 0, "INFO")) {
+    static const char info[] = "# Server\r\nredis_version:7.0.0\r\n";
+    return reply_bulk(cl, info, sizeof(info) - 1);
+  }
+  p = arg(cl, 0, &n);
+  {
+    char msg[96];
+    int len = snprintf(msg, sizeof(msg), "-ERR unknown command '%.*s'\r\n",
+                       (int) (n > 40 ? 40 : n), p);
+    for (i = 0; i < len - 2; i++) {
+      if (msg[i] == '\r' || msg[i] == '\n') {
+        msg[i] = ' ';
+      }
+    }
+    return reply(cl, msg, (size_t) len);
+  }
+}
+
+/* Start over: a new command, read line by line. */
+static int next_command(client_t *cl) {
+  cl->state = ST_LINE;
+  cl->argc = 0;
+  cl->nargs = 0;
+  cl->nread = 0;
+  cl->too_many = 0;
+  cl->rec_len = 0;
+  cl->arg_start = 0;
+  return ac_chat_set_terminator(&cl->chat, "\r\n", 2);
+}
+
+/* An inline command: arguments separated by blanks, compacted in place so
+ * that argument i spans argoff[i] .. argoff[i + 1]. */
+static int inline_command(client_t *cl) {
+  size_t i = 0;
+  size_t w = 0;
+
+  cl->argc = 0;
+  cl->argoff[0] = 0;
+  while (i < cl->rec_len) {
+    while (i < cl->rec_len && (cl->rec[i] == ' ' || cl->rec[i] == '\t')) {
+      i++;
+    }
+    if (i == cl->rec_len) {
+      break;
+    }
+    if (cl->argc == MAX_ARGS) {
+      cl->too_many = 1;
+      break;
+    }
+    while (i < cl->rec_len && cl->rec[i] != ' ' && cl->rec[i] != '\t') {
+      cl->rec[w++] = cl->rec[i++];
+    }
+    cl->argoff[++cl->argc] = w;
+  }
+  return execute(cl);
+}
+
+static int found_line(client_t *cl) {
+  if (cl->rec_len > 0 && cl->rec[0] == '*') {
+    char *end;
+    cl->rec[cl->rec_len] = '\0';
+    cl->nargs = strtol(cl->rec + 1, &end, 10);
+    cl->rec_len = 0;
+    if (cl->nargs <= 0) {
+      return next_command(cl);
+    }
+    if (cl->nargs > 1024 * 1024) {
+      int r = reply_str(cl, "-ERR Protocol error: invalid multibulk length\r\n");
+      return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
+    }
+    cl->state = ST_BULKLEN;
+    cl->argoff[0] = 0;
+    return 0;
+  }
+  {
+    int r = inline_command(cl);
+    return r != 0 ? r : next_command(cl);
+  }
+}
+
+static int found_bulklen(client_t *cl) {
+  const char *line = cl->rec + cl->arg_start;
+  unsigned long long len;
+  char *end;
+
+  cl->rec[cl->rec_len] = '\0';
+  len = line[0] == '$' ? strtoull(line + 1, &end, 10) : 0;
+  if (line[0] != '$' || *end != '\0' || len > MAX_BULK) {
+    int r = reply_str(cl, "-ERR Protocol error: expected '$'\r\n");
+    return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
+  }
+  cl->rec_len = cl->arg_start; /* drop the "$<len>" line */
+  cl->state = ST_BULK;
+  return ac_chat_set_terminator_count(&cl->chat, (int64_t) len + 2);
+}
+
+static int found_bulk(client_t *cl) {
+  int r;
+
+  cl->rec_len -= 2; /* the payload's "\r\n" */
+  if (cl->argc < MAX_ARGS) {
+    cl->argoff[++cl->argc] = cl->rec_len;
+  } else {
+    cl->too_many = 1;
+    cl->rec_len = cl->arg_start;
+  }
+  cl->arg_start = cl->rec_len;
+  if (++cl->nread < cl->nargs) {
+    cl->state = ST_BULKLEN;
+    return ac_chat_set_terminator(&cl->chat, "\r\n", 2);
+  }
+  r = execute(cl);
+  return r != 0 ? r : next_command(cl);
+}
+
+static int on_found(ac_chat_t *c) {
+  client_t *cl = client_of(c);
+
+  switch (cl->state) {
+  case ST_LINE:
+    return found_line(cl);
+  case ST_BULKLEN:
+    return found_bulklen(cl);
+  default:
+    return found_bulk(cl);
+  }
+}
+
+static int on_collect(ac_chat_t *c, const char *data, size_t n) {
+  client_t *cl = client_of(c);
+
+  if (cl->rec_len + n + 1 > cl->rec_cap) {
+    size_t cap = cl->rec_cap ? cl->rec_cap : 256;
+    char *p;
+    while (cap < cl->rec_len + n + 1) {
+      cap *= 2;
+    }
+    p = realloc(cl->rec, cap);
+    if (p == NULL) {
+      return UV_ENOMEM;
+    }
+    cl->rec = p;
+    cl->rec_cap = cap;
+  }
+  memcpy(cl->rec + cl->rec_len, data, n);
+  cl->rec_len += n;
+  if (cl->state != ST_BULK && cl->rec_len - cl->arg_start > 64 * 1024) {
+    return UV_E2BIG; /* a line this long is not RESP: handle_error closes */
+  }
+  return 0;
+}
+
+static void on_closed(ac_dispatcher_t *d) {
+  client_t *cl = client_of(ac_chat_of(d));
+  free(cl->rec);
+  free(cl);
+}
+
+/* A client that breaks the protocol is closed without a log line. */
+static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  return ac_close(d);
+}
+
+static const ac_chat_ops_t client_ops = {
+    .base = {.closed = on_closed,
+             .handle_error = on_error,
+             .type_name = "RespClient"},
+    .collect_incoming_data = on_collect,
+    .found_terminator = on_found,
+};
+
+static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
+                           const struct sockaddr *addr, socklen_t len) {
+  client_t *cl = calloc(1, sizeof(*cl));
+  int r;
+
+  (void) addr;
+  (void) len;
+  if (cl == NULL) {
+    close(sock);
+    return 0;
+  }
+  r = ac_chat_init(&cl->chat, d->map, &client_ops);
+  if (r == 0) {
+    cl->chat.batch = 1; /* pipelined replies leave in one send */
+    r = next_command(cl);
+  }
+  if (r == 0) {
+    r = ac_dispatcher_open(&cl->chat.d, sock);
+  }
+  if (r != 0) {
+    ac_close(&cl->chat.d); /* frees the chat's buffers; closed frees cl */
+    close(sock);
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t server_ops = {
+    .handle_accepted = server_accepted,
+    .type_name = "RespServer",
+};
+
+static void on_signal(uv_signal_t *s, int signum) {
+  (void) signum;
+  ac_map_stop(s->data);
+}
+
+int main(int argc, char **argv) {
+  ac_dispatcher_t server;
+  struct sockaddr_in addr;
+  uv_signal_t sigint, sigterm;
+  ac_map_t *map;
+  int r;
+
+  if (argc < 2) {
+    fprintf(stderr, "usage: %s PORT\n", argv[0]);
+    return 2;
+  }
+  map = ac_default_map();
+  uv_ip4_addr("127.0.0.1", atoi(argv[1]), &addr);
+  r = ac_dispatcher_init(&server, map, &server_ops);
+  if (r == 0) {
+    r = ac_create_socket(&server, AF_INET, SOCK_STREAM);
+  }
+  if (r == 0) {
+    ac_set_reuse_addr(&server);
+    r = ac_bind(&server, (const struct sockaddr *) &addr);
+  }
+  if (r == 0) {
+    r = ac_listen(&server, 511);
+  }
+  if (r != 0) {
+    fprintf(stderr, "resp_server: %s\n", ac_strerror(r));
+    return 1;
+  }
+  uv_signal_init(ac_map_loop(map), &sigint);
+  uv_signal_init(ac_map_loop(map), &sigterm);
+  sigint.data = sigterm.data = map;
+  uv_signal_start(&sigint, on_signal, SIGINT);
+  uv_signal_start(&sigterm, on_signal, SIGTERM);
+  uv_unref((uv_handle_t *) &sigint);
+  uv_unref((uv_handle_t *) &sigterm);
+
+  r = ac_loop(map, 30.0, 1, AC_FOREVER);
+
+  uv_close((uv_handle_t *) &sigint, NULL);
+  uv_close((uv_handle_t *) &sigterm, NULL);
+  ac_map_free(map);
+  uv_loop_close(uv_default_loop());
+  db_flush();
+  free(db.slots);
+  return r == 0 || r == AC_EXIT ? 0 : 1;
+}
