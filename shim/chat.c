@@ -18,6 +18,12 @@
 
 static const ac_chat_ops_t no_chat_ops;
 
+/* An initialised channel of this class (misuse gives UV_EINVAL). */
+int ac__chat_usable(const ac_chat_t *c) {
+  return c != NULL && (c->d.flags & AC__F_INIT) &&
+         c->d.cls == &ac__chat_class;
+}
+
 /* What the parse loop works on: B = b[0..len).  The first `virt` bytes of
  * B are the terminator bytes vsrc[voff..voff+virt), of which the first
  * `mat` have been copied to w (the rest are copied when a callback needs
@@ -37,8 +43,6 @@ typedef struct {
   int kept;            /* stopped on a partial terminator (C-12) */
   uint32_t kept_tgen;  /* c->term_gen when that was decided */
 } view_t;
-
-static ac_chat_t *chat(ac_dispatcher_t *d) { return ac_chat_of(d); }
 
 /* ---------------------------------------------------------------- */
 /* Terminator                                                         */
@@ -115,14 +119,10 @@ static void term_drop(ac_chat_t *c) {
   c->term_gen++;
 }
 
-static int usable(const ac_chat_t *c) {
-  return c != NULL && (c->d.flags & AC__F_INIT) && c->d.cls == &ac__chat_class;
-}
-
 /* For the calls that may allocate: 0, UV_EINVAL (not a chat), or UV_EBADF
  * once the channel was released (nothing would free the memory). */
-static int alive(const ac_chat_t *c) {
-  if (!usable(c)) {
+int ac__chat_alive(const ac_chat_t *c) {
+  if (!ac__chat_usable(c)) {
     return UV_EINVAL;
   }
   return (c->d.flags & AC__F_RELEASED) ? UV_EBADF : 0;
@@ -131,10 +131,10 @@ static int alive(const ac_chat_t *c) {
 int ac_chat_set_terminator(ac_chat_t *c, const void *term, size_t n) {
   char *heap = NULL;
 
-  if (!usable(c) || (term == NULL && n > 0) || n >= UINT32_MAX) {
+  if (!ac__chat_usable(c) || (term == NULL && n > 0) || n >= UINT32_MAX) {
     return UV_EINVAL;
   }
-  if (alive(c) != 0) {
+  if (ac__chat_alive(c) != 0) {
     return UV_EBADF;
   }
   if (c->term_kind == AC_TERM_BYTES && c->term_len == n &&
@@ -175,14 +175,14 @@ static int set_other(ac_chat_t *c, int kind, uint64_t count) {
 }
 
 int ac_chat_set_terminator_count(ac_chat_t *c, int64_t n) {
-  if (!usable(c) || n < 0) {
+  if (!ac__chat_usable(c) || n < 0) {
     return UV_EINVAL; /* C-03: Python raises ValueError */
   }
   return set_other(c, AC_TERM_COUNT, (uint64_t) n);
 }
 
 int ac_chat_set_terminator_none(ac_chat_t *c) {
-  if (!usable(c)) {
+  if (!ac__chat_usable(c)) {
     return UV_EINVAL;
   }
   return set_other(c, AC_TERM_NONE, 0);
@@ -192,7 +192,7 @@ int ac_chat_get_terminator(const ac_chat_t *c, const void **bytes,
                            size_t *len, uint64_t *count) {
   int bytes_kind;
 
-  if (!usable(c)) {
+  if (!ac__chat_usable(c)) {
     return UV_EINVAL;
   }
   bytes_kind = c->term_kind == AC_TERM_BYTES;
@@ -360,10 +360,10 @@ size_t ac_chat_in_buffer(const ac_chat_t *c, const void **data) {
   const void *p = NULL;
   size_t n = 0;
 
-  if (usable(c) && c->in_keep > 0) {
+  if (ac__chat_usable(c) && c->in_keep > 0) {
     p = term_bytes(c);
     n = c->in_keep;
-  } else if (usable(c)) {
+  } else if (ac__chat_usable(c)) {
     p = c->spill;
     n = c->spill_len;
   }
@@ -381,7 +381,10 @@ static void materialize(ac_chat_t *c, view_t *v, size_t x) {
   size_t upto = x < v->virt ? x : v->virt;
 
   if (upto > v->mat) {
-    memcpy(v->w + v->mat, v->vsrc + v->voff + v->mat, upto - v->mat);
+    /* virt > 0 only for a view with unparsed input in front, which always
+     * has its writable copy w (view_open); the analyzer loses that. */
+    memcpy(v->w + v->mat, /* NOLINT(clang-analyzer-core.NonNullParamChecker) */
+           v->vsrc + v->voff + v->mat, upto - v->mat);
     c->work_copy += upto - v->mat;
     v->mat = upto;
   }
@@ -607,10 +610,10 @@ int ac_chat_feed(ac_chat_t *c, const void *data, size_t n) {
   int own;
   int r;
 
-  if (!usable(c) || (data == NULL && n > 0)) {
+  if (!ac__chat_usable(c) || (data == NULL && n > 0)) {
     return UV_EINVAL;
   }
-  if (alive(c) != 0) {
+  if (ac__chat_alive(c) != 0) {
     return UV_EBADF;
   }
   if (c->parsing) {
@@ -641,7 +644,7 @@ int ac_chat_feed(ac_chat_t *c, const void *data, size_t n) {
  * calls handle_error; at EOF recv has already called handle_close and
  * what is buffered is parsed once more, as Python does. */
 static int chat_handle_read(ac_dispatcher_t *d) {
-  ac_chat_t *c = chat(d);
+  ac_chat_t *c = ac_chat_of(d);
   size_t front = front_len(c);
   size_t want = c->ac_in_buffer_size;
   ssize_t n;
@@ -689,10 +692,10 @@ static int chat_handle_close(ac_dispatcher_t *d) {
 int ac_chat_collect_incoming(ac_chat_t *c, const char *data, size_t n) {
   size_t need;
 
-  if (!usable(c) || (data == NULL && n > 0)) {
+  if (!ac__chat_usable(c) || (data == NULL && n > 0)) {
     return UV_EINVAL;
   }
-  if (alive(c) != 0) {
+  if (ac__chat_alive(c) != 0) {
     return UV_EBADF;
   }
   need = c->inc_len + n;
@@ -717,7 +720,7 @@ int ac_chat_collect_incoming(ac_chat_t *c, const char *data, size_t n) {
 }
 
 size_t ac_chat_get_data(ac_chat_t *c, const char **data) {
-  size_t n = usable(c) ? c->inc_len : 0;
+  size_t n = ac__chat_usable(c) ? c->inc_len : 0;
 
   if (data != NULL) {
     *data = n > 0 ? c->inc : "";
@@ -729,7 +732,7 @@ size_t ac_chat_get_data(ac_chat_t *c, const char **data) {
 }
 
 int ac_chat_discard_buffers(ac_chat_t *c) {
-  if (!usable(c)) {
+  if (!ac__chat_usable(c)) {
     return UV_EINVAL;
   }
   c->in_keep = 0;
@@ -742,7 +745,7 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
 
 /* The channel was released: free everything it holds. */
 static void chat_release(ac_dispatcher_t *d) {
-  ac_chat_t *c = chat(d);
+  ac_chat_t *c = ac_chat_of(d);
 
   ac_chat_discard_buffers(c);
   ac__chat_out_free(c);

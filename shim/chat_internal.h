@@ -49,9 +49,10 @@ static inline void ac__ring_pop_front(ac_fifo_t *f, void *item, size_t es) {
 /* One entry of the producer fifo. */
 enum { AC__E_DATA, AC__E_PRODUCER, AC__E_CLOSE };
 /* Where the bytes of a data entry live: borrowed (a producer's chunk),
- * the channel's arena (pushed copies), or the application's (push_owned:
- * the last slice calls free_fn). */
-enum { AC__OWN_NONE, AC__OWN_ARENA, AC__OWN_CB };
+ * the channel's arena (small pushed copies), an allocation of their own
+ * (large copies: the last slice frees it), or the application's
+ * (push_owned: the last slice calls free_fn). */
+enum { AC__OWN_NONE, AC__OWN_ARENA, AC__OWN_FREE, AC__OWN_CB };
 
 typedef struct {
   union {
@@ -77,6 +78,7 @@ AC__HIDDEN ssize_t ac__chat_send(ac_dispatcher_t *d, const void *buf,
 AC__HIDDEN void ac__chat_out_discard(ac_chat_t *c);
 AC__HIDDEN void ac__chat_out_free(ac_chat_t *c);
 AC__HIDDEN int ac__chat_usable(const ac_chat_t *c);
+AC__HIDDEN int ac__chat_alive(const ac_chat_t *c);
 
 /* chat.c */
 AC__HIDDEN extern const ac__class_t ac__chat_class;

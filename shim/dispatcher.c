@@ -479,7 +479,9 @@ ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf, size_t n,
 
   if (first == AC__SEND_UNTRIED) {
     if (d->fd < 0) {
-      return disconnected(d); /* D-13: EBADF after close */
+      /* Resolving a name (ac_connect_name): no socket yet, would block;
+       * otherwise D-13: EBADF after close. */
+      return (d->flags & AC__F_RESOLVING) ? 0 : disconnected(d);
     }
     if (d->backend == AC_BACKEND_STREAM) {
       if (!(d->flags & AC__F_CONN_DONE)) {
@@ -637,6 +639,9 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
     if (n > 0 && (r = ac__adopt_recv(d, buf, n)) > 0) {
       return r;
     }
+  }
+  if (d->fd < 0 && (d->flags & AC__F_RESOLVING)) {
+    return UV_EAGAIN; /* no socket yet (ac_connect_name) */
   }
   if (d->fd < 0 || n == 0) {
     return disconnected(d); /* D-14: EBADF, or recv(0) gives b'' */

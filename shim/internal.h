@@ -231,7 +231,7 @@ AC__HIDDEN void ac__chat_map_free(ac_map_t *m);
 
 /* The emulated socket send buffer of the stream backend: bytes ac_send
  * accepts beyond what the kernel takes at once. */
-#define AC__STREAM_WBUF (64 * 1024)
+#define AC__STREAM_WBUF ((size_t) 64 * 1024)
 
 /* The base dispatcher.send (D-13).  Inline for the common case: a
  * connected stream with nothing queued in libuv, where the kernel takes

@@ -14,9 +14,10 @@
 #define ES sizeof(ac__entry_t)
 
 /* Give the arena back after a burst larger than this. */
-#define ARENA_KEEP (256 * 1024)
-
-static ac_chat_t *chat(ac_dispatcher_t *d) { return ac_chat_of(d); }
+#define ARENA_KEEP ((size_t) 256 * 1024)
+/* Copies at least this long get an allocation of their own: the arena
+ * never moves them when it grows. */
+#define ARENA_MAX ((size_t) 4 * 1024)
 
 static ac__entry_t *entry(ac_chat_t *c, size_t i) {
   return ac__ring_at(&c->fifo, i, ES);
@@ -33,10 +34,10 @@ static const char *bytes_of(const ac_chat_t *c, const ac__entry_t *e) {
 /* The arena                                                          */
 
 /* Room for n more bytes at the end: compact when at most half is live,
- * else grow (both amortised over the bytes appended since). */
+ * else double (both amortised over the bytes appended since). */
 static int arena_reserve(ac_chat_t *c, size_t n) {
   size_t live = c->oend - c->ostart;
-  size_t cap = c->obuf_cap > 0 ? c->obuf_cap : 4096;
+  size_t cap = c->obuf_cap > 0 ? 2 * c->obuf_cap : 4096;
   char *b;
 
   if (c->oend + n <= c->obase + c->obuf_cap) {
@@ -47,11 +48,11 @@ static int arena_reserve(ac_chat_t *c, size_t n) {
     c->obase = c->ostart;
     return 0;
   }
-  while (cap < 2 * (live + n)) {
-    if (cap > ((size_t) -1) / 4) {
-      return UV_ENOMEM;
-    }
-    cap *= 2;
+  if (live + n > ((size_t) -1) / 2) {
+    return UV_ENOMEM;
+  }
+  if (cap < live + n) {
+    cap = live + n;
   }
   b = ac__malloc(cap);
   if (b == NULL) {
@@ -80,11 +81,6 @@ static void arena_consumed(ac_chat_t *c, size_t n) {
   }
 }
 
-int ac__chat_usable(const ac_chat_t *c) {
-  return c != NULL && (c->d.flags & AC__F_INIT) &&
-         c->d.cls == &ac__chat_class;
-}
-
 /* The fifo went empty <-> non-empty: writable() changed (C-19). */
 static void track(ac_chat_t *c) {
   uint8_t nonempty = c->fifo.len_ > 0;
@@ -97,7 +93,7 @@ static void track(ac_chat_t *c) {
 
 /* C-19: something queued, or not connected. */
 int ac__chat_writable(ac_dispatcher_t *d) {
-  return chat(d)->fifo.len_ > 0 || !d->connected;
+  return ac_chat_of(d)->fifo.len_ > 0 || !d->connected;
 }
 
 /* Give an entry's resources back (the entry is out of the fifo). */
@@ -107,6 +103,8 @@ static void entry_release(ac__entry_t *e) {
     if (p->release != NULL) {
       p->release(p);
     }
+  } else if (e->own == AC__OWN_FREE) {
+    ac__free(e->owner);
   } else if (e->own == AC__OWN_CB && e->free_fn != NULL) {
     e->free_fn(e->owner, e->ctx);
   }
@@ -332,18 +330,11 @@ int ac_chat_initiate_send(ac_chat_t *c) {
 
 /* C-15 */
 int ac__chat_handle_write(ac_dispatcher_t *d) {
-  return ac_chat_initiate_send(chat(d));
+  return ac_chat_initiate_send(ac_chat_of(d));
 }
 
 /* ---------------------------------------------------------------- */
 /* Queueing                                                           */
-
-static int can_queue(const ac_chat_t *c) {
-  if (!ac__chat_usable(c)) {
-    return UV_EINVAL;
-  }
-  return (c->d.flags & AC__F_RELEASED) ? UV_EBADF : 0;
-}
 
 /* After a push: send now, unless batching inside the parse loop. */
 static int kick(ac_chat_t *c) {
@@ -353,42 +344,70 @@ static int kick(ac_chat_t *c) {
   return ac_chat_initiate_send(c);
 }
 
+/* Where the bytes [skip, n) of a push go: copied into the arena (small),
+ * copied into an allocation of their own, or left where they are
+ * (push_owned).  Fills the entry fields the slices share; *base is where
+ * byte `skip` is (an arena position for the arena). */
+static int place(ac_chat_t *c, const char *data, size_t n, size_t skip,
+                 int copy, ac__entry_t *e, uintptr_t *base) {
+  size_t len = n - skip;
+  char *b;
+
+  if (!copy) {
+    e->own = AC__OWN_CB;
+    *base = (uintptr_t) (data + skip);
+    return 0;
+  }
+  if (len < ARENA_MAX) {
+    if (arena_reserve(c, len) != 0) {
+      return UV_ENOMEM;
+    }
+    memcpy(c->obuf + (c->oend - c->obase), data + skip, len);
+    e->own = AC__OWN_ARENA;
+    *base = c->oend;
+    c->oend += len;
+    return 0;
+  }
+  b = ac__malloc(len);
+  if (b == NULL) {
+    return UV_ENOMEM;
+  }
+  memcpy(b, data + skip, len);
+  e->own = AC__OWN_FREE;
+  *base = (uintptr_t) b;
+  return 0;
+}
+
 /* Append bytes [skip, n) of a push as the slices of C-16 (boundaries at
- * multiples of `size`, the first one shortened by what was sent), copied
- * into the arena or, with `copy` 0, borrowed from `data` until the last
- * slice calls free_fn. */
+ * multiples of `size`, the first one shortened by what was sent); the
+ * last slice owns the bytes (frees them, or calls free_fn). */
 static int append_slices(ac_chat_t *c, const char *data, size_t n,
                          size_t skip, size_t size, int copy,
                          ac_chat_free_cb free_fn, void *ctx) {
   size_t first = n <= size ? 0 : skip - skip % size;
   size_t k = n <= size ? 1 : (n - first + size - 1) / size;
-  size_t pos = c->oend; /* arena position of byte `skip` */
+  uintptr_t base;
   ac__entry_t e;
   size_t off;
 
-  if ((c->fifo.len_ + k > c->fifo.cap_ &&
-       ac__ring_reserve(&c->fifo, k) != 0) ||
-      (copy && arena_reserve(c, n - skip) != 0)) {
-    return UV_ENOMEM;
-  }
-  if (copy) {
-    memcpy(c->obuf + (c->oend - c->obase), data + skip, n - skip);
-    c->oend += n - skip;
-  }
   memset(&e, 0, sizeof(e));
   e.kind = AC__E_DATA;
-  e.own = copy ? AC__OWN_ARENA : AC__OWN_CB;
+  if ((c->fifo.len_ + k > c->fifo.cap_ &&
+       ac__ring_reserve(&c->fifo, k) != 0) ||
+      place(c, data, n, skip, copy, &e, &base) != 0) {
+    return UV_ENOMEM;
+  }
   for (off = first; off < n; off += size) {
     size_t lo = off > skip ? off : skip;
     size_t hi = n - off > size ? off + size : n;
-    if (copy) {
-      e.at.pos = pos + (lo - skip);
+    if (e.own == AC__OWN_ARENA) {
+      e.at.pos = (size_t) base + (lo - skip);
     } else {
-      e.at.p = data + lo;
+      e.at.p = (const char *) base + (lo - skip);
     }
     e.n = hi - lo;
-    if (hi == n && !copy) {
-      e.owner = (void *) data;
+    if (hi == n && e.own != AC__OWN_ARENA) {
+      e.owner = e.own == AC__OWN_FREE ? (void *) base : (void *) data;
       e.free_fn = free_fn;
       e.ctx = ctx;
     }
@@ -427,7 +446,7 @@ static int push(ac_chat_t *c, const void *data, size_t n, int copy,
   size_t size;
   int r;
 
-  if ((r = can_queue(c)) != 0) {
+  if ((r = ac__chat_alive(c)) != 0) {
     return r;
   }
   size = c->ac_out_buffer_size;
@@ -471,13 +490,13 @@ int ac_chat_push_owned(ac_chat_t *c, const void *data, size_t n,
 
 /* Virtual send (ac_send on a chat): push; returns n or an error. */
 ssize_t ac__chat_send(ac_dispatcher_t *d, const void *buf, size_t n) {
-  int r = ac_chat_push(chat(d), buf, n);
+  int r = ac_chat_push(ac_chat_of(d), buf, n);
 
   return r != 0 ? r : (ssize_t) n;
 }
 
 int ac_chat_push_with_producer(ac_chat_t *c, ac_producer_t *p) {
-  int r = can_queue(c);
+  int r = ac__chat_alive(c);
 
   if (r != 0) {
     return r;
@@ -491,7 +510,7 @@ int ac_chat_push_with_producer(ac_chat_t *c, ac_producer_t *p) {
 
 /* C-20: no send here, as in Python. */
 int ac_chat_close_when_done(ac_chat_t *c) {
-  int r = can_queue(c);
+  int r = ac__chat_alive(c);
 
   return r != 0 ? r : append_entry(c, AC__E_CLOSE, NULL, NULL, NULL);
 }

@@ -120,6 +120,10 @@ int ac_dispatcher_with_send_initiate_send(ac_dispatcher_with_send_t *w) {
 static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n) {
   size_t need = w->out_len + n;
 
+  if (n == 0) {
+    return 0; /* p may be NULL: nothing to copy */
+  }
+
   if (w->out_off + need > w->out_cap) {
     if (need <= w->out_cap && w->out_off > 0) {
       memmove(w->out_buf, w->out_buf + w->out_off, w->out_len);

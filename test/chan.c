@@ -4,6 +4,13 @@
 #include <stddef.h>
 #include <unistd.h>
 
+#if defined(__has_include)
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#define CHAN_HAVE_VALGRIND_H 1
+#endif
+#endif
+
 const char *const chan_cls_name[CHAN_NCLS] = {"dispatcher", "with_send",
                                               "async_chat"};
 
@@ -41,6 +48,9 @@ static void account(chan_t *c, const char *p, size_t n) {
     c->bad_in += p[i] != chan_pat(c->in_seed, c->nin + i);
   }
   c->nin += n;
+  if (c->on_input != NULL) {
+    c->on_input(c);
+  }
 }
 
 /* plain and with_send: one receive per read event (asyncore's way). */
@@ -279,6 +289,15 @@ void chan_quiet_sink(void *ctx, const char *type, const char *message) {
   (void) ctx;
   (void) type;
   (void) message;
+}
+
+int chan_under_valgrind(void) {
+#ifdef CHAN_HAVE_VALGRIND_H
+  return RUNNING_ON_VALGRIND != 0;
+#else
+  const char *p = getenv("LD_PRELOAD");
+  return p != NULL && strstr(p, "vgpreload") != NULL;
+#endif
 }
 
 /* ---------------------------------------------------------------- */

@@ -60,6 +60,8 @@ struct chan_s {
   void *ctx;
   /* handle_accepted: takes the socket (NULL: closes it). */
   void (*on_accepted)(chan_t *c, uv_os_sock_t sock);
+  /* Runs after received bytes were counted (may close the channel). */
+  void (*on_input)(chan_t *c);
 };
 
 /* The pattern: byte `i` of a stream of seed `s`. */
@@ -86,6 +88,8 @@ size_t chan_pending(chan_t *c);
 int chan_open_tcp(chan_t *c, uv_os_sock_t *peer);
 /* A log sink that drops everything (the default handlers log). */
 void chan_quiet_sink(void *ctx, const char *type, const char *message);
+/* Whether the process runs under valgrind. */
+int chan_under_valgrind(void);
 
 /* Counting allocator: every block carries its size.  Install it with
  * alloc_install() before any map or loop exists.  Allocations of both

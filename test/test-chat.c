@@ -157,7 +157,8 @@ static int deliver(rec_t *r, int peer, const char *s, size_t n) {
   return ac_read(&r->chat.d);
 }
 
-#define DELIVER(r, peer, lit) ASSERT_OK(deliver((r), (peer), lit, sizeof(lit) - 1))
+#define DELIVER(r, peer, lit)                                                 \
+  ASSERT_OK(deliver((r), (peer), lit, sizeof(lit) - 1))
 
 /* Read what the peer has now (non-blocking); returns the count. */
 static size_t peer_take(int peer, char *buf, size_t cap) {

@@ -149,16 +149,17 @@ AC_EXTERN int ac_chat_init(ac_chat_t *c, ac_map_t *map,
 /* set_terminator (C-03) with a byte string of any length and content
  * (copied).  n == 0 stores the empty string, which behaves as none
  * (C-09).  Returns 0, UV_EINVAL (c NULL or not initialised, term NULL with
- * n > 0, n >= 2^32) or UV_ENOMEM. */
+ * n > 0, n >= 2^32), UV_EBADF (the channel was released) or UV_ENOMEM. */
 AC_EXTERN int ac_chat_set_terminator(ac_chat_t *c, const void *term,
                                      size_t n);
 
 /* set_terminator with a byte count (C-03, C-10).  0 is accepted and
  * behaves as none.  Returns 0, UV_EINVAL for n < 0 (Python's ValueError)
- * or a bad c, UV_ENOMEM. */
+ * or a bad c, UV_EBADF or UV_ENOMEM. */
 AC_EXTERN int ac_chat_set_terminator_count(ac_chat_t *c, int64_t n);
 
-/* set_terminator(None) (C-09).  Returns 0, UV_EINVAL or UV_ENOMEM. */
+/* set_terminator(None) (C-09).  Returns 0, UV_EINVAL, UV_EBADF or
+ * UV_ENOMEM. */
 AC_EXTERN int ac_chat_set_terminator_none(ac_chat_t *c);
 
 /* get_terminator (C-04): returns the kind (AC_TERM_*), or UV_EINVAL.  The
@@ -216,7 +217,7 @@ AC_EXTERN int ac_chat_initiate_send(ac_chat_t *c);
  * (tests, a TLS layer).  n == 0 re-parses what is buffered.  Returns 0,
  * the first non-zero result of collect_incoming_data / found_terminator
  * (the rest stays buffered), UV_EBUSY (called from inside this channel's
- * own parse loop), UV_EINVAL or UV_ENOMEM. */
+ * own parse loop), UV_EINVAL, UV_EBADF (released) or UV_ENOMEM. */
 AC_EXTERN int ac_chat_feed(ac_chat_t *c, const void *data, size_t n);
 
 /* Received bytes not delivered yet (ac_in_buffer): a partial terminator
@@ -226,9 +227,10 @@ AC_EXTERN int ac_chat_feed(ac_chat_t *c, const void *data, size_t n);
 AC_EXTERN size_t ac_chat_in_buffer(const ac_chat_t *c, const void **data);
 
 /* The private helpers of C-06, usable as collect_incoming_data and from
- * found_terminator: append to the channel's `incoming` buffer (0 or
- * UV_ENOMEM), and return all of it, emptying it (the bytes stay valid
- * until the next append, discard or release). */
+ * found_terminator: append to the channel's `incoming` buffer (0,
+ * UV_EINVAL, UV_EBADF once released, or UV_ENOMEM), and return all of it,
+ * emptying it (the bytes stay valid until the next append, discard or
+ * release). */
 AC_EXTERN int ac_chat_collect_incoming(ac_chat_t *c, const char *data,
                                        size_t n);
 AC_EXTERN size_t ac_chat_get_data(ac_chat_t *c, const char **data);

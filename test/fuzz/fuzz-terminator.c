@@ -415,7 +415,8 @@ int main(int argc, char **argv) {
       x ^= x << 13;
       x ^= x >> 7;
       x ^= x << 17;
-      buf[i] = x % 3 == 0 ? (uint8_t) "ab\r\nq"[x / 3 % 5] : (uint8_t) (x >> 24);
+      buf[i] = x % 3 == 0 ? (uint8_t) "ab\r\nq"[x / 3 % 5]
+                          : (uint8_t) (x >> 24);
     }
     LLVMFuzzerTestOneInput(buf, n);
   }

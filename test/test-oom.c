@@ -1,0 +1,430 @@
+/* Allocation failure: a realistic session (a listener that adopts its
+ * connections as async_chat echo servers; a dispatcher_with_send client
+ * that sends a 1 MiB line, an async_chat client that resolves its host and
+ * reads a producer's output up to a long terminator, a plain dispatcher
+ * client) runs once per N with
+ * allocation number N failing, N = 1, 2, ... until the session no longer
+ * reaches N.  The library's allocations (ac_replace_allocator) and libuv's
+ * (uv_replace_allocator: malloc and calloc; libuv aborts by design when its
+ * fd table cannot grow, so its reallocs are not failed) share one
+ * numbering.  Each N runs in a fresh child process.  For every N: the
+ * child exits normally (no crash, no hang, no sanitizer or valgrind
+ * error), every block of both allocators is freed at the end, and either
+ * the application saw an error (a call returned one, or handle_error ran)
+ * or the session produced exactly the output of the run without failure.
+ * docs/reliability.md, "Allocation failure". */
+#include "chan.h"
+#include "probe.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define TERM_LONG "</end-of-record-20b>" /* 20 bytes: a heap terminator */
+#define BULK 3000
+#define BIG (1024 * 1024) /* the with_send client's long line */
+
+/* What one session observed. */
+typedef struct {
+  long seq;         /* numbered allocations made */
+  int failed;       /* the allocation to fail was reached (1 lib, 2 uv) */
+  int error_seen;   /* the application was told of an error */
+  int finished;     /* all three clients were released */
+  long live_lib;    /* blocks left after the teardown */
+  long live_uv;
+  size_t nrx[3];    /* bytes each client received */
+  uint32_t hash[3]; /* and their hash */
+} result_t;
+
+static result_t res;
+static char bulk[BULK];
+static char *big;
+static int port;
+
+/* Record an error result of a call; returns it. */
+static int note(int r) {
+  if (r < 0) {
+    res.error_seen = 1;
+  }
+  return r;
+}
+
+static uint32_t fnv(const char *p, size_t n, uint32_t h) {
+  size_t i;
+
+  for (i = 0; i < n; i++) {
+    h = (h ^ (uint8_t) p[i]) * 16777619u;
+  }
+  return h;
+}
+
+/* Client `who` received n bytes. */
+static void keep(int who, const char *p, size_t n) {
+  res.hash[who] = fnv(p, n, res.hash[who]);
+  res.nrx[who] += n;
+}
+
+static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  res.error_seen = 1;
+  return ac_default_handle_error(d, err);
+}
+
+/* ---------------------------------------------------------------- */
+/* Server: async_chat echo                                            */
+
+typedef struct {
+  ac_chat_t chat;
+} srv_t;
+
+static int srv_collect(ac_chat_t *c, const char *data, size_t n) {
+  return note(ac_chat_collect_incoming(c, data, n));
+}
+
+/* "BYE": reply and close when done; "BULK": a producer, then the long
+ * terminator; anything else: "echo:<line>". */
+static int srv_found(ac_chat_t *c) {
+  const char *line;
+  size_t n = ac_chat_get_data(c, &line);
+  ac_producer_t *p;
+
+  if (n == 3 && memcmp(line, "BYE", 3) == 0) {
+    note(ac_chat_push(c, "bye\r\n", 5));
+    return note(ac_chat_close_when_done(c));
+  }
+  if (n == 4 && memcmp(line, "BULK", 4) == 0) {
+    if (note(ac_simple_producer_new(bulk, sizeof(bulk), 700, &p)) != 0) {
+      return UV_ENOMEM;
+    }
+    if (note(ac_chat_push_with_producer(c, p)) != 0) {
+      p->release(p); /* refused: still ours */
+      return UV_ENOMEM;
+    }
+    return note(ac_chat_push(c, TERM_LONG, sizeof(TERM_LONG) - 1));
+  }
+  if (note(ac_chat_push(c, "echo:", 5)) != 0 ||
+      note(ac_chat_push(c, line, n)) != 0) {
+    return UV_ENOMEM;
+  }
+  return note(ac_chat_push(c, "\r\n", 2));
+}
+
+static void srv_closed(ac_dispatcher_t *d) {
+  free(ac_container_of(d, srv_t, chat.d));
+}
+
+static const ac_chat_ops_t srv_ops = {
+    .base = {.handle_error = on_error, .closed = srv_closed},
+    .collect_incoming_data = srv_collect,
+    .found_terminator = srv_found,
+};
+
+static int lst_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
+                        const struct sockaddr *addr, socklen_t len) {
+  srv_t *s = malloc(sizeof(*s));
+
+  (void) addr;
+  (void) len;
+  if (s == NULL || note(ac_chat_init(&s->chat, d->map, &srv_ops)) != 0) {
+    free(s);
+    close(sock);
+    return 0;
+  }
+  if (note(ac_chat_set_terminator(&s->chat, "\r\n", 2)) != 0 ||
+      note(ac_dispatcher_adopt_fd(&s->chat.d, sock, NULL, 0)) != 0) {
+    close(sock);
+    ac_close(&s->chat.d); /* released (and freed) from the loop */
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t lst_ops = {
+    .handle_accepted = lst_accepted,
+    .handle_error = on_error,
+};
+
+/* ---------------------------------------------------------------- */
+/* Clients                                                            */
+
+static int done;
+
+static void client_closed(ac_dispatcher_t *d) {
+  (void) d;
+  done++;
+}
+
+/* with_send (0) and plain (2): read until EOF into rx[who]. */
+static int cl_read(ac_dispatcher_t *d) {
+  int who = d->data != NULL ? 2 : 0;
+  char buf[4096];
+  ssize_t n = ac_recv(d, buf, sizeof(buf));
+
+  if (n > 0) {
+    keep(who, buf, (size_t) n);
+  }
+  return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+}
+
+static const ac_dispatcher_ops_t ws_ops = {
+    .handle_read = cl_read,
+    .handle_error = on_error,
+    .closed = client_closed,
+};
+
+/* The plain client sends its request from handle_write. */
+static const char plain_req[] = "ping\r\nBYE\r\n";
+static size_t plain_off;
+
+static int cl_writable(ac_dispatcher_t *d) {
+  return !d->connected || plain_off < sizeof(plain_req) - 1;
+}
+
+static int cl_write(ac_dispatcher_t *d) {
+  ssize_t n = note((int) ac_send(d, plain_req + plain_off,
+                                 sizeof(plain_req) - 1 - plain_off));
+
+  if (n > 0) {
+    plain_off += (size_t) n;
+  }
+  return n < 0 ? (int) n : 0;
+}
+
+static const ac_dispatcher_ops_t plain_ops = {
+    .writable = cl_writable,
+    .handle_read = cl_read,
+    .handle_write = cl_write,
+    .handle_error = on_error,
+    .closed = client_closed,
+};
+
+/* The chat client: records up to the long terminator, then lines. */
+static int cc_collect(ac_chat_t *c, const char *data, size_t n) {
+  (void) c;
+  keep(1, data, n);
+  return 0;
+}
+
+static int cc_found(ac_chat_t *c) {
+  keep(1, "#", 1);
+  return note(ac_chat_set_terminator(c, "\r\n", 2));
+}
+
+static const ac_chat_ops_t cc_ops = {
+    .base = {.handle_error = on_error, .closed = client_closed},
+    .collect_incoming_data = cc_collect,
+    .found_terminator = cc_found,
+};
+
+/* ---------------------------------------------------------------- */
+
+/* A small kernel send buffer: big writes go through the stream queue. */
+static int small_sndbuf(ac_dispatcher_t *d) {
+  int size = 16384;
+
+  return setsockopt(ac_fileno(d), SOL_SOCKET, SO_SNDBUF, &size,
+                    sizeof(size));
+}
+
+/* Start the three clients; a client that fails to start is closed. */
+static void start_clients(ac_map_t *map, ac_dispatcher_with_send_t *ws,
+                          ac_chat_t *cc, ac_dispatcher_t *pl) {
+  struct sockaddr_storage ss;
+  const struct sockaddr *sa = (const struct sockaddr *) &ss;
+
+  task_addr(AF_INET, port, &ss);
+  if (note(ac_dispatcher_with_send_init(ws, map, &ws_ops)) == 0) {
+    if (note(ac_create_socket(&ws->d, AF_INET, SOCK_STREAM)) != 0 ||
+        small_sndbuf(&ws->d) != 0 || note(ac_connect(&ws->d, sa)) != 0 ||
+        note(ac_dispatcher_with_send_send(ws, "hello\r\n", 7)) != 0 ||
+        note(ac_dispatcher_with_send_send(ws, big, BIG)) != 0 ||
+        note(ac_dispatcher_with_send_send(ws, "\r\nBYE\r\n", 7)) != 0) {
+      ac_close(&ws->d);
+    }
+  } else {
+    done++;
+  }
+  if (note(ac_chat_init(cc, map, &cc_ops)) == 0) {
+    if (note(ac_chat_set_terminator(cc, TERM_LONG,
+                                    sizeof(TERM_LONG) - 1)) != 0 ||
+        note(ac_connect_name(&cc->d, "127.0.0.1", port)) != 0 ||
+        note(ac_chat_push(cc, "BULK\r\n", 6)) != 0 ||
+        note(ac_chat_push(cc, "BYE\r\n", 5)) != 0) {
+      ac_close(&cc->d);
+    }
+  } else {
+    done++;
+  }
+  if (note(ac_dispatcher_init(pl, map, &plain_ops)) == 0) {
+    pl->data = pl; /* cl_read: rx[2] */
+    if (note(ac_create_socket(pl, AF_INET, SOCK_STREAM)) != 0 ||
+        note(ac_connect(pl, sa)) != 0) {
+      ac_close(pl);
+    }
+  } else {
+    done++;
+  }
+}
+
+/* The session: everything allocated inside is freed before it returns. */
+static void session(void) {
+  uv_loop_t *loop = malloc(sizeof(*loop));
+  ac_dispatcher_with_send_t ws;
+  ac_dispatcher_t lst;
+  ac_dispatcher_t pl;
+  struct sockaddr_storage ss;
+  ac_map_t *map = NULL;
+  ac_chat_t cc;
+  int after_error = 0;
+  int i;
+
+  if (loop == NULL || note(uv_loop_init(loop)) != 0) {
+    free(loop);
+    return;
+  }
+  if (note(ac_map_new(loop, &map)) != 0) {
+    uv_loop_close(loop);
+    free(loop);
+    return;
+  }
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  task_addr(AF_INET, 0, &ss);
+  if (note(ac_dispatcher_init(&lst, map, &lst_ops)) != 0 ||
+      note(ac_create_socket(&lst, AF_INET, SOCK_STREAM)) != 0 ||
+      note(ac_bind(&lst, (struct sockaddr *) &ss)) != 0 ||
+      small_sndbuf(&lst) != 0 || note(ac_listen(&lst, 8)) != 0) {
+    done = 3; /* no server: no session */
+  } else {
+    port = probe_port(ac_fileno(&lst));
+    start_clients(map, &ws, &cc, &pl);
+  }
+  for (i = 0; i < 2000 && done < 3 && after_error < 100; i++) {
+    note(ac_loop(map, 0.002, 0, 1));
+    after_error += res.error_seen;
+  }
+  res.finished = done == 3;
+  ac_map_free(map); /* closes the listener and anything left */
+  if (uv_loop_close(loop) != 0) {
+    res.live_uv = -1000; /* handles left: reported as a leak */
+  }
+  free(loop);
+}
+
+/* Run one session in a child that fails allocation `n` (0: none). */
+static int run_child(long n, result_t *out) {
+  int fds[2];
+  int status = 0;
+  pid_t pid;
+  ssize_t got;
+
+  if (pipe(fds) != 0) {
+    return -1;
+  }
+  fflush(NULL);
+  pid = fork();
+  if (pid < 0) {
+    return -1;
+  }
+  if (pid == 0) {
+    close(fds[0]);
+    alarm(60); /* a hang fails the test instead of the suite's timeout */
+    alloc_seq = 0;
+    alloc_fail_seq = n;
+    session();
+    res.seq = alloc_seq;
+    res.failed = alloc_failed;
+    res.live_lib += alloc_lib.live;
+    res.live_uv += alloc_uv.live;
+    if (write(fds[1], &res, sizeof(res)) != (ssize_t) sizeof(res)) {
+      _exit(3);
+    }
+    fflush(NULL);
+    /* exit(), not _exit(): LeakSanitizer and valgrind check at exit. */
+    exit(0);
+  }
+  close(fds[1]);
+  got = read(fds[0], out, sizeof(*out));
+  close(fds[0]);
+  if (waitpid(pid, &status, 0) != pid) {
+    return -1;
+  }
+  if (got != (ssize_t) sizeof(*out)) {
+    return status != 0 ? status : -1;
+  }
+  return status;
+}
+
+/* The run without failure, then every N: no crash, no leak, an error or
+ * the same output. */
+TASK(fail_each_allocation_in_turn) {
+  result_t ref;
+  result_t r;
+  long n;
+  int errors = 0;
+  int silent = 0;
+  int status;
+
+  memset(bulk, 'b', sizeof(bulk));
+  big = malloc(BIG);
+  ASSERT(big != NULL);
+  chan_fill(big, BIG, 1, 0);
+  for (n = 0; n < BIG; n++) {
+    big[n] = big[n] == '\r' ? 'R' : big[n]; /* one line */
+  }
+  status = run_child(0, &ref);
+  ASSERT_EQ(status, 0);
+  ASSERT(ref.finished);
+  ASSERT_EQ(ref.error_seen, 0);
+  ASSERT_EQ(ref.failed, 0);
+  ASSERT_EQ(ref.live_lib, 0);
+  ASSERT_EQ(ref.live_uv, 0);
+  ASSERT_EQ(ref.nrx[0], 17 + 5 + BIG + 2); /* echo:hello, the big line,
+                                             bye */
+  ASSERT_EQ(ref.nrx[1], BULK + 1 + 3 + 1);
+  ASSERT_EQ(ref.nrx[2], 16); /* "echo:ping\r\nbye\r\n" */
+  ASSERT_GT(ref.seq, 10);
+  for (n = 1;; n++) {
+    memset(&r, 0, sizeof(r));
+    status = run_child(n, &r);
+    if (status != 0 || r.live_lib != 0 || r.live_uv != 0) {
+      TASK_FAIL("allocation %ld failed (%s): child status %d, blocks left "
+                "%ld (library) %ld (libuv)",
+                n, r.failed == 2 ? "libuv" : "library", status, r.live_lib,
+                r.live_uv);
+    }
+    if (!r.failed) {
+      break; /* the session made fewer than n allocations */
+    }
+    if (!r.error_seen &&
+        (memcmp(r.hash, ref.hash, sizeof(r.hash)) != 0 ||
+         memcmp(r.nrx, ref.nrx, sizeof(r.nrx)) != 0 || !r.finished)) {
+      TASK_FAIL("allocation %ld failed (%s) silently: output %zu/%zu/%zu "
+                "bytes, finished %d",
+                n, r.failed == 2 ? "libuv" : "library", r.nrx[0], r.nrx[1],
+                r.nrx[2], r.finished);
+    }
+    if (r.error_seen) {
+      errors++;
+    } else {
+      silent++;
+    }
+  }
+  ASSERT_GE(n, ref.seq); /* every allocation of the session was tried */
+  fprintf(stderr,
+          "  %ld allocations failed one at a time: %d reported an error, "
+          "%d recovered with the same output\n",
+          n - 1, errors, silent);
+  free(big);
+}
+
+static const task_t tasks[] = {
+    TASK_ENTRY(fail_each_allocation_in_turn),
+};
+
+int main(int argc, char **argv) {
+  signal(SIGPIPE, SIG_IGN);
+  if (alloc_install(1, 1) != 0) {
+    return 1;
+  }
+  return task_run("oom", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
+                  argv);
+}
