@@ -102,7 +102,7 @@ int main(int argc, char **argv) {
     r = ac_bind(&server, (const struct sockaddr *) &addr);
   }
   if (r == 0) {
-    r = ac_listen(&server, 128);
+    r = ac_listen(&server, 4096);
   }
   if (r != 0) {
     fprintf(stderr, "echo_server: %s\n", ac_strerror(r));
