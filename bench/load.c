@@ -6,6 +6,11 @@
  * compared with what was sent (a deterministic pattern, shifted per
  * connection). --idle opens extra connections that stay silent. --churn
  * makes each connection slot connect, exchange one message, close, repeat.
+ * --lines K switches to a line protocol: messages are --size-byte lines
+ * (the last byte "\n", the others printable, never "\n"), sent K at a time
+ * as one batch; the batch completes when all K lines are back byte-exactly.
+ * Lines are counted one by one; latencies are per batch; --msgs counts
+ * batches.
  * --pause prints "ready" on stderr once every connection is established and
  * waits for a line on stdin before timing starts, so a harness can sample
  * the server then.
@@ -67,11 +72,15 @@ typedef struct {
   int churn;
   int pause;
   double stall;
+  int lines;
 } opts_t;
 
-static opts_t opt = {"127.0.0.1", 0, 1, 0, 64, 0, 0, 1, 0, 0, 10.0};
+static opts_t opt = {"127.0.0.1", 0, 1, 0, 64, 0, 0, 1, 0, 0, 10.0, 0};
 static struct sockaddr_in server_addr;
 static unsigned char pattern[2 * PAT_LEN];
+static size_t pat_len = PAT_LEN; /* period of the pattern */
+static uint64_t msg_bytes;       /* bytes of one message (a batch of lines) */
+static uint64_t msg_count = 1;   /* what one message counts: 1 or K lines */
 static unsigned char rbuf[RBUF_SIZE];
 static uint64_t hist[HIST_BUCKETS];
 static conn_t *conns;
@@ -82,7 +91,7 @@ static int connecting;
 static int active_left; /* active connections not yet finished */
 static int past_deadline; /* --duration elapsed: start no new messages */
 static uint64_t t_begin, t_deadline, t_progress;
-static uint64_t total_msgs, total_cycles;
+static uint64_t total_msgs, total_cycles, total_batches;
 
 /* Returns CLOCK_MONOTONIC in nanoseconds. */
 static uint64_t now_ns(void) {
@@ -100,19 +109,39 @@ static void fail(const conn_t *c, const char *what, int err) {
 }
 
 /* Fills the pattern: a byte hash of the index, repeated twice so that any
- * window of up to PAT_LEN bytes is contiguous. */
+ * window of up to pat_len bytes is contiguous. In --lines mode the period
+ * is a whole number of lines, every line ends in "\n" and its other bytes
+ * are printable. */
 static void pattern_init(void) {
-  uint32_t i;
+  uint32_t i, h;
+  size_t line = opt.size;
 
-  for (i = 0; i < PAT_LEN; i++) {
-    pattern[i] = (unsigned char)((i * 2654435761u) >> 24);
-    pattern[i + PAT_LEN] = pattern[i];
+  if (opt.lines > 0) {
+    pat_len = PAT_LEN / line * line;
   }
+  for (i = 0; i < pat_len; i++) {
+    h = (i * 2654435761u) >> 24;
+    if (opt.lines == 0) {
+      pattern[i] = (unsigned char)h;
+    } else {
+      pattern[i] = i % line == line - 1 ? '\n' : (unsigned char)(33 + h % 94);
+    }
+    pattern[i + pat_len] = pattern[i];
+  }
+}
+
+/* Returns where connection i starts in the pattern: at a line start in
+ * --lines mode. */
+static unsigned pattern_shift(int i) {
+  if (opt.lines > 0) {
+    return (unsigned)((uint64_t)i * 7919u % (pat_len / opt.size) * opt.size);
+  }
+  return (unsigned)i * 7919u % PAT_LEN;
 }
 
 /* Returns the pattern at stream offset off of connection c. */
 static const unsigned char *pattern_at(const conn_t *c, uint64_t off) {
-  return pattern + (off + c->shift) % PAT_LEN;
+  return pattern + (off + c->shift) % pat_len;
 }
 
 /* Records one latency sample in the log-linear histogram. */
@@ -232,10 +261,10 @@ static int conn_pump(conn_t *c) {
   while (may_start(c)) {
     c->t_start[c->started++ % (uint64_t)opt.pipeline] = now_ns();
   }
-  target = c->started * opt.size;
+  target = c->started * msg_bytes;
   while (c->tx_off < target) {
-    pos = (c->tx_off + c->shift) % PAT_LEN;
-    len = target - c->tx_off < PAT_LEN ? target - c->tx_off : PAT_LEN;
+    pos = (c->tx_off + c->shift) % pat_len;
+    len = target - c->tx_off < pat_len ? target - c->tx_off : pat_len;
     n = send(c->fd, pattern + pos, len, MSG_NOSIGNAL);
     if (n < 0 && errno == EAGAIN) {
       return c->want_out ? 0 : conn_watch(c, EPOLL_CTL_MOD, 1);
@@ -258,7 +287,7 @@ static int conn_verify(conn_t *c, const unsigned char *p, size_t n) {
     return -1;
   }
   while (n > 0) {
-    chunk = n < PAT_LEN ? n : PAT_LEN;
+    chunk = n < pat_len ? n : pat_len;
     if (memcmp(p, pattern_at(c, c->rx_off), chunk) != 0) {
       fail(c, "echoed bytes differ from the bytes sent", 0);
       return -1;
@@ -274,11 +303,12 @@ static int conn_verify(conn_t *c, const unsigned char *p, size_t n) {
 static void conn_complete(conn_t *c, uint64_t now) {
   uint64_t t0;
 
-  while (c->done < c->started && c->rx_off >= (c->done + 1) * opt.size) {
+  while (c->done < c->started && c->rx_off >= (c->done + 1) * msg_bytes) {
     t0 = c->t_start[c->done % (uint64_t)opt.pipeline];
     hist_add(now - (opt.churn ? c->t_conn : t0));
     c->done++;
-    total_msgs++;
+    total_batches++;
+    total_msgs += msg_count;
     t_progress = now;
   }
 }
@@ -471,9 +501,13 @@ static void report(double seconds) {
   printf("{\"mode\": \"%s\", \"conns\": %d, \"idle\": %d, \"size\": %zu, "
          "\"pipeline\": %d, \"messages\": %llu, \"seconds\": %.6f, "
          "\"msgs_per_s\": %.1f, \"p50_us\": %.1f, \"p99_us\": %.1f, ",
-         opt.churn ? "churn" : "echo", opt.conns, opt.idle, opt.size,
-         opt.pipeline, (unsigned long long)total_msgs, seconds, rate,
-         hist_quantile(0.50), hist_quantile(0.99));
+         opt.churn ? "churn" : opt.lines ? "lines" : "echo", opt.conns,
+         opt.idle, opt.size, opt.pipeline, (unsigned long long)total_msgs,
+         seconds, rate, hist_quantile(0.50), hist_quantile(0.99));
+  if (opt.lines) {
+    printf("\"lines_per_batch\": %d, \"batches\": %llu, ", opt.lines,
+           (unsigned long long)total_batches);
+  }
   if (opt.churn) {
     printf("\"conns_per_s\": %.1f, ",
            seconds > 0 ? (double)total_cycles / seconds : 0);
@@ -489,7 +523,7 @@ static void usage(void) {
           "[--size BYTES]\n"
           "            (--msgs M | --duration S) [--pipeline K] "
           "[--idle N] [--churn]\n"
-          "            [--pause] [--stall S]\n");
+          "            [--lines K] [--pause] [--stall S]\n");
 }
 
 /* Parses the command line into opt; returns 0 or -1. */
@@ -498,7 +532,8 @@ static int parse_args(int argc, char **argv) {
       {"host", 1, 0, 'h'},     {"port", 1, 0, 'p'},  {"conns", 1, 0, 'c'},
       {"size", 1, 0, 's'},     {"msgs", 1, 0, 'm'},  {"duration", 1, 0, 'd'},
       {"pipeline", 1, 0, 'k'}, {"idle", 1, 0, 'i'},  {"churn", 0, 0, 'C'},
-      {"pause", 0, 0, 'P'},    {"stall", 1, 0, 'S'}, {0, 0, 0, 0}};
+      {"pause", 0, 0, 'P'},    {"stall", 1, 0, 'S'}, {"lines", 1, 0, 'L'},
+      {0, 0, 0, 0}};
   int ch;
 
   while ((ch = getopt_long(argc, argv, "", longs, NULL)) != -1) {
@@ -514,13 +549,17 @@ static int parse_args(int argc, char **argv) {
     case 'C': opt.churn = 1; break;
     case 'P': opt.pause = 1; break;
     case 'S': opt.stall = atof(optarg); break;
+    case 'L': opt.lines = atoi(optarg); break;
     default: return -1;
     }
   }
   if (opt.port <= 0 || opt.conns < 1 || opt.size < 1 || opt.idle < 0 ||
-      opt.pipeline < 1 || (opt.msgs > 0) == (opt.duration > 0)) {
+      opt.pipeline < 1 || (opt.msgs > 0) == (opt.duration > 0) ||
+      opt.lines < 0 || (opt.lines > 0 && (opt.churn || opt.size > PAT_LEN))) {
     return -1;
   }
+  msg_count = opt.lines > 0 ? (uint64_t)opt.lines : 1;
+  msg_bytes = opt.size * msg_count;
   if (opt.churn) {
     opt.pipeline = 1;
   }
@@ -546,7 +585,7 @@ static int setup(void) {
   }
   for (i = 0; i < nconns; i++) {
     conns[i].idle = i < opt.idle;
-    conns[i].shift = (unsigned)i * 7919u % PAT_LEN;
+    conns[i].shift = pattern_shift(i);
     conns[i].state = C_CLOSED;
     conns[i].t_start = calloc((size_t)opt.pipeline, sizeof(uint64_t));
     if (conns[i].t_start == NULL) {

@@ -72,7 +72,7 @@ static int noop_timer(ac_timer_t *t, void *arg) {
 }
 
 /* Map, loop, embedding and backend choice given NULL, a bad timeout, a
- * closing map. */
+ * closing map (L-04, Q-21). */
 TASK(map_and_loop) {
   ac_map_t *map = quiet_map();
   uv_loop_t loop;
@@ -121,7 +121,8 @@ TASK(map_and_loop) {
 }
 
 /* Every dispatcher function given NULL or a zeroed struct (whose fd field
- * is a real socket, so a missing check would act on it). */
+ * is a real socket, so a missing check would act on it): D-02 to D-26,
+ * E-02, E-03 entry points. */
 TASK(dispatcher_null_and_zeroed) {
   ac_map_t *map = quiet_map();
   struct sockaddr_storage ss;
@@ -197,7 +198,8 @@ TASK(dispatcher_null_and_zeroed) {
 }
 
 /* Arguments a live channel refuses: NULL pointers, an address of a family
- * the library cannot size, a bad port; the channel stays usable. */
+ * the library cannot size, a bad port; the channel stays usable (D-10,
+ * D-11, D-13, D-14, E-05 with no error given). */
 TASK(dispatcher_bad_arguments) {
   ac_map_t *map = quiet_map();
   struct sockaddr odd;
@@ -241,8 +243,9 @@ TASK(dispatcher_bad_arguments) {
 }
 
 /* Calls in the wrong state on live channels: a second socket, a second
- * listen, accept on a connected channel, connect while connecting,
- * empty sends; each gives its documented code and the channel works. */
+ * listen, accept on a connected channel, connect on a listener, empty
+ * sends; each gives its documented code and the channel works (D-04,
+ * D-05, D-09, D-10, D-11, D-12, D-15). */
 TASK(dispatcher_wrong_state) {
   ac_map_t *map = quiet_map();
   struct sockaddr_storage ss;
@@ -340,9 +343,10 @@ TASK(dispatcher_before_connect) {
 }
 
 /* A closed channel, before and after its `closed` callback, for each
- * class: a second close is a no-op, a new socket is refused, I/O calls
- * handle_close until the release and return UV_EBADF afterwards (no
- * callback reaches a released channel), nothing is allocated for it. */
+ * class: a second close is a no-op (D-15), a new socket is refused, I/O
+ * calls handle_close until the release (D-13, D-14, D-19) and returns
+ * UV_EBADF afterwards (no callback reaches a released channel, 10.4),
+ * nothing is allocated for it (W-02, C-03, C-06, C-16, C-20). */
 TASK(closed_and_released_channel) {
   long live0 = alloc_lib.live;
   ac_map_t *map = quiet_map();
@@ -426,7 +430,7 @@ TASK(closed_and_released_channel) {
 }
 
 /* dispatcher_with_send functions given NULL, a zeroed struct, a channel
- * of another class. */
+ * of another class (W-01 to W-03). */
 TASK(with_send_bad_calls) {
   ac_map_t *map = quiet_map();
   ac_dispatcher_with_send_t z;
@@ -471,8 +475,9 @@ static int more_none(ac_producer_t *p, const void **data, size_t *n) {
 }
 
 /* async_chat functions given NULL, a zeroed struct, a channel of another
- * class, a negative count terminator, a zero output slice size, a
- * producer without more(), feed from inside the parse loop. */
+ * class, a negative count terminator (C-03), a zero output slice size
+ * (C-16), a producer without more() (C-17), feed from inside the parse
+ * loop. */
 TASK(chat_bad_calls) {
   ac_map_t *map = quiet_map();
   ac_chat_t z;
@@ -547,7 +552,7 @@ TASK(chat_bad_calls) {
   task_map_free(map);
 }
 
-/* async_chat receive sizes: ac_in_buffer_size 0 is Python's recv(0),
+/* C-01, C-07, Q-26: ac_in_buffer_size 0 is Python's recv(0),
  * which reads as EOF (handle_close); a size that cannot be allocated, even
  * with unparsed input in front, is UV_ENOMEM through handle_error.  Both
  * end with the channel cleanly closed. */
@@ -577,7 +582,7 @@ TASK(chat_in_buffer_size) {
 }
 
 /* Producers, the public fifo and find_prefix_at_end given NULL, an empty
- * fifo, a fifo that is not a pointer fifo. */
+ * fifo, a fifo that is not a pointer fifo (P-03, P-04, P-05). */
 TASK(producer_and_fifo_bad_calls) {
   ac_map_t *map = quiet_map();
   ac_producer_t *p = NULL;
@@ -660,7 +665,7 @@ TASK(timer_bad_calls) {
 }
 
 /* file_wrapper and file_dispatcher given NULL, bad or closed fds, a
- * second set_file. */
+ * second set_file (F-02 to F-06, F-08). */
 TASK(file_bad_calls) {
   ac_map_t *map = quiet_map();
   ac_file_wrapper_t w;
@@ -793,8 +798,8 @@ TASK(adoption_bad_calls) {
   ASSERT_EQ(stream_closed, 4);
 }
 
-/* Result-code helpers with codes outside every range, and the allocator
- * replacement given NULL functions. */
+/* Result-code helpers with codes outside every range (E-04, E-07), and
+ * the allocator replacement given NULL functions. */
 TASK(error_helpers_bad_calls) {
   static const int codes[] = {0, 1, -1, INT_MIN, INT_MAX, UV_EOF,
                               UV_EAI_NONAME, AC_EXIT, AC_EFAIL, -4096};
@@ -811,8 +816,7 @@ TASK(error_helpers_bad_calls) {
   ASSERT_EQ(ac_replace_allocator(malloc, realloc, calloc, NULL), UV_EINVAL);
 }
 
-/* ac_loop from inside a handler of its own map: UV_EBUSY, the loop goes
- * on (libuv's uv_run is not re-entrant). */
+/* In handle_read: a nested ac_loop on the same map (once). */
 static void nested_loop(chan_t *c, int ev) {
   if (ev == CH_READ && c->ctx != NULL) {
     c->err_code = ac_loop(c->ctx, 0, 0, 1);
@@ -820,6 +824,8 @@ static void nested_loop(chan_t *c, int ev) {
   }
 }
 
+/* L-09 (10.3): ac_loop from inside a handler of its own map: UV_EBUSY,
+ * the loop goes on (libuv's uv_run is not re-entrant). */
 TASK(nested_loop_is_busy) {
   ac_map_t *map = quiet_map();
   uv_os_sock_t peer;

@@ -623,6 +623,8 @@ static void emfile_child(int cls, int mode) {
   ASSERT_RELEASED_ONCE(&l);
 }
 
+/* Q-02 (changed), D-12, D-21: emfile_child in a child process per class
+ * and mode. */
 TASK(emfile_pauses_listener) {
   int mode;
   int cls;

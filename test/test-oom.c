@@ -353,8 +353,8 @@ static int run_child(long n, result_t *out) {
   return status;
 }
 
-/* The run without failure, then every N: no crash, no leak, an error or
- * the same output. */
+/* 10.4, E-02, E-05: the run without failure, then every N: no crash, no
+ * leak, an error or the same output. */
 TASK(fail_each_allocation_in_turn) {
   result_t ref;
   result_t r;

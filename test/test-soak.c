@@ -321,6 +321,7 @@ static int run_pass(ac_map_t *map, int use_poll) {
   return r;
 }
 
+/* D-13, D-15, W-02, C-16, 10.4: the run described at the top. */
 TASK(soak) {
   ac_map_t *map;
   chan_t l;

@@ -1,0 +1,187 @@
+/* A line echo server on async_chat.
+ *
+ *   usage: line_server PORT [--batch]
+ *
+ * Listens on 127.0.0.1:PORT; every line a client sends ("\n"-terminated)
+ * comes back as it was.  The terminator is "\n"; collect_incoming_data
+ * appends to the client's own buffer and found_terminator pushes the line
+ * plus "\n".  With --batch the replies of one read leave in one vectored
+ * send (c->chat.batch) instead of one send per line.  SIGINT or SIGTERM
+ * ends it with status 0.  The benchmark harness runs it as the peers
+ * "uvasyncore-chat" and "uvasyncore-chat-batch" (docs/benchmarks.md). */
+#include <uvasyncore.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MAX_LINE (1024 * 1024) /* a longer line closes the connection */
+
+typedef struct {
+  ac_chat_t chat;
+  char *line; /* the line collected so far */
+  size_t len;
+  size_t cap;
+} client_t;
+
+static int batch;
+
+static client_t *client_of(ac_chat_t *c) {
+  return ac_container_of(c, client_t, chat);
+}
+
+/* Makes room for n more bytes in the client's buffer plus the "\n" of the
+ * reply; returns 0, UV_E2BIG or UV_ENOMEM. */
+static int reserve(client_t *cl, size_t n) {
+  size_t cap = cl->cap ? cl->cap : 256;
+  char *p;
+
+  if (cl->len + n + 1 <= cl->cap) {
+    return 0;
+  }
+  if (cl->len + n > MAX_LINE) {
+    return UV_E2BIG;
+  }
+  while (cap < cl->len + n + 1) {
+    cap *= 2;
+  }
+  p = realloc(cl->line, cap);
+  if (p == NULL) {
+    return UV_ENOMEM;
+  }
+  cl->line = p;
+  cl->cap = cap;
+  return 0;
+}
+
+/* collect_incoming_data: append to the line being collected. */
+static int on_collect(ac_chat_t *c, const char *data, size_t n) {
+  client_t *cl = client_of(c);
+  int r = reserve(cl, n);
+
+  if (r == 0) {
+    memcpy(cl->line + cl->len, data, n);
+    cl->len += n;
+  }
+  return r;
+}
+
+/* found_terminator: the line is complete; send it back with its "\n". */
+static int on_line(ac_chat_t *c) {
+  client_t *cl = client_of(c);
+  int r = reserve(cl, 0);
+
+  if (r != 0) {
+    return r;
+  }
+  cl->line[cl->len++] = '\n';
+  r = ac_chat_push(c, cl->line, cl->len);
+  cl->len = 0;
+  return r;
+}
+
+static void on_closed(ac_dispatcher_t *d) {
+  client_t *cl = client_of(ac_chat_of(d));
+
+  free(cl->line);
+  free(cl);
+}
+
+/* A client whose line is too long (or that makes us run out of memory)
+ * is closed without a log line. */
+static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  return ac_close(d);
+}
+
+static const ac_chat_ops_t client_ops = {
+    .base = {.closed = on_closed,
+             .handle_error = on_error,
+             .type_name = "LineClient"},
+    .collect_incoming_data = on_collect,
+    .found_terminator = on_line,
+};
+
+static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
+                           const struct sockaddr *addr, socklen_t len) {
+  client_t *cl = calloc(1, sizeof(*cl));
+  int r;
+
+  (void) addr;
+  (void) len;
+  if (cl == NULL) {
+    close(sock);
+    return 0;
+  }
+  r = ac_chat_init(&cl->chat, d->map, &client_ops);
+  if (r == 0) {
+    cl->chat.batch = batch;
+    r = ac_chat_set_terminator(&cl->chat, "\n", 1);
+  }
+  if (r == 0) {
+    r = ac_dispatcher_open(&cl->chat.d, sock);
+  }
+  if (r != 0) {
+    ac_close(&cl->chat.d); /* frees the chat's buffers; closed frees cl */
+    close(sock);
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t server_ops = {
+    .handle_accepted = server_accepted,
+    .type_name = "LineServer",
+};
+
+static void on_signal(uv_signal_t *s, int signum) {
+  (void) signum;
+  ac_map_stop(s->data);
+}
+
+int main(int argc, char **argv) {
+  ac_dispatcher_t server;
+  struct sockaddr_in addr;
+  uv_signal_t sigint, sigterm;
+  ac_map_t *map;
+  int r;
+
+  if (argc < 2 || argc > 3 ||
+      (argc == 3 && strcmp(argv[2], "--batch") != 0)) {
+    fprintf(stderr, "usage: %s PORT [--batch]\n", argv[0]);
+    return 2;
+  }
+  batch = argc == 3;
+  map = ac_default_map();
+  uv_ip4_addr("127.0.0.1", atoi(argv[1]), &addr);
+  r = ac_dispatcher_init(&server, map, &server_ops);
+  if (r == 0) {
+    r = ac_create_socket(&server, AF_INET, SOCK_STREAM);
+  }
+  if (r == 0) {
+    ac_set_reuse_addr(&server);
+    r = ac_bind(&server, (const struct sockaddr *) &addr);
+  }
+  if (r == 0) {
+    r = ac_listen(&server, 4096);
+  }
+  if (r != 0) {
+    fprintf(stderr, "line_server: %s\n", ac_strerror(r));
+    return 1;
+  }
+  uv_signal_init(ac_map_loop(map), &sigint);
+  uv_signal_init(ac_map_loop(map), &sigterm);
+  sigint.data = sigterm.data = map;
+  uv_signal_start(&sigint, on_signal, SIGINT);
+  uv_signal_start(&sigterm, on_signal, SIGTERM);
+  uv_unref((uv_handle_t *) &sigint);
+  uv_unref((uv_handle_t *) &sigterm);
+
+  r = ac_loop(map, 30.0, 1, AC_FOREVER);
+
+  uv_close((uv_handle_t *) &sigint, NULL);
+  uv_close((uv_handle_t *) &sigterm, NULL);
+  ac_map_free(map);
+  uv_loop_close(uv_default_loop());
+  return r == 0 || r == AC_EXIT ? 0 : 1;
+}
