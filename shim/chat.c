@@ -18,12 +18,6 @@
 
 static const ac_chat_ops_t no_chat_ops;
 
-/* An initialised channel of this class (misuse gives UV_EINVAL). */
-int ac__chat_usable(const ac_chat_t *c) {
-  return c != NULL && (c->d.flags & AC__F_INIT) &&
-         c->d.cls == &ac__chat_class;
-}
-
 /* What the parse loop works on: B = b[0..len).  The first `virt` bytes of
  * B are the terminator bytes vsrc[voff..voff+virt), of which the first
  * `mat` have been copied to w (the rest are copied when a callback needs
@@ -117,15 +111,6 @@ static void term_drop(ac_chat_t *c) {
   c->term_len = 0;
   c->kmp_ok = 0;
   c->term_gen++;
-}
-
-/* For the calls that may allocate: 0, UV_EINVAL (not a chat), or UV_EBADF
- * once the channel was released (nothing would free the memory). */
-int ac__chat_alive(const ac_chat_t *c) {
-  if (!ac__chat_usable(c)) {
-    return UV_EINVAL;
-  }
-  return (c->d.flags & AC__F_RELEASED) ? UV_EBADF : 0;
 }
 
 int ac_chat_set_terminator(ac_chat_t *c, const void *term, size_t n) {
@@ -484,6 +469,63 @@ static int step_bytes(ac_chat_t *c, view_t *v) {
   return 0;
 }
 
+/* Where step_byte stopped: v->b moves to b (w with it), v->len is len. */
+static void view_at(view_t *v, const char *b, size_t len) {
+  v->w = v->w != NULL ? v->w + (b - v->b) : NULL;
+  v->b = b;
+  v->len = len;
+}
+
+/* step_bytes for the common case, record after record: a one-byte
+ * terminator and no terminator bytes in front (v->virt == 0, so no
+ * matcher state either).  Stops, for parse() to look again, when a
+ * callback set a terminator or discarded the input.  The view is kept
+ * in locals (the callbacks cannot see it) and stored back on return. */
+static int step_byte(ac_chat_t *c, view_t *v) {
+  int (*cb)(ac_chat_t *, const char *, size_t);
+  uint32_t tgen = c->term_gen;
+  char ch = c->term_small[0];
+  const char *b = v->b;
+  size_t len = v->len;
+  const char *p;
+  size_t x;
+  int r;
+
+  do {
+    p = memchr(b, ch, len);
+    if (p == NULL) { /* C-12 with nothing kept: collect it all */
+      c->work_scan += len;
+      view_at(v, b, len);
+      v->kept_tgen = tgen;
+      r = collect(c, v, len);
+      if (r == 0) {
+        view_at(v, c->in_gen != v->gen ? b : b + len, 0);
+      }
+      return r;
+    }
+    x = (size_t) (p - b);
+    c->work_scan += x + 1;
+    if (x > 0) { /* collect(), without materialize(): virt is 0 */
+      cb = c->cops->collect_incoming_data;
+      r = cb != NULL ? cb(c, b, x) : AC_EFAIL; /* C-05 */
+      if (r != 0) {
+        view_at(v, b, len);
+        return r;
+      }
+    }
+    if (c->in_gen != v->gen) { /* discarded inside the callback */
+      len = 0;
+    } else {
+      b += x + 1;
+      len -= x + 1;
+    }
+    r = found(c);
+  } while (r == 0 && len > 0 && c->term_gen == tgen &&
+           c->in_gen == v->gen);
+  view_at(v, b, len);
+  return r;
+}
+
 static int parse(ac_chat_t *c, view_t *v) {
   int r = 0;
 
@@ -494,6 +536,9 @@ static int parse(ac_chat_t *c, view_t *v) {
     }
     if (c->term_kind == AC_TERM_COUNT && c->term_count > 0) {
       r = step_count(c, v);
+    } else if (c->term_kind == AC_TERM_BYTES && c->term_len == 1 &&
+               v->virt == 0) {
+      r = step_byte(c, v);
     } else if (c->term_kind == AC_TERM_BYTES && c->term_len > 0) {
       r = step_bytes(c, v);
     } else {

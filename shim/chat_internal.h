@@ -77,10 +77,23 @@ AC__HIDDEN ssize_t ac__chat_send(ac_dispatcher_t *d, const void *buf,
                                  size_t n);
 AC__HIDDEN void ac__chat_out_discard(ac_chat_t *c);
 AC__HIDDEN void ac__chat_out_free(ac_chat_t *c);
-AC__HIDDEN int ac__chat_usable(const ac_chat_t *c);
-AC__HIDDEN int ac__chat_alive(const ac_chat_t *c);
 
 /* chat.c */
 AC__HIDDEN extern const ac__class_t ac__chat_class;
+
+/* An initialised channel of this class (misuse gives UV_EINVAL). */
+static inline int ac__chat_usable(const ac_chat_t *c) {
+  return c != NULL && (c->d.flags & AC__F_INIT) &&
+         c->d.cls == &ac__chat_class;
+}
+
+/* For the calls that may allocate: 0, UV_EINVAL (not a chat), or UV_EBADF
+ * once the channel was released (nothing would free the memory). */
+static inline int ac__chat_alive(const ac_chat_t *c) {
+  if (!ac__chat_usable(c)) {
+    return UV_EINVAL;
+  }
+  return (c->d.flags & AC__F_RELEASED) ? UV_EBADF : 0;
+}
 
 #endif

@@ -436,20 +436,43 @@ static int append_entry(ac_chat_t *c, int kind, void *owner,
   return 0;
 }
 
-/* push and push_owned (C-16).  With nothing queued the one send of
- * initiate_send goes straight from `data` (same bytes, same order), and
- * only what the socket refused is queued. */
-static int push(ac_chat_t *c, const void *data, size_t n, int copy,
-                ac_chat_free_cb free_fn, void *ctx) {
+/* Batch mode: a copy of n bytes (1 <= n) pushed from inside the parse
+ * loop extends the tail entry when that is an arena copy whose bytes end
+ * where the arena does, the merged entry stays within one slice and the
+ * channel is a stream (the bytes sent are the same; a datagram socket
+ * keeps one entry per slice).  Not while a send runs (a parse from a
+ * release callback): consume() may have counted the tail as sent.  1 when
+ * done, 0 when it does not apply. */
+static int coalesce(ac_chat_t *c, const void *data, size_t n, size_t size) {
+  ac__entry_t *t;
+
+  if (c->fifo.len_ == 0 || c->sending ||
+      c->oend + n > c->obase + c->obuf_cap) {
+    return 0;
+  }
+  t = entry(c, c->fifo.len_ - 1);
+  if (t->kind != AC__E_DATA || t->own != AC__OWN_ARENA ||
+      t->at.pos + t->n != c->oend || t->n > size || n > size - t->n ||
+      !gathers(c)) {
+    return 0;
+  }
+  memcpy(c->obuf + (c->oend - c->obase), data, n);
+  c->oend += n;
+  t->n += n;
+  c->out_bytes += n;
+  return 1;
+}
+
+/* push and push_owned (C-16) on a live channel.  With nothing queued the
+ * one send of initiate_send goes straight from `data` (same bytes, same
+ * order), and only what the socket refused is queued. */
+static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
+                      ac_chat_free_cb free_fn, void *ctx) {
+  size_t size = c->ac_out_buffer_size;
   ssize_t sent = 0;
   struct iovec v;
-  size_t size;
   int r;
 
-  if ((r = ac__chat_alive(c)) != 0) {
-    return r;
-  }
-  size = c->ac_out_buffer_size;
   if ((data == NULL && n > 0) || (size == 0 && n > 0)) {
     return UV_EINVAL; /* Python: TypeError / range() step 0 */
   }
@@ -480,12 +503,23 @@ static int push(ac_chat_t *c, const void *data, size_t n, int copy,
 }
 
 int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
-  return push(c, data, n, 1, NULL, NULL);
+  int r = ac__chat_alive(c);
+
+  if (r != 0) {
+    return r;
+  }
+  if (c->batch && c->parsing && data != NULL && n > 0 &&
+      coalesce(c, data, n, c->ac_out_buffer_size)) {
+    return 0; /* kick() would not send from here */
+  }
+  return push_alive(c, data, n, 1, NULL, NULL);
 }
 
 int ac_chat_push_owned(ac_chat_t *c, const void *data, size_t n,
                        ac_chat_free_cb free_fn, void *ctx) {
-  return push(c, data, n, 0, free_fn, ctx);
+  int r = ac__chat_alive(c);
+
+  return r != 0 ? r : push_alive(c, data, n, 0, free_fn, ctx);
 }
 
 /* Virtual send (ac_send on a chat): push; returns n or an error. */

@@ -1818,10 +1818,52 @@ TASK(batch_sends_once_per_read) {
   ASSERT_EQ(peer_take(peer, got, sizeof(got)), 3);
   r.chat.batch = 1;
   DELIVER(&r, peer, "a;b;c;");
-  ASSERT_EQ(r.fifo_in_found, 3); /* queued until the end of the read */
+  /* Queued until the end of the read, the copies coalesced into one
+   * entry. */
+  ASSERT_EQ(r.fifo_in_found, 1);
   ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
   ASSERT_EQ(peer_take(peer, got, sizeof(got)), 9);
   ASSERT_MEM_EQ(got, "ok;ok;ok;", 9);
+  /* C-16: an entry grows up to ac_out_buffer_size only (3 + 3, then 3). */
+  r.chat.ac_out_buffer_size = 8;
+  DELIVER(&r, peer, "a;b;c;");
+  ASSERT_EQ(r.fifo_in_found, 2);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 9);
+  ASSERT_MEM_EQ(got, "ok;ok;ok;", 9);
+  close(peer);
+  task_map_free(map);
+}
+
+/* C-16, C-21: a batch push made while a send is being completed (from a
+ * release callback that feeds input) is not merged into an entry that
+ * send already covered: its bytes still go out, after the others. */
+static void feed_on_free(void *data, void *ctx) {
+  (void) data;
+  ac_chat_feed(&((rec_t *) ctx)->chat, "a;", 2);
+}
+
+TASK(batch_push_during_send_kept) {
+  ac_map_t *map = task_map_new();
+  char got[32];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.on_found = push_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  r.chat.batch = 1;
+  r.chat.d.connected = 0;
+  ASSERT_OK(ac_chat_push_owned(&r.chat, "own", 3, feed_on_free, &r));
+  ASSERT_OK(ac_chat_push(&r.chat, "xy", 2));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 2);
+  r.chat.d.connected = 1;
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(ac_chat_out_bytes(&r.chat), 3); /* "ok;", pushed meanwhile */
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 8);
+  ASSERT_MEM_EQ(got, "ownxyok;", 8);
   close(peer);
   task_map_free(map);
 }
@@ -1883,6 +1925,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(line_server_example),
     TASK_ENTRY(line_server_batched),
     TASK_ENTRY(batch_sends_once_per_read),
+    TASK_ENTRY(batch_push_during_send_kept),
 };
 
 int main(int argc, char **argv) {

@@ -89,7 +89,8 @@ struct ac_chat_s {
   const char *encoding;      /* "latin-1", no-op */
   /* Extension, off by default: push, push_owned and push_with_producer
    * called from collect_incoming_data or found_terminator only queue, and
-   * handle_read sends everything once, at its end. */
+   * handle_read sends everything once, at its end (on a stream, pushed
+   * copies that fit extend the last fifo entry). */
   unsigned batch : 1;
 
   /* private_ */
