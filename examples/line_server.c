@@ -27,24 +27,25 @@ typedef struct {
 
 static int batch;
 
+/* The client whose chat is c. */
 static client_t *client_of(ac_chat_t *c) {
   return ac_container_of(c, client_t, chat);
 }
 
-/* Makes room for n more bytes in the client's buffer plus the "\n" of the
- * reply; returns 0, UV_E2BIG or UV_ENOMEM. */
-static int reserve(client_t *cl, size_t n) {
+/* Grows the client's buffer so that n more bytes fit, with room left for
+ * the "\n" of the reply; returns 0, UV_E2BIG or UV_ENOMEM. */
+static int grow(client_t *cl, size_t n) {
   size_t cap = cl->cap ? cl->cap : 256;
   char *p;
 
-  if (cl->len + n + 1 <= cl->cap) {
-    return 0;
-  }
   if (cl->len + n > MAX_LINE) {
     return UV_E2BIG;
   }
-  while (cap < cl->len + n + 1) {
+  while (cap <= cl->len + n) {
     cap *= 2;
+  }
+  if (cap > MAX_LINE + 1) {
+    cap = MAX_LINE + 1; /* a line and its "\n" */
   }
   p = realloc(cl->line, cap);
   if (p == NULL) {
@@ -55,32 +56,35 @@ static int reserve(client_t *cl, size_t n) {
   return 0;
 }
 
-/* collect_incoming_data: append to the line being collected. */
+/* collect_incoming_data: append to the line being collected (afterwards
+ * there is room for one more byte). */
 static int on_collect(ac_chat_t *c, const char *data, size_t n) {
   client_t *cl = client_of(c);
-  int r = reserve(cl, n);
+  int r;
 
-  if (r == 0) {
-    memcpy(cl->line + cl->len, data, n);
-    cl->len += n;
+  if (n >= cl->cap - cl->len && (r = grow(cl, n)) != 0) {
+    return r;
   }
-  return r;
+  memcpy(cl->line + cl->len, data, n);
+  cl->len += n;
+  return 0;
 }
 
 /* found_terminator: the line is complete; send it back with its "\n". */
 static int on_line(ac_chat_t *c) {
   client_t *cl = client_of(c);
-  int r = reserve(cl, 0);
+  size_t n = cl->len;
+  int r;
 
-  if (r != 0) {
+  if (n == cl->cap && (r = grow(cl, 0)) != 0) { /* an empty first line */
     return r;
   }
-  cl->line[cl->len++] = '\n';
-  r = ac_chat_push(c, cl->line, cl->len);
+  cl->line[n] = '\n';
   cl->len = 0;
-  return r;
+  return ac_chat_push(c, cl->line, n + 1);
 }
 
+/* The channel is gone: free the client and its buffer. */
 static void on_closed(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
 
@@ -103,6 +107,7 @@ static const ac_chat_ops_t client_ops = {
     .found_terminator = on_line,
 };
 
+/* handle_accepted: a client_t per connection, terminator "\n". */
 static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
                            const struct sockaddr *addr, socklen_t len) {
   client_t *cl = calloc(1, sizeof(*cl));
@@ -134,11 +139,13 @@ static const ac_dispatcher_ops_t server_ops = {
     .type_name = "LineServer",
 };
 
+/* SIGINT, SIGTERM: ac_loop returns. */
 static void on_signal(uv_signal_t *s, int signum) {
   (void) signum;
   ac_map_stop(s->data);
 }
 
+/* Parses the arguments, listens, loops until a signal; returns 0 then. */
 int main(int argc, char **argv) {
   ac_dispatcher_t server;
   struct sockaddr_in addr;

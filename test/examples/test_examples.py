@@ -422,6 +422,52 @@ def resp_server_with_redis_benchmark():
         srv.stop()
 
 
+def line_server_echoes(*flags):
+    """Lines split across sends (a line in three pieces, three lines in
+    one send, an empty line) come back byte-exactly, in order; the
+    server exits 0 on SIGTERM."""
+    port = free_port()
+    proc = start("line_server", str(port), *flags)
+    wait_port(port, proc)
+    pieces = [b"hel", b"lo wo", b"rld\n", b"a\nbb\n\nccc\nd", b"dd\n",
+              bytes(range(10)) + bytes(range(11, 256)) + b"\n"]
+    want = b"".join(pieces)
+    try:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.settimeout(10)
+        for p in pieces:
+            s.sendall(p)
+            time.sleep(0.01)  # separate segments, so separate reads
+        got = b""
+        while len(got) < len(want):
+            chunk = s.recv(4096)
+            assert chunk, "closed after %r" % got
+            got += chunk
+        s.close()
+        assert got == want, got
+    finally:
+        rc = stop(proc)
+    assert rc == 0, "exit status %s on SIGTERM" % rc
+
+
+@test
+def line_server_echoes_lines():
+    line_server_echoes()
+
+
+@test
+def line_server_batch_echoes_lines():
+    line_server_echoes("--batch")
+
+
+@test
+def line_server_usage_error():
+    for args in ([], ["1", "--nope"]):
+        rc = subprocess.run([os.path.join(EXAMPLES, "line_server")] + args,
+                            stderr=subprocess.PIPE).returncode
+        assert rc == 2, (args, rc)
+
+
 failed = sum(1 for _, e in results if e is not None)
 print("examples: %d passed, %d failed" % (len(results) - failed, failed))
 sys.exit(1 if failed else 0)
