@@ -9,6 +9,8 @@
  * it with status 0. */
 #include <uvasyncore.h>
 
+#include "serve.h"
+
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -222,52 +224,10 @@ static const ac_dispatcher_ops_t server_ops = {
     .type_name = "http_server",
 };
 
-static void on_signal(uv_signal_t *s, int signum) {
-  (void) signum;
-  ac_map_stop(s->data);
-}
-
 int main(int argc, char **argv) {
-  ac_dispatcher_t server;
-  struct sockaddr_in addr;
-  uv_signal_t sigint, sigterm;
-  ac_map_t *map;
-  int r;
-
   if (argc < 2) {
     fprintf(stderr, "usage: %s PORT\n", argv[0]);
     return 2;
   }
-  map = ac_default_map();
-  uv_ip4_addr("127.0.0.1", atoi(argv[1]), &addr);
-  r = ac_dispatcher_init(&server, map, &server_ops);
-  if (r == 0) {
-    r = ac_create_socket(&server, AF_INET, SOCK_STREAM);
-  }
-  if (r == 0) {
-    ac_set_reuse_addr(&server);
-    r = ac_bind(&server, (const struct sockaddr *) &addr);
-  }
-  if (r == 0) {
-    r = ac_listen(&server, 4096);
-  }
-  if (r != 0) {
-    fprintf(stderr, "http_server: %s\n", ac_strerror(r));
-    return 1;
-  }
-  uv_signal_init(ac_map_loop(map), &sigint);
-  uv_signal_init(ac_map_loop(map), &sigterm);
-  sigint.data = sigterm.data = map;
-  uv_signal_start(&sigint, on_signal, SIGINT);
-  uv_signal_start(&sigterm, on_signal, SIGTERM);
-  uv_unref((uv_handle_t *) &sigint);
-  uv_unref((uv_handle_t *) &sigterm);
-
-  r = ac_loop(map, 30.0, 1, AC_FOREVER);
-
-  uv_close((uv_handle_t *) &sigint, NULL);
-  uv_close((uv_handle_t *) &sigterm, NULL);
-  ac_map_free(map);
-  uv_loop_close(uv_default_loop());
-  return r == 0 || r == AC_EXIT ? 0 : 1;
+  return serve("http_server", argv[1], &server_ops);
 }
