@@ -582,11 +582,9 @@ ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
   }
-  if (d->cls == &ac__with_send_class && d->backend == AC_BACKEND_STREAM &&
-      n <= AC__DWS_CHUNK && !d->debug && d->wq_bytes == 0 &&
-      (d->flags & (AC__F_CONN_DONE | AC__F_WERR | AC__F_ADOPT |
-                   AC__F_RELEASED)) == AC__F_CONN_DONE &&
-      d->fd >= 0 &&
+  if (d->cls == &ac__with_send_class && ac__stream_idle(d) &&
+      n <= AC__DWS_CHUNK && !d->debug &&
+      !(d->flags & (AC__F_ADOPT | AC__F_RELEASED)) &&
       ac_container_of(d, ac_dispatcher_with_send_t, d)->out_len == 0) {
     /* W-02/W-03 with an empty buffer on an idle stream: the one send, from
      * the caller's bytes.  The echo hot path, without the class call. */
@@ -630,15 +628,12 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
                                    : recv_result(d, r);
   }
 
-  /* One test for misuse and for adopted input still pending (adopt.c). */
-  if (d == NULL || (d->flags & (AC__F_INIT | AC__F_ADOPT)) != AC__F_INIT ||
-      (buf == NULL && n > 0)) {
-    if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
-      return UV_EINVAL;
-    }
-    if (n > 0 && (r = ac__adopt_recv(d, buf, n)) > 0) {
-      return r;
-    }
+  if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
+    return UV_EINVAL;
+  }
+  if ((d->flags & AC__F_ADOPT) && n > 0 &&
+      (r = ac__adopt_recv(d, buf, n)) > 0) {
+    return r; /* adopted input still pending (adopt.c) */
   }
   if (d->fd < 0 && (d->flags & AC__F_RESOLVING)) {
     return UV_EAGAIN; /* no socket yet (ac_connect_name) */

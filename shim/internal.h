@@ -237,11 +237,17 @@ AC__HIDDEN void ac__chat_map_free(ac_map_t *m);
  * connected stream with nothing queued in libuv, where the kernel takes
  * everything; the rest (partial sends, errors, other backends) is
  * ac__send_slow's. */
+/* Whether a plain send(2) may go out now: a connected stream with nothing
+ * of ours queued in libuv (byte order) and no failed write. */
+static inline int ac__stream_idle(const ac_dispatcher_t *d) {
+  return d->backend == AC_BACKEND_STREAM && d->wq_bytes == 0 &&
+         (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) == AC__F_CONN_DONE &&
+         d->fd >= 0;
+}
+
 static inline ssize_t ac__send_raw(ac_dispatcher_t *d, const void *buf,
                                    size_t n) {
-  if (d->backend == AC_BACKEND_STREAM && d->wq_bytes == 0 &&
-      (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) == AC__F_CONN_DONE &&
-      d->fd >= 0) {
+  if (ac__stream_idle(d)) {
     ssize_t r = send(d->fd, buf, n, MSG_NOSIGNAL);
     return r == (ssize_t) n ? r : ac__send_slow(d, buf, n, r);
   }

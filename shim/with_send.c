@@ -33,21 +33,25 @@ static inline int send_buffered(ac_dispatcher_with_send_t *w,
 
 static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n);
 
+/* W-02 after the one send of W-03 from an empty buffer returned `sent`:
+ * queue what the socket did not take (everything, if the send failed, as
+ * Python appended before sending).  Returns 0 or an error. */
+static int queue_unsent(ac_dispatcher_with_send_t *w, const char *p,
+                        size_t n, ssize_t sent) {
+  int r;
+
+  if (sent < 0) {
+    r = append(w, p, n);
+    return r != 0 ? r : (int) sent;
+  }
+  return (size_t) sent < n ? append(w, p + sent, n - (size_t) sent) : 0;
+}
+
 /* ac_send's inline path (dispatcher.c) made the first send(2) of W-03 with
  * an empty buffer and got `first`: finish as send_buffered would. */
 ssize_t ac__dws_send_rest(ac_dispatcher_t *d, const void *buf, size_t n,
                           ssize_t first) {
-  ac_dispatcher_with_send_t *w = dws(d);
-  ssize_t sent = ac__send_slow(d, buf, n, first);
-  int r;
-
-  if (sent < 0) {
-    r = append(w, buf, n); /* Python appended before the send failed */
-    return r != 0 ? r : sent;
-  }
-  r = (size_t) sent < n ? append(w, (const char *) buf + sent,
-                                 n - (size_t) sent)
-                        : 0;
+  int r = queue_unsent(dws(d), buf, n, ac__send_slow(d, buf, n, first));
   return r < 0 ? r : (ssize_t) n;
 }
 
@@ -189,11 +193,7 @@ static inline int send_buffered(ac_dispatcher_with_send_t *w,
     return r != 0 ? r : ac_dispatcher_with_send_initiate_send(w);
   }
   sent = ac__send_raw(&w->d, p, n < AC__DWS_CHUNK ? n : AC__DWS_CHUNK);
-  if (sent < 0) {
-    int r = append(w, p, n); /* Python appended before the send failed */
-    return r != 0 ? r : (int) sent;
-  }
-  return (size_t) sent < n ? append(w, p + sent, n - (size_t) sent) : 0;
+  return queue_unsent(w, p, n, sent);
 }
 
 size_t ac_dispatcher_with_send_pending(const ac_dispatcher_with_send_t *w) {
