@@ -397,12 +397,27 @@ static void consume(ac_chat_t *c, view_t *v, size_t x) {
   v->q = v->q < v->scan ? v->q : v->scan;
 }
 
+/* Hand x > 0 bytes at b to collect_incoming_data.  When that is
+ * ac_chat_collect_incoming itself and `incoming` is empty, the bytes are
+ * not copied: incoming borrows them in place (they stay put until the
+ * parse ends, when run() copies what get_data did not take). */
+static int deliver(ac_chat_t *c, const char *b, size_t x) {
+  int (*cb)(ac_chat_t *, const char *, size_t) =
+      c->cops->collect_incoming_data;
+
+  if (cb == ac_chat_collect_incoming && c->inc_len == 0 &&
+      !(c->d.flags & AC__F_RELEASED) &&
+      (x <= c->incoming_max || c->incoming_max == 0)) {
+    c->inc_borrow = b;
+    c->inc_len = x;
+    return 0;
+  }
+  return cb != NULL ? cb(c, b, x) : AC_EFAIL; /* C-05: abstract method */
+}
+
 static int collect(ac_chat_t *c, view_t *v, size_t x) {
   materialize(c, v, x);
-  if (c->cops->collect_incoming_data == NULL) {
-    return AC_EFAIL; /* C-05: the abstract method raises */
-  }
-  return c->cops->collect_incoming_data(c, v->b, x);
+  return deliver(c, v->b, x);
 }
 
 static int found(ac_chat_t *c) {
@@ -477,16 +492,18 @@ static void view_at(view_t *v, const char *b, size_t len) {
 }
 
 /* step_bytes for the common case, record after record: a one-byte
- * terminator and no terminator bytes in front (v->virt == 0, so no
- * matcher state either).  Stops, for parse() to look again, when a
- * callback set a terminator or discarded the input.  The view is kept
- * in locals (the callbacks cannot see it) and stored back on return. */
-static int step_byte(ac_chat_t *c, view_t *v) {
-  int (*cb)(ac_chat_t *, const char *, size_t);
+ * terminator and no terminator bytes in front (so no matcher state).
+ * Works on *pb / *plen, the input not parsed yet, and moves them on.
+ * Stops when the input is used up, a callback fails (what it was given
+ * stays unparsed: the record when collect_incoming_data failed, the rest
+ * after the terminator when found_terminator did), set a terminator, or
+ * discarded the input (which empties it).  `gen` is c->in_gen at the
+ * start of the parse. */
+static int lines(ac_chat_t *c, const char **pb, size_t *plen, uint32_t gen) {
   uint32_t tgen = c->term_gen;
   char ch = c->term_small[0];
-  const char *b = v->b;
-  size_t len = v->len;
+  const char *b = *pb;
+  size_t len = *plen;
   const char *p;
   size_t x;
   int r;
@@ -495,33 +512,37 @@ static int step_byte(ac_chat_t *c, view_t *v) {
     p = memchr(b, ch, len);
     if (p == NULL) { /* C-12 with nothing kept: collect it all */
       c->work_scan += len;
-      view_at(v, b, len);
-      v->kept_tgen = tgen;
-      r = collect(c, v, len);
+      r = deliver(c, b, len);
       if (r == 0) {
-        view_at(v, c->in_gen != v->gen ? b : b + len, 0);
+        b = c->in_gen != gen ? b : b + len;
+        len = 0;
       }
-      return r;
+      break;
     }
     x = (size_t) (p - b);
     c->work_scan += x + 1;
-    if (x > 0) { /* collect(), without materialize(): virt is 0 */
-      cb = c->cops->collect_incoming_data;
-      r = cb != NULL ? cb(c, b, x) : AC_EFAIL; /* C-05 */
-      if (r != 0) {
-        view_at(v, b, len);
-        return r;
-      }
+    if (x > 0 && (r = deliver(c, b, x)) != 0) {
+      break;
     }
-    if (c->in_gen != v->gen) { /* discarded inside the callback */
+    if (c->in_gen != gen) { /* discarded inside the callback */
       len = 0;
     } else {
       b += x + 1;
       len -= x + 1;
     }
     r = found(c);
-  } while (r == 0 && len > 0 && c->term_gen == tgen &&
-           c->in_gen == v->gen);
+  } while (r == 0 && len > 0 && c->term_gen == tgen && c->in_gen == gen);
+  *pb = b;
+  *plen = len;
+  return r;
+}
+
+/* lines() on a view (v->virt == 0). */
+static int step_byte(ac_chat_t *c, view_t *v) {
+  const char *b = v->b;
+  size_t len = v->len;
+  int r = lines(c, &b, &len, v->gen);
+
   view_at(v, b, len);
   return r;
 }
@@ -594,19 +615,83 @@ static int view_close(ac_chat_t *c, view_t *v) {
   return r;
 }
 
-/* Parse `n` new bytes at buf + front after the unparsed input. */
-static int run(ac_chat_t *c, const char *buf, char *w, size_t front,
-               size_t n) {
-  view_t v;
-  int r;
-  int r2;
+/* Room for `need` bytes of incoming. */
+static int inc_reserve(ac_chat_t *c, size_t need) {
+  size_t cap = c->inc_cap > 0 ? c->inc_cap : 256;
+  char *b;
 
-  view_open(c, &v, buf, w, front, n);
+  if (need <= c->inc_cap) {
+    return 0;
+  }
+  while (cap < need) {
+    cap *= 2;
+  }
+  b = ac__realloc(c->inc, cap);
+  if (b == NULL) {
+    return UV_ENOMEM;
+  }
+  c->inc = b;
+  c->inc_cap = cap;
+  return 0;
+}
+
+/* Borrowed incoming bytes become a copy of their own. */
+static int inc_unborrow(ac_chat_t *c) {
+  if (c->inc_borrow == NULL) {
+    return 0;
+  }
+  if (inc_reserve(c, c->inc_len) != 0) {
+    c->inc_borrow = NULL;
+    c->inc_len = 0; /* not silently kept half: the error says it */
+    return UV_ENOMEM;
+  }
+  memcpy(c->inc, c->inc_borrow, c->inc_len);
+  c->work_copy += c->inc_len;
+  c->inc_borrow = NULL;
+  return 0;
+}
+
+/* Parse `n` new bytes at buf + front after the unparsed input; with
+ * `flush` (handle_read), a batch channel then sends what the parse
+ * queued.  writable() changes are reported once, at the end (C-19). */
+static int run(ac_chat_t *c, const char *buf, char *w, size_t front,
+               size_t n, int flush) {
+  int viewed = 1;
+  view_t v;
+  int r = 0;
+  int r2 = 0;
+  int r3;
+
   c->parsing = 1;
-  r = parse(c, &v);
+  if (front == 0 && c->in_keep == 0 && c->spill_len == 0 &&
+      c->term_kind == AC_TERM_BYTES && c->term_len == 1) {
+    /* The common case runs without a view; one is made for what is left
+     * when a callback failed or changed the terminator. */
+    const char *b = buf;
+    uint32_t gen = c->in_gen;
+    r = lines(c, &b, &n, gen);
+    viewed = n > 0 && c->in_gen == gen;
+    w = w != NULL ? w + (b - buf) : NULL;
+    buf = b;
+  }
+  if (viewed) {
+    view_open(c, &v, buf, w, front, n);
+    if (r == 0) {
+      r = parse(c, &v);
+    }
+  }
+  r3 = inc_unborrow(c);
+  if (flush && c->batch && c->fifo.len_ > 0) {
+    int rs = ac_chat_initiate_send(c); /* the replies of this read */
+    r = r != 0 ? r : rs;
+  }
   c->parsing = 0;
-  r2 = view_close(c, &v);
-  return r != 0 ? r : r2;
+  c->append_room = 0;
+  ac__chat_track(c);
+  if (viewed) {
+    r2 = view_close(c, &v);
+  }
+  return r != 0 ? r : r3 != 0 ? r3 : r2;
 }
 
 static size_t front_len(const ac_chat_t *c) {
@@ -666,7 +751,7 @@ int ac_chat_feed(ac_chat_t *c, const void *data, size_t n) {
   }
   front = front_len(c);
   if (front == 0) {
-    return n > 0 ? run(c, data, NULL, 0, n) : 0;
+    return n > 0 ? run(c, data, NULL, 0, n, 0) : 0;
   }
   if (n == 0 && c->spill_len == 0) {
     return 0; /* a kept partial terminator stays as it is */
@@ -679,7 +764,7 @@ int ac_chat_feed(ac_chat_t *c, const void *data, size_t n) {
     memcpy(buf + front, data, n);
     c->work_copy += n;
   }
-  r = run(c, buf, buf, front, n);
+  r = run(c, buf, buf, front, n, 0);
   rbuf_put(c, buf, own);
   return r;
 }
@@ -709,7 +794,7 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   }
   n = ac_recv(d, buf + front, want);
   if (n > 0) {
-    r = run(c, buf, buf, front, (size_t) n);
+    r = run(c, buf, buf, front, (size_t) n, 1);
   } else if (n < 0 && n != UV_EAGAIN) {
     r = (int) n;
   }
@@ -717,10 +802,10 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   if (n == 0) {
     /* handle_close ran inside recv and may have changed the buffer. */
     r = ac_chat_feed(c, NULL, 0);
-  }
-  if (c->batch && c->fifo.len_ > 0) {
-    int r2 = ac_chat_initiate_send(c); /* the replies of this read */
-    r = r != 0 ? r : r2;
+    if (c->batch && c->fifo.len_ > 0) {
+      int r2 = ac_chat_initiate_send(c); /* what that parse queued */
+      r = r != 0 ? r : r2;
+    }
   }
   return r;
 }
@@ -743,19 +828,15 @@ int ac_chat_collect_incoming(ac_chat_t *c, const char *data, size_t n) {
   if (ac__chat_alive(c) != 0) {
     return UV_EBADF;
   }
+  if (inc_unborrow(c) != 0) {
+    return UV_ENOMEM;
+  }
   need = c->inc_len + n;
-  if (need > c->inc_cap) {
-    size_t cap = c->inc_cap > 0 ? c->inc_cap : 256;
-    char *b;
-    while (cap < need) {
-      cap *= 2;
-    }
-    b = ac__realloc(c->inc, cap);
-    if (b == NULL) {
-      return UV_ENOMEM;
-    }
-    c->inc = b;
-    c->inc_cap = cap;
+  if (c->incoming_max > 0 && (need > c->incoming_max || need < n)) {
+    return UV_E2BIG;
+  }
+  if (inc_reserve(c, need) != 0) {
+    return UV_ENOMEM;
   }
   if (n > 0) {
     memcpy(c->inc + c->inc_len, data, n);
@@ -768,10 +849,11 @@ size_t ac_chat_get_data(ac_chat_t *c, const char **data) {
   size_t n = ac__chat_usable(c) ? c->inc_len : 0;
 
   if (data != NULL) {
-    *data = n > 0 ? c->inc : "";
+    *data = n == 0 ? "" : c->inc_borrow != NULL ? c->inc_borrow : c->inc;
   }
   if (n > 0) {
     c->inc_len = 0;
+    c->inc_borrow = NULL;
   }
   return n;
 }
@@ -784,6 +866,7 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
   c->spill_len = 0;
   c->in_gen++;
   c->inc_len = 0;
+  c->inc_borrow = NULL;
   ac__chat_out_discard(c);
   return 0;
 }

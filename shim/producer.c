@@ -81,11 +81,12 @@ static void arena_consumed(ac_chat_t *c, size_t n) {
   }
 }
 
-/* The fifo went empty <-> non-empty: writable() changed (C-19). */
-static void track(ac_chat_t *c) {
+/* The fifo went empty <-> non-empty: writable() changed (C-19).  A parse
+ * reports it once, when it ends (run()). */
+void ac__chat_track(ac_chat_t *c) {
   uint8_t nonempty = c->fifo.len_ > 0;
 
-  if (nonempty != c->out_nonempty) {
+  if (nonempty != c->out_nonempty && !c->parsing) {
     c->out_nonempty = nonempty;
     ac__interest_changed(&c->d);
   }
@@ -116,13 +117,14 @@ static void pop_release(ac_chat_t *c) {
   ac__entry_t e;
 
   ac__ring_pop_front(&c->fifo, &e, ES);
+  c->append_room = 0;
   if (e.kind == AC__E_DATA) {
     c->out_bytes -= e.n;
     if (e.own == AC__OWN_ARENA) {
       arena_consumed(c, e.n);
     }
   }
-  track(c);
+  ac__chat_track(c);
   entry_release(&e);
 }
 
@@ -133,10 +135,11 @@ void ac__chat_out_discard(ac_chat_t *c) {
   size_t i;
 
   ac__ring_init(&c->fifo, ES);
+  c->append_room = 0;
   c->out_bytes = 0;
   c->out_gen++;
   arena_consumed(c, c->oend - c->ostart);
-  track(c);
+  ac__chat_track(c);
   for (i = 0; i < old.len_; i++) {
     ac__entry_t *e = ac__ring_at(&old, i, ES);
     if (e->kind == AC__E_PRODUCER && e->owner == c->in_more) {
@@ -282,6 +285,7 @@ static int call_more(ac_chat_t *c) {
   if (ac__ring_push_front(&c->fifo, &e, ES) != 0) {
     return UV_ENOMEM;
   }
+  c->append_room = 0;
   c->out_bytes += n;
   return 0;
 }
@@ -323,6 +327,7 @@ int ac_chat_initiate_send(ac_chat_t *c) {
     return 0; /* from inside more() or a release callback */
   }
   c->sending = 1;
+  c->append_room = 0;
   r = send_loop(c);
   c->sending = 0;
   return r;
@@ -414,7 +419,15 @@ static int append_slices(ac_chat_t *c, const char *data, size_t n,
     ac__ring_push_back(&c->fifo, &e, ES);
   }
   c->out_bytes += n - skip;
-  track(c);
+  c->append_room = 0;
+  if (e.own == AC__OWN_ARENA && c->batch && c->parsing && !c->sending &&
+      gathers(c)) {
+    /* ac_chat_push may extend this entry (in the arena, after it) */
+    size_t arena = c->obase + c->obuf_cap - c->oend;
+    size_t slice = size - e.n;
+    c->append_room = arena < slice ? arena : slice;
+  }
+  ac__chat_track(c);
   return 0;
 }
 
@@ -432,35 +445,9 @@ static int append_entry(ac_chat_t *c, int kind, void *owner,
   if (ac__ring_push_back(&c->fifo, &e, ES) != 0) {
     return UV_ENOMEM;
   }
-  track(c);
+  c->append_room = 0;
+  ac__chat_track(c);
   return 0;
-}
-
-/* Batch mode: a copy of n bytes (1 <= n) pushed from inside the parse
- * loop extends the tail entry when that is an arena copy whose bytes end
- * where the arena does, the merged entry stays within one slice and the
- * channel is a stream (the bytes sent are the same; a datagram socket
- * keeps one entry per slice).  Not while a send runs (a parse from a
- * release callback): consume() may have counted the tail as sent.  1 when
- * done, 0 when it does not apply. */
-static int coalesce(ac_chat_t *c, const void *data, size_t n, size_t size) {
-  ac__entry_t *t;
-
-  if (c->fifo.len_ == 0 || c->sending ||
-      c->oend + n > c->obase + c->obuf_cap) {
-    return 0;
-  }
-  t = entry(c, c->fifo.len_ - 1);
-  if (t->kind != AC__E_DATA || t->own != AC__OWN_ARENA ||
-      t->at.pos + t->n != c->oend || t->n > size || n > size - t->n ||
-      !gathers(c)) {
-    return 0;
-  }
-  memcpy(c->obuf + (c->oend - c->obase), data, n);
-  c->oend += n;
-  t->n += n;
-  c->out_bytes += n;
-  return 1;
 }
 
 /* push and push_owned (C-16) on a live channel.  With nothing queued the
@@ -508,9 +495,17 @@ int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
   if (r != 0) {
     return r;
   }
-  if (c->batch && c->parsing && data != NULL && n > 0 &&
-      coalesce(c, data, n, c->ac_out_buffer_size)) {
-    return 0; /* kick() would not send from here */
+  if (n - 1 < c->append_room && data != NULL) {
+    /* Batch mode, 1 <= n <= append_room: the bytes extend the tail entry,
+     * a copy in the arena that ends where the arena does (append_slices
+     * decided it may grow, within the arena and one slice; on a stream,
+     * so the bytes sent are the same).  kick() would not send now. */
+    memcpy(c->obuf + (c->oend - c->obase), data, n);
+    c->oend += n;
+    c->out_bytes += n;
+    c->append_room -= n;
+    entry(c, c->fifo.len_ - 1)->n += n;
+    return 0;
   }
   return push_alive(c, data, n, 1, NULL, NULL);
 }

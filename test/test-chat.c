@@ -375,6 +375,106 @@ TASK(c06_incoming_helpers) {
   task_map_free(map);
 }
 
+/* C-06 with ac_chat_collect_incoming as the collect method: a record
+ * that arrived in one piece is handed to found_terminator in place (the
+ * pointer is into the bytes fed); one that did not (or was not taken)
+ * becomes a copy that outlives the input. */
+static const char *in_place_lo;
+static const char *in_place_hi;
+static int in_place_hits;
+static int in_place_skip; /* found_terminator leaves incoming alone */
+
+static int in_place_found(ac_chat_t *c) {
+  rec_t *r = rec(c);
+  const char *data;
+  size_t n;
+
+  if (in_place_skip > 0) {
+    in_place_skip--;
+    return 0; /* Python: incoming keeps the bytes for the next record */
+  }
+  n = ac_chat_get_data(c, &data);
+  if (n > 0 && data >= in_place_lo && data + n <= in_place_hi) {
+    in_place_hits++;
+  }
+  append(r, data, n);
+  append(r, "|", 1);
+  return 0;
+}
+
+static const ac_chat_ops_t in_place_ops = {
+    .base = {.closed = rec_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = in_place_found,
+};
+
+TASK(c06_incoming_in_place) {
+  ac_map_t *map = task_map_new();
+  char *in = malloc(64);
+  const char *data;
+  rec_t r;
+
+  ASSERT(in != NULL);
+  ASSERT_OK(rec_init(&r, map, &in_place_ops));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  memcpy(in, "ab\ncd\nef", 8);
+  in_place_lo = in;
+  in_place_hi = in + 8;
+  in_place_hits = 0;
+  in_place_skip = 0;
+  ASSERT_OK(ac_chat_feed(&r.chat, in, 8));
+  ASSERT_STR_EQ(r.trace, "ab|cd|");
+  ASSERT_EQ(in_place_hits, 2); /* both lines without a copy */
+  memset(in, 'X', 64);         /* the partial "ef" was copied */
+  memcpy(in, "gh\n", 3);
+  in_place_lo = in_place_hi = NULL;
+  ASSERT_OK(ac_chat_feed(&r.chat, in, 3));
+  ASSERT_STR_EQ(r.trace, "ab|cd|efgh|");
+  /* A record left in incoming is copied too, and the next appends. */
+  in_place_skip = 1;
+  memcpy(in, "ij\nkl\n", 6);
+  ASSERT_OK(ac_chat_feed(&r.chat, in, 6));
+  ASSERT_STR_EQ(r.trace, "ab|cd|efgh|ijkl|");
+  in_place_skip = 1;
+  memcpy(in, "mn\n", 3);
+  ASSERT_OK(ac_chat_feed(&r.chat, in, 3));
+  memset(in, 'X', 64);
+  ASSERT_EQ(ac_chat_get_data(&r.chat, &data), 2);
+  ASSERT_MEM_EQ(data, "mn", 2);
+  /* discard_buffers empties a borrowed incoming as well. */
+  in_place_skip = 1;
+  memcpy(in, "op\n", 3);
+  ASSERT_OK(ac_chat_feed(&r.chat, in, 3));
+  ASSERT_OK(ac_chat_discard_buffers(&r.chat));
+  ASSERT_EQ(ac_chat_get_data(&r.chat, &data), 0);
+  free(in);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* Extension: incoming_max bounds what ac_chat_collect_incoming holds;
+ * the record that would pass it fails with UV_E2BIG and stays unparsed. */
+TASK(c06_incoming_max) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+
+  ASSERT_OK(rec_init(&r, map, &helper_ops));
+  r.chat.incoming_max = 4;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  ASSERT_OK(ac_chat_feed(&r.chat, "abcd\n", 5));
+  ASSERT_STR_EQ(r.trace, "abcd|");
+  ASSERT_EQ(ac_chat_feed(&r.chat, "abcde\nx", 7), UV_E2BIG);
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), 7);
+  ASSERT_OK(ac_chat_discard_buffers(&r.chat));
+  ASSERT_OK(ac_chat_feed(&r.chat, "abc", 3)); /* 3 of 4 */
+  ASSERT_EQ(ac_chat_feed(&r.chat, "de\n", 3), UV_E2BIG);
+  ASSERT_EQ(ac_chat_collect_incoming(&r.chat, "d", 1), 0); /* 4 of 4 */
+  ASSERT_EQ(ac_chat_collect_incoming(&r.chat, "e", 1), UV_E2BIG);
+  ASSERT_STR_EQ(r.trace, "abcd|");
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
 /* C-07, Q-09 (TestAsynchatMocked.test_blockingioerror): a read event
  * with nothing to read returns quietly, no handle_error. */
 TASK(c07_would_block_is_silent) {
@@ -1875,6 +1975,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(c05_abstract_methods),
     TASK_ENTRY(c05_abstract_found_terminator),
     TASK_ENTRY(c06_incoming_helpers),
+    TASK_ENTRY(c06_incoming_in_place),
+    TASK_ENTRY(c06_incoming_max),
     TASK_ENTRY(c07_would_block_is_silent),
     TASK_ENTRY(c07_receive_error_to_handle_error),
     TASK_ENTRY(c07_in_buffer_size_per_receive),

@@ -92,6 +92,9 @@ struct ac_chat_s {
    * handle_read sends everything once, at its end (on a stream, pushed
    * copies that fit extend the last fifo entry). */
   unsigned batch : 1;
+  /* Extension: most bytes ac_chat_collect_incoming holds; one more fails
+   * with UV_E2BIG (0, the default: no limit, as in Python). */
+  size_t incoming_max;
 
   /* private_ */
   const ac_chat_ops_t *cops;
@@ -107,6 +110,7 @@ struct ac_chat_s {
   uint8_t sending;      /* inside initiate_send */
   uint8_t parsing;      /* inside the parse loop */
   uint8_t more_orphan;  /* the producer inside more() was discarded */
+  size_t append_room;   /* batch: bytes a push may add to the tail entry */
   ac_producer_t *in_more;
   uint8_t term_kind;    /* AC_TERM_* */
   uint8_t kmp_ok;       /* the border table of the terminator is built */
@@ -124,6 +128,7 @@ struct ac_chat_s {
   size_t spill_cap;
   uint32_t in_gen;      /* bumped by discard */
   char *inc;            /* C-06 incoming */
+  const char *inc_borrow; /* or, inside a parse: the bytes in place */
   size_t inc_len;
   size_t inc_cap;
   uint64_t work_scan;   /* bytes examined by the terminator search */
