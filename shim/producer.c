@@ -214,10 +214,35 @@ static int send_failed(ac_chat_t *c, int code) {
 static int send_head(ac_chat_t *c) {
   struct iovec iov[AC__CHAT_IOV];
   size_t limit = c->ac_out_buffer_size;
-  int gather = gathers(c);
+  int gather;
   int cnt = 0;
   size_t i;
   ssize_t r;
+
+  if (c->fifo.len_ == 1 && head(c)->own == AC__OWN_ARENA &&
+      (head(c)->n <= limit || gathers(c))) {
+    /* The usual batch: one arena entry (a data entry: kind and own are
+     * set together), sent whole. */
+    ac__entry_t *e = head(c);
+    iov[0].iov_base = c->obuf + (e->at.pos - c->obase);
+    iov[0].iov_len = e->n;
+    r = ac__sendv_raw(&c->d, iov, 1);
+    if (r < 0) {
+      return send_failed(c, (int) r);
+    }
+    if ((size_t) r == e->n) { /* nothing to release: the arena's bytes */
+      c->fifo.len_ = 0;
+      c->out_bytes -= e->n;
+      arena_consumed(c, e->n);
+      ac__chat_track(c);
+      return 0;
+    }
+    if (r > 0) {
+      consume(c, (size_t) r);
+    }
+    return 0;
+  }
+  gather = gathers(c);
 
   for (i = 0; i < c->fifo.len_ && cnt < AC__CHAT_IOV; i++) {
     ac__entry_t *e = entry(c, i);
@@ -450,6 +475,34 @@ static int append_entry(ac_chat_t *c, int kind, void *owner,
   return 0;
 }
 
+/* append_slices for the usual copy: 1 <= n < ARENA_MAX bytes, one slice
+ * (n <= size), nothing sent yet. */
+static int append_copy(ac_chat_t *c, const char *data, size_t n,
+                       size_t size) {
+  ac__entry_t *e;
+
+  if ((c->fifo.len_ == c->fifo.cap_ && ac__ring_reserve(&c->fifo, 1) != 0) ||
+      arena_reserve(c, n) != 0) {
+    return UV_ENOMEM;
+  }
+  memcpy(c->obuf + (c->oend - c->obase), data, n);
+  e = entry(c, c->fifo.len_++);
+  memset(e, 0, sizeof(*e));
+  e->kind = AC__E_DATA;
+  e->own = AC__OWN_ARENA;
+  e->at.pos = c->oend;
+  e->n = n;
+  c->oend += n;
+  c->out_bytes += n;
+  c->append_room = 0;
+  if (c->batch && c->parsing && !c->sending && gathers(c)) {
+    size_t arena = c->obase + c->obuf_cap - c->oend;
+    c->append_room = arena < size - n ? arena : size - n;
+  }
+  ac__chat_track(c);
+  return 0;
+}
+
 /* push and push_owned (C-16) on a live channel.  With nothing queued the
  * one send of initiate_send goes straight from `data` (same bytes, same
  * order), and only what the socket refused is queued. */
@@ -469,7 +522,9 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
   }
   if (c->fifo.len_ > 0 || !c->d.connected || c->sending ||
       (c->batch && c->parsing)) {
-    r = append_slices(c, data, n, 0, size, copy, free_fn, ctx);
+    r = copy && n <= size && n < ARENA_MAX
+            ? append_copy(c, data, n, size)
+            : append_slices(c, data, n, 0, size, copy, free_fn, ctx);
     return r != 0 ? r : kick(c);
   }
   v.iov_base = (void *) data;
