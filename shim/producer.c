@@ -550,6 +550,21 @@ int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
   if (r != 0) {
     return r;
   }
+  if (c->fifo.len_ == 0 && n - 1 < c->ac_out_buffer_size && data != NULL &&
+      c->d.connected && !c->sending && !(c->batch && c->parsing)) {
+    /* push_alive's direct send, for one slice (1 <= n <= size) */
+    struct iovec v;
+    ssize_t sent;
+    v.iov_base = (void *) data;
+    v.iov_len = n;
+    sent = ac__sendv_raw(&c->d, &v, 1);
+    if ((size_t) sent == n) {
+      return 0;
+    }
+    r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
+                      c->ac_out_buffer_size, 1, NULL, NULL);
+    return r != 0 ? r : sent < 0 ? send_failed(c, (int) sent) : 0;
+  }
   if (n - 1 < c->append_room && data != NULL) {
     /* Batch mode, 1 <= n <= append_room: the bytes extend the tail entry,
      * a copy in the arena that ends where the arena does (append_slices
