@@ -401,7 +401,7 @@ static void consume(ac_chat_t *c, view_t *v, size_t x) {
  * ac_chat_collect_incoming itself and `incoming` is empty, the bytes are
  * not copied: incoming borrows them in place (they stay put until the
  * parse ends, when run() copies what get_data did not take). */
-static int deliver(ac_chat_t *c, const char *b, size_t x) {
+static inline int deliver(ac_chat_t *c, const char *b, size_t x) {
   int (*cb)(ac_chat_t *, const char *, size_t) =
       c->cops->collect_incoming_data;
 
@@ -499,7 +499,8 @@ static void view_at(view_t *v, const char *b, size_t len) {
  * after the terminator when found_terminator did), set a terminator, or
  * discarded the input (which empties it).  `gen` is c->in_gen at the
  * start of the parse. */
-static int lines(ac_chat_t *c, const char **pb, size_t *plen, uint32_t gen) {
+static AC__ALWAYS_INLINE int lines(ac_chat_t *c, const char **pb,
+                                  size_t *plen, uint32_t gen) {
   uint32_t tgen = c->term_gen;
   char ch = c->term_small[0];
   const char *b = *pb;
@@ -651,47 +652,62 @@ static int inc_unborrow(ac_chat_t *c) {
   return 0;
 }
 
-/* Parse `n` new bytes at buf + front after the unparsed input; with
- * `flush` (handle_read), a batch channel then sends what the parse
- * queued.  writable() changes are reported once, at the end (C-19). */
-static int run(ac_chat_t *c, const char *buf, char *w, size_t front,
-               size_t n, int flush) {
-  int viewed = 1;
-  view_t v;
-  int r = 0;
-  int r2 = 0;
-  int r3;
+/* The end of every parse: incoming stops borrowing the input, a batch
+ * channel sends what the parse queued (with `flush`: handle_read), and a
+ * change of writable() is reported, once (C-19).  Returns r, else the
+ * first error of these steps. */
+static AC__ALWAYS_INLINE int parse_end(ac_chat_t *c, int flush, int r) {
+  int r2 = c->inc_borrow != NULL ? inc_unborrow(c) : 0;
 
-  c->parsing = 1;
-  if (front == 0 && c->in_keep == 0 && c->spill_len == 0 &&
-      c->term_kind == AC_TERM_BYTES && c->term_len == 1) {
-    /* The common case runs without a view; one is made for what is left
-     * when a callback failed or changed the terminator. */
-    const char *b = buf;
-    uint32_t gen = c->in_gen;
-    r = lines(c, &b, &n, gen);
-    viewed = n > 0 && c->in_gen == gen;
-    w = w != NULL ? w + (b - buf) : NULL;
-    buf = b;
-  }
-  if (viewed) {
-    view_open(c, &v, buf, w, front, n);
-    if (r == 0) {
-      r = parse(c, &v);
-    }
-  }
-  r3 = inc_unborrow(c);
   if (flush && c->batch && c->fifo.len_ > 0) {
-    int rs = ac_chat_initiate_send(c); /* the replies of this read */
-    r = r != 0 ? r : rs;
+    int rs = ac__chat_flush(c); /* the replies of this read */
+    r2 = r2 != 0 ? r2 : rs;
   }
   c->parsing = 0;
   c->append_room = 0;
-  ac__chat_track(c);
-  if (viewed) {
-    r2 = view_close(c, &v);
+  if (c->out_nonempty != (c->fifo.len_ > 0)) {
+    ac__chat_track(c);
   }
-  return r != 0 ? r : r3 != 0 ? r3 : r2;
+  return r != 0 ? r : r2;
+}
+
+/* run() on a view: `front` bytes of unparsed input, then `n` new bytes
+ * at buf + front; r is what the parse so far returned (non-zero: only
+ * keep what is left). */
+static int run_view(ac_chat_t *c, const char *buf, char *w, size_t front,
+                    size_t n, int flush, int r) {
+  view_t v;
+  int r2;
+
+  view_open(c, &v, buf, w, front, n);
+  if (r == 0) {
+    r = parse(c, &v);
+  }
+  r = parse_end(c, flush, r);
+  r2 = view_close(c, &v);
+  return r != 0 ? r : r2;
+}
+
+/* Parse `n` new bytes at buf + front after the unparsed input (w: buf,
+ * writable, or NULL when front is 0 and the bytes are the caller's).
+ * The common case, a one-byte terminator and nothing buffered, runs
+ * without a view; one is made for what is left when a callback failed or
+ * changed the terminator. */
+static AC__ALWAYS_INLINE int run(ac_chat_t *c, const char *buf, char *w,
+                                 size_t front, size_t n, int flush) {
+  c->parsing = 1;
+  if (front == 0 && c->in_keep == 0 && c->spill_len == 0 &&
+      c->term_kind == AC_TERM_BYTES && c->term_len == 1) {
+    const char *b = buf;
+    uint32_t gen = c->in_gen;
+    int r = lines(c, &b, &n, gen);
+    if (n > 0 && c->in_gen == gen) {
+      return run_view(c, b, w != NULL ? w + (b - buf) : NULL, 0, n, flush,
+                      r);
+    }
+    return parse_end(c, flush, r);
+  }
+  return run_view(c, buf, w, front, n, flush, 0);
 }
 
 static size_t front_len(const ac_chat_t *c) {
@@ -785,6 +801,23 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   if (c->parsing) {
     return UV_EBUSY;
   }
+  if (front == 0 && want <= d->map->chat_rbuf_cap &&
+      !d->map->chat_rbuf_busy && !d->map->closing) {
+    /* rbuf_get() when the map's buffer is free and large enough */
+    buf = d->map->chat_rbuf;
+    d->map->chat_rbuf_busy = 1;
+    n = ac_recv(d, buf, want);
+    if (n > 0) {
+      r = run(c, buf, buf, 0, (size_t) n, 1);
+    }
+    d->map->chat_rbuf_busy = 0;
+    if (n > 0 || n == UV_EAGAIN) {
+      return r;
+    }
+    own = 0;
+    buf = NULL;
+    goto done;
+  }
   if (want > (size_t) -1 - front) {
     return UV_ENOMEM; /* front + want would wrap */
   }
@@ -795,10 +828,12 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   n = ac_recv(d, buf + front, want);
   if (n > 0) {
     r = run(c, buf, buf, front, (size_t) n, 1);
-  } else if (n < 0 && n != UV_EAGAIN) {
-    r = (int) n;
   }
   rbuf_put(c, buf, own);
+done:
+  if (n < 0 && n != UV_EAGAIN) {
+    r = (int) n;
+  }
   if (n == 0) {
     /* handle_close ran inside recv and may have changed the buffer. */
     r = ac_chat_feed(c, NULL, 0);

@@ -8,6 +8,8 @@
 #include <sys/uio.h>
 
 #define AC__HIDDEN __attribute__((visibility("hidden")))
+/* For the few hot-path helpers the compiler would otherwise call. */
+#define AC__ALWAYS_INLINE inline __attribute__((always_inline))
 
 /* Interest and readiness bits (ac_dispatcher_t.armed / .ready). */
 #define AC__R 0x01 /* read */

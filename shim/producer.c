@@ -35,14 +35,11 @@ static const char *bytes_of(const ac_chat_t *c, const ac__entry_t *e) {
 
 /* Room for n more bytes at the end: compact when at most half is live,
  * else double (both amortised over the bytes appended since). */
-static int arena_reserve(ac_chat_t *c, size_t n) {
+static int arena_grow(ac_chat_t *c, size_t n) {
   size_t live = c->oend - c->ostart;
   size_t cap = c->obuf_cap > 0 ? 2 * c->obuf_cap : 4096;
   char *b;
 
-  if (c->oend + n <= c->obase + c->obuf_cap) {
-    return 0;
-  }
   if (live + n <= c->obuf_cap / 2) {
     memmove(c->obuf, c->obuf + (c->ostart - c->obase), live);
     c->obase = c->ostart;
@@ -66,6 +63,10 @@ static int arena_reserve(ac_chat_t *c, size_t n) {
   c->obuf_cap = cap;
   c->obase = c->ostart;
   return 0;
+}
+
+static inline int arena_reserve(ac_chat_t *c, size_t n) {
+  return c->oend + n <= c->obase + c->obuf_cap ? 0 : arena_grow(c, n);
 }
 
 /* n arena bytes were sent or dropped (they are at its front). */
@@ -358,6 +359,21 @@ int ac_chat_initiate_send(ac_chat_t *c) {
   return r;
 }
 
+/* The batch flush at the end of a parse: initiate_send, without the
+ * checks a call from outside needs. */
+int ac__chat_flush(ac_chat_t *c) {
+  int r;
+
+  if (c->sending) {
+    return 0;
+  }
+  c->sending = 1;
+  c->append_room = 0;
+  r = send_loop(c);
+  c->sending = 0;
+  return r;
+}
+
 /* C-15 */
 int ac__chat_handle_write(ac_dispatcher_t *d) {
   return ac_chat_initiate_send(ac_chat_of(d));
@@ -544,7 +560,8 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
   return sent < 0 ? send_failed(c, (int) sent) : 0;
 }
 
-int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
+/* ac_chat_push when the tail entry cannot simply grow. */
+static int push_other(ac_chat_t *c, const void *data, size_t n) {
   int r = ac__chat_alive(c);
 
   if (r != 0) {
@@ -553,11 +570,7 @@ int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
   if (c->fifo.len_ == 0 && n - 1 < c->ac_out_buffer_size && data != NULL &&
       c->d.connected && !c->sending && !(c->batch && c->parsing)) {
     /* push_alive's direct send, for one slice (1 <= n <= size) */
-    struct iovec v;
-    ssize_t sent;
-    v.iov_base = (void *) data;
-    v.iov_len = n;
-    sent = ac__sendv_raw(&c->d, &v, 1);
+    ssize_t sent = ac__send_raw(&c->d, data, n);
     if ((size_t) sent == n) {
       return 0;
     }
@@ -565,19 +578,32 @@ int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
                       c->ac_out_buffer_size, 1, NULL, NULL);
     return r != 0 ? r : sent < 0 ? send_failed(c, (int) sent) : 0;
   }
-  if (n - 1 < c->append_room && data != NULL) {
-    /* Batch mode, 1 <= n <= append_room: the bytes extend the tail entry,
-     * a copy in the arena that ends where the arena does (append_slices
-     * decided it may grow, within the arena and one slice; on a stream,
-     * so the bytes sent are the same).  kick() would not send now. */
-    memcpy(c->obuf + (c->oend - c->obase), data, n);
-    c->oend += n;
-    c->out_bytes += n;
-    c->append_room -= n;
-    entry(c, c->fifo.len_ - 1)->n += n;
-    return 0;
+  if (c->batch && c->parsing && n - 1 < c->ac_out_buffer_size &&
+      n < ARENA_MAX && data != NULL) {
+    /* push_alive's queueing of a small copy; kick() would not send */
+    return append_copy(c, data, n, c->ac_out_buffer_size);
   }
   return push_alive(c, data, n, 1, NULL, NULL);
+}
+
+int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
+  char *to;
+
+  if (!ac__chat_usable(c) || n - 1 >= c->append_room || data == NULL) {
+    return push_other(c, data, n);
+  }
+  /* Batch mode, 1 <= n <= append_room (0 once released): the bytes
+   * extend the tail entry, a copy in the arena that ends where the arena
+   * does (append_slices decided it may grow, within the arena and one
+   * slice; on a stream, so the bytes sent are the same).  kick() would
+   * not send now. */
+  to = c->obuf + (c->oend - c->obase);
+  c->oend += n;
+  c->out_bytes += n;
+  c->append_room -= n;
+  entry(c, c->fifo.len_ - 1)->n += n;
+  memcpy(to, data, n);
+  return 0;
 }
 
 int ac_chat_push_owned(ac_chat_t *c, const void *data, size_t n,
