@@ -234,9 +234,12 @@ AC_EXTERN size_t ac_chat_in_buffer(const ac_chat_t *c, const void **data);
 
 /* The private helpers of C-06, usable as collect_incoming_data and from
  * found_terminator: append to the channel's `incoming` buffer (0,
- * UV_EINVAL, UV_EBADF once released, or UV_ENOMEM), and return all of it,
- * emptying it (the bytes stay valid until the next append, discard or
- * release). */
+ * UV_EINVAL, UV_EBADF once released, UV_E2BIG beyond incoming_max, or
+ * UV_ENOMEM), and return all of it, emptying it (the bytes stay valid
+ * until the next append, discard or release).  With
+ * ac_chat_collect_incoming as the collect method, a record that arrived
+ * in one receive is not copied: get_data returns it in place, valid at
+ * most until the parse that found it ends (copy it to keep it). */
 AC_EXTERN int ac_chat_collect_incoming(ac_chat_t *c, const char *data,
                                        size_t n);
 AC_EXTERN size_t ac_chat_get_data(ac_chat_t *c, const char **data);
