@@ -491,59 +491,104 @@ static void view_at(view_t *v, const char *b, size_t len) {
   v->len = len;
 }
 
-/* step_bytes for the common case, record after record: a one-byte
- * terminator and no terminator bytes in front (so no matcher state).
+/* The parse loop (parse() and its steps) for the common cases, without a
+ * view: input with no terminator bytes in front (so no matcher state),
+ * terminators of at most AC__CHAT_TERM_INLINE bytes, counts, none.
  * Works on *pb / *plen, the input not parsed yet, and moves them on.
- * Stops when the input is used up, a callback fails (what it was given
- * stays unparsed: the record when collect_incoming_data failed, the rest
- * after the terminator when found_terminator did), set a terminator, or
- * discarded the input (which empties it).  `gen` is c->in_gen at the
- * start of the parse. */
+ * Stops when the input is used up or discarded (which empties it), when a
+ * callback fails (what it was given stays unparsed: the record when
+ * collect_incoming_data failed, the rest after the terminator when
+ * found_terminator did), at a longer terminator, and, for a terminator of
+ * several bytes, at the first place where its first byte does not start a
+ * whole occurrence (cut by the end of the input, or a false start):
+ * step_bytes takes over there, from the start of that record.  A one-byte
+ * terminator never stops there.  `gen` is c->in_gen at the start of the
+ * parse. */
 static AC__ALWAYS_INLINE int lines(ac_chat_t *c, const char **pb,
                                   size_t *plen, uint32_t gen) {
-  uint32_t tgen = c->term_gen;
-  char ch = c->term_small[0];
   const char *b = *pb;
   size_t len = *plen;
-  const char *p;
-  size_t x;
-  int r;
+  int r = 0;
 
-  do {
-    p = memchr(b, ch, len);
-    if (p == NULL) { /* C-12 with nothing kept: collect it all */
-      c->work_scan += len;
+  while (len > 0 && r == 0) {
+    if (c->in_gen != gen) { /* discard_buffers in found_terminator */
+      len = 0;
+      break;
+    }
+    if (c->term_kind == AC_TERM_BYTES &&
+        c->term_len - 1 < AC__CHAT_TERM_INLINE) { /* C-11, C-12 */
+      size_t tn = c->term_len;
+      const char *t = c->term_small;
+      const char *p = memchr(b, t[0], len);
+      size_t x;
+      if (p == NULL) { /* not found, nothing to keep: collect it all */
+        c->work_scan += len;
+        r = deliver(c, b, len);
+        if (r == 0) {
+          len = 0;
+        }
+        break;
+      }
+      x = (size_t) (p - b);
+      if (tn > 1 && (len - x < tn || memcmp(p + 1, t + 1, tn - 1) != 0)) {
+        break; /* for step_bytes */
+      }
+      c->work_scan += x + tn;
+      if (x > 0 && (r = deliver(c, b, x)) != 0) {
+        break;
+      }
+      if (c->in_gen != gen) { /* discarded inside the callback */
+        len = 0;
+      } else {
+        b += x + tn;
+        len -= x + tn;
+      }
+      r = found(c);
+    } else if (c->term_kind == AC_TERM_COUNT && c->term_count > 0) {
+      /* C-10, as step_count */
+      uint64_t n = c->term_count;
+      uint32_t tgen = c->term_gen;
+      size_t x = (uint64_t) len < n ? len : (size_t) n;
+      if ((r = deliver(c, b, x)) != 0) {
+        break;
+      }
+      if (c->in_gen != gen) {
+        len = 0;
+      } else {
+        b += x;
+        len -= x;
+      }
+      if (c->term_gen == tgen) {
+        c->term_count = n - x;
+      }
+      if (x == n) {
+        r = found(c);
+      }
+    } else if (c->term_kind != AC_TERM_BYTES || c->term_len == 0) {
+      /* C-09, as step_all */
       r = deliver(c, b, len);
       if (r == 0) {
-        b = c->in_gen != gen ? b : b + len;
         len = 0;
       }
-      break;
-    }
-    x = (size_t) (p - b);
-    c->work_scan += x + 1;
-    if (x > 0 && (r = deliver(c, b, x)) != 0) {
-      break;
-    }
-    if (c->in_gen != gen) { /* discarded inside the callback */
-      len = 0;
     } else {
-      b += x + 1;
-      len -= x + 1;
+      break; /* a long terminator: step_bytes */
     }
-    r = found(c);
-  } while (r == 0 && len > 0 && c->term_gen == tgen && c->in_gen == gen);
+  }
   *pb = b;
   *plen = len;
   return r;
 }
 
-/* lines() on a view (v->virt == 0). */
+/* lines() on a view (v->virt == 0): the search starts afresh where it
+ * stopped (the start of a record). */
 static int step_byte(ac_chat_t *c, view_t *v) {
   const char *b = v->b;
   size_t len = v->len;
   int r = lines(c, &b, &len, v->gen);
 
+  if (b != v->b) {
+    v->scan = v->q = 0;
+  }
   view_at(v, b, len);
   return r;
 }
@@ -690,14 +735,13 @@ static int run_view(ac_chat_t *c, const char *buf, char *w, size_t front,
 
 /* Parse `n` new bytes at buf + front after the unparsed input (w: buf,
  * writable, or NULL when front is 0 and the bytes are the caller's).
- * The common case, a one-byte terminator and nothing buffered, runs
- * without a view; one is made for what is left when a callback failed or
- * changed the terminator. */
+ * With nothing buffered, lines() parses without a view; one is made for
+ * what it leaves (a failed callback, a long terminator, a cut or false
+ * terminator start). */
 static AC__ALWAYS_INLINE int run(ac_chat_t *c, const char *buf, char *w,
                                  size_t front, size_t n, int flush) {
   c->parsing = 1;
-  if (front == 0 && c->in_keep == 0 && c->spill_len == 0 &&
-      c->term_kind == AC_TERM_BYTES && c->term_len == 1) {
+  if (front == 0 && c->in_keep == 0 && c->spill_len == 0) {
     const char *b = buf;
     uint32_t gen = c->in_gen;
     int r = lines(c, &b, &n, gen);
