@@ -11,6 +11,16 @@
  * Without discards, collected data + consumed terminators + what is still
  * buffered must give back the input.
  *
+ * A second chat runs the same script with ac_chat_collect_incoming as its
+ * collect method, so records that arrive whole are borrowed in place
+ * (C-06): its found_terminator calls ac_chat_get_data when the script
+ * says so and records the bytes, and a second model keeps `incoming`.
+ * Without a get_data, incoming grows across records and parses and is
+ * returned whole later (or at the end, outside any parse); a script-chosen
+ * incoming_max makes collect fail with UV_E2BIG instead of on purpose.
+ * Each piece fed to it is a heap copy, scribbled over and freed after the
+ * feed, so a borrow that outlives its parse reads freed memory.
+ *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE \
  *     -Iinclude test/fuzz/fuzz-terminator.c shim/[a-z]*.c -luv -lpthread \
  *     -o fuzz-terminator && ./fuzz-terminator -max_total_time=60
@@ -63,9 +73,16 @@ static void str_drop(str_t *s, size_t n) { /* remove the first n bytes */
   s->n -= n;
 }
 
-/* Trace records: 'c' len data, 'f' kind len bytes / count. */
+/* Trace records: 'c' len data, 'f' kind len bytes / count, 'g' len data
+ * (what ac_chat_get_data returned). */
 static void trace_collect(str_t *t, const char *data, size_t n) {
   str_add(t, "c", 1);
+  str_add(t, &n, sizeof(n));
+  str_add(t, data, n);
+}
+
+static void trace_get(str_t *t, const char *data, size_t n) {
+  str_add(t, "g", 1);
   str_add(t, &n, sizeof(n));
   str_add(t, data, n);
 }
@@ -94,6 +111,11 @@ typedef struct {
   size_t fail_every; /* the k-th collect call fails (0: never) */
   int discarded;
   str_t trace;
+  /* The second chat: collect is ac_chat_collect_incoming. */
+  int lib;           /* collect appends to inc, untraced */
+  str_t inc;         /* C-06 incoming */
+  size_t inc_max;    /* incoming_max (0: none) */
+  unsigned get_mask; /* bit i: found with action i calls get_data */
 } model_t;
 
 /* Whether the n-th collect call (from 1) fails. */
@@ -108,11 +130,17 @@ static void model_set(model_t *m, const action_t *a) {
 
 /* found_terminator; nonzero when it fails. */
 static int model_found(model_t *m) {
-  const action_t *a = &m->act[m->nfound++ % NACT];
+  size_t i = m->nfound++ % NACT;
+  const action_t *a = &m->act[i];
 
   trace_found(&m->trace, m->kind, m->term, m->tlen, m->count);
+  if (m->lib && (m->get_mask >> i & 1)) {
+    trace_get(&m->trace, m->inc.p, m->inc.n);
+    m->inc.n = 0;
+  }
   if (a->kind == 'D') {
     m->buf.n = 0;
+    m->inc.n = 0;
     m->discarded = 1;
   } else if (a->kind == 'E') {
     return 1;
@@ -124,6 +152,13 @@ static int model_found(model_t *m) {
 
 /* collect_incoming_data; nonzero when it fails. */
 static int model_collect(model_t *m, const char *p, size_t n) {
+  if (m->lib) { /* ac_chat_collect_incoming: fails only past inc_max */
+    if (m->inc_max > 0 && m->inc.n + n > m->inc_max) {
+      return 1;
+    }
+    str_add(&m->inc, p, n);
+    return 0;
+  }
   trace_collect(&m->trace, p, n);
   return fails(++m->ncollect, m->fail_every);
 }
@@ -209,6 +244,7 @@ typedef struct {
   size_t fail_every;
   str_t trace;
   str_t rebuilt; /* collected data and consumed terminators */
+  unsigned get_mask; /* the borrowing chat: as model_t */
 } subject_t;
 
 static void set_term(ac_chat_t *c, const action_t *a) {
@@ -236,6 +272,18 @@ static int on_collect(ac_chat_t *c, const char *data, size_t n) {
   return 0;
 }
 
+/* What found_terminator does after its tracing. */
+static int found_action(ac_chat_t *c, const action_t *a) {
+  if (a->kind == 'D') {
+    ac_chat_discard_buffers(c);
+  } else if (a->kind == 'E') {
+    return AC_EFAIL;
+  } else if (a->kind != 'K') {
+    set_term(c, a);
+  }
+  return 0;
+}
+
 static int on_found(ac_chat_t *c) {
   subject_t *s = ac_container_of(c, subject_t, chat);
   const action_t *a = &s->act[s->nfound++ % NACT];
@@ -246,14 +294,32 @@ static int on_found(ac_chat_t *c) {
 
   trace_found(&s->trace, kind, bytes, len, count);
   str_add(&s->rebuilt, bytes, len);
-  if (a->kind == 'D') {
-    ac_chat_discard_buffers(c);
-  } else if (a->kind == 'E') {
-    return AC_EFAIL;
-  } else if (a->kind != 'K') {
-    set_term(c, a);
+  return found_action(c, a);
+}
+
+/* found_terminator of the chat whose collect is ac_chat_collect_incoming:
+ * takes incoming (often borrowed from the input) when the script says. */
+static int on_found_borrow(ac_chat_t *c) {
+  subject_t *s = ac_container_of(c, subject_t, chat);
+  size_t i = s->nfound++ % NACT;
+  const void *bytes;
+  size_t len;
+  uint64_t count;
+  int kind = ac_chat_get_terminator(c, &bytes, &len, &count);
+
+  trace_found(&s->trace, kind, bytes, len, count);
+  if (s->get_mask >> i & 1) {
+    const char *p = NULL;
+    size_t n = ac_chat_get_data(c, &p);
+    if (p == NULL) {
+      abort();
+    }
+    trace_get(&s->trace, p, n);
+    if (ac_chat_get_data(c, &p) != 0) {
+      abort(); /* get_data empties incoming */
+    }
   }
-  return 0;
+  return found_action(c, &s->act[i]);
 }
 
 static void on_closed(ac_dispatcher_t *d) {
@@ -269,6 +335,35 @@ static const ac_chat_ops_t subject_ops = {
     .collect_incoming_data = on_collect,
     .found_terminator = on_found,
 };
+
+static const ac_chat_ops_t borrow_ops = {
+    .base = {.closed = on_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = on_found_borrow,
+};
+
+/* Feed the borrowing chat and its model a heap copy of the piece, then
+ * scribble over the copy and free it: what incoming still borrows from
+ * it after the parse is a use after free. */
+static void feed_borrow(subject_t *b, model_t *m, const uint8_t *p,
+                        size_t n) {
+  char *piece = malloc(n > 0 ? n : 1);
+  int r;
+
+  if (piece == NULL) {
+    abort();
+  }
+  memcpy(piece, p, n);
+  r = ac_chat_feed(&b->chat, piece, n);
+  if ((r != 0) != model_feed(m, piece, n) ||
+      (r != 0 && r != AC_EFAIL && r != UV_E2BIG)) {
+    fprintf(stderr, "borrowing chat: feed returned %d, model differs\n",
+            r);
+    abort();
+  }
+  memset(piece, 0xA5, n);
+  free(piece);
+}
 
 /* ---------------------------------------------------------------- */
 /* The script                                                         */
@@ -335,31 +430,46 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   action_t act[NACT];
   str_t fed = {NULL, 0, 0};
   model_t m;
+  model_t m2; /* the borrowing chat's */
   subject_t *s = calloc(1, sizeof(*s));
+  subject_t *b = calloc(1, sizeof(*b));
   ac_map_t *map = fuzz_map();
   const void *rest;
+  const char *inc;
   size_t nrest;
+  size_t ninc;
   action_t t;
   int i;
+  int x;
 
   memset(&m, 0, sizeof(m));
-  if (s == NULL || ac_chat_init(&s->chat, map, &subject_ops) != 0) {
+  memset(&m2, 0, sizeof(m2));
+  if (s == NULL || ac_chat_init(&s->chat, map, &subject_ops) != 0 ||
+      b == NULL || ac_chat_init(&b->chat, map, &borrow_ops) != 0) {
     abort();
   }
   for (i = 0; i < NACT; i++) {
     read_term(&in, &act[i], 1);
   }
-  s->act = m.act = act;
+  s->act = m.act = b->act = m2.act = act;
   s->fail_every = m.fail_every = (size_t) next(&in) % 16 % 9;
+  m2.lib = 1;
+  b->get_mask = m2.get_mask = (unsigned) next(&in);
+  x = next(&in); /* a quarter of the scripts: incoming_max 1 to 64 */
+  b->chat.incoming_max = m2.inc_max = x >= 192 ? (size_t) (x - 191) : 0;
   read_term(&in, &t, 0);
   set_term(&s->chat, &t);
   model_set(&m, &t);
+  set_term(&b->chat, &t);
+  model_set(&m2, &t);
   while (in.n > 0) {
     int op = next(&in);
     if (op % 8 == 7) {
       read_term(&in, &t, 0);
       set_term(&s->chat, &t);
       model_set(&m, &t);
+      set_term(&b->chat, &t);
+      model_set(&m2, &t);
     } else {
       size_t n = (size_t) (op % 4 == 0 ? 1 : op / 8 + 1);
       n = n < in.n ? n : in.n;
@@ -368,6 +478,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         fprintf(stderr, "a handler failure differs from the model\n");
         abort();
       }
+      feed_borrow(b, &m2, in.p, n);
       str_add(&fed, in.p, n);
       in.p += n;
       in.n -= n;
@@ -386,9 +497,27 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       abort();
     }
   }
+  /* The borrowing chat: founds and what get_data gave; after the last
+   * parse, incoming is a copy holding all that no get_data took. */
+  nrest = ac_chat_in_buffer(&b->chat, &rest);
+  if (!same(b->trace.p, b->trace.n, m2.trace.p, m2.trace.n) ||
+      !same(rest, nrest, m2.buf.p, m2.buf.n)) {
+    fprintf(stderr, "borrowing chat: trace differs from the model\n");
+    abort();
+  }
+  ninc = ac_chat_get_data(&b->chat, &inc);
+  if (!same(inc, ninc, m2.inc.p, m2.inc.n) ||
+      ac_chat_get_data(&b->chat, &inc) != 0) {
+    fprintf(stderr, "borrowing chat: incoming differs from the model\n");
+    abort();
+  }
   free(fed.p);
   free(m.buf.p);
   free(m.trace.p);
+  free(m2.buf.p);
+  free(m2.trace.p);
+  free(m2.inc.p);
+  ac_close(&b->chat.d);
   ac_close(&s->chat.d);
   uv_run(ac_map_loop(map), UV_RUN_NOWAIT); /* releases the chat */
   return 0;
