@@ -97,6 +97,12 @@ for p in r["peers"]:
         assert ("| %s | %s |" % (scen[p["protocol"]], p["name"])) in md, \
             p["name"]'
 
+check "the three callgrind figures are keys, empty when not selected" \
+  pycheck "$out/latest.json" '
+for k in ("callgrind", "callgrind_line", "callgrind_line_rr"):
+    assert k in r and r[k] == {}, (k, r.get(k))
+assert r["meta"]["callgrind_line_rr_setup"]["lines"] == 1'
+
 for svg in latest.svg latest-protocols.svg; do
   check "$svg exists, non-empty" \
     sh -c "test -s '$out/$svg' && grep -q '<svg' '$out/$svg'"
