@@ -515,8 +515,36 @@ static AC__ALWAYS_INLINE int lines(ac_chat_t *c, const char **pb,
       len = 0;
       break;
     }
-    if (c->term_kind == AC_TERM_BYTES &&
-        c->term_len - 1 < AC__CHAT_TERM_INLINE) { /* C-11, C-12 */
+    if (c->term_kind == AC_TERM_BYTES && c->term_len == 1) {
+      /* C-11, the usual line: record after record while the terminator
+       * stays (no matcher state for one byte) */
+      uint32_t tgen = c->term_gen;
+      char ch = c->term_small[0];
+      do {
+        const char *p = memchr(b, ch, len);
+        size_t x;
+        if (p == NULL) {
+          c->work_scan += len;
+          r = deliver(c, b, len);
+          len = r == 0 ? 0 : len;
+          break;
+        }
+        x = (size_t) (p - b);
+        c->work_scan += x + 1;
+        if (x > 0 && (r = deliver(c, b, x)) != 0) {
+          break;
+        }
+        if (c->in_gen != gen) {
+          len = 0;
+        } else {
+          b += x + 1;
+          len -= x + 1;
+        }
+        r = found(c);
+      } while (r == 0 && len > 0 && c->term_gen == tgen &&
+               c->in_gen == gen);
+    } else if (c->term_kind == AC_TERM_BYTES &&
+               c->term_len - 1 < AC__CHAT_TERM_INLINE) { /* C-11, C-12 */
       size_t tn = c->term_len;
       const char *t = c->term_small;
       const char *p = memchr(b, t[0], len);
@@ -734,14 +762,14 @@ static int run_view(ac_chat_t *c, const char *buf, char *w, size_t front,
 }
 
 /* Parse `n` new bytes at buf + front after the unparsed input (w: buf,
- * writable, or NULL when front is 0 and the bytes are the caller's).
- * With nothing buffered, lines() parses without a view; one is made for
- * what it leaves (a failed callback, a long terminator, a cut or false
- * terminator start). */
+ * writable, or NULL when front is 0 and the bytes are the caller's);
+ * front is front_len(c), so 0 when nothing is buffered.  Then lines()
+ * parses without a view; one is made for what it leaves (a failed
+ * callback, a long terminator, a cut or false terminator start). */
 static AC__ALWAYS_INLINE int run(ac_chat_t *c, const char *buf, char *w,
                                  size_t front, size_t n, int flush) {
   c->parsing = 1;
-  if (front == 0 && c->in_keep == 0 && c->spill_len == 0) {
+  if (front == 0) {
     const char *b = buf;
     uint32_t gen = c->in_gen;
     int r = lines(c, &b, &n, gen);
@@ -846,11 +874,13 @@ static int chat_handle_read(ac_dispatcher_t *d) {
     return UV_EBUSY;
   }
   if (front == 0 && want <= d->map->chat_rbuf_cap &&
-      !d->map->chat_rbuf_busy && !d->map->closing) {
-    /* rbuf_get() when the map's buffer is free and large enough */
+      !d->map->chat_rbuf_busy) {
+    /* rbuf_get() when the map's buffer is free and large enough (it
+     * still exists if the map is closing: freed from the loop, never
+     * inside a handler) */
     buf = d->map->chat_rbuf;
     d->map->chat_rbuf_busy = 1;
-    n = ac_recv(d, buf, want);
+    n = ac__recv_raw(d, buf, want);
     if (n > 0) {
       r = run(c, buf, buf, 0, (size_t) n, 1);
     }
@@ -869,7 +899,7 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   if (buf == NULL) {
     return UV_ENOMEM;
   }
-  n = ac_recv(d, buf + front, want);
+  n = ac__recv_raw(d, buf + front, want);
   if (n > 0) {
     r = run(c, buf, buf, front, (size_t) n, 1);
   }

@@ -611,6 +611,16 @@ static ssize_t recv_result(ac_dispatcher_t *d, ssize_t r) {
   return ac_is_disconnect(AC__ERR(err)) ? disconnected(d) : AC__ERR(err);
 }
 
+/* The rest of ac__recv_raw: `first` is the result of its recv(2) (errno
+ * untouched since), or AC__SEND_UNTRIED when it made none. */
+ssize_t ac__recv_slow(ac_dispatcher_t *d, void *buf, size_t n,
+                      ssize_t first) {
+  if (first == AC__SEND_UNTRIED || (first < 0 && errno == EINTR)) {
+    return ac_recv(d, buf, n);
+  }
+  return recv_result(d, first);
+}
+
 ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   ssize_t r;
 

@@ -198,12 +198,17 @@ int ac_readwrite(ac_dispatcher_t *d, int flags) {
   return r;
 }
 
-/* The hot path: a stream channel is readable.  The same steps as
- * ac__dispatch(d, AC_POLLIN) in either mode, without the generic flag
- * handling. */
-void ac__dispatch_read(ac_dispatcher_t *d) {
+/* The hot path, the read callback of a stream channel (stream.c): it is
+ * readable (UV_ENOBUFS: the bytes or the EOF wait in the kernel).  The
+ * same steps as ac__dispatch(d, AC_POLLIN) in either mode, without the
+ * generic flag handling. */
+void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  ac_dispatcher_t *d = s->data;
   ac_map_t *m = d->map;
   int r;
+
+  (void) nread;
+  (void) buf;
 
   if (m->stopping) {
     return; /* E-01: the rest of the pass is dropped */

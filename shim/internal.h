@@ -10,6 +10,7 @@
 #define AC__HIDDEN __attribute__((visibility("hidden")))
 /* For the few hot-path helpers the compiler would otherwise call. */
 #define AC__ALWAYS_INLINE inline __attribute__((always_inline))
+#define AC__NOINLINE __attribute__((noinline))
 
 /* Interest and readiness bits (ac_dispatcher_t.armed / .ready). */
 #define AC__R 0x01 /* read */
@@ -185,7 +186,8 @@ AC__HIDDEN int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
                               const void *cls);
 AC__HIDDEN int ac__connect_event(ac_dispatcher_t *d);
 AC__HIDDEN int ac__dispatch(ac_dispatcher_t *d, int ev);
-AC__HIDDEN void ac__dispatch_read(ac_dispatcher_t *d);
+AC__HIDDEN void ac__dispatch_read(uv_stream_t *s, ssize_t nread,
+                                   const uv_buf_t *buf);
 AC__HIDDEN int ac__attach(ac_dispatcher_t *d, int want_stream);
 #define AC__SEND_UNTRIED (-2)
 #define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
@@ -196,6 +198,8 @@ AC__HIDDEN ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf,
 AC__HIDDEN ssize_t ac__sendv_raw(ac_dispatcher_t *d, const struct iovec *iov,
                                  int cnt);
 AC__HIDDEN int ac__raise(ac_dispatcher_t *d, int code);
+AC__HIDDEN ssize_t ac__recv_slow(ac_dispatcher_t *d, void *buf, size_t n,
+                                 ssize_t first);
 
 /* stream.c: the uv_tcp_t backend */
 AC__HIDDEN int ac__stream_open(ac_dispatcher_t *d);
@@ -254,6 +258,17 @@ static inline ssize_t ac__send_raw(ac_dispatcher_t *d, const void *buf,
     return r == (ssize_t) n ? r : ac__send_slow(d, buf, n, r);
   }
   return ac__send_slow(d, buf, n, AC__SEND_UNTRIED);
+}
+
+/* ac_recv for the library's own reads (d initialised, buf valid):
+ * a plain socket's recv(2) without the call; ac__recv_slow makes of any
+ * other result (or channel) what ac_recv would. */
+static inline ssize_t ac__recv_raw(ac_dispatcher_t *d, void *buf, size_t n) {
+  if ((d->flags & (AC__F_ADOPT | AC__F_SOCK)) == AC__F_SOCK && d->fd >= 0) {
+    ssize_t r = recv(d->fd, buf, n, 0);
+    return r > 0 ? r : ac__recv_slow(d, buf, n, r);
+  }
+  return ac__recv_slow(d, buf, n, AC__SEND_UNTRIED);
 }
 
 #endif

@@ -560,23 +560,13 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
   return sent < 0 ? send_failed(c, (int) sent) : 0;
 }
 
-/* ac_chat_push when the tail entry cannot simply grow. */
-static int push_other(ac_chat_t *c, const void *data, size_t n) {
+/* ac_chat_push off its two fast paths. */
+static AC__NOINLINE int push_other(ac_chat_t *c, const void *data,
+                                   size_t n) {
   int r = ac__chat_alive(c);
 
   if (r != 0) {
     return r;
-  }
-  if (c->fifo.len_ == 0 && n - 1 < c->ac_out_buffer_size && data != NULL &&
-      c->d.connected && !c->sending && !(c->batch && c->parsing)) {
-    /* push_alive's direct send, for one slice (1 <= n <= size) */
-    ssize_t sent = ac__send_raw(&c->d, data, n);
-    if ((size_t) sent == n) {
-      return 0;
-    }
-    r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
-                      c->ac_out_buffer_size, 1, NULL, NULL);
-    return r != 0 ? r : sent < 0 ? send_failed(c, (int) sent) : 0;
   }
   if (c->batch && c->parsing && n - 1 < c->ac_out_buffer_size &&
       n < ARENA_MAX && data != NULL) {
@@ -586,10 +576,29 @@ static int push_other(ac_chat_t *c, const void *data, size_t n) {
   return push_alive(c, data, n, 1, NULL, NULL);
 }
 
+/* The rest of ac_chat_push's direct send: `sent` of n bytes went out. */
+static AC__NOINLINE int push_sent(ac_chat_t *c, const void *data, size_t n,
+                                  ssize_t sent) {
+  int r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
+                        c->ac_out_buffer_size, 1, NULL, NULL);
+
+  return r != 0 ? r : sent < 0 ? send_failed(c, (int) sent) : 0;
+}
+
 int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
   char *to;
 
-  if (!ac__chat_usable(c) || n - 1 >= c->append_room || data == NULL) {
+  if (!ac__chat_usable(c) || data == NULL) {
+    return push_other(c, data, n);
+  }
+  if (n - 1 >= c->append_room) {
+    if (c->fifo.len_ == 0 && n - 1 < c->ac_out_buffer_size &&
+        !(c->d.flags & AC__F_RELEASED) && c->d.connected && !c->sending &&
+        !(c->batch && c->parsing)) {
+      /* push_alive's direct send, for one slice (1 <= n <= size) */
+      ssize_t sent = ac__send_raw(&c->d, data, n);
+      return (size_t) sent == n ? 0 : push_sent(c, data, n, sent);
+    }
     return push_other(c, data, n);
   }
   /* Batch mode, 1 <= n <= append_room (0 once released): the bytes

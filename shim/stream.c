@@ -45,16 +45,11 @@ static void on_alloc(uv_handle_t *h, size_t size, uv_buf_t *buf) {
   buf->len = 0;
 }
 
-static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
-  (void) nread; /* UV_ENOBUFS: bytes or EOF wait in the kernel */
-  (void) buf;
-  ac__dispatch_read(s->data);
-}
-
 void ac__stream_apply(ac_dispatcher_t *d, int bits) {
   if ((bits ^ d->armed) & AC__R) {
     if (bits & AC__R) {
-      if (uv_read_start((uv_stream_t *) &d->h.tcp, on_alloc, on_read) != 0) {
+      if (uv_read_start((uv_stream_t *) &d->h.tcp, on_alloc,
+                        ac__dispatch_read) != 0) {
         bits &= ~AC__R;
       }
     } else {
