@@ -661,7 +661,11 @@ static void view_open(ac_chat_t *c, view_t *v, const char *buf, char *w,
       c->pin = c->term_heap; /* read by materialize() later */
     }
   } else if (c->spill_len > 0) {
-    memcpy(w, c->spill, c->spill_len);
+    /* spill_len > 0 makes front > 0, and then the caller passes w; the
+     * analyzer loses that after lines(), whose callbacks cannot set it
+     * (feed is refused while parsing). */
+    memcpy(w, c->spill, /* NOLINT(clang-analyzer-core.NonNullParamChecker) */
+           c->spill_len);
     c->work_copy += c->spill_len;
   }
   c->in_keep = 0;
@@ -678,7 +682,10 @@ static int view_close(ac_chat_t *c, view_t *v) {
     materialize(c, v, v->len);
     r = spill_reserve(c, v->len);
     if (r == 0) {
-      memcpy(c->spill, v->b, v->len);
+      /* v->b points into the input whenever v->len > 0 (the analyzer
+       * assumes an empty receive buffer that received bytes) */
+      memcpy(c->spill, v->b, /* NOLINT(clang-analyzer-core.NonNullParamChecker) */
+             v->len);
       c->spill_len = v->len;
       c->work_copy += v->len;
     }
@@ -763,13 +770,13 @@ static int run_view(ac_chat_t *c, const char *buf, char *w, size_t front,
 
 /* Parse `n` new bytes at buf + front after the unparsed input (w: buf,
  * writable, or NULL when front is 0 and the bytes are the caller's);
- * front is front_len(c), so 0 when nothing is buffered.  Then lines()
- * parses without a view; one is made for what it leaves (a failed
- * callback, a long terminator, a cut or false terminator start). */
+ * front is front_len(c).  With nothing buffered, lines() parses without
+ * a view; one is made for what it leaves (a failed callback, a long
+ * terminator, a cut or false terminator start). */
 static AC__ALWAYS_INLINE int run(ac_chat_t *c, const char *buf, char *w,
                                  size_t front, size_t n, int flush) {
   c->parsing = 1;
-  if (front == 0) {
+  if (front == 0 && c->in_keep == 0 && c->spill_len == 0) {
     const char *b = buf;
     uint32_t gen = c->in_gen;
     int r = lines(c, &b, &n, gen);
