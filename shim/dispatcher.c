@@ -631,11 +631,7 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
                        (AC__F_INIT | AC__F_SOCK) &&
       d->fd >= 0 && buf != NULL && n > 0) {
     r = recv(d->fd, buf, n, 0);
-    if (r > 0) {
-      return r;
-    }
-    return r < 0 && errno == EINTR ? ac_recv(d, buf, n)
-                                   : recv_result(d, r);
+    return r > 0 ? r : ac__recv_slow(d, buf, n, r);
   }
 
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {

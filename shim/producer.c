@@ -519,6 +519,17 @@ static int append_copy(ac_chat_t *c, const char *data, size_t n,
   return 0;
 }
 
+/* After a direct send of `sent` of the n bytes at data (negative: it
+ * failed): queue the rest, then report the failure. */
+static AC__NOINLINE int queue_unsent(ac_chat_t *c, const void *data,
+                                     size_t n, ssize_t sent, int copy,
+                                     ac_chat_free_cb free_fn, void *ctx) {
+  int r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
+                        c->ac_out_buffer_size, copy, free_fn, ctx);
+
+  return r != 0 ? r : sent < 0 ? send_failed(c, (int) sent) : 0;
+}
+
 /* push and push_owned (C-16) on a live channel.  With nothing queued the
  * one send of initiate_send goes straight from `data` (same bytes, same
  * order), and only what the socket refused is queued. */
@@ -552,12 +563,7 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
     }
     return 0;
   }
-  r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0, size, copy,
-                    free_fn, ctx);
-  if (r != 0) {
-    return r;
-  }
-  return sent < 0 ? send_failed(c, (int) sent) : 0;
+  return queue_unsent(c, data, n, sent, copy, free_fn, ctx);
 }
 
 /* ac_chat_push off its two fast paths. */
@@ -576,15 +582,6 @@ static AC__NOINLINE int push_other(ac_chat_t *c, const void *data,
   return push_alive(c, data, n, 1, NULL, NULL);
 }
 
-/* The rest of ac_chat_push's direct send: `sent` of n bytes went out. */
-static AC__NOINLINE int push_sent(ac_chat_t *c, const void *data, size_t n,
-                                  ssize_t sent) {
-  int r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
-                        c->ac_out_buffer_size, 1, NULL, NULL);
-
-  return r != 0 ? r : sent < 0 ? send_failed(c, (int) sent) : 0;
-}
-
 int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
   char *to;
 
@@ -597,7 +594,9 @@ int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
         !(c->batch && c->parsing)) {
       /* push_alive's direct send, for one slice (1 <= n <= size) */
       ssize_t sent = ac__send_raw(&c->d, data, n);
-      return (size_t) sent == n ? 0 : push_sent(c, data, n, sent);
+      return (size_t) sent == n
+                 ? 0
+                 : queue_unsent(c, data, n, sent, 1, NULL, NULL);
     }
     return push_other(c, data, n);
   }
