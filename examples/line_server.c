@@ -20,6 +20,12 @@
 
 #define MAX_LINE (1024 * 1024) /* a longer line closes the connection */
 
+#if defined(__GNUC__)
+#define COLD __attribute__((cold, noinline))
+#else
+#define COLD
+#endif
+
 typedef struct {
   ac_chat_t chat;
   char *line; /* the line collected so far */
@@ -35,8 +41,10 @@ static client_t *client_of(ac_chat_t *c) {
 }
 
 /* Grows the client's buffer so that n more bytes fit, with room left for
- * the "\n" of the reply; returns 0, UV_E2BIG or UV_ENOMEM. */
-static int grow(client_t *cl, size_t n) {
+ * the "\n" of the reply; returns 0, UV_E2BIG or UV_ENOMEM.  Out of line
+ * (COLD), so that the common paths of the callbacks below save no
+ * registers: about a third of their instructions. */
+static COLD int grow(client_t *cl, size_t n) {
   size_t cap = cl->cap ? cl->cap : 256;
   char *p;
 
@@ -58,17 +66,31 @@ static int grow(client_t *cl, size_t n) {
   return 0;
 }
 
-/* collect_incoming_data: append to the line being collected (afterwards
- * there is room for one more byte). */
-static int on_collect(ac_chat_t *c, const char *data, size_t n) {
-  client_t *cl = client_of(c);
-  int r;
+/* collect_incoming_data when the buffer is too small: grow it, then
+ * append. */
+static COLD int collect_grow(client_t *cl, const char *data, size_t n) {
+  int r = grow(cl, n);
 
-  if (n >= cl->cap - cl->len && (r = grow(cl, n)) != 0) {
+  if (r != 0) {
     return r;
   }
   memcpy(cl->line + cl->len, data, n);
   cl->len += n;
+  return 0;
+}
+
+/* collect_incoming_data: append to the line being collected (afterwards
+ * there is room for one more byte).  The length is stored before the copy,
+ * so that nothing of the client is needed after it. */
+static int on_collect(ac_chat_t *c, const char *data, size_t n) {
+  client_t *cl = client_of(c);
+  size_t len = cl->len;
+
+  if (n >= cl->cap - len) {
+    return collect_grow(cl, data, n);
+  }
+  cl->len = len + n;
+  memcpy(cl->line + len, data, n);
   return 0;
 }
 
