@@ -160,6 +160,7 @@ struct ac_dispatcher_s {
   int so_error;         /* stream backend: connect result */
   size_t wq_bytes;      /* stream backend: bytes queued in libuv */
   const void *cls;      /* class: defaults of plain, with_send, chat ... */
+  int (*read_fn)(ac_dispatcher_t *); /* handle_read: ops', else cls's */
   ac_link_t link;       /* map membership, insertion order */
   ac_link_t plink;      /* map's ask or dirty list */
   ac_link_t slink;      /* map's list of synthetic readiness */

@@ -771,24 +771,33 @@ static int run_view(ac_chat_t *c, const char *buf, char *w, size_t front,
   return r != 0 ? r : r2;
 }
 
+/* run() with nothing buffered (front_len(c) == 0): lines() parses
+ * without a view; one is made for what it leaves (a failed callback, a
+ * long terminator, a cut or false terminator start).  w: buf, writable,
+ * or NULL. */
+static AC__ALWAYS_INLINE int run_fresh(ac_chat_t *c, const char *buf,
+                                       char *w, size_t n, int flush) {
+  const char *b = buf;
+  uint32_t gen = c->in_gen;
+  int r;
+
+  c->parsing = 1;
+  r = lines(c, &b, &n, gen);
+  if (n > 0 && c->in_gen == gen) {
+    return run_view(c, b, w != NULL ? w + (b - buf) : NULL, 0, n, flush, r);
+  }
+  return parse_end(c, flush, r);
+}
+
 /* Parse `n` new bytes at buf + front after the unparsed input (w: buf,
  * writable, or NULL when front is 0 and the bytes are the caller's);
- * front is front_len(c).  With nothing buffered, lines() parses without
- * a view; one is made for what it leaves (a failed callback, a long
- * terminator, a cut or false terminator start). */
+ * front is front_len(c). */
 static AC__ALWAYS_INLINE int run(ac_chat_t *c, const char *buf, char *w,
                                  size_t front, size_t n, int flush) {
-  c->parsing = 1;
   if (front == 0 && c->in_keep == 0 && c->spill_len == 0) {
-    const char *b = buf;
-    uint32_t gen = c->in_gen;
-    int r = lines(c, &b, &n, gen);
-    if (n > 0 && c->in_gen == gen) {
-      return run_view(c, b, w != NULL ? w + (b - buf) : NULL, 0, n, flush,
-                      r);
-    }
-    return parse_end(c, flush, r);
+    return run_fresh(c, buf, w, n, flush);
   }
+  c->parsing = 1;
   return run_view(c, buf, w, front, n, flush, 0);
 }
 
@@ -892,7 +901,9 @@ static int chat_handle_read(ac_dispatcher_t *d) {
     d->map->chat_rbuf_busy = 1;
     n = ac__recv_raw(d, buf, want);
     if (n > 0) {
-      r = run(c, buf, buf, 0, (size_t) n, 1);
+      /* front was 0 before the receive, and a receive that returns
+       * bytes runs no handler */
+      r = run_fresh(c, buf, buf, (size_t) n, 1);
     }
     d->map->chat_rbuf_busy = 0;
     if (n > 0 || n == UV_EAGAIN) {

@@ -60,6 +60,7 @@ int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
   d->ops = ops != NULL ? ops : &no_overrides;
   d->map = map;
   d->cls = cls;
+  d->read_fn = AC__SLOT(d, handle_read); /* ops never change after init */
   d->fd = -1;
   d->flags = AC__F_INIT;
   if (d->ops->readable != NULL || d->ops->writable != NULL) {

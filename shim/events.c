@@ -70,7 +70,7 @@ static int read_event(ac_dispatcher_t *d) {
     }
   }
   d->map->where = "handle_read";
-  return AC__SLOT(d, handle_read)(d);
+  return d->read_fn(d);
 }
 
 /* handle_write_event (D-18). */
@@ -216,7 +216,7 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   m->in_dispatch++;
   if (!d->accepting && d->connected) {
     m->where = "handle_read";
-    r = AC__SLOT(d, handle_read)(d);
+    r = d->read_fn(d);
   } else {
     r = read_event(d);
   }

@@ -590,13 +590,20 @@ int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
   }
   if (n - 1 >= c->append_room) {
     if (c->fifo.len_ == 0 && n - 1 < c->ac_out_buffer_size &&
-        !(c->d.flags & AC__F_RELEASED) && c->d.connected && !c->sending &&
-        !(c->batch && c->parsing)) {
-      /* push_alive's direct send, for one slice (1 <= n <= size) */
-      ssize_t sent = ac__send_raw(&c->d, data, n);
-      return (size_t) sent == n
-                 ? 0
-                 : queue_unsent(c, data, n, sent, 1, NULL, NULL);
+        (c->d.flags & (AC__F_RELEASED | AC__F_CONN_DONE | AC__F_WERR)) ==
+            AC__F_CONN_DONE &&
+        c->d.connected && !c->sending && !(c->batch && c->parsing) &&
+        c->d.backend == AC_BACKEND_STREAM && c->d.wq_bytes == 0 &&
+        c->d.fd >= 0) {
+      /* push_alive's direct send, for one slice (1 <= n <= size), on a
+       * stream with nothing queued in libuv: ac__send_raw with its
+       * checks (ac__stream_idle) merged into the ones above */
+      ssize_t sent = send(c->d.fd, data, n, MSG_NOSIGNAL);
+      if ((size_t) sent == n) {
+        return 0;
+      }
+      sent = ac__send_slow(&c->d, data, n, sent);
+      return queue_unsent(c, data, n, sent, 1, NULL, NULL);
     }
     return push_other(c, data, n);
   }
