@@ -402,8 +402,7 @@ static void consume(ac_chat_t *c, view_t *v, size_t x) {
  * not copied: incoming borrows them in place (they stay put until the
  * parse ends, when run() copies what get_data did not take). */
 static inline int deliver(ac_chat_t *c, const char *b, size_t x) {
-  int (*cb)(ac_chat_t *, const char *, size_t) =
-      c->cops->collect_incoming_data;
+  int (*cb)(ac_chat_t *, const char *, size_t) = c->collect_fn;
 
   if (cb == ac_chat_collect_incoming && c->inc_len == 0 &&
       !(c->d.flags & AC__F_RELEASED) &&
@@ -412,7 +411,7 @@ static inline int deliver(ac_chat_t *c, const char *b, size_t x) {
     c->inc_len = x;
     return 0;
   }
-  return cb != NULL ? cb(c, b, x) : AC_EFAIL; /* C-05: abstract method */
+  return cb(c, b, x);
 }
 
 static int collect(ac_chat_t *c, view_t *v, size_t x) {
@@ -421,10 +420,20 @@ static int collect(ac_chat_t *c, view_t *v, size_t x) {
 }
 
 static int found(ac_chat_t *c) {
-  if (c->cops->found_terminator == NULL) {
-    return AC_EFAIL; /* C-05 */
-  }
-  return c->cops->found_terminator(c);
+  return c->found_fn(c);
+}
+
+/* C-05: the abstract methods of a chat whose ops leave them out. */
+static int missing_collect(ac_chat_t *c, const char *data, size_t n) {
+  (void) c;
+  (void) data;
+  (void) n;
+  return AC_EFAIL;
+}
+
+static int missing_found(ac_chat_t *c) {
+  (void) c;
+  return AC_EFAIL;
 }
 
 /* C-09: no terminator, collect it all. */
@@ -1047,6 +1056,11 @@ int ac_chat_init(ac_chat_t *c, ac_map_t *map, const ac_chat_ops_t *ops) {
     return r;
   }
   c->cops = ops != NULL ? ops : &no_chat_ops;
+  c->collect_fn = c->cops->collect_incoming_data != NULL
+                      ? c->cops->collect_incoming_data
+                      : missing_collect;
+  c->found_fn = c->cops->found_terminator != NULL ? c->cops->found_terminator
+                                                   : missing_found;
   c->ac_in_buffer_size = AC_CHAT_BUFFER_SIZE;
   c->ac_out_buffer_size = AC_CHAT_BUFFER_SIZE;
   c->encoding = "latin-1";

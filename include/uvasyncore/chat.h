@@ -98,6 +98,9 @@ struct ac_chat_s {
 
   /* private_ */
   const ac_chat_ops_t *cops;
+  /* cops' collect_incoming_data and found_terminator, resolved at init */
+  int (*collect_fn)(ac_chat_t *, const char *, size_t);
+  int (*found_fn)(ac_chat_t *);
   ac_fifo_t fifo;       /* producer_fifo: entries (chat_internal.h) */
   size_t out_bytes;     /* data bytes queued */
   char *obuf;           /* the arena: pushed copies not sent yet */
