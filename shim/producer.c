@@ -212,6 +212,34 @@ static int send_failed(ac_chat_t *c, int code) {
 }
 
 /* One send of the data entries at the head (C-21 steps 3 to 6). */
+/* Whether the fifo is the usual batch: one arena entry (a data entry:
+ * kind and own are set together, n >= 1), to be sent whole. */
+static int one_arena_entry(ac_chat_t *c) {
+  return c->fifo.len_ == 1 && head(c)->own == AC__OWN_ARENA &&
+         (head(c)->n <= c->ac_out_buffer_size || gathers(c));
+}
+
+/* send_head() for one_arena_entry(c). */
+static int send_arena_entry(ac_chat_t *c) {
+  ac__entry_t *e = head(c);
+  ssize_t r = ac__send_raw(&c->d, c->obuf + (e->at.pos - c->obase), e->n);
+
+  if (r < 0) {
+    return send_failed(c, (int) r);
+  }
+  if ((size_t) r == e->n) { /* nothing to release: the arena's bytes */
+    c->fifo.len_ = 0;
+    c->out_bytes -= e->n;
+    arena_consumed(c, e->n);
+    ac__chat_track(c);
+    return 0;
+  }
+  if (r > 0) {
+    consume(c, (size_t) r);
+  }
+  return 0;
+}
+
 static int send_head(ac_chat_t *c) {
   struct iovec iov[AC__CHAT_IOV];
   size_t limit = c->ac_out_buffer_size;
@@ -220,28 +248,8 @@ static int send_head(ac_chat_t *c) {
   size_t i;
   ssize_t r;
 
-  if (c->fifo.len_ == 1 && head(c)->own == AC__OWN_ARENA &&
-      (head(c)->n <= limit || gathers(c))) {
-    /* The usual batch: one arena entry (a data entry: kind and own are
-     * set together), sent whole. */
-    ac__entry_t *e = head(c);
-    iov[0].iov_base = c->obuf + (e->at.pos - c->obase);
-    iov[0].iov_len = e->n;
-    r = ac__sendv_raw(&c->d, iov, 1);
-    if (r < 0) {
-      return send_failed(c, (int) r);
-    }
-    if ((size_t) r == e->n) { /* nothing to release: the arena's bytes */
-      c->fifo.len_ = 0;
-      c->out_bytes -= e->n;
-      arena_consumed(c, e->n);
-      ac__chat_track(c);
-      return 0;
-    }
-    if (r > 0) {
-      consume(c, (size_t) r);
-    }
-    return 0;
+  if (one_arena_entry(c)) {
+    return send_arena_entry(c);
   }
   gather = gathers(c);
 
@@ -369,7 +377,9 @@ int ac__chat_flush(ac_chat_t *c) {
   }
   c->sending = 1;
   c->append_room = 0;
-  r = send_loop(c);
+  /* send_loop() would come to send_head() at once for the usual batch */
+  r = c->d.connected && one_arena_entry(c) ? send_arena_entry(c)
+                                           : send_loop(c);
   c->sending = 0;
   return r;
 }

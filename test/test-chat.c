@@ -1975,6 +1975,85 @@ TASK(batch_push_during_send_kept) {
   task_map_free(map);
 }
 
+/* C-21 step 5, D-13 with batch: the send at the end of the read fails
+ * (the channel's own side shut down): handle_close, nothing left queued;
+ * on a TCP stream (libuv backend) and on an AF_UNIX one (poll backend). */
+TASK(batch_flush_disconnect_calls_handle_close) {
+  int tcp;
+
+  for (tcp = 0; tcp < 2; tcp++) {
+    ac_map_t *map = task_map_new();
+    rec_t r;
+    int peer;
+
+    ASSERT_OK(tcp ? rec_tcp(&r, map, &peer)
+                  : rec_pair(&r, map, SOCK_STREAM, &peer));
+    r.on_found = push_in_found;
+    r.chat.batch = 1;
+    ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+    ASSERT_OK(shutdown(ac_fileno(&r.chat.d), SHUT_WR));
+    DELIVER(&r, peer, "a;b;");
+    ASSERT_EQ(r.founds, 2);
+    ASSERT_EQ(r.fifo_in_found, 1); /* queued, then the send failed */
+    ASSERT_EQ(r.closes, 1);
+    ASSERT_EQ(r.errors, 0);
+    ASSERT(ac_is_closed(&r.chat.d));
+    close(peer);
+    task_map_free(map);
+  }
+}
+
+/* C-21 with batch: the replies of one read are one entry; the socket
+ * takes part of it, the rest follows in later passes, in order. */
+static int push_record_in_found(rec_t *r) {
+  char rec[1000];
+  int e;
+
+  memset(rec, 'a' + r->founds % 26, sizeof(rec));
+  e = ac_chat_push(&r->chat, rec, sizeof(rec));
+  r->fifo_in_found = ac_chat_fifo_len(&r->chat);
+  return e;
+}
+
+TASK(batch_flush_partial_keeps_order) {
+  ac_map_t *map = task_map_new();
+  static char want[80 * 1000];
+  static char got[80 * 1000];
+  char in[80];
+  int small = 4096;
+  size_t i;
+  rec_t r;
+  int peer;
+
+  for (i = 0; i < 80; i++) {
+    in[i] = i % 2 == 0 ? 'x' : ';';
+    memset(want + i * 1000, 'a' + (int) (i + 1) % 26, 1000);
+  }
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  r.on_found = push_record_in_found;
+  r.chat.batch = 1;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  /* A first read of 40 records, read at once by the peer: afterwards the
+   * arena is large enough for the 40 replies of the next read. */
+  ASSERT_OK(deliver(&r, peer, in, 80));
+  ASSERT_EQ(peer_read_loop(map, peer, got, 40000), 40000);
+  ASSERT_MEM_EQ(got, want, 40000);
+  /* The second, with a small send buffer and a peer not reading yet. */
+  ASSERT_OK(setsockopt(ac_fileno(&r.chat.d), SOL_SOCKET, SO_SNDBUF, &small,
+                       sizeof(small)));
+  ASSERT_OK(deliver(&r, peer, in, 80));
+  ASSERT_EQ(r.founds, 80);
+  ASSERT_EQ(r.fifo_in_found, 1); /* one entry: the fast flush */
+  ASSERT_GT(ac_chat_out_bytes(&r.chat), 0); /* the socket refused some */
+  ASSERT_LT(ac_chat_out_bytes(&r.chat), 40000); /* and took some */
+  ASSERT_EQ(peer_read_loop(map, peer, got + 40000, 40000), 40000);
+  ASSERT_MEM_EQ(got + 40000, want + 40000, 40000);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(r.errors, 0);
+  close(peer);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(c01_c02_defaults),
     TASK_ENTRY(c02_misuse),
@@ -2035,6 +2114,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(line_server_batched),
     TASK_ENTRY(batch_sends_once_per_read),
     TASK_ENTRY(batch_push_during_send_kept),
+    TASK_ENTRY(batch_flush_disconnect_calls_handle_close),
+    TASK_ENTRY(batch_flush_partial_keeps_order),
 };
 
 int main(int argc, char **argv) {
