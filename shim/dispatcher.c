@@ -77,8 +77,10 @@ int ac_dispatcher_init(ac_dispatcher_t *d, ac_map_t *map,
   return ac__init_class(d, map, ops, &ac__dispatcher_class);
 }
 
-/* Whether fd is a TCP stream socket, and whether it listens. */
-static int probe_socket(ac_dispatcher_t *d, int *listening) {
+/* Whether fd is a TCP stream socket, and whether it listens.  `family`
+ * is the socket's address family when the caller knows it from the
+ * peer's address (then it has a peer, so it does not listen), else 0. */
+static int probe_socket(ac_dispatcher_t *d, int family, int *listening) {
   int v;
   socklen_t len = sizeof(v);
 
@@ -88,6 +90,10 @@ static int probe_socket(ac_dispatcher_t *d, int *listening) {
   }
   d->flags |= AC__F_SOCK;
   d->type = v;
+  if (family != 0) {
+    d->family = family;
+    return 0;
+  }
   len = sizeof(v);
   if (getsockopt(d->fd, SOL_SOCKET, SO_DOMAIN, &v, &len) == 0) {
     d->family = v;
@@ -122,7 +128,10 @@ int ac__attach(ac_dispatcher_t *d, int want_stream) {
   return r;
 }
 
-int ac_set_socket(ac_dispatcher_t *d, uv_os_sock_t sock) {
+/* ac_set_socket; peer_family: the family of the peer's address when the
+ * caller has it (the socket is connected), else 0. */
+static int set_socket(ac_dispatcher_t *d, uv_os_sock_t sock,
+                      int peer_family) {
   int r;
   int listening;
   struct sockaddr_storage peer;
@@ -135,8 +144,8 @@ int ac_set_socket(ac_dispatcher_t *d, uv_os_sock_t sock) {
     return UV_EBUSY;
   }
   d->fd = sock;
-  r = probe_socket(d, &listening);
-  if (r == 0 && !(is_tcp(d) && !listening &&
+  r = probe_socket(d, peer_family, &listening);
+  if (r == 0 && !(is_tcp(d) && !listening && peer_family == 0 &&
                   getpeername(sock, (struct sockaddr *) &peer, &len) != 0)) {
     /* Unconnected TCP sockets get their handle at connect or listen. */
     r = ac__attach(d, !listening);
@@ -150,6 +159,10 @@ int ac_set_socket(ac_dispatcher_t *d, uv_os_sock_t sock) {
   return 0;
 }
 
+int ac_set_socket(ac_dispatcher_t *d, uv_os_sock_t sock) {
+  return set_socket(d, sock, 0);
+}
+
 int ac_dispatcher_open(ac_dispatcher_t *d, uv_os_sock_t sock) {
   struct sockaddr_storage peer;
   socklen_t len = sizeof(peer);
@@ -161,11 +174,13 @@ int ac_dispatcher_open(ac_dispatcher_t *d, uv_os_sock_t sock) {
     return UV_EINVAL;
   }
   flags = fcntl(sock, F_GETFL);
-  if (flags < 0 || fcntl(sock, F_SETFL, flags | O_NONBLOCK) < 0) {
+  if (flags < 0 || (!(flags & O_NONBLOCK) &&
+                    fcntl(sock, F_SETFL, flags | O_NONBLOCK) < 0)) {
     return AC__ERR(errno);
   }
   /* D-03 asks for the peer after registering and undoes the registration
-   * on failure; asking first is the same, without the undo. */
+   * on failure; asking first is the same, without the undo.  The peer's
+   * address family is the socket's: set_socket need not ask for it. */
   if (getpeername(sock, (struct sockaddr *) &peer, &len) != 0) {
     if (errno != ENOTCONN && errno != EINVAL && errno != ENOTSOCK) {
       return AC__ERR(errno);
@@ -173,7 +188,8 @@ int ac_dispatcher_open(ac_dispatcher_t *d, uv_os_sock_t sock) {
     connected = errno == ENOTSOCK; /* a pipe or tty is "connected" */
     len = 0;
   }
-  r = ac_set_socket(d, sock);
+  r = set_socket(d, sock,
+                 len >= sizeof(sa_family_t) ? peer.ss_family : 0);
   if (r != 0) {
     return r;
   }

@@ -176,6 +176,30 @@ TASK(d03_open_connected_tcp) {
   ASSERT_EQ(p.closed, 1);
 }
 
+/* D-03 for what an accept gives: an IPv6 socket that is non-blocking
+ * already stays so; family and type are the socket's. */
+TASK(d03_open_accepted_ipv6) {
+  ac_map_t *map = task_map_new();
+  uv_os_sock_t fds[2];
+  ac_dispatcher_t d;
+
+  if (probe_tcp_pair(AF_INET6, fds) != 0) {
+    task_map_free(map);
+    return; /* no IPv6 loopback here */
+  }
+  ASSERT_OK(fcntl(fds[1], F_SETFL, fcntl(fds[1], F_GETFL) | O_NONBLOCK));
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+  ASSERT(is_nonblocking(fds[1]));
+  ASSERT_EQ(d.connected, 1);
+  ASSERT_EQ(d.family, AF_INET6);
+  ASSERT_EQ(d.type, SOCK_STREAM);
+  ASSERT_EQ(d.addr.ss_family, AF_INET6);
+  ac_close(&d);
+  close(fds[0]);
+  task_map_free(map);
+}
+
 /* D-03: a socket without a peer (fresh TCP socket) stays unconnected with
  * no addr; a socketpair end is connected with the unnamed AF_UNIX addr. */
 TASK(d03_open_unconnected_and_socketpair) {
@@ -199,6 +223,9 @@ TASK(d03_open_unconnected_and_socketpair) {
   ASSERT_EQ(b.connected, 1);
   ASSERT_GT(b.addrlen, 0);
   ASSERT_EQ(b.addr.ss_family, AF_UNIX);
+  ASSERT_EQ(b.family, AF_UNIX); /* from the peer's address */
+  ASSERT_EQ(b.type, SOCK_STREAM);
+  ASSERT_EQ(a.family, AF_INET); /* no peer: asked of the socket */
   ASSERT_EQ(ac_map_len(map), 2);
   ac_close(&a);
   ac_close(&b);
@@ -1450,6 +1477,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d03_open_bad_socket),
     TASK_ENTRY(d03_quick_connect_reset),
     TASK_ENTRY(d04_create_socket),
+    TASK_ENTRY(d03_open_accepted_ipv6),
     TASK_ENTRY(d04_create_socket_dgram_and_bad_family),
     TASK_ENTRY(d05_set_socket),
     TASK_ENTRY(d07_set_reuse_addr),
