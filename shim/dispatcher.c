@@ -181,6 +181,7 @@ int ac_dispatcher_open(ac_dispatcher_t *d, uv_os_sock_t sock) {
   /* D-03 asks for the peer after registering and undoes the registration
    * on failure; asking first is the same, without the undo.  The peer's
    * address family is the socket's: set_socket need not ask for it. */
+  peer.ss_family = AF_UNSPEC; /* 0: unknown, should getpeername not set it */
   if (getpeername(sock, (struct sockaddr *) &peer, &len) != 0) {
     if (errno != ENOTCONN && errno != EINVAL && errno != ENOTSOCK) {
       return AC__ERR(errno);
@@ -188,8 +189,7 @@ int ac_dispatcher_open(ac_dispatcher_t *d, uv_os_sock_t sock) {
     connected = errno == ENOTSOCK; /* a pipe or tty is "connected" */
     len = 0;
   }
-  r = set_socket(d, sock,
-                 len >= sizeof(sa_family_t) ? peer.ss_family : 0);
+  r = set_socket(d, sock, len > 0 ? peer.ss_family : AF_UNSPEC);
   if (r != 0) {
     return r;
   }
