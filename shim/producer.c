@@ -530,13 +530,22 @@ static int append_copy(ac_chat_t *c, const char *data, size_t n,
 }
 
 /* After a direct send of `sent` of the n bytes at data (negative: it
- * failed): queue the rest, then report the failure. */
+ * failed): queue the rest, then report the failure.  The send may have
+ * taken everything after all (the kernel took part, libuv's queue the
+ * rest): then nothing is queued, not even an empty entry. */
 static AC__NOINLINE int queue_unsent(ac_chat_t *c, const void *data,
                                      size_t n, ssize_t sent, int copy,
                                      ac_chat_free_cb free_fn, void *ctx) {
-  int r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
-                        c->ac_out_buffer_size, copy, free_fn, ctx);
+  int r;
 
+  if (sent >= 0 && (size_t) sent == n) {
+    if (free_fn != NULL) {
+      free_fn((void *) data, ctx);
+    }
+    return 0;
+  }
+  r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
+                    c->ac_out_buffer_size, copy, free_fn, ctx);
   return r != 0 ? r : sent < 0 ? send_failed(c, (int) sent) : 0;
 }
 

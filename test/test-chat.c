@@ -914,6 +914,34 @@ TASK(c16_push_sends_and_copies) {
   task_map_free(map);
 }
 
+/* C-16 on a stream whose peer never reads (issue 12, item 3): pushes
+ * with nothing queued send straight from the caller's bytes; when the
+ * kernel takes only part of one, the rest goes to libuv's queue and the
+ * push is complete.  It must not leave an empty fifo entry behind (it did,
+ * through a zero-length copy into the arena not allocated yet: undefined
+ * behaviour that UBSan aborts on).  Pushes go on past the kernel's buffer
+ * and libuv's queue until the fifo holds data. */
+TASK(c16_push_to_a_peer_that_never_reads) {
+  ac_map_t *map = task_map_new();
+  char line[100];
+  rec_t r;
+  int peer;
+  int i;
+
+  memset(line, 'x', sizeof(line) - 1);
+  line[sizeof(line) - 1] = '\n';
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  for (i = 0; i < 500000 && ac_chat_out_bytes(&r.chat) < 256 * 1024; i++) {
+    ASSERT_OK(ac_chat_push(&r.chat, line, sizeof(line)));
+    /* every entry in the fifo holds bytes not sent yet */
+    ASSERT(ac_chat_fifo_len(&r.chat) == 0 || ac_chat_out_bytes(&r.chat) > 0);
+  }
+  ASSERT_GE(ac_chat_out_bytes(&r.chat), 256 * 1024);
+  ASSERT_EQ(r.errors, 0);
+  close(peer);
+  task_map_free(map);
+}
+
 /* ac_send on a chat is push (the class's virtual send). */
 TASK(c16_ac_send_is_push) {
   ac_map_t *map = task_map_new();
@@ -2083,6 +2111,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(q14_no_terminator_collects),
     TASK_ENTRY(c15_handle_close_does_not_log),
     TASK_ENTRY(c16_push_sends_and_copies),
+    TASK_ENTRY(c16_push_to_a_peer_that_never_reads),
     TASK_ENTRY(c16_ac_send_is_push),
     TASK_ENTRY(c16_push_owned),
     TASK_ENTRY(c17_p01_producer_over_tcp),
