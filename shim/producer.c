@@ -529,6 +529,18 @@ static int append_copy(ac_chat_t *c, const char *data, size_t n,
   return 0;
 }
 
+/* Queueing the bytes of a push failed (r: UV_ENOMEM).  The call took
+ * them all the same: push_owned's bytes are given back now, so that no
+ * failure after the argument checks leaves them to the caller (a failure
+ * of initiate_send is also UV_ENOMEM at times, with the bytes queued). */
+static AC__NOINLINE int not_queued(int r, const void *data,
+                                   ac_chat_free_cb free_fn, void *ctx) {
+  if (free_fn != NULL) {
+    free_fn((void *) data, ctx);
+  }
+  return r;
+}
+
 /* After a direct send of `sent` of the n bytes at data (negative: it
  * failed): queue the rest, then report the failure.  The send may have
  * taken everything after all (the kernel took part, libuv's queue the
@@ -546,7 +558,10 @@ static AC__NOINLINE int queue_unsent(ac_chat_t *c, const void *data,
   }
   r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
                     c->ac_out_buffer_size, copy, free_fn, ctx);
-  return r != 0 ? r : sent < 0 ? send_failed(c, (int) sent) : 0;
+  if (r != 0) {
+    return not_queued(r, data, free_fn, ctx);
+  }
+  return sent < 0 ? send_failed(c, (int) sent) : 0;
 }
 
 /* push and push_owned (C-16) on a live channel.  With nothing queued the
@@ -564,14 +579,14 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
   }
   if (n == 0) {
     r = append_entry(c, AC__E_DATA, (void *) data, free_fn, ctx);
-    return r != 0 ? r : kick(c);
+    return r != 0 ? not_queued(r, data, free_fn, ctx) : kick(c);
   }
   if (c->fifo.len_ > 0 || !c->d.connected || c->sending ||
       (c->batch && c->parsing)) {
     r = copy && n <= size && n < ARENA_MAX
             ? append_copy(c, data, n, size)
             : append_slices(c, data, n, 0, size, copy, free_fn, ctx);
-    return r != 0 ? r : kick(c);
+    return r != 0 ? not_queued(r, data, free_fn, ctx) : kick(c);
   }
   v.iov_base = (void *) data;
   v.iov_len = gathers(c) || n <= size ? n : size;
@@ -662,7 +677,15 @@ int ac_chat_push_with_producer(ac_chat_t *c, ac_producer_t *p) {
     return UV_EINVAL;
   }
   r = append_entry(c, AC__E_PRODUCER, p, NULL, NULL);
-  return r != 0 ? r : kick(c);
+  if (r != 0) {
+    /* p is the channel's from here on, queued or not (more() may fail
+     * with UV_ENOMEM too, p queued): released now, as a discard would */
+    if (p->release != NULL) {
+      p->release(p);
+    }
+    return r;
+  }
+  return kick(c);
 }
 
 /* C-20: no send here, as in Python. */

@@ -1338,6 +1338,168 @@ TASK(p01_more_failure) {
   ASSERT_EQ(g.released, 1); /* by the channel's release */
 }
 
+/* Ownership after push_with_producer / push_owned (issue 12, item 4):
+ * UV_EINVAL and UV_EBADF leave p / data the caller's; after any other
+ * result the channel owns it and releases it exactly once.  The callers
+ * here do what docs/chat.md says and nothing more: ASan sees a double
+ * free or a use after free, and the counts a leak. */
+static int hp_released;
+
+typedef struct {
+  ac_producer_t base;
+  int fail; /* what more() returns */
+} hp_t;
+
+static int hp_more(ac_producer_t *p, const void **data, size_t *n) {
+  hp_t *h = (hp_t *) p;
+
+  if (h->fail != 0) {
+    return h->fail;
+  }
+  *data = "hp";
+  *n = 0; /* exhausted */
+  return 0;
+}
+
+static void hp_release(ac_producer_t *p) {
+  hp_released++;
+  free(p);
+}
+
+static ac_producer_t *hp_new(int fail) {
+  hp_t *h = calloc(1, sizeof(*h));
+
+  if (h == NULL) {
+    return NULL;
+  }
+  h->base.more = hp_more;
+  h->base.release = hp_release;
+  h->fail = fail;
+  return &h->base;
+}
+
+/* push_with_producer as docs/chat.md says to call it. */
+static int push_producer_per_docs(ac_chat_t *c, ac_producer_t *p) {
+  int r = ac_chat_push_with_producer(c, p);
+
+  if (r == UV_EINVAL || r == UV_EBADF) {
+    p->release(p); /* refused: still ours */
+  }
+  return r;
+}
+
+/* An allocator whose library allocations fail while `oom` is set. */
+static int oom;
+
+static void *oom_malloc(size_t n) { return oom ? NULL : malloc(n); }
+static void *oom_realloc(void *p, size_t n) {
+  return oom ? NULL : realloc(p, n);
+}
+static void *oom_calloc(size_t a, size_t b) {
+  return oom ? NULL : calloc(a, b);
+}
+
+static void owned_free(void *data, void *ctx) {
+  (*(int *) ctx)++;
+  free(data);
+}
+
+TASK(c17_producer_ownership_after_errors) {
+  ac_map_t *map = task_map_new();
+  ac_producer_t *p;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(ac_replace_allocator(oom_malloc, oom_realloc, oom_calloc, free));
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  hp_released = 0;
+  /* more() fails with UV_ENOMEM: p stays queued, the channel's. */
+  p = hp_new(UV_ENOMEM);
+  ASSERT(p != NULL);
+  ASSERT_EQ(push_producer_per_docs(&r.chat, p), UV_ENOMEM);
+  ASSERT_EQ(hp_released, 0);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 1);
+  ASSERT_OK(ac_chat_discard_buffers(&r.chat));
+  ASSERT_EQ(hp_released, 1);
+  /* Queueing fails (the fifo cannot grow): released before the return. */
+  /* (the discard gave the fifo's storage back) */
+  p = hp_new(0);
+  ASSERT(p != NULL);
+  oom = 1;
+  ASSERT_EQ(push_producer_per_docs(&r.chat, p), UV_ENOMEM);
+  oom = 0;
+  ASSERT_EQ(hp_released, 2);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  /* Refused: the caller's. */
+  p = hp_new(0);
+  ASSERT(p != NULL);
+  p->more = NULL;
+  ASSERT_EQ(push_producer_per_docs(&r.chat, p), UV_EINVAL);
+  ASSERT_EQ(hp_released, 3);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+  p = hp_new(0);
+  ASSERT(p != NULL);
+  ASSERT_EQ(push_producer_per_docs(&r.chat, p), UV_EBADF);
+  ASSERT_EQ(hp_released, 4);
+  ASSERT_OK(ac_replace_allocator(malloc, realloc, calloc, free));
+  close(peer);
+}
+
+TASK(c16_owned_ownership_after_errors) {
+  ac_map_t *map = task_map_new();
+  int freed = 0;
+  char *b;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(ac_replace_allocator(oom_malloc, oom_realloc, oom_calloc, free));
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  /* Queueing fails: free_fn runs before the return, once. */
+  r.chat.d.connected = 0;
+  b = strdup("owned");
+  ASSERT(b != NULL);
+  oom = 1;
+  ASSERT_EQ(ac_chat_push_owned(&r.chat, b, 5, owned_free, &freed),
+            UV_ENOMEM);
+  oom = 0;
+  ASSERT_EQ(freed, 1);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  b = strdup("");
+  ASSERT(b != NULL);
+  oom = 1; /* an empty push is an entry too */
+  ASSERT_EQ(ac_chat_push_owned(&r.chat, b, 0, owned_free, &freed),
+            UV_ENOMEM);
+  oom = 0;
+  ASSERT_EQ(freed, 2);
+  /* initiate_send fails with UV_ENOMEM (a queued producer's more()):
+   * the bytes are queued behind it, the channel's. */
+  r.chat.d.connected = 1;
+  hp_released = 0;
+  ASSERT_EQ(push_producer_per_docs(&r.chat, hp_new(UV_ENOMEM)), UV_ENOMEM);
+  b = strdup("behind");
+  ASSERT(b != NULL);
+  ASSERT_EQ(ac_chat_push_owned(&r.chat, b, 6, owned_free, &freed),
+            UV_ENOMEM);
+  ASSERT_EQ(freed, 2);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 2);
+  /* Refused: the caller's, free_fn never called. */
+  ASSERT_EQ(ac_chat_push_owned(&r.chat, NULL, 1, owned_free, &freed),
+            UV_EINVAL);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+  ASSERT_EQ(freed, 3);
+  ASSERT_EQ(hp_released, 1);
+  b = strdup("late");
+  ASSERT(b != NULL);
+  ASSERT_EQ(ac_chat_push_owned(&r.chat, b, 4, owned_free, &freed),
+            UV_EBADF);
+  free(b); /* refused: ours */
+  ASSERT_EQ(freed, 3);
+  ASSERT_OK(ac_replace_allocator(malloc, realloc, calloc, free));
+  close(peer);
+}
+
 /* C-22: discard_buffers drops input, incoming data and the whole fifo,
  * close marker included; producers are released, owned bytes freed; no
  * flag changes. */
@@ -2125,6 +2287,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(c21_send_error_to_handle_error),
     TASK_ENTRY(c21_disconnect_calls_handle_close),
     TASK_ENTRY(p01_more_failure),
+    TASK_ENTRY(c17_producer_ownership_after_errors),
+    TASK_ENTRY(c16_owned_ownership_after_errors),
     TASK_ENTRY(c22_discard_buffers),
     TASK_ENTRY(q16_empty_entry_skipped),
     TASK_ENTRY(q18_encoding_is_a_no_op),

@@ -87,6 +87,7 @@ static int srv_found(ac_chat_t *c) {
   const char *line;
   size_t n = ac_chat_get_data(c, &line);
   ac_producer_t *p;
+  int r;
 
   if (n == 3 && memcmp(line, "BYE", 3) == 0) {
     note(ac_chat_push(c, "bye\r\n", 5));
@@ -96,9 +97,12 @@ static int srv_found(ac_chat_t *c) {
     if (note(ac_simple_producer_new(bulk, sizeof(bulk), 700, &p)) != 0) {
       return UV_ENOMEM;
     }
-    if (note(ac_chat_push_with_producer(c, p)) != 0) {
+    r = note(ac_chat_push_with_producer(c, p));
+    if (r == UV_EINVAL || r == UV_EBADF) {
       p->release(p); /* refused: still ours */
-      return UV_ENOMEM;
+    }
+    if (r != 0) {
+      return r; /* otherwise p is the channel's, queued or released */
     }
     return note(ac_chat_push(c, TERM_LONG, sizeof(TERM_LONG) - 1));
   }

@@ -54,7 +54,8 @@ struct ac_chat_ops_s {
  * sends the whole chunk before it calls more() again).  A non-zero return
  * leaves initiate_send like an exception; the producer stays queued.
  * release (may be NULL) is called once, when the producer was exhausted,
- * discarded, or its channel released: free it there. */
+ * discarded, or its channel released, or could not be queued (see
+ * ac_chat_push_with_producer): free it there. */
 struct ac_producer_s {
   int (*more)(ac_producer_t *p, const void **data, size_t *n);
   void (*release)(ac_producer_t *p);
@@ -189,16 +190,22 @@ AC_EXTERN int ac_chat_push(ac_chat_t *c, const void *data, size_t n);
 
 /* push without copying: the channel sends `data` itself and calls
  * free_fn(data, ctx) (if not NULL) once it no longer needs it, which may
- * be before this function returns.  On a failure other than the one of
- * initiate_send, free_fn is not called and `data` stays the caller's.
- * Results as ac_chat_push. */
+ * be before this function returns.  Results as ac_chat_push.  Ownership
+ * depends only on the result: UV_EINVAL and UV_EBADF (refused) leave
+ * `data` the caller's and free_fn is never called for it; after any other
+ * result, 0 and every error included, free_fn is called exactly once
+ * (already, when the bytes could not be queued: UV_ENOMEM). */
 AC_EXTERN int ac_chat_push_owned(ac_chat_t *c, const void *data, size_t n,
                                  ac_chat_free_cb free_fn, void *ctx);
 
-/* push_with_producer (C-17): queue `p` (the fifo owns it from now on),
- * then initiate_send.  Returns 0, UV_EINVAL (bad c, p or p->more NULL),
- * UV_EBADF, UV_ENOMEM (p stays the caller's) or what initiate_send
- * returns. */
+/* push_with_producer (C-17): queue `p`, then initiate_send.  Returns 0,
+ * UV_EINVAL (bad c, p or p->more NULL), UV_EBADF (released), UV_ENOMEM
+ * or what initiate_send returns (more()'s errors among them).  Ownership
+ * depends only on the result: UV_EINVAL and UV_EBADF (refused) leave p
+ * the caller's; after any other result, 0 and every error included, p is
+ * the channel's, which calls p->release once (already, when p could not
+ * be queued: UV_ENOMEM; otherwise when it is exhausted, discarded or the
+ * channel released).  Never free p after such a result. */
 AC_EXTERN int ac_chat_push_with_producer(ac_chat_t *c, ac_producer_t *p);
 
 /* close_when_done (C-20): queue the close marker.  What was queued before
