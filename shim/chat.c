@@ -403,6 +403,7 @@ static void consume(ac_chat_t *c, view_t *v, size_t x) {
  * parse ends, when run() copies what get_data did not take). */
 static inline int deliver(ac_chat_t *c, const char *b, size_t x) {
   int (*cb)(ac_chat_t *, const char *, size_t) = c->collect_fn;
+  int r;
 
   if (cb == ac_chat_collect_incoming && c->inc_len == 0 &&
       !(c->d.flags & AC__F_RELEASED) &&
@@ -411,7 +412,12 @@ static inline int deliver(ac_chat_t *c, const char *b, size_t x) {
     c->inc_len = x;
     return 0;
   }
-  return cb(c, b, x);
+  r = cb(c, b, x);
+  if (r != 0) {
+    /* handle_error's `where` names the callback, not handle_read (E-02) */
+    c->d.map->where = "collect_incoming_data";
+  }
+  return r;
 }
 
 static int collect(ac_chat_t *c, view_t *v, size_t x) {
@@ -420,7 +426,12 @@ static int collect(ac_chat_t *c, view_t *v, size_t x) {
 }
 
 static int found(ac_chat_t *c) {
-  return c->found_fn(c);
+  int r = c->found_fn(c);
+
+  if (r != 0) {
+    c->d.map->where = "found_terminator"; /* for handle_error (E-02) */
+  }
+  return r;
 }
 
 /* C-05: the abstract methods of a chat whose ops leave them out. */

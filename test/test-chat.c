@@ -309,10 +309,11 @@ TASK(c05_abstract_methods) {
   LOOP_UNTIL(map, 0, r.closes > 0, 200);
   ASSERT_EQ(r.errors, 1);
   ASSERT_EQ(r.err_code, AC_EFAIL);
-  ASSERT_STR_EQ(r.err_where, "handle_read");
+  ASSERT_STR_EQ(r.err_where, "collect_incoming_data");
   ASSERT_EQ(r.closes, 1);
   ASSERT(ac_is_closed(&r.chat.d));
   ASSERT(strstr(log.text, "uncaptured error") != NULL);
+  ASSERT(strstr(log.text, "collect_incoming_data") != NULL);
   close(sv[1]);
   task_map_free(map);
   ASSERT_EQ(r.released, 1);
@@ -343,6 +344,52 @@ TASK(c05_abstract_found_terminator) {
   ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), 2);
   ac_close(&r.chat.d);
   task_map_free(map);
+}
+
+/* E-02 for a chat (issue 12, item e): a failure returned by
+ * found_terminator or collect_incoming_data (the application's, or
+ * ac_chat_collect_incoming past incoming_max) reaches handle_error with
+ * `where` naming that step, on both backends (AF_UNIX: poll, TCP:
+ * stream). */
+static int collect_fails(rec_t *r, const char *data, size_t n) {
+  (void) r;
+  return n > 0 && data[0] == '!' ? UV_EPROTO : 0;
+}
+
+static int collect_helper(rec_t *r, const char *data, size_t n) {
+  return ac_chat_collect_incoming(&r->chat, data, n);
+}
+
+TASK(e02_where_names_the_chat_callback) {
+  static const char *const want[3] = {"found_terminator",
+                                      "collect_incoming_data",
+                                      "collect_incoming_data"};
+  static const int code[3] = {UV_EPROTO, UV_EPROTO, UV_E2BIG};
+  int backend;
+  int k;
+
+  for (backend = 0; backend < 2; backend++) {
+    for (k = 0; k < 3; k++) {
+      ac_map_t *map = task_map_new();
+      rec_t r;
+      int peer;
+
+      ASSERT_OK(backend == 0
+                    ? rec_pair(&r, map, SOCK_STREAM, &peer)
+                    : rec_tcp(&r, map, &peer));
+      r.ret_found = k == 0 ? UV_EPROTO : 0;
+      r.on_collect = k == 1 ? collect_fails : k == 2 ? collect_helper : NULL;
+      r.chat.incoming_max = k == 2 ? 4 : 0;
+      ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+      ASSERT_EQ(write(peer, "ok\n!ab\nlong line\n", 18), 18);
+      LOOP_UNTIL(map, 0, r.errors > 0, 200);
+      ASSERT_EQ(r.errors, 1);
+      ASSERT_EQ(r.err_code, code[k]);
+      ASSERT_STR_EQ(r.err_where, want[k]);
+      close(peer);
+      task_map_free(map);
+    }
+  }
 }
 
 /* C-06: the incoming helpers as the collect method. */
@@ -2250,6 +2297,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c03_c04_set_get_terminator),
     TASK_ENTRY(c05_abstract_methods),
     TASK_ENTRY(c05_abstract_found_terminator),
+    TASK_ENTRY(e02_where_names_the_chat_callback),
     TASK_ENTRY(c06_incoming_helpers),
     TASK_ENTRY(c06_incoming_in_place),
     TASK_ENTRY(c06_incoming_max),

@@ -37,8 +37,10 @@ enum {
 /* The methods of an async_chat: the dispatcher's (`base`, NULL slots are
  * the async_chat defaults of C-15, C-18, C-19) and the two of asynchat.
  * Both return 0 or, like any handler, AC_EXIT, AC_EFAIL or a negative
- * errno, which leaves handle_read as an exception would (E-02/E-03).  A
- * NULL slot fails with AC_EFAIL, as Python's abstract methods (C-05). */
+ * errno, which leaves handle_read as an exception would (E-02/E-03);
+ * handle_error's `where` is then "collect_incoming_data" or
+ * "found_terminator".  A NULL slot fails with AC_EFAIL, as Python's
+ * abstract methods (C-05). */
 struct ac_chat_ops_s {
   ac_dispatcher_ops_t base;
   /* `n` > 0 bytes of the current record, borrowed for the call. */
