@@ -983,7 +983,16 @@ int ac_chat_collect_incoming(ac_chat_t *c, const char *data, size_t n) {
   }
   need = c->inc_len + n;
   if (c->incoming_max > 0 && (need > c->incoming_max || need < n)) {
-    return UV_E2BIG;
+    size_t keep =
+        c->inc_len < c->incoming_max ? c->incoming_max - c->inc_len : 0;
+    if (!c->incoming_truncate) {
+      return UV_E2BIG;
+    }
+    /* keep the first incoming_max bytes, count the rest: the parse goes
+     * on to the terminator */
+    c->inc_dropped += n - keep;
+    n = keep;
+    need = c->inc_len + keep;
   }
   if (inc_reserve(c, need) != 0) {
     return UV_ENOMEM;
@@ -1004,8 +1013,23 @@ size_t ac_chat_get_data(ac_chat_t *c, const char **data) {
   if (n > 0) {
     c->inc_len = 0;
     c->inc_borrow = NULL;
+    c->inc_dropped = 0; /* bytes are kept whenever some are dropped */
   }
   return n;
+}
+
+int ac_chat_clear_incoming(ac_chat_t *c) {
+  if (!ac__chat_usable(c)) {
+    return UV_EINVAL;
+  }
+  c->inc_len = 0;
+  c->inc_borrow = NULL;
+  c->inc_dropped = 0;
+  return 0;
+}
+
+uint64_t ac_chat_incoming_dropped(const ac_chat_t *c) {
+  return ac__chat_usable(c) ? c->inc_dropped : 0;
 }
 
 int ac_chat_discard_buffers(ac_chat_t *c) {
@@ -1017,6 +1041,7 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
   c->in_gen++;
   c->inc_len = 0;
   c->inc_borrow = NULL;
+  c->inc_dropped = 0;
   ac__chat_out_discard(c);
   return 0;
 }

@@ -512,6 +512,8 @@ TASK(chat_bad_calls) {
     ASSERT_EQ(ac_chat_collect_incoming(x, "ab", 2), UV_EINVAL);
     ASSERT_EQ(ac_chat_get_data(x, &data), 0);
     ASSERT_STR_EQ(data, "");
+    ASSERT_EQ(ac_chat_clear_incoming(x), UV_EINVAL);
+    ASSERT_EQ(ac_chat_incoming_dropped(x), 0);
     ASSERT_EQ(ac_chat_fifo_len(x), 0);
     ASSERT_EQ(ac_chat_out_bytes(x), 0);
   }

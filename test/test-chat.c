@@ -531,6 +531,177 @@ TASK(c06_incoming_max) {
   task_map_free(map);
 }
 
+/* C-06 extension: ac_chat_clear_incoming empties incoming without
+ * taking it (Python: self.received_lines = []). */
+TASK(c06_clear_incoming) {
+  ac_map_t *map = task_map_new();
+  const char *data;
+  rec_t r;
+
+  ASSERT_OK(rec_init(&r, map, &helper_ops));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  ASSERT_OK(ac_chat_feed(&r.chat, "abc", 3)); /* a partial record */
+  ASSERT_OK(ac_chat_clear_incoming(&r.chat));
+  ASSERT_EQ(ac_chat_get_data(&r.chat, &data), 0);
+  ASSERT_STR_EQ(data, "");
+  ASSERT_OK(ac_chat_feed(&r.chat, "de\nfg", 5));
+  ASSERT_STR_EQ(r.trace, "de|");
+  ASSERT_OK(ac_chat_clear_incoming(&r.chat)); /* "fg", copied at the end */
+  ASSERT_OK(ac_chat_feed(&r.chat, "h\n", 2));
+  ASSERT_STR_EQ(r.trace, "de|h|");
+  ASSERT_OK(ac_chat_clear_incoming(&r.chat)); /* already empty */
+  ac_close(&r.chat.d);
+  task_map_free(map);
+  ASSERT_EQ(ac_chat_clear_incoming(&r.chat), 0); /* released: harmless */
+}
+
+/* C-06 extension: incoming_truncate, smtpd's size limit.  Past
+ * incoming_max the parse goes on to the terminator; found_terminator
+ * gets the first incoming_max bytes and the count of the dropped ones
+ * (trace "data[dropped]|").  Records within the limit stay in place. */
+static int truncating_found(ac_chat_t *c) {
+  rec_t *r = rec(c);
+  uint64_t dropped = ac_chat_incoming_dropped(c); /* before get_data */
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  char buf[32];
+
+  append(r, data, n);
+  snprintf(buf, sizeof(buf), "[%llu]|", (unsigned long long) dropped);
+  append(r, buf, strlen(buf));
+  if (ac_chat_incoming_dropped(c) != 0) {
+    task_failed = 1; /* emptied with incoming */
+  }
+  return 0;
+}
+
+static const ac_chat_ops_t truncating_ops = {
+    .base = {.closed = rec_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = truncating_found,
+};
+
+TASK(c06_incoming_truncate) {
+  ac_map_t *map = task_map_new();
+  const char *data;
+  rec_t r;
+
+  ASSERT_OK(rec_init(&r, map, &truncating_ops));
+  r.chat.incoming_max = 4;
+  r.chat.incoming_truncate = 1;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\r\n", 2));
+  ASSERT_OK(ac_chat_feed(&r.chat, "abcd\r\nabcdefgh\r\nxy\r\n", 20));
+  ASSERT_STR_EQ(r.trace, "abcd[0]|abcd[4]|xy[0]|");
+  /* across receives, and a partial terminator among the dropped bytes */
+  ASSERT_OK(ac_chat_feed(&r.chat, "ABC", 3));
+  ASSERT_OK(ac_chat_feed(&r.chat, "DEFG\r", 5));
+  ASSERT_EQ(ac_chat_incoming_dropped(&r.chat), 3);
+  ASSERT_OK(ac_chat_feed(&r.chat, "\n", 1));
+  ASSERT_STR_EQ(r.trace, "abcd[0]|abcd[4]|xy[0]|ABCD[3]|");
+  /* clear_incoming and discard_buffers empty the count too */
+  ASSERT_OK(ac_chat_feed(&r.chat, "123456", 6));
+  ASSERT_EQ(ac_chat_incoming_dropped(&r.chat), 2);
+  ASSERT_OK(ac_chat_clear_incoming(&r.chat));
+  ASSERT_EQ(ac_chat_incoming_dropped(&r.chat), 0);
+  ASSERT_OK(ac_chat_feed(&r.chat, "123456", 6));
+  ASSERT_OK(ac_chat_discard_buffers(&r.chat));
+  ASSERT_EQ(ac_chat_incoming_dropped(&r.chat), 0);
+  ASSERT_EQ(ac_chat_get_data(&r.chat, &data), 0);
+  /* incoming_max lowered below what incoming holds: nothing more kept */
+  ASSERT_OK(ac_chat_collect_incoming(&r.chat, "abc", 3));
+  r.chat.incoming_max = 2;
+  ASSERT_OK(ac_chat_collect_incoming(&r.chat, "de", 2));
+  ASSERT_EQ(ac_chat_incoming_dropped(&r.chat), 2);
+  ASSERT_EQ(ac_chat_get_data(&r.chat, &data), 3);
+  ASSERT_MEM_EQ(data, "abc", 3);
+  /* without incoming_truncate: UV_E2BIG as before */
+  r.chat.incoming_truncate = 0;
+  ASSERT_EQ(ac_chat_feed(&r.chat, "abc\r\n", 5), UV_E2BIG);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+}
+
+/* C-06: how long the pointer from ac_chat_get_data stays valid (the
+ * header's promise): inside found_terminator it survives a second
+ * get_data, set_terminator (to a heap terminator and back), pushes (a
+ * large one too), close_when_done, clear_incoming and discard_buffers.
+ * For a record in place (one receive), one copied (across receives) and
+ * a truncated one.  ASan sees a free, the comparison an overwrite. */
+static int lifetime_found(ac_chat_t *c) {
+  static char big[8192];
+  rec_t *r = rec(c);
+  char saved[64];
+  const char *data;
+  const char *again;
+  size_t n = ac_chat_get_data(c, &data);
+
+  if (n > sizeof(saved)) {
+    task_failed = 1;
+    return AC_EFAIL;
+  }
+  memcpy(saved, data, n);
+  if (ac_chat_get_data(c, &again) != 0 ||
+      ac_chat_set_terminator(c, "a terminator longer than the inline one",
+                             39) != 0 ||
+      ac_chat_set_terminator(c, "\n", 1) != 0 ||
+      ac_chat_push(c, data, n) != 0 || ac_chat_push(c, big, sizeof(big)) ||
+      ac_chat_clear_incoming(c) != 0 ||
+      (n > 0 && data[0] == '!' &&
+       (ac_chat_close_when_done(c) != 0 ||
+        ac_chat_discard_buffers(c) != 0))) {
+    task_failed = 1;
+  }
+  if (memcmp(data, saved, n) != 0) {
+    task_failed = 1;
+  }
+  append(r, data, n);
+  append(r, "|", 1);
+  return 0;
+}
+
+static const ac_chat_ops_t lifetime_ops = {
+    .base = {.closed = rec_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = lifetime_found,
+};
+
+/* One input through ac_chat_feed (the caller's bytes) or through the
+ * channel's socket (the map's receive buffer): one receive each. */
+static int lifetime_input(rec_t *r, int peer, const char *s) {
+  return peer < 0 ? ac_chat_feed(&r->chat, s, strlen(s))
+                  : deliver(r, peer, s, strlen(s));
+}
+
+TASK(c06_get_data_pointer_lifetime) {
+  int via_socket;
+
+  for (via_socket = 0; via_socket < 2; via_socket++) {
+    ac_map_t *map = task_map_new();
+    int sv[2] = {-1, -1};
+    rec_t r;
+
+    ASSERT_OK(rec_init(&r, map, &lifetime_ops));
+    if (via_socket) {
+      ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+      ASSERT_OK(ac_dispatcher_open(&r.chat.d, sv[0]));
+    }
+    r.chat.incoming_max = 16;
+    r.chat.incoming_truncate = 1;
+    ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+    ASSERT_OK(lifetime_input(&r, sv[1], "in place\nacross "));
+    ASSERT_OK(lifetime_input(&r, sv[1], "receives\n"));
+    ASSERT_OK(lifetime_input(&r, sv[1], "truncated past sixteen bytes\n"));
+    ASSERT_OK(lifetime_input(&r, sv[1], "!last\n"));
+    ASSERT_STR_EQ(r.trace,
+                  "in place|across receives|truncated past s|!last|");
+    ac_close(&r.chat.d);
+    if (sv[1] >= 0) {
+      close(sv[1]);
+    }
+    task_map_free(map);
+  }
+}
+
 /* C-07, Q-09 (TestAsynchatMocked.test_blockingioerror): a read event
  * with nothing to read returns quietly, no handle_error. */
 TASK(c07_would_block_is_silent) {
@@ -2301,6 +2472,9 @@ static const task_t tasks[] = {
     TASK_ENTRY(c06_incoming_helpers),
     TASK_ENTRY(c06_incoming_in_place),
     TASK_ENTRY(c06_incoming_max),
+    TASK_ENTRY(c06_clear_incoming),
+    TASK_ENTRY(c06_incoming_truncate),
+    TASK_ENTRY(c06_get_data_pointer_lifetime),
     TASK_ENTRY(c07_would_block_is_silent),
     TASK_ENTRY(c07_receive_error_to_handle_error),
     TASK_ENTRY(c07_in_buffer_size_per_receive),

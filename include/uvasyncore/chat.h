@@ -98,6 +98,11 @@ struct ac_chat_s {
   /* Extension: most bytes ac_chat_collect_incoming holds; one more fails
    * with UV_E2BIG (0, the default: no limit, as in Python). */
   size_t incoming_max;
+  /* Extension, off by default: with incoming_max > 0, bytes beyond it are
+   * dropped and counted (ac_chat_incoming_dropped) instead of failing:
+   * the parse goes on to the terminator and found_terminator sees the
+   * first incoming_max bytes (smtpd's size limit). */
+  unsigned incoming_truncate : 1;
 
   /* private_ */
   const ac_chat_ops_t *cops;
@@ -137,6 +142,7 @@ struct ac_chat_s {
   const char *inc_borrow; /* or, inside a parse: the bytes in place */
   size_t inc_len;
   size_t inc_cap;
+  uint64_t inc_dropped; /* bytes incoming_truncate dropped from incoming */
   uint64_t work_scan;   /* bytes examined by the terminator search */
   uint64_t work_copy;   /* bytes of input copied */
 };
@@ -245,16 +251,36 @@ AC_EXTERN int ac_chat_feed(ac_chat_t *c, const void *data, size_t n);
 AC_EXTERN size_t ac_chat_in_buffer(const ac_chat_t *c, const void **data);
 
 /* The private helpers of C-06, usable as collect_incoming_data and from
- * found_terminator: append to the channel's `incoming` buffer (0,
- * UV_EINVAL, UV_EBADF once released, UV_E2BIG beyond incoming_max, or
- * UV_ENOMEM), and return all of it, emptying it (the bytes stay valid
- * until the next append, discard or release).  With
+ * found_terminator.  collect_incoming appends to the channel's `incoming`
+ * buffer: 0, UV_EINVAL, UV_EBADF once released, UV_E2BIG beyond
+ * incoming_max (unless incoming_truncate: then 0, the excess dropped and
+ * counted), or UV_ENOMEM.  get_data returns all of it and empties it
+ * (the dropped count too); *data is "" when it is empty.  With
  * ac_chat_collect_incoming as the collect method, a record that arrived
- * in one receive is not copied: get_data returns it in place, valid at
- * most until the parse that found it ends (copy it to keep it). */
+ * in one receive is not copied: get_data returns it in place.
+ *
+ * How long *data stays valid: until the next byte is appended to incoming
+ * (ac_chat_collect_incoming, or the parse collecting the next record),
+ * the end of the parse that found it (when called from inside the
+ * parse), or the channel's release (at ac_close for a channel without a
+ * socket), whichever comes first.  Until then it survives further
+ * get_data and clear_incoming calls, set_terminator*, push*,
+ * close_when_done and discard_buffers.  So: use it or copy it before
+ * found_terminator returns. */
 AC_EXTERN int ac_chat_collect_incoming(ac_chat_t *c, const char *data,
                                        size_t n);
 AC_EXTERN size_t ac_chat_get_data(ac_chat_t *c, const char **data);
+
+/* Empty `incoming` without taking it (Python: self.received_lines = []),
+ * the dropped count too.  A pointer from get_data stays valid (as above).
+ * Returns 0 or UV_EINVAL. */
+AC_EXTERN int ac_chat_clear_incoming(ac_chat_t *c);
+
+/* Bytes of `incoming` that incoming_truncate dropped since it was last
+ * emptied (get_data, clear_incoming, discard_buffers): non-zero in
+ * found_terminator means the record was longer than incoming_max.  Read
+ * it before get_data.  0 for a bad c. */
+AC_EXTERN uint64_t ac_chat_incoming_dropped(const ac_chat_t *c);
 
 /* Entries in the fifo (data slices, producers, close markers), and the
  * data bytes among them not sent yet. */
