@@ -262,8 +262,8 @@ AC_EXTERN size_t ac_chat_in_buffer(const ac_chat_t *c, const void **data);
  * How long *data stays valid: until the next byte is appended to incoming
  * (ac_chat_collect_incoming, or the parse collecting the next record),
  * the end of the parse that found it (when called from inside the
- * parse), or the channel's release (at ac_close for a channel without a
- * socket), whichever comes first.  Until then it survives further
+ * parse), or the channel's release (from the loop, after ac_close),
+ * whichever comes first.  Until then it survives further
  * get_data and clear_incoming calls, set_terminator*, push*,
  * close_when_done and discard_buffers.  So: use it or copy it before
  * found_terminator returns. */
