@@ -27,7 +27,7 @@ static void watch_hook(probe_t *p, int ev) {
 }
 
 /* A heap probe on a connected socket (kind 0: socketpair, 1: TCP); the
- * peer end in *peer. */
+ * peer end in *peer.  NULL on failure, with *peer = -1 and nothing open. */
 static probe_t *connected_probe(ac_map_t *map,
                                 const ac_dispatcher_ops_t *ops, int kind,
                                 uv_os_sock_t *peer, int *closed) {
@@ -35,6 +35,7 @@ static probe_t *connected_probe(ac_map_t *map,
   uv_os_sock_t fds[2];
   int r;
 
+  *peer = -1; /* on failure too: *peer is never left unset */
   if (p == NULL) {
     return NULL;
   }
@@ -43,7 +44,13 @@ static probe_t *connected_probe(ac_map_t *map,
   } else {
     r = socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds);
   }
-  if (r != 0 || ac_dispatcher_open(&p->base.d, fds[1]) != 0) {
+  if (r != 0) {
+    free(p);
+    return NULL;
+  }
+  if (ac_dispatcher_open(&p->base.d, fds[1]) != 0) {
+    close(fds[0]); /* on failure both ends stay ours */
+    close(fds[1]);
     free(p);
     return NULL;
   }
