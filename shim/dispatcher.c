@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -128,6 +129,26 @@ int ac__attach(ac_dispatcher_t *d, int want_stream) {
   return r;
 }
 
+/* Whether a TCP socket without a peer once had a connection that ended
+ * before the channel got it: accepted, then reset (or timed out) while it
+ * waited in the listen queue.  Such a socket is not one the application
+ * will connect or listen with: it must be watched, so that its first events
+ * report the bytes and the reset and the application closes it (else its fd
+ * leaks for ever).  A fresh socket never had a connection: the kernel sets
+ * up a receive space (tcpi_rcv_space) only when one is established.  Asked
+ * only when getpeername failed, so an accepted socket with a peer costs no
+ * extra system call. */
+static int connection_ended(uv_os_sock_t sock) {
+  struct tcp_info ti;
+  socklen_t len = sizeof(ti);
+
+  memset(&ti, 0, sizeof(ti));
+  if (getsockopt(sock, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) {
+    return 0;
+  }
+  return ti.tcpi_state == TCP_CLOSE && ti.tcpi_rcv_space > 0;
+}
+
 /* ac_set_socket; peer_family: the family of the peer's address when the
  * caller has it (the socket is connected), else 0. */
 static int set_socket(ac_dispatcher_t *d, uv_os_sock_t sock,
@@ -146,8 +167,9 @@ static int set_socket(ac_dispatcher_t *d, uv_os_sock_t sock,
   d->fd = sock;
   r = probe_socket(d, peer_family, &listening);
   if (r == 0 && !(is_tcp(d) && !listening && peer_family == 0 &&
-                  getpeername(sock, (struct sockaddr *) &peer, &len) != 0)) {
-    /* Unconnected TCP sockets get their handle at connect or listen. */
+                  getpeername(sock, (struct sockaddr *) &peer, &len) != 0 &&
+                  !connection_ended(sock))) {
+    /* Fresh TCP sockets get their handle at connect or listen. */
     r = ac__attach(d, !listening);
   }
   if (r != 0) {

@@ -286,6 +286,155 @@ TASK(d03_quick_connect_reset) {
   }
 }
 
+/* A server-side channel of d03_accept_reset_releases_fd: records what
+ * reaches it, frees itself in `closed`. */
+typedef struct {
+  ac_dispatcher_t d;
+  char trace[64];
+  char in[16];
+  size_t nin;
+} rst_child_t;
+
+static struct {
+  int accepted;     /* children opened */
+  int open_failed;  /* ac_dispatcher_open refused an accepted socket */
+  int released;     /* `closed` calls */
+  int closes;       /* handle_close calls */
+  int errors;       /* handle_error calls */
+  int bad;          /* a child whose story was not "read ... close" */
+  int unconnected;  /* children opened with connected == 0 (as CPython) */
+} rst;
+
+static void rst_note(ac_dispatcher_t *d, const char *ev) {
+  rst_child_t *c = ac_container_of(d, rst_child_t, d);
+  size_t len = strlen(c->trace);
+
+  snprintf(c->trace + len, sizeof(c->trace) - len, "%s ", ev);
+}
+
+static int rst_read(ac_dispatcher_t *d) {
+  rst_child_t *c = ac_container_of(d, rst_child_t, d);
+  ssize_t n;
+
+  rst_note(d, "read");
+  n = ac_recv(d, c->in + c->nin, sizeof(c->in) - c->nin);
+  if (n > 0) {
+    c->nin += (size_t) n;
+  }
+  return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+}
+
+static int rst_close(ac_dispatcher_t *d) {
+  rst_note(d, "close");
+  rst.closes++;
+  return ac_close(d);
+}
+
+static int rst_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  rst_note(d, "error");
+  rst.errors++;
+  return rst_close(d);
+}
+
+static void rst_closed(ac_dispatcher_t *d) {
+  rst_child_t *c = ac_container_of(d, rst_child_t, d);
+
+  /* The bytes sent before the reset come first (as in CPython), then the
+   * reset closes the channel. */
+  if (strncmp(c->trace, "read ", 5) != 0 || strstr(c->trace, "close") == NULL ||
+      c->nin != 5 || memcmp(c->in, "hello", 5) != 0) {
+    if (rst.bad++ == 0) {
+      fprintf(stderr, "  child trace \"%s\", %zu bytes\n", c->trace, c->nin);
+    }
+  }
+  rst.released++;
+  free(c);
+}
+
+static const ac_dispatcher_ops_t rst_child_ops = {
+    .handle_read = rst_read,
+    .handle_close = rst_close,
+    .handle_error = rst_error,
+    .closed = rst_closed,
+};
+
+static int rst_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
+                        const struct sockaddr *addr, socklen_t len) {
+  rst_child_t *c = calloc(1, sizeof(*c));
+
+  (void) addr;
+  (void) len;
+  if (c == NULL || ac_dispatcher_init(&c->d, d->map, &rst_child_ops) != 0 ||
+      ac_dispatcher_open(&c->d, sock) != 0) {
+    rst.open_failed++;
+    free(c);
+    close(sock);
+    return 0;
+  }
+  rst.accepted++;
+  rst.unconnected += c->d.connected == 0;
+  return 0;
+}
+
+static const ac_dispatcher_ops_t rst_server_ops = {
+    .handle_accepted = rst_accepted,
+};
+
+/* D-03, D-14, E-02, E-03 (issue 12, remote fd exhaustion): a client that
+ * connects, sends and resets (SO_LINGER 0) before the server accepts.
+ * accept() gives a socket that is already closed (getpeername: ENOTCONN);
+ * it must still reach the application as a live channel, unconnected as in
+ * CPython, whose events report the bytes and then the reset (handle_read,
+ * then handle_close from ac_recv), and its fd must be released: after 100
+ * cycles per mode the process has exactly the fds it had after the first. */
+TASK(d03_accept_reset_releases_fd) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    struct linger lg = {1, 0};
+    ac_dispatcher_t server;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int before;
+    int port;
+    int k;
+
+    memset(&rst, 0, sizeof(rst));
+    ASSERT_OK(ac_dispatcher_init(&server, map, &rst_server_ops));
+    ASSERT_OK(ac_create_socket(&server, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, 0, &ss);
+    ASSERT_OK(ac_bind(&server, (struct sockaddr *) &ss));
+    ASSERT_OK(ac_listen(&server, 16));
+    ASSERT_OK(getsockname(ac_fileno(&server), (struct sockaddr *) &ss, &sl));
+    port = ntohs(((struct sockaddr_in *) &ss)->sin_port);
+    before = -1;
+    for (k = 0; k < 100; k++) {
+      int fd = task_connect_tcp(AF_INET, port);
+      ASSERT_GE(fd, 0);
+      ASSERT_EQ(send(fd, "hello", 5, 0), 5);
+      ASSERT_OK(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+      close(fd); /* RST, before the server's loop accepts */
+      LOOP_UNTIL(map, modes[i], rst.released == k + 1, 200);
+      if (k == 0) {
+        before = task_fd_count(); /* after libuv's first uv_tcp_init on the
+                                     loop, which keeps one spare fd */
+      }
+    }
+    ASSERT_EQ(rst.open_failed, 0);
+    ASSERT_EQ(rst.accepted, 100);
+    ASSERT_EQ(rst.unconnected, 100);
+    ASSERT_EQ(rst.closes, 100);
+    ASSERT_EQ(rst.errors, 0);
+    ASSERT_EQ(rst.bad, 0);
+    ASSERT_EQ(task_fd_count(), before);
+    ASSERT_EQ(ac_map_len(map), 1); /* the listener only */
+    ac_close(&server);
+    task_map_free(map);
+  }
+}
+
 /* D-04: create_socket gives a non-blocking, close-on-exec socket of the
  * family and type, registered, with no flag changed. */
 TASK(d04_create_socket) {
@@ -1476,6 +1625,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d03_open_unconnected_and_socketpair),
     TASK_ENTRY(d03_open_bad_socket),
     TASK_ENTRY(d03_quick_connect_reset),
+    TASK_ENTRY(d03_accept_reset_releases_fd),
     TASK_ENTRY(d04_create_socket),
     TASK_ENTRY(d03_open_accepted_ipv6),
     TASK_ENTRY(d04_create_socket_dgram_and_bad_family),
