@@ -249,10 +249,12 @@ void ac__map_add(ac_map_t *m, ac_dispatcher_t *d) {
   if (ac__linked(&d->link)) {
     return;
   }
-  d->flags |= AC__F_OPEN;
+  if (!(d->flags & AC__F_OPEN)) {
+    d->flags |= AC__F_OPEN; /* live until released, across reuses */
+    m->nlive++;
+  }
   ac__list_add(&m->channels, &d->link);
   m->nchannels++;
-  m->nlive++;
   if (d->flags & AC__F_ASKED) {
     ac__list_add(&m->ask, &d->plink);
     ac__kick_apply(m);

@@ -66,8 +66,8 @@ static void on_connect(uv_connect_t *req, int status) {
   d->req = NULL;
   d->nreq--;
   ac__free(req);
-  if (d->flags & AC__F_CLOSED) {
-    ac__maybe_release(d);
+  if ((d->flags & AC__F_CLOSED) || ac__reusing(d)) {
+    ac__maybe_release(d); /* the old life's connect, cancelled */
     return;
   }
   d->flags |= AC__F_CONN_DONE;
@@ -112,11 +112,15 @@ static void on_write(uv_write_t *req, int status) {
   if (status < 0 && status != UV_ECANCELED) {
     d->flags |= AC__F_WERR; /* the next send or recv sees the error */
   }
-  if (d->flags & AC__F_CLOSED) {
+  if ((d->flags & AC__F_CLOSED) || ac__reusing(d)) {
+    /* The old stream of a closed (or reused) channel. */
     if ((d->flags & AC__F_DRAIN) &&
         (d->wq_bytes == 0 || (d->flags & AC__F_WERR))) {
       d->flags &= (uint16_t) ~AC__F_DRAIN;
-      ac__list_del(&d->plink);
+      if (d->flags & AC__F_CLOSED) {
+        ac__list_del(&d->plink); /* off the drain list (a reused one's
+                                    plink is its new life's) */
+      }
       uv_close(&d->h.handle, ac__handle_closed);
     }
     ac__maybe_release(d);
