@@ -16,6 +16,9 @@
 #define AC__R 0x01 /* read */
 #define AC__W 0x02 /* write */
 #define AC__P 0x04 /* priority (poll backend only) */
+/* In `ready` only: its AC__R is good for one dispatch (stream.c: input that
+ * came with the connect completion). */
+#define AC__RONCE 0x08
 
 /* ac_dispatcher_t.flags */
 #define AC__F_INIT 0x0001     /* ac_dispatcher_init ran */

@@ -1488,6 +1488,54 @@ TASK(d16_d18_connect_event_first) {
   }
 }
 
+/* D-16, D-18 (issue 12): input that is already there when the connect
+ * completes (a server's banner: SMTP, FTP, POP3) is read in the same pass,
+ * between handle_connect and handle_write, as CPython's select and poll
+ * loops do; on both TCP backends, in both modes. */
+TASK(d16_input_with_connect_same_pass) {
+  int i;
+
+  for (i = 0; i < 4; i++) {
+    ac_map_t *map = task_map_new();
+    struct sockaddr_storage ss;
+    char in[32];
+    probe_t c;
+    int port;
+    int lfd = task_listen_tcp(AF_INET, &port);
+    int conn;
+    int k;
+
+    ASSERT_GE(lfd, 0);
+    if (i >= 2) {
+      ASSERT_OK(ac_map_set_tcp_backend(map, AC_BACKEND_POLL));
+    }
+    ASSERT_OK(probe_init(&c, map, &probe_ops, 0, "c"));
+    c.consume = 1;
+    c.in = in;
+    c.in_cap = sizeof(in);
+    ASSERT_OK(ac_create_socket(&c.base.d, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, port, &ss);
+    ASSERT_OK(ac_connect(&c.base.d, (struct sockaddr *) &ss));
+    conn = accept(lfd, NULL, NULL);
+    ASSERT_GE(conn, 0);
+    ASSERT_EQ(send(conn, "220 ready\r\n", 11, 0), 11);
+    ASSERT(probe_wait_fd(ac_fileno(&c.base.d), POLLIN, 1000) & POLLIN);
+    for (k = 0; k < 100 && c.n[EV_CONNECT] == 0; k++) {
+      ASSERT_OK(ac_loop(map, 0.01, modes[i % 2], 1));
+    }
+    /* The pass that connected also read the banner, then wrote. */
+    ASSERT_STR_EQ(c.trace, "connect read write ");
+    ASSERT_EQ(c.nin, 11);
+    ASSERT_MEM_EQ(in, "220 ready\r\n", 11);
+    ASSERT_OK(ac_loop(map, 0.01, modes[i % 2], 1));
+    ASSERT_EQ(c.n[EV_READ], 1); /* read once: no second, empty read */
+    ac_close(&c.base.d);
+    close(conn);
+    close(lfd);
+    task_map_free(map);
+  }
+}
+
 /* D-18, L-14: a write event on a listener calls nothing; on a channel
  * neither connected nor connecting it calls handle_write. */
 TASK(d18_write_event) {
@@ -1897,6 +1945,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d15_reconnect_while_draining),
     TASK_ENTRY(d16_read_event),
     TASK_ENTRY(d16_d18_connect_event_first),
+    TASK_ENTRY(d16_input_with_connect_same_pass),
     TASK_ENTRY(d18_write_event),
     TASK_ENTRY(d19_expt_event),
     TASK_ENTRY(d20_default_handler_warnings),
