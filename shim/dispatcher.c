@@ -150,13 +150,15 @@ static int connection_ended(uv_os_sock_t sock) {
 }
 
 /* Whether a channel can take a socket: it has none, and it is either new
- * or closed but not released (the reconnect idiom, see reuse()). */
+ * or closed but not released (the reconnect idiom, see reuse()), while
+ * its map is not being closed (ac_map_close). */
 static int can_take_socket(const ac_dispatcher_t *d) {
   if (d->fd >= 0) {
     return 0;
   }
   return !(d->flags & AC__F_CLOSED) ||
-         !(d->flags & (AC__F_RELEASED | AC__F_RESOLVING | AC__F_ADOPT));
+         (!(d->flags & (AC__F_RELEASED | AC__F_RESOLVING | AC__F_ADOPT)) &&
+          !d->map->closing);
 }
 
 /* The reconnect idiom (handle_close: close, create_socket, connect): a
