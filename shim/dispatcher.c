@@ -537,8 +537,9 @@ void ac__handle_closed(uv_handle_t *h) {
   ac_dispatcher_t *d = h->data;
 
   d->flags &= (uint16_t) ~AC__F_HANDLE;
-  if (!(d->flags & AC__F_CLOSED) && d->fd >= 0) {
-    reattach(d);
+  if (!(d->flags & AC__F_CLOSED) && d->backend == AC_BACKEND_NONE &&
+      d->fd >= 0) {
+    reattach(d); /* the old handle of a reused channel (see reuse()) */
     return;
   }
   ac__maybe_release(d);
