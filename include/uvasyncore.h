@@ -244,9 +244,13 @@ AC_EXTERN int ac_dispatcher_init(ac_dispatcher_t *d, ac_map_t *map,
 
 /* Give an initialised channel an existing socket, as Python's
  * dispatcher(sock) (D-03): non-blocking, registered, connected with `addr`
- * the peer address, or unconnected when the socket has no peer.  The
- * channel owns the socket afterwards.  On failure the socket stays the
- * caller's and the channel is left without socket. */
+ * the peer address, or unconnected when the socket has no peer.  An
+ * accepted connection reset before the accept is unconnected but watched:
+ * its events report the reset (handle_read, then handle_close from
+ * ac_recv).  The channel owns the socket afterwards.  On failure the socket
+ * stays the caller's and the channel is left without socket.  A closed
+ * channel whose `closed` has not run yet may take a new socket (reconnect,
+ * see ac_create_socket). */
 AC_EXTERN int ac_dispatcher_open(ac_dispatcher_t *d, uv_os_sock_t sock);
 
 /* set_socket (D-05): adopt `sock` and register; changes no flag.  A socket
@@ -256,7 +260,11 @@ AC_EXTERN int ac_set_socket(ac_dispatcher_t *d, uv_os_sock_t sock);
 
 /* create_socket (D-04): a non-blocking, close-on-exec socket of `family`
  * (AF_INET, AF_INET6, AF_UNIX) and `type` (SOCK_STREAM, SOCK_DGRAM),
- * registered in the map.  UV_EBUSY when the channel already has one. */
+ * registered in the map.  UV_EBUSY when the channel already has one, or
+ * was closed and released.  On a closed channel not released yet (Python's
+ * reconnect idiom in handle_close: close, create_socket, connect) the
+ * channel lives again; `closed` runs once, at its final release, and its
+ * handle and TCP connect wait until the old libuv handle is released. */
 AC_EXTERN int ac_create_socket(ac_dispatcher_t *d, int family, int type);
 
 /* set_reuse_addr (D-07): turn SO_REUSEADDR on; errors are ignored. */

@@ -194,6 +194,9 @@ int ac_dispatcher_adopt_fd(ac_dispatcher_t *d, uv_os_sock_t sock,
   if (d == NULL || !(d->flags & AC__F_INIT) || (pending == NULL && n > 0)) {
     return UV_EINVAL;
   }
+  if (d->fd >= 0 || (d->flags & AC__F_CLOSED)) {
+    return UV_EBUSY; /* no adoption into a closed channel (not reused) */
+  }
   a = adopt_new(d, pending, n);
   if (a == NULL) {
     return UV_ENOMEM;

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -116,8 +117,8 @@ static int is_tcp(const ac_dispatcher_t *d) {
 int ac__attach(ac_dispatcher_t *d, int want_stream) {
   int r;
 
-  if (d->backend != AC_BACKEND_NONE) {
-    return 0;
+  if (d->backend != AC_BACKEND_NONE || ac__reusing(d)) {
+    return 0; /* attached already, or when the old handle is released */
   }
   r = want_stream && is_tcp(d) && !(d->flags & AC__F_TCP_POLL)
           ? ac__stream_open(d)
@@ -128,31 +129,97 @@ int ac__attach(ac_dispatcher_t *d, int want_stream) {
   return r;
 }
 
+/* Whether a TCP socket without a peer once had a connection that ended
+ * before the channel got it: accepted, then reset (or timed out) while it
+ * waited in the listen queue.  Such a socket is not one the application
+ * will connect or listen with: it must be watched, so that its first events
+ * report the bytes and the reset and the application closes it (else its fd
+ * leaks for ever).  A fresh socket never had a connection: the kernel sets
+ * up a receive space (tcpi_rcv_space) only when one is established.  Asked
+ * only when getpeername failed, so an accepted socket with a peer costs no
+ * extra system call. */
+static int connection_ended(uv_os_sock_t sock) {
+  struct tcp_info ti;
+  socklen_t len = sizeof(ti);
+
+  memset(&ti, 0, sizeof(ti));
+  if (getsockopt(sock, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) {
+    return 0;
+  }
+  return ti.tcpi_state == TCP_CLOSE && ti.tcpi_rcv_space > 0;
+}
+
+/* Whether a channel can take a socket: it has none, and it is either new
+ * or closed but not released (the reconnect idiom, see reuse()), while
+ * its map is not being closed (ac_map_close). */
+static int can_take_socket(const ac_dispatcher_t *d) {
+  if (d->fd >= 0) {
+    return 0;
+  }
+  return !(d->flags & AC__F_CLOSED) ||
+         (!(d->flags & (AC__F_RELEASED | AC__F_RESOLVING | AC__F_ADOPT)) &&
+          !d->map->closing);
+}
+
+/* The reconnect idiom (handle_close: close, create_socket, connect): a
+ * closed channel that was not released yet lives again with a new socket.
+ * `closed` does not run for the old life (the channel is not closed any
+ * more); it runs once, when the channel is finally closed and released.
+ * The old libuv handle may still be closing, or draining bytes ac_send
+ * accepted: until its close callback, the channel has no backend
+ * (ac__reusing), ac__attach waits, and a TCP connect is kept pending
+ * (ac_connect); then reattach() gives the new socket its handle and starts
+ * the connect.  The application sees a connect that takes a little longer. */
+static void reuse(ac_dispatcher_t *d) {
+  if (!(d->flags & AC__F_CLOSED)) {
+    return;
+  }
+  if (d->flags & AC__F_PENDREL) {
+    ac__list_del(&d->plink); /* no handle: off the release list */
+  }
+  if (d->flags & AC__F_DRAIN) {
+    ac__list_del(&d->plink); /* plink is the new life's; see ac_close */
+  }
+  d->flags &= (uint16_t) ~(AC__F_CLOSED | AC__F_PENDREL | AC__F_CONN_DONE |
+                           AC__F_POLL_ON | AC__F_SOCK);
+  d->backend = AC_BACKEND_NONE;
+  d->armed = d->ready = 0;
+  d->so_error = 0;
+  d->paused = 0;
+}
+
 /* ac_set_socket; peer_family: the family of the peer's address when the
  * caller has it (the socket is connected), else 0. */
 static int set_socket(ac_dispatcher_t *d, uv_os_sock_t sock,
                       int peer_family) {
   int r;
   int listening;
+  int was_closed;
   struct sockaddr_storage peer;
   socklen_t len = sizeof(peer);
 
   if (d == NULL || !(d->flags & AC__F_INIT) || sock < 0) {
     return UV_EINVAL;
   }
-  if (d->fd >= 0 || (d->flags & AC__F_CLOSED)) {
+  if (!can_take_socket(d)) {
     return UV_EBUSY;
   }
+  was_closed = (d->flags & AC__F_CLOSED) != 0;
+  reuse(d);
   d->fd = sock;
   r = probe_socket(d, peer_family, &listening);
   if (r == 0 && !(is_tcp(d) && !listening && peer_family == 0 &&
-                  getpeername(sock, (struct sockaddr *) &peer, &len) != 0)) {
-    /* Unconnected TCP sockets get their handle at connect or listen. */
+                  getpeername(sock, (struct sockaddr *) &peer, &len) != 0 &&
+                  !connection_ended(sock))) {
+    /* Fresh TCP sockets get their handle at connect or listen. */
     r = ac__attach(d, !listening);
   }
   if (r != 0) {
     d->fd = -1;
     d->flags &= (uint16_t) ~AC__F_SOCK;
+    if (was_closed) {
+      ac_close(d); /* closed as it was, released as it would have been */
+    }
     return r;
   }
   ac__map_add(d->map, d);
@@ -210,7 +277,7 @@ int ac_create_socket(ac_dispatcher_t *d, int family, int type) {
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
-  if (d->fd >= 0 || (d->flags & AC__F_CLOSED)) {
+  if (!can_take_socket(d)) {
     return UV_EBUSY;
   }
   fd = socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -334,7 +401,9 @@ int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   if (r != 0) {
     return r;
   }
-  if (d->backend == AC_BACKEND_STREAM) {
+  if (ac__reusing(d) && is_tcp(d) && !(d->flags & AC__F_TCP_POLL)) {
+    r = EINPROGRESS; /* reattach() connects, when the old handle is gone */
+  } else if (d->backend == AC_BACKEND_STREAM) {
     r = ac__stream_connect(d, addr);
     r = r == 0 ? EINPROGRESS : -r; /* libuv's connect never completes now */
   } else {
@@ -394,6 +463,11 @@ int ac_close(ac_dispatcher_t *d) {
   }
   d->fd = -1;
   d->armed = d->ready = 0;
+  if ((d->flags & AC__F_DRAIN) && d->backend == AC_BACKEND_NONE) {
+    /* Reused, then closed while the old stream still drains: back on the
+     * drain list, which the map's linger may cut (stream.c). */
+    ac__list_add(&d->map->drain, &d->plink);
+  }
   if (!(d->flags & AC__F_HANDLE)) {
     /* No libuv close callback will come: release from the loop, never
      * inside the caller's handler. */
@@ -431,10 +505,43 @@ void ac__maybe_release(ac_dispatcher_t *d) {
   }
 }
 
+/* The old handle of a reused channel is released: the new socket takes
+ * its place with the handle and the connect it waited for (see reuse()).
+ * A connect that cannot start is reported as a refused one is: through
+ * handle_connect_event, at the next pass. */
+static void reattach(ac_dispatcher_t *d) {
+  int r = 0;
+
+  d->flags &= (uint16_t) ~AC__F_WERR; /* the old stream's */
+  if (d->connecting && is_tcp(d) && !(d->flags & AC__F_TCP_POLL)) {
+    r = ac__attach(d, 1);
+    if (r == 0) {
+      r = ac__stream_connect(d, (const struct sockaddr *) &d->addr);
+      if (r != 0) {
+        d->so_error = r;
+        d->ready = AC__R | AC__W;
+        ac__synth_update(d);
+        r = 0;
+      }
+    }
+  } else if (!is_tcp(d) || d->connected || d->accepting || d->connecting) {
+    r = ac__attach(d, !d->accepting); /* what set_socket or listen wanted */
+  }
+  if (r != 0) {
+    ac_log_info(d, "reused channel: no libuv handle, closing", "error");
+    ac_close(d);
+  }
+}
+
 void ac__handle_closed(uv_handle_t *h) {
   ac_dispatcher_t *d = h->data;
 
   d->flags &= (uint16_t) ~AC__F_HANDLE;
+  if (!(d->flags & AC__F_CLOSED) && d->backend == AC_BACKEND_NONE &&
+      d->fd >= 0) {
+    reattach(d); /* the old handle of a reused channel (see reuse()) */
+    return;
+  }
   ac__maybe_release(d);
 }
 
@@ -495,6 +602,9 @@ ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf, size_t n,
   size_t room;
 
   if (first == AC__SEND_UNTRIED) {
+    if (ac__reusing(d)) {
+      return 0; /* the new socket waits for the old handle: would block */
+    }
     if (d->fd < 0) {
       /* Resolving a name (ac_connect_name): no socket yet, would block;
        * otherwise D-13: EBADF after close. */
@@ -559,7 +669,8 @@ ssize_t ac__sendv_raw(ac_dispatcher_t *d, const struct iovec *iov,
   if (cnt <= 1) {
     return cnt == 1 ? ac__send_raw(d, iov[0].iov_base, iov[0].iov_len) : 0;
   }
-  if (d->fd < 0 || ((d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d)) ||
+  if (d->fd < 0 || ac__reusing(d) ||
+      ((d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d)) ||
       (d->backend == AC_BACKEND_STREAM &&
        (!(d->flags & AC__F_CONN_DONE) ||
         (d->wq_bytes > 0 && !(d->flags & AC__F_WERR))))) {

@@ -16,6 +16,9 @@
 #define AC__R 0x01 /* read */
 #define AC__W 0x02 /* write */
 #define AC__P 0x04 /* priority (poll backend only) */
+/* In `ready` only: its AC__R is good for one dispatch (stream.c: input that
+ * came with the connect completion). */
+#define AC__RONCE 0x08
 
 /* ac_dispatcher_t.flags */
 #define AC__F_INIT 0x0001     /* ac_dispatcher_init ran */
@@ -189,6 +192,11 @@ AC__HIDDEN int ac__dispatch(ac_dispatcher_t *d, int ev);
 AC__HIDDEN void ac__dispatch_read(uv_stream_t *s, ssize_t nread,
                                    const uv_buf_t *buf);
 AC__HIDDEN int ac__attach(ac_dispatcher_t *d, int want_stream);
+/* A reused channel whose old libuv handle is still closing (or draining):
+ * it has a handle but no backend until the handle's close callback. */
+static inline int ac__reusing(const ac_dispatcher_t *d) {
+  return (d->flags & AC__F_HANDLE) && d->backend == AC_BACKEND_NONE;
+}
 #define AC__SEND_UNTRIED (-2)
 #define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
 AC__HIDDEN ssize_t ac__dws_send_rest(ac_dispatcher_t *d, const void *buf,

@@ -249,10 +249,12 @@ void ac__map_add(ac_map_t *m, ac_dispatcher_t *d) {
   if (ac__linked(&d->link)) {
     return;
   }
-  d->flags |= AC__F_OPEN;
+  if (!(d->flags & AC__F_OPEN)) {
+    d->flags |= AC__F_OPEN; /* live until released, across reuses */
+    m->nlive++;
+  }
   ac__list_add(&m->channels, &d->link);
   m->nchannels++;
-  m->nlive++;
   if (d->flags & AC__F_ASKED) {
     ac__list_add(&m->ask, &d->plink);
     ac__kick_apply(m);
@@ -439,10 +441,14 @@ static void on_check(uv_check_t *h) {
   ac__list_init(&done);
   while (!ac__list_empty(&m->synth) && !m->stopping) {
     ac_dispatcher_t *d = AC__ENTRY(m->synth.next, slink);
+    int ready = d->armed & d->ready;
     ac__list_del(&d->slink);
     ac__list_add(&done, &d->slink);
-    ac__dispatch(d, ((d->armed & d->ready & AC__R) ? AC_POLLIN : 0) |
-                        ((d->armed & d->ready & AC__W) ? AC_POLLOUT : 0));
+    if (d->ready & AC__RONCE) {
+      d->ready &= (uint8_t) ~(AC__R | AC__RONCE); /* this dispatch only */
+    }
+    ac__dispatch(d, ((ready & AC__R) ? AC_POLLIN : 0) |
+                        ((ready & AC__W) ? AC_POLLOUT : 0));
   }
   while (!ac__list_empty(&done)) {
     ac_dispatcher_t *d = AC__ENTRY(done.next, slink);

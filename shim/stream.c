@@ -10,6 +10,7 @@
  * makes the channel writable again. */
 #include "internal.h"
 
+#include <poll.h>
 #include <string.h>
 
 typedef struct {
@@ -60,20 +61,39 @@ void ac__stream_apply(ac_dispatcher_t *d, int bits) {
   ac__synth_update(d);
 }
 
+/* Whether d has input (or EOF, or an error) waiting, as select(2) would
+ * report it readable.  One poll(2), once per connect. */
+static int input_waiting(const ac_dispatcher_t *d) {
+  struct pollfd p;
+
+  p.fd = d->fd;
+  p.events = POLLIN;
+  p.revents = 0;
+  return poll(&p, 1, 0) == 1 && (p.revents & (POLLIN | POLLHUP | POLLERR));
+}
+
 static void on_connect(uv_connect_t *req, int status) {
   ac_dispatcher_t *d = req->data;
 
   d->req = NULL;
   d->nreq--;
   ac__free(req);
-  if (d->flags & AC__F_CLOSED) {
-    ac__maybe_release(d);
+  if ((d->flags & AC__F_CLOSED) || ac__reusing(d)) {
+    ac__maybe_release(d); /* the old life's connect, cancelled */
     return;
   }
   d->flags |= AC__F_CONN_DONE;
   d->so_error = status;
   /* A refused connect reads as readable and writable (L-15). */
   d->ready = status == 0 ? AC__W : (AC__R | AC__W);
+  if (status == 0 && input_waiting(d)) {
+    /* Input came with the connect (a server's banner).  select(2) would
+     * report it now, so the pass runs handle_connect, handle_read, then
+     * handle_write (D-16, D-18), as with CPython and the poll backend;
+     * libuv reports it only at the next pass.  Once: later input comes
+     * through the read callback. */
+    d->ready |= AC__R | AC__RONCE;
+  }
   ac__synth_update(d);
 }
 
@@ -112,11 +132,15 @@ static void on_write(uv_write_t *req, int status) {
   if (status < 0 && status != UV_ECANCELED) {
     d->flags |= AC__F_WERR; /* the next send or recv sees the error */
   }
-  if (d->flags & AC__F_CLOSED) {
+  if ((d->flags & AC__F_CLOSED) || ac__reusing(d)) {
+    /* The old stream of a closed (or reused) channel. */
     if ((d->flags & AC__F_DRAIN) &&
         (d->wq_bytes == 0 || (d->flags & AC__F_WERR))) {
       d->flags &= (uint16_t) ~AC__F_DRAIN;
-      ac__list_del(&d->plink);
+      if (d->flags & AC__F_CLOSED) {
+        ac__list_del(&d->plink); /* off the drain list (a reused one's
+                                    plink is its new life's) */
+      }
       uv_close(&d->h.handle, ac__handle_closed);
     }
     ac__maybe_release(d);

@@ -286,6 +286,155 @@ TASK(d03_quick_connect_reset) {
   }
 }
 
+/* A server-side channel of d03_accept_reset_releases_fd: records what
+ * reaches it, frees itself in `closed`. */
+typedef struct {
+  ac_dispatcher_t d;
+  char trace[64];
+  char in[16];
+  size_t nin;
+} rst_child_t;
+
+static struct {
+  int accepted;     /* children opened */
+  int open_failed;  /* ac_dispatcher_open refused an accepted socket */
+  int released;     /* `closed` calls */
+  int closes;       /* handle_close calls */
+  int errors;       /* handle_error calls */
+  int bad;          /* a child whose story was not "read ... close" */
+  int unconnected;  /* children opened with connected == 0 (as CPython) */
+} rst;
+
+static void rst_note(ac_dispatcher_t *d, const char *ev) {
+  rst_child_t *c = ac_container_of(d, rst_child_t, d);
+  size_t len = strlen(c->trace);
+
+  snprintf(c->trace + len, sizeof(c->trace) - len, "%s ", ev);
+}
+
+static int rst_read(ac_dispatcher_t *d) {
+  rst_child_t *c = ac_container_of(d, rst_child_t, d);
+  ssize_t n;
+
+  rst_note(d, "read");
+  n = ac_recv(d, c->in + c->nin, sizeof(c->in) - c->nin);
+  if (n > 0) {
+    c->nin += (size_t) n;
+  }
+  return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+}
+
+static int rst_close(ac_dispatcher_t *d) {
+  rst_note(d, "close");
+  rst.closes++;
+  return ac_close(d);
+}
+
+static int rst_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  rst_note(d, "error");
+  rst.errors++;
+  return rst_close(d);
+}
+
+static void rst_closed(ac_dispatcher_t *d) {
+  rst_child_t *c = ac_container_of(d, rst_child_t, d);
+
+  /* The bytes sent before the reset come first (as in CPython), then the
+   * reset closes the channel. */
+  if (strncmp(c->trace, "read ", 5) != 0 || strstr(c->trace, "close") == NULL ||
+      c->nin != 5 || memcmp(c->in, "hello", 5) != 0) {
+    if (rst.bad++ == 0) {
+      fprintf(stderr, "  child trace \"%s\", %zu bytes\n", c->trace, c->nin);
+    }
+  }
+  rst.released++;
+  free(c);
+}
+
+static const ac_dispatcher_ops_t rst_child_ops = {
+    .handle_read = rst_read,
+    .handle_close = rst_close,
+    .handle_error = rst_error,
+    .closed = rst_closed,
+};
+
+static int rst_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
+                        const struct sockaddr *addr, socklen_t len) {
+  rst_child_t *c = calloc(1, sizeof(*c));
+
+  (void) addr;
+  (void) len;
+  if (c == NULL || ac_dispatcher_init(&c->d, d->map, &rst_child_ops) != 0 ||
+      ac_dispatcher_open(&c->d, sock) != 0) {
+    rst.open_failed++;
+    free(c);
+    close(sock);
+    return 0;
+  }
+  rst.accepted++;
+  rst.unconnected += c->d.connected == 0;
+  return 0;
+}
+
+static const ac_dispatcher_ops_t rst_server_ops = {
+    .handle_accepted = rst_accepted,
+};
+
+/* D-03, D-14, E-02, E-03 (issue 12, remote fd exhaustion): a client that
+ * connects, sends and resets (SO_LINGER 0) before the server accepts.
+ * accept() gives a socket that is already closed (getpeername: ENOTCONN);
+ * it must still reach the application as a live channel, unconnected as in
+ * CPython, whose events report the bytes and then the reset (handle_read,
+ * then handle_close from ac_recv), and its fd must be released: after 100
+ * cycles per mode the process has exactly the fds it had after the first. */
+TASK(d03_accept_reset_releases_fd) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    struct linger lg = {1, 0};
+    ac_dispatcher_t server;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int before;
+    int port;
+    int k;
+
+    memset(&rst, 0, sizeof(rst));
+    ASSERT_OK(ac_dispatcher_init(&server, map, &rst_server_ops));
+    ASSERT_OK(ac_create_socket(&server, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, 0, &ss);
+    ASSERT_OK(ac_bind(&server, (struct sockaddr *) &ss));
+    ASSERT_OK(ac_listen(&server, 16));
+    ASSERT_OK(getsockname(ac_fileno(&server), (struct sockaddr *) &ss, &sl));
+    port = ntohs(((struct sockaddr_in *) &ss)->sin_port);
+    before = -1;
+    for (k = 0; k < 100; k++) {
+      int fd = task_connect_tcp(AF_INET, port);
+      ASSERT_GE(fd, 0);
+      ASSERT_EQ(send(fd, "hello", 5, 0), 5);
+      ASSERT_OK(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+      close(fd); /* RST, before the server's loop accepts */
+      LOOP_UNTIL(map, modes[i], rst.released == k + 1, 200);
+      if (k == 0) {
+        before = task_fd_count(); /* after libuv's first uv_tcp_init on the
+                                     loop, which keeps one spare fd */
+      }
+    }
+    ASSERT_EQ(rst.open_failed, 0);
+    ASSERT_EQ(rst.accepted, 100);
+    ASSERT_EQ(rst.unconnected, 100);
+    ASSERT_EQ(rst.closes, 100);
+    ASSERT_EQ(rst.errors, 0);
+    ASSERT_EQ(rst.bad, 0);
+    ASSERT_EQ(task_fd_count(), before);
+    ASSERT_EQ(ac_map_len(map), 1); /* the listener only */
+    ac_close(&server);
+    task_map_free(map);
+  }
+}
+
 /* D-04: create_socket gives a non-blocking, close-on-exec socket of the
  * family and type, registered, with no flag changed. */
 TASK(d04_create_socket) {
@@ -314,7 +463,10 @@ TASK(d04_create_socket) {
     ASSERT(ac_map_get(map, fd) == dp);
     ASSERT_EQ(ac_create_socket(dp, families[i], SOCK_STREAM), UV_EBUSY);
     ac_close(dp);
-    ASSERT_EQ(ac_create_socket(dp, families[i], SOCK_STREAM), UV_EBUSY);
+    /* The reconnect idiom: closed, not released yet, it takes a new one. */
+    ASSERT_OK(ac_create_socket(dp, families[i], SOCK_STREAM));
+    ASSERT(ac_map_get(map, ac_fileno(dp)) == dp);
+    ac_close(dp);
   }
   ASSERT_EQ(ac_map_len(map), 0);
   task_map_free(map);
@@ -1009,6 +1161,242 @@ TASK(d15_close) {
   close(peer);
 }
 
+
+/* Write interest only until connected: the connect completes by a write
+ * event, then the channel waits for the server's EOF. */
+static int rc_writable(ac_dispatcher_t *d) { return !d->connected; }
+
+static int rc_write(ac_dispatcher_t *d) {
+  (void) d;
+  return 0;
+}
+
+/* A client of the reconnect tests: handle_close reconnects to `addr`
+ * until it has closed `rounds` times (the asyncore idiom: close(),
+ * create_socket(), connect() on the same object). */
+typedef struct {
+  ac_dispatcher_t d;
+  struct sockaddr_storage addr;
+  int rounds;
+  int connects;
+  int closes;
+  int errors;
+  int reopen_failed;  /* create_socket or connect returned an error */
+  int released;       /* `closed` calls */
+  int late;           /* handlers after `closed` */
+} rc_client_t;
+
+static rc_client_t *rc_of(ac_dispatcher_t *d) {
+  return ac_container_of(d, rc_client_t, d);
+}
+
+static int rc_connect(ac_dispatcher_t *d) {
+  rc_of(d)->connects++;
+  rc_of(d)->late += rc_of(d)->released;
+  return 0;
+}
+
+static int rc_read(ac_dispatcher_t *d) {
+  char buf[64];
+  ssize_t n = ac_recv(d, buf, sizeof(buf));
+
+  rc_of(d)->late += rc_of(d)->released;
+  return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+}
+
+static int rc_close(ac_dispatcher_t *d) {
+  rc_client_t *c = rc_of(d);
+
+  c->late += c->released;
+  c->closes++;
+  ac_close(d);
+  if (c->closes < c->rounds &&
+      (ac_create_socket(d, c->addr.ss_family, SOCK_STREAM) != 0 ||
+       ac_connect(d, (struct sockaddr *) &c->addr) != 0)) {
+    c->reopen_failed++;
+  }
+  return 0;
+}
+
+static int rc_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  rc_of(d)->errors++;
+  return rc_close(d);
+}
+
+static void rc_closed(ac_dispatcher_t *d) { rc_of(d)->released++; }
+
+static const ac_dispatcher_ops_t rc_ops = {
+    .writable = rc_writable,
+    .handle_read = rc_read,
+    .handle_write = rc_write,
+    .handle_connect = rc_connect,
+    .handle_close = rc_close,
+    .handle_error = rc_error,
+    .closed = rc_closed,
+};
+
+/* The server of the reconnect tests: accepts and closes at once. */
+static int rc_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
+                       const struct sockaddr *addr, socklen_t len) {
+  (void) d;
+  (void) addr;
+  (void) len;
+  close(sock);
+  return 0;
+}
+
+static const ac_dispatcher_ops_t rc_server_ops = {
+    .handle_accepted = rc_accepted,
+};
+
+/* D-15, D-04, D-11 (issue 12): the reconnect idiom.  A client whose
+ * handle_close reconnects (close, create_socket, connect on the same
+ * channel) to a server that accepts and closes: every round connects and
+ * closes, `closed` does not run while the channel is reused and runs once
+ * at the end, no fd is left; in both modes, on both TCP backends. */
+TASK(d15_reconnect_in_handle_close) {
+  int i;
+
+  for (i = 0; i < 4; i++) {
+    ac_map_t *map = task_map_new();
+    ac_dispatcher_t server;
+    rc_client_t c;
+    socklen_t sl = sizeof(c.addr);
+    int before;
+
+    memset(&c, 0, sizeof(c));
+    c.rounds = 20;
+    if (i >= 2) {
+      ASSERT_OK(ac_map_set_tcp_backend(map, AC_BACKEND_POLL));
+    }
+    ASSERT_OK(ac_dispatcher_init(&server, map, &rc_server_ops));
+    ASSERT_OK(ac_create_socket(&server, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, 0, &c.addr);
+    ASSERT_OK(ac_bind(&server, (struct sockaddr *) &c.addr));
+    ASSERT_OK(ac_listen(&server, 16));
+    ASSERT_OK(getsockname(ac_fileno(&server), (struct sockaddr *) &c.addr,
+                          &sl));
+    ASSERT_OK(ac_dispatcher_init(&c.d, map, &rc_ops));
+    ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
+    ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
+    before = task_fd_count();
+    LOOP_UNTIL(map, modes[i % 2], c.released > 0, 2000);
+    ASSERT_EQ(c.reopen_failed, 0);
+    ASSERT_EQ(c.connects, 20);
+    ASSERT_EQ(c.closes, 20);
+    ASSERT_EQ(c.errors, 0);
+    ASSERT_EQ(c.released, 1);
+    ASSERT_EQ(c.late, 0);
+    ASSERT_LE(task_fd_count(), before - 1); /* the client's socket is gone */
+    ASSERT_EQ(ac_map_len(map), 1);
+    ac_close(&server);
+    task_map_free(map);
+    ASSERT_EQ(c.released, 1);
+  }
+}
+
+/* The reconnect idiom while the old stream still drains what ac_send
+ * accepted (the peer reads slowly): the new connect waits for the drain
+ * and the old handle's close, every accepted byte reaches the old peer,
+ * then the channel connects again; `closed` runs once, at the end. */
+TASK(d15_reconnect_while_draining) {
+  static char chunk[65536];
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
+  rc_client_t c;
+  size_t sent = 0;
+  size_t got = 0;
+  int lfd;
+  int p1;
+  int p2 = -1;
+  int port;
+  int k;
+
+  memset(&c, 0, sizeof(c));
+  c.rounds = 1;
+  lfd = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(lfd, 0);
+  task_addr(AF_INET, port, &c.addr);
+  ASSERT_OK(ac_dispatcher_init(&c.d, map, &rc_ops));
+  ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
+  LOOP_UNTIL(map, 0, c.connects == 1, 200);
+  p1 = accept(lfd, (struct sockaddr *) &ss, &sl);
+  ASSERT_GE(p1, 0);
+  for (k = 0; k < 4096; k++) { /* fill the kernel and the stream queue */
+    ssize_t n = ac_send(&c.d, chunk, sizeof(chunk));
+    ASSERT_GE(n, 0);
+    sent += (size_t) n;
+    if (n == 0) {
+      break;
+    }
+  }
+  ASSERT_OK(ac_close(&c.d));
+  ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
+  ASSERT_EQ(ac_send(&c.d, "x", 1), 0); /* would block: not connected */
+  for (k = 0; k < 5; k++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(c.connects, 1); /* still draining: no new connect yet */
+  ASSERT_OK(fcntl(p1, F_SETFL, O_NONBLOCK));
+  for (k = 0; k < 20000; k++) {
+    ssize_t n = recv(p1, chunk, sizeof(chunk), 0);
+    if (n == 0) {
+      break;
+    }
+    if (n > 0) {
+      got += (size_t) n;
+    }
+    ASSERT_OK(ac_loop(map, 0.001, 0, 1));
+  }
+  ASSERT_EQ(got, sent); /* every byte, then EOF */
+  p2 = accept(lfd, (struct sockaddr *) &ss, &sl);
+  ASSERT_GE(p2, 0);
+  LOOP_UNTIL(map, 0, c.connects == 2, 200);
+  ASSERT_EQ(c.released, 0);
+  ASSERT_EQ(c.errors, 0);
+  ac_close(&c.d);
+  close(p1);
+  close(p2);
+  close(lfd);
+  task_map_free(map);
+  ASSERT_EQ(c.released, 1);
+  ASSERT_EQ(c.late, 0);
+}
+
+/* The reconnect idiom after refused connects: each round's connect waits
+ * for the old handle, fails, and reaches handle_error (D-17, L-15) like
+ * the first; `closed` runs once at the end. */
+TASK(d15_reconnect_after_refused) {
+  int i;
+
+  for (i = 0; i < 4; i++) {
+    ac_map_t *map = task_map_new();
+    rc_client_t c;
+
+    memset(&c, 0, sizeof(c));
+    c.rounds = 5;
+    if (i >= 2) {
+      ASSERT_OK(ac_map_set_tcp_backend(map, AC_BACKEND_POLL));
+    }
+    task_addr(AF_INET, closed_port(), &c.addr);
+    ASSERT_OK(ac_dispatcher_init(&c.d, map, &rc_ops));
+    ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
+    ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
+    LOOP_UNTIL(map, modes[i % 2], c.released > 0, 500);
+    ASSERT_EQ(c.reopen_failed, 0);
+    ASSERT_EQ(c.connects, 0);
+    ASSERT_EQ(c.closes, 5);
+    ASSERT_EQ(c.errors, 5);
+    ASSERT_EQ(c.released, 1);
+    ASSERT_EQ(c.late, 0);
+    task_map_free(map);
+  }
+}
+
 /* D-15: the `closed` callback comes from the loop, once, for a channel
  * closed inside a running ac_loop too, and for one that never had a
  * socket. */
@@ -1096,6 +1484,54 @@ TASK(d16_d18_connect_event_first) {
     ASSERT_EQ(c.base.d.connecting, 0);
     ASSERT_OK(ev == 0 ? ac_read(&c.base.d) : ac_write(&c.base.d));
     ASSERT_EQ(c.n[EV_CONNECT], 1);
+    task_map_free(map);
+  }
+}
+
+/* D-16, D-18 (issue 12): input that is already there when the connect
+ * completes (a server's banner: SMTP, FTP, POP3) is read in the same pass,
+ * between handle_connect and handle_write, as CPython's select and poll
+ * loops do; on both TCP backends, in both modes. */
+TASK(d16_input_with_connect_same_pass) {
+  int i;
+
+  for (i = 0; i < 4; i++) {
+    ac_map_t *map = task_map_new();
+    struct sockaddr_storage ss;
+    char in[32];
+    probe_t c;
+    int port;
+    int lfd = task_listen_tcp(AF_INET, &port);
+    int conn;
+    int k;
+
+    ASSERT_GE(lfd, 0);
+    if (i >= 2) {
+      ASSERT_OK(ac_map_set_tcp_backend(map, AC_BACKEND_POLL));
+    }
+    ASSERT_OK(probe_init(&c, map, &probe_ops, 0, "c"));
+    c.consume = 1;
+    c.in = in;
+    c.in_cap = sizeof(in);
+    ASSERT_OK(ac_create_socket(&c.base.d, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, port, &ss);
+    ASSERT_OK(ac_connect(&c.base.d, (struct sockaddr *) &ss));
+    conn = accept(lfd, NULL, NULL);
+    ASSERT_GE(conn, 0);
+    ASSERT_EQ(send(conn, "220 ready\r\n", 11, 0), 11);
+    ASSERT(probe_wait_fd(ac_fileno(&c.base.d), POLLIN, 1000) & POLLIN);
+    for (k = 0; k < 100 && c.n[EV_CONNECT] == 0; k++) {
+      ASSERT_OK(ac_loop(map, 0.01, modes[i % 2], 1));
+    }
+    /* The pass that connected also read the banner, then wrote. */
+    ASSERT_STR_EQ(c.trace, "connect read write ");
+    ASSERT_EQ(c.nin, 11);
+    ASSERT_MEM_EQ(in, "220 ready\r\n", 11);
+    ASSERT_OK(ac_loop(map, 0.01, modes[i % 2], 1));
+    ASSERT_EQ(c.n[EV_READ], 1); /* read once: no second, empty read */
+    ac_close(&c.base.d);
+    close(conn);
+    close(lfd);
     task_map_free(map);
   }
 }
@@ -1476,6 +1912,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d03_open_unconnected_and_socketpair),
     TASK_ENTRY(d03_open_bad_socket),
     TASK_ENTRY(d03_quick_connect_reset),
+    TASK_ENTRY(d03_accept_reset_releases_fd),
     TASK_ENTRY(d04_create_socket),
     TASK_ENTRY(d03_open_accepted_ipv6),
     TASK_ENTRY(d04_create_socket_dgram_and_bad_family),
@@ -1503,8 +1940,12 @@ static const task_t tasks[] = {
     TASK_ENTRY(d14_eof_in_loop),
     TASK_ENTRY(d15_close),
     TASK_ENTRY(d15_closed_callback_once),
+    TASK_ENTRY(d15_reconnect_in_handle_close),
+    TASK_ENTRY(d15_reconnect_after_refused),
+    TASK_ENTRY(d15_reconnect_while_draining),
     TASK_ENTRY(d16_read_event),
     TASK_ENTRY(d16_d18_connect_event_first),
+    TASK_ENTRY(d16_input_with_connect_same_pass),
     TASK_ENTRY(d18_write_event),
     TASK_ENTRY(d19_expt_event),
     TASK_ENTRY(d20_default_handler_warnings),

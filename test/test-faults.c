@@ -471,6 +471,94 @@ TASK(connect_refused) {
   }
 }
 
+/* reconnect_every_class: what handle_close's reconnect needs. */
+typedef struct {
+  struct sockaddr_storage addr;
+  int rounds;     /* connections to make in all */
+  int reconnects; /* made so far */
+  int failed;     /* create_socket or connect returned an error */
+} reconnect_t;
+
+/* handle_close's hook: the reconnect idiom on the same channel. */
+static void reconnect_hook(chan_t *c, int ev) {
+  reconnect_t *rc = c->ctx;
+  ac_dispatcher_t *d = &c->u.d;
+
+  if (ev != CH_CLOSE) {
+    return;
+  }
+  ac_close(d);
+  if (rc->reconnects + 1 >= rc->rounds) {
+    return;
+  }
+  rc->reconnects++;
+  if (ac_create_socket(d, AF_INET, SOCK_STREAM) != 0 ||
+      ac_connect(d, (struct sockaddr *) &rc->addr) != 0 ||
+      (c->cls != CHAN_PLAIN && chan_send(c, "hello", 5) != 0)) {
+    rc->failed++;
+  }
+}
+
+/* D-15, D-04, D-11 (issue 12): the reconnect idiom for each class: a
+ * client whose handle_close closes, creates a socket and connects again on
+ * the same channel, against a server that accepts and closes, 10 times.
+ * Every round connects; the class's buffers (output queued before each
+ * connect) survive the reuse and are freed once; `closed` runs exactly
+ * once, at the end; no fd and no memory is left. */
+TASK(reconnect_every_class) {
+  int mode;
+  int cls;
+
+  for (mode = 0; mode < 2; mode++) {
+    for (cls = 0; cls < CHAN_NCLS; cls++) {
+      long live0 = alloc_lib.live;
+      ac_map_t *map = quiet_map();
+      reconnect_t rc;
+      chan_t c;
+      int port;
+      int lfd = task_listen_tcp(AF_INET, &port);
+      int fds0;
+      int k;
+
+      ASSERT(map != NULL);
+      ASSERT_GE(lfd, 0);
+      ASSERT_OK(set_nonblock(lfd));
+      memset(&rc, 0, sizeof(rc));
+      rc.rounds = 10;
+      task_addr(AF_INET, port, &rc.addr);
+      ASSERT_OK(chan_init(&c, map, cls, "c"));
+      c.keep_open = 1; /* the hook closes */
+      c.hook = reconnect_hook;
+      c.ctx = &rc;
+      ASSERT_OK(ac_create_socket(&c.u.d, AF_INET, SOCK_STREAM));
+      ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &rc.addr));
+      if (cls != CHAN_PLAIN) {
+        ASSERT_OK(chan_send(&c, "hello", 5));
+      }
+      fds0 = task_fd_count();
+      for (k = 0; k < 3000 && c.released == 0; k++) {
+        int s = accept(lfd, NULL, NULL);
+        if (s >= 0) {
+          close(s); /* the server accepts and closes */
+        }
+        ASSERT_OK(pass(map, modes[mode]));
+      }
+      if (rc.failed != 0 || c.n[CH_CONNECT] != 10 || c.n[CH_CLOSE] != 10 ||
+          c.released != 1) {
+        FAIL_CASE(cls, mode);
+        TASK_FAIL("failed %d, connect %d, close %d, error %d, released %d",
+                  rc.failed, c.n[CH_CONNECT], c.n[CH_CLOSE], c.n[CH_ERROR],
+                  c.released);
+      }
+      ASSERT_RELEASED_ONCE(&c);
+      ASSERT_LE(task_fd_count(), fds0 - 1); /* the client's socket */
+      close(lfd);
+      task_map_free(map);
+      ASSERT_EQ(alloc_lib.live, live0);
+    }
+  }
+}
+
 /* Q-07 (fixed), 10.4: a host name that does not resolve.  handle_error
  * gets the resolver's code (UV_EAI_*) with where "connect_name", the
  * default closes, queued output is freed, no socket is left behind. */
@@ -931,6 +1019,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(half_close_with_output_queued),
     TASK_ENTRY(slow_reader_bounded),
     TASK_ENTRY(connect_refused),
+    TASK_ENTRY(reconnect_every_class),
     TASK_ENTRY(host_does_not_resolve),
     TASK_ENTRY(emfile_pauses_listener),
     TASK_ENTRY(fd_reuse_in_same_pass),

@@ -19,6 +19,8 @@
 #define PAYLOAD (1 << 20)
 #define MESSAGE "I'm not dead yet!\n"
 #define MESSAGE_LEN (sizeof(MESSAGE) - 1)
+#define RECONNECTS 5 /* reconnect: rounds after the first connection */
+#define BANNER "220 ready\r\n"
 
 /* What the scenario's main needs to know, whatever got closed. */
 static struct {
@@ -29,7 +31,10 @@ static struct {
   int client_port;
   int sock; /* a socket the server keeps open */
   int exited;
-} st = {NULL, 0, 0, 0, -1, -1, 0};
+  int rounds;                  /* reconnect: reconnects made */
+  struct sockaddr_storage addr; /* reconnect: the server's address */
+  ac_dispatcher_t *client;     /* reconnect: the client */
+} st = {NULL, 0, 0, 0, -1, -1, 0, 0, {0}, NULL};
 
 typedef struct {
   ac_dispatcher_with_send_t w; /* w.d is the channel */
@@ -102,6 +107,8 @@ static void chan_closed(ac_dispatcher_t *d) {
 
 static int is(const char *how) { return strcmp(st.how, how) == 0; }
 
+static int local_port(uv_os_sock_t fd);
+
 /* ---------------------------------------------------------------- */
 /* Handler: the server side of a connection                          */
 
@@ -110,7 +117,7 @@ static int h_writable(ac_dispatcher_t *d) { return chan(d)->nout > 0; }
 static int h_close(ac_dispatcher_t *d) {
   chan_t *c = chan(d);
 
-  if (is("echo")) {
+  if (is("echo") || is("accept_reset")) {
     trace("handler handle_close");
   } else {
     trace("handler handle_close total=%zu ok=%d", c->total, c->ok);
@@ -128,6 +135,10 @@ static int h_read(ac_dispatcher_t *d) {
 
   if (n < 0) {
     return (int) n;
+  }
+  if (is("accept_reset")) {
+    trace("handler handle_read n=%zd data=%s", n, esc(buf, (size_t) n));
+    return 0;
   }
   if (is("echo")) {
     char *grown = realloc(c->out, c->nout + (size_t) n + 1);
@@ -223,11 +234,18 @@ static int s_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
                        ntohs(in->sin_port) == st.client_port;
 
   (void) addrlen;
+  if (st.client != NULL) {
+    /* reconnect: the client's port now.  Its connect may have waited for
+     * the old handle (the end of the pass that closed it), so its port is
+     * known from then on, not right after ac_connect(). */
+    st.client_port = local_port(ac_fileno(st.client));
+    peer_is_client = ntohs(in->sin_port) == st.client_port;
+  }
   trace("server handle_accepted peer=%s",
         peer_is_client || strncmp(st.how, "unix", 4) == 0 ? "client"
                                                           : "other");
   st.accepted++;
-  if (is("echo") || is("with_send")) {
+  if (is("echo") || is("with_send") || is("accept_reset")) {
     return new_handler(d->map, sock);
   }
   if (is("eof") || is("unix_eof")) {
@@ -267,7 +285,7 @@ static int c_readable(ac_dispatcher_t *d) {
 }
 
 static int c_writable(ac_dispatcher_t *d) {
-  if (is("echo") || is("exit")) {
+  if (is("echo") || is("exit") || is("banner")) {
     return !chan(d)->sent;
   }
   return is("refused"); /* refused_ro: read interest only */
@@ -291,6 +309,9 @@ static int c_write(ac_dispatcher_t *d) {
   n = ac_send(d, "hello\n", 6);
   c->sent = 1;
   trace("client handle_write sent=%zd", n);
+  if (is("banner") && c->ngot > 0) {
+    st.client_done = 1;
+  }
   return n < 0 ? (int) n : 0;
 }
 
@@ -306,6 +327,9 @@ static int c_read(ac_dispatcher_t *d) {
   if ((size_t) n <= sizeof(c->got) - c->ngot) {
     memcpy(c->got + c->ngot, buf, (size_t) n);
     c->ngot += (size_t) n;
+  }
+  if (is("banner") && c->sent) {
+    st.client_done = 1;
   }
   if (is("reset")) {
     return UV_ECONNRESET;
@@ -324,6 +348,23 @@ static int c_read(ac_dispatcher_t *d) {
 static int c_close(ac_dispatcher_t *d) {
   trace("client handle_close");
   ac_close(d);
+  if (is("reconnect") && st.rounds < RECONNECTS) {
+    /* The reconnect idiom: the same channel, a new socket. */
+    int r;
+    st.rounds++;
+    r = ac_create_socket(d, AF_INET, SOCK_STREAM);
+    if (r == 0) {
+      r = ac_connect(d, (struct sockaddr *) &st.addr);
+    }
+    if (r != 0) {
+      trace("client reconnect failed %s", ac_err_name(r));
+      st.client_done = 1;
+      return 0;
+    }
+    trace("client reconnect connected=%d connecting=%d", d->connected,
+          d->connecting);
+    return 0;
+  }
   st.client_done = 1;
   return 0;
 }
@@ -418,6 +459,7 @@ static void run(ac_map_t *map, int use_poll, int (*done)(void)) {
 
 static int client_done(void) { return st.client_done; }
 static int both_done(void) { return st.client_done && st.handler_done; }
+static int handler_done(void) { return st.handler_done; }
 static int accepted(void) { return st.accepted > 0; }
 static int never(void) { return 0; }
 
@@ -509,12 +551,59 @@ static void scenario_tcp(ac_map_t *map, int use_poll) {
     c = start_client(map, &ws_client_ops, 1, (struct sockaddr *) &sin);
     queue_with_send(c);
     run(map, use_poll, both_done);
+  } else if (is("accept_reset")) {
+    /* A client connects, sends and resets before the server accepts. */
+    struct linger lg = {1, 0};
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *) &sin, sizeof(sin)) != 0 ||
+        send(fd, "hello", 5, 0) != 5 ||
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) != 0) {
+      exit(2);
+    }
+    st.client_port = local_port(fd);
+    close(fd);
+    usleep(50000);
+    run(map, use_poll, handler_done);
   } else {
-    start_client(map, &client_ops, 0, (struct sockaddr *) &sin);
+    memcpy(&st.addr, &sin, sizeof(sin));
+    c = start_client(map, &client_ops, 0, (struct sockaddr *) &sin);
+    st.client = is("reconnect") ? &c->w.d : NULL;
     run(map, use_poll,
         is("exit") ? never : is("echo") ? both_done : client_done);
   }
   trace("main end map_len=%zu", ac_map_len(map));
+}
+
+/* A banner protocol (SMTP, FTP, POP3): the server's greeting is already
+ * there when the client's connect completes; the server is a plain socket,
+ * outside the map (scenarios.py's scenario_banner). */
+static void scenario_banner(ac_map_t *map, int use_poll) {
+  struct sockaddr_in sin;
+  int port = 0;
+  int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  socklen_t len = sizeof(sin);
+  chan_t *c;
+  int conn;
+
+  uv_ip4_addr("127.0.0.1", 0, &sin);
+  if (lfd < 0 || bind(lfd, (struct sockaddr *) &sin, sizeof(sin)) != 0 ||
+      listen(lfd, 5) != 0 ||
+      getsockname(lfd, (struct sockaddr *) &sin, &len) != 0) {
+    exit(2);
+  }
+  port = ntohs(sin.sin_port);
+  uv_ip4_addr("127.0.0.1", port, &sin);
+  c = start_client(map, &client_ops, 0, (struct sockaddr *) &sin);
+  conn = accept(lfd, NULL, NULL);
+  if (conn < 0 || send(conn, BANNER, sizeof(BANNER) - 1, 0) !=
+                      (ssize_t) (sizeof(BANNER) - 1)) {
+    exit(2);
+  }
+  run(map, use_poll, client_done);
+  trace("main end map_len=%zu", ac_map_len(map));
+  ac_close(&c->w.d);
+  close(conn);
+  close(lfd);
 }
 
 static void scenario_unix(ac_map_t *map, int use_poll) {
@@ -552,6 +641,8 @@ int main(int argc, char **argv) {
   }
   if (strncmp(st.how, "unix", 4) == 0) {
     scenario_unix(map, strcmp(argv[2], "poll") == 0);
+  } else if (is("banner")) {
+    scenario_banner(map, strcmp(argv[2], "poll") == 0);
   } else {
     scenario_tcp(map, strcmp(argv[2], "poll") == 0);
   }

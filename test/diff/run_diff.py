@@ -35,6 +35,12 @@ ITEMS = {
     "exit": "E-01 (ExitNow leaves the loop, map as it is)",
     "unix": "D-11 step 4 (AF_UNIX connect completes at once)",
     "unix_eof": "D-14 (AF_UNIX data then EOF, select mode)",
+    "banner": "D-16 D-17 D-18 (data waiting when the connect completes: "
+              "connect, read, write in one pass)",
+    "reconnect": "D-15 D-04 D-11 (handle_close reconnects the same "
+                 "object, 5 times)",
+    "accept_reset": "D-03 D-14 E-04 (a connection reset before the accept: "
+                    "unconnected, read, then closed)",
 }
 
 

@@ -13,7 +13,9 @@ of different channels' events within a pass may differ by design).
 import errno
 import os
 import socket
+import struct
 import sys
+import time
 import warnings
 
 with warnings.catch_warnings():
@@ -24,6 +26,8 @@ with warnings.catch_warnings():
         asyncore = None
 
 MAX_PASSES = 3000
+RECONNECTS = 5  # reconnect: rounds after the first connection
+BANNER = b"220 ready\r\n"
 PAYLOAD = 1 << 20  # with_send: bytes sent after the three messages
 MESSAGE = b"I'm not dead yet!\n"
 
@@ -68,6 +72,9 @@ class State:
         self.accepted = 0
         self.client_port = -1
         self.sock = None  # a socket the server keeps open
+        self.rounds = 0  # reconnect: reconnects made
+        self.addr = None  # reconnect: the server's address
+        self.client = None  # reconnect: the client
 
 
 class Handler(asyncore.dispatcher if asyncore else object):
@@ -87,9 +94,10 @@ class Handler(asyncore.dispatcher if asyncore else object):
 
     def handle_read(self):
         data = self.recv(65536)
-        if self.how == "echo":
+        if self.how in ("echo", "accept_reset"):
             trace("handler handle_read n=%d data=%s" % (len(data), esc(data)))
-            self.out += data
+            if self.how == "echo":
+                self.out += data
             return
         expect = MESSAGE * 3 + pattern(0, PAYLOAD)
         if data != expect[self.total:self.total + len(data)]:
@@ -102,7 +110,7 @@ class Handler(asyncore.dispatcher if asyncore else object):
         trace("handler handle_write sent=%d" % n)
 
     def handle_close(self):
-        if self.how == "echo":
+        if self.how in ("echo", "accept_reset"):
             trace("handler handle_close")
         else:
             trace("handler handle_close total=%d ok=%d" % (self.total, self.ok))
@@ -143,13 +151,15 @@ class Server(asyncore.dispatcher if asyncore else object):
         super().handle_accept()
 
     def handle_accepted(self, sock, addr):
+        if self.st.client is not None:  # reconnect: the port of now
+            self.st.client_port = self.st.client.socket.getsockname()[1]
         peer = "client" if (not addr or addr[1] == self.st.client_port) \
             else "other"
         if self.how.startswith("unix"):
             peer = "client"
         trace("server handle_accepted peer=%s" % peer)
         self.st.accepted += 1
-        if self.how in ("echo", "with_send"):
+        if self.how in ("echo", "with_send", "accept_reset"):
             Handler(sock, self._map, self.st, self.how)
         elif self.how in ("eof", "unix_eof"):
             sock.send(b"bye")
@@ -189,7 +199,7 @@ class Client(asyncore.dispatcher if asyncore else object):
         return self.how != "unix"
 
     def writable(self):
-        if self.how in ("echo", "exit"):
+        if self.how in ("echo", "exit", "banner"):
             return not self.sent
         return self.how == "refused"  # refused_ro: read interest only
 
@@ -205,11 +215,15 @@ class Client(asyncore.dispatcher if asyncore else object):
         n = self.send(b"hello\n")
         self.sent = True
         trace("client handle_write sent=%d" % n)
+        if self.how == "banner" and self.got:
+            self.st.client_done = True
 
     def handle_read(self):
         data = self.recv(64)
         trace("client handle_read n=%d data=%s" % (len(data), esc(data)))
         self.got += data
+        if self.how == "banner" and self.sent:
+            self.st.client_done = True
         if self.how == "reset":
             raise OSError(errno.ECONNRESET, "reset by the handler")
         if self.how == "fail":
@@ -222,6 +236,14 @@ class Client(asyncore.dispatcher if asyncore else object):
     def handle_close(self):
         trace("client handle_close")
         self.close()
+        if self.how == "reconnect" and self.st.rounds < RECONNECTS:
+            # The reconnect idiom: the same object, a new socket.
+            self.st.rounds += 1
+            self.create_socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.connect(self.st.addr)
+            trace("client reconnect connected=%d connecting=%d" %
+                  (self.connected, self.connecting))
+            return
         self.st.client_done = True
 
     def handle_error(self):
@@ -311,6 +333,22 @@ def scenario_tcp(how, use_poll):
     elif how == "echo":
         Client(amap, st, how, ("127.0.0.1", server.port))
         run(amap, use_poll, lambda: st.client_done and st.handler_done)
+    elif how == "accept_reset":
+        # A client connects, sends and resets before the server accepts:
+        # the accepted socket has no peer (unconnected), its handler reads
+        # the bytes, then the reset closes it (issue 12: no fd kept).
+        c = socket.create_connection(("127.0.0.1", server.port))
+        st.client_port = c.getsockname()[1]
+        c.sendall(b"hello")
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                     struct.pack("ii", 1, 0))
+        c.close()
+        time.sleep(0.05)
+        run(amap, use_poll, lambda: st.handler_done)
+    elif how == "reconnect":
+        st.addr = ("127.0.0.1", server.port)
+        st.client = Client(amap, st, how, st.addr)
+        run(amap, use_poll, lambda: st.client_done)
     else:  # eof, chain, reset, fail
         Client(amap, st, how, ("127.0.0.1", server.port))
         run(amap, use_poll, lambda: st.client_done)
@@ -318,6 +356,26 @@ def scenario_tcp(how, use_poll):
     if st.sock is not None:
         st.sock.close()
     asyncore.close_all(amap)
+
+
+def scenario_banner(use_poll):
+    """A banner protocol (SMTP, FTP, POP3): the server's greeting is
+    already there when the client's connect completes; the client's first
+    pass must see handle_connect, handle_read, handle_write (D-16, D-18).
+    The server is a plain socket, outside the map."""
+    amap = {}
+    st = State()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(5)
+    client = Client(amap, st, "banner", lsock.getsockname())
+    conn, _ = lsock.accept()
+    conn.sendall(BANNER)
+    run(amap, use_poll, lambda: st.client_done)
+    trace("main end map_len=%d" % len(amap))
+    client.close()
+    conn.close()
+    lsock.close()
 
 
 def scenario_unix(how, use_poll):
@@ -341,14 +399,19 @@ def scenario_unix(how, use_poll):
 
 
 SCENARIOS = ["echo", "refused", "refused_ro", "eof", "with_send", "chain",
-             "reset", "fail", "exit", "unix", "unix_eof"]
+             "reset", "fail", "exit", "unix", "unix_eof", "banner",
+             "reconnect", "accept_reset"]
 
 # Scenarios that run in one mode only.  unix_eof in poll mode: CPython sees
 # POLLIN|POLLHUP and runs handle_read then handle_close in one readwrite
 # (Q-12: the read that would see EOF never happens); libuv folds HUP into
 # readable, so uvasyncore reads on until EOF (by design, see
 # docs/spec-coverage.md, L-15).
-MODES = {"unix_eof": ("select",)}
+# accept_reset in poll mode: CPython sees POLLIN|POLLHUP|POLLERR and runs
+# handle_read then handle_close from the flags; libuv folds HUP and ERR
+# into readable, so uvasyncore's second read meets the reset (the same
+# L-15 difference as unix_eof).
+MODES = {"unix_eof": ("select",), "accept_reset": ("select",)}
 
 
 def main():
@@ -358,6 +421,8 @@ def main():
     use_poll = mode == "poll"
     if name.startswith("unix"):
         scenario_unix(name, use_poll)
+    elif name == "banner":
+        scenario_banner(use_poll)
     else:
         scenario_tcp(name, use_poll)
     return 0
