@@ -58,6 +58,7 @@ static void on_own_closed(uv_handle_t *h) {
   if (--m->nhandles > 0) {
     return;
   }
+  ac__map_unregister(m);
   if (cb != NULL) {
     cb(m, arg);
   }

@@ -99,6 +99,7 @@ struct ac_map_s {
   int nhandles;       /* own handles still open */
   int running;        /* ac_loop is inside uv_run */
   int in_dispatch;    /* a handler of this map is running */
+  int in_timer;       /* a timer callback of this map is running */
   int stopping;       /* AC_EXIT requested: drop the rest of the pass */
   int result;         /* what ac_loop returns */
   int use_poll;       /* poll-mode classification (E-03) */
@@ -131,6 +132,10 @@ struct ac_map_s {
    * this timer fires or a channel of the map closes. */
   uv_timer_t accept_timer;
   size_t npaused;
+  /* Every map of the process (map.c), so that ac_loop can find the maps
+   * that share its uv loop. */
+  ac_map_t *all_next;
+  ac_map_t **all_pprev;
 };
 
 /* A negative libuv code from an errno (Unix libuv codes are -errno). */
@@ -173,6 +178,7 @@ AC__HIDDEN void ac__exit(ac_map_t *m, int result);
 AC__HIDDEN void ac__wake(ac_map_t *m);
 AC__HIDDEN void ac__kick(ac_map_t *m);
 AC__HIDDEN void ac__map_forget(ac_map_t *m);
+AC__HIDDEN void ac__map_unregister(ac_map_t *m);
 AC__HIDDEN void ac__kick_apply(ac_map_t *m);
 AC__HIDDEN void ac__accept_pause(ac_dispatcher_t *d);
 AC__HIDDEN void ac__accept_resume(ac_map_t *m);

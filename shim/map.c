@@ -18,6 +18,9 @@
 #include <string.h>
 
 static ac_map_t *default_map;
+/* Every map of the process, whatever its thread; default_lock guards the
+ * list and default_map. */
+static ac_map_t *all_maps;
 static uv_mutex_t default_lock;
 static uv_once_t default_once = UV_ONCE_INIT;
 
@@ -55,6 +58,46 @@ static void ignore_sigpipe(void) {
   }
 }
 
+static void register_map(ac_map_t *m) {
+  uv_once(&default_once, default_lock_init);
+  uv_mutex_lock(&default_lock);
+  m->all_next = all_maps;
+  if (all_maps != NULL) {
+    all_maps->all_pprev = &m->all_next;
+  }
+  m->all_pprev = &all_maps;
+  all_maps = m;
+  uv_mutex_unlock(&default_lock);
+}
+
+/* m is about to be freed: off the list of every map. */
+void ac__map_unregister(ac_map_t *m) {
+  uv_mutex_lock(&default_lock);
+  *m->all_pprev = m->all_next;
+  if (m->all_next != NULL) {
+    m->all_next->all_pprev = m->all_pprev;
+  }
+  uv_mutex_unlock(&default_lock);
+}
+
+/* Whether a map on m's uv loop (m included) is inside uv_run (ac_loop) or
+ * inside one of its callbacks: a new uv_run there would re-enter libuv
+ * and run handlers whose channels are still on the stack (L-09).  Maps on
+ * other loops may belong to other threads: only their (fixed) loop field
+ * is read.  Those on m's loop belong to this thread. */
+static int loop_busy(const ac_map_t *m) {
+  const ac_map_t *x;
+  int busy = 0;
+
+  uv_mutex_lock(&default_lock);
+  for (x = all_maps; x != NULL && !busy; x = x->all_next) {
+    busy = x->loop == m->loop &&
+           (x->running || x->in_dispatch > 0 || x->in_timer > 0);
+  }
+  uv_mutex_unlock(&default_lock);
+  return busy;
+}
+
 int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
   ac_map_t *m;
 
@@ -87,6 +130,7 @@ int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
   uv_unref((uv_handle_t *) &m->prepare);
   uv_unref((uv_handle_t *) &m->check);
   uv_unref((uv_handle_t *) &m->timer);
+  register_map(m);
   *out = m;
   return 0;
 }
@@ -129,6 +173,7 @@ void ac_map_free(ac_map_t *m) {
     uv_run(m->loop, UV_RUN_NOWAIT);
   }
   ac__map_forget(m);
+  ac__map_unregister(m);
   ac__chat_map_free(m);
   ac__free(m);
 }
@@ -475,7 +520,7 @@ int ac_loop(ac_map_t *m, double timeout, int use_poll, long count) {
   if (m == NULL && (m = ac_default_map()) == NULL) {
     return UV_ENOMEM;
   }
-  if (m->running || m->in_dispatch) {
+  if (loop_busy(m)) {
     return UV_EBUSY;
   }
   if (timeout != timeout) {

@@ -28,8 +28,11 @@ static int64_t to_ms(double s) {
 static void on_timer(uv_timer_t *h) {
   ac_timer_t *t = h->data;
   ac_map_t *m = t->map;
-  int r = t->cb(t, t->arg);
+  int r;
 
+  m->in_timer++; /* no ac_loop on this uv loop from here (map.c) */
+  r = t->cb(t, t->arg);
+  m->in_timer--;
   if (r != 0) {
     ac__exit(m, r);
   }
