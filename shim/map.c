@@ -18,14 +18,15 @@
 #include <string.h>
 
 static ac_map_t *default_map;
-/* Every map of the process, whatever its thread; default_lock guards the
- * list and default_map. */
-static ac_map_t *all_maps;
 static uv_mutex_t default_lock;
+/* Every map of the process, whatever its thread, under all_lock (taken
+ * inside default_lock when ac_default_map creates the map). */
+static ac_map_t *all_maps;
+static uv_mutex_t all_lock;
 static uv_once_t default_once = UV_ONCE_INIT;
 
 static void default_lock_init(void) {
-  if (uv_mutex_init(&default_lock) != 0) {
+  if (uv_mutex_init(&default_lock) != 0 || uv_mutex_init(&all_lock) != 0) {
     abort();
   }
 }
@@ -60,24 +61,24 @@ static void ignore_sigpipe(void) {
 
 static void register_map(ac_map_t *m) {
   uv_once(&default_once, default_lock_init);
-  uv_mutex_lock(&default_lock);
+  uv_mutex_lock(&all_lock);
   m->all_next = all_maps;
   if (all_maps != NULL) {
     all_maps->all_pprev = &m->all_next;
   }
   m->all_pprev = &all_maps;
   all_maps = m;
-  uv_mutex_unlock(&default_lock);
+  uv_mutex_unlock(&all_lock);
 }
 
 /* m is about to be freed: off the list of every map. */
 void ac__map_unregister(ac_map_t *m) {
-  uv_mutex_lock(&default_lock);
+  uv_mutex_lock(&all_lock);
   *m->all_pprev = m->all_next;
   if (m->all_next != NULL) {
     m->all_next->all_pprev = m->all_pprev;
   }
-  uv_mutex_unlock(&default_lock);
+  uv_mutex_unlock(&all_lock);
 }
 
 /* Whether a map on m's uv loop (m included) is inside uv_run (ac_loop) or
@@ -89,12 +90,12 @@ static int loop_busy(const ac_map_t *m) {
   const ac_map_t *x;
   int busy = 0;
 
-  uv_mutex_lock(&default_lock);
+  uv_mutex_lock(&all_lock);
   for (x = all_maps; x != NULL && !busy; x = x->all_next) {
     busy = x->loop == m->loop &&
            (x->running || x->in_dispatch > 0 || x->in_timer > 0);
   }
-  uv_mutex_unlock(&default_lock);
+  uv_mutex_unlock(&all_lock);
   return busy;
 }
 
