@@ -281,9 +281,13 @@ AC_EXTERN int ac_accept(ac_dispatcher_t *d, uv_os_sock_t *sock,
 AC_EXTERN int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr);
 
 /* Connect to a host name without blocking the loop (Q-07 fixed): resolves
- * with uv_getaddrinfo, then connects to the first address as ac_connect().
- * Creates the socket (SOCK_STREAM) if the channel has none.  A resolution
- * or connect failure reaches handle_error like a refused connection.
+ * with uv_getaddrinfo (restricted to the family of the channel's socket, if
+ * it has one), then tries every address in order until one connects, as
+ * socket.create_connection() does; failures of all but the last attempt
+ * stay silent, handle_connect comes once.  The last address is connected as
+ * ac_connect() would (creating the SOCK_STREAM socket if the channel has
+ * none), so when all fail the last failure reaches handle_error like a
+ * refused connection.
  * Returns 0 or an immediate error (UV_EINVAL, UV_ENOMEM, UV_EBUSY). */
 AC_EXTERN int ac_connect_name(ac_dispatcher_t *d, const char *host,
                               int port);

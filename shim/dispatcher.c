@@ -353,6 +353,31 @@ int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   return ac__connect_event(d);
 }
 
+/* A socket that ac_connect_name connected on its own (resolve.c) becomes
+ * d's, at d's descriptor number if d has a socket already (created
+ * beforehand, never connected).  d stays `connecting`: the next pass finds
+ * it writable and reports the connect (D-17), as for any connect that
+ * completes later.  Returns 0 or an error (fd is closed then). */
+int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
+                       const struct sockaddr *addr) {
+  int r;
+
+  if (d->fd >= 0) {
+    r = dup3(fd, d->fd, O_CLOEXEC) < 0 ? AC__ERR(errno) : 0;
+    close(fd);
+    if (r != 0) {
+      return r;
+    }
+  } else {
+    d->fd = fd;
+    d->flags |= AC__F_SOCK;
+    d->type = SOCK_STREAM;
+    d->family = addr->sa_family;
+  }
+  set_addr(d, addr, addr_len(addr));
+  return ac__attach(d, 1);
+}
+
 /* Close the fd of a channel whose backend holds no handle, or whose poll
  * handle was just closed (uv_close does not close polled fds). */
 static void close_fd(ac_dispatcher_t *d) {
@@ -375,7 +400,7 @@ int ac_close(ac_dispatcher_t *d) {
   d->flags |= AC__F_CLOSED;
   ac__map_del(d->map, d);
   if (d->flags & AC__F_RESOLVING) {
-    uv_cancel((uv_req_t *) d->req);
+    ac__resolve_abort(d); /* the lookup or a connect attempt (resolve.c) */
   }
   if (d->flags & AC__F_ADOPT) {
     ac__adopt_closed(d); /* drop pending input (adopt.c) */

@@ -195,6 +195,8 @@ AC__HIDDEN int ac__dispatch(ac_dispatcher_t *d, int ev);
 AC__HIDDEN void ac__dispatch_read(uv_stream_t *s, ssize_t nread,
                                    const uv_buf_t *buf);
 AC__HIDDEN int ac__attach(ac_dispatcher_t *d, int want_stream);
+AC__HIDDEN int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
+                                  const struct sockaddr *addr);
 #define AC__SEND_UNTRIED (-2)
 #define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
 AC__HIDDEN ssize_t ac__dws_send_rest(ac_dispatcher_t *d, const void *buf,
@@ -221,6 +223,9 @@ AC__HIDDEN void ac__stream_abort_drains(ac_map_t *m);
 AC__HIDDEN int ac__poll_open(ac_dispatcher_t *d);
 AC__HIDDEN void ac__poll_apply(ac_dispatcher_t *d, int bits);
 AC__HIDDEN void ac__poll_close(ac_dispatcher_t *d);
+
+/* resolve.c: ac_close of a channel in ac_connect_name's hands. */
+AC__HIDDEN void ac__resolve_abort(ac_dispatcher_t *d);
 
 /* timer.c */
 AC__HIDDEN void ac__timer_close_all(ac_map_t *m);
