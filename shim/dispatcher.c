@@ -419,7 +419,7 @@ int ac_close(ac_dispatcher_t *d) {
   }
   d->fd = -1;
   d->armed = d->ready = 0;
-  if (!(d->flags & AC__F_HANDLE)) {
+  if (!(d->flags & (AC__F_HANDLE | AC__F_PENDREL))) {
     /* No libuv close callback will come: release from the loop, never
      * inside the caller's handler. */
     d->flags |= AC__F_PENDREL;
@@ -430,6 +430,24 @@ int ac_close(ac_dispatcher_t *d) {
     ac__accept_resume(d->map); /* an fd may be free: listeners try again */
   }
   return 0;
+}
+
+/* Close d's handle (d is closed).  A handle that the application closed
+ * already (a uv_walk closing every handle of the loop) is not closed again,
+ * which libuv would abort on, and its close callback is the application's:
+ * d is released from the map's release list instead, never from inside
+ * libuv's close of the handle. */
+void ac__close_handle(ac_dispatcher_t *d) {
+  if (!uv_is_closing(&d->h.handle)) {
+    uv_close(&d->h.handle, ac__handle_closed);
+    return;
+  }
+  d->flags &= (uint16_t) ~AC__F_HANDLE;
+  if (!(d->flags & AC__F_PENDREL)) {
+    d->flags |= AC__F_PENDREL;
+    ac__list_add(&d->map->release, &d->plink);
+    ac__wake(d->map);
+  }
 }
 
 /* The `closed` callback, once every handle and request of d is done. */

@@ -115,6 +115,7 @@ struct ac_map_s {
   /* Embedding, timers, adoption (embed.c, timer.c, adopt.c, net.c); all
    * start zeroed by ac_map_new's calloc. */
   int closing;          /* ac_map_close: 1 closing channels, 2 own handles */
+  int own_closed;       /* the library closed the map's own handles */
   int tcp_poll;         /* new TCP channels take the poll backend */
   ac_map_exit_cb exit_cb;
   void *exit_arg;
@@ -182,6 +183,12 @@ AC__HIDDEN void ac__map_unregister(ac_map_t *m);
 AC__HIDDEN void ac__kick_apply(ac_map_t *m);
 AC__HIDDEN void ac__accept_pause(ac_dispatcher_t *d);
 AC__HIDDEN void ac__accept_resume(ac_map_t *m);
+/* Whether the application closed the map's own handles (a uv_walk that
+ * closes every handle of the loop): the map then never starts a handle or
+ * runs the loop again, and ac_map_free() only releases what is left. */
+static inline int ac__map_torn(const ac_map_t *m) {
+  return !m->own_closed && uv_is_closing((const uv_handle_t *) &m->prepare);
+}
 /* How long a listener that ran out of fds waits before it accepts again
  * (unless a channel of its map closes first). */
 #define AC__ACCEPT_PAUSE_MS 100
@@ -195,6 +202,7 @@ AC__HIDDEN int ac__dispatch(ac_dispatcher_t *d, int ev);
 AC__HIDDEN void ac__dispatch_read(uv_stream_t *s, ssize_t nread,
                                    const uv_buf_t *buf);
 AC__HIDDEN int ac__attach(ac_dispatcher_t *d, int want_stream);
+AC__HIDDEN void ac__close_handle(ac_dispatcher_t *d);
 AC__HIDDEN int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
                                   const struct sockaddr *addr);
 #define AC__SEND_UNTRIED (-2)

@@ -146,8 +146,33 @@ static void on_linger(uv_timer_t *h) {
   m->linger_expired = 1;
 }
 
+/* Free m, whose handles the application closed (ac__map_torn): release the
+ * channels and timers left without touching the loop, which may be closed
+ * already.  The closes must have finished (the application's uv_run after
+ * its uv_walk), so that libuv holds nothing of them. */
+static void free_torn(ac_map_t *m) {
+  ac_close_all(m, 1);
+  ac__timer_close_all(m);
+  ac__stream_abort_drains(m);
+  on_check(&m->check); /* the release list */
+  if (m->nlive > 0 || m->ntimers > 0) {
+    m->sink(m->sink_ctx, "error",
+            "ac_map_free: requests still pending after the loop's handles "
+            "were closed; the map is leaked");
+    return;
+  }
+  ac__map_forget(m);
+  ac__map_unregister(m);
+  ac__chat_map_free(m);
+  ac__free(m);
+}
+
 void ac_map_free(ac_map_t *m) {
   if (m == NULL) {
+    return;
+  }
+  if (ac__map_torn(m)) {
+    free_torn(m);
     return;
   }
   ac_close_all(m, 1);
@@ -165,6 +190,7 @@ void ac_map_free(ac_map_t *m) {
     uv_run(m->loop, UV_RUN_ONCE);
   }
   on_check(&m->check); /* socketless channels still on the release list */
+  m->own_closed = 1;
   uv_close((uv_handle_t *) &m->prepare, on_map_handle_closed);
   uv_close((uv_handle_t *) &m->check, on_map_handle_closed);
   uv_close((uv_handle_t *) &m->idle, on_map_handle_closed);
@@ -262,7 +288,7 @@ void ac__exit(ac_map_t *m, int result) {
  * passes): run its prepare and check hooks.  A map with nothing to say
  * costs the loop nothing. */
 void ac__kick(ac_map_t *m) {
-  if (!m->hooks_on) {
+  if (!m->hooks_on && !ac__map_torn(m)) {
     uv_prepare_start(&m->prepare, on_prepare);
     uv_check_start(&m->check, on_check);
     m->hooks_on = 1;
@@ -279,7 +305,7 @@ static int hooks_idle(const ac_map_t *m) {
 /* Make the loop run an iteration without waiting (for releases). */
 void ac__wake(ac_map_t *m) {
   ac__kick(m);
-  if (!m->idle_on) {
+  if (!m->idle_on && !ac__map_torn(m)) {
     uv_idle_start(&m->idle, on_idle);
     m->idle_on = 1;
   }
@@ -523,6 +549,9 @@ int ac_loop(ac_map_t *m, double timeout, int use_poll, long count) {
   }
   if (loop_busy(m)) {
     return UV_EBUSY;
+  }
+  if (ac__map_torn(m)) {
+    return UV_EINVAL; /* the application closed the map's handles */
   }
   if (timeout != timeout) {
     return UV_EINVAL; /* NaN */

@@ -86,6 +86,13 @@ static void end_attempt(resolve_t *rq) {
   attempt_t *a = rq->att;
 
   rq->att = NULL;
+  if (uv_is_closing((uv_handle_t *) &a->poll)) {
+    /* Closed by the application (uv_walk): d is closing (ac_close), and
+     * its release comes from the map's release list. */
+    a->d->nreq--;
+    ac__free(a);
+    return;
+  }
   uv_close((uv_handle_t *) &a->poll, on_attempt_closed);
 }
 

@@ -127,6 +127,12 @@ int ac_timer_close(ac_timer_t *t, ac_timer_closed_cb closed) {
   }
   t->next = NULL;
   t->pprev = NULL;
+  if (uv_is_closing((uv_handle_t *) &t->h)) {
+    /* The application closed the handle (uv_walk) with its own callback:
+     * the timer is released now, as its close already ran. */
+    on_closed((uv_handle_t *) &t->h);
+    return 0;
+  }
   uv_close((uv_handle_t *) &t->h, on_closed);
   return 0;
 }
