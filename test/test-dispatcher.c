@@ -920,17 +920,23 @@ TASK(d11_connect_name_every_address) {
 
 /* The same with the stock Debian 12 /etc/hosts, where "localhost" is both
  * ::1 and 127.0.0.1 (::1 first): in a child with a private mount namespace
- * and that hosts file bound over /etc/hosts.  Before, a server on
+ * and that hosts file bound over /etc/hosts, which runs the test above.  Before, a server on
  * 127.0.0.1 only was refused.  Skipped where namespaces are not allowed. */
 TASK(d11_connect_name_every_address_debian_hosts) {
   char path[] = "/tmp/ac-hosts-XXXXXX";
   static const char hosts[] = "127.0.0.1\tlocalhost\n"
                               "::1\tlocalhost ip6-localhost ip6-loopback\n";
+  char self[4096];
+  ssize_t len;
   int status = 0;
   int fd = mkstemp(path);
   pid_t pid;
 
   ASSERT_GE(fd, 0);
+  /* Asked before the fork: valgrind answers with the test, not itself. */
+  len = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  ASSERT_GT(len, 0);
+  self[len] = '\0';
   ASSERT_EQ(write(fd, hosts, sizeof(hosts) - 1), (ssize_t) sizeof(hosts) - 1);
   close(fd);
   fflush(NULL);
@@ -945,10 +951,10 @@ TASK(d11_connect_name_every_address_debian_hosts) {
         !resolves_to("localhost", AF_INET6, &n) || n < 2) {
       _exit(77);
     }
-    connect_name_cases("localhost");
-    /* The resolver threads' per-thread state is freed when they end. */
-    uv_library_shutdown();
-    _exit(task_failed ? 1 : 0);
+    /* A fresh process runs the cases: threads after a fork of a process
+     * that has some (libuv's resolver pool) are not for every checker. */
+    execl(self, self, "d11_connect_name_every_address", (char *) NULL);
+    _exit(2);
   }
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
   unlink(path);
