@@ -467,7 +467,9 @@ void ac__maybe_release(ac_dispatcher_t *d) {
     AC__CLS(d)->release(d);
   }
   if (d->ops->closed != NULL) {
+    m->in_callback++; /* no ac_loop on this uv loop from here (map.c) */
     d->ops->closed(d);
+    m->in_callback--;
   }
   if (m->closing) {
     ac__map_close_check(m); /* the last release detaches the map */

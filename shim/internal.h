@@ -99,7 +99,7 @@ struct ac_map_s {
   int nhandles;       /* own handles still open */
   int running;        /* ac_loop is inside uv_run */
   int in_dispatch;    /* a handler of this map is running */
-  int in_timer;       /* a timer callback of this map is running */
+  int in_callback;    /* a timer or `closed` callback of it is running */
   int stopping;       /* AC_EXIT requested: drop the rest of the pass */
   int result;         /* what ac_loop returns */
   int use_poll;       /* poll-mode classification (E-03) */

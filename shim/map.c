@@ -93,7 +93,7 @@ static int loop_busy(const ac_map_t *m) {
   uv_mutex_lock(&all_lock);
   for (x = all_maps; x != NULL && !busy; x = x->all_next) {
     busy = x->loop == m->loop &&
-           (x->running || x->in_dispatch > 0 || x->in_timer > 0);
+           (x->running || x->in_dispatch > 0 || x->in_callback > 0);
   }
   uv_mutex_unlock(&all_lock);
   return busy;

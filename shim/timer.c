@@ -30,9 +30,9 @@ static void on_timer(uv_timer_t *h) {
   ac_map_t *m = t->map;
   int r;
 
-  m->in_timer++; /* no ac_loop on this uv loop from here (map.c) */
+  m->in_callback++; /* no ac_loop on this uv loop from here (map.c) */
   r = t->cb(t, t->arg);
-  m->in_timer--;
+  m->in_callback--;
   if (r != 0) {
     ac__exit(m, r);
   }
