@@ -610,10 +610,14 @@ static int nester_read(ac_dispatcher_t *d) {
   return 0;
 }
 
+static int nester_closed_result;
+
 static void nester_closed(ac_dispatcher_t *d) {
   nester_t *n = ac_container_of(d, nester_t, d);
 
   ASSERT_EQ(n->nested, 2); /* the outer handler finished first */
+  /* From `closed` (a libuv close callback) too. */
+  nester_closed_result = ac_loop(n->other, 0.01, 0, 1);
   ++*n->nclosed;
   free(n);
 }
@@ -660,7 +664,7 @@ static void nest_teardown(uv_loop_t *loop, ac_map_t *a, ac_map_t *b,
 }
 
 /* L-09 (issue 12): ac_loop on a second map that shares the uv loop, from a
- * handler of the first, would re-enter uv_run: the nested pass dispatched
+ * handler (or the `closed` callback) of a channel of the first, would re-enter uv_run: the nested pass dispatched
  * the same channel again, closed and released it, and the outer handler
  * went on in freed memory.  Refused with UV_EBUSY, under ac_loop and under
  * the application's uv_run (embedded); the channel is released once,
@@ -679,6 +683,7 @@ TASK(l09_nested_loop_on_other_map_is_busy) {
 
     ASSERT_OK(uv_loop_init(&loop));
     nest_setup(&loop, &a, &b, &result, &nclosed, &idle_peer);
+    nester_closed_result = 1;
     for (i = 0; i < 200 && nclosed == 0; i++) {
       if (embedded) {
         uv_run(&loop, UV_RUN_NOWAIT);
@@ -688,6 +693,7 @@ TASK(l09_nested_loop_on_other_map_is_busy) {
     }
     ASSERT_EQ(result, UV_EBUSY);
     ASSERT_EQ(nclosed, 1);
+    ASSERT_EQ(nester_closed_result, UV_EBUSY);
     nest_teardown(&loop, a, b, idle_peer);
   }
 }
