@@ -9,6 +9,7 @@
 #include <netdb.h>
 #include <sched.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -857,32 +858,58 @@ static void connect_name_all_refused(const char *name, int mode) {
   ASSERT_EQ(task_fd_count(), fds);
 }
 
+/* The lowest socket descriptor below n that is not in `old`
+ * (a bitmap of the sockets open before), or -1. */
+static int new_socket(const unsigned char *old, int n) {
+  struct stat st;
+  int fd;
+
+  for (fd = 0; fd < n; fd++) {
+    if (!(old[fd / 8] & (1u << (fd % 8))) && fstat(fd, &st) == 0 &&
+        S_ISSOCK(st.st_mode)) {
+      return fd;
+    }
+  }
+  return -1;
+}
+
 /* Closed while ac_connect_name tries an address before the last (seen as
- * a socket more than the channel holds, the channel having none): the
- * attempt's socket is closed, no handler runs, `closed` comes once. */
+ * a new socket while the channel has none; the resolver's threads open
+ * files for a moment, so sockets are what counts): the attempt's socket
+ * is closed, no handler runs, `closed` comes once. */
 static void connect_name_closed_mid_attempt(const char *name, int mode) {
+  enum { NFD = 1024 };
+  unsigned char old[NFD / 8];
+  struct stat st;
   int base = task_fd_count();
   ac_map_t *map = task_map_new();
   probe_t client;
-  int fds = task_fd_count();
+  int att = -1;
+  int fd;
   int i;
 
+  memset(old, 0, sizeof(old));
+  for (fd = 0; fd < NFD; fd++) {
+    if (fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode)) {
+      old[fd / 8] |= (unsigned char) (1u << (fd % 8));
+    }
+  }
   ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
   ASSERT_OK(ac_connect_name(&client.base.d, name, 9));
-  for (i = 0; i < 1000 && task_fd_count() == fds && client.trace[0] == 0;
-       i++) {
+  for (i = 0; i < 1000 && att < 0 && client.trace[0] == 0; i++) {
     ASSERT_OK(ac_loop(map, 0.001, mode, 1));
+    att = new_socket(old, NFD);
   }
-  ASSERT_EQ(ac_fileno(&client.base.d), -1);
-  ASSERT_EQ(task_fd_count(), fds + 1); /* the attempt's socket */
+  ASSERT_GE(att, 0);
+  ASSERT_EQ(ac_fileno(&client.base.d), -1); /* the attempt's, not d's */
   ASSERT_OK(ac_close(&client.base.d));
   for (i = 0; i < 200 && client.closed == 0; i++) {
     uv_run(ac_map_loop(map), UV_RUN_NOWAIT); /* the map is empty */
   }
   ASSERT_EQ(client.closed, 1);
   ASSERT_STR_EQ(client.trace, "");
+  ASSERT_EQ(new_socket(old, NFD), -1);
   task_map_free(map);
-  ASSERT_EQ(client.closed, 1);
   ASSERT_EQ(task_fd_count(), base);
 }
 
