@@ -182,7 +182,9 @@ AC_EXTERN int ac_map_new(uv_loop_t *loop, ac_map_t **out);
 /* Close every channel of the map (as ac_close_all with ignore_all), finish
  * pending closes and drains by running the loop until the map's own handles
  * are released, then free the map.  Must not be called from a callback of
- * the map's loop.  NULL is a no-op. */
+ * the map's loop.  NULL is a no-op.  After the application closed every
+ * handle of the loop (uv_walk, then uv_run), it releases what is left
+ * without running the loop (docs/embedding.md). */
 AC_EXTERN void ac_map_free(ac_map_t *map);
 
 /* The process-wide default map, created on first use on uv_default_loop().
@@ -289,9 +291,13 @@ AC_EXTERN int ac_accept(ac_dispatcher_t *d, uv_os_sock_t *sock,
 AC_EXTERN int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr);
 
 /* Connect to a host name without blocking the loop (Q-07 fixed): resolves
- * with uv_getaddrinfo, then connects to the first address as ac_connect().
- * Creates the socket (SOCK_STREAM) if the channel has none.  A resolution
- * or connect failure reaches handle_error like a refused connection.
+ * with uv_getaddrinfo (restricted to the family of the channel's socket, if
+ * it has one), then tries every address in order until one connects, as
+ * socket.create_connection() does; failures of all but the last attempt
+ * stay silent, handle_connect comes once.  The last address is connected as
+ * ac_connect() would (creating the SOCK_STREAM socket if the channel has
+ * none), so when all fail the last failure reaches handle_error like a
+ * refused connection.
  * Returns 0 or an immediate error (UV_EINVAL, UV_ENOMEM, UV_EBUSY). */
 AC_EXTERN int ac_connect_name(ac_dispatcher_t *d, const char *host,
                               int port);

@@ -422,6 +422,31 @@ int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   return ac__connect_event(d);
 }
 
+/* A socket that ac_connect_name connected on its own (resolve.c) becomes
+ * d's, at d's descriptor number if d has a socket already (created
+ * beforehand, never connected).  d stays `connecting`: the next pass finds
+ * it writable and reports the connect (D-17), as for any connect that
+ * completes later.  Returns 0 or an error (fd is closed then). */
+int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
+                       const struct sockaddr *addr) {
+  int r;
+
+  if (d->fd >= 0) {
+    r = dup3(fd, d->fd, O_CLOEXEC) < 0 ? AC__ERR(errno) : 0;
+    close(fd);
+    if (r != 0) {
+      return r;
+    }
+  } else {
+    d->fd = fd;
+    d->flags |= AC__F_SOCK;
+    d->type = SOCK_STREAM;
+    d->family = addr->sa_family;
+  }
+  set_addr(d, addr, addr_len(addr));
+  return ac__attach(d, 1);
+}
+
 /* Close the fd of a channel whose backend holds no handle, or whose poll
  * handle was just closed (uv_close does not close polled fds). */
 static void close_fd(ac_dispatcher_t *d) {
@@ -444,7 +469,7 @@ int ac_close(ac_dispatcher_t *d) {
   d->flags |= AC__F_CLOSED;
   ac__map_del(d->map, d);
   if (d->flags & AC__F_RESOLVING) {
-    uv_cancel((uv_req_t *) d->req);
+    ac__resolve_abort(d); /* the lookup or a connect attempt (resolve.c) */
   }
   if (d->flags & AC__F_ADOPT) {
     ac__adopt_closed(d); /* drop pending input (adopt.c) */
@@ -468,7 +493,7 @@ int ac_close(ac_dispatcher_t *d) {
      * drain list, which the map's linger may cut (stream.c). */
     ac__list_add(&d->map->drain, &d->plink);
   }
-  if (!(d->flags & AC__F_HANDLE)) {
+  if (!(d->flags & (AC__F_HANDLE | AC__F_PENDREL))) {
     /* No libuv close callback will come: release from the loop, never
      * inside the caller's handler. */
     d->flags |= AC__F_PENDREL;
@@ -479,6 +504,24 @@ int ac_close(ac_dispatcher_t *d) {
     ac__accept_resume(d->map); /* an fd may be free: listeners try again */
   }
   return 0;
+}
+
+/* Close d's handle (d is closed).  A handle that the application closed
+ * already (a uv_walk closing every handle of the loop) is not closed again,
+ * which libuv would abort on, and its close callback is the application's:
+ * d is released from the map's release list instead, never from inside
+ * libuv's close of the handle. */
+void ac__close_handle(ac_dispatcher_t *d) {
+  if (!uv_is_closing(&d->h.handle)) {
+    uv_close(&d->h.handle, ac__handle_closed);
+    return;
+  }
+  d->flags &= (uint16_t) ~AC__F_HANDLE;
+  if (!(d->flags & AC__F_PENDREL)) {
+    d->flags |= AC__F_PENDREL;
+    ac__list_add(&d->map->release, &d->plink);
+    ac__wake(d->map);
+  }
 }
 
 /* The `closed` callback, once every handle and request of d is done. */
@@ -498,7 +541,9 @@ void ac__maybe_release(ac_dispatcher_t *d) {
     AC__CLS(d)->release(d);
   }
   if (d->ops->closed != NULL) {
+    m->in_callback++; /* no ac_loop on this uv loop from here (map.c) */
     d->ops->closed(d);
+    m->in_callback--;
   }
   if (m->closing) {
     ac__map_close_check(m); /* the last release detaches the map */

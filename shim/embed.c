@@ -58,6 +58,7 @@ static void on_own_closed(uv_handle_t *h) {
   if (--m->nhandles > 0) {
     return;
   }
+  ac__map_unregister(m);
   if (cb != NULL) {
     cb(m, arg);
   }
@@ -73,6 +74,7 @@ void ac__map_close_check(ac_map_t *m) {
     return;
   }
   m->closing = 2;
+  m->own_closed = 1;
   uv_close((uv_handle_t *) &m->prepare, on_own_closed);
   uv_close((uv_handle_t *) &m->check, on_own_closed);
   uv_close((uv_handle_t *) &m->idle, on_own_closed);

@@ -102,6 +102,7 @@ struct ac_map_s {
   int nhandles;       /* own handles still open */
   int running;        /* ac_loop is inside uv_run */
   int in_dispatch;    /* a handler of this map is running */
+  int in_callback;    /* a timer or `closed` callback of it is running */
   int stopping;       /* AC_EXIT requested: drop the rest of the pass */
   int result;         /* what ac_loop returns */
   int use_poll;       /* poll-mode classification (E-03) */
@@ -117,6 +118,7 @@ struct ac_map_s {
   /* Embedding, timers, adoption (embed.c, timer.c, adopt.c, net.c); all
    * start zeroed by ac_map_new's calloc. */
   int closing;          /* ac_map_close: 1 closing channels, 2 own handles */
+  int own_closed;       /* the library closed the map's own handles */
   int tcp_poll;         /* new TCP channels take the poll backend */
   ac_map_exit_cb exit_cb;
   void *exit_arg;
@@ -134,6 +136,10 @@ struct ac_map_s {
    * this timer fires or a channel of the map closes. */
   uv_timer_t accept_timer;
   size_t npaused;
+  /* Every map of the process (map.c), so that ac_loop can find the maps
+   * that share its uv loop. */
+  ac_map_t *all_next;
+  ac_map_t **all_pprev;
 };
 
 /* A negative libuv code from an errno (Unix libuv codes are -errno). */
@@ -176,9 +182,16 @@ AC__HIDDEN void ac__exit(ac_map_t *m, int result);
 AC__HIDDEN void ac__wake(ac_map_t *m);
 AC__HIDDEN void ac__kick(ac_map_t *m);
 AC__HIDDEN void ac__map_forget(ac_map_t *m);
+AC__HIDDEN void ac__map_unregister(ac_map_t *m);
 AC__HIDDEN void ac__kick_apply(ac_map_t *m);
 AC__HIDDEN void ac__accept_pause(ac_dispatcher_t *d);
 AC__HIDDEN void ac__accept_resume(ac_map_t *m);
+/* Whether the application closed the map's own handles (a uv_walk that
+ * closes every handle of the loop): the map then never starts a handle or
+ * runs the loop again, and ac_map_free() only releases what is left. */
+static inline int ac__map_torn(const ac_map_t *m) {
+  return !m->own_closed && uv_is_closing((const uv_handle_t *) &m->prepare);
+}
 /* How long a listener that ran out of fds waits before it accepts again
  * (unless a channel of its map closes first). */
 #define AC__ACCEPT_PAUSE_MS 100
@@ -197,6 +210,9 @@ AC__HIDDEN int ac__attach(ac_dispatcher_t *d, int want_stream);
 static inline int ac__reusing(const ac_dispatcher_t *d) {
   return (d->flags & AC__F_HANDLE) && d->backend == AC_BACKEND_NONE;
 }
+AC__HIDDEN void ac__close_handle(ac_dispatcher_t *d);
+AC__HIDDEN int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
+                                  const struct sockaddr *addr);
 #define AC__SEND_UNTRIED (-2)
 #define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
 AC__HIDDEN ssize_t ac__dws_send_rest(ac_dispatcher_t *d, const void *buf,
@@ -223,6 +239,9 @@ AC__HIDDEN void ac__stream_abort_drains(ac_map_t *m);
 AC__HIDDEN int ac__poll_open(ac_dispatcher_t *d);
 AC__HIDDEN void ac__poll_apply(ac_dispatcher_t *d, int bits);
 AC__HIDDEN void ac__poll_close(ac_dispatcher_t *d);
+
+/* resolve.c: ac_close of a channel in ac_connect_name's hands. */
+AC__HIDDEN void ac__resolve_abort(ac_dispatcher_t *d);
 
 /* timer.c */
 AC__HIDDEN void ac__timer_close_all(ac_map_t *m);

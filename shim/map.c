@@ -19,10 +19,14 @@
 
 static ac_map_t *default_map;
 static uv_mutex_t default_lock;
+/* Every map of the process, whatever its thread, under all_lock (taken
+ * inside default_lock when ac_default_map creates the map). */
+static ac_map_t *all_maps;
+static uv_mutex_t all_lock;
 static uv_once_t default_once = UV_ONCE_INIT;
 
 static void default_lock_init(void) {
-  if (uv_mutex_init(&default_lock) != 0) {
+  if (uv_mutex_init(&default_lock) != 0 || uv_mutex_init(&all_lock) != 0) {
     abort();
   }
 }
@@ -53,6 +57,46 @@ static void ignore_sigpipe(void) {
   if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
     signal(SIGPIPE, SIG_IGN);
   }
+}
+
+static void register_map(ac_map_t *m) {
+  uv_once(&default_once, default_lock_init);
+  uv_mutex_lock(&all_lock);
+  m->all_next = all_maps;
+  if (all_maps != NULL) {
+    all_maps->all_pprev = &m->all_next;
+  }
+  m->all_pprev = &all_maps;
+  all_maps = m;
+  uv_mutex_unlock(&all_lock);
+}
+
+/* m is about to be freed: off the list of every map. */
+void ac__map_unregister(ac_map_t *m) {
+  uv_mutex_lock(&all_lock);
+  *m->all_pprev = m->all_next;
+  if (m->all_next != NULL) {
+    m->all_next->all_pprev = m->all_pprev;
+  }
+  uv_mutex_unlock(&all_lock);
+}
+
+/* Whether a map on m's uv loop (m included) is inside uv_run (ac_loop) or
+ * inside one of its callbacks: a new uv_run there would re-enter libuv
+ * and run handlers whose channels are still on the stack (L-09).  Maps on
+ * other loops may belong to other threads: only their (fixed) loop field
+ * is read.  Those on m's loop belong to this thread. */
+static int loop_busy(const ac_map_t *m) {
+  const ac_map_t *x;
+  int busy = 0;
+
+  uv_mutex_lock(&all_lock);
+  for (x = all_maps; x != NULL && !busy; x = x->all_next) {
+    busy = x->loop == m->loop &&
+           (x->running || x->in_dispatch > 0 || x->in_callback > 0);
+  }
+  uv_mutex_unlock(&all_lock);
+  return busy;
 }
 
 int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
@@ -87,6 +131,7 @@ int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
   uv_unref((uv_handle_t *) &m->prepare);
   uv_unref((uv_handle_t *) &m->check);
   uv_unref((uv_handle_t *) &m->timer);
+  register_map(m);
   *out = m;
   return 0;
 }
@@ -101,8 +146,33 @@ static void on_linger(uv_timer_t *h) {
   m->linger_expired = 1;
 }
 
+/* Free m, whose handles the application closed (ac__map_torn): release the
+ * channels and timers left without touching the loop, which may be closed
+ * already.  The closes must have finished (the application's uv_run after
+ * its uv_walk), so that libuv holds nothing of them. */
+static void free_torn(ac_map_t *m) {
+  ac_close_all(m, 1);
+  ac__timer_close_all(m);
+  ac__stream_abort_drains(m);
+  on_check(&m->check); /* the release list */
+  if (m->nlive > 0 || m->ntimers > 0) {
+    m->sink(m->sink_ctx, "error",
+            "ac_map_free: requests still pending after the loop's handles "
+            "were closed; the map is leaked");
+    return;
+  }
+  ac__map_forget(m);
+  ac__map_unregister(m);
+  ac__chat_map_free(m);
+  ac__free(m);
+}
+
 void ac_map_free(ac_map_t *m) {
   if (m == NULL) {
+    return;
+  }
+  if (ac__map_torn(m)) {
+    free_torn(m);
     return;
   }
   ac_close_all(m, 1);
@@ -120,6 +190,7 @@ void ac_map_free(ac_map_t *m) {
     uv_run(m->loop, UV_RUN_ONCE);
   }
   on_check(&m->check); /* socketless channels still on the release list */
+  m->own_closed = 1;
   uv_close((uv_handle_t *) &m->prepare, on_map_handle_closed);
   uv_close((uv_handle_t *) &m->check, on_map_handle_closed);
   uv_close((uv_handle_t *) &m->idle, on_map_handle_closed);
@@ -129,6 +200,7 @@ void ac_map_free(ac_map_t *m) {
     uv_run(m->loop, UV_RUN_NOWAIT);
   }
   ac__map_forget(m);
+  ac__map_unregister(m);
   ac__chat_map_free(m);
   ac__free(m);
 }
@@ -216,7 +288,7 @@ void ac__exit(ac_map_t *m, int result) {
  * passes): run its prepare and check hooks.  A map with nothing to say
  * costs the loop nothing. */
 void ac__kick(ac_map_t *m) {
-  if (!m->hooks_on) {
+  if (!m->hooks_on && !ac__map_torn(m)) {
     uv_prepare_start(&m->prepare, on_prepare);
     uv_check_start(&m->check, on_check);
     m->hooks_on = 1;
@@ -233,7 +305,7 @@ static int hooks_idle(const ac_map_t *m) {
 /* Make the loop run an iteration without waiting (for releases). */
 void ac__wake(ac_map_t *m) {
   ac__kick(m);
-  if (!m->idle_on) {
+  if (!m->idle_on && !ac__map_torn(m)) {
     uv_idle_start(&m->idle, on_idle);
     m->idle_on = 1;
   }
@@ -481,8 +553,11 @@ int ac_loop(ac_map_t *m, double timeout, int use_poll, long count) {
   if (m == NULL && (m = ac_default_map()) == NULL) {
     return UV_ENOMEM;
   }
-  if (m->running || m->in_dispatch) {
+  if (loop_busy(m)) {
     return UV_EBUSY;
+  }
+  if (ac__map_torn(m)) {
+    return UV_EINVAL; /* the application closed the map's handles */
   }
   if (timeout != timeout) {
     return UV_EINVAL; /* NaN */

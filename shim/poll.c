@@ -127,5 +127,5 @@ void ac__poll_apply(ac_dispatcher_t *d, int bits) {
 }
 
 void ac__poll_close(ac_dispatcher_t *d) {
-  uv_close(&d->h.handle, ac__handle_closed);
+  ac__close_handle(d);
 }

@@ -1,13 +1,38 @@
-/* Connecting to a host name without blocking the loop (Q-07 fixed). */
+/* Connecting to a host name without blocking the loop (Q-07 fixed).
+ *
+ * The name may resolve to several addresses (on Debian, "localhost" is ::1
+ * and 127.0.0.1, ::1 first).  Like Python's socket.create_connection, every
+ * address is tried in order until one connects.  The attempts before the
+ * last run on sockets of their own, watched by a uv_poll_t of the request,
+ * while the channel stays unpolled: their failures never reach the
+ * application.  A socket that connects becomes the channel's, and the next
+ * pass reports the connect as any connect that completes (D-17).  The last
+ * address is connected by the channel itself, as ac_connect(), so that when
+ * every address fails the application sees the last failure exactly as it
+ * would see a refused connect to a single address. */
 #include "internal.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
+
+typedef struct attempt_s attempt_t;
 
 typedef struct {
-  uv_getaddrinfo_t req;
+  uv_getaddrinfo_t req; /* first: d->req while resolving (uv_cancel) */
   ac_dispatcher_t *d;
+  struct addrinfo *res;  /* every resolved address */
+  struct addrinfo *next; /* the one being tried */
+  attempt_t *att;        /* the attempt in flight, or NULL */
 } resolve_t;
+
+/* One connect on a socket of the request's own (not the last address). */
+struct attempt_s {
+  uv_poll_t poll;
+  ac_dispatcher_t *d;
+  uv_os_sock_t fd;
+};
 
 /* A failure outside any handler of d: through the wrappers' rules, as if
  * the connect step had raised it. */
@@ -35,7 +60,81 @@ static void report(ac_dispatcher_t *d, int code) {
   }
 }
 
-static int connect_first(ac_dispatcher_t *d, const struct addrinfo *ai) {
+/* The request is done: d may be connected or released again. */
+static void finish(resolve_t *rq) {
+  ac_dispatcher_t *d = rq->d;
+
+  d->req = NULL;
+  d->nreq--;
+  d->flags &= (uint16_t) ~AC__F_RESOLVING;
+  uv_freeaddrinfo(rq->res);
+  ac__free(rq);
+}
+
+static void on_attempt_closed(uv_handle_t *h) {
+  attempt_t *a = h->data;
+  ac_dispatcher_t *d = a->d;
+
+  ac__free(a);
+  d->nreq--;
+  ac__maybe_release(d); /* d may have been closed meanwhile */
+}
+
+/* Stop watching the attempt's socket (its fd is the caller's to close or
+ * to keep). */
+static void end_attempt(resolve_t *rq) {
+  attempt_t *a = rq->att;
+
+  rq->att = NULL;
+  if (uv_is_closing((uv_handle_t *) &a->poll)) {
+    /* Closed by the application (uv_walk): d is closing (ac_close), and
+     * its release comes from the map's release list. */
+    a->d->nreq--;
+    ac__free(a);
+    return;
+  }
+  uv_close((uv_handle_t *) &a->poll, on_attempt_closed);
+}
+
+static void on_attempt(uv_poll_t *h, int status, int events);
+
+/* Start connecting a socket of its own to `ai`: 0 pending (watched),
+ * 1 connected at once (*fd is the socket), or a negative errno. */
+static int start_attempt(resolve_t *rq, const struct addrinfo *ai,
+                         uv_os_sock_t *fd) {
+  attempt_t *a = NULL;
+  int r;
+
+  *fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (*fd < 0) {
+    return AC__ERR(errno); /* e.g. no IPv6 here: the next address */
+  }
+  if (connect(*fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+    return 1;
+  }
+  r = errno == EINPROGRESS ? 0 : AC__ERR(errno);
+  if (r == 0 && (a = ac__malloc(sizeof(*a))) == NULL) {
+    r = UV_ENOMEM;
+  }
+  if (r == 0 && (r = uv_poll_init_socket(rq->d->map->loop, &a->poll,
+                                         *fd)) != 0) {
+    ac__free(a);
+  }
+  if (r != 0) {
+    close(*fd);
+    return r;
+  }
+  a->poll.data = a;
+  a->d = rq->d;
+  a->fd = *fd;
+  rq->d->nreq++;
+  rq->att = a;
+  uv_poll_start(&a->poll, UV_WRITABLE, on_attempt);
+  return 0;
+}
+
+/* The last address: the channel connects itself, as ac_connect() does. */
+static int connect_last(ac_dispatcher_t *d, const struct addrinfo *ai) {
   int r = 0;
 
   if (d->fd < 0) {
@@ -47,28 +146,107 @@ static int connect_first(ac_dispatcher_t *d, const struct addrinfo *ai) {
   return r;
 }
 
+/* Give the connected socket to d; its connect is reported next pass. */
+static void win(resolve_t *rq, uv_os_sock_t fd) {
+  ac_dispatcher_t *d = rq->d;
+  int r = ac__take_connected(d, fd, rq->next->ai_addr);
+
+  finish(rq);
+  if (r != 0) {
+    report(d, r);
+  }
+}
+
+/* Try rq->next and the addresses after it until one connects or is
+ * pending; the last one through the channel itself. */
+static void try_from_next(resolve_t *rq) {
+  ac_dispatcher_t *d = rq->d;
+  struct sockaddr_storage last;
+  struct addrinfo ai;
+  uv_os_sock_t fd;
+  int r;
+
+  /* A channel with a handle already cannot take another socket: it
+   * connects to the first address itself. */
+  while (rq->next->ai_next != NULL && d->backend == AC_BACKEND_NONE) {
+    r = start_attempt(rq, rq->next, &fd);
+    if (r == 0) {
+      return; /* on_attempt goes on */
+    }
+    if (r == 1) {
+      win(rq, fd);
+      return;
+    }
+    rq->next = rq->next->ai_next; /* failed at once: the next address */
+  }
+  /* finish() frees the list, and ac_connect must not see the request. */
+  ai = *rq->next;
+  memcpy(&last, rq->next->ai_addr, rq->next->ai_addrlen);
+  ai.ai_addr = (struct sockaddr *) &last;
+  finish(rq);
+  r = connect_last(d, &ai);
+  if (r != 0) {
+    report(d, r);
+  }
+}
+
+static void on_attempt(uv_poll_t *h, int status, int events) {
+  attempt_t *a = h->data;
+  ac_dispatcher_t *d = a->d;
+  resolve_t *rq = d->req;
+  uv_os_sock_t fd = a->fd;
+  int err = 0;
+  socklen_t len = sizeof(err);
+
+  (void) events;
+  if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) {
+    err = errno;
+  }
+  if (status < 0 && err == 0) {
+    err = -status;
+  }
+  end_attempt(rq);
+  if (err == 0) {
+    win(rq, fd);
+    return;
+  }
+  close(fd); /* refused, unreachable...: quietly, the next address */
+  rq->next = rq->next->ai_next;
+  try_from_next(rq);
+}
+
 static void on_resolved(uv_getaddrinfo_t *req, int status,
                         struct addrinfo *res) {
   resolve_t *rq = (resolve_t *) req;
   ac_dispatcher_t *d = rq->d;
-  int r = status;
 
-  ac__free(rq);
-  d->req = NULL;
-  d->nreq--;
-  d->flags &= (uint16_t) ~AC__F_RESOLVING;
+  rq->res = res;
+  rq->next = res;
   if (d->flags & AC__F_CLOSED) {
-    uv_freeaddrinfo(res);
+    finish(rq);
     ac__maybe_release(d);
     return;
   }
-  if (r == 0) {
-    r = res != NULL ? connect_first(d, res) : UV_EAI_NONAME;
+  if (status != 0 || res == NULL) {
+    finish(rq);
+    report(d, status != 0 ? status : UV_EAI_NONAME);
+    return;
   }
-  uv_freeaddrinfo(res);
-  if (r != 0) {
-    report(d, r);
+  try_from_next(rq);
+}
+
+/* d is being closed (ac_close): drop the lookup or the attempt in flight.
+ * `closed` waits for both (nreq). */
+void ac__resolve_abort(ac_dispatcher_t *d) {
+  resolve_t *rq = d->req;
+
+  if (rq->att == NULL) {
+    uv_cancel((uv_req_t *) &rq->req); /* on_resolved sees the close */
+    return;
   }
+  close(rq->att->fd);
+  end_attempt(rq);
+  finish(rq);
 }
 
 int ac_connect_name(ac_dispatcher_t *d, const char *host, int port) {
@@ -84,11 +262,12 @@ int ac_connect_name(ac_dispatcher_t *d, const char *host, int port) {
   if ((d->flags & AC__F_CLOSED) || d->req != NULL) {
     return UV_EBUSY;
   }
-  rq = ac__malloc(sizeof(*rq));
+  rq = ac__calloc(1, sizeof(*rq));
   if (rq == NULL) {
     return UV_ENOMEM;
   }
   memset(&hints, 0, sizeof(hints));
+  /* A socket created beforehand restricts the lookup to its family. */
   hints.ai_family = d->fd >= 0 ? d->family : AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   snprintf(service, sizeof(service), "%d", port);
@@ -99,8 +278,9 @@ int ac_connect_name(ac_dispatcher_t *d, const char *host, int port) {
     ac__free(rq);
     return r;
   }
-  /* Connecting, but polled for nothing until the address is known: a
-   * socket without a connect in progress would look writable (10.4). */
+  /* Connecting, but polled for nothing until a socket is connected or the
+   * last address is tried: a socket without a connect in progress would
+   * look writable (10.4). */
   d->connected = 0;
   d->connecting = 1;
   d->req = rq;

@@ -141,7 +141,7 @@ static void on_write(uv_write_t *req, int status) {
         ac__list_del(&d->plink); /* off the drain list (a reused one's
                                     plink is its new life's) */
       }
-      uv_close(&d->h.handle, ac__handle_closed);
+      ac__close_handle(d);
     }
     ac__maybe_release(d);
     return;
@@ -180,12 +180,13 @@ ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf, size_t n) {
  * drains first (the fd stays open until then). */
 void ac__stream_close(ac_dispatcher_t *d) {
   uv_read_stop((uv_stream_t *) &d->h.tcp);
-  if (d->wq_bytes > 0 && !(d->flags & AC__F_WERR)) {
+  if (d->wq_bytes > 0 && !(d->flags & AC__F_WERR) &&
+      !uv_is_closing(&d->h.handle)) {
     d->flags |= AC__F_DRAIN;
     ac__list_add(&d->map->drain, &d->plink);
     return;
   }
-  uv_close(&d->h.handle, ac__handle_closed);
+  ac__close_handle(d);
 }
 
 /* Cut the drains that outlived the map's linger time. */
@@ -194,7 +195,7 @@ void ac__stream_abort_drains(ac_map_t *m) {
     ac_dispatcher_t *d = AC__ENTRY(m->drain.next, plink);
     ac__list_del(&d->plink);
     d->flags &= (uint16_t) ~AC__F_DRAIN;
-    uv_close(&d->h.handle, ac__handle_closed);
+    ac__close_handle(d);
   }
   ac__adopt_abort(m); /* adopted streams' queued bytes too (adopt.c) */
 }

@@ -28,8 +28,11 @@ static int64_t to_ms(double s) {
 static void on_timer(uv_timer_t *h) {
   ac_timer_t *t = h->data;
   ac_map_t *m = t->map;
-  int r = t->cb(t, t->arg);
+  int r;
 
+  m->in_callback++; /* no ac_loop on this uv loop from here (map.c) */
+  r = t->cb(t, t->arg);
+  m->in_callback--;
   if (r != 0) {
     ac__exit(m, r);
   }
@@ -124,6 +127,12 @@ int ac_timer_close(ac_timer_t *t, ac_timer_closed_cb closed) {
   }
   t->next = NULL;
   t->pprev = NULL;
+  if (uv_is_closing((uv_handle_t *) &t->h)) {
+    /* The application closed the handle (uv_walk) with its own callback:
+     * the timer is released now, as its close already ran. */
+    on_closed((uv_handle_t *) &t->h);
+    return 0;
+  }
   uv_close((uv_handle_t *) &t->h, on_closed);
   return 0;
 }

@@ -948,6 +948,111 @@ TASK(embed_predicates_once_per_iteration) {
   ASSERT_OK(loop_free(loop));
 }
 
+/* ---------------------------------------------------------------- */
+/* Tearing down with uv_walk: the application closes every handle of  */
+/* the loop, the map's and the channels' included.                    */
+
+static int walk_released[4];
+
+static void walk_closed(ac_dispatcher_t *d) {
+  walk_released[(intptr_t) d->data]++;
+}
+
+static const ac_dispatcher_ops_t walk_ops = {.closed = walk_closed};
+
+static int walk_timer(ac_timer_t *t, void *arg) {
+  (void) t;
+  (void) arg;
+  return 0;
+}
+
+static void walk_sink(void *ctx, const char *type, const char *message) {
+  (void) ctx;
+  (void) type;
+  (void) message;
+}
+
+static void close_every_handle(uv_handle_t *h, void *arg) {
+  (void) arg;
+  if (!uv_is_closing(h)) {
+    uv_close(h, NULL);
+  }
+}
+
+/* The libuv idiom for tearing a loop down: uv_walk closing every handle,
+ * uv_run to finish the closes, uv_loop_close.  With a listener, a stream
+ * with output queued in libuv (its peer does not read), a poll-backed
+ * socketpair channel, a socketless channel and a started timer: the map
+ * notices that its handles were closed by someone else, and
+ * ac_map_free() (after uv_loop_close(), or before it) releases every
+ * channel once, closes every fd and frees everything, without running the
+ * loop again.  Before, libuv aborted (!uv__is_closing) or the map leaked. */
+TASK(embed_teardown_by_uv_walk) {
+  int order;
+
+  ASSERT_OK(loop_free(loop_new())); /* libuv's process-wide fds, first */
+  for (order = 0; order < 2; order++) {
+    int fd0 = task_fd_count();
+    uv_loop_t *loop = loop_new();
+    ac_map_t *map = NULL;
+    ac_dispatcher_t ch[4];
+    struct sockaddr_in sin;
+    static char chunk[65536];
+    ac_timer_t t;
+    int fds[2];
+    int sv[2];
+    int i;
+
+    ASSERT(loop != NULL);
+    ASSERT_OK(ac_map_new(loop, &map));
+    ac_map_set_log_sink(map, walk_sink, NULL);
+    memset(walk_released, 0, sizeof(walk_released));
+    for (i = 0; i < 4; i++) {
+      ASSERT_OK(ac_dispatcher_init(&ch[i], map, &walk_ops));
+      ch[i].data = (void *) (intptr_t) i;
+    }
+    /* 0: a listener on 127.0.0.1 */
+    ASSERT_OK(ac_create_socket(&ch[0], AF_INET, SOCK_STREAM));
+    ASSERT_OK(uv_ip4_addr("127.0.0.1", 0, &sin));
+    ASSERT_OK(ac_bind(&ch[0], (struct sockaddr *) &sin));
+    ASSERT_OK(ac_listen(&ch[0], 5));
+    /* 1: a connected stream whose output waits in libuv */
+    ASSERT_OK(tcp_pair(fds));
+    ASSERT_OK(ac_dispatcher_open(&ch[1], fds[1]));
+    for (i = 0; i < 256 && ac_send(&ch[1], chunk, sizeof(chunk)) > 0; i++) {
+    }
+    ASSERT_GT(ch[1].wq_bytes, 0);
+    /* 2: a socketpair end (poll backend) */
+    ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+    ASSERT_OK(ac_dispatcher_open(&ch[2], sv[0]));
+    /* 3: socketless, closed already: its release is pending */
+    ASSERT_OK(ac_create_socket(&ch[3], AF_INET, SOCK_STREAM));
+    ASSERT_OK(ac_timer_init(map, &t));
+    ASSERT_OK(ac_timer_start(&t, 10.0, 0, walk_timer, NULL));
+    for (i = 0; i < 5; i++) {
+      uv_run(loop, UV_RUN_NOWAIT);
+    }
+    ASSERT_OK(ac_close(&ch[3]));
+
+    uv_walk(loop, close_every_handle, NULL);
+    uv_run(loop, UV_RUN_DEFAULT);
+    if (order == 0) {
+      ASSERT_OK(uv_loop_close(loop));
+      ac_map_free(map);
+    } else {
+      ac_map_free(map);
+      ASSERT_OK(uv_loop_close(loop));
+    }
+    free(loop);
+    for (i = 0; i < 4; i++) {
+      ASSERT_EQ(walk_released[i], 1);
+    }
+    close(fds[0]);
+    close(sv[1]);
+    ASSERT_EQ(task_fd_count(), fd0);
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(embed_app_runs_only_uv_run),
     TASK_ENTRY(embed_no_busy_wait_when_idle),
@@ -961,6 +1066,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(embed_map_close_inside_ac_loop),
     TASK_ENTRY(embed_map_close_timers_only),
     TASK_ENTRY(embed_predicates_once_per_iteration),
+    TASK_ENTRY(embed_teardown_by_uv_walk),
 };
 
 int main(int argc, char **argv) {

@@ -580,6 +580,161 @@ TASK(l09_nested_loop_is_busy) {
   close(peer);
 }
 
+/* A channel on the heap whose first handle_read runs ac_loop on another
+ * map (`other`) of the same uv loop; later reads drain the socket and close
+ * at EOF.  `closed` frees it. */
+typedef struct {
+  ac_dispatcher_t d;
+  ac_map_t *other;
+  int nested;  /* ac_loop(other) ran (first read) */
+  int *result; /* what that ac_loop returned */
+  int *nclosed;
+} nester_t;
+
+static int nester_read(ac_dispatcher_t *d) {
+  nester_t *n = ac_container_of(d, nester_t, d);
+  char buf[64];
+  ssize_t r;
+
+  if (!n->nested) {
+    n->nested = 1;
+    *n->result = ac_loop(n->other, 0.01, 0, 1);
+    n->nested = 2; /* n must still be alive: its handler is on the stack */
+    return 0;
+  }
+  while ((r = ac_recv(d, buf, sizeof(buf))) > 0) {
+  }
+  if (r == 0) {
+    ac_close(d);
+  }
+  return 0;
+}
+
+static int nester_closed_result;
+
+static void nester_closed(ac_dispatcher_t *d) {
+  nester_t *n = ac_container_of(d, nester_t, d);
+
+  ASSERT_EQ(n->nested, 2); /* the outer handler finished first */
+  /* From `closed` (a libuv close callback) too. */
+  nester_closed_result = ac_loop(n->other, 0.01, 0, 1);
+  ++*n->nclosed;
+  free(n);
+}
+
+static const ac_dispatcher_ops_t nester_ops = {
+    .handle_read = nester_read, .closed = nester_closed};
+
+/* Two maps on one uv loop: `a` with a nester whose peer sent a byte and
+ * closed, `b` with an idle channel (so that ac_loop(b) would run). */
+static ac_dispatcher_t nest_idle;
+
+static void nest_setup(uv_loop_t *loop, ac_map_t **a, ac_map_t **b,
+                       int *result, int *nclosed, uv_os_sock_t *idle_peer) {
+  uv_os_sock_t fds[2];
+  uv_os_sock_t sv[2];
+  nester_t *n = calloc(1, sizeof(*n));
+  ac_dispatcher_t *idle = &nest_idle;
+
+  ASSERT(n != NULL);
+  ASSERT_OK(ac_map_new(loop, a));
+  ASSERT_OK(ac_map_new(loop, b));
+  ASSERT_OK(ac_dispatcher_init(&n->d, *a, &nester_ops));
+  n->other = *b;
+  n->result = result;
+  n->nclosed = nclosed;
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&n->d, fds[1]));
+  ASSERT_EQ(send(fds[0], "x", 1, 0), 1);
+  close(fds[0]); /* data and EOF: a nested pass would close the nester */
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+  ASSERT_OK(ac_dispatcher_init(idle, *b, NULL));
+  ASSERT_OK(ac_dispatcher_open(idle, sv[0]));
+  *idle_peer = sv[1];
+  *result = 1;
+  *nclosed = 0;
+}
+
+static void nest_teardown(uv_loop_t *loop, ac_map_t *a, ac_map_t *b,
+                          uv_os_sock_t idle_peer) {
+  ac_map_free(a);
+  ac_map_free(b);
+  close(idle_peer);
+  ASSERT_OK(uv_loop_close(loop));
+}
+
+/* L-09 (issue 12): ac_loop on a second map that shares the uv loop, from a
+ * handler (or the `closed` callback) of a channel of the first, would re-enter uv_run: the nested pass dispatched
+ * the same channel again, closed and released it, and the outer handler
+ * went on in freed memory.  Refused with UV_EBUSY, under ac_loop and under
+ * the application's uv_run (embedded); the channel is released once,
+ * later, by the outer loop. */
+TASK(l09_nested_loop_on_other_map_is_busy) {
+  int embedded;
+
+  for (embedded = 0; embedded < 2; embedded++) {
+    uv_loop_t loop;
+    ac_map_t *a;
+    ac_map_t *b;
+    uv_os_sock_t idle_peer;
+    int result;
+    int nclosed;
+    int i;
+
+    ASSERT_OK(uv_loop_init(&loop));
+    nest_setup(&loop, &a, &b, &result, &nclosed, &idle_peer);
+    nester_closed_result = 1;
+    for (i = 0; i < 200 && nclosed == 0; i++) {
+      if (embedded) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+      } else {
+        ASSERT_OK(ac_loop(a, 0.01, 0, 1));
+      }
+    }
+    ASSERT_EQ(result, UV_EBUSY);
+    ASSERT_EQ(nclosed, 1);
+    ASSERT_EQ(nester_closed_result, UV_EBUSY);
+    nest_teardown(&loop, a, b, idle_peer);
+  }
+}
+
+static int nest_timer_result;
+
+static int nest_timer_cb(ac_timer_t *t, void *arg) {
+  (void) t;
+  nest_timer_result = ac_loop(arg, 0.01, 0, 1);
+  return 0;
+}
+
+/* The same from a timer callback of a map whose loop the application
+ * runs: uv_run is already on the stack. */
+TASK(l09_nested_loop_from_timer_is_busy) {
+  uv_loop_t loop;
+  ac_map_t *a;
+  ac_map_t *b;
+  uv_os_sock_t idle_peer;
+  ac_timer_t t;
+  int result;
+  int nclosed;
+  int i;
+
+  ASSERT_OK(uv_loop_init(&loop));
+  nest_setup(&loop, &a, &b, &result, &nclosed, &idle_peer);
+  ASSERT_OK(ac_timer_init(a, &t));
+  ASSERT_OK(ac_timer_start(&t, 0, 0, nest_timer_cb, b));
+  nest_timer_result = 1;
+  for (i = 0; i < 200 && nest_timer_result == 1; i++) {
+    uv_run(&loop, UV_RUN_NOWAIT);
+  }
+  ASSERT_EQ(nest_timer_result, UV_EBUSY);
+  for (i = 0; i < 200 && nclosed == 0; i++) {
+    uv_run(&loop, UV_RUN_NOWAIT);
+  }
+  ASSERT_EQ(result, UV_EBUSY);
+  ASSERT_EQ(nclosed, 1);
+  nest_teardown(&loop, a, b, idle_peer);
+}
+
 /* E-09, Q-20 (fixed): an fd closed behind the library's back is noticed
  * when its interest changes and reported as NVAL, which leads to
  * handle_close in both modes (select mode would fail select() with EBADF
@@ -649,6 +804,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(l09_count_passes),
     TASK_ENTRY(l09_forever_until_map_empty),
     TASK_ENTRY(l09_nested_loop_is_busy),
+    TASK_ENTRY(l09_nested_loop_on_other_map_is_busy),
+    TASK_ENTRY(l09_nested_loop_from_timer_is_busy),
     TASK_ENTRY(l10_predicates_once_per_pass),
     TASK_ENTRY(l11_added_during_dispatch),
     TASK_ENTRY(l12_close_all),
