@@ -127,6 +127,11 @@ static int found_headers(http_t *h) {
   const char *v;
   long long clen = 0;
 
+  if (h->len == 0) { /* "\r\n\r\n" first: nothing was collected, no buffer */
+    h->minor = 0;
+    h->keep_alive = 0;
+    return respond(h, 400, "Bad Request", "bad request\n", 12);
+  }
   h->buf[h->len] = '\0';
   h->minor = 1;
   if (sscanf(h->buf, "%15s %*s HTTP/%d.%d", method, &major, &h->minor) != 3 ||
