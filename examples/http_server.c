@@ -11,11 +11,11 @@
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * http_server.md): a header block over 64 KiB gets 431 and a close, a body
- * over --max-input (16 MiB) 413 and a close; reading stops while
+ * over --max-input (4 MiB) 413 and a close; reading stops while
  * --max-output (256 KiB) of responses is queued, and a client whose
  * pipelined requests would queue more than --max-output + --max-input is
  * closed; a connection without a complete request for --idle seconds (60)
- * is closed; beyond --max-conns (10000) connections, new ones are closed at
+ * is closed; beyond --max-conns (1000) connections, new ones are closed at
  * once.  A client that half-closes gets its responses before the close. */
 #include <uvasyncore.h>
 
@@ -45,8 +45,8 @@ typedef struct {
   int minor;       /* HTTP/1.<minor> */
 } http_t;
 
-static guard_t guard = {.lim = {.max_conns = 10000,
-                                .max_input = 16 * 1024 * 1024,
+static guard_t guard = {.lim = {.max_conns = 1000,
+                                .max_input = 4 * 1024 * 1024,
                                 .max_output = 256 * 1024,
                                 .idle = 60}};
 
@@ -91,7 +91,7 @@ static int respond(http_t *h, int status, const char *reason,
   /* Output cap: readable() stops reading at --max-output, but one read
    * can hold many pipelined requests; beyond this the client is closed
    * (handle_error). */
-  if (ac_chat_out_bytes(&h->chat) + (size_t) len + n >
+  if (chat_queued(&h->chat) + (size_t) len + n >
       guard.lim.max_output + guard.lim.max_input) {
     return UV_ENOBUFS;
   }
@@ -214,7 +214,7 @@ static int on_found(ac_chat_t *c) {
 static int on_readable(ac_dispatcher_t *d) {
   http_t *h = http_of(ac_chat_of(d));
 
-  return !h->done && ac_chat_out_bytes(&h->chat) < guard.lim.max_output;
+  return !h->done && chat_queued(&h->chat) < guard.lim.max_output;
 }
 
 /* The client half-closed (or the connection broke): the responses already
@@ -239,7 +239,7 @@ static void on_closed(ac_dispatcher_t *d) {
 }
 
 static size_t queued(ac_dispatcher_t *d) {
-  return ac_chat_out_bytes(ac_chat_of(d));
+  return chat_queued(ac_chat_of(d));
 }
 
 static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {

@@ -14,8 +14,10 @@
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * line_server.md): a line longer than --max-input (64 KiB) gets
  * "ERROR line too long" and a close; reading stops while --max-output
- * (256 KiB) of replies is queued; a connection without a complete line
- * for --idle seconds (60) is closed; beyond --max-conns (10000)
+ * (256 KiB) of replies is queued, and a client whose pipelined lines
+ * would queue more than --max-output + --max-input is closed; a
+ * connection without a complete line for --idle seconds (60) is closed;
+ * beyond --max-conns (1000)
  * connections, new ones are closed at once.  A client that half-closes
  * gets all its replies before the close. */
 #include <uvasyncore.h>
@@ -44,7 +46,7 @@ typedef struct {
 } client_t;
 
 static int batch;
-static guard_t guard = {.lim = {.max_conns = 10000,
+static guard_t guard = {.lim = {.max_conns = 1000,
                                 .max_input = 64 * 1024,
                                 .max_output = 256 * 1024,
                                 .idle = 60}};
@@ -134,6 +136,10 @@ static int on_line(ac_chat_t *c) {
   if (n == cl->cap && (r = grow(cl, 0)) != 0) { /* an empty first line */
     return r;
   }
+  if (chat_queued(c) > guard.lim.max_output + guard.lim.max_input) {
+    return UV_ENOBUFS; /* output cap: a read of 65,536 empty lines queues
+                          6 MiB of entries; handle_error closes */
+  }
   cl->line[n] = '\n';
   cl->len = 0;
   guard_progress(&guard, &cl->conn);
@@ -145,7 +151,7 @@ static int on_line(ac_chat_t *c) {
 static int on_readable(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
 
-  return !cl->done && ac_chat_out_bytes(&cl->chat) < guard.lim.max_output;
+  return !cl->done && chat_queued(&cl->chat) < guard.lim.max_output;
 }
 
 /* The client half-closed (or the connection broke): the replies already
@@ -171,7 +177,7 @@ static void on_closed(ac_dispatcher_t *d) {
 }
 
 static size_t queued(ac_dispatcher_t *d) {
-  return ac_chat_out_bytes(ac_chat_of(d));
+  return chat_queued(ac_chat_of(d));
 }
 
 /* A client whose line is too long (or that makes us run out of memory)

@@ -17,13 +17,13 @@
  * pipelined read produced leaves in one vectored send.
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
- * resp_server.md): a command over --max-input (16 MiB) or a line over
+ * resp_server.md): a command over --max-input (4 MiB) or a line over
  * 64 KiB gets a protocol error and a close; reading stops while
  * --max-output (1 MiB) of replies is queued, and a client whose pipelined
  * commands would queue more than --max-output + --max-input (a few bytes
  * of GET can ask for a large value) is closed, as Redis's
  * client-output-buffer-limit does; a connection without a complete
- * command for --idle seconds (60) is closed; beyond --max-conns (10000)
+ * command for --idle seconds (60) is closed; beyond --max-conns (1000)
  * connections, new ones are closed at once; SET beyond --max-memory
  * (256 MiB of keys and values) answers -OOM.  A client that half-closes
  * gets its replies before the close. */
@@ -63,8 +63,8 @@ typedef struct {
 
 static db_t db;
 static size_t max_memory = 256u * 1024 * 1024;
-static guard_t guard = {.lim = {.max_conns = 10000,
-                                .max_input = 16 * 1024 * 1024,
+static guard_t guard = {.lim = {.max_conns = 1000,
+                                .max_input = 4 * 1024 * 1024,
                                 .max_output = 1024 * 1024,
                                 .idle = 60}};
 
@@ -213,7 +213,7 @@ static client_t *client_of(ac_chat_t *c) {
 static int reply_str(client_t *cl, const char *s);
 
 static int reply(client_t *cl, const char *s, size_t n) {
-  if (ac_chat_out_bytes(&cl->chat) + n >
+  if (chat_queued(&cl->chat) + n >
       guard.lim.max_output + guard.lim.max_input + 64) {
     return UV_ENOBUFS;
   }
@@ -572,7 +572,7 @@ static int on_collect(ac_chat_t *c, const char *data, size_t n) {
 static int on_readable(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
 
-  return !cl->done && ac_chat_out_bytes(&cl->chat) < guard.lim.max_output;
+  return !cl->done && chat_queued(&cl->chat) < guard.lim.max_output;
 }
 
 /* The client half-closed (or the connection broke): the replies already
@@ -597,7 +597,7 @@ static void on_closed(ac_dispatcher_t *d) {
 }
 
 static size_t queued(ac_dispatcher_t *d) {
-  return ac_chat_out_bytes(ac_chat_of(d));
+  return chat_queued(ac_chat_of(d));
 }
 
 /* A client that breaks the protocol is closed without a log line. */

@@ -189,6 +189,14 @@ static inline void guard_progress(guard_t *g, conn_t *c) {
   c->last = uv_now(g->loop);
 }
 
+/* The memory a chat's output queue holds: its bytes, plus its fifo
+ * entries (48 bytes each, and the fifo doubles as it grows: count 96).
+ * Counting bytes alone would let a client queue millions of one-byte
+ * replies at 96 bytes each. */
+static inline size_t chat_queued(const ac_chat_t *c) {
+  return ac_chat_out_bytes(c) + 96 * ac_chat_fifo_len(c);
+}
+
 /* Appends n bytes to a buffer of at most `max` bytes (plus one for a
  * terminating NUL), growing it by doubling but never past max + 1.
  * Returns 0, UV_E2BIG (the buffer would exceed max; nothing is appended)
