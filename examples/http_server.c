@@ -67,6 +67,7 @@ static int on_collect(ac_chat_t *c, const char *data, size_t n) {
                  h->in_body ? guard.lim.max_input : MAX_HEADER, data, n);
   if (r == UV_E2BIG) { /* input cap (a body never is: 413 came first) */
     h->keep_alive = 0;
+    h->head = 0;
     return respond(h, 431, "Request Header Fields Too Large",
                    "header block too large\n", 23);
   }
@@ -149,6 +150,7 @@ static int found_headers(http_t *h) {
   const char *v;
   long long clen = 0;
 
+  h->head = 0; /* an error response has a body, whatever came before */
   if (h->len == 0) { /* "\r\n\r\n" first: nothing was collected, no buffer */
     h->minor = 0;
     h->keep_alive = 0;

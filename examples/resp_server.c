@@ -520,6 +520,9 @@ static int found_bulklen(client_t *cl) {
 static int found_bulk(client_t *cl) {
   int r;
 
+  if (memcmp(cl->rec + cl->rec_len - 2, "\r\n", 2) != 0) {
+    return refuse(cl, "-ERR Protocol error: expected '\\r\\n' after a bulk\r\n");
+  }
   cl->rec_len -= 2; /* the payload's "\r\n" */
   if (cl->argc < MAX_ARGS) {
     cl->argoff[++cl->argc] = cl->rec_len;

@@ -517,6 +517,8 @@ def oversize_input_gets_an_error_then_a_close():
          b"-ERR Protocol error: invalid bulk length\r\n"),
         ("resp_server", [], b"*9999999999\r\n",
          b"-ERR Protocol error: invalid multibulk length\r\n"),
+        ("resp_server", [], b"*1\r\n$4\r\nPINGxx",
+         b"-ERR Protocol error: expected '\\r\\n' after a bulk\r\n"),
     ]
     for name, args, data, want in cases:
         srv = Server(name, *args)
