@@ -32,8 +32,8 @@ typedef struct {
 } echo_handler_t;
 
 static guard_t guard = {.lim = {.max_conns = 10000,
-                                .max_input = 64 * 1024,
-                                .max_output = 256 * 1024,
+                                .max_input = (size_t) 64 * 1024,
+                                .max_output = (size_t) 256 * 1024,
                                 .idle = 60}};
 
 static echo_handler_t *handler_of(ac_dispatcher_t *d) {

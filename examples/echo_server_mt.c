@@ -32,8 +32,8 @@ typedef struct {
 
 /* The limits (the same for every thread) and the process's connections. */
 static limits_t limits = {.max_conns = 10000,
-                          .max_input = 64 * 1024,
-                          .max_output = 256 * 1024,
+                          .max_input = (size_t) 64 * 1024,
+                          .max_output = (size_t) 256 * 1024,
                           .idle = 60};
 static atomic_size_t live;
 

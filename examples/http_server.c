@@ -28,7 +28,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-#define MAX_HEADER (64 * 1024)
+#define MAX_HEADER ((size_t) 64 * 1024)
 
 static const char page[] = "Hello from uvasyncore\n";
 
@@ -46,8 +46,8 @@ typedef struct {
 } http_t;
 
 static guard_t guard = {.lim = {.max_conns = 1000,
-                                .max_input = 4 * 1024 * 1024,
-                                .max_output = 256 * 1024,
+                                .max_input = (size_t) 4 * 1024 * 1024,
+                                .max_output = (size_t) 256 * 1024,
                                 .idle = 60}};
 
 static http_t *http_of(ac_chat_t *c) { return ac_container_of(c, http_t, chat); }

@@ -47,8 +47,8 @@ typedef struct {
 
 static int batch;
 static guard_t guard = {.lim = {.max_conns = 1000,
-                                .max_input = 64 * 1024,
-                                .max_output = 256 * 1024,
+                                .max_input = (size_t) 64 * 1024,
+                                .max_output = (size_t) 256 * 1024,
                                 .idle = 60}};
 
 /* The client whose chat is c. */

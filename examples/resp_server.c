@@ -41,7 +41,7 @@
 #include <unistd.h>
 
 #define MAX_ARGS 64
-#define MAX_LINE (64 * 1024) /* an inline command or a "*"/"$" line */
+#define MAX_LINE ((size_t) 64 * 1024) /* an inline command or a "*"/"$" line */
 
 /* ---------------------------------------------------------------- */
 /* The key space: a chained hash table of byte strings.              */
@@ -62,10 +62,10 @@ typedef struct {
 } db_t;
 
 static db_t db;
-static size_t max_memory = 256u * 1024 * 1024;
+static size_t max_memory = (size_t) 256 * 1024 * 1024;
 static guard_t guard = {.lim = {.max_conns = 1000,
-                                .max_input = 4 * 1024 * 1024,
-                                .max_output = 1024 * 1024,
+                                .max_input = (size_t) 4 * 1024 * 1024,
+                                .max_output = (size_t) 1024 * 1024,
                                 .idle = 60}};
 
 static uint64_t hash_bytes(const char *p, size_t n) {
@@ -507,9 +507,11 @@ static int found_bulklen(client_t *cl) {
   if (line[0] != '$') {
     return refuse(cl, "-ERR Protocol error: expected '$'\r\n");
   }
-  len = isdigit((unsigned char) line[1]) ? strtoull(line + 1, &end, 10) : 0;
-  if (!isdigit((unsigned char) line[1]) || *end != '\0' ||
-      len > guard.lim.max_input - cl->arg_start) { /* the input cap */
+  if (!isdigit((unsigned char) line[1])) { /* "$", "$-1", "$x" */
+    return refuse(cl, "-ERR Protocol error: invalid bulk length\r\n");
+  }
+  len = strtoull(line + 1, &end, 10);
+  if (*end != '\0' || len > guard.lim.max_input - cl->arg_start) {
     return refuse(cl, "-ERR Protocol error: invalid bulk length\r\n");
   }
   cl->rec_len = cl->arg_start; /* drop the "$<len>" line */
