@@ -14,8 +14,8 @@
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * line_server.md): a line longer than --max-input (64 KiB) gets
  * "ERROR line too long" and a close; reading stops while --max-output
- * (256 KiB) of replies is queued, and a client whose pipelined lines
- * would queue more than --max-output + --max-input is closed; a
+ * (256 KiB) of replies is queued, and each read is sized so that its
+ * replies cannot take the queue past --max-output + --max-input; a
  * connection without a complete line for --idle seconds (60) is closed;
  * beyond --max-conns (1000)
  * connections, new ones are closed at once.  A client that half-closes
@@ -136,10 +136,6 @@ static int on_line(ac_chat_t *c) {
   if (n == cl->cap && (r = grow(cl, 0)) != 0) { /* an empty first line */
     return r;
   }
-  if (chat_queued(c) > guard.lim.max_output + guard.lim.max_input) {
-    return UV_ENOBUFS; /* output cap: a read of 65,536 empty lines queues
-                          6 MiB of entries; handle_error closes */
-  }
   cl->line[n] = '\n';
   cl->len = 0;
   guard_progress(&guard, &cl->conn);
@@ -147,11 +143,25 @@ static int on_line(ac_chat_t *c) {
 }
 
 /* Back-pressure: no reading while --max-output bytes wait for a client
- * that does not read its replies (asyncore asks readable() every pass). */
+ * that does not read its replies (asyncore asks readable() every pass).
+ * One read can still queue a reply per byte (empty lines: 97 bytes of
+ * queue each), so each read asks for no more than keeps the queue under
+ * --max-output + --max-input. */
 static int on_readable(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
+  size_t q = chat_queued(&cl->chat);
+  size_t room;
 
-  return !cl->done && chat_queued(&cl->chat) < guard.lim.max_output;
+  if (cl->done || q >= guard.lim.max_output) {
+    return 0;
+  }
+  room = (guard.lim.max_output + guard.lim.max_input - q) / 97;
+  if (room == 0) {
+    return 0;
+  }
+  cl->chat.ac_in_buffer_size = room < AC_CHAT_BUFFER_SIZE ? room
+                                                          : AC_CHAT_BUFFER_SIZE;
+  return 1;
 }
 
 /* The client half-closed (or the connection broke): the replies already
