@@ -1,12 +1,23 @@
 /* The echo server of the asyncore documentation, on uvasyncore.
  *
- *   usage: echo_server PORT [--embed]
+ *   usage: echo_server PORT [--embed] [--max-conns N] [--max-output BYTES]
+ *                      [--idle SECONDS]
  *
  * Listens on 127.0.0.1:PORT; every connection gets back what it sends.
  * SIGINT or SIGTERM ends it with status 0.  With --embed the program runs
  * the uv loop itself (uv_run) instead of ac_loop, as an application that
- * hosts channels in its own loop does (docs/embedding.md). */
+ * hosts channels in its own loop does (docs/embedding.md).
+ *
+ * Hardened as docs/porting.md describes (limits in docs/examples/
+ * echo_server.md): reading stops while --max-output (256 KiB) waits for a
+ * client that does not read; a connection that sent nothing and drained
+ * nothing for --idle seconds (60) is closed; beyond --max-conns (10000)
+ * connections, new ones are closed at once.  Echo holds no request, so
+ * there is no input cap (--max-input is accepted and unused).  A client
+ * that half-closes gets its echo before the close. */
 #include <uvasyncore.h>
+
+#include "serve.h" /* limits_t, guard_t: the hardening */
 
 #include <arpa/inet.h>
 #include <stdio.h>
@@ -16,7 +27,22 @@
 
 typedef struct {
   ac_dispatcher_with_send_t base; /* class EchoHandler(dispatcher_with_send) */
+  conn_t conn;                    /* in the guard's list */
+  int done;                       /* half-closed: finish sending, close */
 } echo_handler_t;
+
+static guard_t guard = {.lim = {.max_conns = 10000,
+                                .max_input = (size_t) 64 * 1024,
+                                .max_output = (size_t) 256 * 1024,
+                                .idle = 60}};
+
+static echo_handler_t *handler_of(ac_dispatcher_t *d) {
+  return ac_container_of(d, echo_handler_t, base.d);
+}
+
+static size_t queued(ac_dispatcher_t *d) {
+  return ac_dispatcher_with_send_pending(&handler_of(d)->base);
+}
 
 /* def handle_read(self): data = self.recv(8192); if data: self.send(data) */
 static int handler_read(ac_dispatcher_t *d) {
@@ -24,17 +50,49 @@ static int handler_read(ac_dispatcher_t *d) {
   ssize_t n = ac_recv(d, data, sizeof(data));
 
   if (n > 0) {
+    guard_progress(&guard, &handler_of(d)->conn);
     n = ac_send(d, data, (size_t) n);
   }
   return n < 0 && n != UV_EAGAIN ? (int) n : 0;
 }
 
+/* Back-pressure: no reading while --max-output bytes wait for a client
+ * that does not read (asyncore asks readable() every pass). */
+static int handler_readable(ac_dispatcher_t *d) {
+  return !handler_of(d)->done && queued(d) < guard.lim.max_output;
+}
+
+/* The client half-closed: what is queued still goes out (handler_write
+ * closes once it is sent); the default would close now and drop it. */
+static int handler_close(ac_dispatcher_t *d) {
+  echo_handler_t *h = handler_of(d);
+
+  if (h->done || queued(d) == 0) {
+    return ac_close(d);
+  }
+  h->done = 1;
+  return 0;
+}
+
+static int handler_write(ac_dispatcher_t *d) {
+  echo_handler_t *h = handler_of(d);
+  int r = ac_dispatcher_with_send_initiate_send(&h->base);
+
+  return r == 0 && h->done && queued(d) == 0 ? ac_close(d) : r;
+}
+
 static void handler_closed(ac_dispatcher_t *d) {
-  free(ac_container_of(d, echo_handler_t, base.d));
+  echo_handler_t *h = handler_of(d);
+
+  guard_remove(&guard, &h->conn);
+  free(h);
 }
 
 static const ac_dispatcher_ops_t handler_ops = {
+    .readable = handler_readable,
     .handle_read = handler_read,
+    .handle_write = handler_write,
+    .handle_close = handler_close,
     .closed = handler_closed,
     .type_name = "EchoHandler",
 };
@@ -42,7 +100,7 @@ static const ac_dispatcher_ops_t handler_ops = {
 /* def handle_accepted(self, sock, addr): handler = EchoHandler(sock) */
 static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
                            const struct sockaddr *addr, socklen_t len) {
-  echo_handler_t *h = malloc(sizeof(*h));
+  echo_handler_t *h = calloc(1, sizeof(*h));
   char host[INET6_ADDRSTRLEN] = "?";
   int r;
 
@@ -52,11 +110,12 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
     inet_ntop(AF_INET, &((const struct sockaddr_in *) addr)->sin_addr, host,
               sizeof(host));
   }
-  printf("Incoming connection from %s\n", host);
-  if (h == NULL) {
+  if (h == NULL || !guard_admit(&guard)) { /* connection limit */
+    free(h);
     close(sock);
-    return UV_ENOMEM;
+    return 0; /* the server carries on */
   }
+  printf("Incoming connection from %s\n", host);
   r = ac_dispatcher_with_send_init(&h->base, d->map, &handler_ops);
   if (r == 0) {
     r = ac_dispatcher_open(&h->base.d, sock);
@@ -64,8 +123,10 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
   if (r != 0) {
     close(sock);
     free(h);
+    return 0; /* this connection failed; the server carries on */
   }
-  return r;
+  guard_add(&guard, &h->conn, &h->base.d);
+  return 0;
 }
 
 static const ac_dispatcher_ops_t server_ops = {
@@ -83,17 +144,30 @@ int main(int argc, char **argv) {
   struct sockaddr_in addr;
   uv_signal_t sigint, sigterm;
   ac_map_t *map;
-  int embed = argc > 2 && strcmp(argv[2], "--embed") == 0;
+  int embed = 0;
+  int bad = argc < 2;
   int r;
+  int i;
 
-  if (argc < 2) {
-    fprintf(stderr, "usage: %s PORT [--embed]\n", argv[0]);
+  for (i = 2; i < argc && !bad; i++) {
+    int k = limits_option(&guard.lim, argc, argv, &i);
+    if (k == 0 && strcmp(argv[i], "--embed") == 0) {
+      embed = 1;
+    } else {
+      bad = k != 1;
+    }
+  }
+  if (bad) {
+    fprintf(stderr, "usage: %s PORT [--embed] " LIMITS_USAGE "\n", argv[0]);
     return 2;
   }
   setvbuf(stdout, NULL, _IOLBF, 0);
   map = ac_default_map();
   uv_ip4_addr("127.0.0.1", atoi(argv[1]), &addr);
-  r = ac_dispatcher_init(&server, map, &server_ops);
+  r = guard_init(&guard, map, queued);
+  if (r == 0) {
+    r = ac_dispatcher_init(&server, map, &server_ops);
+  }
   if (r == 0) {
     r = ac_create_socket(&server, AF_INET, SOCK_STREAM);
   }

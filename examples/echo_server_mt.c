@@ -1,6 +1,7 @@
 /* A multi-threaded echo server: one listening port spread over threads.
  *
- *   usage: echo_server_mt PORT [THREADS]
+ *   usage: echo_server_mt PORT [THREADS] [--max-conns N] [--max-output BYTES]
+ *                         [--idle SECONDS]
  *
  * Every thread has its own uv loop, its own map and its own listening
  * channel on 127.0.0.1:PORT with SO_REUSEPORT (ac_set_reuse_port); the
@@ -8,55 +9,122 @@
  * lives in the thread that accepted it, so threads share nothing.  THREADS
  * defaults to the number of CPUs.  SIGINT or SIGTERM stops every thread
  * (through a uv_async_t each: ac_map_stop() is not thread-safe, uv_async_send
- * is) and the program exits with status 0. */
+ * is) and the program exits with status 0.
+ *
+ * Hardened as echo_server is (docs/examples/echo_server.md): back-pressure
+ * at --max-output, an idle timeout per thread's guard, and --max-conns for
+ * the whole process (an atomic count shared by the threads). */
 #include <uvasyncore.h>
 
+#include "serve.h" /* limits_t, guard_t: the hardening */
+
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 typedef struct {
   ac_dispatcher_with_send_t base;
+  conn_t conn;   /* in its thread's guard */
+  guard_t *guard;
+  int done;      /* half-closed: finish sending, close */
 } echo_handler_t;
+
+/* The limits (the same for every thread) and the process's connections. */
+static limits_t limits = {.max_conns = 10000,
+                          .max_input = (size_t) 64 * 1024,
+                          .max_output = (size_t) 256 * 1024,
+                          .idle = 60};
+static atomic_size_t live;
+
+static echo_handler_t *handler_of(ac_dispatcher_t *d) {
+  return ac_container_of(d, echo_handler_t, base.d);
+}
+
+static size_t queued(ac_dispatcher_t *d) {
+  return ac_dispatcher_with_send_pending(&handler_of(d)->base);
+}
 
 static int handler_read(ac_dispatcher_t *d) {
   char data[8192];
   ssize_t n = ac_recv(d, data, sizeof(data));
 
   if (n > 0) {
+    guard_progress(handler_of(d)->guard, &handler_of(d)->conn);
     n = ac_send(d, data, (size_t) n);
   }
   return n < 0 && n != UV_EAGAIN ? (int) n : 0;
 }
 
+/* Back-pressure: no reading while --max-output waits for the client. */
+static int handler_readable(ac_dispatcher_t *d) {
+  return !handler_of(d)->done && queued(d) < limits.max_output;
+}
+
+/* Half-close: send what is queued (handler_write closes after it). */
+static int handler_close(ac_dispatcher_t *d) {
+  echo_handler_t *h = handler_of(d);
+
+  if (h->done || queued(d) == 0) {
+    return ac_close(d);
+  }
+  h->done = 1;
+  return 0;
+}
+
+static int handler_write(ac_dispatcher_t *d) {
+  echo_handler_t *h = handler_of(d);
+  int r = ac_dispatcher_with_send_initiate_send(&h->base);
+
+  return r == 0 && h->done && queued(d) == 0 ? ac_close(d) : r;
+}
+
 static void handler_closed(ac_dispatcher_t *d) {
-  free(ac_container_of(d, echo_handler_t, base.d));
+  echo_handler_t *h = handler_of(d);
+
+  guard_remove(h->guard, &h->conn);
+  atomic_fetch_sub(&live, 1);
+  free(h);
 }
 
 static const ac_dispatcher_ops_t handler_ops = {
+    .readable = handler_readable,
     .handle_read = handler_read,
+    .handle_write = handler_write,
+    .handle_close = handler_close,
     .closed = handler_closed,
     .type_name = "EchoHandler",
 };
 
 static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
                            const struct sockaddr *addr, socklen_t len) {
-  echo_handler_t *h = malloc(sizeof(*h));
-  int r = h != NULL ? 0 : UV_ENOMEM;
+  echo_handler_t *h;
+  int r;
 
   (void) addr;
   (void) len;
+  if (atomic_fetch_add(&live, 1) >= limits.max_conns) { /* connection limit */
+    atomic_fetch_sub(&live, 1);
+    close(sock);
+    return 0;
+  }
+  h = calloc(1, sizeof(*h));
+  r = h != NULL ? 0 : UV_ENOMEM;
   if (r == 0) {
+    h->guard = d->data; /* the thread's guard */
     r = ac_dispatcher_with_send_init(&h->base, d->map, &handler_ops);
   }
   if (r == 0) {
     r = ac_dispatcher_open(&h->base.d, sock);
   }
   if (r != 0) {
+    atomic_fetch_sub(&live, 1);
     close(sock);
     free(h);
+    return 0; /* this connection failed; the server carries on */
   }
-  return r;
+  guard_add(h->guard, &h->conn, &h->base.d);
+  return 0;
 }
 
 static const ac_dispatcher_ops_t server_ops = {
@@ -70,6 +138,7 @@ typedef struct {
   uv_loop_t loop;
   ac_map_t *map;
   ac_dispatcher_t server;
+  guard_t guard; /* the idle timeout of this thread's connections */
   uv_async_t stop;
   int port;
   int result;
@@ -87,7 +156,13 @@ static int worker_setup(worker_t *w) {
     r = ac_map_new(&w->loop, &w->map);
   }
   if (r == 0) {
+    w->guard.lim = limits;
+    w->guard.lim.max_conns = SIZE_MAX; /* counted by `live` */
+    r = guard_init(&w->guard, w->map, queued);
+  }
+  if (r == 0) {
     r = ac_dispatcher_init(&w->server, w->map, &server_ops);
+    w->server.data = &w->guard;
   }
   if (r == 0) {
     r = ac_create_socket(&w->server, AF_INET, SOCK_STREAM);
@@ -184,14 +259,24 @@ static int stop(worker_t *w, int n) {
 int main(int argc, char **argv) {
   uv_signal_t sigint, sigterm;
   worker_t *w;
-  int n;
+  int n = -1;
+  int bad = argc < 2;
   int r;
+  int i;
 
-  if (argc < 2 || argc > 3) {
-    fprintf(stderr, "usage: %s PORT [THREADS]\n", argv[0]);
+  for (i = 2; i < argc && !bad; i++) {
+    int k = limits_option(&limits, argc, argv, &i);
+    if (k == 0 && n == -1 && argv[i][0] != '-') {
+      n = atoi(argv[i]);
+    } else {
+      bad = k != 1;
+    }
+  }
+  if (bad) {
+    fprintf(stderr, "usage: %s PORT [THREADS] " LIMITS_USAGE "\n", argv[0]);
     return 2;
   }
-  n = argc == 3 ? atoi(argv[2]) : cpus();
+  n = n == -1 ? cpus() : n;
   if (n < 1 || n > 1024) {
     fprintf(stderr, "echo_server_mt: bad thread count\n");
     return 2;

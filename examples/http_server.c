@@ -1,12 +1,22 @@
 /* The asynchat documentation's http_request_handler idea, made real.
  *
- *   usage: http_server PORT
+ *   usage: http_server PORT [--max-conns N] [--max-input BYTES]
+ *                      [--max-output BYTES] [--idle SECONDS]
  *
  * Listens on 127.0.0.1:PORT.  HTTP/1.0 and HTTP/1.1 with keep-alive: the
  * header block is read with the string terminator "\r\n\r\n", a request
  * body with a byte-count terminator of its Content-Length.  GET and HEAD
  * get a small fixed page; POST gets its body back.  SIGINT or SIGTERM ends
- * it with status 0. */
+ * it with status 0.
+ *
+ * Hardened as docs/porting.md describes (limits in docs/examples/
+ * http_server.md): a header block over 64 KiB gets 431 and a close, a body
+ * over --max-input (4 MiB) 413 and a close; reading stops while
+ * --max-output (256 KiB) of responses is queued, and a client whose
+ * pipelined requests would queue more than --max-output + --max-input is
+ * closed; a connection without a complete request for --idle seconds (60)
+ * is closed; beyond --max-conns (1000) connections, new ones are closed at
+ * once.  A client that half-closes gets its responses before the close. */
 #include <uvasyncore.h>
 
 #include "serve.h"
@@ -18,13 +28,14 @@
 #include <strings.h>
 #include <unistd.h>
 
-#define MAX_HEADER (64 * 1024)
-#define MAX_BODY (16 * 1024 * 1024)
+#define MAX_HEADER ((size_t) 64 * 1024)
 
 static const char page[] = "Hello from uvasyncore\n";
 
 typedef struct {
   ac_chat_t chat;  /* class http_request_handler(asynchat.async_chat) */
+  conn_t conn;     /* in the guard's list */
+  int done;        /* the last response is queued: read nothing more */
   char *buf;       /* the header block, then the body */
   size_t len;
   size_t cap;
@@ -34,31 +45,33 @@ typedef struct {
   int minor;       /* HTTP/1.<minor> */
 } http_t;
 
+static guard_t guard = {.lim = {.max_conns = 1000,
+                                .max_input = (size_t) 4 * 1024 * 1024,
+                                .max_output = (size_t) 256 * 1024,
+                                .idle = 60}};
+
 static http_t *http_of(ac_chat_t *c) { return ac_container_of(c, http_t, chat); }
+
+static int respond(http_t *h, int status, const char *reason,
+                   const char *body, size_t n);
 
 /* def collect_incoming_data(self, data): self.ibuffer.append(data) */
 static int on_collect(ac_chat_t *c, const char *data, size_t n) {
   http_t *h = http_of(c);
+  int r;
 
-  if (h->len + n + 1 > h->cap) {
-    size_t cap = h->cap ? h->cap : 1024;
-    char *p;
-    while (cap < h->len + n + 1) {
-      cap *= 2;
-    }
-    p = realloc(h->buf, cap);
-    if (p == NULL) {
-      return UV_ENOMEM;
-    }
-    h->buf = p;
-    h->cap = cap;
+  if (h->done) { /* the rest of a read after the last response */
+    return 0;
   }
-  memcpy(h->buf + h->len, data, n);
-  h->len += n;
-  if (!h->in_body && h->len > MAX_HEADER) {
-    return UV_E2BIG; /* handle_error answers 431-like by closing */
+  r = buf_append(&h->buf, &h->len, &h->cap,
+                 h->in_body ? guard.lim.max_input : MAX_HEADER, data, n);
+  if (r == UV_E2BIG) { /* input cap (a body never is: 413 came first) */
+    h->keep_alive = 0;
+    h->head = 0;
+    return respond(h, 431, "Request Header Fields Too Large",
+                   "header block too large\n", 23);
   }
-  return 0;
+  return r;
 }
 
 static int respond(http_t *h, int status, const char *reason,
@@ -74,12 +87,22 @@ static int respond(http_t *h, int status, const char *reason,
                      h->keep_alive ? (h->minor == 0 ? "Connection: keep-alive\r\n"
                                                     : "")
                                    : "Connection: close\r\n");
-  int r = ac_chat_push(&h->chat, head, (size_t) len);
+  int r;
 
+  /* Output cap: readable() stops reading at --max-output, but one read
+   * can hold many pipelined requests; beyond this the client is closed
+   * (handle_error). */
+  if (chat_queued(&h->chat) + (size_t) len + n >
+      guard.lim.max_output + guard.lim.max_input) {
+    return UV_ENOBUFS;
+  }
+  guard_progress(&guard, &h->conn); /* a complete request */
+  r = ac_chat_push(&h->chat, head, (size_t) len);
   if (r == 0 && n > 0 && !h->head) {
     r = ac_chat_push(&h->chat, body, n);
   }
   if (r == 0 && !h->keep_alive) {
+    h->done = 1;
     r = ac_chat_close_when_done(&h->chat);
   }
   return r;
@@ -127,6 +150,12 @@ static int found_headers(http_t *h) {
   const char *v;
   long long clen = 0;
 
+  h->head = 0; /* an error response has a body, whatever came before */
+  if (h->len == 0) { /* "\r\n\r\n" first: nothing was collected, no buffer */
+    h->minor = 0;
+    h->keep_alive = 0;
+    return respond(h, 400, "Bad Request", "bad request\n", 12);
+  }
   h->buf[h->len] = '\0';
   h->minor = 1;
   if (sscanf(h->buf, "%15s %*s HTTP/%d.%d", method, &major, &h->minor) != 3 ||
@@ -143,7 +172,11 @@ static int found_headers(http_t *h) {
   if (v != NULL) {
     clen = strtoll(v, NULL, 10);
   }
-  if (clen < 0 || clen > MAX_BODY) {
+  if (header(h->buf, "Transfer-Encoding", &n) != NULL) {
+    h->keep_alive = 0; /* chunked bodies are not read: the framing is lost */
+    return respond(h, 501, "Not Implemented", "not implemented\n", 16);
+  }
+  if (clen < 0 || (unsigned long long) clen > guard.lim.max_input) {
     h->keep_alive = 0;
     return respond(h, 413, "Payload Too Large", "too large\n", 10);
   }
@@ -165,6 +198,9 @@ static int on_found(ac_chat_t *c) {
   http_t *h = http_of(c);
   int r;
 
+  if (h->done) { /* the rest of a read after the last response */
+    return 0;
+  }
   if (!h->in_body) {
     return found_headers(h);
   }
@@ -174,10 +210,38 @@ static int on_found(ac_chat_t *c) {
   return r != 0 ? r : ac_chat_set_terminator(c, "\r\n\r\n", 4);
 }
 
+/* Back-pressure: no reading while --max-output bytes wait for a client
+ * that does not read its responses (asyncore asks readable() every
+ * pass). */
+static int on_readable(ac_dispatcher_t *d) {
+  http_t *h = http_of(ac_chat_of(d));
+
+  return !h->done && chat_queued(&h->chat) < guard.lim.max_output;
+}
+
+/* The client half-closed (or the connection broke): the responses already
+ * queued still go out (close_when_done), then the connection closes.  The
+ * default handle_close would close at once and drop them. */
+static int on_close(ac_dispatcher_t *d) {
+  http_t *h = http_of(ac_chat_of(d));
+
+  if (h->done || ac_chat_out_bytes(&h->chat) == 0) {
+    return ac_close(d); /* nothing left, or the close marker was reached */
+  }
+  h->done = 1;
+  return ac_chat_close_when_done(&h->chat);
+}
+
 static void on_closed(ac_dispatcher_t *d) {
   http_t *h = http_of(ac_chat_of(d));
+
+  guard_remove(&guard, &h->conn);
   free(h->buf);
   free(h);
+}
+
+static size_t queued(ac_dispatcher_t *d) {
+  return chat_queued(ac_chat_of(d));
 }
 
 static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
@@ -186,7 +250,9 @@ static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
 }
 
 static const ac_chat_ops_t http_ops = {
-    .base = {.closed = on_closed,
+    .base = {.readable = on_readable,
+             .handle_close = on_close,
+             .closed = on_closed,
              .handle_error = on_error,
              .type_name = "http_request_handler"},
     .collect_incoming_data = on_collect,
@@ -200,7 +266,8 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
 
   (void) addr;
   (void) len;
-  if (h == NULL) {
+  if (h == NULL || !guard_admit(&guard)) { /* connection limit */
+    free(h);
     close(sock);
     return 0;
   }
@@ -215,7 +282,9 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
   if (r != 0) {
     ac_close(&h->chat.d); /* the closed callback frees h */
     close(sock);
+    return 0;
   }
+  guard_add(&guard, &h->conn, &h->chat.d);
   return 0;
 }
 
@@ -225,9 +294,15 @@ static const ac_dispatcher_ops_t server_ops = {
 };
 
 int main(int argc, char **argv) {
-  if (argc < 2) {
-    fprintf(stderr, "usage: %s PORT\n", argv[0]);
+  int bad = argc < 2;
+  int i;
+
+  for (i = 2; i < argc && !bad; i++) {
+    bad = limits_option(&guard.lim, argc, argv, &i) != 1;
+  }
+  if (bad) {
+    fprintf(stderr, "usage: %s PORT " LIMITS_USAGE "\n", argv[0]);
     return 2;
   }
-  return serve("http_server", argv[1], &server_ops);
+  return serve("http_server", argv[1], &server_ops, &guard, queued);
 }

@@ -1,6 +1,7 @@
 /* A line echo server on async_chat.
  *
- *   usage: line_server PORT [--batch]
+ *   usage: line_server PORT [--batch] [--max-conns N] [--max-input BYTES]
+ *                      [--max-output BYTES] [--idle SECONDS]
  *
  * Listens on 127.0.0.1:PORT; every line a client sends ("\n"-terminated)
  * comes back as it was.  The terminator is "\n"; collect_incoming_data
@@ -8,7 +9,17 @@
  * plus "\n".  With --batch the replies of one read leave in one vectored
  * send (c->chat.batch) instead of one send per line.  SIGINT or SIGTERM
  * ends it with status 0.  The benchmark harness runs it as the peers
- * "uvasyncore-chat" and "uvasyncore-chat-batch" (docs/benchmarks.md). */
+ * "uvasyncore-chat" and "uvasyncore-chat-batch" (docs/benchmarks.md).
+ *
+ * Hardened as docs/porting.md describes (limits in docs/examples/
+ * line_server.md): a line longer than --max-input (64 KiB) gets
+ * "ERROR line too long" and a close; reading stops while --max-output
+ * (256 KiB) of replies is queued, and each read is sized so that its
+ * replies cannot take the queue past --max-output + --max-input; a
+ * connection without a complete line for --idle seconds (60) is closed;
+ * beyond --max-conns (1000)
+ * connections, new ones are closed at once.  A client that half-closes
+ * gets all its replies before the close. */
 #include <uvasyncore.h>
 
 #include "serve.h"
@@ -18,7 +29,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#define MAX_LINE (1024 * 1024) /* a longer line closes the connection */
 
 #if defined(__GNUC__)
 #define COLD __attribute__((cold, noinline))
@@ -28,12 +38,18 @@
 
 typedef struct {
   ac_chat_t chat;
-  char *line; /* the line collected so far */
+  conn_t conn; /* in the guard's list */
+  char *line;  /* the line collected so far */
   size_t len;
   size_t cap;
+  int done;    /* refused or half-closed: read nothing more */
 } client_t;
 
 static int batch;
+static guard_t guard = {.lim = {.max_conns = 1000,
+                                .max_input = (size_t) 64 * 1024,
+                                .max_output = (size_t) 256 * 1024,
+                                .idle = 60}};
 
 /* The client whose chat is c. */
 static client_t *client_of(ac_chat_t *c) {
@@ -48,14 +64,14 @@ static COLD int grow(client_t *cl, size_t n) {
   size_t cap = cl->cap ? cl->cap : 256;
   char *p;
 
-  if (cl->len + n > MAX_LINE) {
+  if (cl->len + n > guard.lim.max_input) {
     return UV_E2BIG;
   }
   while (cap <= cl->len + n) {
     cap *= 2;
   }
-  if (cap > MAX_LINE + 1) {
-    cap = MAX_LINE + 1; /* a line and its "\n" */
+  if (cap > guard.lim.max_input + 1) {
+    cap = guard.lim.max_input + 1; /* a line and its "\n" */
   }
   p = realloc(cl->line, cap);
   if (p == NULL) {
@@ -66,12 +82,26 @@ static COLD int grow(client_t *cl, size_t n) {
   return 0;
 }
 
+/* Input cap: a line that is too long gets an error line, then the
+ * connection closes once it is sent; what the client sends meanwhile is
+ * ignored. */
+static COLD int refuse(client_t *cl) {
+  static const char msg[] = "ERROR line too long\n";
+  int r = ac_chat_push(&cl->chat, msg, sizeof(msg) - 1);
+
+  cl->done = 1;
+  return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
+}
+
 /* collect_incoming_data when the buffer is too small: grow it, then
  * append. */
 static COLD int collect_grow(client_t *cl, const char *data, size_t n) {
-  int r = grow(cl, n);
+  int r = cl->done ? 0 : grow(cl, n);
 
-  if (r != 0) {
+  if (r == UV_E2BIG) {
+    return refuse(cl);
+  }
+  if (r != 0 || cl->done) {
     return r;
   }
   memcpy(cl->line + cl->len, data, n);
@@ -100,20 +130,64 @@ static int on_line(ac_chat_t *c) {
   size_t n = cl->len;
   int r;
 
+  if (cl->done) { /* the rest of a read after refuse() */
+    return 0;
+  }
   if (n == cl->cap && (r = grow(cl, 0)) != 0) { /* an empty first line */
     return r;
   }
   cl->line[n] = '\n';
   cl->len = 0;
+  guard_progress(&guard, &cl->conn);
   return ac_chat_push(c, cl->line, n + 1);
+}
+
+/* Back-pressure: no reading while --max-output bytes wait for a client
+ * that does not read its replies (asyncore asks readable() every pass).
+ * One read can still queue a reply per byte (empty lines: 97 bytes of
+ * queue each), so each read asks for no more than keeps the queue under
+ * --max-output + --max-input. */
+static int on_readable(ac_dispatcher_t *d) {
+  client_t *cl = client_of(ac_chat_of(d));
+  size_t q = chat_queued(&cl->chat);
+  size_t room;
+
+  if (cl->done || q >= guard.lim.max_output) {
+    return 0;
+  }
+  room = (guard.lim.max_output + guard.lim.max_input - q) / 97;
+  if (room == 0) {
+    return 0;
+  }
+  cl->chat.ac_in_buffer_size = room < AC_CHAT_BUFFER_SIZE ? room
+                                                          : AC_CHAT_BUFFER_SIZE;
+  return 1;
+}
+
+/* The client half-closed (or the connection broke): the replies already
+ * queued still go out (close_when_done), then the connection closes.  The
+ * default handle_close would close at once and drop them. */
+static int on_close(ac_dispatcher_t *d) {
+  client_t *cl = client_of(ac_chat_of(d));
+
+  if (cl->done || ac_chat_out_bytes(&cl->chat) == 0) {
+    return ac_close(d); /* nothing left, or the close marker was reached */
+  }
+  cl->done = 1;
+  return ac_chat_close_when_done(&cl->chat);
 }
 
 /* The channel is gone: free the client and its buffer. */
 static void on_closed(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
 
+  guard_remove(&guard, &cl->conn);
   free(cl->line);
   free(cl);
+}
+
+static size_t queued(ac_dispatcher_t *d) {
+  return chat_queued(ac_chat_of(d));
 }
 
 /* A client whose line is too long (or that makes us run out of memory)
@@ -124,7 +198,9 @@ static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
 }
 
 static const ac_chat_ops_t client_ops = {
-    .base = {.closed = on_closed,
+    .base = {.readable = on_readable,
+             .handle_close = on_close,
+             .closed = on_closed,
              .handle_error = on_error,
              .type_name = "LineClient"},
     .collect_incoming_data = on_collect,
@@ -139,7 +215,8 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
 
   (void) addr;
   (void) len;
-  if (cl == NULL) {
+  if (cl == NULL || !guard_admit(&guard)) { /* connection limit */
+    free(cl);
     close(sock);
     return 0;
   }
@@ -154,7 +231,9 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
   if (r != 0) {
     ac_close(&cl->chat.d); /* frees the chat's buffers; closed frees cl */
     close(sock);
+    return 0;
   }
+  guard_add(&guard, &cl->conn, &cl->chat.d);
   return 0;
 }
 
@@ -165,11 +244,20 @@ static const ac_dispatcher_ops_t server_ops = {
 
 /* Parses the arguments, listens, loops until a signal; returns 0 then. */
 int main(int argc, char **argv) {
-  if (argc < 2 || argc > 3 ||
-      (argc == 3 && strcmp(argv[2], "--batch") != 0)) {
-    fprintf(stderr, "usage: %s PORT [--batch]\n", argv[0]);
+  int bad = argc < 2;
+  int i;
+
+  for (i = 2; i < argc && !bad; i++) {
+    int k = limits_option(&guard.lim, argc, argv, &i);
+    if (k == 0 && strcmp(argv[i], "--batch") == 0) {
+      batch = 1;
+    } else {
+      bad = k != 1;
+    }
+  }
+  if (bad) {
+    fprintf(stderr, "usage: %s PORT [--batch] " LIMITS_USAGE "\n", argv[0]);
     return 2;
   }
-  batch = argc == 3;
-  return serve("line_server", argv[1], &server_ops);
+  return serve("line_server", argv[1], &server_ops, &guard, queued);
 }

@@ -1,6 +1,8 @@
 /* A small Redis-protocol (RESP) server on async_chat.
  *
- *   usage: resp_server PORT
+ *   usage: resp_server PORT [--max-conns N] [--max-input BYTES]
+ *                      [--max-output BYTES] [--idle SECONDS]
+ *                      [--max-memory BYTES]
  *
  * Listens on 127.0.0.1:PORT.  Understands inline commands ("PING\r\n") and
  * multibulk ones ("*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n"); bulk payloads are read
@@ -12,7 +14,19 @@
  * The protocol machine is three terminator states: a line ("\r\n") that is
  * either "*<n>" or an inline command, a "$<len>" line, and <len>+2 bytes.
  * Replies are pushed as they are computed; with `batch` set, everything a
- * pipelined read produced leaves in one vectored send. */
+ * pipelined read produced leaves in one vectored send.
+ *
+ * Hardened as docs/porting.md describes (limits in docs/examples/
+ * resp_server.md): a command over --max-input (4 MiB) or a line over
+ * 64 KiB gets a protocol error and a close; reading stops while
+ * --max-output (1 MiB) of replies is queued, and a client whose pipelined
+ * commands would queue more than --max-output + --max-input (a few bytes
+ * of GET can ask for a large value) is closed, as Redis's
+ * client-output-buffer-limit does; a connection without a complete
+ * command for --idle seconds (60) is closed; beyond --max-conns (1000)
+ * connections, new ones are closed at once; SET beyond --max-memory
+ * (256 MiB of keys and values) answers -OOM.  A client that half-closes
+ * gets its replies before the close. */
 #include <uvasyncore.h>
 
 #include "serve.h"
@@ -27,7 +41,7 @@
 #include <unistd.h>
 
 #define MAX_ARGS 64
-#define MAX_BULK (512u * 1024 * 1024)
+#define MAX_LINE ((size_t) 64 * 1024) /* an inline command or a "*"/"$" line */
 
 /* ---------------------------------------------------------------- */
 /* The key space: a chained hash table of byte strings.              */
@@ -44,9 +58,15 @@ typedef struct {
   entry_t **slots;
   size_t nslots;
   size_t count;
+  size_t bytes; /* of keys and values, for --max-memory */
 } db_t;
 
 static db_t db;
+static size_t max_memory = (size_t) 256 * 1024 * 1024;
+static guard_t guard = {.lim = {.max_conns = 1000,
+                                .max_input = (size_t) 4 * 1024 * 1024,
+                                .max_output = (size_t) 1024 * 1024,
+                                .idle = 60}};
 
 static uint64_t hash_bytes(const char *p, size_t n) {
   uint64_t h = 1469598103934665603ull; /* FNV-1a */
@@ -100,6 +120,9 @@ static int db_set(const char *k, size_t klen, const char *v, size_t vlen) {
   entry_t **slot;
   entry_t *e;
 
+  if (db.bytes + klen + vlen > max_memory) {
+    return -2; /* -OOM, as Redis beyond maxmemory */
+  }
   if (db.count >= db.nslots && db_grow() != 0) {
     return -1;
   }
@@ -113,8 +136,10 @@ static int db_set(const char *k, size_t klen, const char *v, size_t vlen) {
   memcpy(e->bytes, k, klen);
   memcpy(e->bytes + klen, v, vlen);
   slot = db_find(k, klen, h);
+  db.bytes += klen + vlen;
   if (*slot != NULL) {
     e->next = (*slot)->next;
+    db.bytes -= (*slot)->klen + (*slot)->vlen;
     free(*slot);
   } else {
     e->next = NULL;
@@ -137,6 +162,7 @@ static int db_del(const char *k, size_t klen) {
   }
   e = *slot;
   *slot = e->next;
+  db.bytes -= e->klen + e->vlen;
   free(e);
   db.count--;
   return 1;
@@ -153,6 +179,7 @@ static void db_flush(void) {
     }
   }
   db.count = 0;
+  db.bytes = 0;
 }
 
 /* ---------------------------------------------------------------- */
@@ -162,6 +189,8 @@ enum { ST_LINE, ST_BULKLEN, ST_BULK };
 
 typedef struct {
   ac_chat_t chat;
+  conn_t conn;       /* in the guard's list */
+  int done;          /* QUIT or a protocol error: read nothing more */
   int state;
   long nargs;        /* arguments of the multibulk command */
   long nread;        /* of which read so far */
@@ -178,18 +207,37 @@ static client_t *client_of(ac_chat_t *c) {
   return ac_container_of(c, client_t, chat);
 }
 
+/* Output cap: readable() stops reading at --max-output, but one read of
+ * pipelined GETs can ask for far more than that; beyond it the client is
+ * closed (handle_error). */
+static int reply_str(client_t *cl, const char *s);
+
 static int reply(client_t *cl, const char *s, size_t n) {
+  if (chat_queued(&cl->chat) + n >
+      guard.lim.max_output + guard.lim.max_input + 64) {
+    return UV_ENOBUFS;
+  }
   return ac_chat_push(&cl->chat, s, n);
 }
 
-static int reply_str(client_t *cl, const char *s) {
-  return reply(cl, s, strlen(s));
+/* A protocol error or an input over the caps: the error, then a close
+ * once it is sent; what the client sends meanwhile is ignored. */
+static int refuse(client_t *cl, const char *msg) {
+  int r = reply_str(cl, msg);
+
+  cl->done = 1;
+  return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
 }
+
 
 static int reply_int(client_t *cl, long long v) {
   char buf[32];
   int n = snprintf(buf, sizeof(buf), ":%lld\r\n", v);
   return reply(cl, buf, (size_t) n);
+}
+
+static int reply_str(client_t *cl, const char *s) {
+  return reply(cl, s, strlen(s));
 }
 
 static int reply_bulk(client_t *cl, const char *p, size_t n) {
@@ -255,7 +303,7 @@ static int cmd_incr(client_t *cl) {
   v++;
   snprintf(num, sizeof(num), "%lld", v);
   if (db_set(k, klen, num, strlen(num)) != 0) {
-    return reply_str(cl, "-ERR out of memory\r\n");
+    return reply_str(cl, "-OOM out of memory\r\n");
   }
   return reply_int(cl, v);
 }
@@ -298,6 +346,7 @@ static int execute(client_t *cl) {
   if (argc == 0) {
     return 0;
   }
+  guard_progress(&guard, &cl->conn); /* a complete command */
   if (cl->too_many) {
     return reply_str(cl, "-ERR too many arguments\r\n");
   }
@@ -326,8 +375,10 @@ static int execute(client_t *cl) {
     }
     p = arg(cl, 1, &n);
     v = arg(cl, 2, &vlen);
-    return db_set(p, n, v, vlen) == 0 ? reply_str(cl, "+OK\r\n")
-                                      : reply_str(cl, "-ERR out of memory\r\n");
+    return db_set(p, n, v, vlen) == 0
+               ? reply_str(cl, "+OK\r\n")
+               : reply_str(cl, "-OOM command not allowed when used memory > "
+                               "'maxmemory'\r\n");
   }
   if (arg_is(cl, 0, "ECHO")) {
     if (argc != 2) {
@@ -357,8 +408,7 @@ static int execute(client_t *cl) {
     return reply_str(cl, "+OK\r\n");
   }
   if (arg_is(cl, 0, "QUIT")) {
-    int r = reply_str(cl, "+OK\r\n");
-    return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
+    return refuse(cl, "+OK\r\n");
   }
   if (arg_is(cl, 0, "COMMAND")) {
     return reply_str(cl, "*0\r\n");
@@ -436,8 +486,7 @@ static int found_line(client_t *cl) {
       return next_command(cl);
     }
     if (cl->nargs > 1024 * 1024) {
-      int r = reply_str(cl, "-ERR Protocol error: invalid multibulk length\r\n");
-      return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
+      return refuse(cl, "-ERR Protocol error: invalid multibulk length\r\n");
     }
     cl->state = ST_BULKLEN;
     cl->argoff[0] = 0;
@@ -455,10 +504,15 @@ static int found_bulklen(client_t *cl) {
   char *end;
 
   cl->rec[cl->rec_len] = '\0';
-  len = line[0] == '$' ? strtoull(line + 1, &end, 10) : 0;
-  if (line[0] != '$' || *end != '\0' || len > MAX_BULK) {
-    int r = reply_str(cl, "-ERR Protocol error: expected '$'\r\n");
-    return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
+  if (line[0] != '$') {
+    return refuse(cl, "-ERR Protocol error: expected '$'\r\n");
+  }
+  if (!isdigit((unsigned char) line[1])) { /* "$", "$-1", "$x" */
+    return refuse(cl, "-ERR Protocol error: invalid bulk length\r\n");
+  }
+  len = strtoull(line + 1, &end, 10);
+  if (*end != '\0' || len > guard.lim.max_input - cl->arg_start) {
+    return refuse(cl, "-ERR Protocol error: invalid bulk length\r\n");
   }
   cl->rec_len = cl->arg_start; /* drop the "$<len>" line */
   cl->state = ST_BULK;
@@ -468,6 +522,9 @@ static int found_bulklen(client_t *cl) {
 static int found_bulk(client_t *cl) {
   int r;
 
+  if (memcmp(cl->rec + cl->rec_len - 2, "\r\n", 2) != 0) {
+    return refuse(cl, "-ERR Protocol error: expected '\\r\\n' after a bulk\r\n");
+  }
   cl->rec_len -= 2; /* the payload's "\r\n" */
   if (cl->argc < MAX_ARGS) {
     cl->argoff[++cl->argc] = cl->rec_len;
@@ -487,6 +544,9 @@ static int found_bulk(client_t *cl) {
 static int on_found(ac_chat_t *c) {
   client_t *cl = client_of(c);
 
+  if (cl->done) { /* the rest of a read after QUIT or an error */
+    return 0;
+  }
   switch (cl->state) {
   case ST_LINE:
     return found_line(cl);
@@ -497,34 +557,52 @@ static int on_found(ac_chat_t *c) {
   }
 }
 
+/* The record grows to at most --max-input (the arguments, each checked
+ * against it in found_bulklen) plus one line. */
 static int on_collect(ac_chat_t *c, const char *data, size_t n) {
   client_t *cl = client_of(c);
 
-  if (cl->rec_len + n + 1 > cl->rec_cap) {
-    size_t cap = cl->rec_cap ? cl->rec_cap : 256;
-    char *p;
-    while (cap < cl->rec_len + n + 1) {
-      cap *= 2;
-    }
-    p = realloc(cl->rec, cap);
-    if (p == NULL) {
-      return UV_ENOMEM;
-    }
-    cl->rec = p;
-    cl->rec_cap = cap;
+  if (cl->done) {
+    return 0;
   }
-  memcpy(cl->rec + cl->rec_len, data, n);
-  cl->rec_len += n;
-  if (cl->state != ST_BULK && cl->rec_len - cl->arg_start > 64 * 1024) {
-    return UV_E2BIG; /* a line this long is not RESP: handle_error closes */
+  if (cl->state != ST_BULK && cl->rec_len - cl->arg_start + n > MAX_LINE) {
+    return refuse(cl, "-ERR Protocol error: too big inline request\r\n");
   }
-  return 0;
+  return buf_append(&cl->rec, &cl->rec_len, &cl->rec_cap,
+                    guard.lim.max_input + MAX_LINE + 2, data, n);
+}
+
+/* Back-pressure: no reading while --max-output bytes wait for a client
+ * that does not read its replies (asyncore asks readable() every pass). */
+static int on_readable(ac_dispatcher_t *d) {
+  client_t *cl = client_of(ac_chat_of(d));
+
+  return !cl->done && chat_queued(&cl->chat) < guard.lim.max_output;
+}
+
+/* The client half-closed (or the connection broke): the replies already
+ * queued still go out (close_when_done), then the connection closes.  The
+ * default handle_close would close at once and drop them. */
+static int on_close(ac_dispatcher_t *d) {
+  client_t *cl = client_of(ac_chat_of(d));
+
+  if (cl->done || ac_chat_out_bytes(&cl->chat) == 0) {
+    return ac_close(d); /* nothing left, or the close marker was reached */
+  }
+  cl->done = 1;
+  return ac_chat_close_when_done(&cl->chat);
 }
 
 static void on_closed(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
+
+  guard_remove(&guard, &cl->conn);
   free(cl->rec);
   free(cl);
+}
+
+static size_t queued(ac_dispatcher_t *d) {
+  return chat_queued(ac_chat_of(d));
 }
 
 /* A client that breaks the protocol is closed without a log line. */
@@ -534,7 +612,9 @@ static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
 }
 
 static const ac_chat_ops_t client_ops = {
-    .base = {.closed = on_closed,
+    .base = {.readable = on_readable,
+             .handle_close = on_close,
+             .closed = on_closed,
              .handle_error = on_error,
              .type_name = "RespClient"},
     .collect_incoming_data = on_collect,
@@ -548,7 +628,8 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
 
   (void) addr;
   (void) len;
-  if (cl == NULL) {
+  if (cl == NULL || !guard_admit(&guard)) { /* connection limit */
+    free(cl);
     close(sock);
     return 0;
   }
@@ -563,7 +644,9 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
   if (r != 0) {
     ac_close(&cl->chat.d); /* frees the chat's buffers; closed frees cl */
     close(sock);
+    return 0;
   }
+  guard_add(&guard, &cl->conn, &cl->chat.d);
   return 0;
 }
 
@@ -573,13 +656,24 @@ static const ac_dispatcher_ops_t server_ops = {
 };
 
 int main(int argc, char **argv) {
+  int bad = argc < 2;
+  int i;
   int r;
 
-  if (argc < 2) {
-    fprintf(stderr, "usage: %s PORT\n", argv[0]);
+  for (i = 2; i < argc && !bad; i++) {
+    int k = limits_option(&guard.lim, argc, argv, &i);
+    if (k == 0 && strcmp(argv[i], "--max-memory") == 0 && i + 1 < argc) {
+      max_memory = parse_size(argv[++i]);
+      k = max_memory > 0;
+    }
+    bad = k != 1;
+  }
+  if (bad) {
+    fprintf(stderr, "usage: %s PORT " LIMITS_USAGE " [--max-memory BYTES]\n",
+            argv[0]);
     return 2;
   }
-  r = serve("resp_server", argv[1], &server_ops);
+  r = serve("resp_server", argv[1], &server_ops, &guard, queued);
   db_flush();
   free(db.slots);
   return r;

@@ -1,8 +1,13 @@
-/* serve.h: what the async_chat example servers (http_server, resp_server,
- * line_server) share — listen on 127.0.0.1:PORT, run asyncore's loop()
- * until SIGINT or SIGTERM, clean up.  echo_server and http_client keep
- * theirs inline: they are the asyncore documentation's programs, shown
- * whole. */
+/* serve.h: what the example servers share.
+ *
+ * - The protections a production server needs against a hostile or broken
+ *   peer (docs/porting.md, "Hardening a ported server"): limits_t and its
+ *   command-line options, and a guard_t that keeps the list of live
+ *   connections for the connection limit and the idle timeout.
+ * - serve(): listen on 127.0.0.1:PORT, run asyncore's loop() until SIGINT
+ *   or SIGTERM, clean up (the async_chat servers: http_server,
+ *   resp_server, line_server; echo_server keeps its main inline, as the
+ *   asyncore documentation shows it, and echo_server_mt runs threads). */
 #ifndef EXAMPLES_SERVE_H
 #define EXAMPLES_SERVE_H
 
@@ -11,8 +16,219 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ---------------------------------------------------------------- */
+/* Limits                                                            */
+
+/* What one client may make the server hold or do.  Every example takes
+ * them as options (limits_option); docs/examples/<example>.md states the
+ * memory bound they give. */
+typedef struct {
+  size_t max_conns;  /* --max-conns N: more connections are accepted and
+                        closed at once */
+  size_t max_input;  /* --max-input BYTES: the longest request (a line, a
+                        header block or body, a RESP command); longer gets
+                        an error reply, then a close */
+  size_t max_output; /* --max-output BYTES: reading stops while this much
+                        output is queued (back-pressure) */
+  double idle;       /* --idle SECONDS: a connection that made no progress
+                        (no complete request, no output drained) for this
+                        long is closed; 0: never */
+} limits_t;
+
+/* A size with an optional k/m/g suffix ("64k"); 0 when malformed. */
+static inline size_t parse_size(const char *s) {
+  char *end;
+  unsigned long long v;
+
+  errno = 0;
+  v = strtoull(s, &end, 10);
+  if (errno != 0 || end == s || s[0] == '-') {
+    return 0;
+  }
+  switch (*end) {
+  case 'k': case 'K': v <<= 10; end++; break;
+  case 'm': case 'M': v <<= 20; end++; break;
+  case 'g': case 'G': v <<= 30; end++; break;
+  default: break;
+  }
+  return *end == '\0' && v <= SIZE_MAX / 2 ? (size_t) v : 0;
+}
+
+/* If argv[*i] is a limit option, stores its value, advances *i past it
+ * and returns 1; returns -1 for a limit option with a bad value, 0 for
+ * anything else. */
+static inline int limits_option(limits_t *lim, int argc, char **argv, int *i) {
+  const char *name = argv[*i];
+  const char *v = *i + 1 < argc ? argv[*i + 1] : NULL;
+  size_t *field = strcmp(name, "--max-conns") == 0    ? &lim->max_conns
+                  : strcmp(name, "--max-input") == 0  ? &lim->max_input
+                  : strcmp(name, "--max-output") == 0 ? &lim->max_output
+                                                      : NULL;
+
+  if (field == NULL && strcmp(name, "--idle") != 0) {
+    return 0;
+  }
+  if (v == NULL) {
+    return -1;
+  }
+  *i += 1;
+  if (field == NULL) {
+    char *end;
+    lim->idle = strtod(v, &end);
+    return *end == '\0' && lim->idle >= 0 && lim->idle < 1e6 ? 1 : -1;
+  }
+  *field = parse_size(v);
+  return *field > 0 ? 1 : -1;
+}
+
+#define LIMITS_USAGE                                                      \
+  "[--max-conns N] [--max-input BYTES] [--max-output BYTES] [--idle SECONDS]"
+
+/* ---------------------------------------------------------------- */
+/* The live connections: connection limit and idle timeout           */
+
+typedef struct conn_s {
+  struct conn_s *prev;
+  struct conn_s *next;
+  ac_dispatcher_t *d;
+  uint64_t last;   /* loop time (ms) of the last progress */
+  size_t queued;   /* output queued at the last sweep */
+} conn_t;
+
+typedef struct {
+  limits_t lim;
+  size_t (*queued)(ac_dispatcher_t *d); /* output a channel holds */
+  conn_t list;     /* sentinel of a circular list */
+  size_t n;        /* connections in it */
+  ac_timer_t sweep;
+  uv_loop_t *loop;
+} guard_t;
+
+/* Idle connections are looked for every quarter of the idle timeout: one
+ * timer for the whole server, a walk of the list, no timer per
+ * connection. */
+static inline int guard_sweep(ac_timer_t *t, void *arg) {
+  guard_t *g = arg;
+  uint64_t now = uv_now(g->loop);
+  uint64_t idle_ms = (uint64_t) (g->lim.idle * 1000);
+  conn_t *c = g->list.next;
+
+  (void) t;
+  while (c != &g->list) {
+    conn_t *next = c->next; /* ac_close: `closed` (which unlinks) comes
+                               later, from the loop */
+    size_t q = g->queued(c->d);
+    if (q < c->queued) {
+      c->last = now; /* the peer is reading: progress */
+    }
+    c->queued = q;
+    if (now - c->last >= idle_ms && !ac_is_closed(c->d)) {
+      ac_close(c->d);
+    }
+    c = next;
+  }
+  return 0;
+}
+
+/* Sets up the guard of `map`; `queued` tells how much output a channel
+ * holds (ac_chat_out_bytes for a chat ...).  Returns 0 or an error. */
+static inline int guard_init(guard_t *g, ac_map_t *map,
+                      size_t (*queued)(ac_dispatcher_t *d)) {
+  int r;
+
+  g->queued = queued;
+  g->list.next = g->list.prev = &g->list;
+  g->n = 0;
+  g->loop = ac_map_loop(map);
+  r = ac_timer_init(map, &g->sweep);
+  if (r == 0 && g->lim.idle > 0) {
+    double every = g->lim.idle / 4;
+    r = ac_timer_start(&g->sweep, every, every, guard_sweep, g);
+  }
+  return r;
+}
+
+/* Connection limit: whether one more connection may be served. */
+static inline int guard_admit(const guard_t *g) {
+  return g->n < g->lim.max_conns;
+}
+
+/* A served connection joins the list (its idle clock starts now). */
+static inline void guard_add(guard_t *g, conn_t *c, ac_dispatcher_t *d) {
+  c->d = d;
+  c->last = uv_now(g->loop);
+  c->queued = 0;
+  c->next = &g->list;
+  c->prev = g->list.prev;
+  g->list.prev->next = c;
+  g->list.prev = c;
+  g->n++;
+}
+
+/* From the channel's `closed`: leaves the list (NULL-safe for a
+ * connection that never joined). */
+static inline void guard_remove(guard_t *g, conn_t *c) {
+  if (c->next == NULL) {
+    return;
+  }
+  c->prev->next = c->next;
+  c->next->prev = c->prev;
+  c->next = c->prev = NULL;
+  g->n--;
+}
+
+/* A complete request arrived: the idle clock starts over.  Bytes of an
+ * incomplete request do not count, so a client that sends one byte a
+ * second (slowloris) is still closed when the timeout runs out. */
+static inline void guard_progress(guard_t *g, conn_t *c) {
+  c->last = uv_now(g->loop);
+}
+
+/* The memory a chat's output queue holds: its bytes, plus its fifo
+ * entries (48 bytes each, and the fifo doubles as it grows: count 96).
+ * Counting bytes alone would let a client queue millions of one-byte
+ * replies at 96 bytes each. */
+static inline size_t chat_queued(const ac_chat_t *c) {
+  return ac_chat_out_bytes(c) + 96 * ac_chat_fifo_len(c);
+}
+
+/* Appends n bytes to a buffer of at most `max` bytes (plus one for a
+ * terminating NUL), growing it by doubling but never past max + 1.
+ * Returns 0, UV_E2BIG (the buffer would exceed max; nothing is appended)
+ * or UV_ENOMEM. */
+static inline int buf_append(char **buf, size_t *len, size_t *cap, size_t max,
+                      const char *data, size_t n) {
+  size_t want;
+
+  if (n > max - *len) {
+    return UV_E2BIG;
+  }
+  want = *len + n + 1;
+  if (want > *cap) {
+    size_t c = *cap ? *cap : 256;
+    char *p;
+    while (c < want) {
+      c = c > (max + 1) / 2 ? max + 1 : c * 2;
+    }
+    p = realloc(*buf, c);
+    if (p == NULL) {
+      return UV_ENOMEM;
+    }
+    *buf = p;
+    *cap = c;
+  }
+  memcpy(*buf + *len, data, n);
+  *len += n;
+  return 0;
+}
+
 /* SIGINT, SIGTERM: ac_loop returns AC_EXIT. */
-static void serve_on_signal(uv_signal_t *s, int signum) {
+static inline void serve_on_signal(uv_signal_t *s, int signum) {
   (void) signum;
   ac_map_stop(s->data);
 }
@@ -20,8 +236,9 @@ static void serve_on_signal(uv_signal_t *s, int signum) {
 /* Listens on 127.0.0.1:`port` with a server channel of `ops` (on the
  * default map) and runs ac_loop (poll mode) until a signal.  Returns the
  * process exit status: 0, or 1 when the server could not listen. */
-static int serve(const char *name, const char *port,
-                 const ac_dispatcher_ops_t *ops) {
+static inline int serve(const char *name, const char *port,
+                 const ac_dispatcher_ops_t *ops, guard_t *guard,
+                 size_t (*queued)(ac_dispatcher_t *d)) {
   ac_dispatcher_t server;
   struct sockaddr_in addr;
   uv_signal_t sigint, sigterm;
@@ -30,6 +247,9 @@ static int serve(const char *name, const char *port,
 
   if (r == 0) {
     r = uv_ip4_addr("127.0.0.1", atoi(port), &addr);
+  }
+  if (r == 0) {
+    r = guard_init(guard, map, queued);
   }
   if (r == 0) {
     r = ac_dispatcher_init(&server, map, ops);

@@ -468,6 +468,31 @@ def line_server_usage_error():
         assert rc == 2, (args, rc)
 
 
+@test
+def http_server_survives_empty_header_block():
+    """\r\n\r\n as the first bytes: a 400 and a close, not a crash
+    (found_headers wrote through a NULL buffer); the server answers the
+    next client."""
+    srv = Server("http_server")
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), 10)
+        s.sendall(b"\r\n\r\n")
+        got = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        assert got.startswith(b"HTTP/1.0 400 "), got
+        s = socket.create_connection(("127.0.0.1", srv.port), 10)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert b"200 OK" in s.recv(4096)
+        s.close()
+    finally:
+        srv.stop()
+
+
 failed = sum(1 for _, e in results if e is not None)
 print("examples: %d passed, %d failed" % (len(results) - failed, failed))
 sys.exit(1 if failed else 0)
