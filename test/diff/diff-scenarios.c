@@ -117,7 +117,7 @@ static int h_writable(ac_dispatcher_t *d) { return chan(d)->nout > 0; }
 static int h_close(ac_dispatcher_t *d) {
   chan_t *c = chan(d);
 
-  if (is("echo") || is("accept_reset")) {
+  if (is("echo")) {
     trace("handler handle_close");
   } else {
     trace("handler handle_close total=%zu ok=%d", c->total, c->ok);
@@ -135,10 +135,6 @@ static int h_read(ac_dispatcher_t *d) {
 
   if (n < 0) {
     return (int) n;
-  }
-  if (is("accept_reset")) {
-    trace("handler handle_read n=%zd data=%s", n, esc(buf, (size_t) n));
-    return 0;
   }
   if (is("echo")) {
     char *grown = realloc(c->out, c->nout + (size_t) n + 1);
@@ -245,7 +241,7 @@ static int s_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
         peer_is_client || strncmp(st.how, "unix", 4) == 0 ? "client"
                                                           : "other");
   st.accepted++;
-  if (is("echo") || is("with_send") || is("accept_reset")) {
+  if (is("echo") || is("with_send")) {
     return new_handler(d->map, sock);
   }
   if (is("eof") || is("unix_eof")) {
@@ -459,7 +455,6 @@ static void run(ac_map_t *map, int use_poll, int (*done)(void)) {
 
 static int client_done(void) { return st.client_done; }
 static int both_done(void) { return st.client_done && st.handler_done; }
-static int handler_done(void) { return st.handler_done; }
 static int accepted(void) { return st.accepted > 0; }
 static int never(void) { return 0; }
 
@@ -551,19 +546,6 @@ static void scenario_tcp(ac_map_t *map, int use_poll) {
     c = start_client(map, &ws_client_ops, 1, (struct sockaddr *) &sin);
     queue_with_send(c);
     run(map, use_poll, both_done);
-  } else if (is("accept_reset")) {
-    /* A client connects, sends and resets before the server accepts. */
-    struct linger lg = {1, 0};
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *) &sin, sizeof(sin)) != 0 ||
-        send(fd, "hello", 5, 0) != 5 ||
-        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) != 0) {
-      exit(2);
-    }
-    st.client_port = local_port(fd);
-    close(fd);
-    usleep(50000);
-    run(map, use_poll, handler_done);
   } else {
     memcpy(&st.addr, &sin, sizeof(sin));
     c = start_client(map, &client_ops, 0, (struct sockaddr *) &sin);

@@ -39,8 +39,6 @@ ITEMS = {
               "connect, read, write in one pass)",
     "reconnect": "D-15 D-04 D-11 (handle_close reconnects the same "
                  "object, 5 times)",
-    "accept_reset": "D-03 D-14 E-04 (a connection reset before the accept: "
-                    "unconnected, read, then closed)",
 }
 
 

@@ -13,9 +13,7 @@ of different channels' events within a pass may differ by design).
 import errno
 import os
 import socket
-import struct
 import sys
-import time
 import warnings
 
 with warnings.catch_warnings():
@@ -94,10 +92,9 @@ class Handler(asyncore.dispatcher if asyncore else object):
 
     def handle_read(self):
         data = self.recv(65536)
-        if self.how in ("echo", "accept_reset"):
+        if self.how == "echo":
             trace("handler handle_read n=%d data=%s" % (len(data), esc(data)))
-            if self.how == "echo":
-                self.out += data
+            self.out += data
             return
         expect = MESSAGE * 3 + pattern(0, PAYLOAD)
         if data != expect[self.total:self.total + len(data)]:
@@ -110,7 +107,7 @@ class Handler(asyncore.dispatcher if asyncore else object):
         trace("handler handle_write sent=%d" % n)
 
     def handle_close(self):
-        if self.how in ("echo", "accept_reset"):
+        if self.how == "echo":
             trace("handler handle_close")
         else:
             trace("handler handle_close total=%d ok=%d" % (self.total, self.ok))
@@ -159,7 +156,7 @@ class Server(asyncore.dispatcher if asyncore else object):
             peer = "client"
         trace("server handle_accepted peer=%s" % peer)
         self.st.accepted += 1
-        if self.how in ("echo", "with_send", "accept_reset"):
+        if self.how in ("echo", "with_send"):
             Handler(sock, self._map, self.st, self.how)
         elif self.how in ("eof", "unix_eof"):
             sock.send(b"bye")
@@ -333,18 +330,6 @@ def scenario_tcp(how, use_poll):
     elif how == "echo":
         Client(amap, st, how, ("127.0.0.1", server.port))
         run(amap, use_poll, lambda: st.client_done and st.handler_done)
-    elif how == "accept_reset":
-        # A client connects, sends and resets before the server accepts:
-        # the accepted socket has no peer (unconnected), its handler reads
-        # the bytes, then the reset closes it (issue 12: no fd kept).
-        c = socket.create_connection(("127.0.0.1", server.port))
-        st.client_port = c.getsockname()[1]
-        c.sendall(b"hello")
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                     struct.pack("ii", 1, 0))
-        c.close()
-        time.sleep(0.05)
-        run(amap, use_poll, lambda: st.handler_done)
     elif how == "reconnect":
         st.addr = ("127.0.0.1", server.port)
         st.client = Client(amap, st, how, st.addr)
@@ -400,18 +385,14 @@ def scenario_unix(how, use_poll):
 
 SCENARIOS = ["echo", "refused", "refused_ro", "eof", "with_send", "chain",
              "reset", "fail", "exit", "unix", "unix_eof", "banner",
-             "reconnect", "accept_reset"]
+             "reconnect"]
 
 # Scenarios that run in one mode only.  unix_eof in poll mode: CPython sees
 # POLLIN|POLLHUP and runs handle_read then handle_close in one readwrite
 # (Q-12: the read that would see EOF never happens); libuv folds HUP into
 # readable, so uvasyncore reads on until EOF (by design, see
 # docs/spec-coverage.md, L-15).
-# accept_reset in poll mode: CPython sees POLLIN|POLLHUP|POLLERR and runs
-# handle_read then handle_close from the flags; libuv folds HUP and ERR
-# into readable, so uvasyncore's second read meets the reset (the same
-# L-15 difference as unix_eof).
-MODES = {"unix_eof": ("select",), "accept_reset": ("select",)}
+MODES = {"unix_eof": ("select",)}
 
 
 def main():
