@@ -248,8 +248,8 @@ AC_EXTERN int ac_dispatcher_init(ac_dispatcher_t *d, ac_map_t *map,
  * dispatcher(sock) (D-03): non-blocking, registered, connected with `addr`
  * the peer address, or unconnected when the socket has no peer.  An
  * accepted connection reset before the accept is unconnected but watched:
- * its events report the reset (handle_read, then handle_close from
- * ac_recv).  The channel owns the socket afterwards.  On failure the socket
+ * the bytes that came before the reset are dropped, and its first read
+ * reports the end (handle_read, whose ac_recv calls handle_close).  The channel owns the socket afterwards.  On failure the socket
  * stays the caller's and the channel is left without socket.  A closed
  * channel whose `closed` has not run yet may take a new socket (reconnect,
  * see ac_create_socket). */

@@ -132,9 +132,9 @@ int ac__attach(ac_dispatcher_t *d, int want_stream) {
 /* Whether a TCP socket without a peer once had a connection that ended
  * before the channel got it: accepted, then reset (or timed out) while it
  * waited in the listen queue.  Such a socket is not one the application
- * will connect or listen with: it must be watched, so that its first events
- * report the bytes and the reset and the application closes it (else its fd
- * leaks for ever).  A fresh socket never had a connection: the kernel sets
+ * will connect or listen with: it must be watched, so that its first read
+ * reports the end and the application closes it (else its fd leaks for
+ * ever).  A fresh socket never had a connection: the kernel sets
  * up a receive space (tcpi_rcv_space) only when one is established.  Asked
  * only when getpeername failed, so an accepted socket with a peer costs no
  * extra system call. */
@@ -147,6 +147,18 @@ static int connection_ended(uv_os_sock_t sock) {
     return 0;
   }
   return ti.tcpi_state == TCP_CLOSE && ti.tcpi_rcv_space > 0;
+}
+
+/* The bytes of a connection that ended before the channel got it are
+ * dropped: no reply can reach that peer, and an application that answered
+ * them would only queue output on a dead channel (an async_chat's
+ * close_when_done would then wait for ever).  The first read then meets
+ * the end of the connection, which calls handle_close (D-14, E-04). */
+static void drop_input(uv_os_sock_t sock) {
+  char scratch[4096];
+
+  while (recv(sock, scratch, sizeof(scratch), 0) > 0) {
+  }
 }
 
 /* Whether a channel can take a socket: it has none, and it is either new
@@ -208,10 +220,15 @@ static int set_socket(ac_dispatcher_t *d, uv_os_sock_t sock,
   reuse(d);
   d->fd = sock;
   r = probe_socket(d, peer_family, &listening);
-  if (r == 0 && !(is_tcp(d) && !listening && peer_family == 0 &&
-                  getpeername(sock, (struct sockaddr *) &peer, &len) != 0 &&
-                  !connection_ended(sock))) {
-    /* Fresh TCP sockets get their handle at connect or listen. */
+  if (r == 0 && is_tcp(d) && !listening && peer_family == 0 &&
+      getpeername(sock, (struct sockaddr *) &peer, &len) != 0) {
+    if (!connection_ended(sock)) {
+      ac__map_add(d->map, d); /* fresh: a handle at connect or listen */
+      return 0;
+    }
+    drop_input(sock); /* accepted, then reset: watched, its end reported */
+  }
+  if (r == 0) {
     r = ac__attach(d, !listening);
   }
   if (r != 0) {
