@@ -156,7 +156,7 @@ struct ac_dispatcher_s {
   uint8_t armed;        /* interest for this pass: AC__R / AC__W */
   uint8_t ready;        /* synthetic readiness: AC__R / AC__W */
   uint8_t nreq;         /* outstanding libuv requests */
-  uint8_t paused;       /* listener: accepting paused after EMFILE (map.c) */
+  uint8_t paused;       /* read interest off: AC__PAUSE_* (map.c) */
   int so_error;         /* stream backend: connect result */
   size_t wq_bytes;      /* stream backend: bytes queued in libuv */
   const void *cls;      /* class: defaults of plain, with_send, chat ... */
@@ -329,6 +329,17 @@ AC_EXTERN uv_os_sock_t ac_fileno(const ac_dispatcher_t *d);
 
 /* Whether `d` has been closed (or never had a socket). */
 AC_EXTERN int ac_is_closed(const ac_dispatcher_t *d);
+
+/* Extension (libuv's uv_read_stop): pause != 0 stops reading, 0 resumes.
+ * While paused the channel has no read interest whatever readable() says:
+ * no handle_read, and a listener accepts nothing (connections wait in the
+ * kernel's backlog).  Back-pressure without overriding readable(), which
+ * asyncore asks every pass (L-10): a paused or resumed channel costs
+ * nothing per pass.  Stays until resumed or the channel is closed.
+ * Returns 0, UV_EINVAL (NULL or not initialised), UV_EBADF (released). */
+AC_EXTERN int ac_pause_reading(ac_dispatcher_t *d, int pause);
+/* Whether ac_pause_reading paused `d` (0 for NULL). */
+AC_EXTERN int ac_reading_paused(const ac_dispatcher_t *d);
 
 /* repr (D-26) into buf (always NUL-terminated when cap > 0); returns the
  * length the full text needs, like snprintf. */

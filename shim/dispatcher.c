@@ -615,6 +615,31 @@ int ac_is_closed(const ac_dispatcher_t *d) {
   return ac_fileno(d) < 0;
 }
 
+int ac_pause_reading(ac_dispatcher_t *d, int pause) {
+  uint8_t was;
+
+  if (d == NULL || !(d->flags & AC__F_INIT)) {
+    return UV_EINVAL;
+  }
+  if (d->flags & AC__F_RELEASED) {
+    return UV_EBADF;
+  }
+  was = d->paused;
+  if (pause) {
+    d->paused |= AC__PAUSE_APP;
+  } else {
+    d->paused &= (uint8_t) ~AC__PAUSE_APP;
+  }
+  if (d->paused != was) {
+    ac__interest_changed(d); /* the read interest, at the next prepare */
+  }
+  return 0;
+}
+
+int ac_reading_paused(const ac_dispatcher_t *d) {
+  return d != NULL && (d->flags & AC__F_INIT) && (d->paused & AC__PAUSE_APP);
+}
+
 /* A handler called from inside ac_send/ac_recv (handle_close) failed:
  * outside the loop the caller gets the code, inside it travels to the event
  * wrapper like an exception raised by the running handler. */

@@ -20,6 +20,10 @@
  * came with the connect completion). */
 #define AC__RONCE 0x08
 
+/* ac_dispatcher_t.paused: why read interest is off */
+#define AC__PAUSE_ACCEPT 0x01 /* listener out of fds (ac__accept_pause) */
+#define AC__PAUSE_APP 0x02    /* ac_pause_reading */
+
 /* ac_dispatcher_t.flags */
 #define AC__F_INIT 0x0001     /* ac_dispatcher_init ran */
 #define AC__F_OPEN 0x0002     /* has a socket, registered in the map */

@@ -344,10 +344,10 @@ void ac__map_del(ac_map_t *m, ac_dispatcher_t *d) {
   ac__list_del(&d->slink);
   d->flags &= ~AC__F_DIRTY;
   m->nchannels--;
-  if (d->paused) {
-    d->paused = 0;
+  if (d->paused & AC__PAUSE_ACCEPT) {
     m->npaused--;
   }
+  d->paused = 0; /* ac_pause_reading lasts until the close */
   if (m->nchannels == 0 && m->running) {
     uv_stop(m->loop);
   }
@@ -389,8 +389,8 @@ void ac__accept_pause(ac_dispatcher_t *d) {
   if (!ac__linked(&d->link)) {
     return;
   }
-  if (!d->paused) {
-    d->paused = 1;
+  if (!(d->paused & AC__PAUSE_ACCEPT)) {
+    d->paused |= AC__PAUSE_ACCEPT;
     m->npaused++;
     ac__interest_changed(d);
   }
@@ -409,8 +409,8 @@ void ac__accept_resume(ac_map_t *m) {
   for (l = m->channels.next; l != &m->channels && m->npaused > 0;
        l = l->next) {
     ac_dispatcher_t *d = AC__ENTRY(l, link);
-    if (d->paused) {
-      d->paused = 0;
+    if (d->paused & AC__PAUSE_ACCEPT) {
+      d->paused &= (uint8_t) ~AC__PAUSE_ACCEPT;
       m->npaused--;
       ac__interest_changed(d);
     }

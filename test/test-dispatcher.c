@@ -441,6 +441,81 @@ TASK(d03_accept_reset_releases_fd) {
   }
 }
 
+/* ac_pause_reading (extension, issue 12's back-pressure without a
+ * readable() override): a paused channel gets no handle_read whatever
+ * readable() says, with data waiting, in both modes, on the stream (TCP)
+ * and the poll backend (AF_UNIX); resumed, it reads what waited.  A paused
+ * listener accepts nothing; resumed, it accepts the waiting connection. */
+TASK(x_pause_reading) {
+  static const ac_dispatcher_ops_t *const opss[2] = {&probe_ops,
+                                                     &probe_pred_ops};
+  int i;
+  int o;
+  int tcp;
+
+  for (i = 0; i < 2; i++) {
+    for (o = 0; o < 2; o++) {
+      for (tcp = 0; tcp < 2; tcp++) {
+        ac_map_t *map = task_map_new();
+        uv_os_sock_t sv[2];
+        probe_t p;
+        int k;
+
+        if (tcp) {
+          ASSERT_OK(probe_tcp_pair(AF_INET, sv));
+        } else {
+          ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+        }
+        ASSERT_OK(probe_init(&p, map, opss[o], 0, "paused"));
+        p.readable = 1;
+        p.consume = 1;
+        ASSERT_OK(ac_dispatcher_open(&p.base.d, sv[1]));
+        ASSERT_EQ(ac_reading_paused(&p.base.d), 0);
+        ASSERT_OK(ac_pause_reading(&p.base.d, 1));
+        ASSERT_EQ(ac_reading_paused(&p.base.d), 1);
+        ASSERT_EQ(send(sv[0], "abc", 3, 0), 3);
+        for (k = 0; k < 10; k++) {
+          ASSERT_OK(ac_loop(map, 0.01, modes[i], 1));
+        }
+        ASSERT_EQ(p.n[EV_READ], 0);
+        ASSERT_OK(ac_pause_reading(&p.base.d, 0));
+        ASSERT_EQ(ac_reading_paused(&p.base.d), 0);
+        LOOP_UNTIL(map, modes[i], p.nin == 3, 50);
+        ASSERT_EQ(p.n[EV_READ], 1);
+        ac_close(&p.base.d);
+        ASSERT_EQ(ac_reading_paused(&p.base.d), 0); /* until the close */
+        close(sv[0]);
+        task_map_free(map);
+      }
+    }
+  }
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    probe_t server;
+    int port;
+    int fd;
+    int k;
+
+    ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+    port = probe_listen(&server, AF_INET);
+    ASSERT_GT(port, 0);
+    ASSERT_OK(ac_pause_reading(&server.base.d, 1));
+    fd = task_connect_tcp(AF_INET, port);
+    ASSERT_GE(fd, 0);
+    for (k = 0; k < 10; k++) {
+      ASSERT_OK(ac_loop(map, 0.01, modes[i], 1));
+    }
+    ASSERT_EQ(server.n[EV_ACCEPTED], 0);
+    ASSERT_OK(ac_pause_reading(&server.base.d, 0));
+    LOOP_UNTIL(map, modes[i], server.n[EV_ACCEPTED] == 1, 50);
+    ac_close(&server.base.d);
+    close(fd);
+    task_map_free(map);
+  }
+  ASSERT_EQ(ac_pause_reading(NULL, 1), UV_EINVAL);
+  ASSERT_EQ(ac_reading_paused(NULL), 0);
+}
+
 /* D-04: create_socket gives a non-blocking, close-on-exec socket of the
  * family and type, registered, with no flag changed. */
 TASK(d04_create_socket) {
@@ -2159,6 +2234,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d03_open_bad_socket),
     TASK_ENTRY(d03_quick_connect_reset),
     TASK_ENTRY(d03_accept_reset_releases_fd),
+    TASK_ENTRY(x_pause_reading),
     TASK_ENTRY(d04_create_socket),
     TASK_ENTRY(d03_open_accepted_ipv6),
     TASK_ENTRY(d04_create_socket_dgram_and_bad_family),
