@@ -386,14 +386,19 @@ TASK(closed_and_released_channel) {
       ASSERT_EQ(ac_connect_name(&c.u.d, "localhost", 9), UV_EBUSY);
       ASSERT_EQ(ac_set_tcp_backend(&c.u.d, AC_BACKEND_POLL), UV_EBUSY);
       ASSERT_EQ(ac_bind(&c.u.d, sa), UV_EBADF);
+      ASSERT_MEM_EQ(&c.u.d.addr, sa, sizeof(struct sockaddr_in)); /* D-10 */
       ASSERT_EQ(ac_accept(&c.u.d, &s, NULL, NULL), UV_EBADF);
       ASSERT_EQ(ac_connect(&c.u.d, sa), UV_EBADF);
+      ASSERT_EQ(c.u.d.connecting, 1); /* set before the call */
       ASSERT_EQ(ac_listen(&c.u.d, 5), UV_EBADF);
+      ASSERT_EQ(c.u.d.accepting, 1); /* */
       ASSERT_EQ(ac_recvfrom(&c.u.d, buf, 1, NULL, NULL), UV_EBADF);
       ASSERT_EQ(ac_sendto(&c.u.d, "x", 1, sa), UV_EBADF);
       ASSERT_EQ(ac_set_reuse_port(&c.u.d), UV_EBADF);
       ac_set_reuse_addr(&c.u.d);
       ASSERT_EQ(ac_dispatcher_send(&c.u.d, "x", 1), rel ? UV_EBADF : 0);
+      /* ac_send: the buffered classes take the byte (n) */
+      ASSERT_EQ(ac_send(&c.u.d, "x", 1), rel ? UV_EBADF : cls != CHAN_PLAIN);
       ASSERT_EQ(ac_recv(&c.u.d, buf, 1), rel ? UV_EBADF : 0);
       ASSERT_EQ(ac_read(&c.u.d), rel ? UV_EBADF : 0);
       ASSERT_EQ(ac_write(&c.u.d), rel ? UV_EBADF : 0);

@@ -579,6 +579,9 @@ TASK(host_does_not_resolve) {
       ASSERT(map != NULL);
       ASSERT_OK(chan_init(&c, map, cls, "c"));
       ASSERT_OK(ac_connect_name(&c.u.d, "nonexistent.invalid", 80));
+      ASSERT_EQ(ac_fileno(&c.u.d), -1); /* no socket while resolving */
+      ASSERT_EQ(ac_recv(&c.u.d, (char[1]){0}, 1), UV_EAGAIN);
+      ASSERT_EQ(ac_dispatcher_send(&c.u.d, "x", 1), 0); /* would block */
       if (cls != CHAN_PLAIN) {
         ASSERT_OK(chan_send(&c, "queued before the name", 22));
       }
@@ -998,6 +1001,8 @@ TASK(close_from_every_handler) {
                     evs[e], k.fired, calls(&y), k.other_calls, k.close_r[0],
                     k.close_r[1], k.close_r[2], k.close_r[3]);
         }
+        /* C-13: chat's parse loop goes on after a close in a collect. */
+        ASSERT(x.cls != CHAN_CHAT || evs[e] != CH_READ || x.n[CH_FOUND] == 1);
         ASSERT_OK(ac_loop(map, 0.001, modes[mode], 2));
         task_map_free(map);
         ASSERT_RELEASED_ONCE(&x);
