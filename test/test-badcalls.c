@@ -105,6 +105,7 @@ TASK(map_and_loop) {
   ASSERT_EQ(ac_loop(map, 1e300, 1, 1), 0);
   ASSERT_EQ(ac_loop(map, -1e300, 0, AC_FOREVER), 0);
   ASSERT_EQ(ac_close_all(map, 0), 0);
+  ASSERT_EQ(ac_close_all(map, 1), 0);
   /* A map being closed takes no new channel or timer. */
   ASSERT_OK(uv_loop_init(&loop));
   ASSERT_OK(ac_map_new(&loop, &closing));
@@ -214,6 +215,7 @@ TASK(dispatcher_bad_arguments) {
   odd.sa_family = AF_APPLETALK; /* 16 bytes given, size unknown */
   ASSERT_EQ(ac_bind(&c.u.d, NULL), UV_EINVAL);
   ASSERT_EQ(ac_bind(&c.u.d, &odd), UV_EAFNOSUPPORT);
+  ASSERT_NE(c.u.d.addr.ss_family, AF_APPLETALK); /* not recorded */
   ASSERT_EQ(ac_connect(&c.u.d, NULL), UV_EINVAL);
   ASSERT_EQ(ac_connect(&c.u.d, &odd), UV_EAFNOSUPPORT);
   ASSERT_EQ(c.u.d.connected, 1); /* refused before any state change */
@@ -233,6 +235,7 @@ TASK(dispatcher_bad_arguments) {
   ASSERT_EQ(ac_set_socket(&c.u.d, -5), UV_EINVAL);
   ASSERT_EQ(ac_dispatcher_adopt_fd(&c.u.d, peer, NULL, 3), UV_EINVAL);
   ASSERT_EQ(ac_readwrite(&c.u.d, 0), 0);
+  ASSERT_GT(ac_describe(&c.u.d, NULL, 100), 0); /* measures only */
   ASSERT_EQ(ac_default_handle_error(&c.u.d, NULL), 0); /* {AC_EFAIL} */
   ASSERT_EQ(c.released, 0);
   ASSERT_EQ(c.n[CH_CLOSE], 1); /* the default handle_error closed it */
@@ -266,6 +269,7 @@ TASK(dispatcher_wrong_state) {
   ASSERT_EQ(ac_accept(&c.u.d, &s, NULL, NULL), UV_EINVAL); /* not listening */
   ASSERT_EQ(s, -1);
   ASSERT_EQ(ac_send(&c.u.d, "", 0), 0);
+  ASSERT_EQ(ac_dispatcher_send(&c.u.d, "", 0), 0);
   ASSERT_EQ(ac_recvfrom(&c.u.d, NULL, 0, NULL, NULL), UV_EPROTOTYPE);
   ASSERT_EQ(ac_set_reuse_port(&c.u.d), 0);
   ASSERT(usable(&c.u.d, peer));
@@ -460,6 +464,7 @@ TASK(with_send_bad_calls) {
   ASSERT_EQ(ac_dispatcher_with_send_send(&c.u.ws, "x", 1), UV_EINVAL);
   ASSERT_EQ(ac_dispatcher_with_send_initiate_send(&c.u.ws), UV_EINVAL);
   ASSERT_EQ(ac_dispatcher_with_send_pending(&c.u.ws), 0);
+  ASSERT_EQ(ac_chat_fifo_len(&c.u.chat), 0); /* its fifo untouched */
   ASSERT_OK(ac_close(&c.u.d));
   ASSERT(released(map, &c));
   ASSERT_OK(chan_init(&c, map, CHAN_WS, "ws"));
@@ -548,6 +553,7 @@ TASK(chat_bad_calls) {
   ASSERT_EQ(ac_chat_get_data(&c.u.chat, NULL), 0);
   c.u.chat.ac_out_buffer_size = 0; /* C-16: range() with step 0 */
   ASSERT_EQ(ac_chat_push(&c.u.chat, "ab", 2), UV_EINVAL);
+  ASSERT_EQ(ac_chat_push_owned(&c.u.chat, "ab", 2, NULL, NULL), UV_EINVAL);
   ASSERT_OK(ac_chat_push(&c.u.chat, "", 0));
   c.u.chat.ac_out_buffer_size = AC_CHAT_BUFFER_SIZE;
   ASSERT_EQ(ac_chat_fifo_len(&c.u.chat), 1);

@@ -773,6 +773,7 @@ TASK(d11_connect_again_while_pending) {
   task_addr(AF_INET, port, &ss);
   ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
   ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+  ASSERT_EQ(ac_connect_name(&client.base.d, "localhost", port), UV_EBUSY);
   ASSERT_EQ(client.base.d.connecting, 1);
   ASSERT_EQ(client.base.d.connected, 0);
   LOOP_UNTIL(map, 0, client.n[EV_CONNECT] == 1, 200);

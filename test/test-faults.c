@@ -580,6 +580,7 @@ TASK(host_does_not_resolve) {
       ASSERT_OK(chan_init(&c, map, cls, "c"));
       ASSERT_OK(ac_connect_name(&c.u.d, "nonexistent.invalid", 80));
       ASSERT_EQ(ac_fileno(&c.u.d), -1); /* no socket while resolving */
+      ASSERT_EQ(ac_connect_name(&c.u.d, "nonexistent.invalid", 80), UV_EBUSY);
       ASSERT_EQ(ac_recv(&c.u.d, (char[1]){0}, 1), UV_EAGAIN);
       ASSERT_EQ(ac_dispatcher_send(&c.u.d, "x", 1), 0); /* would block */
       if (cls != CHAN_PLAIN) {
