@@ -9,8 +9,9 @@
  * hosts channels in its own loop does (docs/embedding.md).
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
- * echo_server.md): reading stops while --max-output (256 KiB) waits for a
- * client that does not read; a connection that sent nothing and drained
+ * echo_server.md): reading pauses (ac_pause_reading) while --max-output
+ * (256 KiB) waits for a client that does not read, and resumes once half
+ * of it has drained; a connection that sent nothing and drained
  * nothing for --idle seconds (60) is closed; beyond --max-conns (10000)
  * connections, new ones are closed at once.  Echo holds no request, so
  * there is no input cap (--max-input is accepted and unused).  A client
@@ -52,14 +53,11 @@ static int handler_read(ac_dispatcher_t *d) {
   if (n > 0) {
     guard_progress(&guard, &handler_of(d)->conn);
     n = ac_send(d, data, (size_t) n);
+    if (n > 0) {
+      guard_pause_if_full(&guard, d, queued(d));
+    }
   }
   return n < 0 && n != UV_EAGAIN ? (int) n : 0;
-}
-
-/* Back-pressure: no reading while --max-output bytes wait for a client
- * that does not read (asyncore asks readable() every pass). */
-static int handler_readable(ac_dispatcher_t *d) {
-  return !handler_of(d)->done && queued(d) < guard.lim.max_output;
 }
 
 /* The client half-closed: what is queued still goes out (handler_write
@@ -71,14 +69,23 @@ static int handler_close(ac_dispatcher_t *d) {
     return ac_close(d);
   }
   h->done = 1;
-  return 0;
+  return ac_pause_reading(d, 1); /* for good: the client sends no more */
 }
 
+/* dispatcher_with_send's handle_write, then: closes a half-closed
+ * connection once its echo is sent, or resumes reading once the output
+ * has drained (every drain of the buffer goes through here). */
 static int handler_write(ac_dispatcher_t *d) {
   echo_handler_t *h = handler_of(d);
   int r = ac_dispatcher_with_send_initiate_send(&h->base);
 
-  return r == 0 && h->done && queued(d) == 0 ? ac_close(d) : r;
+  if (r != 0) {
+    return r;
+  }
+  if (h->done) {
+    return queued(d) == 0 ? ac_close(d) : 0;
+  }
+  return guard_resume_if_drained(&guard, d, queued(d));
 }
 
 static void handler_closed(ac_dispatcher_t *d) {
@@ -89,7 +96,6 @@ static void handler_closed(ac_dispatcher_t *d) {
 }
 
 static const ac_dispatcher_ops_t handler_ops = {
-    .readable = handler_readable,
     .handle_read = handler_read,
     .handle_write = handler_write,
     .handle_close = handler_close,

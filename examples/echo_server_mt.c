@@ -52,13 +52,11 @@ static int handler_read(ac_dispatcher_t *d) {
   if (n > 0) {
     guard_progress(handler_of(d)->guard, &handler_of(d)->conn);
     n = ac_send(d, data, (size_t) n);
+    if (n > 0) { /* back-pressure: pause at --max-output */
+      guard_pause_if_full(handler_of(d)->guard, d, queued(d));
+    }
   }
   return n < 0 && n != UV_EAGAIN ? (int) n : 0;
-}
-
-/* Back-pressure: no reading while --max-output waits for the client. */
-static int handler_readable(ac_dispatcher_t *d) {
-  return !handler_of(d)->done && queued(d) < limits.max_output;
 }
 
 /* Half-close: send what is queued (handler_write closes after it). */
@@ -69,14 +67,22 @@ static int handler_close(ac_dispatcher_t *d) {
     return ac_close(d);
   }
   h->done = 1;
-  return 0;
+  return ac_pause_reading(d, 1); /* for good: the client sends no more */
 }
 
+/* Send, then close a half-closed connection once its echo is out, or
+ * resume reading once the output has drained (as echo_server). */
 static int handler_write(ac_dispatcher_t *d) {
   echo_handler_t *h = handler_of(d);
   int r = ac_dispatcher_with_send_initiate_send(&h->base);
 
-  return r == 0 && h->done && queued(d) == 0 ? ac_close(d) : r;
+  if (r != 0) {
+    return r;
+  }
+  if (h->done) {
+    return queued(d) == 0 ? ac_close(d) : 0;
+  }
+  return guard_resume_if_drained(h->guard, d, queued(d));
 }
 
 static void handler_closed(ac_dispatcher_t *d) {
@@ -88,7 +94,6 @@ static void handler_closed(ac_dispatcher_t *d) {
 }
 
 static const ac_dispatcher_ops_t handler_ops = {
-    .readable = handler_readable,
     .handle_read = handler_read,
     .handle_write = handler_write,
     .handle_close = handler_close,

@@ -11,7 +11,7 @@
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * http_server.md): a header block over 64 KiB gets 431 and a close, a body
- * over --max-input (4 MiB) 413 and a close; reading stops while
+ * over --max-input (4 MiB) 413 and a close; reading pauses while
  * --max-output (256 KiB) of responses is queued, and a client whose
  * pipelined requests would queue more than --max-output + --max-input is
  * closed; a connection without a complete request for --idle seconds (60)
@@ -89,7 +89,7 @@ static int respond(http_t *h, int status, const char *reason,
                                    : "Connection: close\r\n");
   int r;
 
-  /* Output cap: readable() stops reading at --max-output, but one read
+  /* Output cap: reading pauses at --max-output, but one read
    * can hold many pipelined requests; beyond this the client is closed
    * (handle_error). */
   if (chat_queued(&h->chat) + (size_t) len + n >
@@ -210,13 +210,17 @@ static int on_found(ac_chat_t *c) {
   return r != 0 ? r : ac_chat_set_terminator(c, "\r\n\r\n", 4);
 }
 
-/* Back-pressure: no reading while --max-output bytes wait for a client
- * that does not read its responses (asyncore asks readable() every
- * pass). */
-static int on_readable(ac_dispatcher_t *d) {
+/* Back-pressure at no cost per pass (serve.h): reading pauses while
+ * --max-output bytes wait for a client that does not read its responses,
+ * and resumes from handle_write once half of it has drained. */
+static int on_read(ac_dispatcher_t *d) {
   http_t *h = http_of(ac_chat_of(d));
 
-  return !h->done && chat_queued(&h->chat) < guard.lim.max_output;
+  return guard_chat_read(&guard, d, &h->done);
+}
+
+static int on_write(ac_dispatcher_t *d) {
+  return guard_chat_write(&guard, d, http_of(ac_chat_of(d))->done);
 }
 
 /* The client half-closed (or the connection broke): the responses already
@@ -229,6 +233,7 @@ static int on_close(ac_dispatcher_t *d) {
     return ac_close(d); /* nothing left, or the close marker was reached */
   }
   h->done = 1;
+  ac_pause_reading(d, 1); /* for good: the client sends no more */
   return ac_chat_close_when_done(&h->chat);
 }
 
@@ -250,7 +255,8 @@ static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
 }
 
 static const ac_chat_ops_t http_ops = {
-    .base = {.readable = on_readable,
+    .base = {.handle_read = on_read,
+             .handle_write = on_write,
              .handle_close = on_close,
              .closed = on_closed,
              .handle_error = on_error,

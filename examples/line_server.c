@@ -13,9 +13,10 @@
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * line_server.md): a line longer than --max-input (64 KiB) gets
- * "ERROR line too long" and a close; reading stops while --max-output
- * (256 KiB) of replies is queued, and each read is sized so that its
- * replies cannot take the queue past --max-output + --max-input; a
+ * "ERROR line too long" and a close; reading pauses (ac_pause_reading)
+ * once --max-output (256 KiB) of replies is queued and resumes once half
+ * of it has drained, and each read is sized so that its replies cannot
+ * take the queue past --max-output + --max-input; a
  * connection without a complete line for --idle seconds (60) is closed;
  * beyond --max-conns (1000)
  * connections, new ones are closed at once.  A client that half-closes
@@ -142,26 +143,52 @@ static int on_line(ac_chat_t *c) {
   return ac_chat_push(c, cl->line, n + 1);
 }
 
-/* Back-pressure: no reading while --max-output bytes wait for a client
- * that does not read its replies (asyncore asks readable() every pass).
- * One read can still queue a reply per byte (empty lines: 97 bytes of
- * queue each), so each read asks for no more than keeps the queue under
- * --max-output + --max-input. */
-static int on_readable(ac_dispatcher_t *d) {
+/* One read can queue a reply per byte (empty lines: 97 bytes of queue
+ * each), so each read asks for no more than keeps the queue under
+ * --max-output + --max-input: sized here, for the next read, from the
+ * output queued now (which only shrinks until that read).  A field write,
+ * where a readable() override would cost every pass. */
+static void size_next_read(client_t *cl, size_t q) {
+  size_t room = (guard.lim.max_output + guard.lim.max_input - q) / 97;
+
+  cl->chat.ac_in_buffer_size = room == 0                     ? 1
+                               : room < AC_CHAT_BUFFER_SIZE ? room
+                                                            : AC_CHAT_BUFFER_SIZE;
+}
+
+/* handle_read: async_chat's, then back-pressure: reading pauses while
+ * --max-output bytes wait for a client that does not read its replies
+ * (on_write resumes it), and for good once refused or half-closed. */
+static int on_read(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
+  int r = ac_default_handle_read(d);
   size_t q = chat_queued(&cl->chat);
-  size_t room;
 
   if (cl->done || q >= guard.lim.max_output) {
+    ac_pause_reading(d, 1);
+  } else {
+    size_next_read(cl, q);
+  }
+  return r;
+}
+
+/* handle_write: async_chat's send, then a paused client whose replies are
+ * down to half of --max-output reads again.  Every drain of the queue
+ * comes through here, so a paused client cannot be forgotten. */
+static int on_write(ac_dispatcher_t *d) {
+  client_t *cl = client_of(ac_chat_of(d));
+  int r = ac_chat_initiate_send(&cl->chat);
+  size_t q;
+
+  if (r != 0 || cl->done || !ac_reading_paused(d)) {
+    return r;
+  }
+  q = chat_queued(&cl->chat);
+  if (q > guard.lim.max_output / 2) {
     return 0;
   }
-  room = (guard.lim.max_output + guard.lim.max_input - q) / 97;
-  if (room == 0) {
-    return 0;
-  }
-  cl->chat.ac_in_buffer_size = room < AC_CHAT_BUFFER_SIZE ? room
-                                                          : AC_CHAT_BUFFER_SIZE;
-  return 1;
+  size_next_read(cl, q);
+  return ac_pause_reading(d, 0);
 }
 
 /* The client half-closed (or the connection broke): the replies already
@@ -174,6 +201,7 @@ static int on_close(ac_dispatcher_t *d) {
     return ac_close(d); /* nothing left, or the close marker was reached */
   }
   cl->done = 1;
+  ac_pause_reading(d, 1); /* for good: the client sends no more */
   return ac_chat_close_when_done(&cl->chat);
 }
 
@@ -198,7 +226,8 @@ static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
 }
 
 static const ac_chat_ops_t client_ops = {
-    .base = {.readable = on_readable,
+    .base = {.handle_read = on_read,
+             .handle_write = on_write,
              .handle_close = on_close,
              .closed = on_closed,
              .handle_error = on_error,
@@ -223,6 +252,7 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
   r = ac_chat_init(&cl->chat, d->map, &client_ops);
   if (r == 0) {
     cl->chat.batch = batch;
+    size_next_read(cl, 0);
     r = ac_chat_set_terminator(&cl->chat, "\n", 1);
   }
   if (r == 0) {

@@ -18,7 +18,7 @@
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * resp_server.md): a command over --max-input (4 MiB) or a line over
- * 64 KiB gets a protocol error and a close; reading stops while
+ * 64 KiB gets a protocol error and a close; reading pauses while
  * --max-output (1 MiB) of replies is queued, and a client whose pipelined
  * commands would queue more than --max-output + --max-input (a few bytes
  * of GET can ask for a large value) is closed, as Redis's
@@ -207,7 +207,7 @@ static client_t *client_of(ac_chat_t *c) {
   return ac_container_of(c, client_t, chat);
 }
 
-/* Output cap: readable() stops reading at --max-output, but one read of
+/* Output cap: reading pauses at --max-output, but one read of
  * pipelined GETs can ask for far more than that; beyond it the client is
  * closed (handle_error). */
 static int reply_str(client_t *cl, const char *s);
@@ -572,12 +572,17 @@ static int on_collect(ac_chat_t *c, const char *data, size_t n) {
                     guard.lim.max_input + MAX_LINE + 2, data, n);
 }
 
-/* Back-pressure: no reading while --max-output bytes wait for a client
- * that does not read its replies (asyncore asks readable() every pass). */
-static int on_readable(ac_dispatcher_t *d) {
+/* Back-pressure at no cost per pass (serve.h): reading pauses while
+ * --max-output bytes wait for a client that does not read its replies,
+ * and resumes from handle_write once half of it has drained. */
+static int on_read(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
 
-  return !cl->done && chat_queued(&cl->chat) < guard.lim.max_output;
+  return guard_chat_read(&guard, d, &cl->done);
+}
+
+static int on_write(ac_dispatcher_t *d) {
+  return guard_chat_write(&guard, d, client_of(ac_chat_of(d))->done);
 }
 
 /* The client half-closed (or the connection broke): the replies already
@@ -590,6 +595,7 @@ static int on_close(ac_dispatcher_t *d) {
     return ac_close(d); /* nothing left, or the close marker was reached */
   }
   cl->done = 1;
+  ac_pause_reading(d, 1); /* for good: the client sends no more */
   return ac_chat_close_when_done(&cl->chat);
 }
 
@@ -612,7 +618,8 @@ static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
 }
 
 static const ac_chat_ops_t client_ops = {
-    .base = {.readable = on_readable,
+    .base = {.handle_read = on_read,
+             .handle_write = on_write,
              .handle_close = on_close,
              .closed = on_closed,
              .handle_error = on_error,

@@ -33,8 +33,9 @@ typedef struct {
   size_t max_input;  /* --max-input BYTES: the longest request (a line, a
                         header block or body, a RESP command); longer gets
                         an error reply, then a close */
-  size_t max_output; /* --max-output BYTES: reading stops while this much
-                        output is queued (back-pressure) */
+  size_t max_output; /* --max-output BYTES: reading pauses once this much
+                        output is queued, and resumes once half of it has
+                        drained (back-pressure) */
   double idle;       /* --idle SECONDS: a connection that made no progress
                         (no complete request, no output drained) for this
                         long is closed; 0: never */
@@ -189,12 +190,63 @@ static inline void guard_progress(guard_t *g, conn_t *c) {
   c->last = uv_now(g->loop);
 }
 
+/* Back-pressure at no cost per pass.  asyncore's way is a readable()
+ * override, but asyncore asks an overridden predicate of every channel in
+ * every pass (L-10): 5,000 idle connections would cost every pass 5,000
+ * calls.  Instead, a handler that has just queued `queued` bytes of output
+ * (the end of handle_read) pauses the channel at --max-output ... */
+static inline void guard_pause_if_full(const guard_t *g, ac_dispatcher_t *d,
+                                       size_t queued) {
+  if (queued >= g->lim.max_output) {
+    ac_pause_reading(d, 1);
+  }
+}
+
+/* ... and handle_write, after the class's send (the only way queued
+ * output drains, so a paused channel always comes back here), resumes it
+ * once the output is down to half of --max-output.  Returns 0 or an
+ * error. */
+static inline int guard_resume_if_drained(const guard_t *g,
+                                          ac_dispatcher_t *d, size_t queued) {
+  if (queued > g->lim.max_output / 2 || !ac_reading_paused(d)) {
+    return 0;
+  }
+  return ac_pause_reading(d, 0);
+}
+
 /* The memory a chat's output queue holds: its bytes, plus its fifo
  * entries (48 bytes each, and the fifo doubles as it grows: count 96).
  * Counting bytes alone would let a client queue millions of one-byte
  * replies at 96 bytes each. */
 static inline size_t chat_queued(const ac_chat_t *c) {
   return ac_chat_out_bytes(c) + 96 * ac_chat_fifo_len(c);
+}
+
+/* handle_read of the async_chat servers: async_chat's, then reading
+ * pauses at --max-output (guard_pause_if_full), or for good once the
+ * connection is `*done` (refused, half-closed, last response queued). */
+static inline int guard_chat_read(const guard_t *g, ac_dispatcher_t *d,
+                                  const int *done) {
+  int r = ac_default_handle_read(d);
+
+  if (*done) {
+    ac_pause_reading(d, 1);
+  } else {
+    guard_pause_if_full(g, d, chat_queued(ac_chat_of(d)));
+  }
+  return r;
+}
+
+/* handle_write of the async_chat servers: async_chat's send, then
+ * guard_resume_if_drained unless the connection is done. */
+static inline int guard_chat_write(const guard_t *g, ac_dispatcher_t *d,
+                                   int done) {
+  int r = ac_chat_initiate_send(ac_chat_of(d));
+
+  if (r != 0 || done) {
+    return r;
+  }
+  return guard_resume_if_drained(g, d, chat_queued(ac_chat_of(d)));
 }
 
 /* Appends n bytes to a buffer of at most `max` bytes (plus one for a

@@ -375,6 +375,83 @@ def line_and_echo_servers_finish_reply_after_half_close():
 
 
 # ---------------------------------------------------------------------------
+# A paused connection resumes: a client sends without reading until the
+# server stops reading (ac_pause_reading at --max-output; the client's
+# sends stall), then reads: every reply arrives, the paused reads resume
+# (the rest of what the client sends is answered), and the connection
+# serves a further request.  A server that never resumed would leave the
+# client waiting (the stream backend drains libuv's write queue before
+# handle_write runs again: this checks the resume is reached that way).
+
+def paused_then_resumed(name, args, data, want, follow, follow_want):
+    import threading
+    srv = Server(name, *args)
+    try:
+        s = srv.connect(30)
+        sent = [0]
+
+        def send_all():
+            view = memoryview(data)
+            try:
+                while view:
+                    n = s.send(view[:256 * KiB])
+                    view = view[n:]
+                    sent[0] += n
+            except OSError:
+                pass
+
+        t = threading.Thread(target=send_all, daemon=True)
+        t.start()
+        time.sleep(1.5)  # no reading meanwhile
+        stalled = sent[0]
+        assert stalled < len(data), \
+            "%s: the server read all %d bytes without back-pressure" % (
+                name, len(data))
+        got = read_exactly(s, len(want), 60)
+        t.join(10)
+        assert not t.is_alive(), "%s: the client's sends never finished" % name
+        assert got == want, "%s: replies differ" % name
+        s.sendall(follow)
+        assert read_exactly(s, len(follow_want), 10) == follow_want
+        print("     %s: sends stalled at %.1f of %.1f MiB, then all replies"
+              % (name, stalled / MiB, len(data) / MiB), file=sys.stderr)
+        s.close()
+        assert srv.alive(), "server died"
+    finally:
+        srv.stop()
+
+
+@test
+def paused_connection_resumes_when_client_reads():
+    echo = random.Random(11).randbytes(24 * MiB)
+    for name, extra in (("echo_server", ()), ("echo_server_mt", ("2",))):
+        paused_then_resumed(name, extra + ("--max-output", "64k"), echo,
+                            echo, b"ping", b"ping")
+    lines = b"".join(b"%07d\n" % i for i in range(3 * MiB))  # 24 MiB
+    paused_then_resumed("line_server", ("--max-output", "64k"), lines,
+                        lines, b"again\n", b"again\n")
+    paused_then_resumed("line_server", ("--batch", "--max-output", "64k"),
+                        b"\n" * (12 * MiB), b"\n" * (12 * MiB),
+                        b"again\n", b"again\n")
+    payload = b"p" * 1000
+    cmd = b"*2\r\n$4\r\nECHO\r\n$1000\r\n" + payload + b"\r\n"
+    n = 24 * MiB // len(cmd)
+    paused_then_resumed("resp_server", ("--max-output", "64k"), cmd * n,
+                        (b"$1000\r\n" + payload + b"\r\n") * n,
+                        b"PING\r\n", b"+PONG\r\n")
+    body = b"b" * (1 * MiB)
+    post = b"POST /echo HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+    head = (b"HTTP/1.1 200 OK\r\nServer: uvasyncore-http_server\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n"
+            % len(body))
+    paused_then_resumed("http_server", ("--max-output", "64k"),
+                        (post + body) * 24, (head + body) * 24,
+                        b"GET / HTTP/1.1\r\n\r\n",
+                        head.replace(b"%d" % len(body), b"22") +
+                        b"Hello from uvasyncore\n")
+
+
+# ---------------------------------------------------------------------------
 # A client that never reads: the server's memory stays under the bound that
 # docs/examples/<example>.md states, and other clients are still answered.
 #
