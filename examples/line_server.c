@@ -148,12 +148,19 @@ static int on_line(ac_chat_t *c) {
  * --max-output + --max-input: sized here, for the next read, from the
  * output queued now (which only shrinks until that read).  A field write,
  * where a readable() override would cost every pass. */
-static void size_next_read(client_t *cl, size_t q) {
+static size_t read_size(size_t q) {
   size_t room = (guard.lim.max_output + guard.lim.max_input - q) / 97;
 
-  cl->chat.ac_in_buffer_size = room == 0                     ? 1
-                               : room < AC_CHAT_BUFFER_SIZE ? room
-                                                            : AC_CHAT_BUFFER_SIZE;
+  return room == 0                     ? 1
+         : room < AC_CHAT_BUFFER_SIZE ? room
+                                      : AC_CHAT_BUFFER_SIZE;
+}
+
+/* The size of a read with nothing queued (set in main, after the options). */
+static size_t full_read;
+
+static void size_next_read(client_t *cl, size_t q) {
+  cl->chat.ac_in_buffer_size = read_size(q);
 }
 
 /* handle_read: async_chat's, then back-pressure: reading pauses while
@@ -162,8 +169,13 @@ static void size_next_read(client_t *cl, size_t q) {
 static int on_read(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
   int r = ac_default_handle_read(d);
-  size_t q = chat_queued(&cl->chat);
+  size_t q;
 
+  if (ac_chat_fifo_len(&cl->chat) == 0 && !cl->done &&
+      cl->chat.ac_in_buffer_size == full_read) {
+    return r; /* the usual case: every reply went out, nothing to bound */
+  }
+  q = chat_queued(&cl->chat);
   if (cl->done || q >= guard.lim.max_output) {
     ac_pause_reading(d, 1);
   } else {
@@ -289,5 +301,6 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: %s PORT [--batch] " LIMITS_USAGE "\n", argv[0]);
     return 2;
   }
+  full_read = read_size(0);
   return serve("line_server", argv[1], &server_ops, &guard, queued);
 }
