@@ -82,6 +82,8 @@ struct poller {
   vec ready;        /* entries libuv reported in this wait */
   vec graveyard;    /* dead unpollable entries, freed after a wait */
   int timer_fired;
+  unsigned long long waits;     /* stats(): calls of wait() */
+  unsigned long long asked;     /* stats(): interest evaluations */
 };
 
 static PyObject *str_readable, *str_writable, *str_accepting;
@@ -457,6 +459,7 @@ static int evaluate(poller *p, int use_poll) {
       continue;
     }
     PyObject *obj = Py_NewRef(e->obj);
+    p->asked++;
     int want = interest(obj, use_poll);
     Py_DECREF(obj);
     if (want < 0) {
@@ -607,12 +610,11 @@ static PyObject *collect(poller *p, int use_poll) {
   for (size_t i = 0; i < n; i++) {
     entry *e = set[i];
     e->events = 0;
-    if (e->failed || e->nval) {
-      e->failed = 0;
-      /* The handle stopped or never started: retry at the next wait. */
-      if (mark_dirty(p, e) < 0) {
-        PyErr_Clear();
-      }
+    e->failed = 0;
+    /* Its handlers are about to run and may change what its predicates
+     * say (a failed or refused handle is restarted by this, too). */
+    if (mark_dirty(p, e) < 0) {
+      PyErr_Clear();
     }
     if (list == NULL || rc <= 0) {
       continue;
@@ -667,6 +669,7 @@ static PyObject *poller_wait(PyObject *self, PyObject *args) {
     return NULL;
   }
   p->busy = 1;
+  p->waits++;
   PyObject *list = NULL;
   if (evaluate(p, use_poll) < 0 ||
       vec_reserve(&p->ready, p->count + p->ready.n) < 0) {
@@ -688,6 +691,13 @@ out:
   free_graveyard(p);
   p->busy = 0;
   return list;
+}
+
+/* stats(): (waits, asked): wait() calls, and readable()/writable() pairs
+ * asked, since the Poller was made; the tests check the cost of a pass. */
+static PyObject *poller_stats(PyObject *self, PyObject *unused) {
+  const poller *p = (const poller *)self;
+  return Py_BuildValue("(KK)", p->waits, p->asked);
 }
 
 static Py_ssize_t poller_len(PyObject *self) {
@@ -770,6 +780,8 @@ static PyMethodDef poller_methods[] = {
    "touch(fd): evaluate fd's interest at the next wait."},
   {"get", poller_get, METH_O, "get(fd): the object watched for fd."},
   {"fds", poller_fds, METH_NOARGS, "fds(): the watched fds."},
+  {"stats", poller_stats, METH_NOARGS,
+   "stats(): (waits, interest evaluations) so far."},
   {"wait", poller_wait, METH_VARARGS,
    "wait(timeout, use_poll): one pass's wait; [(fd, flags)]."},
   {NULL, NULL, 0, NULL},
