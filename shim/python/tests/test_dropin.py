@@ -215,6 +215,15 @@ class MapChangedDirectly(unittest.TestCase):
                                   count=3)
                     self.assertEqual(reads, [b'one'])
                     keep.close()
+                    # close_all leaves no poller for the map, not even
+                    # for a channel put in by hand (its close() works on
+                    # its own map).
+                    other = asyncore.dispatcher(socket.socket(), map={})
+                    map[other._fileno] = other
+                    asyncore.loop(timeout=0, use_poll=use_poll, map=map,
+                                  count=1)
+                    asyncore.close_all(map)
+                    self.assertNotIn(id(map), asyncore._pollers)
                 finally:
                     d.close()
                     b.close()

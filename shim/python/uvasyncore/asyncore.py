@@ -92,10 +92,12 @@ def _watch_of(map):
 
 
 def _forget_if_empty(map):
+    # An empty map needs no poller; what the poller may still watch (a
+    # channel put in by hand and closed through another map) is stale.
     if map:
         return
     watch = _pollers.get(id(map))
-    if watch is not None and watch.map is map and not len(watch.poller):
+    if watch is not None and watch.map is map:
         del _pollers[id(map)]
 
 
