@@ -96,7 +96,7 @@ static int vec_reserve(vec *a, size_t n) {
   while (cap < n) {
     cap *= 2;
   }
-  entry **v = realloc(a->v, cap * sizeof *v);
+  entry **v = realloc(a->v, cap * sizeof(entry *));
   if (v == NULL) {
     PyErr_NoMemory();
     return -1;
@@ -206,12 +206,12 @@ static int grow_byfd(poller *p, int fd) {
   while (n <= (size_t)fd) {
     n *= 2;
   }
-  entry **v = realloc(p->byfd, n * sizeof *v);
+  entry **v = realloc(p->byfd, n * sizeof(entry *));
   if (v == NULL) {
     PyErr_NoMemory();
     return -1;
   }
-  memset(v + p->nbyfd, 0, (n - p->nbyfd) * sizeof *v);
+  memset(v + p->nbyfd, 0, (n - p->nbyfd) * sizeof(entry *));
   p->byfd = v;
   p->nbyfd = n;
   return 0;
@@ -269,7 +269,7 @@ static PyObject *poller_add(PyObject *self, PyObject *args) {
   p->byfd[fd] = e;
   p->count++;
   Py_XDECREF(old);
-  Py_RETURN_NONE;
+  return Py_NewRef(Py_None);
 }
 
 /* remove(fd): stop watching fd; no error if it is not watched. */
@@ -283,7 +283,7 @@ static PyObject *poller_remove(PyObject *self, PyObject *arg) {
   if (e != NULL) {
     Py_XDECREF(entry_kill(p, e));
   }
-  Py_RETURN_NONE;
+  return Py_NewRef(Py_None);
 }
 
 /* touch(fd): the state a base-class predicate reads changed; evaluate fd's
@@ -298,7 +298,7 @@ static PyObject *poller_touch(PyObject *self, PyObject *arg) {
   if (e != NULL && mark_dirty(p, e) < 0) {
     return NULL;
   }
-  Py_RETURN_NONE;
+  return Py_NewRef(Py_None);
 }
 
 /* get(fd): the object watched for fd, or None. */
@@ -436,12 +436,12 @@ static int evaluate(poller *p, int use_poll) {
     p->mode = use_poll;
   }
   size_t n = p->py.n + p->dirty.n;
-  entry **snap = malloc((n ? n : 1) * sizeof *snap);
+  entry **snap = malloc((n ? n : 1) * sizeof(entry *));
   if (snap == NULL) {
     PyErr_NoMemory();
     return -1;
   }
-  memcpy(snap, p->dirty.v, p->dirty.n * sizeof *snap);
+  memcpy(snap, p->dirty.v, p->dirty.n * sizeof(entry *));
   size_t k = p->dirty.n;
   for (size_t i = 0; i < p->py.n; i++) {
     if (!p->py.v[i]->dirty) {
@@ -575,7 +575,7 @@ static int append_result(PyObject *list, int fd, long flags) {
 static PyObject *collect(poller *p, int use_poll) {
   size_t n = 0;
   size_t cap = p->ready.n + p->fixed.n + 1;
-  entry **set = malloc(cap * sizeof *set);
+  entry **set = malloc(cap * sizeof(entry *));
   struct pollfd *pfd = malloc(cap * sizeof *pfd);
   PyObject *list = PyList_New(0);
   if (set == NULL || pfd == NULL || list == NULL) {

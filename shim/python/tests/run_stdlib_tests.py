@@ -2,10 +2,14 @@
 uvasyncore's drop-in: uvasyncore.install() puts our modules in
 sys.modules['asyncore'] / ['asynchat'] before the tests import them.
 
-    PYTHONPATH=<build>/shim/python python3 run_stdlib_tests.py [-v] [name...]
+    PYTHONPATH=<build>/shim/python python3 run_stdlib_tests.py [-v]
+        [--testdir DIR] [name...]
 
-Exits 77 (meson: skipped) when this Python has no test.test_asyncore (Debian:
-install libpython3.X-testsuite; gone from CPython 3.12).  Tests listed in
+--testdir DIR takes test_asyncore.py and test_asynchat.py from DIR (a
+CPython 3.11 Lib/test) instead of this Python's test package: how they run
+on 3.12+, where they are gone (with that Python's test.support).  Exits 77
+(meson: skipped) when the tests are not there (Debian's python3.11: install
+libpython3.11-testsuite).  Tests listed in
 EXPECTED_FAILURES (each with its reason, also in docs/python.md) may fail;
 any other failure, or one of those passing, fails the run.
 """
@@ -19,13 +23,28 @@ EXPECTED_FAILURES = {
 }
 
 
-def load(names):
+def import_test(name, testdir):
+    if testdir is None:
+        return importlib.import_module('test.' + name)
+    import importlib.util
+    import os
+    path = os.path.join(testdir, name + '.py')
+    if not os.path.exists(path):
+        raise ImportError('no ' + path)
+    spec = importlib.util.spec_from_file_location('test.' + name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load(names, testdir):
     import uvasyncore
     uvasyncore.install()
     modules = []
     for name in names:
         try:
-            mod = importlib.import_module('test.' + name)
+            mod = import_test(name, testdir)
         except ImportError as err:
             print('%s: not available (%s): skipped' % (name, err))
             sys.exit(77)
@@ -60,10 +79,15 @@ class Result(unittest.TextTestResult):
 
 def main():
     args = sys.argv[1:]
+    testdir = None
+    if '--testdir' in args:
+        i = args.index('--testdir')
+        testdir = args[i + 1]
+        del args[i:i + 2]
     verbosity = 2 if '-v' in args else 1
     names = [a for a in args if a != '-v'] or ['test_asyncore',
                                                'test_asynchat']
-    modules = load(names)
+    modules = load(names, testdir)
     loader = unittest.TestLoader()
     suite = unittest.TestSuite(loader.loadTestsFromModule(m) for m in modules)
     runner = unittest.TextTestRunner(verbosity=verbosity, resultclass=Result)
