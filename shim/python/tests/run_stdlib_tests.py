@@ -15,6 +15,8 @@ any other failure, or one of those passing, fails the run.
 """
 
 import importlib
+import importlib.util
+import os
 import sys
 import unittest
 
@@ -26,8 +28,6 @@ EXPECTED_FAILURES = {
 def import_test(name, testdir):
     if testdir is None:
         return importlib.import_module('test.' + name)
-    import importlib.util
-    import os
     path = os.path.join(testdir, name + '.py')
     if not os.path.exists(path):
         raise ImportError('no ' + path)

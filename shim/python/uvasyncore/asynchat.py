@@ -122,19 +122,29 @@ class async_chat(asyncore.dispatcher):
     def push(self, data):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError('data argument must be byte-ish (%r)', type(data))
+        had_output = bool(self.producer_fifo)
         size = self.ac_out_buffer_size
         if len(data) > size:
             for i in range(0, len(data), size):
                 self.producer_fifo.append(data[i:i + size])
         else:
             self.producer_fifo.append(data)
-        self._ac_touch()
         self.initiate_send()
+        self._ac_output_changed(had_output)
 
     def push_with_producer(self, producer):
+        had_output = bool(self.producer_fifo)
         self.producer_fifo.append(producer)
-        self._ac_touch()
         self.initiate_send()
+        self._ac_output_changed(had_output)
+
+    def _ac_output_changed(self, had_output):
+        # writable() reads whether producer_fifo is empty: when a push
+        # changed that (typically from another channel's handler), the
+        # poller asks again.  A push that went out whole changed nothing.
+        # (Within this channel's own events it is asked again anyway.)
+        if had_output != bool(self.producer_fifo):
+            self._ac_touch()
 
     def readable(self):
         # Always: the terminator may change between reads, so a full
@@ -146,17 +156,11 @@ class async_chat(asyncore.dispatcher):
 
     def close_when_done(self):
         """Closes the channel once everything pushed so far is sent."""
+        had_output = bool(self.producer_fifo)
         self.producer_fifo.append(None)
-        self._ac_touch()
+        self._ac_output_changed(had_output)
 
     def initiate_send(self):
-        fifo = self.producer_fifo
-        had_output = bool(fifo)
-        self._send_some()
-        if had_output and not self.producer_fifo:
-            self._ac_touch()
-
-    def _send_some(self):
         while self.producer_fifo and self.connected:
             first = self.producer_fifo[0]
             if not first:
@@ -192,10 +196,11 @@ class async_chat(asyncore.dispatcher):
             return
 
     def discard_buffers(self):
+        had_output = bool(self.producer_fifo)
         self.ac_in_buffer = b''
         del self.incoming[:]
         self.producer_fifo.clear()
-        self._ac_touch()
+        self._ac_output_changed(had_output)
 
 
 asyncore._default_readable.add(async_chat.readable)

@@ -524,11 +524,8 @@ class dispatcher_with_send(dispatcher):
         self.out_buffer = b''
 
     def initiate_send(self):
-        was_empty = not self.out_buffer
         sent = dispatcher.send(self, self.out_buffer[:65536])
         self.out_buffer = self.out_buffer[sent:]
-        if was_empty != (not self.out_buffer):
-            self._ac_touch()
 
     def handle_write(self):
         self.initiate_send()
@@ -539,10 +536,14 @@ class dispatcher_with_send(dispatcher):
     def send(self, data):
         if self.debug:
             self.log_info('sending %s' % repr(data))
-        was_empty = not self.out_buffer
+        had_output = bool(self.out_buffer)
         self.out_buffer = self.out_buffer + data
         self.initiate_send()
-        if was_empty and self.out_buffer:
+        # writable() reads whether out_buffer is empty: when this send
+        # changed that (typically from another channel's handler), the
+        # poller asks again.  (Within this channel's own events it is
+        # asked again anyway.)
+        if had_output != bool(self.out_buffer):
             self._ac_touch()
 
 
