@@ -71,47 +71,42 @@ class async_chat(asyncore.dispatcher):
         # The terminator is asked for again after each found_terminator:
         # that handler may change it, and the rest is split by the new one.
         while self.ac_in_buffer:
-            if not self._split_once():
-                break
-
-    def _split_once(self):
-        """Consumes what the current terminator allows from ac_in_buffer;
-        False when the rest must wait for more input."""
-        buf = self.ac_in_buffer
-        terminator = self.get_terminator()
-        if not terminator:
-            # None (or 0, b''): everything is data.
-            self.collect_incoming_data(buf)
-            self.ac_in_buffer = b''
-            return True
-        if isinstance(terminator, int):
-            if len(buf) < terminator:
+            buf = self.ac_in_buffer
+            terminator = self.get_terminator()
+            if not terminator:
+                # None (or 0, b''): everything is data.
                 self.collect_incoming_data(buf)
                 self.ac_in_buffer = b''
-                self.terminator = self.terminator - len(buf)
-                return True
-            self.collect_incoming_data(buf[:terminator])
-            self.ac_in_buffer = self.ac_in_buffer[terminator:]
-            self.terminator = 0
-            self.found_terminator()
-            return True
-        index = buf.find(terminator)
-        if index != -1:
-            if index > 0:
-                self.collect_incoming_data(buf[:index])
-            self.ac_in_buffer = self.ac_in_buffer[index + len(terminator):]
-            self.found_terminator()
-            return True
-        # Not there: keep a tail that may be the terminator's beginning.
-        keep = find_prefix_at_end(buf, terminator)
-        if not keep:
-            self.collect_incoming_data(buf)
-            self.ac_in_buffer = b''
-            return True
-        if keep != len(buf):
-            self.collect_incoming_data(buf[:-keep])
-            self.ac_in_buffer = self.ac_in_buffer[-keep:]
-        return False
+            elif isinstance(terminator, int):
+                # A byte count.
+                if len(buf) < terminator:
+                    self.collect_incoming_data(buf)
+                    self.ac_in_buffer = b''
+                    self.terminator = self.terminator - len(buf)
+                else:
+                    self.collect_incoming_data(buf[:terminator])
+                    self.ac_in_buffer = self.ac_in_buffer[terminator:]
+                    self.terminator = 0
+                    self.found_terminator()
+            else:
+                index = buf.find(terminator)
+                if index != -1:
+                    if index > 0:
+                        self.collect_incoming_data(buf[:index])
+                    self.ac_in_buffer = \
+                        self.ac_in_buffer[index + len(terminator):]
+                    self.found_terminator()
+                    continue
+                # Not there: keep a tail that may be its beginning.
+                keep = find_prefix_at_end(buf, terminator)
+                if not keep:
+                    self.collect_incoming_data(buf)
+                    self.ac_in_buffer = b''
+                    continue
+                if keep != len(buf):
+                    self.collect_incoming_data(buf[:-keep])
+                    self.ac_in_buffer = self.ac_in_buffer[-keep:]
+                break
 
     def handle_write(self):
         self.initiate_send()
@@ -130,7 +125,8 @@ class async_chat(asyncore.dispatcher):
         else:
             self.producer_fifo.append(data)
         self.initiate_send()
-        self._ac_output_changed(had_output)
+        if had_output != bool(self.producer_fifo):
+            self._ac_touch()
 
     def push_with_producer(self, producer):
         had_output = bool(self.producer_fifo)

@@ -102,13 +102,14 @@ def _forget_if_empty(map):
 
 
 def _asks_python(obj):
-    """Whether obj's interest must be asked for every pass."""
-    cls = type(obj)
-    if (getattr(cls, 'readable', None) not in _default_readable or
-            getattr(cls, 'writable', None) not in _default_writable):
-        return True
-    inst = getattr(obj, '__dict__', None)
-    return bool(inst) and ('readable' in inst or 'writable' in inst)
+    """Whether obj's interest must be asked for every pass: its readable or
+    writable is not a base class's (overridden in its class or set on the
+    instance).  Not through obj.__dict__: asking for it makes CPython keep a
+    real dict for the instance, and every attribute access slower."""
+    readable = getattr(getattr(obj, 'readable', None), '__func__', None)
+    writable = getattr(getattr(obj, 'writable', None), '__func__', None)
+    return (readable not in _default_readable or
+            writable not in _default_writable)
 
 
 def _add(watch, fd, obj):
