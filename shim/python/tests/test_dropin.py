@@ -434,5 +434,54 @@ class DocExamples(unittest.TestCase):
                 asyncore.close_all()
 
 
+class LegacySmtpd(unittest.TestCase):
+    """The stdlib smtpd module of 3.11 (asyncore and asynchat inside), run
+    unchanged on the drop-in, with smtplib as the client."""
+
+    def test_smtpd_with_smtplib(self):
+        try:
+            import smtpd
+        except ImportError:
+            self.skipTest('no smtpd (removed in 3.12)')
+        import smtplib
+        self.assertIs(smtpd.asyncore, asyncore)
+        self.assertIs(smtpd.asynchat, asynchat)
+        got = []
+
+        class Server(smtpd.SMTPServer):
+            def process_message(self, peer, mailfrom, rcpttos, data,
+                                **kwargs):
+                got.append((mailfrom, rcpttos, data))
+
+        for use_poll in MODES:
+            server = Server(('127.0.0.1', 0), None, decode_data=False)
+            port = server.socket.getsockname()[1]
+            errors = []
+
+            def client():
+                try:
+                    with smtplib.SMTP('127.0.0.1', port, timeout=10) as c:
+                        c.sendmail('a@example.org', ['b@example.org'],
+                                   b'Subject: hi\r\n\r\nline 1\r\n.dot\r\n')
+                except Exception as err:  # reported below
+                    errors.append(err)
+
+            got.clear()
+            t = threading.Thread(target=client)
+            t.start()
+            try:
+                self.assertTrue(pump(asyncore.socket_map,
+                                     lambda: not t.is_alive(), use_poll,
+                                     passes=1000))
+            finally:
+                t.join()
+                server.close()
+                asyncore.close_all()
+            self.assertEqual(errors, [])
+            # smtpd joins the lines with b'\n' and undoes dot-stuffing.
+            self.assertEqual(got, [('a@example.org', ['b@example.org'],
+                                    b'Subject: hi\n\nline 1\n.dot')])
+
+
 if __name__ == '__main__':
     unittest.main()
