@@ -207,8 +207,9 @@ class MapChangedDirectly(unittest.TestCase):
                     b.send(b'one')
                     self.assertTrue(pump(map, lambda: reads, use_poll))
                     del map[a.fileno()]
-                    map[99999] = Reader(socket.socket(), map={})
+                    gone = map[99999] = Reader(socket.socket(), map={})
                     del map[99999]
+                    gone.close()
                     keep = asyncore.dispatcher(socket.socket(), map=map)
                     b.send(b'two')
                     asyncore.loop(timeout=0.05, use_poll=use_poll, map=map,
