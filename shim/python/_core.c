@@ -10,9 +10,9 @@
  *   - channels on the base classes' predicates are asked once after the
  *     state those predicates read changed (asyncore.py calls touch(fd)).
  * A pass thus costs O(channels with events + py channels + touched ones).
- * The wait runs with the GIL released.  The fds libuv reports are checked
- * with one poll(2) with zero timeout, so that the flags handed to Python are
- * the kernel's own (POLLHUP, POLLERR, POLLNVAL included) as with poll2().
+ * The wait runs with the GIL released.  A hang-up or error libuv reports
+ * is checked with one poll(2) with zero timeout, so that the flags handed to
+ * Python are the kernel's own (POLLHUP, POLLERR, POLLNVAL) as with poll2().
  *
  * Entries are freed only when libuv has closed their handle; one removed
  * while Python code runs (a handler closing another channel) stays valid,
@@ -399,6 +399,9 @@ static void apply_want(poller *p, entry *e) {
   uv |= (e->want & WANT_R) ? UV_READABLE : 0;
   uv |= (e->want & WANT_W) ? UV_WRITABLE : 0;
   uv |= (e->want & WANT_E) ? UV_PRIORITIZED : 0;
+  /* A hang-up (EPOLLRDHUP, and EPOLLHUP with it) makes collect() ask
+   * poll(2) for the fd's exact revents: POLLHUP reaches Python. */
+  uv |= uv ? UV_DISCONNECT : 0;
   e->nval = 0;
   if (uv == e->started) {
     return;
@@ -570,17 +573,37 @@ static int append_result(PyObject *list, int fd, long flags) {
   return rc;
 }
 
+/* The revents poll(2) gives for e: libuv's events for a plain readiness;
+ * for a hang-up, an error, a refused or an unpollable fd, -1: poll(2) is
+ * asked (it alone tells POLLHUP, POLLERR and POLLNVAL apart). */
+static int plain_revents(const entry *e) {
+  if (e->failed || e->nval || !e->pollable || (e->events & UV_DISCONNECT)) {
+    return -1;
+  }
+  int rev = 0;
+  rev |= (e->events & UV_READABLE) ? POLLIN : 0;
+  rev |= (e->events & UV_WRITABLE) ? POLLOUT : 0;
+  rev |= (e->events & UV_PRIORITIZED) ? POLLPRI : 0;
+  return rev;
+}
+
 /* Gathers the ready entries (libuv's, the unpollable ones, the refused
- * fds), asks poll(2) for their exact revents, and builds [(fd, flags)]. */
+ * fds), with poll(2) for the revents libuv cannot tell (plain_revents),
+ * and builds [(fd, flags)]. */
 static PyObject *collect(poller *p, int use_poll) {
-  size_t n = 0;
+  size_t n = 0, nask = 0;
   size_t cap = p->ready.n + p->fixed.n + 1;
   entry **set = malloc(cap * sizeof(entry *));
+  int *rev = malloc(cap * sizeof *rev);
   struct pollfd *pfd = malloc(cap * sizeof *pfd);
+  size_t *asked = malloc(cap * sizeof *asked);
   PyObject *list = PyList_New(0);
-  if (set == NULL || pfd == NULL || list == NULL) {
+  if (set == NULL || rev == NULL || pfd == NULL || asked == NULL ||
+      list == NULL) {
     free(set);
+    free(rev);
     free(pfd);
+    free(asked);
     Py_XDECREF(list);
     return PyErr_NoMemory();
   }
@@ -598,14 +621,21 @@ static PyObject *collect(poller *p, int use_poll) {
     }
   }
   for (size_t i = 0; i < n; i++) {
-    pfd[i].fd = set[i]->fd;
-    pfd[i].events = poll_events(set[i]->want);
-    pfd[i].revents = 0;
+    rev[i] = plain_revents(set[i]);
+    if (rev[i] < 0) {
+      pfd[nask].fd = set[i]->fd;
+      pfd[nask].events = poll_events(set[i]->want);
+      pfd[nask].revents = 0;
+      asked[nask++] = i;
+      rev[i] = 0;
+    }
   }
-  int rc = n ? poll(pfd, (nfds_t)n, 0) : 0;
-  if (rc < 0 && errno != EINTR) {
+  if (nask > 0 && poll(pfd, (nfds_t)nask, 0) < 0 && errno != EINTR) {
     PyErr_SetFromErrno(PyExc_OSError);
     Py_CLEAR(list);
+  }
+  for (size_t k = 0; k < nask; k++) {
+    rev[asked[k]] = pfd[k].revents;
   }
   for (size_t i = 0; i < n; i++) {
     entry *e = set[i];
@@ -616,16 +646,15 @@ static PyObject *collect(poller *p, int use_poll) {
     if (mark_dirty(p, e) < 0) {
       PyErr_Clear();
     }
-    if (list == NULL || rc <= 0) {
-      continue;
-    }
-    long f = result_flags(e->want, pfd[i].revents, use_poll);
-    if (f != 0 && append_result(list, e->fd, f) < 0) {
+    long f = result_flags(e->want, (short)rev[i], use_poll);
+    if (list != NULL && f != 0 && append_result(list, e->fd, f) < 0) {
       Py_CLEAR(list);
     }
   }
   free(set);
+  free(rev);
   free(pfd);
+  free(asked);
   return list;
 }
 

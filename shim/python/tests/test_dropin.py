@@ -295,6 +295,42 @@ class Semantics(unittest.TestCase):
                 finally:
                     b.close()
 
+    def test_poll2_flags_of_a_reset_are_the_kernels(self):
+        # A peer's RST: poll() says POLLIN|POLLERR|POLLHUP; readwrite gets
+        # those flags (handle_close after the read), as with select.poll.
+        import select
+        import struct
+        map = {}
+        listener = socket.create_server(('127.0.0.1', 0))
+        peer = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        listener.close()
+        seen = []
+
+        class Ch(asyncore.dispatcher):
+            def writable(self):
+                return False
+
+            def handle_read(self):
+                pass
+
+        Ch(conn, map=map)
+        real = asyncore.readwrite
+        asyncore.readwrite = lambda obj, flags: seen.append(flags)
+        try:
+            asyncore.loop(timeout=0, use_poll=True, map=map, count=2)
+            self.assertEqual(seen, [])
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            struct.pack('ii', 1, 0))
+            peer.close()
+            self.assertTrue(pump(map, lambda: seen, True))
+            self.assertEqual(seen[0] & (select.POLLHUP | select.POLLERR),
+                             select.POLLHUP | select.POLLERR)
+            self.assertTrue(seen[0] & select.POLLIN)
+        finally:
+            asyncore.readwrite = real
+            asyncore.close_all(map)
+
     def test_gil_released_while_waiting(self):
         map = {}
         a, b = socket.socketpair()
