@@ -387,9 +387,14 @@ static void on_poll(uv_poll_t *h, int status, int events) {
   }
 }
 
+/* The slice is over.  uv_stop makes the poll of this uv_run not block: the
+ * timer may fire at the start of uv_run (the slice ran out before, e.g. on
+ * a slow machine), and the poll after it would otherwise wait without any
+ * timer, for ever if no fd becomes ready. */
 static void on_timer(uv_timer_t *t) {
   poller *p = t->data;
   p->timer_fired = 1;
+  uv_stop(t->loop);
 }
 
 /* Starts, changes or stops e's handle to match e->want.  A refused start
