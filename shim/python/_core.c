@@ -1,0 +1,867 @@
+/* uvasyncore._core: the readiness wait of the Python drop-in asyncore.
+ *
+ * asyncore.py keeps every Python-level behaviour (classes, readwrite and
+ * friends, the socket_map dict); this module replaces what made the original
+ * slow: select()/poll() over every channel on every pass.  A Poller belongs
+ * to one map dict.  It keeps one uv_poll_t per fd on its own libuv loop, and
+ * an interest per fd that it recomputes only where it can change:
+ *   - channels whose class overrides readable() or writable() ("py"
+ *     channels) are asked every pass, as the original asks everyone;
+ *   - channels on the base classes' predicates are asked once after the
+ *     state those predicates read changed (asyncore.py calls touch(fd)).
+ * A pass thus costs O(channels with events + py channels + touched ones).
+ * The wait runs with the GIL released.  A hang-up or error libuv reports
+ * is checked with one poll(2) with zero timeout, so that the flags handed to
+ * Python are the kernel's own (POLLHUP, POLLERR, POLLNVAL) as with poll2().
+ *
+ * Entries are freed only when libuv has closed their handle; one removed
+ * while Python code runs (a handler closing another channel) stays valid,
+ * marked dead, until then.
+ *
+ * Built against the Limited API (abi3): one build loads on 3.11 and later.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+PyMODINIT_FUNC PyInit__core(void);
+
+/* Interest bits of an entry, as asyncore's poll functions compute them. */
+enum { WANT_R = 1, WANT_W = 2, WANT_E = 4 };
+/* Flags of the select-mode result: fd in r, w, e lists. */
+enum { SEL_R = 1, SEL_W = 2, SEL_E = 4 };
+/* Longest single wait: signals (Ctrl-C) are looked at between slices,
+ * because libuv retries an interrupted epoll_wait itself. */
+enum { SLICE_MS = 100 };
+
+typedef struct poller poller;
+
+typedef struct entry {
+  uv_poll_t poll;   /* poll.data = this entry */
+  poller *owner;
+  PyObject *obj;    /* the channel; strong ref, NULL once removed */
+  int fd;
+  int want;         /* WANT_* of the last evaluation */
+  int started;      /* uv events the handle is started with */
+  int events;       /* uv events reported in this wait */
+  size_t py_index;  /* index in owner->py, if py */
+  unsigned py : 1;       /* class overrides readable or writable */
+  unsigned dirty : 1;    /* in owner->dirty */
+  unsigned dead : 1;     /* removed; freed when its handle is closed */
+  unsigned pollable : 1; /* uv_poll_init worked (a regular file: no) */
+  unsigned ready : 1;    /* in owner->ready */
+  unsigned failed : 1;   /* libuv reported an error (the handle stopped) */
+  unsigned nval : 1;     /* uv_poll_start refused the fd (closed fd) */
+} entry;
+
+/* A growable array of entry pointers. */
+typedef struct {
+  entry **v;
+  size_t n, cap;
+} vec;
+
+struct poller {
+  PyObject_HEAD
+  uv_loop_t loop;
+  uv_timer_t timer;
+  int loop_ok;
+  int busy;         /* inside wait(): refuse re-entry */
+  int mode;         /* use_poll of the previous wait, -1 before the first */
+  entry **byfd;     /* fd -> live entry */
+  size_t nbyfd;
+  size_t count;     /* live entries */
+  vec py;           /* live py entries */
+  vec dirty;        /* entries to evaluate at the next wait */
+  vec fixed;        /* live unpollable entries: always ready */
+  vec ready;        /* entries libuv reported in this wait */
+  vec graveyard;    /* dead unpollable entries, freed after a wait */
+  int timer_fired;
+  unsigned long long waits;     /* stats(): calls of wait() */
+  unsigned long long asked;     /* stats(): interest evaluations */
+};
+
+static PyObject *str_readable, *str_writable, *str_accepting;
+
+static int vec_reserve(vec *a, size_t n) {
+  if (n <= a->cap) {
+    return 0;
+  }
+  size_t cap = a->cap ? a->cap : 16;
+  while (cap < n) {
+    cap *= 2;
+  }
+  entry **v = realloc(a->v, cap * sizeof(entry *));
+  if (v == NULL) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  a->v = v;
+  a->cap = cap;
+  return 0;
+}
+
+static int vec_push(vec *a, entry *e) {
+  if (vec_reserve(a, a->n + 1) < 0) {
+    return -1;
+  }
+  a->v[a->n++] = e;
+  return 0;
+}
+
+static void vec_remove(vec *a, const entry *e) {
+  for (size_t i = 0; i < a->n; i++) {
+    if (a->v[i] == e) {
+      a->v[i] = a->v[--a->n];
+      return;
+    }
+  }
+}
+
+static void on_entry_closed(uv_handle_t *h) {
+  free(h->data);
+}
+
+static int mark_dirty(poller *p, entry *e) {
+  if (e->dirty) {
+    return 0;
+  }
+  if (vec_push(&p->dirty, e) < 0) {
+    return -1;
+  }
+  e->dirty = 1;
+  return 0;
+}
+
+/* Unlinks a live entry and starts its release.  Its object reference is
+ * returned to the caller, who drops it once the poller is consistent (the
+ * drop may run arbitrary Python code, a __del__ that calls back here). */
+static PyObject *entry_kill(poller *p, entry *e) {
+  PyObject *obj = e->obj;
+  e->obj = NULL;
+  e->dead = 1;
+  p->byfd[e->fd] = NULL;
+  p->count--;
+  if (e->py) {
+    entry *last = p->py.v[--p->py.n];
+    last->py_index = e->py_index;
+    p->py.v[e->py_index] = last;
+  }
+  if (e->dirty) {
+    vec_remove(&p->dirty, e);
+    e->dirty = 0;
+  }
+  if (!e->pollable) {
+    vec_remove(&p->fixed, e);
+    /* Cannot fail: freed later, but a failed push must not leak. */
+    if (vec_push(&p->graveyard, e) < 0) {
+      PyErr_Clear();
+      if (!p->busy) {
+        free(e);
+      }
+    }
+    return obj;
+  }
+  uv_poll_stop(&e->poll);
+  uv_close((uv_handle_t *)&e->poll, on_entry_closed);
+  /* A ready entry stays in p->ready (skipped as dead) until the wait ends;
+   * its memory lives until the close callback, in a later uv_run. */
+  return obj;
+}
+
+static void free_graveyard(poller *p) {
+  for (size_t i = 0; i < p->graveyard.n; i++) {
+    free(p->graveyard.v[i]);
+  }
+  p->graveyard.n = 0;
+}
+
+static int fd_arg(PyObject *arg, int *fd) {
+  long v = PyLong_AsLong(arg);
+  if (v == -1 && PyErr_Occurred()) {
+    return -1;
+  }
+  if (v < 0 || v > INT_MAX) {
+    PyErr_SetString(PyExc_ValueError, "file descriptor out of range");
+    return -1;
+  }
+  *fd = (int)v;
+  return 0;
+}
+
+static entry *lookup(const poller *p, int fd) {
+  return (size_t)fd < p->nbyfd ? p->byfd[fd] : NULL;
+}
+
+static int grow_byfd(poller *p, int fd) {
+  if ((size_t)fd < p->nbyfd) {
+    return 0;
+  }
+  size_t n = p->nbyfd ? p->nbyfd : 64;
+  while (n <= (size_t)fd) {
+    n *= 2;
+  }
+  entry **v = realloc(p->byfd, n * sizeof(entry *));
+  if (v == NULL) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  memset(v + p->nbyfd, 0, (n - p->nbyfd) * sizeof(entry *));
+  p->byfd = v;
+  p->nbyfd = n;
+  return 0;
+}
+
+static poller *check_usable(PyObject *self) {
+  poller *p = (poller *)self;
+  if (!p->loop_ok) {
+    PyErr_SetString(PyExc_RuntimeError, "Poller is not initialised");
+    return NULL;
+  }
+  return p;
+}
+
+/* add(fd, obj, py): watch fd for obj, replacing any entry of fd.  py says
+ * that obj's class overrides readable() or writable(): asked every pass. */
+static PyObject *poller_add(PyObject *self, PyObject *args) {
+  PyObject *fdobj, *obj;
+  int py, fd;
+  poller *p = check_usable(self);
+  if (p == NULL || !PyArg_ParseTuple(args, "OOp:add", &fdobj, &obj, &py) ||
+      fd_arg(fdobj, &fd) < 0 || grow_byfd(p, fd) < 0) {
+    return NULL;
+  }
+  /* Room first, so that nothing fails once the entry is linked. */
+  if (vec_reserve(&p->dirty, p->dirty.n + 1) < 0 ||
+      vec_reserve(&p->py, p->py.n + 1) < 0 ||
+      vec_reserve(&p->fixed, p->fixed.n + 1) < 0) {
+    return NULL;
+  }
+  entry *e = calloc(1, sizeof *e);
+  if (e == NULL) {
+    return PyErr_NoMemory();
+  }
+  PyObject *old = NULL;
+  entry *prev = lookup(p, fd);
+  if (prev != NULL) {
+    old = entry_kill(p, prev);
+  }
+  e->owner = p;
+  e->fd = fd;
+  e->obj = Py_NewRef(obj);
+  e->pollable = uv_poll_init(&p->loop, &e->poll, fd) == 0;
+  e->poll.data = e;
+  if (!e->pollable) {
+    p->fixed.v[p->fixed.n++] = e;
+  }
+  if (py) {
+    e->py = 1;
+    e->py_index = p->py.n;
+    p->py.v[p->py.n++] = e;
+  }
+  p->dirty.v[p->dirty.n++] = e;
+  e->dirty = 1;
+  p->byfd[fd] = e;
+  p->count++;
+  Py_XDECREF(old);
+  return Py_NewRef(Py_None);
+}
+
+/* remove(fd): stop watching fd; no error if it is not watched. */
+static PyObject *poller_remove(PyObject *self, PyObject *arg) {
+  int fd;
+  poller *p = check_usable(self);
+  if (p == NULL || fd_arg(arg, &fd) < 0) {
+    return NULL;
+  }
+  entry *e = lookup(p, fd);
+  if (e != NULL) {
+    Py_XDECREF(entry_kill(p, e));
+  }
+  return Py_NewRef(Py_None);
+}
+
+/* touch(fd): the state a base-class predicate reads changed; evaluate fd's
+ * interest at the next wait. */
+static PyObject *poller_touch(PyObject *self, PyObject *arg) {
+  int fd;
+  poller *p = check_usable(self);
+  if (p == NULL || fd_arg(arg, &fd) < 0) {
+    return NULL;
+  }
+  entry *e = lookup(p, fd);
+  if (e != NULL && mark_dirty(p, e) < 0) {
+    return NULL;
+  }
+  return Py_NewRef(Py_None);
+}
+
+/* get(fd): the object watched for fd, or None. */
+static PyObject *poller_get(PyObject *self, PyObject *arg) {
+  int fd;
+  poller *p = check_usable(self);
+  if (p == NULL || fd_arg(arg, &fd) < 0) {
+    return NULL;
+  }
+  entry *e = lookup(p, fd);
+  return Py_NewRef(e != NULL ? e->obj : Py_None);
+}
+
+/* fds(): the watched fds, as a list. */
+static PyObject *poller_fds(PyObject *self, PyObject *unused) {
+  poller *p = check_usable(self);
+  if (p == NULL) {
+    return NULL;
+  }
+  PyObject *list = PyList_New(0);
+  for (size_t fd = 0; list != NULL && fd < p->nbyfd; fd++) {
+    if (p->byfd[fd] == NULL) {
+      continue;
+    }
+    PyObject *v = PyLong_FromSize_t(fd);
+    if (v == NULL || PyList_Append(list, v) < 0) {
+      Py_CLEAR(list);
+    }
+    Py_XDECREF(v);
+  }
+  return list;
+}
+
+static int call_truth(PyObject *obj, PyObject *name) {
+  PyObject *r = PyObject_CallMethodObjArgs(obj, name, NULL);
+  if (r == NULL) {
+    return -1;
+  }
+  int t = PyObject_IsTrue(r);
+  Py_DECREF(r);
+  return t;
+}
+
+/* The interest asyncore computes for obj: readable() first, then
+ * writable(), then accepting only if writable (select mode: an exceptional
+ * condition is watched if either; poll mode: POLLPRI goes with reading). */
+static int interest(PyObject *obj, int use_poll) {
+  int r = call_truth(obj, str_readable);
+  if (r < 0) {
+    return -1;
+  }
+  int w = call_truth(obj, str_writable);
+  if (w < 0) {
+    return -1;
+  }
+  int want = r ? WANT_R : 0;
+  if (w) {
+    PyObject *acc = PyObject_GetAttr(obj, str_accepting);
+    int a = acc == NULL ? -1 : PyObject_IsTrue(acc);
+    Py_XDECREF(acc);
+    if (a < 0) {
+      return -1;
+    }
+    want |= a ? 0 : WANT_W;
+  }
+  if (use_poll ? r : (r || w)) {
+    want |= WANT_E;
+  }
+  return want;
+}
+
+static void on_poll(uv_poll_t *h, int status, int events) {
+  entry *e = h->data;
+  poller *p = e->owner;
+  if (status < 0) {
+    /* libuv stopped the handle (EPOLLERR): restart it next pass. */
+    e->failed = 1;
+    e->started = 0;
+  } else {
+    e->events |= events;
+  }
+  if (!e->ready) {
+    e->ready = 1;
+    /* Room reserved before the wait: one slot per entry. */
+    p->ready.v[p->ready.n++] = e;
+  }
+}
+
+/* The slice is over.  uv_stop makes the poll of this uv_run not block: the
+ * timer may fire at the start of uv_run (the slice ran out before, e.g. on
+ * a slow machine), and the poll after it would otherwise wait without any
+ * timer, for ever if no fd becomes ready. */
+static void on_timer(uv_timer_t *t) {
+  poller *p = t->data;
+  p->timer_fired = 1;
+  uv_stop(t->loop);
+}
+
+/* Starts, changes or stops e's handle to match e->want.  A refused start
+ * (the fd was closed behind asyncore's back) is reported as POLLNVAL. */
+static void apply_want(poller *p, entry *e) {
+  int uv = 0;
+  uv |= (e->want & WANT_R) ? UV_READABLE : 0;
+  uv |= (e->want & WANT_W) ? UV_WRITABLE : 0;
+  uv |= (e->want & WANT_E) ? UV_PRIORITIZED : 0;
+  /* A hang-up (EPOLLRDHUP, and EPOLLHUP with it) makes collect() ask
+   * poll(2) for the fd's exact revents: POLLHUP reaches Python. */
+  uv |= uv ? UV_DISCONNECT : 0;
+  e->nval = 0;
+  if (uv == e->started) {
+    return;
+  }
+  if (uv == 0) {
+    uv_poll_stop(&e->poll);
+    e->started = 0;
+    return;
+  }
+  if (uv_poll_start(&e->poll, uv, on_poll) != 0) {
+    uv_poll_stop(&e->poll);
+    e->started = 0;
+    e->nval = 1;
+    /* Reported by this wait, without blocking: poll(2) says POLLNVAL. */
+    if (!e->ready && vec_push(&p->ready, e) == 0) {
+      e->ready = 1;
+    }
+    PyErr_Clear();
+    return;
+  }
+  e->started = uv;
+}
+
+/* Evaluates the entries whose interest may have changed: the py ones and
+ * the dirty ones, each once.  Python code runs here (readable(), writable())
+ * and may add or remove entries: iterate over a snapshot. */
+static int evaluate(poller *p, int use_poll) {
+  if (p->mode != use_poll) {
+    /* The interest depends on the mode: evaluate everyone once. */
+    for (size_t fd = 0; fd < p->nbyfd; fd++) {
+      if (p->byfd[fd] != NULL && mark_dirty(p, p->byfd[fd]) < 0) {
+        return -1;
+      }
+    }
+    p->mode = use_poll;
+  }
+  size_t n = p->py.n + p->dirty.n;
+  entry **snap = malloc((n ? n : 1) * sizeof(entry *));
+  if (snap == NULL) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  memcpy(snap, p->dirty.v, p->dirty.n * sizeof(entry *));
+  size_t k = p->dirty.n;
+  for (size_t i = 0; i < p->py.n; i++) {
+    if (!p->py.v[i]->dirty) {
+      snap[k++] = p->py.v[i];
+    }
+  }
+  for (size_t i = 0; i < p->dirty.n; i++) {
+    p->dirty.v[i]->dirty = 0;
+  }
+  p->dirty.n = 0;
+  int rc = 0;
+  for (size_t i = 0; i < k; i++) {
+    entry *e = snap[i];
+    if (e->dead) {
+      continue;
+    }
+    PyObject *obj = Py_NewRef(e->obj);
+    p->asked++;
+    int want = interest(obj, use_poll);
+    Py_DECREF(obj);
+    if (want < 0) {
+      rc = -1;
+      /* Not evaluated: evaluate them at the next wait. */
+      for (size_t j = i; j < k; j++) {
+        if (!snap[j]->dead && mark_dirty(p, snap[j]) < 0) {
+          PyErr_Clear();
+        }
+      }
+      break;
+    }
+    if (e->dead) {
+      continue;
+    }
+    e->want = want;
+    if (e->pollable) {
+      apply_want(p, e);
+    }
+  }
+  free(snap);
+  return rc;
+}
+
+/* Whether the wait must not block: an unpollable entry (a regular file,
+ * which poll(2) calls always ready) or a refused fd has something to say. */
+static int has_immediate(const poller *p) {
+  if (p->ready.n > 0) {
+    return 1;
+  }
+  for (size_t i = 0; i < p->fixed.n; i++) {
+    if (p->fixed.v[i]->want & (WANT_R | WANT_W)) {
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* Runs the loop until an fd is ready or timeout_ms passed (-1: no limit),
+ * the GIL released, in slices between which signals are handled. */
+static int run_loop(poller *p, long timeout_ms) {
+  uv_update_time(&p->loop);
+  uint64_t start = uv_now(&p->loop);
+  for (;;) {
+    long left = -1;
+    if (timeout_ms >= 0) {
+      uint64_t spent = uv_now(&p->loop) - start;
+      left = spent >= (uint64_t)timeout_ms ? 0 : timeout_ms - (long)spent;
+    }
+    long slice = (left < 0 || left > SLICE_MS) ? SLICE_MS : left;
+    p->timer_fired = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (slice == 0) {
+      uv_run(&p->loop, UV_RUN_NOWAIT);
+    } else {
+      uv_timer_start(&p->timer, on_timer, (uint64_t)slice, 0);
+      /* Returns after one poll; closing handles make that poll not block,
+       * hence the loop until the slice is over. */
+      while (p->ready.n == 0 && !p->timer_fired) {
+        uv_run(&p->loop, UV_RUN_ONCE);
+      }
+      uv_timer_stop(&p->timer);
+    }
+    Py_END_ALLOW_THREADS
+    if (p->ready.n > 0 || left == slice || timeout_ms == 0) {
+      return 0;
+    }
+    if (PyErr_CheckSignals() < 0) {
+      return -1;
+    }
+  }
+}
+
+static short poll_events(int want) {
+  short ev = 0;
+  ev |= (want & WANT_R) ? POLLIN : 0;
+  ev |= (want & WANT_W) ? POLLOUT : 0;
+  ev |= (want & WANT_E) ? POLLPRI : 0;
+  return ev;
+}
+
+/* The flags Python sees for revents: poll mode gives poll2's flags, select
+ * mode the r/w/e lists select(2) would have put the fd in. */
+static long result_flags(int want, short rev, int use_poll) {
+  if (use_poll) {
+    return rev & (poll_events(want) | POLLHUP | POLLERR | POLLNVAL);
+  }
+  long f = 0;
+  if ((want & WANT_R) && (rev & (POLLIN | POLLHUP | POLLERR))) {
+    f |= SEL_R;
+  }
+  if ((want & WANT_W) && (rev & (POLLOUT | POLLERR))) {
+    f |= SEL_W;
+  }
+  if ((want & WANT_E) && (rev & POLLPRI)) {
+    f |= SEL_E;
+  }
+  return f;
+}
+
+static int append_result(PyObject *list, int fd, long flags) {
+  PyObject *t = Py_BuildValue("(il)", fd, flags);
+  if (t == NULL) {
+    return -1;
+  }
+  int rc = PyList_Append(list, t);
+  Py_DECREF(t);
+  return rc;
+}
+
+/* The revents poll(2) gives for e: libuv's events for a plain readiness;
+ * for a hang-up, an error, a refused or an unpollable fd, -1: poll(2) is
+ * asked (it alone tells POLLHUP, POLLERR and POLLNVAL apart). */
+static int plain_revents(const entry *e) {
+  if (e->failed || e->nval || !e->pollable || (e->events & UV_DISCONNECT)) {
+    return -1;
+  }
+  int rev = 0;
+  rev |= (e->events & UV_READABLE) ? POLLIN : 0;
+  rev |= (e->events & UV_WRITABLE) ? POLLOUT : 0;
+  rev |= (e->events & UV_PRIORITIZED) ? POLLPRI : 0;
+  return rev;
+}
+
+/* Gathers the ready entries (libuv's, the unpollable ones, the refused
+ * fds), with poll(2) for the revents libuv cannot tell (plain_revents),
+ * and builds [(fd, flags)]. */
+static PyObject *collect(poller *p, int use_poll) {
+  size_t n = 0, nask = 0;
+  size_t cap = p->ready.n + p->fixed.n + 1;
+  entry **set = malloc(cap * sizeof(entry *));
+  int *rev = malloc(cap * sizeof *rev);
+  struct pollfd *pfd = malloc(cap * sizeof *pfd);
+  size_t *asked = malloc(cap * sizeof *asked);
+  PyObject *list = PyList_New(0);
+  if (set == NULL || rev == NULL || pfd == NULL || asked == NULL ||
+      list == NULL) {
+    free(set);
+    free(rev);
+    free(pfd);
+    free(asked);
+    Py_XDECREF(list);
+    return PyErr_NoMemory();
+  }
+  for (size_t i = 0; i < p->ready.n; i++) {
+    entry *e = p->ready.v[i];
+    e->ready = 0;
+    if (!e->dead) {
+      set[n++] = e;
+    }
+  }
+  p->ready.n = 0;
+  for (size_t i = 0; i < p->fixed.n; i++) {
+    if (p->fixed.v[i]->want & (WANT_R | WANT_W)) {
+      set[n++] = p->fixed.v[i];
+    }
+  }
+  for (size_t i = 0; i < n; i++) {
+    rev[i] = plain_revents(set[i]);
+    if (rev[i] < 0) {
+      pfd[nask].fd = set[i]->fd;
+      pfd[nask].events = poll_events(set[i]->want);
+      pfd[nask].revents = 0;
+      asked[nask++] = i;
+      rev[i] = 0;
+    }
+  }
+  if (nask > 0 && poll(pfd, (nfds_t)nask, 0) < 0 && errno != EINTR) {
+    PyErr_SetFromErrno(PyExc_OSError);
+    Py_CLEAR(list);
+  }
+  for (size_t k = 0; k < nask; k++) {
+    rev[asked[k]] = pfd[k].revents;
+  }
+  for (size_t i = 0; i < n; i++) {
+    entry *e = set[i];
+    e->events = 0;
+    e->failed = 0;
+    /* Its handlers are about to run and may change what its predicates
+     * say (a failed or refused handle is restarted by this, too). */
+    if (mark_dirty(p, e) < 0) {
+      PyErr_Clear();
+    }
+    long f = result_flags(e->want, (short)rev[i], use_poll);
+    if (list != NULL && f != 0 && append_result(list, e->fd, f) < 0) {
+      Py_CLEAR(list);
+    }
+  }
+  free(set);
+  free(rev);
+  free(pfd);
+  free(asked);
+  return list;
+}
+
+static int timeout_arg(PyObject *obj, long *ms) {
+  if (obj == Py_None) {
+    *ms = -1;
+    return 0;
+  }
+  double t = PyFloat_AsDouble(obj);
+  if (t == -1.0 && PyErr_Occurred()) {
+    return -1;
+  }
+  /* As select.poll(): negative means no limit; as select(): ms resolution,
+   * rounded up so that a small timeout does not busy-loop. */
+  if (t < 0) {
+    *ms = -1;
+  } else if (t > (double)LONG_MAX / 1000.0) {
+    *ms = LONG_MAX;
+  } else {
+    double ms_d = t * 1000.0;
+    long v = (long)ms_d;
+    *ms = (double)v < ms_d ? v + 1 : v;
+  }
+  return 0;
+}
+
+/* wait(timeout, use_poll): one pass's wait.  timeout in seconds (None: no
+ * limit).  Returns [(fd, flags)]: poll2's POLL* flags if use_poll, else
+ * 1|2|4 for membership in select's r, w and e lists. */
+static PyObject *poller_wait(PyObject *self, PyObject *args) {
+  PyObject *tobj;
+  int use_poll;
+  long ms;
+  poller *p = check_usable(self);
+  if (p == NULL || !PyArg_ParseTuple(args, "Op:wait", &tobj, &use_poll) ||
+      timeout_arg(tobj, &ms) < 0) {
+    return NULL;
+  }
+  if (p->busy) {
+    PyErr_SetString(PyExc_RuntimeError, "Poller.wait re-entered");
+    return NULL;
+  }
+  p->busy = 1;
+  p->waits++;
+  PyObject *list = NULL;
+  if (evaluate(p, use_poll) < 0 ||
+      vec_reserve(&p->ready, p->count + p->ready.n) < 0) {
+    goto out;
+  }
+  if (has_immediate(p)) {
+    ms = 0;
+  }
+  if (run_loop(p, ms) < 0) {
+    goto out;
+  }
+  list = collect(p, use_poll);
+out:
+  /* Forget what an interrupted wait saw; the fds stay level-triggered. */
+  for (size_t i = 0; i < p->ready.n; i++) {
+    p->ready.v[i]->ready = 0;
+  }
+  p->ready.n = 0;
+  free_graveyard(p);
+  p->busy = 0;
+  return list;
+}
+
+/* stats(): (waits, asked): wait() calls, and readable()/writable() pairs
+ * asked, since the Poller was made; the tests check the cost of a pass. */
+static PyObject *poller_stats(PyObject *self, PyObject *unused) {
+  const poller *p = (const poller *)self;
+  return Py_BuildValue("(KK)", p->waits, p->asked);
+}
+
+static Py_ssize_t poller_len(PyObject *self) {
+  return (Py_ssize_t)((poller *)self)->count;
+}
+
+static int poller_init(PyObject *self, PyObject *args, PyObject *kw) {
+  poller *p = (poller *)self;
+  if (!PyArg_ParseTuple(args, ":Poller") ||
+      (kw != NULL && PyDict_Size(kw) > 0)) {
+    if (!PyErr_Occurred()) {
+      PyErr_SetString(PyExc_TypeError, "Poller() takes no arguments");
+    }
+    return -1;
+  }
+  if (p->loop_ok) {
+    return 0;
+  }
+  int rc = uv_loop_init(&p->loop);
+  if (rc != 0) {
+    PyErr_Format(PyExc_OSError, "uv_loop_init: %s", uv_strerror(rc));
+    return -1;
+  }
+  uv_timer_init(&p->loop, &p->timer);
+  p->timer.data = p;
+  p->mode = -1;
+  p->loop_ok = 1;
+  return 0;
+}
+
+static int poller_traverse(PyObject *self, visitproc visit, void *arg) {
+  poller *p = (poller *)self;
+  for (size_t fd = 0; fd < p->nbyfd; fd++) {
+    if (p->byfd[fd] != NULL) {
+      Py_VISIT(p->byfd[fd]->obj);
+    }
+  }
+  Py_VISIT(Py_TYPE(self));
+  return 0;
+}
+
+static int poller_clear(PyObject *self) {
+  poller *p = (poller *)self;
+  for (size_t fd = 0; fd < p->nbyfd; fd++) {
+    entry *e = p->byfd[fd];
+    if (e != NULL) {
+      Py_XDECREF(entry_kill(p, e));
+    }
+  }
+  return 0;
+}
+
+static void poller_dealloc(PyObject *self) {
+  poller *p = (poller *)self;
+  PyTypeObject *tp = Py_TYPE(self);
+  PyObject_GC_UnTrack(self);
+  poller_clear(self);
+  if (p->loop_ok) {
+    uv_close((uv_handle_t *)&p->timer, NULL);
+    /* Runs the close callbacks, which free the entries. */
+    uv_run(&p->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&p->loop);
+  }
+  free_graveyard(p);
+  free(p->byfd);
+  free(p->py.v);
+  free(p->dirty.v);
+  free(p->fixed.v);
+  free(p->ready.v);
+  free(p->graveyard.v);
+  PyObject_GC_Del(self);
+  Py_DECREF(tp);
+}
+
+static PyMethodDef poller_methods[] = {
+  {"add", poller_add, METH_VARARGS,
+   "add(fd, obj, py): watch fd for obj; py: asked every pass."},
+  {"remove", poller_remove, METH_O, "remove(fd): stop watching fd."},
+  {"touch", poller_touch, METH_O,
+   "touch(fd): evaluate fd's interest at the next wait."},
+  {"get", poller_get, METH_O, "get(fd): the object watched for fd."},
+  {"fds", poller_fds, METH_NOARGS, "fds(): the watched fds."},
+  {"stats", poller_stats, METH_NOARGS,
+   "stats(): (waits, interest evaluations) so far."},
+  {"wait", poller_wait, METH_VARARGS,
+   "wait(timeout, use_poll): one pass's wait; [(fd, flags)]."},
+  {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot poller_slots[] = {
+  {Py_tp_doc, "The readiness wait of one asyncore map, on a libuv loop."},
+  {Py_tp_init, poller_init},
+  {Py_tp_dealloc, poller_dealloc},
+  {Py_tp_traverse, poller_traverse},
+  {Py_tp_clear, poller_clear},
+  {Py_tp_methods, poller_methods},
+  {Py_mp_length, poller_len},
+  {0, NULL},
+};
+
+static PyType_Spec poller_spec = {
+  .name = "uvasyncore._core.Poller",
+  .basicsize = sizeof(poller),
+  .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+  .slots = poller_slots,
+};
+
+static struct PyModuleDef core_module = {
+  PyModuleDef_HEAD_INIT,
+  .m_name = "uvasyncore._core",
+  .m_doc = "The C side of uvasyncore's drop-in asyncore.",
+  .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+  str_readable = PyUnicode_InternFromString("readable");
+  str_writable = PyUnicode_InternFromString("writable");
+  str_accepting = PyUnicode_InternFromString("accepting");
+  if (str_readable == NULL || str_writable == NULL || str_accepting == NULL) {
+    return NULL;
+  }
+  PyObject *m = PyModule_Create(&core_module);
+  if (m == NULL) {
+    return NULL;
+  }
+  PyObject *tp = PyType_FromSpec(&poller_spec);
+  if (tp == NULL || PyModule_AddObject(m, "Poller", tp) < 0) {
+    Py_XDECREF(tp);
+    Py_DECREF(m);
+    return NULL;
+  }
+  return m;
+}

@@ -1,0 +1,524 @@
+"""What the drop-in adds to CPython's own tests: the cost of a pass (idle
+channels are not asked), channels changed from elsewhere (touch), maps
+changed behind add_channel, fds above FD_SETSIZE, the GIL released while
+waiting, and the asyncore documentation's two examples, unchanged but for
+the address they talk to.
+
+    PYTHONPATH=<build>/shim/python python3 test_dropin.py [-v]
+"""
+
+import http.server
+import resource
+import socket
+import sys
+import threading
+import time
+import unittest
+
+import uvasyncore
+uvasyncore.install()
+import asyncore  # noqa: E402  (uvasyncore's, through install())
+import asynchat  # noqa: E402
+
+MODES = (False, True)  # use_poll
+
+
+def pump(map, until, use_poll, passes=500, timeout=0.01):
+    """Runs passes until until() is true; False if it never got there."""
+    for _ in range(passes):
+        if until():
+            return True
+        asyncore.loop(timeout=timeout, use_poll=use_poll, map=map, count=1)
+    return until()
+
+
+class Echo(asyncore.dispatcher_with_send):
+    def handle_read(self):
+        data = self.recv(65536)
+        if data:
+            self.send(data)
+
+
+def recv_some(sock, n=65536):
+    try:
+        return sock.recv(n)
+    except BlockingIOError:
+        return b''
+
+
+class PassCost(unittest.TestCase):
+    """A pass asks readable()/writable() only of channels with events, of
+    channels touched from elsewhere, and of overriding classes."""
+
+    def test_idle_channels_are_not_asked(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                self.idle_not_asked(use_poll)
+
+    def idle_not_asked(self, use_poll):
+        map = {}
+        peers = []
+        for _ in range(500):
+            a, b = socket.socketpair()
+            Echo(a, map=map)
+            b.setblocking(False)
+            peers.append(b)
+        try:
+            active = peers[0]
+            # Settle: the new channels are asked once.
+            asyncore.loop(timeout=0, use_poll=use_poll, map=map, count=2)
+            poller = asyncore._pollers[id(map)].poller
+            waits0, asked0 = poller.stats()
+            got = []
+            for i in range(20):
+                active.send(b'ping')
+                self.assertTrue(pump(map, lambda: got.append(
+                    recv_some(active)) or b''.join(got).endswith(b'ping'),
+                    use_poll))
+                got.clear()
+            waits, asked = poller.stats()
+            passes = waits - waits0
+            self.assertGreaterEqual(passes, 20)
+            # One channel has events: about one evaluation per pass, never
+            # the 500 that asking every channel costs.
+            self.assertLessEqual(asked - asked0, 2 * passes)
+        finally:
+            asyncore.close_all(map)
+            for p in peers:
+                p.close()
+
+    def test_overriding_class_is_asked_every_pass(self):
+        map = {}
+        asked = []
+
+        class Quiet(asyncore.dispatcher):
+            def readable(self):
+                asked.append('r')
+                return False
+
+            def writable(self):
+                asked.append('w')
+                return False
+
+        a, b = socket.socketpair()
+        try:
+            Quiet(a, map=map)
+            for use_poll in MODES:
+                asked.clear()
+                asyncore.loop(timeout=0, use_poll=use_poll, map=map, count=5)
+                self.assertEqual(asked, ['r', 'w'] * 5)
+        finally:
+            asyncore.close_all(map)
+            b.close()
+
+
+class Touch(unittest.TestCase):
+    """State a base-class predicate reads, changed by another channel's
+    handler, is seen at the next pass."""
+
+    def test_send_from_another_channel(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                self.send_from_another(use_poll)
+
+    def send_from_another(self, use_poll):
+        map = {}
+        payload = b'x' * (4 << 20)  # more than a socket buffer takes
+        a1, b1 = socket.socketpair()
+        a2, b2 = socket.socketpair()
+        quiet = asyncore.dispatcher_with_send(a2, map=map)
+        quiet.handle_read = lambda: None
+
+        class Trigger(asyncore.dispatcher_with_send):
+            def handle_read(self):
+                if self.recv(10):
+                    quiet.send(payload)
+
+        Trigger(a1, map=map)
+        b2.setblocking(False)
+        try:
+            # quiet is evaluated (empty buffer: not writable) and idle.
+            asyncore.loop(timeout=0, use_poll=use_poll, map=map, count=3)
+            b1.send(b'go')
+            got = bytearray()
+            self.assertTrue(pump(map, lambda: got.extend(recv_some(b2))
+                                 or len(got) == len(payload), use_poll,
+                                 passes=2000))
+            self.assertEqual(got, payload)
+        finally:
+            asyncore.close_all(map)
+            b1.close()
+            b2.close()
+
+    def test_async_chat_push_from_another_channel(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a1, b1 = socket.socketpair()
+                a2, b2 = socket.socketpair()
+                chat = asynchat.async_chat(a2, map=map)
+                chat.set_terminator(b'\n')
+
+                class Trigger(asyncore.dispatcher):
+                    def handle_read(self):
+                        if self.recv(10):
+                            chat.push(b'y' * 100000)
+                            chat.close_when_done()
+
+                Trigger(a1, map=map)
+                b2.setblocking(False)
+                try:
+                    asyncore.loop(timeout=0, use_poll=use_poll, map=map,
+                                  count=3)
+                    b1.send(b'go')
+                    got = bytearray()
+                    self.assertTrue(pump(map, lambda: got.extend(
+                        recv_some(b2)) or len(got) == 100000, use_poll))
+                    # close_when_done closed it once all was out.
+                    self.assertTrue(pump(map, lambda: chat.socket.fileno()
+                                         == -1, use_poll))
+                finally:
+                    asyncore.close_all(map)
+                    b1.close()
+                    b2.close()
+
+
+class MapChangedDirectly(unittest.TestCase):
+    """The map is the application's dict: entries put in or taken out by
+    hand are polled, or not, from the next pass on."""
+
+    def test_added_and_removed_by_hand(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                reads = []
+
+                class Reader(asyncore.dispatcher):
+                    def handle_read(self):
+                        reads.append(self.recv(100))
+
+                    def writable(self):
+                        return False
+
+                d = Reader(a, map={})  # registered elsewhere
+                try:
+                    map[a.fileno()] = d
+                    b.send(b'one')
+                    self.assertTrue(pump(map, lambda: reads, use_poll))
+                    del map[a.fileno()]
+                    gone = map[99999] = Reader(socket.socket(), map={})
+                    del map[99999]
+                    gone.close()
+                    keep = asyncore.dispatcher(socket.socket(), map=map)
+                    b.send(b'two')
+                    asyncore.loop(timeout=0.05, use_poll=use_poll, map=map,
+                                  count=3)
+                    self.assertEqual(reads, [b'one'])
+                    keep.close()
+                    # close_all leaves no poller for the map, not even
+                    # for a channel put in by hand (its close() works on
+                    # its own map).
+                    other = asyncore.dispatcher(socket.socket(), map={})
+                    map[other._fileno] = other
+                    asyncore.loop(timeout=0, use_poll=use_poll, map=map,
+                                  count=1)
+                    asyncore.close_all(map)
+                    self.assertNotIn(id(map), asyncore._pollers)
+                finally:
+                    d.close()
+                    b.close()
+
+
+class ManyFds(unittest.TestCase):
+    """No FD_SETSIZE: a channel on an fd above 1024 is served."""
+
+    def test_fd_above_fd_setsize(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 1200
+        if soft < want:
+            if hard != resource.RLIM_INFINITY and hard < want:
+                self.skipTest('RLIMIT_NOFILE hard limit %d' % hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE,
+                            (soft, hard))
+        fillers = []
+        try:
+            while True:
+                fd = socket.socket()
+                fillers.append(fd)
+                if fd.fileno() > 1030:
+                    break
+            for use_poll in MODES:
+                a, b = socket.socketpair()
+                self.assertGreater(a.fileno(), 1024)
+                map = {}
+                Echo(a, map=map)
+                b.send(b'high')
+                got = bytearray()
+                b.setblocking(False)
+                self.assertTrue(pump(map, lambda: got.extend(recv_some(b))
+                                     or bytes(got) == b'high', use_poll))
+                asyncore.close_all(map)
+                b.close()
+        finally:
+            for s in fillers:
+                s.close()
+
+
+class Semantics(unittest.TestCase):
+
+    def test_handler_exception_is_current_in_handle_error(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                seen = []
+
+                class Failing(asyncore.dispatcher):
+                    def writable(self):
+                        return False
+
+                    def handle_read(self):
+                        raise ValueError('boom')
+
+                    def handle_error(self):
+                        seen.append(sys.exc_info()[1])
+                        self.close()
+
+                Failing(a, map=map)
+                b.send(b'x')
+                try:
+                    self.assertTrue(pump(map, lambda: seen, use_poll))
+                    self.assertIsInstance(seen[0], ValueError)
+                    self.assertEqual(map, {})
+                finally:
+                    b.close()
+
+    def test_poll2_flags_of_a_reset_are_the_kernels(self):
+        # A peer's RST: poll() says POLLIN|POLLERR|POLLHUP; readwrite gets
+        # those flags (handle_close after the read), as with select.poll.
+        import select
+        import struct
+        map = {}
+        listener = socket.create_server(('127.0.0.1', 0))
+        peer = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        listener.close()
+        seen = []
+
+        class Ch(asyncore.dispatcher):
+            def writable(self):
+                return False
+
+            def handle_read(self):
+                pass
+
+        Ch(conn, map=map)
+        real = asyncore.readwrite
+        asyncore.readwrite = lambda obj, flags: seen.append(flags)
+        try:
+            asyncore.loop(timeout=0, use_poll=True, map=map, count=2)
+            self.assertEqual(seen, [])
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            struct.pack('ii', 1, 0))
+            peer.close()
+            self.assertTrue(pump(map, lambda: seen, True))
+            self.assertEqual(seen[0] & (select.POLLHUP | select.POLLERR),
+                             select.POLLHUP | select.POLLERR)
+            self.assertTrue(seen[0] & select.POLLIN)
+        finally:
+            asyncore.readwrite = real
+            asyncore.close_all(map)
+
+    def test_gil_released_while_waiting(self):
+        map = {}
+        a, b = socket.socketpair()
+        d = asyncore.dispatcher(a, map=map)
+        d.writable = lambda: False  # an instance override is honoured
+        ticks = []
+        stop = threading.Event()
+
+        def spin():
+            while not stop.is_set():
+                ticks.append(1)
+                time.sleep(0.001)
+
+        t = threading.Thread(target=spin)
+        t.start()
+        try:
+            time.sleep(0.01)
+            before = len(ticks)
+            asyncore.loop(timeout=0.3, map=map, count=1)
+            self.assertGreater(len(ticks) - before, 20)
+        finally:
+            stop.set()
+            t.join()
+            asyncore.close_all(map)
+            b.close()
+
+    def test_socket_is_a_real_socket(self):
+        d = asyncore.dispatcher()
+        d.create_socket()
+        try:
+            self.assertIs(type(d.socket), socket.socket)
+        finally:
+            d.close()
+
+
+# ---- the asyncore documentation's examples ---------------------------------
+# As printed in the Python 3.11 library reference (asyncore: "asyncore
+# Example basic HTTP client", "asyncore Example basic echo server"), the
+# client pointed at a local HTTP server instead of www.python.org.
+
+class HTTPClient(asyncore.dispatcher):
+
+    def __init__(self, host, path, port=80):
+        asyncore.dispatcher.__init__(self)
+        self.create_socket()
+        self.connect((host, port))
+        self.buffer = bytes('GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' %
+                            (path, host), 'ascii')
+        self.received = b''
+
+    def handle_connect(self):
+        pass
+
+    def handle_close(self):
+        self.close()
+
+    def handle_read(self):
+        self.received += self.recv(8192)
+
+    def writable(self):
+        return (len(self.buffer) > 0)
+
+    def handle_write(self):
+        sent = self.send(self.buffer)
+        self.buffer = self.buffer[sent:]
+
+
+class EchoHandler(asyncore.dispatcher_with_send):
+
+    def handle_read(self):
+        data = self.recv(8192)
+        if data:
+            self.send(data)
+
+
+class EchoServer(asyncore.dispatcher):
+
+    def __init__(self, host, port):
+        asyncore.dispatcher.__init__(self)
+        self.create_socket()
+        self.set_reuse_addr()
+        self.bind((host, port))
+        self.listen(5)
+
+    def handle_accepted(self, sock, addr):
+        self.handler = EchoHandler(sock)
+
+
+class DocExamples(unittest.TestCase):
+
+    def tearDown(self):
+        asyncore.close_all()
+
+    def test_http_client(self):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = b'hello from ' + self.path.encode()
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+        t = threading.Thread(target=server.serve_forever)
+        t.start()
+        try:
+            for use_poll in MODES:
+                c = HTTPClient('127.0.0.1', '/x', server.server_port)
+                asyncore.loop(timeout=0.05, use_poll=use_poll, count=400)
+                self.assertFalse(asyncore.socket_map)
+                self.assertTrue(c.received.startswith(b'HTTP/1.0 200'))
+                self.assertTrue(c.received.endswith(b'hello from /x'))
+        finally:
+            server.shutdown()
+            server.server_close()
+            t.join()
+
+    def test_echo_server(self):
+        for use_poll in MODES:
+            server = EchoServer('127.0.0.1', 0)
+            clients = [socket.create_connection(server.socket.getsockname())
+                       for _ in range(5)]
+            try:
+                for i, c in enumerate(clients):
+                    c.setblocking(False)
+                    c.send(b'msg %d' % i)
+                for i, c in enumerate(clients):
+                    got = bytearray()
+                    self.assertTrue(pump(asyncore.socket_map, lambda: got.extend(
+                        recv_some(c)) or bytes(got) == b'msg %d' % i,
+                        use_poll))
+            finally:
+                for c in clients:
+                    c.close()
+                asyncore.close_all()
+
+
+class LegacySmtpd(unittest.TestCase):
+    """The stdlib smtpd module of 3.11 (asyncore and asynchat inside), run
+    unchanged on the drop-in, with smtplib as the client."""
+
+    def test_smtpd_with_smtplib(self):
+        try:
+            import smtpd
+        except ImportError:
+            self.skipTest('no smtpd (removed in 3.12)')
+        import smtplib
+        self.assertIs(smtpd.asyncore, asyncore)
+        self.assertIs(smtpd.asynchat, asynchat)
+        got = []
+
+        class Server(smtpd.SMTPServer):
+            def process_message(self, peer, mailfrom, rcpttos, data,
+                                **kwargs):
+                got.append((mailfrom, rcpttos, data))
+
+        for use_poll in MODES:
+            server = Server(('127.0.0.1', 0), None, decode_data=False)
+            port = server.socket.getsockname()[1]
+            errors = []
+
+            def client():
+                try:
+                    with smtplib.SMTP('127.0.0.1', port, timeout=10) as c:
+                        c.sendmail('a@example.org', ['b@example.org'],
+                                   b'Subject: hi\r\n\r\nline 1\r\n.dot\r\n')
+                except Exception as err:  # reported below
+                    errors.append(err)
+
+            got.clear()
+            t = threading.Thread(target=client)
+            t.start()
+            try:
+                self.assertTrue(pump(asyncore.socket_map,
+                                     lambda: not t.is_alive(), use_poll,
+                                     passes=1000))
+            finally:
+                t.join()
+                server.close()
+                asyncore.close_all()
+            self.assertEqual(errors, [])
+            # smtpd joins the lines with b'\n' and undoes dot-stuffing.
+            self.assertEqual(got, [('a@example.org', ['b@example.org'],
+                                    b'Subject: hi\n\nline 1\n.dot')])
+
+
+if __name__ == '__main__':
+    unittest.main()

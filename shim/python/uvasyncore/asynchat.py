@@ -1,0 +1,233 @@
+"""asynchat on uvasyncore: async_chat, simple_producer, find_prefix_at_end.
+
+CPython 3.11's asynchat, behaviour for behaviour, over uvasyncore.asyncore.
+Input is split at the terminator (a bytes string, a byte count, or None for
+"everything"); output is a FIFO of byte strings and producers.
+"""
+
+from collections import deque
+
+from uvasyncore import asyncore
+
+__all__ = ['async_chat', 'simple_producer', 'find_prefix_at_end']
+
+
+class async_chat(asyncore.dispatcher):
+    """Reads input up to a terminator, writes a FIFO of buffers and
+    producers.  Subclasses provide collect_incoming_data and
+    found_terminator."""
+
+    # Bytes read, and written, at most per call.
+    ac_in_buffer_size = 65536
+    ac_out_buffer_size = 65536
+
+    # str data and terminators are encoded when this is set.
+    use_encoding = 0
+    encoding = 'latin-1'
+
+    def __init__(self, sock=None, map=None):
+        self.ac_in_buffer = b''
+        # Collected input, for the default collect_incoming_data.
+        self.incoming = []
+        self.producer_fifo = deque()
+        asyncore.dispatcher.__init__(self, sock, map)
+
+    def collect_incoming_data(self, data):
+        raise NotImplementedError("must be implemented in subclass")
+
+    def _collect_incoming_data(self, data):
+        self.incoming.append(data)
+
+    def _get_data(self):
+        data = b''.join(self.incoming)
+        del self.incoming[:]
+        return data
+
+    def found_terminator(self):
+        raise NotImplementedError("must be implemented in subclass")
+
+    def set_terminator(self, term):
+        """term: bytes, an int (that many bytes), or None (no terminator)."""
+        if isinstance(term, str) and self.use_encoding:
+            term = bytes(term, self.encoding)
+        elif isinstance(term, int) and term < 0:
+            raise ValueError('the number of received bytes must be positive')
+        self.terminator = term
+
+    def get_terminator(self):
+        return self.terminator
+
+    def handle_read(self):
+        try:
+            data = self.recv(self.ac_in_buffer_size)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.handle_error()
+            return
+        if isinstance(data, str) and self.use_encoding:
+            data = bytes(data, self.encoding)
+        self.ac_in_buffer = self.ac_in_buffer + data
+        # The terminator is asked for again after each found_terminator:
+        # that handler may change it, and the rest is split by the new one.
+        while self.ac_in_buffer:
+            buf = self.ac_in_buffer
+            terminator = self.get_terminator()
+            if not terminator:
+                # None (or 0, b''): everything is data.
+                self.collect_incoming_data(buf)
+                self.ac_in_buffer = b''
+            elif isinstance(terminator, int):
+                # A byte count.
+                if len(buf) < terminator:
+                    self.collect_incoming_data(buf)
+                    self.ac_in_buffer = b''
+                    self.terminator = self.terminator - len(buf)
+                else:
+                    self.collect_incoming_data(buf[:terminator])
+                    self.ac_in_buffer = self.ac_in_buffer[terminator:]
+                    self.terminator = 0
+                    self.found_terminator()
+            else:
+                index = buf.find(terminator)
+                if index != -1:
+                    if index > 0:
+                        self.collect_incoming_data(buf[:index])
+                    self.ac_in_buffer = \
+                        self.ac_in_buffer[index + len(terminator):]
+                    self.found_terminator()
+                    continue
+                # Not there: keep a tail that may be its beginning.
+                keep = find_prefix_at_end(buf, terminator)
+                if not keep:
+                    self.collect_incoming_data(buf)
+                    self.ac_in_buffer = b''
+                    continue
+                if keep != len(buf):
+                    self.collect_incoming_data(buf[:-keep])
+                    self.ac_in_buffer = self.ac_in_buffer[-keep:]
+                break
+
+    def handle_write(self):
+        self.initiate_send()
+
+    def handle_close(self):
+        self.close()
+
+    def push(self, data):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError('data argument must be byte-ish (%r)', type(data))
+        had_output = bool(self.producer_fifo)
+        size = self.ac_out_buffer_size
+        if len(data) > size:
+            for i in range(0, len(data), size):
+                self.producer_fifo.append(data[i:i + size])
+        else:
+            self.producer_fifo.append(data)
+        self.initiate_send()
+        if had_output != bool(self.producer_fifo):
+            self._ac_touch()
+
+    def push_with_producer(self, producer):
+        had_output = bool(self.producer_fifo)
+        self.producer_fifo.append(producer)
+        self.initiate_send()
+        self._ac_output_changed(had_output)
+
+    def _ac_output_changed(self, had_output):
+        # writable() reads whether producer_fifo is empty: when a push
+        # changed that (typically from another channel's handler), the
+        # poller asks again.  A push that went out whole changed nothing.
+        # (Within this channel's own events it is asked again anyway.)
+        if had_output != bool(self.producer_fifo):
+            self._ac_touch()
+
+    def readable(self):
+        # Always: the terminator may change between reads, so a full
+        # ac_in_buffer is no reason to stop reading.
+        return 1
+
+    def writable(self):
+        return self.producer_fifo or (not self.connected)
+
+    def close_when_done(self):
+        """Closes the channel once everything pushed so far is sent."""
+        had_output = bool(self.producer_fifo)
+        self.producer_fifo.append(None)
+        self._ac_output_changed(had_output)
+
+    def initiate_send(self):
+        while self.producer_fifo and self.connected:
+            first = self.producer_fifo[0]
+            if not first:
+                # An empty buffer is skipped; None means "close now".
+                del self.producer_fifo[0]
+                if first is None:
+                    self.handle_close()
+                    return
+            size = self.ac_out_buffer_size
+            try:
+                data = first[:size]
+            except TypeError:
+                # A producer: its next piece goes to the front.
+                data = first.more()
+                if data:
+                    self.producer_fifo.appendleft(data)
+                else:
+                    del self.producer_fifo[0]
+                continue
+            if isinstance(data, str) and self.use_encoding:
+                data = bytes(data, self.encoding)
+            try:
+                sent = self.send(data)
+            except OSError:
+                self.handle_error()
+                return
+            if sent:
+                if sent < len(data) or size < len(first):
+                    self.producer_fifo[0] = first[sent:]
+                else:
+                    del self.producer_fifo[0]
+            # One send per call: the rest waits for the next write event.
+            return
+
+    def discard_buffers(self):
+        had_output = bool(self.producer_fifo)
+        self.ac_in_buffer = b''
+        del self.incoming[:]
+        self.producer_fifo.clear()
+        self._ac_output_changed(had_output)
+
+
+asyncore._default_readable.add(async_chat.readable)
+asyncore._default_writable.add(async_chat.writable)
+
+
+class simple_producer:
+    """Hands out data in pieces of at most buffer_size bytes."""
+
+    def __init__(self, data, buffer_size=512):
+        self.data = data
+        self.buffer_size = buffer_size
+
+    def more(self):
+        if len(self.data) > self.buffer_size:
+            piece = self.data[:self.buffer_size]
+            self.data = self.data[self.buffer_size:]
+            return piece
+        piece, self.data = self.data, b''
+        return piece
+
+
+def find_prefix_at_end(haystack, needle):
+    """The length of the longest proper prefix of needle that haystack
+    ends with (0 if none)."""
+    n = len(needle) - 1
+    while n and not haystack.endswith(needle[:n]):
+        n -= 1
+    return n
+
+
+for _cls in (async_chat, simple_producer):
+    _cls.__module__ = 'asynchat'
+del _cls
