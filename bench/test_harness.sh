@@ -114,6 +114,7 @@ reps = m["reps"]
 assert reps >= 3 and m["warmup_reps"] == 1 and m["warmup"] > 0, m
 assert m["client"] == "ordinary", m["client"]
 assert isinstance(m["contended"], bool) and m["other_cpus"] >= 0, m
+assert isinstance(m["callgrind_contended"], bool), m
 assert all(x["client"] == "ordinary" for x in r["runs"] if "client" in x)
 assert sorted({x["rep"] for x in r["runs"]}) == list(range(1, reps + 1))
 assert r["warmup_runs"] and all(x["rep"] == 0 for x in r["warmup_runs"])
