@@ -508,8 +508,9 @@ static int run_traffic(void) {
 static void report(double seconds) {
   double rate = seconds > 0 ? (double)total_msgs / seconds : 0;
 
-  printf("{\"mode\": \"%s\", \"client\": \"%s\", \"conns\": %d, \"idle\": %d, \"size\": %zu, "
-         "\"pipeline\": %d, \"messages\": %llu, \"seconds\": %.6f, "
+  printf("{\"mode\": \"%s\", \"client\": \"%s\", \"conns\": %d, "
+         "\"idle\": %d, \"size\": %zu, \"pipeline\": %d, "
+         "\"messages\": %llu, \"seconds\": %.6f, "
          "\"msgs_per_s\": %.1f, \"p50_us\": %.1f, \"p99_us\": %.1f, ",
          opt.churn ? "churn" : opt.lines ? "lines" : "echo",
          opt.quickack ? "quickack" : "ordinary", opt.conns,
