@@ -223,18 +223,11 @@ static int on_write(ac_dispatcher_t *d) {
   return guard_chat_write(&guard, d, http_of(ac_chat_of(d))->done);
 }
 
-/* The client half-closed (or the connection broke): the responses already
- * queued still go out (close_when_done), then the connection closes.  The
- * default handle_close would close at once and drop them. */
+/* The client half-closed: the responses already queued still go out. */
 static int on_close(ac_dispatcher_t *d) {
   http_t *h = http_of(ac_chat_of(d));
 
-  if (h->done || ac_chat_out_bytes(&h->chat) == 0) {
-    return ac_close(d); /* nothing left, or the close marker was reached */
-  }
-  h->done = 1;
-  ac_pause_reading(d, 1); /* for good: the client sends no more */
-  return ac_chat_close_when_done(&h->chat);
+  return chat_close_when_sent(&h->chat, &h->done);
 }
 
 static void on_closed(ac_dispatcher_t *d) {

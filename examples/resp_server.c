@@ -585,18 +585,11 @@ static int on_write(ac_dispatcher_t *d) {
   return guard_chat_write(&guard, d, client_of(ac_chat_of(d))->done);
 }
 
-/* The client half-closed (or the connection broke): the replies already
- * queued still go out (close_when_done), then the connection closes.  The
- * default handle_close would close at once and drop them. */
+/* The client half-closed: the replies already queued still go out. */
 static int on_close(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
 
-  if (cl->done || ac_chat_out_bytes(&cl->chat) == 0) {
-    return ac_close(d); /* nothing left, or the close marker was reached */
-  }
-  cl->done = 1;
-  ac_pause_reading(d, 1); /* for good: the client sends no more */
-  return ac_chat_close_when_done(&cl->chat);
+  return chat_close_when_sent(&cl->chat, &cl->done);
 }
 
 static void on_closed(ac_dispatcher_t *d) {

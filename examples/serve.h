@@ -214,6 +214,20 @@ static inline int guard_resume_if_drained(const guard_t *g,
   return ac_pause_reading(d, 0);
 }
 
+/* handle_close of the chat servers.  The client half-closed (or the
+ * connection broke): the replies already queued still go out
+ * (close_when_done), then the connection closes; the default
+ * handle_close would close at once and drop them.  *done marks a client
+ * that reads no more. */
+static inline int chat_close_when_sent(ac_chat_t *c, int *done) {
+  if (*done || ac_chat_out_bytes(c) == 0) {
+    return ac_close(&c->d); /* nothing left, or the close marker was reached */
+  }
+  *done = 1;
+  ac_pause_reading(&c->d, 1); /* for good: the client sends no more */
+  return ac_chat_close_when_done(c);
+}
+
 /* The memory a chat's output queue holds: its bytes, plus its fifo
  * entries (48 bytes each, and the fifo doubles as it grows: count 96).
  * Counting bytes alone would let a client queue millions of one-byte
