@@ -709,6 +709,10 @@ def connection_limit_holds():
                  "echo_server_mt"):
         srv = Server(name, "--max-conns", "5")
         try:
+            # Server() probes the port with a connection of its own, which
+            # holds a slot until the server has seen its close (another
+            # thread's loop, for echo_server_mt): let it go first.
+            time.sleep(0.5)
             conns = [srv.connect() for _ in range(5)]
             for s in conns:  # all five are served
                 s.sendall({"http_server": b"GET / HTTP/1.1\r\n\r\n",
