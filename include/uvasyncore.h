@@ -158,7 +158,7 @@ struct ac_dispatcher_s {
   uint8_t nreq;         /* outstanding libuv requests */
   uint8_t paused;       /* read interest off: AC__PAUSE_* (map.c) */
   int so_error;         /* stream backend: connect result */
-  size_t wq_bytes;      /* stream backend: bytes queued in libuv */
+  size_t wq_bytes;      /* stream backend: memory queued in libuv */
   const void *cls;      /* class: defaults of plain, with_send, chat ... */
   int (*read_fn)(ac_dispatcher_t *); /* handle_read: ops', else cls's */
   ac_link_t link;       /* map membership, insertion order */

@@ -37,6 +37,9 @@ typedef struct ac__adopt_s {
   char data[];
 } ac__adopt_t;
 
+static ac__adopt_t *adopt_new(ac_dispatcher_t *d, const void *pending,
+                              size_t n);
+
 /* The adoption in progress of d, or NULL (a short list: adoptions end
  * once their input is read and their fence is through). */
 static ac__adopt_t *find(const ac_dispatcher_t *d) {
@@ -80,6 +83,56 @@ ssize_t ac__adopt_recv(ac_dispatcher_t *d, void *buf, size_t n) {
     finish(a);
   }
   return (ssize_t) k;
+}
+
+/* How many bytes of pending input d has. */
+size_t ac__adopt_pending(const ac_dispatcher_t *d) {
+  const ac__adopt_t *a;
+
+  if (!(d->flags & AC__F_ADOPT)) {
+    return 0;
+  }
+  a = find(d);
+  return a != NULL ? a->len - a->off : 0;
+}
+
+/* A read burst (burst.c) receives ahead: up to `size` bytes from d's
+ * socket become its pending input (d has none), which ac_recv returns
+ * first.  Returns the bytes received, or what the receive met: 0 (EOF),
+ * UV_EAGAIN (nothing waits), another error (the socket keeps reporting it:
+ * the next receive meets it, or the EOF that follows), UV_ENOMEM. */
+ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d, size_t size) {
+  ac__adopt_t *a = adopt_new(d, NULL, size);
+  ssize_t r;
+
+  if (a == NULL) {
+    return UV_ENOMEM;
+  }
+  do {
+    r = recv(d->fd, a->data, size, 0);
+  } while (r < 0 && errno == EINTR);
+  if (r <= 0) {
+    ac__free(a);
+    return r == 0 ? 0 : (errno == EAGAIN || errno == EWOULDBLOCK)
+                            ? UV_EAGAIN
+                            : AC__ERR(errno);
+  }
+  a->len = (size_t) r;
+  a->next = d->map->adopts;
+  d->map->adopts = a;
+  d->flags |= AC__F_ADOPT;
+  return r;
+}
+
+/* Pending input is left when a read burst ends: it is read readiness that
+ * no libuv event reports, from the next pass on (the next prepare arms it
+ * with the channel's interest of then, so a channel that paused reading
+ * meanwhile is not called). */
+void ac__adopt_left(ac_dispatcher_t *d) {
+  if (ac__adopt_pending(d) > 0) {
+    d->ready |= AC__R;
+    ac__interest_changed(d);
+  }
 }
 
 /* Whether the application's queued bytes are all written (or there were
@@ -156,7 +209,7 @@ static ac__adopt_t *adopt_new(ac_dispatcher_t *d, const void *pending,
   memset(a, 0, sizeof(*a));
   a->d = d;
   a->len = n;
-  if (n > 0) {
+  if (pending != NULL && n > 0) {
     memcpy(a->data, pending, n);
   }
   return a;

@@ -762,11 +762,12 @@ static int inc_unborrow(ac_chat_t *c) {
 static AC__ALWAYS_INLINE int parse_end(ac_chat_t *c, int flush, int r) {
   int r2 = c->inc_borrow != NULL ? inc_unborrow(c) : 0;
 
-  if (flush && c->batch && c->fifo.len_ > 0) {
-    int rs = ac__chat_flush(c); /* the replies of this read */
+  if (((flush && c->batch) || c->parse_sent) && c->fifo.len_ > 0) {
+    int rs = ac__chat_flush(c); /* the replies this parse gathered */
     r2 = r2 != 0 ? r2 : rs;
   }
   c->parsing = 0;
+  c->parse_sent = 0;
   c->append_room = 0;
   if (c->out_nonempty != (c->fifo.len_ > 0)) {
     ac__chat_track(c);
@@ -1046,6 +1047,17 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
   return 0;
 }
 
+/* ac_close from inside the parse loop, replies gathered: CPython would
+ * have sent them at their push, so they go now, before the close discards
+ * what is queued (C-20: close() discards only what the socket refused). */
+static void chat_closing(ac_dispatcher_t *d) {
+  ac_chat_t *c = ac_chat_of(d);
+
+  if (ac__chat_gathering(c) && c->fifo.len_ > 0) {
+    (void) ac__chat_flush(c); /* a failure is the close's business now */
+  }
+}
+
 /* The channel was released: free everything it holds. */
 static void chat_release(ac_dispatcher_t *d) {
   ac_chat_t *c = ac_chat_of(d);
@@ -1077,6 +1089,7 @@ const ac__class_t ac__chat_class = {
         },
     .send = ac__chat_send,
     .release = chat_release,
+    .closing = chat_closing,
 };
 
 int ac_chat_init(ac_chat_t *c, ac_map_t *map, const ac_chat_ops_t *ops) {

@@ -70,6 +70,16 @@ typedef struct {
 /* Most fifo entries one vectored send gathers. */
 #define AC__CHAT_IOV 64
 
+/* Whether a push only queues, for the end of the parse to send: inside
+ * the parse loop, once a reply of this receive went out (the first reply
+ * of a receive goes straight from the caller's bytes, without a queue; the
+ * others of the same receive leave together, in one system call, when the
+ * parse ends), or from the first push with `batch`.  The bytes and their
+ * order are the same; ac_close sends what was gathered first. */
+static inline int ac__chat_gathering(const ac_chat_t *c) {
+  return c->parsing && (c->batch || c->parse_sent);
+}
+
 /* producer.c: the output side of the class */
 AC__HIDDEN int ac__chat_writable(ac_dispatcher_t *d);
 AC__HIDDEN int ac__chat_handle_write(ac_dispatcher_t *d);

@@ -111,6 +111,19 @@ static int is_tcp(const ac_dispatcher_t *d) {
          (d->family == AF_INET || d->family == AF_INET6);
 }
 
+/* TCP channels send without Nagle's delay (TCP_NODELAY), as redis and
+ * Node.js do.  asyncore code sends each reply, or each piece of a large
+ * one, as it has it: with Nagle, a piece that follows an unacknowledged one
+ * waits for the peer's delayed ACK (40 ms on Linux), and a 64 KiB echo in
+ * 8 KiB pieces (the documentation's echo server) crawls.  The bytes and
+ * their order are the same either way; an application that wants Nagle
+ * back clears the option on ac_fileno(d) (docs/design.md). */
+static void no_delay(const ac_dispatcher_t *d) {
+  int on = 1;
+
+  (void) setsockopt(d->fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+}
+
 /* Give d its libuv handle: a uv_tcp_t for a TCP stream that is (about to
  * be) connected, a uv_poll_t for anything else, none at all for an fd libuv
  * cannot poll (regular files: always ready, Q-08). */
@@ -123,10 +136,14 @@ int ac__attach(ac_dispatcher_t *d, int want_stream) {
   r = want_stream && is_tcp(d) && !(d->flags & AC__F_TCP_POLL)
           ? ac__stream_open(d)
           : ac__poll_open(d);
-  if (r == 0) {
-    ac__interest_changed(d);
+  if (r != 0) {
+    return r;
   }
-  return r;
+  if (want_stream && is_tcp(d)) {
+    no_delay(d);
+  }
+  ac__interest_changed(d);
+  return 0;
 }
 
 /* Whether a TCP socket without a peer once had a connection that ended
@@ -477,11 +494,17 @@ int ac_close(ac_dispatcher_t *d) {
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
+  if (!(d->flags & AC__F_CLOSED) && AC__CLS(d)->closing != NULL) {
+    AC__CLS(d)->closing(d); /* while still connected (may close d) */
+  }
   d->connected = 0; /* D-15 step 1 */
   d->accepting = 0;
   d->connecting = 0;
   if (d->flags & AC__F_CLOSED) {
     return 0;
+  }
+  if (d->ready & AC__GATHERING) {
+    ac__burst_flush(d, 0); /* the replies of a read burst go out first */
   }
   d->flags |= AC__F_CLOSED;
   ac__map_del(d->map, d);
@@ -688,6 +711,12 @@ ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf, size_t n,
   ssize_t r = first;
   size_t room;
 
+  if (d->ready & AC__GATHERING) {
+    if (n <= AC__BURST_GATHER) {
+      return ac__burst_send(d, buf, n); /* a read burst's reply (burst.c) */
+    }
+    ac__burst_flush(d, 0); /* too large to gather: after what was */
+  }
   if (first == AC__SEND_UNTRIED) {
     if (ac__reusing(d)) {
       return 0; /* the new socket waits for the old handle: would block */
@@ -726,7 +755,7 @@ ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf, size_t n,
 queue:
   /* The kernel is full: accept more into libuv's queue, whose draining
    * is the stream's write readiness. */
-  room = d->wq_bytes < AC__STREAM_WBUF ? AC__STREAM_WBUF - d->wq_bytes : 0;
+  room = ac__stream_room(d);
   if (room > n - (size_t) r) {
     room = n - (size_t) r;
   }
@@ -755,6 +784,21 @@ ssize_t ac__sendv_raw(ac_dispatcher_t *d, const struct iovec *iov,
 
   if (cnt <= 1) {
     return cnt == 1 ? ac__send_raw(d, iov[0].iov_base, iov[0].iov_len) : 0;
+  }
+  if (d->ready & AC__GATHERING) {
+    /* a read burst's replies (burst.c): each buffer in turn */
+    for (r = 0; i < cnt; i++) {
+      q = ac__send_slow(d, iov[i].iov_base, iov[i].iov_len,
+                        AC__SEND_UNTRIED);
+      if (q < 0) {
+        return r > 0 ? r : q;
+      }
+      r += q;
+      if ((size_t) q < iov[i].iov_len) {
+        break;
+      }
+    }
+    return r;
   }
   if (d->fd < 0 || ac__reusing(d) ||
       ((d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d)) ||
@@ -846,6 +890,9 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
                        (AC__F_INIT | AC__F_SOCK) &&
       d->fd >= 0 && buf != NULL && n > 0) {
     r = recv(d->fd, buf, n, 0);
+    if (r == (ssize_t) n) {
+      d->ready |= AC__RMORE; /* events.c: the readiness may read again */
+    }
     return r > 0 ? r : ac__recv_slow(d, buf, n, r);
   }
 
@@ -854,7 +901,10 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   }
   if ((d->flags & AC__F_ADOPT) && n > 0 &&
       (r = ac__adopt_recv(d, buf, n)) > 0) {
-    return r; /* adopted input still pending (adopt.c) */
+    if (r == (ssize_t) n) {
+      d->ready |= AC__RMORE;
+    }
+    return r; /* pending input: adopted, or received ahead (adopt.c) */
   }
   if (d->fd < 0 && (d->flags & AC__F_RESOLVING)) {
     return UV_EAGAIN; /* no socket yet (ac_connect_name) */
@@ -866,5 +916,8 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
     r = (d->flags & AC__F_SOCK) ? recv(d->fd, buf, n, 0)
                                  : read(d->fd, buf, n);
   } while (r < 0 && errno == EINTR);
+  if (r == (ssize_t) n) {
+    d->ready |= AC__RMORE;
+  }
   return r > 0 ? r : recv_result(d, r);
 }

@@ -63,6 +63,7 @@ static void on_own_closed(uv_handle_t *h) {
     cb(m, arg);
   }
   ac__chat_map_free(m);
+  ac__burst_map_free(m);
   ac__free(m);
 }
 

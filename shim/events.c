@@ -198,13 +198,15 @@ int ac_readwrite(ac_dispatcher_t *d, int flags) {
   return r;
 }
 
-/* The hot path, the read callback of a stream channel (stream.c): it is
- * readable (UV_ENOBUFS: the bytes or the EOF wait in the kernel).  The
- * same steps as ac__dispatch(d, AC_POLLIN) in either mode, without the
- * generic flag handling. */
+/* The read callback of a stream channel (stream.c): it is readable
+ * (UV_ENOBUFS: the bytes or the EOF wait in the kernel).  The same steps
+ * as ac__dispatch(d, AC_POLLIN) in either mode, without the generic flag
+ * handling; then, while handle_read's receive fills its buffer and more
+ * input waits, handle_read again: a read burst (burst.c). */
 void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   ac_dispatcher_t *d = s->data;
   ac_map_t *m = d->map;
+  int calls = 0;
   int r;
 
   (void) nread;
@@ -214,17 +216,31 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     return; /* E-01: the rest of the pass is dropped */
   }
   m->in_dispatch++;
-  if (!d->accepting && d->connected) {
-    m->where = "handle_read";
-    r = d->read_fn(d);
-  } else {
-    r = read_event(d);
-  }
-  if (r != 0 || m->raised != 0) {
-    r = settle(m, r);
-    if (r != 0) {
-      r = fail(d, r, m->use_poll);
+  do {
+    if (calls == 1) {
+      ac__burst_gather(d);
     }
+    d->ready &= (uint8_t) ~AC__RMORE;
+    if (!d->accepting && d->connected) {
+      m->where = "handle_read";
+      r = d->read_fn(d);
+    } else {
+      r = read_event(d);
+    }
+    if (r != 0 || m->raised != 0) {
+      r = settle(m, r);
+      if (r != 0) {
+        r = fail(d, r, m->use_poll);
+      }
+      break;
+    }
+  } while ((d->ready & AC__RMORE) && ++calls < AC__READ_BURST &&
+           ac__burst_again(d));
+  if (calls > 0) {
+    if (d->ready & AC__GATHERING) {
+      ac__burst_flush(d, 0);
+    }
+    ac__adopt_left(d);
   }
   m->in_dispatch--;
   if (r != 0) {
@@ -367,6 +383,7 @@ int ac__base_handle_error(ac_dispatcher_t *d, const ac_error_t *err) {
 const ac__class_t ac__dispatcher_class = {
     "asyncore.dispatcher",
     AC__BASE_DEFAULTS,
+    NULL,
     NULL,
     NULL,
 };

@@ -19,6 +19,11 @@
 /* In `ready` only: its AC__R is good for one dispatch (stream.c: input that
  * came with the connect completion). */
 #define AC__RONCE 0x08
+/* In `ready` only: the last receive filled the caller's buffer, so more
+ * input may be waiting (events.c: the same readiness may read again). */
+#define AC__RMORE 0x10
+/* In `ready` only: a read burst gathers d's sends (burst.c). */
+#define AC__GATHERING 0x20
 
 /* ac_dispatcher_t.paused: why read interest is off */
 #define AC__PAUSE_ACCEPT 0x01 /* listener out of fds (ac__accept_pause) */
@@ -51,6 +56,9 @@ typedef struct ac__class_s {
   ssize_t (*send)(ac_dispatcher_t *d, const void *buf, size_t n);
   /* Free class buffers when the channel is released (may be NULL). */
   void (*release)(ac_dispatcher_t *d);
+  /* At ac_close, first: send what the class held back that CPython would
+   * have sent already (may be NULL; chat.c). */
+  void (*closing)(ac_dispatcher_t *d);
 } ac__class_t;
 
 /* The defaults of asyncore.dispatcher (events.c), for class tables. */
@@ -140,6 +148,9 @@ struct ac_map_s {
    * this timer fires or a channel of the map closes. */
   uv_timer_t accept_timer;
   size_t npaused;
+  /* Read bursts (burst.c): the sends gathered from the bursting channel. */
+  char *gather;
+  size_t gather_len;
   /* Every map of the process (map.c), so that ac_loop can find the maps
    * that share its uv loop. */
   ac_map_t *all_next;
@@ -236,6 +247,7 @@ AC__HIDDEN int ac__stream_connect(ac_dispatcher_t *d,
                                   const struct sockaddr *addr);
 AC__HIDDEN ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf,
                                     size_t n);
+AC__HIDDEN size_t ac__stream_room(const ac_dispatcher_t *d);
 AC__HIDDEN void ac__stream_close(ac_dispatcher_t *d);
 AC__HIDDEN void ac__stream_abort_drains(ac_map_t *m);
 
@@ -254,8 +266,21 @@ AC__HIDDEN void ac__timer_close_all(ac_map_t *m);
 AC__HIDDEN void ac__embed_exit(ac_map_t *m);
 AC__HIDDEN void ac__map_close_check(ac_map_t *m);
 
+/* burst.c: several handle_read calls for one read readiness */
+#define AC__READ_BURST 32 /* most calls (libuv's read loop reads 32 times) */
+#define AC__BURST_GATHER ((size_t) 64 * 1024) /* most bytes gathered */
+AC__HIDDEN int ac__burst_again(ac_dispatcher_t *d);
+AC__HIDDEN void ac__burst_gather(ac_dispatcher_t *d);
+AC__HIDDEN ssize_t ac__burst_send(ac_dispatcher_t *d, const void *buf,
+                                  size_t n);
+AC__HIDDEN void ac__burst_flush(ac_dispatcher_t *d, int more);
+AC__HIDDEN void ac__burst_map_free(ac_map_t *m);
+
 /* adopt.c: pending input and the application's queued writes */
 AC__HIDDEN ssize_t ac__adopt_recv(ac_dispatcher_t *d, void *buf, size_t n);
+AC__HIDDEN size_t ac__adopt_pending(const ac_dispatcher_t *d);
+AC__HIDDEN ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d, size_t size);
+AC__HIDDEN void ac__adopt_left(ac_dispatcher_t *d);
 AC__HIDDEN int ac__adopt_fenced(const ac_dispatcher_t *d);
 AC__HIDDEN void ac__adopt_closed(ac_dispatcher_t *d);
 AC__HIDDEN void ac__adopt_abort(ac_map_t *m);
@@ -266,8 +291,9 @@ AC__HIDDEN extern const ac__class_t ac__file_class;
 /* chat.c: free the map's async_chat buffer (the map is being freed). */
 AC__HIDDEN void ac__chat_map_free(ac_map_t *m);
 
-/* The emulated socket send buffer of the stream backend: bytes ac_send
- * accepts beyond what the kernel takes at once. */
+/* The emulated socket send buffer of the stream backend: the memory
+ * ac_send may queue in libuv beyond what the kernel takes at once (bytes
+ * and their requests, stream.c). */
 #define AC__STREAM_WBUF ((size_t) 64 * 1024)
 
 /* The base dispatcher.send (D-13).  Inline for the common case: a
@@ -278,6 +304,7 @@ AC__HIDDEN void ac__chat_map_free(ac_map_t *m);
  * of ours queued in libuv (byte order) and no failed write. */
 static inline int ac__stream_idle(const ac_dispatcher_t *d) {
   return d->backend == AC_BACKEND_STREAM && d->wq_bytes == 0 &&
+         !(d->ready & AC__GATHERING) &&
          (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) == AC__F_CONN_DONE &&
          d->fd >= 0;
 }
@@ -297,6 +324,9 @@ static inline ssize_t ac__send_raw(ac_dispatcher_t *d, const void *buf,
 static inline ssize_t ac__recv_raw(ac_dispatcher_t *d, void *buf, size_t n) {
   if ((d->flags & (AC__F_ADOPT | AC__F_SOCK)) == AC__F_SOCK && d->fd >= 0) {
     ssize_t r = recv(d->fd, buf, n, 0);
+    if (r == (ssize_t) n) {
+      d->ready |= AC__RMORE;
+    }
     return r > 0 ? r : ac__recv_slow(d, buf, n, r);
   }
   return ac__recv_slow(d, buf, n, AC__SEND_UNTRIED);

@@ -164,6 +164,7 @@ static void free_torn(ac_map_t *m) {
   ac__map_forget(m);
   ac__map_unregister(m);
   ac__chat_map_free(m);
+  ac__burst_map_free(m);
   ac__free(m);
 }
 
@@ -202,6 +203,7 @@ void ac_map_free(ac_map_t *m) {
   ac__map_forget(m);
   ac__map_unregister(m);
   ac__chat_map_free(m);
+  ac__burst_map_free(m);
   ac__free(m);
 }
 

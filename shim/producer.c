@@ -392,9 +392,9 @@ int ac__chat_handle_write(ac_dispatcher_t *d) {
 /* ---------------------------------------------------------------- */
 /* Queueing                                                           */
 
-/* After a push: send now, unless batching inside the parse loop. */
+/* After a push: send now, unless gathering (chat_internal.h). */
 static int kick(ac_chat_t *c) {
-  if (c->batch && c->parsing) {
+  if (ac__chat_gathering(c)) {
     return 0;
   }
   return ac_chat_initiate_send(c);
@@ -471,7 +471,7 @@ static int append_slices(ac_chat_t *c, const char *data, size_t n,
   }
   c->out_bytes += n - skip;
   c->append_room = 0;
-  if (e.own == AC__OWN_ARENA && c->batch && c->parsing && !c->sending &&
+  if (e.own == AC__OWN_ARENA && ac__chat_gathering(c) && !c->sending &&
       gathers(c)) {
     /* ac_chat_push may extend this entry (in the arena, after it) */
     size_t arena = c->obase + c->obuf_cap - c->oend;
@@ -521,7 +521,7 @@ static int append_copy(ac_chat_t *c, const char *data, size_t n,
   c->oend += n;
   c->out_bytes += n;
   c->append_room = 0;
-  if (c->batch && c->parsing && !c->sending && gathers(c)) {
+  if (ac__chat_gathering(c) && !c->sending && gathers(c)) {
     size_t arena = c->obase + c->obuf_cap - c->oend;
     c->append_room = arena < size - n ? arena : size - n;
   }
@@ -582,7 +582,7 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
     return r != 0 ? not_queued(r, data, free_fn, ctx) : kick(c);
   }
   if (c->fifo.len_ > 0 || !c->d.connected || c->sending ||
-      (c->batch && c->parsing)) {
+      ac__chat_gathering(c)) {
     r = copy && n <= size && n < ARENA_MAX
             ? append_copy(c, data, n, size)
             : append_slices(c, data, n, 0, size, copy, free_fn, ctx);
@@ -591,6 +591,7 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
   v.iov_base = (void *) data;
   v.iov_len = gathers(c) || n <= size ? n : size;
   sent = ac__sendv_raw(&c->d, &v, 1);
+  c->parse_sent = c->parsing;
   if ((size_t) sent == n) {
     if (free_fn != NULL) {
       free_fn((void *) data, ctx);
@@ -608,7 +609,7 @@ static AC__NOINLINE int push_other(ac_chat_t *c, const void *data,
   if (r != 0) {
     return r;
   }
-  if (c->batch && c->parsing && n - 1 < c->ac_out_buffer_size &&
+  if (ac__chat_gathering(c) && n - 1 < c->ac_out_buffer_size &&
       n < ARENA_MAX && data != NULL) {
     /* push_alive's queueing of a small copy; kick() would not send */
     return append_copy(c, data, n, c->ac_out_buffer_size);
@@ -625,12 +626,13 @@ int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
   if (n - 1 >= c->append_room) {
     if (c->fifo.len_ == 0 && n - 1 < c->ac_out_buffer_size &&
         !(c->d.flags & AC__F_RELEASED) && c->d.connected && !c->sending &&
-        !(c->batch && c->parsing) && ac__stream_idle(&c->d)) {
+        !ac__chat_gathering(c) && ac__stream_idle(&c->d)) {
       /* push_alive's direct send, for one slice (1 <= n <= size), on a
        * stream with nothing queued in libuv: ac__send_raw after its
        * ac__stream_idle test, written out because the compiler does not
        * fold that test into the one above (2-3 instructions per push) */
       ssize_t sent = send(c->d.fd, data, n, MSG_NOSIGNAL);
+      c->parse_sent = c->parsing;
       if ((size_t) sent == n) {
         return 0;
       }

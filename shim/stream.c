@@ -126,7 +126,7 @@ static void on_write(uv_write_t *req, int status) {
   wreq_t *w = (wreq_t *) req;
   ac_dispatcher_t *d = req->handle->data;
 
-  d->wq_bytes -= w->len;
+  d->wq_bytes -= sizeof(*w) + w->len;
   d->nreq--;
   ac__free(w);
   if (status < 0 && status != UV_ECANCELED) {
@@ -152,6 +152,16 @@ static void on_write(uv_write_t *req, int status) {
   }
 }
 
+/* How many more bytes the emulated send buffer takes: AC__STREAM_WBUF
+ * bounds the memory queued in libuv, each request's own size included, so
+ * that many small sends to a peer that does not read cannot hold more than
+ * a few large ones (a 1-byte request costs about 200 bytes). */
+size_t ac__stream_room(const ac_dispatcher_t *d) {
+  size_t used = d->wq_bytes + sizeof(wreq_t);
+
+  return used < AC__STREAM_WBUF ? AC__STREAM_WBUF - used : 0;
+}
+
 ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf, size_t n) {
   wreq_t *w = ac__malloc(sizeof(*w) + n);
   uv_buf_t b;
@@ -168,7 +178,7 @@ ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf, size_t n) {
     ac__free(w);
     return r;
   }
-  d->wq_bytes += n;
+  d->wq_bytes += sizeof(*w) + n;
   d->nreq++;
   d->ready &= (uint8_t) ~AC__W;
   ac__synth_update(d);

@@ -120,6 +120,7 @@ struct ac_chat_s {
   uint8_t out_nonempty; /* what writable() last reported for the fifo */
   uint8_t sending;      /* inside initiate_send */
   uint8_t parsing;      /* inside the parse loop */
+  uint8_t parse_sent;   /* a reply of this parse went out: the rest gather */
   uint8_t more_orphan;  /* the producer inside more() was discarded */
   size_t append_room;   /* batch: bytes a push may add to the tail entry */
   ac_producer_t *in_more;

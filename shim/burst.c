@@ -1,0 +1,134 @@
+/* A read burst: one read readiness of a TCP channel, several handle_read
+ * calls.
+ *
+ * asyncore calls handle_read once per readiness, and ported code receives
+ * a fixed amount each time (the documentation's echo server: 8 KiB).  One
+ * buffer per pass, a 64 KiB message would cost eight passes of the loop,
+ * eight receives and eight sends.  So when handle_read's receive filled its
+ * buffer, the same readiness goes on (ac__dispatch_read, events.c):
+ *
+ *  - The library receives ahead, up to AC__AHEAD bytes at once, into the
+ *    channel's pending input (adopt.c), which ac_recv returns first, and
+ *    handle_read runs again, up to AC__READ_BURST calls.  It runs only
+ *    when input, an EOF or an error waits, as in asyncore, where it runs
+ *    when select(2) reports the channel readable.  Input still pending when
+ *    the burst ends (the application paused reading, readable() turned
+ *    false, the limit) is delivered from the next pass on, by synthetic
+ *    read readiness.
+ *  - What these further calls send is gathered (up to AC__BURST_GATHER bytes)
+ *    and leaves in one send(2) when the burst ends or the channel closes:
+ *    the same bytes, in the same order, in the same pass.  ac_send reports
+ *    them sent, as a socket with a larger send buffer would; what the
+ *    kernel refuses then joins libuv's write queue, so the channel is not
+ *    writable until it drains (the stream backend's send buffer, stream.c).
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <string.h>
+
+/* Most bytes received ahead at once. */
+#define AC__AHEAD ((size_t) 64 * 1024)
+
+/* Whether d, whose handle_read just filled its buffer, may get another
+ * handle_read in this readiness: it still wants input (open, connected,
+ * not paused, readable()) and some waits, in its pending input or in the
+ * kernel (received ahead now).  An EOF or an error counts as waiting: the
+ * next handle_read meets it. */
+int ac__burst_again(ac_dispatcher_t *d) {
+  ssize_t r;
+
+  if (d->map->stopping || !(d->armed & AC__R) || d->paused != 0 ||
+      !d->connected || d->accepting || (d->flags & AC__F_CLOSED) ||
+      !AC__SLOT(d, readable)(d)) {
+    return 0;
+  }
+  if (ac__adopt_pending(d) > 0) {
+    return 1;
+  }
+  r = ac__adopt_read_ahead(d, AC__AHEAD);
+  return r != UV_EAGAIN && r != UV_ENOMEM;
+}
+
+/* Start gathering d's sends (the second handle_read of a burst), if a
+ * send could go out now: nothing of d waits in libuv's queue.  (Else its
+ * sends take the usual way, where that queue is the bound of what the
+ * channel accepts: the application sees the back-pressure.) */
+void ac__burst_gather(ac_dispatcher_t *d) {
+  ac_map_t *m = d->map;
+
+  if (!ac__stream_idle(d)) {
+    return;
+  }
+  if (m->gather == NULL) {
+    m->gather = ac__malloc(AC__BURST_GATHER);
+    if (m->gather == NULL) {
+      return; /* sends go out one by one, as in the first call */
+    }
+  }
+  m->gather_len = 0;
+  d->ready |= AC__GATHERING;
+}
+
+/* ac__send_slow while d gathers, n <= AC__BURST_GATHER: take the n bytes
+ * at buf, sending what was gathered first when they do not fit.  If that
+ * send left bytes queued in libuv, gathering ends and these bytes go the
+ * usual way, behind them.  Returns what was taken, or what the usual send
+ * returned. */
+ssize_t ac__burst_send(ac_dispatcher_t *d, const void *buf, size_t n) {
+  ac_map_t *m = d->map;
+
+  if (n > AC__BURST_GATHER - m->gather_len) {
+    ac__burst_flush(d, 1);
+    if (!(d->ready & AC__GATHERING)) {
+      return ac__send_slow(d, buf, n, AC__SEND_UNTRIED);
+    }
+  }
+  memcpy(m->gather + m->gather_len, buf, n);
+  m->gather_len += n;
+  return (ssize_t) n;
+}
+
+/* Send what d gathered; with `more`, d goes on gathering if the kernel
+ * took it all.  What the kernel refuses joins libuv's write queue: those
+ * bytes were reported sent, so they must reach the peer; later sends of d
+ * queue behind them (byte order), and the channel is not writable until
+ * the queue drains.  A failed send loses nothing the peer could still
+ * receive: the connection is broken, and the channel's next receive
+ * reports it. */
+void ac__burst_flush(ac_dispatcher_t *d, int more) {
+  ac_map_t *m = d->map;
+  size_t n = m->gather_len;
+  ssize_t r = 0;
+
+  d->ready &= (uint8_t) ~AC__GATHERING;
+  m->gather_len = 0;
+  if (n > 0) {
+    do {
+      r = send(d->fd, m->gather, n, MSG_NOSIGNAL);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+      d->flags |= AC__F_WERR;
+      return;
+    }
+    if (r < 0) {
+      r = 0;
+    }
+    if ((size_t) r < n &&
+        ac__stream_queue(d, m->gather + r, n - (size_t) r) < 0) {
+      /* Out of memory: the bytes cannot be kept.  Cut the connection, so
+       * that the peer sees a broken stream, never a silent gap. */
+      (void) shutdown(d->fd, SHUT_RDWR);
+      d->flags |= AC__F_WERR;
+      return;
+    }
+  }
+  if (more && (size_t) r == n) {
+    d->ready |= AC__GATHERING;
+  }
+}
+
+void ac__burst_map_free(ac_map_t *m) {
+  ac__free(m->gather);
+  m->gather = NULL;
+}
