@@ -288,7 +288,10 @@ AC_EXTERN int ac_create_socket(ac_dispatcher_t *d, int family, int type);
 /* set_reuse_addr (D-07): turn SO_REUSEADDR on; errors are ignored. */
 AC_EXTERN void ac_set_reuse_addr(ac_dispatcher_t *d);
 
-/* bind (D-10): sets addr first, then binds.  Errors from bind(2). */
+/* bind (D-10): sets addr first, then binds.  Errors from bind(2);
+ * UV_EBADF without socket (an address longer than `addr`, AF_UNIX, is then
+ * not recorded: nothing would free it); UV_ENOMEM when such an address
+ * finds no memory (nothing changed). */
 AC_EXTERN int ac_bind(ac_dispatcher_t *d, const struct sockaddr *addr);
 
 /* listen (D-09): sets accepting first, then listens. */
