@@ -81,6 +81,19 @@ TASK(d01_fresh_defaults) {
 
 /* D-01, D-09, D-15, D-17 (test_connection_attributes): the flags of a
  * listener and a client through connect and close, in both modes. */
+/* Memory per connection (docs/design.md): on LP64, the channel is libuv's
+ * handle plus 168 bytes (the address inline for IPv4/IPv6 only), and
+ * dispatcher_with_send adds 24; an idle echo connection then fits a
+ * 480-byte malloc chunk. */
+TASK(memory_struct_sizes) {
+  if (sizeof(void *) != 8) {
+    return; /* the budget is counted for 64-bit pointers */
+  }
+  ASSERT_EQ(sizeof(ac_sockaddr_t), sizeof(struct sockaddr_in6));
+  ASSERT_LE(sizeof(ac_dispatcher_t) - sizeof(uv_tcp_t), 168);
+  ASSERT_LE(sizeof(ac_dispatcher_with_send_t) - sizeof(ac_dispatcher_t), 24);
+}
+
 TASK(d01_connection_attributes) {
   int i;
 
@@ -2318,6 +2331,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d11_connect_tcp_pending),
     TASK_ENTRY(d11_connect_unix_immediate),
     TASK_ENTRY(d10_d11_unix_long_address),
+    TASK_ENTRY(memory_struct_sizes),
     TASK_ENTRY(d11_connect_immediate_failure),
     TASK_ENTRY(d11_connect_again_while_pending),
     TASK_ENTRY(d11_connect_again_when_connected),
