@@ -29,7 +29,6 @@
 typedef struct {
   ac_dispatcher_with_send_t base; /* class EchoHandler(dispatcher_with_send) */
   conn_t conn;                    /* in the guard's list */
-  int done;                       /* half-closed: finish sending, close */
 } echo_handler_t;
 
 static guard_t guard = {.lim = {.max_conns = 10000,
@@ -61,14 +60,14 @@ static int handler_read(ac_dispatcher_t *d) {
 }
 
 /* The client half-closed: what is queued still goes out (handler_write
- * closes once it is sent); the default would close now and drop it. */
+ * closes once it is sent); the default would close now and drop it.  The
+ * mark is the channel's `closing` (asyncore's dispatcher.closing, which
+ * the library leaves to the application). */
 static int handler_close(ac_dispatcher_t *d) {
-  echo_handler_t *h = handler_of(d);
-
-  if (h->done || queued(d) == 0) {
+  if (d->closing || queued(d) == 0) {
     return ac_close(d);
   }
-  h->done = 1;
+  d->closing = 1; /* finish sending, then close */
   return ac_pause_reading(d, 1); /* for good: the client sends no more */
 }
 
@@ -82,7 +81,7 @@ static int handler_write(ac_dispatcher_t *d) {
   if (r != 0) {
     return r;
   }
-  if (h->done) {
+  if (d->closing) { /* half-closed: close once the echo is sent */
     return queued(d) == 0 ? ac_close(d) : 0;
   }
   return guard_resume_if_drained(&guard, d, queued(d));

@@ -27,7 +27,6 @@ typedef struct {
   ac_dispatcher_with_send_t base;
   conn_t conn;   /* in its thread's guard */
   guard_t *guard;
-  int done;      /* half-closed: finish sending, close */
 } echo_handler_t;
 
 /* The limits (the same for every thread) and the process's connections. */
@@ -61,12 +60,10 @@ static int handler_read(ac_dispatcher_t *d) {
 
 /* Half-close: send what is queued (handler_write closes after it). */
 static int handler_close(ac_dispatcher_t *d) {
-  echo_handler_t *h = handler_of(d);
-
-  if (h->done || queued(d) == 0) {
+  if (d->closing || queued(d) == 0) {
     return ac_close(d);
   }
-  h->done = 1;
+  d->closing = 1; /* finish sending, then close */
   return ac_pause_reading(d, 1); /* for good: the client sends no more */
 }
 
@@ -79,7 +76,7 @@ static int handler_write(ac_dispatcher_t *d) {
   if (r != 0) {
     return r;
   }
-  if (h->done) {
+  if (d->closing) { /* half-closed: close once the echo is sent */
     return queued(d) == 0 ? ac_close(d) : 0;
   }
   return guard_resume_if_drained(h->guard, d, queued(d));

@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
 #include <uv.h>
 
 #ifdef __cplusplus
@@ -127,38 +128,55 @@ typedef struct ac_link_s {
   struct ac_link_s *prev;
 } ac_link_t;
 
+/* The inline part of a channel's address (ac_dispatcher_t.addr): room for
+ * an IPv4 or IPv6 address, the addresses of nearly every channel.  A
+ * longer one (AF_UNIX: up to 110 bytes) is kept out of line, and `addr`
+ * holds only its first sizeof(ac_sockaddr_t) bytes, family included:
+ * ac_addr() gives the whole address whatever its family. */
+typedef union ac_sockaddr_u {
+  struct sockaddr sa;       /* sa.sa_family: the family, always */
+  struct sockaddr_in in;    /* AF_INET */
+  struct sockaddr_in6 in6;  /* AF_INET6 */
+} ac_sockaddr_t;
+
 /* A channel.  Embed it in your own struct and never move it; initialise it
  * with ac_dispatcher_init() or a class's init function.  Public members may
  * be read at any time; `data`, `closing`, `debug` and `ignore_log_types` may
  * also be written by the application.  Members after `private_` are the
- * library's. */
+ * library's.  The members are ordered (and the small ones narrow) so that
+ * an idle connection costs little memory (docs/design.md, "Memory per
+ * connection"). */
 struct ac_dispatcher_s {
   void *data;                      /* application pointer, never touched */
   const ac_dispatcher_ops_t *ops;  /* overrides; never NULL after init */
   ac_map_t *map;                   /* the map bound at init (D-02) */
+  /* NULL-terminated list of log_info types not printed; NULL means the
+   * default {"warning"} (D-25). */
+  const char *const *ignore_log_types;
   unsigned connected : 1;          /* D-01 */
   unsigned accepting : 1;
   unsigned connecting : 1;
   unsigned closing : 1;            /* never read or written by the library */
   unsigned debug : 1;              /* dispatcher_with_send logs sends */
-  int family;                      /* from create_socket / the socket */
-  int type;
-  socklen_t addrlen;               /* 0: addr is "None" */
-  struct sockaddr_storage addr;    /* D-03, D-10, D-11 */
-  /* NULL-terminated list of log_info types not printed; NULL means the
-   * default {"warning"} (D-25). */
-  const char *const *ignore_log_types;
+  uint8_t family;                  /* AF_*, from create_socket / the socket */
+  uint8_t type;                    /* SOCK_STREAM, SOCK_DGRAM ... */
+  uint16_t addrlen;                /* 0: addr is "None" */
+  ac_sockaddr_t addr;              /* D-03, D-10, D-11; see ac_addr() */
 
   /* private_ */
   uv_os_sock_t fd;
-  uint8_t backend;      /* ac_backend_t */
+  uint32_t wq_bytes;    /* stream backend: memory queued in libuv, its
+                           requests included (AC__STREAM_WBUF, plus one
+                           read burst's gather: burst.c) */
+  int so_error;         /* stream backend: connect result */
   uint16_t flags;       /* AC__F_* */
+  uint16_t nreq;        /* outstanding libuv requests (a few hundred
+                           small writes fit in AC__STREAM_WBUF) */
+  uint8_t backend;      /* ac_backend_t */
   uint8_t armed;        /* interest for this pass: AC__R / AC__W */
   uint8_t ready;        /* synthetic readiness: AC__R / AC__W */
-  uint8_t nreq;         /* outstanding libuv requests */
   uint8_t paused;       /* read interest off: AC__PAUSE_* (map.c) */
-  int so_error;         /* stream backend: connect result */
-  size_t wq_bytes;      /* stream backend: memory queued in libuv */
+  struct sockaddr *addr_ext; /* an address longer than `addr`, or NULL */
   const void *cls;      /* class: defaults of plain, with_send, chat ... */
   int (*read_fn)(ac_dispatcher_t *); /* handle_read: ops', else cls's */
   ac_link_t link;       /* map membership, insertion order */
@@ -272,7 +290,10 @@ AC_EXTERN int ac_create_socket(ac_dispatcher_t *d, int family, int type);
 /* set_reuse_addr (D-07): turn SO_REUSEADDR on; errors are ignored. */
 AC_EXTERN void ac_set_reuse_addr(ac_dispatcher_t *d);
 
-/* bind (D-10): sets addr first, then binds.  Errors from bind(2). */
+/* bind (D-10): sets addr first, then binds.  Errors from bind(2);
+ * UV_EBADF without socket (an address longer than `addr`, AF_UNIX, is then
+ * not recorded: nothing would free it); UV_ENOMEM when such an address
+ * finds no memory (nothing changed). */
 AC_EXTERN int ac_bind(ac_dispatcher_t *d, const struct sockaddr *addr);
 
 /* listen (D-09): sets accepting first, then listens. */
@@ -323,6 +344,15 @@ AC_EXTERN ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n);
  * idempotent; never calls a handler.  The `closed` callback follows later
  * from the loop.  Returns 0 (errors of close(2) are ignored). */
 AC_EXTERN int ac_close(ac_dispatcher_t *d);
+
+/* The channel's address (Python's `addr`: D-03, D-10, D-11) whatever its
+ * length: a pointer to it, and its length in *len (len may be NULL); NULL
+ * and a length of 0 when it is None.  The pointer is valid until the
+ * address changes (bind, connect, open) or the channel is released.  An
+ * address longer than `addr` (AF_UNIX) is freed at the release, just
+ * before `closed` runs: from then on it is None. */
+AC_EXTERN const struct sockaddr *ac_addr(const ac_dispatcher_t *d,
+                                         socklen_t *len);
 
 /* The channel's socket, or -1. */
 AC_EXTERN uv_os_sock_t ac_fileno(const ac_dispatcher_t *d);
@@ -380,14 +410,15 @@ AC_EXTERN int ac_readwrite(ac_dispatcher_t *d, int flags);
 /* dispatcher_with_send (spec W-)                                      */
 
 /* A dispatcher with an output buffer.  `out_len` bytes from
- * out_buf + out_off are queued. */
+ * out_buf + out_off are queued (less than 4 GiB: 32-bit lengths keep an
+ * idle connection small). */
 typedef struct ac_dispatcher_with_send_s {
   ac_dispatcher_t d;
   /* private_ */
   char *out_buf;
-  size_t out_off;
-  size_t out_len;
-  size_t out_cap;
+  uint32_t out_off;
+  uint32_t out_len;
+  uint32_t out_cap;
 } ac_dispatcher_with_send_t;
 
 /* Initialise as ac_dispatcher_init (W-01). */
@@ -396,7 +427,8 @@ AC_EXTERN int ac_dispatcher_with_send_init(ac_dispatcher_with_send_t *w,
                                            const ac_dispatcher_ops_t *ops);
 
 /* The buffered send (W-02): copies `n` bytes to the output buffer and sends
- * what the socket takes now.  Returns 0 or UV_ENOMEM/UV_EINVAL. */
+ * what the socket takes now.  Returns 0 or UV_ENOMEM (out of memory, or
+ * the buffer would hold 4 GiB or more)/UV_EINVAL. */
 AC_EXTERN int ac_dispatcher_with_send_send(ac_dispatcher_with_send_t *w,
                                            const void *buf, size_t n);
 

@@ -37,13 +37,55 @@ static socklen_t addr_len(const struct sockaddr *sa) {
   }
 }
 
+/* Room for an address of `len` bytes.  IPv4 and IPv6 addresses fit in
+ * d->addr; a longer one (AF_UNIX) is kept in an allocation of the channel's,
+ * freed at its release.  Made before the step that sets the address, so
+ * that setting it cannot fail halfway.  Returns 0 or UV_ENOMEM. */
+static int addr_reserve(ac_dispatcher_t *d, socklen_t len) {
+  if (len <= sizeof(d->addr) || d->addr_ext != NULL) {
+    return 0;
+  }
+  d->addr_ext = ac__calloc(1, sizeof(struct sockaddr_storage));
+  return d->addr_ext != NULL ? 0 : UV_ENOMEM;
+}
+
+/* Free the out-of-line room when the address does not use it. */
+static void addr_trim(ac_dispatcher_t *d) {
+  if (d->addrlen <= sizeof(d->addr)) {
+    ac__free(d->addr_ext);
+    d->addr_ext = NULL;
+  }
+}
+
+/* The channel's address is now `sa` (D-03, D-10, D-11): inline, and out
+ * of line too when it is longer (addr_reserve made the room).  The inline
+ * part always holds the family. */
 static void set_addr(ac_dispatcher_t *d, const struct sockaddr *sa,
                      socklen_t len) {
-  if (len > sizeof(d->addr)) {
-    len = sizeof(d->addr);
+  if (len > sizeof(struct sockaddr_storage)) {
+    len = sizeof(struct sockaddr_storage);
   }
-  memcpy(&d->addr, sa, len);
-  d->addrlen = len;
+  if (len > sizeof(d->addr) && d->addr_ext == NULL) {
+    len = sizeof(d->addr); /* not reserved: never the case */
+  }
+  if (len > sizeof(d->addr)) {
+    memcpy(d->addr_ext, sa, len);
+  }
+  memcpy(&d->addr, sa, len < sizeof(d->addr) ? len : sizeof(d->addr));
+  d->addrlen = (uint16_t) len;
+  addr_trim(d);
+}
+
+const struct sockaddr *ac_addr(const ac_dispatcher_t *d, socklen_t *len) {
+  const struct sockaddr *sa = NULL;
+
+  if (d != NULL && (d->flags & AC__F_INIT) && d->addrlen > 0) {
+    sa = d->addrlen > sizeof(d->addr) ? d->addr_ext : &d->addr.sa;
+  }
+  if (len != NULL) {
+    *len = sa != NULL ? d->addrlen : 0;
+  }
+  return sa;
 }
 
 int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
@@ -90,14 +132,14 @@ static int probe_socket(ac_dispatcher_t *d, int family, int *listening) {
     return errno == ENOTSOCK ? 0 : AC__ERR(errno);
   }
   d->flags |= AC__F_SOCK;
-  d->type = v;
+  d->type = (uint8_t) v;
   if (family != 0) {
-    d->family = family;
+    d->family = (uint8_t) family;
     return 0;
   }
   len = sizeof(v);
   if (getsockopt(d->fd, SOL_SOCKET, SO_DOMAIN, &v, &len) == 0) {
-    d->family = v;
+    d->family = (uint8_t) v;
   }
   len = sizeof(v);
   if (getsockopt(d->fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &len) == 0) {
@@ -290,8 +332,12 @@ int ac_dispatcher_open(ac_dispatcher_t *d, uv_os_sock_t sock) {
     connected = errno == ENOTSOCK; /* a pipe or tty is "connected" */
     len = 0;
   }
-  r = set_socket(d, sock, len > 0 ? peer.ss_family : AF_UNSPEC);
+  r = addr_reserve(d, len);
+  if (r == 0) {
+    r = set_socket(d, sock, len > 0 ? peer.ss_family : AF_UNSPEC);
+  }
   if (r != 0) {
+    addr_trim(d); /* no room kept for an address that was not set */
     return r;
   }
   d->connected = (unsigned) connected;
@@ -340,6 +386,7 @@ void ac_set_reuse_addr(ac_dispatcher_t *d) {
 
 int ac_bind(ac_dispatcher_t *d, const struct sockaddr *addr) {
   socklen_t len;
+  int r;
 
   if (d == NULL || addr == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
@@ -347,6 +394,15 @@ int ac_bind(ac_dispatcher_t *d, const struct sockaddr *addr) {
   len = addr_len(addr);
   if (len == 0) {
     return UV_EAFNOSUPPORT;
+  }
+  if (d->fd < 0 && len > sizeof(d->addr)) {
+    /* A channel without socket may never be released: it keeps no
+     * out-of-line address (an AF_UNIX one) that nothing would free. */
+    return UV_EBADF;
+  }
+  r = addr_reserve(d, len);
+  if (r != 0) {
+    return r;
   }
   set_addr(d, addr, len); /* D-10: addr is set even if bind fails */
   if (d->fd < 0) {
@@ -431,7 +487,10 @@ int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   if (d->fd < 0) {
     return UV_EBADF;
   }
-  r = ac__attach(d, 1);
+  r = addr_reserve(d, len);
+  if (r == 0) {
+    r = ac__attach(d, 1);
+  }
   if (r != 0) {
     return r;
   }
@@ -475,9 +534,9 @@ int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
     d->fd = fd;
     d->flags |= AC__F_SOCK;
     d->type = SOCK_STREAM;
-    d->family = addr->sa_family;
+    d->family = (uint8_t) addr->sa_family;
   }
-  set_addr(d, addr, addr_len(addr));
+  set_addr(d, addr, addr_len(addr)); /* IPv4 or IPv6: inline */
   return ac__attach(d, 1);
 }
 
@@ -577,6 +636,14 @@ void ac__maybe_release(ac_dispatcher_t *d) {
   if (d->flags & AC__F_OPEN) {
     d->map->nlive--;
   }
+  if (d->addr_ext != NULL) {
+    /* The application may free d in `closed`: nothing would free this. */
+    ac__free(d->addr_ext);
+    d->addr_ext = NULL;
+    if (d->addrlen > sizeof(d->addr)) {
+      d->addrlen = 0; /* None, as ac_addr() documents */
+    }
+  }
   if (AC__CLS(d)->release != NULL) {
     AC__CLS(d)->release(d);
   }
@@ -601,7 +668,7 @@ static void reattach(ac_dispatcher_t *d) {
   if (d->connecting && is_tcp(d) && !(d->flags & AC__F_TCP_POLL)) {
     r = ac__attach(d, 1);
     if (r == 0) {
-      r = ac__stream_connect(d, (const struct sockaddr *) &d->addr);
+      r = ac__stream_connect(d, &d->addr.sa); /* TCP: inline */
       if (r != 0) {
         d->so_error = r;
         d->ready = AC__R | AC__W;

@@ -476,11 +476,18 @@ void ac_log_info(ac_dispatcher_t *d, const char *message, const char *type) {
  * IPv6, the quoted path for AF_UNIX. */
 static void describe_addr(const ac_dispatcher_t *d, char *buf, size_t cap) {
   char host[INET6_ADDRSTRLEN];
-  const struct sockaddr_in *in4 = (const void *) &d->addr;
-  const struct sockaddr_in6 *in6 = (const void *) &d->addr;
-  const struct sockaddr_un *un = (const void *) &d->addr;
+  socklen_t len;
+  const struct sockaddr *sa = ac_addr(d, &len);
+  const struct sockaddr_in *in4 = &d->addr.in;
+  const struct sockaddr_in6 *in6 = &d->addr.in6;
+  size_t path = len > offsetof(struct sockaddr_un, sun_path)
+                    ? len - offsetof(struct sockaddr_un, sun_path)
+                    : 0;
 
-  switch (d->addr.ss_family) {
+  if (sa == NULL) {
+    return; /* None (an AF_UNIX address after the release) */
+  }
+  switch (sa->sa_family) {
   case AF_INET:
     inet_ntop(AF_INET, &in4->sin_addr, host, sizeof(host));
     snprintf(buf, cap, " %s:%u", host, (unsigned) ntohs(in4->sin_port));
@@ -493,11 +500,11 @@ static void describe_addr(const ac_dispatcher_t *d, char *buf, size_t cap) {
              (unsigned) in6->sin6_scope_id);
     break;
   case AF_UNIX:
-    snprintf(buf, cap, " '%.*s'", (int) sizeof(un->sun_path),
-             un->sun_path);
+    snprintf(buf, cap, " '%.*s'", (int) path,
+             ((const struct sockaddr_un *) sa)->sun_path);
     break;
   default:
-    snprintf(buf, cap, " <family %d>", (int) d->addr.ss_family);
+    snprintf(buf, cap, " <family %d>", (int) sa->sa_family);
     break;
   }
 }

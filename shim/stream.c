@@ -126,7 +126,7 @@ static void on_write(uv_write_t *req, int status) {
   wreq_t *w = (wreq_t *) req;
   ac_dispatcher_t *d = req->handle->data;
 
-  d->wq_bytes -= sizeof(*w) + w->len;
+  d->wq_bytes -= (uint32_t) (sizeof(*w) + w->len);
   d->nreq--;
   ac__free(w);
   if (status < 0 && status != UV_ECANCELED) {
@@ -178,7 +178,7 @@ ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf, size_t n) {
     ac__free(w);
     return r;
   }
-  d->wq_bytes += sizeof(*w) + n;
+  d->wq_bytes += (uint32_t) (sizeof(*w) + n); /* n <= 64 KiB */
   d->nreq++;
   d->ready &= (uint8_t) ~AC__W;
   ac__synth_update(d);

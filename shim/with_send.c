@@ -92,10 +92,10 @@ int ac_dispatcher_with_send_init(ac_dispatcher_with_send_t *w,
   return r;
 }
 
-/* Drop `n` sent bytes from the front of the buffer. */
+/* Drop `n` sent bytes from the front of the buffer (n <= out_len). */
 static void consume(ac_dispatcher_with_send_t *w, size_t n) {
-  w->out_off += n;
-  w->out_len -= n;
+  w->out_off += (uint32_t) n;
+  w->out_len -= (uint32_t) n;
   if (w->out_len == 0) {
     w->out_off = 0;
     ac__interest_changed(&w->d);
@@ -122,21 +122,30 @@ int ac_dispatcher_with_send_initiate_send(ac_dispatcher_with_send_t *w) {
   return 0;
 }
 
+/* The most the buffer holds: its lengths are 32-bit (uvasyncore.h). */
+#define DWS_MAX ((size_t) UINT32_MAX)
+
 static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n) {
-  size_t need = w->out_len + n;
+  size_t need;
 
   if (n == 0) {
     return 0; /* p may be NULL: nothing to copy */
   }
-
+  if (n > DWS_MAX - w->out_len) {
+    return UV_ENOMEM; /* 4 GiB queued for one channel */
+  }
+  need = w->out_len + n;
   if (w->out_off + need > w->out_cap) {
     if (need <= w->out_cap && w->out_off > 0) {
       memmove(w->out_buf, w->out_buf + w->out_off, w->out_len);
     } else {
-      size_t cap = w->out_cap > 0 ? w->out_cap * 2 : 4096;
+      size_t cap = w->out_cap > 0 ? (size_t) w->out_cap * 2 : 4096;
       char *b;
       while (cap < need) {
         cap *= 2;
+      }
+      if (cap > DWS_MAX) {
+        cap = DWS_MAX; /* >= need */
       }
       b = ac__malloc(cap);
       if (b == NULL) {
@@ -147,7 +156,7 @@ static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n) {
       }
       ac__free(w->out_buf);
       w->out_buf = b;
-      w->out_cap = cap;
+      w->out_cap = (uint32_t) cap;
     }
     w->out_off = 0;
   }
@@ -155,7 +164,7 @@ static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n) {
   if (w->out_len == 0) {
     ac__interest_changed(&w->d);
   }
-  w->out_len += n;
+  w->out_len += (uint32_t) n;
   return 0;
 }
 

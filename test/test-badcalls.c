@@ -215,7 +215,7 @@ TASK(dispatcher_bad_arguments) {
   odd.sa_family = AF_APPLETALK; /* 16 bytes given, size unknown */
   ASSERT_EQ(ac_bind(&c.u.d, NULL), UV_EINVAL);
   ASSERT_EQ(ac_bind(&c.u.d, &odd), UV_EAFNOSUPPORT);
-  ASSERT_NE(c.u.d.addr.ss_family, AF_APPLETALK); /* not recorded */
+  ASSERT_NE(c.u.d.addr.sa.sa_family, AF_APPLETALK); /* not recorded */
   ASSERT_EQ(ac_connect(&c.u.d, NULL), UV_EINVAL);
   ASSERT_EQ(ac_connect(&c.u.d, &odd), UV_EAFNOSUPPORT);
   ASSERT_EQ(c.u.d.connected, 1); /* refused before any state change */

@@ -35,10 +35,10 @@ static int sockopt(int fd, int level, int name) {
   return v;
 }
 
-static int addr_port(const struct sockaddr_storage *ss) {
-  return ntohs(ss->ss_family == AF_INET6
-                   ? ((const struct sockaddr_in6 *) ss)->sin6_port
-                   : ((const struct sockaddr_in *) ss)->sin_port);
+static int addr_port(const struct sockaddr *sa) {
+  return ntohs(sa->sa_family == AF_INET6
+                   ? ((const struct sockaddr_in6 *) sa)->sin6_port
+                   : ((const struct sockaddr_in *) sa)->sin_port);
 }
 
 /* A TCP port on 127.0.0.1 that nothing listens on. */
@@ -81,6 +81,19 @@ TASK(d01_fresh_defaults) {
 
 /* D-01, D-09, D-15, D-17 (test_connection_attributes): the flags of a
  * listener and a client through connect and close, in both modes. */
+/* Memory per connection (docs/design.md): on LP64, the channel is libuv's
+ * handle plus 168 bytes (the address inline for IPv4/IPv6 only), and
+ * dispatcher_with_send adds 24; an idle echo connection then fits a
+ * 480-byte malloc chunk. */
+TASK(memory_struct_sizes) {
+  if (sizeof(void *) != 8) {
+    return; /* the budget is counted for 64-bit pointers */
+  }
+  ASSERT_EQ(sizeof(ac_sockaddr_t), sizeof(struct sockaddr_in6));
+  ASSERT_LE(sizeof(ac_dispatcher_t) - sizeof(uv_tcp_t), 168);
+  ASSERT_LE(sizeof(ac_dispatcher_with_send_t) - sizeof(ac_dispatcher_t), 24);
+}
+
 TASK(d01_connection_attributes) {
   int i;
 
@@ -171,8 +184,8 @@ TASK(d03_open_connected_tcp) {
   ASSERT_EQ(p.base.d.connected, 1);
   ASSERT_EQ(p.base.d.connecting, 0);
   ASSERT_EQ(p.base.d.accepting, 0);
-  ASSERT_EQ(p.base.d.addr.ss_family, AF_INET);
-  ASSERT_EQ(addr_port(&p.base.d.addr), probe_port(fds[0]));
+  ASSERT_EQ(p.base.d.addr.sa.sa_family, AF_INET);
+  ASSERT_EQ(addr_port(&p.base.d.addr.sa), probe_port(fds[0]));
   ASSERT_EQ(p.base.d.family, AF_INET);
   ASSERT_EQ(p.base.d.type, SOCK_STREAM);
   ac_close(&p.base.d);
@@ -199,7 +212,7 @@ TASK(d03_open_accepted_ipv6) {
   ASSERT_EQ(d.connected, 1);
   ASSERT_EQ(d.family, AF_INET6);
   ASSERT_EQ(d.type, SOCK_STREAM);
-  ASSERT_EQ(d.addr.ss_family, AF_INET6);
+  ASSERT_EQ(d.addr.sa.sa_family, AF_INET6);
   ac_close(&d);
   close(fds[0]);
   task_map_free(map);
@@ -227,7 +240,7 @@ TASK(d03_open_unconnected_and_socketpair) {
   ASSERT_OK(ac_dispatcher_open(&b, sv[0]));
   ASSERT_EQ(b.connected, 1);
   ASSERT_GT(b.addrlen, 0);
-  ASSERT_EQ(b.addr.ss_family, AF_UNIX);
+  ASSERT_EQ(b.addr.sa.sa_family, AF_UNIX);
   ASSERT_EQ(b.family, AF_UNIX); /* from the peer's address */
   ASSERT_EQ(b.type, SOCK_STREAM);
   ASSERT_EQ(a.family, AF_INET); /* no peer: asked of the socket */
@@ -661,8 +674,8 @@ TASK(d10_bind) {
     ASSERT_OK(ac_create_socket(&a, families[i], SOCK_STREAM));
     task_addr(families[i], 0, &ss);
     ASSERT_OK(ac_bind(&a, (struct sockaddr *) &ss));
-    ASSERT_EQ(a.addr.ss_family, families[i]);
-    ASSERT_EQ(addr_port(&a.addr), 0);
+    ASSERT_EQ(a.addr.sa.sa_family, families[i]);
+    ASSERT_EQ(addr_port(&a.addr.sa), 0);
     ASSERT_OK(ac_listen(&a, 5));
     port = probe_port(ac_fileno(&a));
     ASSERT_GT(port, 0);
@@ -671,7 +684,7 @@ TASK(d10_bind) {
     ASSERT_OK(ac_create_socket(&b, families[i], SOCK_STREAM));
     task_addr(families[i], port, &ss);
     ASSERT_EQ(ac_bind(&b, (struct sockaddr *) &ss), UV_EADDRINUSE);
-    ASSERT_EQ(addr_port(&b.addr), port);
+    ASSERT_EQ(addr_port(&b.addr.sa), port);
     ASSERT_GT(b.addrlen, 0);
     ASSERT_EQ(ac_bind(&b, NULL), UV_EINVAL);
     ac_close(&a);
@@ -707,7 +720,7 @@ TASK(d11_connect_tcp_pending) {
       ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
       ASSERT_EQ(client.n[EV_CONNECT], 0);
       ASSERT_EQ(client.base.d.connecting, 1);
-      ASSERT_EQ(addr_port(&client.base.d.addr), port);
+      ASSERT_EQ(addr_port(&client.base.d.addr.sa), port);
       LOOP_UNTIL(map, modes[i], client.n[EV_CONNECT] == 1, 200);
       ASSERT_EQ(client.conn_connected, 0);
       ASSERT_EQ(client.conn_connecting, 1);
@@ -747,11 +760,83 @@ TASK(d11_connect_unix_immediate) {
   ASSERT_EQ(client.conn_connecting, 1);
   ASSERT_EQ(client.base.d.connected, 1);
   ASSERT_EQ(client.base.d.connecting, 0);
-  ASSERT_STR_EQ(((struct sockaddr_un *) &client.base.d.addr)->sun_path,
+  ASSERT_STR_EQ(((const struct sockaddr_un *) ac_addr(&client.base.d, NULL))
+                    ->sun_path,
                 path);
   LOOP_UNTIL(map, 0, server.n[EV_ACCEPTED] == 1, 200);
   ASSERT_EQ(client.n[EV_CONNECT], 1);
   task_map_free(map);
+  unlink(path);
+}
+
+/* D-10, D-11, D-26 for an address longer than the inline ac_sockaddr_t
+ * (an AF_UNIX path of 90 bytes, kept out of line): ac_addr() gives the
+ * whole of it, `addr` its family, repr shows the whole path; the copy is
+ * freed at the release, where the address becomes None.  A socketless
+ * channel keeps no such address (it may never be released). */
+TASK(d10_d11_unix_long_address) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  const struct sockaddr_un *un;
+  char path[108];
+  char repr[256];
+  socklen_t len;
+  socklen_t got;
+  probe_t server;
+  probe_t client;
+  ac_dispatcher_t bare;
+
+  probe_unix_path(path, 20); /* a unique prefix */
+  snprintf(path + strlen(path), sizeof(path) - strlen(path), "%s%d.sock",
+           "-a-long-name-that-does-not-fit-in-the-inline-address-",
+           (int) getpid());
+  ASSERT_GT(strlen(path), 70);
+  unlink(path);
+  ASSERT_GT(probe_unix_addr(&ss, path), 0);
+  /* The exact length, as Python passes it: the path and its NUL. */
+  len = (socklen_t) (offsetof(struct sockaddr_un, sun_path) +
+                     strlen(path) + 1);
+  ASSERT_GT(len, sizeof(ac_sockaddr_t));
+
+  ASSERT_OK(ac_dispatcher_init(&bare, map, NULL));
+  ASSERT_EQ(ac_bind(&bare, (struct sockaddr *) &ss), UV_EBADF);
+  ASSERT_EQ(bare.addrlen, 0);
+  ASSERT(ac_addr(&bare, &got) == NULL);
+  ASSERT_EQ(got, 0);
+
+  ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+  ASSERT_OK(ac_create_socket(&server.base.d, AF_UNIX, SOCK_STREAM));
+  ASSERT_OK(ac_bind(&server.base.d, (struct sockaddr *) &ss));
+  ASSERT_OK(ac_listen(&server.base.d, 5));
+  ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_UNIX, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+  ASSERT_EQ(client.n[EV_CONNECT], 1);
+
+  un = (const struct sockaddr_un *) ac_addr(&client.base.d, &got);
+  ASSERT(un != NULL);
+  ASSERT_EQ(got, len);
+  ASSERT_EQ(client.base.d.addrlen, len);
+  ASSERT_EQ(un->sun_family, AF_UNIX);
+  ASSERT_EQ(client.base.d.addr.sa.sa_family, AF_UNIX);
+  ASSERT_STR_EQ(un->sun_path, path);
+  un = (const struct sockaddr_un *) ac_addr(&server.base.d, &got);
+  ASSERT_EQ(got, len);
+  ASSERT_STR_EQ(un->sun_path, path);
+  ac_describe(&server.base.d, repr, sizeof(repr));
+  ASSERT(strstr(repr, path) != NULL);
+
+  LOOP_UNTIL(map, 0, server.n[EV_ACCEPTED] == 1, 200);
+  ac_close(&client.base.d);
+  LOOP_UNTIL(map, 0, client.closed == 1, 200);
+  ASSERT_EQ(client.base.d.addrlen, 0); /* released: None */
+  ASSERT(ac_addr(&client.base.d, &got) == NULL);
+  ASSERT_EQ(got, 0);
+  ASSERT_EQ(ac_addr(&server.base.d, NULL)->sa_family, AF_UNIX);
+  ac_close(&bare);
+  task_map_free(map);
+  ASSERT_EQ(server.closed, 1);
+  ASSERT_EQ(server.base.d.addrlen, 0);
   unlink(path);
 }
 
@@ -975,7 +1060,7 @@ TASK(d11_connect_name_localhost) {
     LOOP_UNTIL(map, modes[i], client.n[EV_CONNECT] == 1, 500);
     ASSERT_EQ(client.conn_connecting, 1);
     ASSERT_EQ(client.base.d.connected, 1);
-    ASSERT_EQ(addr_port(&client.base.d.addr), port);
+    ASSERT_EQ(addr_port(&client.base.d.addr.sa), port);
     LOOP_UNTIL(map, modes[i], server.n[EV_ACCEPTED] == 1, 200);
     ASSERT_EQ(client.n[EV_ERROR], 0);
     task_map_free(map);
@@ -1033,8 +1118,8 @@ static void connect_name_to_one_family(const char *name, int family,
   ASSERT_EQ(client.n[EV_ERROR] + client.n[EV_CLOSE], 0);
   ASSERT_EQ(client.base.d.connected, 1);
   ASSERT_EQ(client.base.d.family, family);
-  ASSERT_EQ(client.base.d.addr.ss_family, family);
-  ASSERT_EQ(addr_port(&client.base.d.addr), port);
+  ASSERT_EQ(client.base.d.addr.sa.sa_family, family);
+  ASSERT_EQ(addr_port(&client.base.d.addr.sa), port);
   ASSERT_OK(getpeername(ac_fileno(&client.base.d), (struct sockaddr *) &ss,
                         &len));
   ASSERT_EQ(ss.ss_family, family);
@@ -1274,7 +1359,7 @@ TASK(d12_accept) {
   ASSERT(is_nonblocking(s));
   ASSERT(is_cloexec(s));
   ASSERT_EQ(peer.ss_family, AF_INET);
-  ASSERT_EQ(addr_port(&peer), probe_port(fd));
+  ASSERT_EQ(addr_port((struct sockaddr *) &peer), probe_port(fd));
   ASSERT(plen > 0);
   ASSERT(ac_map_get(map, s) == NULL);
   ASSERT_EQ(ac_map_len(map), 1);
@@ -2245,6 +2330,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(d10_bind),
     TASK_ENTRY(d11_connect_tcp_pending),
     TASK_ENTRY(d11_connect_unix_immediate),
+    TASK_ENTRY(d10_d11_unix_long_address),
+    TASK_ENTRY(memory_struct_sizes),
     TASK_ENTRY(d11_connect_immediate_failure),
     TASK_ENTRY(d11_connect_again_while_pending),
     TASK_ENTRY(d11_connect_again_when_connected),

@@ -138,6 +138,32 @@ TASK(w02_buffered_send) {
 
 /* W-02, W-06, D-13: a buffered send on a closed channel appends, and its
  * one send meets EBADF: handle_close, nothing sent, the bytes stay. */
+/* W-02: the buffer's lengths are 32-bit (a small idle connection): a
+ * send that would leave 4 GiB or more buffered is UV_ENOMEM, after the one
+ * send of W-03 (which reads at most 64 KiB of the caller's bytes), and
+ * buffers nothing; the channel goes on working. */
+TASK(w02_buffer_limit_4gib) {
+  ac_map_t *map = task_map_new();
+  uv_os_sock_t peer;
+  probe_t p;
+  static char buf[65536];
+  char got[16];
+
+  ASSERT_OK(ws_unix(map, &p, &peer));
+  ASSERT_EQ(ac_dispatcher_with_send_send(&p.base, buf, (size_t) 1 << 33),
+            UV_ENOMEM);
+  ASSERT_EQ(ac_dispatcher_with_send_pending(&p.base), 0);
+  while (recv(peer, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+    /* the prefix of W-03's one send */
+  }
+  ASSERT_OK(ac_dispatcher_with_send_send(&p.base, "ok", 2));
+  ASSERT_EQ(ac_dispatcher_with_send_pending(&p.base), 0);
+  ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), 2);
+  ac_close(&p.base.d);
+  close(peer);
+  task_map_free(map);
+}
+
 TASK(w02_send_after_close) {
   ac_map_t *map = task_map_new();
   uv_os_sock_t peer;
@@ -405,6 +431,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(w01_construction),
     TASK_ENTRY(w02_buffered_send),
     TASK_ENTRY(w02_send_after_close),
+    TASK_ENTRY(w02_buffer_limit_4gib),
     TASK_ENTRY(w03_one_send_of_64k),
     TASK_ENTRY(w03_queued_before_connect_delivered),
     TASK_ENTRY(w05_writable),
