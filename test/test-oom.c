@@ -395,9 +395,6 @@ TASK(fail_each_allocation_in_turn) {
                 n, r.failed == 2 ? "libuv" : "library", status, r.live_lib,
                 r.live_uv);
     }
-    if (!r.failed) {
-      break; /* the session made fewer than n allocations */
-    }
     if (!r.error_seen &&
         (memcmp(r.hash, ref.hash, sizeof(r.hash)) != 0 ||
          memcmp(r.nrx, ref.nrx, sizeof(r.nrx)) != 0 || !r.finished)) {
@@ -405,6 +402,14 @@ TASK(fail_each_allocation_in_turn) {
                 "bytes, finished %d",
                 n, r.failed == 2 ? "libuv" : "library", r.nrx[0], r.nrx[1],
                 r.nrx[2], r.finished);
+    }
+    if (!r.failed) {
+      if (n > ref.seq) {
+        break; /* the session made fewer than n allocations */
+      }
+      continue; /* this run made fewer than the reference: how many a
+                   session makes varies with timing (a read burst receives
+                   ahead only when input is already waiting) */
     }
     if (r.error_seen) {
       errors++;
