@@ -43,8 +43,11 @@ int ac__burst_again(ac_dispatcher_t *d) {
       !AC__SLOT(d, readable)(d)) {
     return 0;
   }
-  if (ac__adopt_pending(d) > 0) {
-    return 1;
+  if (d->flags & AC__F_ADOPT) {
+    /* pending input (adopted, or received ahead): the next call takes it;
+     * an adoption still fencing the application's writes keeps its
+     * record, so nothing is received ahead beside it */
+    return ac__adopt_pending(d) > 0;
   }
   r = ac__adopt_read_ahead(d, AC__AHEAD);
   return r != UV_EAGAIN && r != UV_ENOMEM;
