@@ -60,7 +60,8 @@ int ac__burst_again(ac_dispatcher_t *d) {
 void ac__burst_gather(ac_dispatcher_t *d) {
   ac_map_t *m = d->map;
 
-  if (!ac__stream_idle(d)) {
+  if (d->backend != AC_BACKEND_STREAM || d->wq_bytes > 0 ||
+      (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) != AC__F_CONN_DONE) {
     return;
   }
   if (m->gather == NULL) {
@@ -73,7 +74,7 @@ void ac__burst_gather(ac_dispatcher_t *d) {
   d->ready |= AC__GATHERING;
 }
 
-/* ac__send_slow while d gathers, n <= AC__BURST_GATHER: take the n bytes
+/* ac__send while d gathers, n <= AC__BURST_GATHER: take the n bytes
  * at buf, sending what was gathered first when they do not fit.  If that
  * send left bytes queued in libuv, gathering ends and these bytes go the
  * usual way, behind them.  Returns what was taken, or what the usual send
@@ -84,7 +85,7 @@ ssize_t ac__burst_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (n > AC__BURST_GATHER - m->gather_len) {
     ac__burst_flush(d, 1);
     if (!(d->ready & AC__GATHERING)) {
-      return ac__send_slow(d, buf, n, AC__SEND_UNTRIED);
+      return ac__send(d, buf, n);
     }
   }
   memcpy(m->gather + m->gather_len, buf, n);

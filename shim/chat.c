@@ -524,7 +524,7 @@ static void view_at(view_t *v, const char *b, size_t len) {
  * step_bytes takes over there, from the start of that record.  A one-byte
  * terminator never stops there.  `gen` is c->in_gen at the start of the
  * parse. */
-static AC__ALWAYS_INLINE int lines(ac_chat_t *c, const char **pb,
+static AC__INLINE int lines(ac_chat_t *c, const char **pb,
                                   size_t *plen, uint32_t gen) {
   const char *b = *pb;
   size_t len = *plen;
@@ -537,9 +537,7 @@ static AC__ALWAYS_INLINE int lines(ac_chat_t *c, const char **pb,
     }
     if (c->term_kind == AC_TERM_BYTES && c->term_len == 1) {
       /* C-11, the usual line: record after record while the terminator
-       * stays (no matcher state for one byte).  Kept apart from the
-       * branch below: one loop for both cost 19 more instructions per
-       * one-line request (callgrind, line-rr-callgrind). */
+       * stays (no matcher state for one byte). */
       uint32_t tgen = c->term_gen;
       char ch = c->term_small[0];
       do {
@@ -759,7 +757,7 @@ static int inc_unborrow(ac_chat_t *c) {
  * channel sends what the parse queued (with `flush`: handle_read), and a
  * change of writable() is reported, once (C-19).  Returns r, else the
  * first error of these steps. */
-static AC__ALWAYS_INLINE int parse_end(ac_chat_t *c, int flush, int r) {
+static AC__INLINE int parse_end(ac_chat_t *c, int flush, int r) {
   int r2 = c->inc_borrow != NULL ? inc_unborrow(c) : 0;
 
   if (((flush && c->batch) || c->parse_sent) && c->fifo.len_ > 0) {
@@ -796,7 +794,7 @@ static int run_view(ac_chat_t *c, const char *buf, char *w, size_t front,
  * without a view; one is made for what it leaves (a failed callback, a
  * long terminator, a cut or false terminator start).  w: buf, writable,
  * or NULL. */
-static AC__ALWAYS_INLINE int run_fresh(ac_chat_t *c, const char *buf,
+static AC__INLINE int run_fresh(ac_chat_t *c, const char *buf,
                                        char *w, size_t n, int flush) {
   const char *b = buf;
   uint32_t gen = c->in_gen;
@@ -813,7 +811,7 @@ static AC__ALWAYS_INLINE int run_fresh(ac_chat_t *c, const char *buf,
 /* Parse `n` new bytes at buf + front after the unparsed input (w: buf,
  * writable, or NULL when front is 0 and the bytes are the caller's);
  * front is front_len(c). */
-static AC__ALWAYS_INLINE int run(ac_chat_t *c, const char *buf, char *w,
+static AC__INLINE int run(ac_chat_t *c, const char *buf, char *w,
                                  size_t front, size_t n, int flush) {
   if (front == 0 && c->in_keep == 0 && c->spill_len == 0) {
     return run_fresh(c, buf, w, n, flush);
@@ -913,27 +911,6 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   if (c->parsing) {
     return UV_EBUSY;
   }
-  if (front == 0 && want <= d->map->chat_rbuf_cap &&
-      !d->map->chat_rbuf_busy) {
-    /* rbuf_get() when the map's buffer is free and large enough (it
-     * still exists if the map is closing: freed from the loop, never
-     * inside a handler) */
-    buf = d->map->chat_rbuf;
-    d->map->chat_rbuf_busy = 1;
-    n = ac__recv_raw(d, buf, want);
-    if (n > 0) {
-      /* front was 0 before the receive, and a receive that returns
-       * bytes runs no handler */
-      r = run_fresh(c, buf, buf, (size_t) n, 1);
-    }
-    d->map->chat_rbuf_busy = 0;
-    if (n > 0 || n == UV_EAGAIN) {
-      return r;
-    }
-    own = 0;
-    buf = NULL;
-    goto done;
-  }
   if (want > (size_t) -1 - front) {
     return UV_ENOMEM; /* front + want would wrap */
   }
@@ -941,12 +918,11 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   if (buf == NULL) {
     return UV_ENOMEM;
   }
-  n = ac__recv_raw(d, buf + front, want);
+  n = ac_recv(d, buf + front, want);
   if (n > 0) {
     r = run(c, buf, buf, front, (size_t) n, 1);
   }
   rbuf_put(c, buf, own);
-done:
   if (n < 0 && n != UV_EAGAIN) {
     r = (int) n;
   }

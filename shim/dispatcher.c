@@ -760,7 +760,8 @@ static ssize_t disconnected(ac_dispatcher_t *d) {
   return r != 0 ? r : 0;
 }
 
-static ssize_t os_send(ac_dispatcher_t *d, const void *buf, size_t n) {
+static inline ssize_t os_send(ac_dispatcher_t *d, const void *buf,
+                              size_t n) {
   ssize_t r;
 
   do {
@@ -770,56 +771,65 @@ static ssize_t os_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   return r;
 }
 
-/* Everything of ac__send_raw but its fast path.  `first` is what the
- * fast path's send(2) returned (with errno), or AC__SEND_UNTRIED. */
-ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf, size_t n,
-                      ssize_t first) {
-  const char *p = buf;
-  ssize_t r = first;
+/* Whether d has a libuv write queue that its next bytes must wait behind
+ * (byte order): a stream with queued bytes and no failed write. */
+static inline int behind_queue(const ac_dispatcher_t *d) {
+  return d->backend == AC_BACKEND_STREAM && d->wq_bytes > 0 &&
+         !(d->flags & AC__F_WERR);
+}
+
+/* Whether d cannot send now although it has a socket: a stream still
+ * connecting (W-03), a reused channel whose old handle is still closing
+ * (no backend yet), or an adoption whose application writes are not
+ * through yet (adopt.c). */
+static inline int must_wait(const ac_dispatcher_t *d) {
+  switch (d->backend) {
+  case AC_BACKEND_STREAM:
+    return !(d->flags & AC__F_CONN_DONE);
+  case AC_BACKEND_NONE:
+    return ac__reusing(d);
+  default:
+    return (d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d);
+  }
+}
+
+/* The base dispatcher.send (D-13), the one place where the library's sends
+ * meet the socket: returns the bytes taken, 0 for would-block, or an
+ * error (EOF and disconnection call handle_close first).  Branching off
+ * first: a read burst's reply is gathered (burst.c); a channel without a
+ * socket (closed: EBADF, or still resolving a name: would-block) or that
+ * must wait.  Then one send(2); on a stream, what the kernel refuses goes
+ * to libuv's queue, up to the emulated send buffer (stream.c), and so
+ * does everything while that queue is not empty. */
+ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
+  ssize_t r = 0;
   size_t room;
 
   if (d->ready & AC__GATHERING) {
     if (n <= AC__BURST_GATHER) {
-      return ac__burst_send(d, buf, n); /* a read burst's reply (burst.c) */
+      return ac__burst_send(d, buf, n);
     }
     ac__burst_flush(d, 0); /* too large to gather: after what was */
   }
-  if (first == AC__SEND_UNTRIED) {
-    if (ac__reusing(d)) {
-      return 0; /* the new socket waits for the old handle: would block */
-    }
-    if (d->fd < 0) {
-      /* Resolving a name (ac_connect_name): no socket yet, would block;
-       * otherwise D-13: EBADF after close. */
-      return (d->flags & AC__F_RESOLVING) ? 0 : disconnected(d);
-    }
-    if (d->backend == AC_BACKEND_STREAM) {
-      if (!(d->flags & AC__F_CONN_DONE)) {
-        return 0; /* SYN_SENT: would block (W-03) */
-      }
-      if (d->wq_bytes > 0 && !(d->flags & AC__F_WERR)) {
-        r = 0;
-        goto queue; /* keep the byte order behind libuv's queue */
-      }
-    } else if ((d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d)) {
-      return 0; /* the application's queued bytes go first (adopt.c) */
-    }
-    r = os_send(d, p, n);
-  } else if (r < 0 && errno == EINTR) {
-    r = os_send(d, p, n);
+  if (d->fd < 0) {
+    return (d->flags & AC__F_RESOLVING) ? 0 : disconnected(d);
   }
-  if (r < 0) {
-    int err = errno;
-    if (err != EAGAIN && err != EWOULDBLOCK) {
-      return ac_is_disconnect(AC__ERR(err)) ? disconnected(d)
-                                                 : AC__ERR(err);
+  if (must_wait(d)) {
+    return 0;
+  }
+  if (!behind_queue(d)) {
+    r = os_send(d, buf, n);
+    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+      return ac_is_disconnect(AC__ERR(errno)) ? disconnected(d)
+                                               : AC__ERR(errno);
     }
-    r = 0;
+    if (r < 0) {
+      r = 0;
+    }
+    if ((size_t) r == n || d->backend != AC_BACKEND_STREAM) {
+      return r;
+    }
   }
-  if ((size_t) r == n || d->backend != AC_BACKEND_STREAM) {
-    return r;
-  }
-queue:
   /* The kernel is full: accept more into libuv's queue, whose draining
    * is the stream's write readiness. */
   room = ac__stream_room(d);
@@ -827,7 +837,7 @@ queue:
     room = n - (size_t) r;
   }
   if (room > 0) {
-    ssize_t q = ac__stream_queue(d, p + r, room);
+    ssize_t q = ac__stream_queue(d, (const char *) buf + r, room);
     if (q < 0) {
       return r > 0 ? r : q;
     }
@@ -836,91 +846,66 @@ queue:
   return r;
 }
 
-/* ac__send_raw of several buffers in one system call (async_chat's
- * gathered send): returns the bytes accepted from the front of iov.  The
- * cases without a plain send (closed, connecting, behind queued bytes,
- * adopted), errors and would-block are ac__send_slow's on the first
- * buffer; on a stream, what the kernel refused of the buffer where it
- * stopped goes to libuv's queue as there. */
-ssize_t ac__sendv_raw(ac_dispatcher_t *d, const struct iovec *iov,
-                      int cnt) {
+/* ac__send of several buffers in one system call (async_chat's gathered
+ * send): returns the bytes taken from the front of iov.  Whatever is not
+ * a plain sendmsg now (gathering, waiting, queued behind libuv, errors,
+ * would-block) is ac__send's, buffer by buffer. */
+ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov, int cnt) {
   struct msghdr mh;
-  ssize_t r;
+  ssize_t r = 0;
   ssize_t q;
-  int i = 0;
+  int i;
 
-  if (cnt <= 1) {
-    return cnt == 1 ? ac__send_raw(d, iov[0].iov_base, iov[0].iov_len) : 0;
-  }
-  if (d->ready & AC__GATHERING) {
-    /* a read burst's replies (burst.c): each buffer in turn */
-    for (r = 0; i < cnt; i++) {
-      q = ac__send_slow(d, iov[i].iov_base, iov[i].iov_len,
-                        AC__SEND_UNTRIED);
-      if (q < 0) {
-        return r > 0 ? r : q;
-      }
-      r += q;
-      if ((size_t) q < iov[i].iov_len) {
-        break;
-      }
+  if (cnt > 1 && d->fd >= 0 && !(d->ready & AC__GATHERING) &&
+      !must_wait(d) && !behind_queue(d)) {
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_iov = (struct iovec *) iov;
+    mh.msg_iovlen = (size_t) cnt;
+    do {
+      r = (d->flags & AC__F_SOCK) ? sendmsg(d->fd, &mh, MSG_NOSIGNAL)
+                                   : writev(d->fd, iov, cnt);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      r = 0; /* ac__send below meets the error again, or would-block */
     }
-    return r;
   }
-  if (d->fd < 0 || ac__reusing(d) ||
-      ((d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d)) ||
-      (d->backend == AC_BACKEND_STREAM &&
-       (!(d->flags & AC__F_CONN_DONE) ||
-        (d->wq_bytes > 0 && !(d->flags & AC__F_WERR))))) {
-    return ac__send_slow(d, iov[0].iov_base, iov[0].iov_len,
-                         AC__SEND_UNTRIED);
-  }
-  memset(&mh, 0, sizeof(mh));
-  mh.msg_iov = (struct iovec *) iov;
-  mh.msg_iovlen = (size_t) cnt;
-  do {
-    r = (d->flags & AC__F_SOCK) ? sendmsg(d->fd, &mh, MSG_NOSIGNAL)
-                                 : writev(d->fd, iov, cnt);
-  } while (r < 0 && errno == EINTR);
-  if (r < 0) {
-    return ac__send_slow(d, iov[0].iov_base, iov[0].iov_len, r);
-  }
+  /* skip the buffers sendmsg took whole; the rest one by one */
   q = r;
-  while (i < cnt && (size_t) q >= iov[i].iov_len) {
-    q -= (ssize_t) iov[i++].iov_len;
+  for (i = 0; i < cnt && (size_t) q >= iov[i].iov_len; i++) {
+    q -= (ssize_t) iov[i].iov_len;
   }
-  if (i == cnt || d->backend != AC_BACKEND_STREAM) {
-    return r;
+  for (; i < cnt; i++) {
+    size_t left = iov[i].iov_len - (size_t) q;
+    ssize_t s = ac__send(d, (const char *) iov[i].iov_base + q, left);
+    if (s < 0) {
+      return r > 0 ? r : s;
+    }
+    r += s;
+    q = 0;
+    if ((size_t) s < left) {
+      break;
+    }
   }
-  q = ac__send_slow(d, (const char *) iov[i].iov_base + q,
-                    iov[i].iov_len - (size_t) q, 0);
-  return q > 0 ? r + q : r;
+  return r;
 }
 
 ssize_t ac_dispatcher_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
   }
-  return ac__send_raw(d, buf, n);
+  return ac__send(d, buf, n);
 }
 
+/* The virtual send: the class's (dispatcher_with_send buffers, async_chat
+ * pushes), else the base one. */
 ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
   }
-  if (d->cls == &ac__with_send_class && ac__stream_idle(d) &&
-      n <= AC__DWS_CHUNK && !d->debug &&
-      !(d->flags & (AC__F_ADOPT | AC__F_RELEASED)) &&
-      ac_container_of(d, ac_dispatcher_with_send_t, d)->out_len == 0) {
-    /* W-02/W-03 with an empty buffer on an idle stream: the one send, from
-     * the caller's bytes.  The echo hot path, without the class call. */
-    ssize_t r = send(d->fd, buf, n, MSG_NOSIGNAL);
-    return r == (ssize_t) n ? r : ac__dws_send_rest(d, buf, n, r);
-  }
   if (AC__CLS(d)->send != NULL) {
     return AC__CLS(d)->send(d, buf, n);
   }
-  return ac__send_raw(d, buf, n);
+  return ac__send(d, buf, n);
 }
 
 /* What a recv(2) that gave no bytes means (D-14): EOF or disconnection
@@ -937,31 +922,14 @@ static ssize_t recv_result(ac_dispatcher_t *d, ssize_t r) {
   return ac_is_disconnect(AC__ERR(err)) ? disconnected(d) : AC__ERR(err);
 }
 
-/* The rest of ac__recv_raw: `first` is the result of its recv(2) (errno
- * untouched since), or AC__SEND_UNTRIED when it made none. */
-ssize_t ac__recv_slow(ac_dispatcher_t *d, void *buf, size_t n,
-                      ssize_t first) {
-  if (first == AC__SEND_UNTRIED || (first < 0 && errno == EINTR)) {
-    return ac_recv(d, buf, n);
-  }
-  return recv_result(d, first);
-}
-
+/* The one receive of D-14, the one place where the library's reads meet
+ * the socket.  Branching off first: pending input (an adoption's, or what
+ * a read burst received ahead: adopt.c) comes before the socket; no socket
+ * yet (resolving a name) is would-block; a closed channel or a receive of
+ * 0 bytes reports the end.  A receive that fills the buffer marks that
+ * more input may wait (AC__RMORE: a read burst, events.c). */
 ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   ssize_t r;
-
-  /* The hot path first: a connected socket with bytes waiting.  Its
-   * result, whatever it is, is the one recv of D-14 (a pending socket error
-   * is reported once by the kernel). */
-  if (d != NULL && (d->flags & (AC__F_INIT | AC__F_ADOPT | AC__F_SOCK)) ==
-                       (AC__F_INIT | AC__F_SOCK) &&
-      d->fd >= 0 && buf != NULL && n > 0) {
-    r = recv(d->fd, buf, n, 0);
-    if (r == (ssize_t) n) {
-      d->ready |= AC__RMORE; /* events.c: the readiness may read again */
-    }
-    return r > 0 ? r : ac__recv_slow(d, buf, n, r);
-  }
 
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
@@ -971,7 +939,7 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
     if (r == (ssize_t) n) {
       d->ready |= AC__RMORE;
     }
-    return r; /* pending input: adopted, or received ahead (adopt.c) */
+    return r;
   }
   if (d->fd < 0 && (d->flags & AC__F_RESOLVING)) {
     return UV_EAGAIN; /* no socket yet (ac_connect_name) */

@@ -8,9 +8,11 @@
 #include <sys/uio.h>
 
 #define AC__HIDDEN __attribute__((visibility("hidden")))
-/* For the few hot-path helpers the compiler would otherwise call. */
-#define AC__ALWAYS_INLINE inline __attribute__((always_inline))
-#define AC__NOINLINE __attribute__((noinline))
+/* For the steps of async_chat's parse loop, one call each per receive:
+ * gcc leaves the largest out of line, which costs the request/response
+ * path a quarter of its instructions (register saves and argument
+ * passing around every record). */
+#define AC__INLINE inline __attribute__((always_inline))
 
 /* Interest and readiness bits (ac_dispatcher_t.armed / .ready). */
 #define AC__R 0x01 /* read */
@@ -228,17 +230,11 @@ static inline int ac__reusing(const ac_dispatcher_t *d) {
 AC__HIDDEN void ac__close_handle(ac_dispatcher_t *d);
 AC__HIDDEN int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
                                   const struct sockaddr *addr);
-#define AC__SEND_UNTRIED (-2)
 #define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
-AC__HIDDEN ssize_t ac__dws_send_rest(ac_dispatcher_t *d, const void *buf,
-                                     size_t n, ssize_t first);
-AC__HIDDEN ssize_t ac__send_slow(ac_dispatcher_t *d, const void *buf,
-                                 size_t n, ssize_t first);
-AC__HIDDEN ssize_t ac__sendv_raw(ac_dispatcher_t *d, const struct iovec *iov,
-                                 int cnt);
+AC__HIDDEN ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n);
+AC__HIDDEN ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov,
+                             int cnt);
 AC__HIDDEN int ac__raise(ac_dispatcher_t *d, int code);
-AC__HIDDEN ssize_t ac__recv_slow(ac_dispatcher_t *d, void *buf, size_t n,
-                                 ssize_t first);
 
 /* stream.c: the uv_tcp_t backend */
 AC__HIDDEN int ac__stream_open(ac_dispatcher_t *d);
@@ -295,41 +291,5 @@ AC__HIDDEN void ac__chat_map_free(ac_map_t *m);
  * ac_send may queue in libuv beyond what the kernel takes at once (bytes
  * and their requests, stream.c). */
 #define AC__STREAM_WBUF ((size_t) 64 * 1024)
-
-/* The base dispatcher.send (D-13).  Inline for the common case: a
- * connected stream with nothing queued in libuv, where the kernel takes
- * everything; the rest (partial sends, errors, other backends) is
- * ac__send_slow's. */
-/* Whether a plain send(2) may go out now: a connected stream with nothing
- * of ours queued in libuv (byte order) and no failed write. */
-static inline int ac__stream_idle(const ac_dispatcher_t *d) {
-  return d->backend == AC_BACKEND_STREAM && d->wq_bytes == 0 &&
-         !(d->ready & AC__GATHERING) &&
-         (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) == AC__F_CONN_DONE &&
-         d->fd >= 0;
-}
-
-static inline ssize_t ac__send_raw(ac_dispatcher_t *d, const void *buf,
-                                   size_t n) {
-  if (ac__stream_idle(d)) {
-    ssize_t r = send(d->fd, buf, n, MSG_NOSIGNAL);
-    return r == (ssize_t) n ? r : ac__send_slow(d, buf, n, r);
-  }
-  return ac__send_slow(d, buf, n, AC__SEND_UNTRIED);
-}
-
-/* ac_recv for the library's own reads (d initialised, buf valid):
- * a plain socket's recv(2) without the call; ac__recv_slow makes of any
- * other result (or channel) what ac_recv would. */
-static inline ssize_t ac__recv_raw(ac_dispatcher_t *d, void *buf, size_t n) {
-  if ((d->flags & (AC__F_ADOPT | AC__F_SOCK)) == AC__F_SOCK && d->fd >= 0) {
-    ssize_t r = recv(d->fd, buf, n, 0);
-    if (r == (ssize_t) n) {
-      d->ready |= AC__RMORE;
-    }
-    return r > 0 ? r : ac__recv_slow(d, buf, n, r);
-  }
-  return ac__recv_slow(d, buf, n, AC__SEND_UNTRIED);
-}
 
 #endif

@@ -221,7 +221,7 @@ static int one_arena_entry(ac_chat_t *c) {
 /* send_head() for one_arena_entry(c). */
 static int send_arena_entry(ac_chat_t *c) {
   ac__entry_t *e = head(c);
-  ssize_t r = ac__send_raw(&c->d, c->obuf + (e->at.pos - c->obase), e->n);
+  ssize_t r = ac__send(&c->d, c->obuf + (e->at.pos - c->obase), e->n);
 
   if (r < 0) {
     return send_failed(c, (int) r);
@@ -272,7 +272,7 @@ static int send_head(ac_chat_t *c) {
     }
     cnt++;
   }
-  r = ac__sendv_raw(&c->d, iov, cnt);
+  r = ac__sendv(&c->d, iov, cnt);
   if (r < 0) {
     return send_failed(c, (int) r);
   }
@@ -533,7 +533,7 @@ static int append_copy(ac_chat_t *c, const char *data, size_t n,
  * them all the same: push_owned's bytes are given back now, so that no
  * failure after the argument checks leaves them to the caller (a failure
  * of initiate_send is also UV_ENOMEM at times, with the bytes queued). */
-static AC__NOINLINE int not_queued(int r, const void *data,
+static int not_queued(int r, const void *data,
                                    ac_chat_free_cb free_fn, void *ctx) {
   if (free_fn != NULL) {
     free_fn((void *) data, ctx);
@@ -545,7 +545,7 @@ static AC__NOINLINE int not_queued(int r, const void *data,
  * failed): queue the rest, then report the failure.  The send may have
  * taken everything after all (the kernel took part, libuv's queue the
  * rest): then nothing is queued, not even an empty entry. */
-static AC__NOINLINE int queue_unsent(ac_chat_t *c, const void *data,
+static int queue_unsent(ac_chat_t *c, const void *data,
                                      size_t n, ssize_t sent, int copy,
                                      ac_chat_free_cb free_fn, void *ctx) {
   int r;
@@ -571,7 +571,6 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
                       ac_chat_free_cb free_fn, void *ctx) {
   size_t size = c->ac_out_buffer_size;
   ssize_t sent = 0;
-  struct iovec v;
   int r;
 
   if ((data == NULL && n > 0) || (size == 0 && n > 0)) {
@@ -588,9 +587,7 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
             : append_slices(c, data, n, 0, size, copy, free_fn, ctx);
     return r != 0 ? not_queued(r, data, free_fn, ctx) : kick(c);
   }
-  v.iov_base = (void *) data;
-  v.iov_len = gathers(c) || n <= size ? n : size;
-  sent = ac__sendv_raw(&c->d, &v, 1);
+  sent = ac__send(&c->d, data, gathers(c) || n <= size ? n : size);
   c->parse_sent = c->parsing;
   if ((size_t) sent == n) {
     if (free_fn != NULL) {
@@ -601,51 +598,20 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
   return queue_unsent(c, data, n, sent, copy, free_fn, ctx);
 }
 
-/* ac_chat_push off its two fast paths. */
-static AC__NOINLINE int push_other(ac_chat_t *c, const void *data,
-                                   size_t n) {
+int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
   int r = ac__chat_alive(c);
+  char *to;
 
   if (r != 0) {
     return r;
   }
-  if (ac__chat_gathering(c) && n - 1 < c->ac_out_buffer_size &&
-      n < ARENA_MAX && data != NULL) {
-    /* push_alive's queueing of a small copy; kick() would not send */
-    return append_copy(c, data, n, c->ac_out_buffer_size);
+  if (data == NULL || n - 1 >= c->append_room) {
+    return push_alive(c, data, n, 1, NULL, NULL);
   }
-  return push_alive(c, data, n, 1, NULL, NULL);
-}
-
-int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
-  char *to;
-
-  if (!ac__chat_usable(c) || data == NULL) {
-    return push_other(c, data, n);
-  }
-  if (n - 1 >= c->append_room) {
-    if (c->fifo.len_ == 0 && n - 1 < c->ac_out_buffer_size &&
-        !(c->d.flags & AC__F_RELEASED) && c->d.connected && !c->sending &&
-        !ac__chat_gathering(c) && ac__stream_idle(&c->d)) {
-      /* push_alive's direct send, for one slice (1 <= n <= size), on a
-       * stream with nothing queued in libuv: ac__send_raw after its
-       * ac__stream_idle test, written out because the compiler does not
-       * fold that test into the one above (2-3 instructions per push) */
-      ssize_t sent = send(c->d.fd, data, n, MSG_NOSIGNAL);
-      c->parse_sent = c->parsing;
-      if ((size_t) sent == n) {
-        return 0;
-      }
-      sent = ac__send_slow(&c->d, data, n, sent);
-      return queue_unsent(c, data, n, sent, 1, NULL, NULL);
-    }
-    return push_other(c, data, n);
-  }
-  /* Batch mode, 1 <= n <= append_room (0 once released): the bytes
-   * extend the tail entry, a copy in the arena that ends where the arena
-   * does (append_slices decided it may grow, within the arena and one
-   * slice; on a stream, so the bytes sent are the same).  kick() would
-   * not send now. */
+  /* Gathering, 1 <= n <= append_room: the bytes extend the tail entry, a
+   * copy in the arena that ends where the arena does (append_slices
+   * decided it may grow, within the arena and one slice; on a stream, so
+   * the bytes sent are the same).  kick() would not send now. */
   to = c->obuf + (c->oend - c->obase);
   c->oend += n;
   c->out_bytes += n;

@@ -28,8 +28,7 @@ static int dws_handle_write(ac_dispatcher_t *d) {
 }
 
 static inline int send_buffered(ac_dispatcher_with_send_t *w,
-                                const char *p, size_t n)
-    __attribute__((always_inline));
+                                const char *p, size_t n);
 
 static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n);
 
@@ -45,14 +44,6 @@ static int queue_unsent(ac_dispatcher_with_send_t *w, const char *p,
     return r != 0 ? r : (int) sent;
   }
   return (size_t) sent < n ? append(w, p + sent, n - (size_t) sent) : 0;
-}
-
-/* ac_send's inline path (dispatcher.c) made the first send(2) of W-03 with
- * an empty buffer and got `first`: finish as send_buffered would. */
-ssize_t ac__dws_send_rest(ac_dispatcher_t *d, const void *buf, size_t n,
-                          ssize_t first) {
-  int r = queue_unsent(dws(d), buf, n, ac__send_slow(d, buf, n, first));
-  return r < 0 ? r : (ssize_t) n;
 }
 
 /* ac_send on a dispatcher_with_send channel (arguments checked there). */
@@ -112,7 +103,7 @@ int ac_dispatcher_with_send_initiate_send(ac_dispatcher_with_send_t *w) {
   }
   n = w->out_len < AC__DWS_CHUNK ? w->out_len : AC__DWS_CHUNK;
   /* An empty buffer may have no storage: NULL + 0 is undefined. */
-  sent = ac__send_raw(&w->d, n > 0 ? w->out_buf + w->out_off : "", n);
+  sent = ac__send(&w->d, n > 0 ? w->out_buf + w->out_off : "", n);
   if (sent < 0) {
     return (int) sent;
   }
@@ -202,7 +193,7 @@ static inline int send_buffered(ac_dispatcher_with_send_t *w,
     int r = append(w, p, n);
     return r != 0 ? r : ac_dispatcher_with_send_initiate_send(w);
   }
-  sent = ac__send_raw(&w->d, p, n < AC__DWS_CHUNK ? n : AC__DWS_CHUNK);
+  sent = ac__send(&w->d, p, n < AC__DWS_CHUNK ? n : AC__DWS_CHUNK);
   return queue_unsent(w, p, n, sent);
 }
 
