@@ -131,8 +131,3 @@ void ac__burst_flush(ac_dispatcher_t *d, int more) {
     d->ready |= AC__GATHERING;
   }
 }
-
-void ac__burst_map_free(ac_map_t *m) {
-  ac__free(m->gather);
-  m->gather = NULL;
-}

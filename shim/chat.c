@@ -829,35 +829,29 @@ static size_t front_len(const ac_chat_t *c) {
 static char *rbuf_get(ac_chat_t *c, size_t n, int *own) {
   ac_map_t *m = c->d.map;
 
-  *own = m->chat_rbuf_busy || m->closing;
+  *own = m->rbuf_busy || m->closing;
   if (*own) {
     return ac__malloc(n > 0 ? n : 1);
   }
-  if (n > m->chat_rbuf_cap) {
+  if (n > m->rbuf_cap) {
     char *b = ac__malloc(n);
     if (b == NULL) {
       return NULL;
     }
-    ac__free(m->chat_rbuf);
-    m->chat_rbuf = b;
-    m->chat_rbuf_cap = n;
+    ac__free(m->rbuf);
+    m->rbuf = b;
+    m->rbuf_cap = n;
   }
-  m->chat_rbuf_busy = 1;
-  return m->chat_rbuf;
+  m->rbuf_busy = 1;
+  return m->rbuf;
 }
 
 static void rbuf_put(ac_chat_t *c, char *buf, int own) {
   if (own) {
     ac__free(buf);
   } else {
-    c->d.map->chat_rbuf_busy = 0;
+    c->d.map->rbuf_busy = 0;
   }
-}
-
-void ac__chat_map_free(ac_map_t *m) {
-  ac__free(m->chat_rbuf);
-  m->chat_rbuf = NULL;
-  m->chat_rbuf_cap = 0;
 }
 
 int ac_chat_feed(ac_chat_t *c, const void *data, size_t n) {

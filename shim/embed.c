@@ -62,8 +62,7 @@ static void on_own_closed(uv_handle_t *h) {
   if (cb != NULL) {
     cb(m, arg);
   }
-  ac__chat_map_free(m);
-  ac__burst_map_free(m);
+  ac__map_free_buffers(m);
   ac__free(m);
 }
 

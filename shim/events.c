@@ -198,6 +198,15 @@ int ac_readwrite(ac_dispatcher_t *d, int flags) {
   return r;
 }
 
+/* The alloc callback of a stream channel's reads: no buffer, so libuv
+ * answers UV_ENOBUFS and leaves the bytes in the kernel (stream.c). */
+void ac__no_buffer(uv_handle_t *h, size_t size, uv_buf_t *buf) {
+  (void) h;
+  (void) size;
+  buf->base = NULL;
+  buf->len = 0;
+}
+
 /* The read callback of a stream channel (stream.c): it is readable
  * (UV_ENOBUFS: the bytes or the EOF wait in the kernel).  The same steps
  * as ac__dispatch(d, AC_POLLIN) in either mode, without the generic flag

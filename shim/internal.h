@@ -142,10 +142,11 @@ struct ac_map_s {
   ac_timer_t *timers;   /* timers not closed yet */
   size_t ntimers;       /* timers not released yet */
   struct ac__adopt_s *adopts; /* adoptions in progress */
-  /* async_chat (chat.c): the receive buffer its channels share. */
-  char *chat_rbuf;
-  size_t chat_rbuf_cap;
-  int chat_rbuf_busy;
+  /* A receive buffer the map's channels share, one parse at a time
+   * (async_chat's handle_read receives into it, chat.c). */
+  char *rbuf;
+  size_t rbuf_cap;
+  int rbuf_busy;
   /* Listeners out of fds (map.c): their read interest is paused until
    * this timer fires or a channel of the map closes. */
   uv_timer_t accept_timer;
@@ -199,6 +200,7 @@ AC__HIDDEN void ac__exit(ac_map_t *m, int result);
 AC__HIDDEN void ac__wake(ac_map_t *m);
 AC__HIDDEN void ac__kick(ac_map_t *m);
 AC__HIDDEN void ac__map_forget(ac_map_t *m);
+AC__HIDDEN void ac__map_free_buffers(ac_map_t *m);
 AC__HIDDEN void ac__map_unregister(ac_map_t *m);
 AC__HIDDEN void ac__kick_apply(ac_map_t *m);
 AC__HIDDEN void ac__accept_pause(ac_dispatcher_t *d);
@@ -219,6 +221,7 @@ AC__HIDDEN int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
                               const void *cls);
 AC__HIDDEN int ac__connect_event(ac_dispatcher_t *d);
 AC__HIDDEN int ac__dispatch(ac_dispatcher_t *d, int ev);
+AC__HIDDEN void ac__no_buffer(uv_handle_t *h, size_t size, uv_buf_t *buf);
 AC__HIDDEN void ac__dispatch_read(uv_stream_t *s, ssize_t nread,
                                    const uv_buf_t *buf);
 AC__HIDDEN int ac__attach(ac_dispatcher_t *d, int want_stream);
@@ -270,7 +273,6 @@ AC__HIDDEN void ac__burst_gather(ac_dispatcher_t *d);
 AC__HIDDEN ssize_t ac__burst_send(ac_dispatcher_t *d, const void *buf,
                                   size_t n);
 AC__HIDDEN void ac__burst_flush(ac_dispatcher_t *d, int more);
-AC__HIDDEN void ac__burst_map_free(ac_map_t *m);
 
 /* adopt.c: pending input and the application's queued writes */
 AC__HIDDEN ssize_t ac__adopt_recv(ac_dispatcher_t *d, void *buf, size_t n);
@@ -284,8 +286,6 @@ AC__HIDDEN void ac__adopt_abort(ac_map_t *m);
 /* file.c */
 AC__HIDDEN extern const ac__class_t ac__file_class;
 
-/* chat.c: free the map's async_chat buffer (the map is being freed). */
-AC__HIDDEN void ac__chat_map_free(ac_map_t *m);
 
 /* The emulated socket send buffer of the stream backend: the memory
  * ac_send may queue in libuv beyond what the kernel takes at once (bytes

@@ -163,8 +163,7 @@ static void free_torn(ac_map_t *m) {
   }
   ac__map_forget(m);
   ac__map_unregister(m);
-  ac__chat_map_free(m);
-  ac__burst_map_free(m);
+  ac__map_free_buffers(m);
   ac__free(m);
 }
 
@@ -202,9 +201,18 @@ void ac_map_free(ac_map_t *m) {
   }
   ac__map_forget(m);
   ac__map_unregister(m);
-  ac__chat_map_free(m);
-  ac__burst_map_free(m);
+  ac__map_free_buffers(m);
   ac__free(m);
+}
+
+/* The buffers the map's channels share: the receive buffer (chat.c) and
+ * a read burst's gathered sends (burst.c). */
+void ac__map_free_buffers(ac_map_t *m) {
+  ac__free(m->rbuf);
+  m->rbuf = NULL;
+  m->rbuf_cap = 0;
+  ac__free(m->gather);
+  m->gather = NULL;
 }
 
 /* m is going away: the next ac_default_map() must not return it. */

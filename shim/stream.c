@@ -39,17 +39,10 @@ int ac__stream_open(ac_dispatcher_t *d) {
   return 0;
 }
 
-static void on_alloc(uv_handle_t *h, size_t size, uv_buf_t *buf) {
-  (void) h;
-  (void) size;
-  buf->base = NULL;
-  buf->len = 0;
-}
-
 void ac__stream_apply(ac_dispatcher_t *d, int bits) {
   if ((bits ^ d->armed) & AC__R) {
     if (bits & AC__R) {
-      if (uv_read_start((uv_stream_t *) &d->h.tcp, on_alloc,
+      if (uv_read_start((uv_stream_t *) &d->h.tcp, ac__no_buffer,
                         ac__dispatch_read) != 0) {
         bits &= ~AC__R;
       }
