@@ -371,6 +371,148 @@ class Semantics(unittest.TestCase):
 # Example basic HTTP client", "asyncore Example basic echo server"), the
 # client pointed at a local HTTP server instead of www.python.org.
 
+def stdlib_asynchat():
+    """CPython 3.11's own asynchat (over the drop-in's asyncore, which
+    install() put in sys.modules), or None where this Python has none."""
+    import importlib.util
+    import os
+    import sysconfig
+    path = os.path.join(sysconfig.get_paths()['stdlib'], 'asynchat.py')
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location('stdlib_asynchat', path)
+    module = importlib.util.module_from_spec(spec)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        spec.loader.exec_module(module)
+    return module
+
+
+def scripted_chat(base, reads, script):
+    """A chat of class base.async_chat fed reads through a fake recv; its
+    handlers log what they get and follow script (a list of terminators,
+    and b'' to discard the input, taken in turn at each found_terminator).
+    Returns the log."""
+    log = []
+    steps = iter(script)
+
+    class Chat(base.async_chat):
+        def collect_incoming_data(self, data):
+            log.append(('data', bytes(data)))
+
+        def found_terminator(self):
+            log.append(('found', self.get_terminator(),
+                        bytes(self.ac_in_buffer)))
+            step = next(steps, None)
+            if step == b'':
+                self.ac_in_buffer = b''
+                log.append(('discarded',))
+            elif step is not None:
+                self.set_terminator(step)
+
+    chat = Chat()
+    chat.set_terminator(script[0] if script else b'\n')
+    chunks = iter(reads)
+    chat.recv = lambda n: next(chunks)
+    for _ in reads:
+        chat.handle_read()
+        log.append(('read', chat.get_terminator(), bytes(chat.ac_in_buffer)))
+    return log
+
+
+class ChatInput(unittest.TestCase):
+    """async_chat's input side (in C, _core.chat_input): what the handlers
+    see is the original's, and the input is split in linear time."""
+
+    def test_same_calls_as_the_original(self):
+        import random
+        original = stdlib_asynchat()
+        if original is None:
+            self.skipTest('no CPython 3.11 asynchat.py to compare with')
+        rng = random.Random(15)
+        terms = [b'\n', b'\r\n', b'qqq', b'ab', 1, 5, 17, None, 0, b'']
+        for case in range(300):
+            data = bytes(rng.choice(b'ab\r\nqx') for _ in
+                         range(rng.randrange(0, 400)))
+            reads, i = [], 0
+            while i < len(data):
+                n = rng.choice((1, 2, 3, 7, 64, 1000))
+                reads.append(data[i:i + n])
+                i += n
+            script = [rng.choice(terms) for _ in range(200)]
+            script[0] = script[0] or b'\n'
+            with self.subTest(case=case):
+                self.assertEqual(scripted_chat(asynchat, reads, script),
+                                 scripted_chat(original, reads, script))
+
+    def test_records_of_one_read_are_linear(self):
+        # The original cut each record off the front of ac_in_buffer, a
+        # copy of the rest of the read per record: 65,536 one-byte lines in
+        # a 128 KiB read copied ~4 GiB.  Each byte is now copied at most
+        # a few times (into the record collect_incoming_data gets).
+        from uvasyncore import _core
+        for term, data in ((b'\n', b'x\n' * 65536),
+                           (b'\r\n', b'yy\r\n' * 32768),
+                           (2, b'zz' * 65536)):
+            with self.subTest(terminator=term):
+                records = []
+
+                class Chat(asynchat.async_chat):
+                    ac_in_buffer_size = len(data)
+
+                    def collect_incoming_data(self, piece):
+                        records.append(piece)
+
+                    def found_terminator(self):
+                        if isinstance(term, int):
+                            self.set_terminator(term)
+
+                chat = Chat()
+                chat.set_terminator(term)
+                chat.recv = lambda n: data
+                copied = _core.chat_stats()
+                chat.handle_read()
+                copied = _core.chat_stats() - copied
+                record = data[:2] if term == 2 else data[:len(data) // (
+                    65536 if term == b'\n' else 32768) - len(term)]
+                self.assertEqual(records, [record] * (len(data) // (
+                    len(record) + (0 if term == 2 else len(term)))))
+                self.assertLessEqual(copied, 2 * len(data))
+                self.assertEqual(chat.ac_in_buffer, b'')
+
+    def test_long_record_in_small_reads_is_linear(self):
+        # A 1 MiB record (no terminator in it) fed in 4 KiB reads: the
+        # input left between reads is the possible start of the terminator
+        # only, never the record.
+        from uvasyncore import _core
+        size, step = 1 << 20, 4096
+        record = (b'a\r' * (size // 2))
+        reads = [record[i:i + step] for i in range(0, size, step)]
+        reads.append(b'\n')
+        pieces = []
+        done = []
+
+        class Chat(asynchat.async_chat):
+            def collect_incoming_data(self, piece):
+                pieces.append(len(piece))
+
+            def found_terminator(self):
+                done.append(True)
+
+        chat = Chat()
+        chat.set_terminator(b'\r\n')
+        chunks = iter(reads)
+        chat.recv = lambda n: next(chunks)
+        copied = _core.chat_stats()
+        for _ in reads:
+            chat.handle_read()
+        copied = _core.chat_stats() - copied
+        self.assertEqual(done, [True])
+        self.assertEqual(sum(pieces), size - 1)
+        self.assertLessEqual(copied, 3 * size)
+
+
 class HTTPClient(asyncore.dispatcher):
 
     def __init__(self, host, path, port=80):
