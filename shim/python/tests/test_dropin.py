@@ -513,6 +513,71 @@ class ChatInput(unittest.TestCase):
         self.assertLessEqual(copied, 3 * size)
 
 
+class OutBuffer(unittest.TestCase):
+    """dispatcher_with_send's output queue, with a reader slower than the
+    writer: out_buffer reads and assigns as the original's, writable()
+    follows it, and every byte arrives once, in order."""
+
+    def test_queued_output_arrives_in_order(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                d = asyncore.dispatcher_with_send(a, map=map)
+                pieces = [bytes([i % 251]) * (1000 + 37 * i)
+                          for i in range(300)]
+                for piece in pieces:
+                    d.send(piece)
+                want = b''.join(pieces)
+                queued = d.out_buffer
+                self.assertIsInstance(queued, bytes)
+                self.assertGreater(len(queued), 0)
+                self.assertTrue(want.endswith(queued))
+                self.assertTrue(d.writable())
+                got = []
+                b.setblocking(False)
+                done = pump(map, lambda: got.append(recv_some(b)) or
+                            len(b''.join(got)) >= len(want), use_poll,
+                            passes=5000, timeout=0)
+                asyncore.close_all(map)
+                b.close()
+                self.assertTrue(done)
+                self.assertEqual(b''.join(got), want)
+                self.assertEqual(d.out_buffer, b'')
+
+    def test_out_buffer_assigned_and_read_by_the_application(self):
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        try:
+            d = asyncore.dispatcher_with_send(a, map={})
+            for _ in range(64):
+                d.send(b'q' * 4096)
+            self.assertGreater(len(d.out_buffer), 0)
+            # An application that drops what is queued, then queues more
+            # by hand and through send(), as it could with the original.
+            d.out_buffer = b''
+            self.assertFalse(d.writable())
+            d.out_buffer = b'head:'
+            d.send(b'tail')
+            self.assertTrue(d.out_buffer.endswith(b'head:tail') or
+                            not d.out_buffer)
+            b.setblocking(False)
+            got = b''
+            for _ in range(1000):
+                got += recv_some(b)
+                if d.out_buffer:
+                    d.handle_write()
+                if got.endswith(b'head:tail'):
+                    break
+            self.assertTrue(got.endswith(b'head:tail'))
+            with self.assertRaises(TypeError):
+                d.send('text')  # str, as the original's bytes + str
+        finally:
+            a.close()
+            b.close()
+
+
 class HTTPClient(asyncore.dispatcher):
 
     def __init__(self, host, path, port=80):
