@@ -21,6 +21,9 @@
  * Built against the Limited API (abi3): one build loads on 3.11 and later.
  */
 #define PY_SSIZE_T_CLEAN
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1 /* memmem; pyconfig.h defines it the same way */
+#endif
 #include <Python.h>
 
 #include <errno.h>
@@ -839,18 +842,327 @@ static PyType_Spec poller_spec = {
   .slots = poller_slots,
 };
 
+/* ---- async_chat's input side ---------------------------------------------
+ *
+ * chat_input(chat, data) is async_chat.handle_read after its recv(): data
+ * joins what is left of the input, which is then split at the terminator
+ * exactly as CPython 3.11's handle_read splits it, calling the channel's own
+ * get_terminator(), collect_incoming_data() and found_terminator().
+ *
+ * The original kept the input in ac_in_buffer and cut each record off its
+ * front (ac_in_buffer = ac_in_buffer[index + len(terminator):]): a copy of
+ * the rest of the read per record, quadratic in the records of one read.
+ * Here the input is a bytes object and an offset, the attributes _ac_ibuf
+ * and _ac_ipos (asynchat.py's ac_in_buffer is a property over them, so that
+ * handlers that read or assign ac_in_buffer see and change the same input):
+ * each record is copied once, into the piece collect_incoming_data gets.
+ * The state is written back before any Python code runs and read again after
+ * it, so a handler that changes the terminator or the input (discard_buffers,
+ * a new ac_in_buffer) is obeyed as by the original.
+ */
+
+static PyObject *str_ibuf, *str_ipos, *str_terminator, *str_get_terminator,
+    *str_collect, *str_found;
+/* chat_stats(): bytes copied by chat_input (input joined, records and
+ * tails cut out), for the tests of its linear cost. */
+static unsigned long long chat_copied;
+
+static int chat_set_state(PyObject *chat, PyObject *buf, Py_ssize_t pos) {
+  PyObject *p = PyLong_FromSsize_t(pos);
+  if (p == NULL) {
+    return -1;
+  }
+  int rc = PyObject_SetAttr(chat, str_ibuf, buf) < 0 ||
+                   PyObject_SetAttr(chat, str_ipos, p) < 0
+               ? -1
+               : 0;
+  Py_DECREF(p);
+  return rc;
+}
+
+static int chat_clear_state(PyObject *chat) {
+  PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+  if (empty == NULL) {
+    return -1;
+  }
+  int rc = chat_set_state(chat, empty, 0);
+  Py_DECREF(empty);
+  return rc;
+}
+
+/* Reads the input state: *buf (a new reference to a bytes object) and
+ * *pos within it.  An ac_in_buffer that is no bytes object (assigned by
+ * the application: a bytearray) is converted, as "+ data" converted it. */
+static int chat_get_state(PyObject *chat, PyObject **buf, Py_ssize_t *pos) {
+  PyObject *b = PyObject_GetAttr(chat, str_ibuf);
+  if (b == NULL) {
+    return -1;
+  }
+  PyObject *p = PyObject_GetAttr(chat, str_ipos);
+  Py_ssize_t off = p == NULL ? -1 : PyLong_AsSsize_t(p);
+  Py_XDECREF(p);
+  if (off == -1 && PyErr_Occurred()) {
+    Py_DECREF(b);
+    return -1;
+  }
+  if (!PyBytes_Check(b)) {
+    PyObject *rest = PySequence_GetSlice(b, off, PY_SSIZE_T_MAX);
+    Py_DECREF(b);
+    b = rest == NULL ? NULL : PyBytes_FromObject(rest);
+    Py_XDECREF(rest);
+    if (b == NULL || chat_set_state(chat, b, 0) < 0) {
+      Py_XDECREF(b);
+      return -1;
+    }
+    off = 0;
+  }
+  Py_ssize_t n = PyBytes_Size(b);
+  *pos = off < 0 ? 0 : off > n ? n : off;
+  *buf = b;
+  return 0;
+}
+
+/* buf[start:start + len] as bytes (buf itself when that is all of it). */
+static PyObject *chat_piece(PyObject *buf, Py_ssize_t start, Py_ssize_t len) {
+  if (start == 0 && len == PyBytes_Size(buf)) {
+    return Py_NewRef(buf);
+  }
+  chat_copied += (unsigned long long)len;
+  return PyBytes_FromStringAndSize(PyBytes_AsString(buf) + start, len);
+}
+
+/* Calls chat.collect_incoming_data(buf[start:start + len]). */
+static int chat_collect(PyObject *chat, PyObject *buf, Py_ssize_t start,
+                        Py_ssize_t len) {
+  PyObject *piece = chat_piece(buf, start, len);
+  if (piece == NULL) {
+    return -1;
+  }
+  PyObject *r = PyObject_CallMethodObjArgs(chat, str_collect, piece, NULL);
+  Py_DECREF(piece);
+  Py_XDECREF(r);
+  return r == NULL ? -1 : 0;
+}
+
+static int chat_call(PyObject *chat, PyObject *name) {
+  PyObject *r = PyObject_CallMethodObjArgs(chat, name, NULL);
+  Py_XDECREF(r);
+  return r == NULL ? -1 : 0;
+}
+
+/* The length of the longest proper prefix of needle that hay ends with, as
+ * asynchat.find_prefix_at_end. */
+static Py_ssize_t prefix_at_end(const char *hay, Py_ssize_t hl,
+                                const char *needle, Py_ssize_t nl) {
+  for (Py_ssize_t k = nl - 1 < hl ? nl - 1 : hl; k > 0; k--) {
+    if (memcmp(hay + hl - k, needle, (size_t)k) == 0) {
+      return k;
+    }
+  }
+  return 0;
+}
+
+/* Joins data to what is left of the input (the original's
+ * "ac_in_buffer = ac_in_buffer + data"). */
+static int chat_append(PyObject *chat, PyObject *data) {
+  PyObject *buf;
+  Py_ssize_t pos;
+  PyObject *d = PyBytes_Check(data) ? Py_NewRef(data) : PyBytes_FromObject(data);
+  if (d == NULL) {
+    return -1;
+  }
+  if (chat_get_state(chat, &buf, &pos) < 0) {
+    Py_DECREF(d);
+    return -1;
+  }
+  Py_ssize_t rest = PyBytes_Size(buf) - pos;
+  PyObject *joined = d;
+  if (rest > 0) {
+    Py_ssize_t dl = PyBytes_Size(d);
+    joined = PyBytes_FromStringAndSize(NULL, rest + dl);
+    if (joined != NULL) {
+      char *out = PyBytes_AsString(joined);
+      memcpy(out, PyBytes_AsString(buf) + pos, (size_t)rest);
+      memcpy(out + rest, PyBytes_AsString(d), (size_t)dl);
+      chat_copied += (unsigned long long)(rest + dl);
+    }
+    Py_DECREF(d);
+  }
+  Py_DECREF(buf);
+  int rc = joined == NULL ? -1 : chat_set_state(chat, joined, 0);
+  Py_XDECREF(joined);
+  return rc;
+}
+
+/* One record by a byte count n (the terminator is an int).  Returns 1 when
+ * the input is used up without reaching the count, else 0; -1 on error. */
+static int chat_count(PyObject *chat, PyObject *buf, Py_ssize_t pos,
+                      Py_ssize_t lb, PyObject *term) {
+  Py_ssize_t n = PyLong_AsSsize_t(term);
+  if (n == -1 && PyErr_Occurred()) {
+    if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+      return -1;
+    }
+    /* A count beyond Py_ssize_t: more than any input (a negative one is
+     * refused by set_terminator; cut as Python slices would cut). */
+    PyErr_Clear();
+    PyObject *zero = PyLong_FromLong(0);
+    int neg = zero == NULL ? -1 : PyObject_RichCompareBool(term, zero, Py_LT);
+    Py_XDECREF(zero);
+    if (neg < 0) {
+      return -1;
+    }
+    n = neg ? 0 : PY_SSIZE_T_MAX;
+  }
+  if (lb < n) {
+    if (chat_collect(chat, buf, pos, lb) < 0 || chat_clear_state(chat) < 0) {
+      return -1;
+    }
+    /* self.terminator = self.terminator - lb */
+    PyObject *t = PyObject_GetAttr(chat, str_terminator);
+    PyObject *l = PyLong_FromSsize_t(lb);
+    PyObject *left = t == NULL || l == NULL ? NULL : PyNumber_Subtract(t, l);
+    Py_XDECREF(t);
+    Py_XDECREF(l);
+    int rc = left == NULL ? -1 : PyObject_SetAttr(chat, str_terminator, left);
+    Py_XDECREF(left);
+    return rc < 0 ? -1 : 1;
+  }
+  if (n < 0) {
+    n = lb + n < 0 ? 0 : lb + n;
+  }
+  PyObject *zero = PyLong_FromLong(0);
+  int rc = zero == NULL || chat_collect(chat, buf, pos, n) < 0 ||
+                   chat_set_state(chat, buf, pos + n) < 0 ||
+                   PyObject_SetAttr(chat, str_terminator, zero) < 0 ||
+                   chat_call(chat, str_found) < 0
+               ? -1
+               : 0;
+  Py_XDECREF(zero);
+  return rc;
+}
+
+/* One record by a bytes-like terminator.  Returns 1 when the input ends
+ * without it (what may be its beginning kept), else 0; -1 on error. */
+static int chat_find(PyObject *chat, PyObject *buf, Py_ssize_t pos,
+                     Py_ssize_t lb, PyObject *term) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(term, &view, PyBUF_SIMPLE) < 0) {
+    return -1;
+  }
+  const char *hay = PyBytes_AsString(buf) + pos;
+  Py_ssize_t tl = view.len;
+  const char *at = tl == 0 ? hay : memmem(hay, (size_t)lb, view.buf, (size_t)tl);
+  Py_ssize_t keep = at == NULL ? prefix_at_end(hay, lb, view.buf, tl) : 0;
+  PyBuffer_Release(&view);
+  if (at != NULL) {
+    Py_ssize_t index = at - hay;
+    if ((index > 0 && chat_collect(chat, buf, pos, index) < 0) ||
+        chat_set_state(chat, buf, pos + index + tl) < 0 ||
+        chat_call(chat, str_found) < 0) {
+      return -1;
+    }
+    return 0;
+  }
+  if (keep == 0) {
+    if (chat_collect(chat, buf, pos, lb) < 0 || chat_clear_state(chat) < 0) {
+      return -1;
+    }
+    return 0;
+  }
+  if (keep != lb) {
+    if (chat_collect(chat, buf, pos, lb - keep) < 0) {
+      return -1;
+    }
+    /* Keep only the tail, not the whole read behind it. */
+    PyObject *tail = chat_piece(buf, pos + lb - keep, keep);
+    int rc = tail == NULL ? -1 : chat_set_state(chat, tail, 0);
+    Py_XDECREF(tail);
+    if (rc < 0) {
+      return -1;
+    }
+  }
+  return 1;
+}
+
+/* chat_input(chat, data): see above. */
+static PyObject *core_chat_input(PyObject *module, PyObject *args) {
+  PyObject *chat, *data;
+  (void)module;
+  if (!PyArg_ParseTuple(args, "OO:chat_input", &chat, &data) ||
+      chat_append(chat, data) < 0) {
+    return NULL;
+  }
+  for (;;) {
+    PyObject *buf;
+    Py_ssize_t pos;
+    if (chat_get_state(chat, &buf, &pos) < 0) {
+      return NULL;
+    }
+    Py_ssize_t lb = PyBytes_Size(buf) - pos;
+    if (lb <= 0) {
+      Py_DECREF(buf);
+      break;
+    }
+    int rc = -1;
+    PyObject *term = PyObject_CallMethodObjArgs(chat, str_get_terminator, NULL);
+    int truth = term == NULL ? -1 : PyObject_IsTrue(term);
+    if (truth == 0) {
+      /* No terminator: everything is data. */
+      rc = chat_collect(chat, buf, pos, lb) < 0 || chat_clear_state(chat) < 0
+               ? -1
+               : 0;
+    } else if (truth > 0) {
+      rc = PyLong_Check(term) ? chat_count(chat, buf, pos, lb, term)
+                              : chat_find(chat, buf, pos, lb, term);
+    }
+    Py_XDECREF(term);
+    Py_DECREF(buf);
+    if (rc < 0) {
+      return NULL;
+    }
+    if (rc > 0) {
+      break;
+    }
+  }
+  return Py_NewRef(Py_None);
+}
+
+static PyObject *core_chat_stats(PyObject *module, PyObject *unused) {
+  (void)module;
+  (void)unused;
+  return PyLong_FromUnsignedLongLong(chat_copied);
+}
+
+static PyMethodDef core_functions[] = {
+  {"chat_input", core_chat_input, METH_VARARGS,
+   "chat_input(chat, data): async_chat's input split at its terminator."},
+  {"chat_stats", core_chat_stats, METH_NOARGS,
+   "chat_stats(): bytes copied by chat_input so far."},
+  {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef core_module = {
   PyModuleDef_HEAD_INIT,
   .m_name = "uvasyncore._core",
   .m_doc = "The C side of uvasyncore's drop-in asyncore.",
   .m_size = -1,
+  .m_methods = core_functions,
 };
 
 PyMODINIT_FUNC PyInit__core(void) {
   str_readable = PyUnicode_InternFromString("readable");
   str_writable = PyUnicode_InternFromString("writable");
   str_accepting = PyUnicode_InternFromString("accepting");
-  if (str_readable == NULL || str_writable == NULL || str_accepting == NULL) {
+  str_ibuf = PyUnicode_InternFromString("_ac_ibuf");
+  str_ipos = PyUnicode_InternFromString("_ac_ipos");
+  str_terminator = PyUnicode_InternFromString("terminator");
+  str_get_terminator = PyUnicode_InternFromString("get_terminator");
+  str_collect = PyUnicode_InternFromString("collect_incoming_data");
+  str_found = PyUnicode_InternFromString("found_terminator");
+  if (str_readable == NULL || str_writable == NULL || str_accepting == NULL ||
+      str_ibuf == NULL || str_ipos == NULL || str_terminator == NULL ||
+      str_get_terminator == NULL || str_collect == NULL || str_found == NULL) {
     return NULL;
   }
   PyObject *m = PyModule_Create(&core_module);

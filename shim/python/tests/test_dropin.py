@@ -371,6 +371,251 @@ class Semantics(unittest.TestCase):
 # Example basic HTTP client", "asyncore Example basic echo server"), the
 # client pointed at a local HTTP server instead of www.python.org.
 
+def stdlib_asynchat():
+    """CPython 3.11's own asynchat (over the drop-in's asyncore, which
+    install() put in sys.modules), or None where this Python has none."""
+    import importlib.util
+    import os
+    import sysconfig
+    path = os.path.join(sysconfig.get_paths()['stdlib'], 'asynchat.py')
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location('stdlib_asynchat', path)
+    module = importlib.util.module_from_spec(spec)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        spec.loader.exec_module(module)
+    return module
+
+
+def scripted_chat(base, reads, script):
+    """A chat of class base.async_chat fed reads through a fake recv; its
+    handlers log what they get and follow script (a list of terminators,
+    and b'' to discard the input, taken in turn at each found_terminator).
+    Returns the log."""
+    log = []
+    steps = iter(script)
+
+    class Chat(base.async_chat):
+        def collect_incoming_data(self, data):
+            log.append(('data', bytes(data)))
+
+        def found_terminator(self):
+            log.append(('found', self.get_terminator(),
+                        bytes(self.ac_in_buffer)))
+            step = next(steps, None)
+            if step == b'':
+                self.ac_in_buffer = b''
+                log.append(('discarded',))
+            elif step is not None:
+                self.set_terminator(step)
+
+    chat = Chat()
+    chat.set_terminator(script[0] if script else b'\n')
+    chunks = iter(reads)
+    chat.recv = lambda n: next(chunks)
+    for _ in reads:
+        chat.handle_read()
+        log.append(('read', chat.get_terminator(), bytes(chat.ac_in_buffer)))
+    return log
+
+
+class ChatInput(unittest.TestCase):
+    """async_chat's input side (in C, _core.chat_input): what the handlers
+    see is the original's, and the input is split in linear time."""
+
+    def test_same_calls_as_the_original(self):
+        import random
+        original = stdlib_asynchat()
+        if original is None:
+            self.skipTest('no CPython 3.11 asynchat.py to compare with')
+        rng = random.Random(15)
+        terms = [b'\n', b'\r\n', b'qqq', b'ab', 1, 5, 17, None, 0, b'']
+        for case in range(300):
+            data = bytes(rng.choice(b'ab\r\nqx') for _ in
+                         range(rng.randrange(0, 400)))
+            reads, i = [], 0
+            while i < len(data):
+                n = rng.choice((1, 2, 3, 7, 64, 1000))
+                reads.append(data[i:i + n])
+                i += n
+            script = [rng.choice(terms) for _ in range(200)]
+            script[0] = script[0] or b'\n'
+            with self.subTest(case=case):
+                self.assertEqual(scripted_chat(asynchat, reads, script),
+                                 scripted_chat(original, reads, script))
+
+    def test_records_of_one_read_are_linear(self):
+        # The original cut each record off the front of ac_in_buffer, a
+        # copy of the rest of the read per record: 65,536 one-byte lines in
+        # a 128 KiB read copied ~4 GiB.  Each byte is now copied at most
+        # a few times (into the record collect_incoming_data gets).
+        from uvasyncore import _core
+        for term, data in ((b'\n', b'x\n' * 65536),
+                           (b'\r\n', b'yy\r\n' * 32768),
+                           (2, b'zz' * 65536)):
+            with self.subTest(terminator=term):
+                records = []
+
+                class Chat(asynchat.async_chat):
+                    ac_in_buffer_size = len(data)
+
+                    def collect_incoming_data(self, piece):
+                        records.append(piece)
+
+                    def found_terminator(self):
+                        if isinstance(term, int):
+                            self.set_terminator(term)
+
+                chat = Chat()
+                chat.set_terminator(term)
+                chat.recv = lambda n: data
+                copied = _core.chat_stats()
+                chat.handle_read()
+                copied = _core.chat_stats() - copied
+                record = data[:2] if term == 2 else data[:len(data) // (
+                    65536 if term == b'\n' else 32768) - len(term)]
+                self.assertEqual(records, [record] * (len(data) // (
+                    len(record) + (0 if term == 2 else len(term)))))
+                self.assertLessEqual(copied, 2 * len(data))
+                self.assertEqual(chat.ac_in_buffer, b'')
+
+    def test_long_record_in_small_reads_is_linear(self):
+        # A 1 MiB record (no terminator in it) fed in 4 KiB reads: the
+        # input left between reads is the possible start of the terminator
+        # only, never the record.
+        from uvasyncore import _core
+        size, step = 1 << 20, 4096
+        record = (b'a\r' * (size // 2))
+        reads = [record[i:i + step] for i in range(0, size, step)]
+        reads.append(b'\n')
+        pieces = []
+        done = []
+
+        class Chat(asynchat.async_chat):
+            def collect_incoming_data(self, piece):
+                pieces.append(len(piece))
+
+            def found_terminator(self):
+                done.append(True)
+
+        chat = Chat()
+        chat.set_terminator(b'\r\n')
+        chunks = iter(reads)
+        chat.recv = lambda n: next(chunks)
+        copied = _core.chat_stats()
+        for _ in reads:
+            chat.handle_read()
+        copied = _core.chat_stats() - copied
+        self.assertEqual(done, [True])
+        self.assertEqual(sum(pieces), size - 1)
+        self.assertLessEqual(copied, 3 * size)
+
+
+class OutBuffer(unittest.TestCase):
+    """dispatcher_with_send's output queue, with a reader slower than the
+    writer: out_buffer reads and assigns as the original's, writable()
+    follows it, and every byte arrives once, in order."""
+
+    def test_queued_output_arrives_in_order(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                d = asyncore.dispatcher_with_send(a, map=map)
+                pieces = [bytes([i % 251]) * (1000 + 37 * i)
+                          for i in range(300)]
+                for piece in pieces:
+                    d.send(piece)
+                want = b''.join(pieces)
+                queued = d.out_buffer
+                self.assertIsInstance(queued, bytes)
+                self.assertGreater(len(queued), 0)
+                self.assertTrue(want.endswith(queued))
+                self.assertTrue(d.writable())
+                got = []
+                b.setblocking(False)
+                done = pump(map, lambda: got.append(recv_some(b)) or
+                            len(b''.join(got)) >= len(want), use_poll,
+                            passes=5000, timeout=0)
+                asyncore.close_all(map)
+                b.close()
+                self.assertTrue(done)
+                self.assertEqual(b''.join(got), want)
+                self.assertEqual(d.out_buffer, b'')
+
+    def test_queueing_is_linear(self):
+        # 8 MiB queued in 8 KiB sends for a reader that reads nothing: the
+        # original rebuilt out_buffer on every send, copying all that was
+        # queued (4 GiB of copies here).  Compared with CPython 3.11's own
+        # dispatcher_with_send in this process, in CPU time, best of 2: the
+        # drop-in must be 3x faster at least (it is ~7x; equal before).
+        import os
+        import sysconfig
+        import importlib.util
+        import warnings
+        path = os.path.join(sysconfig.get_paths()['stdlib'], 'asyncore.py')
+        if not os.path.exists(path):
+            self.skipTest('no CPython 3.11 asyncore.py to compare with')
+        spec = importlib.util.spec_from_file_location('stdlib_asyncore', path)
+        original = importlib.util.module_from_spec(spec)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', DeprecationWarning)
+            spec.loader.exec_module(original)
+
+        def queue_cost(module):
+            a, b = socket.socketpair()
+            try:
+                d = module.dispatcher_with_send(a, map={})
+                piece = b'x' * 8192
+                t = time.process_time()
+                for _ in range(1024):
+                    d.send(piece)
+                cost = time.process_time() - t
+                self.assertGreater(len(d.out_buffer), 7 << 20)
+                return cost
+            finally:
+                a.close()
+                b.close()
+
+        ours = min(queue_cost(asyncore) for _ in range(2))
+        theirs = min(queue_cost(original) for _ in range(2))
+        self.assertLess(ours * 3, theirs, (ours, theirs))
+
+    def test_out_buffer_assigned_and_read_by_the_application(self):
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        try:
+            d = asyncore.dispatcher_with_send(a, map={})
+            for _ in range(64):
+                d.send(b'q' * 4096)
+            self.assertGreater(len(d.out_buffer), 0)
+            # An application that drops what is queued, then queues more
+            # by hand and through send(), as it could with the original.
+            d.out_buffer = b''
+            self.assertFalse(d.writable())
+            d.out_buffer = b'head:'
+            d.send(b'tail')
+            self.assertTrue(d.out_buffer.endswith(b'head:tail') or
+                            not d.out_buffer)
+            b.setblocking(False)
+            got = b''
+            for _ in range(1000):
+                got += recv_some(b)
+                if d.out_buffer:
+                    d.handle_write()
+                if got.endswith(b'head:tail'):
+                    break
+            self.assertTrue(got.endswith(b'head:tail'))
+            with self.assertRaises(TypeError):
+                d.send('text')  # str, as the original's bytes + str
+        finally:
+            a.close()
+            b.close()
+
+
 class HTTPClient(asyncore.dispatcher):
 
     def __init__(self, host, path, port=80):

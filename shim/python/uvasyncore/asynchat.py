@@ -8,6 +8,7 @@ Input is split at the terminator (a bytes string, a byte count, or None for
 from collections import deque
 
 from uvasyncore import asyncore
+from uvasyncore._core import chat_input as _chat_input
 
 __all__ = ['async_chat', 'simple_producer', 'find_prefix_at_end']
 
@@ -24,6 +25,25 @@ class async_chat(asyncore.dispatcher):
     # str data and terminators are encoded when this is set.
     use_encoding = 0
     encoding = 'latin-1'
+
+    # The input not yet split at the terminator: _ac_ibuf[_ac_ipos:]
+    # (chat_input, in C, cuts records off it by moving the offset instead
+    # of copying the rest, as the original's ac_in_buffer = ac_in_buffer[n:]
+    # did for every record).
+    _ac_ibuf = b''
+    _ac_ipos = 0
+
+    @property
+    def ac_in_buffer(self):
+        """The input not yet handed to collect_incoming_data, as in the
+        original; assigning it replaces that input."""
+        pos = self._ac_ipos
+        return self._ac_ibuf[pos:] if pos else self._ac_ibuf
+
+    @ac_in_buffer.setter
+    def ac_in_buffer(self, value):
+        self._ac_ibuf = value
+        self._ac_ipos = 0
 
     def __init__(self, sock=None, map=None):
         self.ac_in_buffer = b''
@@ -67,46 +87,11 @@ class async_chat(asyncore.dispatcher):
             return
         if isinstance(data, str) and self.use_encoding:
             data = bytes(data, self.encoding)
-        self.ac_in_buffer = self.ac_in_buffer + data
-        # The terminator is asked for again after each found_terminator:
-        # that handler may change it, and the rest is split by the new one.
-        while self.ac_in_buffer:
-            buf = self.ac_in_buffer
-            terminator = self.get_terminator()
-            if not terminator:
-                # None (or 0, b''): everything is data.
-                self.collect_incoming_data(buf)
-                self.ac_in_buffer = b''
-            elif isinstance(terminator, int):
-                # A byte count.
-                if len(buf) < terminator:
-                    self.collect_incoming_data(buf)
-                    self.ac_in_buffer = b''
-                    self.terminator = self.terminator - len(buf)
-                else:
-                    self.collect_incoming_data(buf[:terminator])
-                    self.ac_in_buffer = self.ac_in_buffer[terminator:]
-                    self.terminator = 0
-                    self.found_terminator()
-            else:
-                index = buf.find(terminator)
-                if index != -1:
-                    if index > 0:
-                        self.collect_incoming_data(buf[:index])
-                    self.ac_in_buffer = \
-                        self.ac_in_buffer[index + len(terminator):]
-                    self.found_terminator()
-                    continue
-                # Not there: keep a tail that may be its beginning.
-                keep = find_prefix_at_end(buf, terminator)
-                if not keep:
-                    self.collect_incoming_data(buf)
-                    self.ac_in_buffer = b''
-                    continue
-                if keep != len(buf):
-                    self.collect_incoming_data(buf[:-keep])
-                    self.ac_in_buffer = self.ac_in_buffer[-keep:]
-                break
+        # Joins data to the input and splits it at the terminator as the
+        # original's loop, calling get_terminator, collect_incoming_data
+        # and found_terminator as it did (the terminator is asked for again
+        # after each found_terminator, which may change it), in linear time.
+        _chat_input(self, data)
 
     def handle_write(self):
         self.initiate_send()
