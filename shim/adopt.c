@@ -34,6 +34,7 @@ typedef struct ac__adopt_s {
   int fencing;              /* the fence is in flight */
   size_t off;               /* pending input: data[off, len) */
   size_t len;
+  size_t cap;               /* bytes data[] has room for */
   char data[];
 } ac__adopt_t;
 
@@ -62,6 +63,10 @@ static void finish(ac__adopt_t *a) {
   }
   *p = a->next;
   a->d->flags &= (uint16_t) ~AC__F_ADOPT;
+  if (a->cap == AC__AHEAD && a->d->map->ahead_spare == NULL) {
+    a->d->map->ahead_spare = a; /* for the next read burst */
+    return;
+  }
   ac__free(a);
 }
 
@@ -96,26 +101,37 @@ size_t ac__adopt_pending(const ac_dispatcher_t *d) {
   return a != NULL ? a->len - a->off : 0;
 }
 
-/* A read burst (burst.c) receives ahead: up to `size` bytes from d's
+/* A read burst (burst.c) receives ahead: up to AC__AHEAD bytes from d's
  * socket become its pending input (d has none), which ac_recv returns
  * first.  Returns the bytes received, or what the receive met: 0 (EOF),
  * UV_EAGAIN (nothing waits), another error (the socket keeps reporting it:
  * the next receive meets it, or the EOF that follows), UV_ENOMEM. */
-ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d, size_t size) {
-  ac__adopt_t *a = adopt_new(d, NULL, size);
+ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d) {
+  ac_map_t *m = d->map;
+  ac__adopt_t *a = m->ahead_spare;
   ssize_t r;
 
-  if (a == NULL) {
+  if (a != NULL) {
+    m->ahead_spare = NULL;
+    memset(a, 0, sizeof(*a));
+    a->d = d;
+    a->cap = AC__AHEAD;
+  } else if ((a = adopt_new(d, NULL, AC__AHEAD)) == NULL) {
     return UV_ENOMEM;
   }
   do {
-    r = recv(d->fd, a->data, size, 0);
+    r = recv(d->fd, a->data, a->cap, 0);
   } while (r < 0 && errno == EINTR);
   if (r <= 0) {
-    ac__free(a);
-    return r == 0 ? 0 : (errno == EAGAIN || errno == EWOULDBLOCK)
+    int err = errno;
+    if (m->ahead_spare == NULL) {
+      m->ahead_spare = a; /* nothing received: kept for the next */
+    } else {
+      ac__free(a);
+    }
+    return r == 0 ? 0 : (err == EAGAIN || err == EWOULDBLOCK)
                             ? UV_EAGAIN
-                            : AC__ERR(errno);
+                            : AC__ERR(err);
   }
   a->len = (size_t) r;
   a->next = d->map->adopts;
@@ -209,6 +225,7 @@ static ac__adopt_t *adopt_new(ac_dispatcher_t *d, const void *pending,
   memset(a, 0, sizeof(*a));
   a->d = d;
   a->len = n;
+  a->cap = n;
   if (pending != NULL && n > 0) {
     memcpy(a->data, pending, n);
   }

@@ -27,8 +27,6 @@
 #include <errno.h>
 #include <string.h>
 
-/* Most bytes received ahead at once. */
-#define AC__AHEAD ((size_t) 64 * 1024)
 
 /* Whether d, whose handle_read just filled its buffer, may get another
  * handle_read in this readiness: it still wants input (open, connected,
@@ -49,7 +47,7 @@ int ac__burst_again(ac_dispatcher_t *d) {
      * record, so nothing is received ahead beside it */
     return ac__adopt_pending(d) > 0;
   }
-  r = ac__adopt_read_ahead(d, AC__AHEAD);
+  r = ac__adopt_read_ahead(d);
   return r != UV_EAGAIN && r != UV_ENOMEM;
 }
 

@@ -154,6 +154,9 @@ struct ac_map_s {
   /* Read bursts (burst.c): the sends gathered from the bursting channel. */
   char *gather;
   size_t gather_len;
+  /* The last read-ahead record drained, kept for the next (adopt.c): a
+   * large message would otherwise allocate and free 64 KiB per receive. */
+  struct ac__adopt_s *ahead_spare;
   /* Every map of the process (map.c), so that ac_loop can find the maps
    * that share its uv loop. */
   ac_map_t *all_next;
@@ -268,6 +271,7 @@ AC__HIDDEN void ac__map_close_check(ac_map_t *m);
 /* burst.c: several handle_read calls for one read readiness */
 #define AC__READ_BURST 32 /* most calls (libuv's read loop reads 32 times) */
 #define AC__BURST_GATHER ((size_t) 64 * 1024) /* most bytes gathered */
+#define AC__AHEAD ((size_t) 64 * 1024) /* most bytes received ahead at once */
 AC__HIDDEN int ac__burst_again(ac_dispatcher_t *d);
 AC__HIDDEN void ac__burst_gather(ac_dispatcher_t *d);
 AC__HIDDEN ssize_t ac__burst_send(ac_dispatcher_t *d, const void *buf,
@@ -277,7 +281,7 @@ AC__HIDDEN void ac__burst_flush(ac_dispatcher_t *d, int more);
 /* adopt.c: pending input and the application's queued writes */
 AC__HIDDEN ssize_t ac__adopt_recv(ac_dispatcher_t *d, void *buf, size_t n);
 AC__HIDDEN size_t ac__adopt_pending(const ac_dispatcher_t *d);
-AC__HIDDEN ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d, size_t size);
+AC__HIDDEN ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d);
 AC__HIDDEN void ac__adopt_left(ac_dispatcher_t *d);
 AC__HIDDEN int ac__adopt_fenced(const ac_dispatcher_t *d);
 AC__HIDDEN void ac__adopt_closed(ac_dispatcher_t *d);

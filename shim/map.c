@@ -213,6 +213,8 @@ void ac__map_free_buffers(ac_map_t *m) {
   m->rbuf_cap = 0;
   ac__free(m->gather);
   m->gather = NULL;
+  ac__free(m->ahead_spare);
+  m->ahead_spare = NULL;
 }
 
 /* m is going away: the next ac_default_map() must not return it. */
