@@ -435,6 +435,243 @@ TASK(chat_close_sends_gathered_replies) {
   task_map_free(map);
 }
 
+
+/* ---------------------------------------------------------------- */
+/* Attacks: hostile peers and tricky applications during a burst      */
+
+typedef struct {
+  echo_t e;
+  int errors;          /* handle_error calls */
+  int close_in_readable; /* readable() closes the channel after this many reads */
+  int after_close;     /* handler calls on the channel after it was closed */
+  int reconnects;      /* handle_close reconnects this many times */
+  int connects;        /* handle_connect calls */
+  struct sockaddr_storage to;
+} hostile_t;
+
+static hostile_t *hostile_of(ac_dispatcher_t *d) {
+  return ac_container_of(d, hostile_t, e.w.d);
+}
+
+static int hostile_read(ac_dispatcher_t *d) {
+  if (ac_is_closed(d)) {
+    hostile_of(d)->after_close++;
+  }
+  return echo_read(d);
+}
+
+static int hostile_readable(ac_dispatcher_t *d) {
+  hostile_t *h = hostile_of(d);
+
+  if (h->close_in_readable > 0 && h->e.reads >= h->close_in_readable &&
+      !ac_is_closed(d)) {
+    ac_close(d); /* an idle-timeout check in readable(), say */
+  }
+  return 1;
+}
+
+static int hostile_close(ac_dispatcher_t *d) {
+  hostile_t *h = hostile_of(d);
+
+  if (ac_is_closed(d)) {
+    h->after_close++;
+  }
+  h->e.closes++;
+  ac_close(d);
+  if (h->reconnects > 0) {
+    /* the reconnect idiom: the same channel, a new connection */
+    h->reconnects--;
+    int r = ac_create_socket(d, AF_INET, SOCK_STREAM);
+    return r != 0 ? r : ac_connect(d, (struct sockaddr *) &h->to);
+  }
+  return 0;
+}
+
+static int hostile_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  hostile_of(d)->errors++;
+  return ac_close(d);
+}
+
+static int hostile_connect(ac_dispatcher_t *d) {
+  hostile_of(d)->connects++;
+  return 0;
+}
+
+static const ac_dispatcher_ops_t hostile_ops = {
+    .readable = hostile_readable,
+    .handle_read = hostile_read,
+    .handle_close = hostile_close,
+    .handle_error = hostile_error,
+    .handle_connect = hostile_connect,
+};
+
+/* readable() closes the channel (an idle-timeout check, say) and answers
+ * true: a closed channel gets no handler call any more (docs/design.md
+ * "Closing and freeing"), not a handle_read whose receive meets EBADF nor
+ * the handle_close that follows. */
+TASK(burst_readable_that_closes_ends_it) {
+  static char out[MSG];
+  ac_map_t *map = task_map_new();
+  static hostile_t h;
+  int peer;
+  int i;
+
+  pattern(out, sizeof(out));
+  memset(&h, 0, sizeof(h));
+  couple(map, &h.e, &hostile_ops, &peer);
+  h.close_in_readable = 2;
+  peer_send(peer, ac_fileno(&h.e.w.d), out, MSG);
+  for (i = 0; i < 5; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.e.reads, 2);
+  ASSERT_EQ(h.after_close, 0);
+  ASSERT_EQ(h.e.closes, 0);
+  ASSERT_EQ(h.errors, 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* A peer sends more than a burst takes, then resets (SO_LINGER 0): every
+ * byte it sent before the reset is delivered, in order (Linux keeps them
+ * readable before it reports the reset), then handle_close once; no
+ * handle_error, no handler after the close.  In both modes. */
+TASK(burst_reset_after_large_message) {
+  static char out[120000]; /* more than one receive ahead, less than the
+                              socket's receive buffer */
+  int mode;
+
+  pattern(out, sizeof(out));
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    static hostile_t h;
+    struct linger lg = {1, 0};
+    int peer;
+    int i;
+
+    memset(&h, 0, sizeof(h));
+    couple(map, &h.e, &hostile_ops, &peer);
+    peer_send(peer, ac_fileno(&h.e.w.d), out, sizeof(out));
+    ASSERT_OK(setsockopt(peer, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+    close(peer);
+    for (i = 0; i < 100 && h.e.closes == 0; i++) {
+      ASSERT_OK(ac_loop(map, 0.05, mode, 1));
+    }
+    ASSERT_EQ(h.e.nin, sizeof(out));
+    ASSERT_MEM_EQ(h.e.in, out, sizeof(out));
+    ASSERT_EQ(h.e.closes, 1);
+    ASSERT_EQ(h.errors, 0);
+    ASSERT_EQ(h.after_close, 0);
+    ASSERT_EQ(h.e.would_block, 0);
+    task_map_free(map);
+  }
+}
+
+/* A peer sends a large message, half-closes and reads: the echo of every
+ * byte reaches it, in order, then the end (the channel closes in
+ * handle_close, after the burst's gathered replies went out).  Both
+ * modes. */
+TASK(burst_half_close_gets_whole_echo) {
+  static char out[4 * MSG];
+  static char back[4 * MSG];
+  int mode;
+
+  pattern(out, sizeof(out));
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    static hostile_t h;
+    size_t sent = 0;
+    size_t got = 0;
+    int peer;
+    int eof = 0;
+    int i;
+
+    memset(&h, 0, sizeof(h));
+    couple(map, &h.e, &hostile_ops, &peer);
+    h.e.echo = 1;
+    for (i = 0; i < 2000 && !eof; i++) {
+      ssize_t r;
+      if (sent < sizeof(out)) {
+        r = send(peer, out + sent, sizeof(out) - sent, MSG_DONTWAIT);
+        sent += r > 0 ? (size_t) r : 0;
+        if (sent == sizeof(out)) {
+          ASSERT_OK(shutdown(peer, SHUT_WR));
+        }
+      }
+      ASSERT_OK(ac_loop(map, 0.001, mode, 1));
+      while ((r = recv(peer, back + got, sizeof(back) - got,
+                       MSG_DONTWAIT)) > 0) {
+        got += (size_t) r;
+      }
+      eof = r == 0;
+    }
+    ASSERT(eof);
+    ASSERT_EQ(h.e.short_sends, 0);
+    ASSERT_EQ(got, sizeof(out));
+    ASSERT_MEM_EQ(back, out, sizeof(out));
+    ASSERT_EQ(h.e.closes, 1);
+    ASSERT_EQ(h.errors, 0);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
+/* handle_close reconnects (close, create_socket, connect on the same
+ * channel) at the end of a burst: the new connection gets none of the old
+ * one's input (received ahead or not), only its own, and handle_connect. */
+TASK(burst_reconnect_in_handle_close) {
+  static char out[MSG + 100];
+  ac_map_t *map = task_map_new();
+  static hostile_t h;
+  int lfd;
+  int port;
+  int p1;
+  int p2;
+  int i;
+
+  pattern(out, sizeof(out));
+  memset(&h, 0, sizeof(h));
+  ASSERT_OK(ac_dispatcher_with_send_init(&h.e.w, map, &hostile_ops));
+  lfd = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(lfd, 0);
+  task_addr(AF_INET, port, &h.to);
+  h.reconnects = 1;
+  ASSERT_OK(ac_create_socket(&h.e.w.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&h.e.w.d, (struct sockaddr *) &h.to));
+  for (i = 0; i < 100 && h.connects == 0; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.connects, 1);
+  p1 = accept(lfd, NULL, NULL);
+  ASSERT_GE(p1, 0);
+  /* a message and its end, all in the channel's socket before a pass */
+  peer_send(p1, ac_fileno(&h.e.w.d), out, sizeof(out));
+  ASSERT_OK(shutdown(p1, SHUT_WR));
+  for (i = 0; i < 100 && h.connects < 2; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.e.closes, 1);
+  ASSERT_EQ(h.connects, 2);
+  ASSERT_EQ(h.e.nin, sizeof(out));
+  ASSERT_MEM_EQ(h.e.in, out, sizeof(out));
+  p2 = accept(lfd, NULL, NULL);
+  ASSERT_GE(p2, 0);
+  ASSERT_EQ(send(p2, "hello", 5, 0), 5);
+  for (i = 0; i < 100 && h.e.nin < sizeof(out) + 5; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.e.nin, sizeof(out) + 5);
+  ASSERT_MEM_EQ(h.e.in + sizeof(out), "hello", 5);
+  ASSERT_EQ(h.after_close, 0);
+  ASSERT_EQ(h.errors, 0);
+  ac_close(&h.e.w.d);
+  close(p1);
+  close(p2);
+  close(lfd);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -445,6 +682,10 @@ static const task_t tasks[] = {
     TASK_ENTRY(never_reading_peer_small_sends_are_bounded),
     TASK_ENTRY(chat_pipelined_replies_leave_together),
     TASK_ENTRY(chat_close_sends_gathered_replies),
+    TASK_ENTRY(burst_readable_that_closes_ends_it),
+    TASK_ENTRY(burst_reset_after_large_message),
+    TASK_ENTRY(burst_half_close_gets_whole_echo),
+    TASK_ENTRY(burst_reconnect_in_handle_close),
 };
 
 int main(int argc, char **argv) {
