@@ -672,6 +672,229 @@ TASK(burst_reconnect_in_handle_close) {
   task_map_free(map);
 }
 
+
+/* An async_chat whose receives are small (ac_in_buffer_size), so that
+ * its reads burst, answering each record; what it does per record is set
+ * by the test. */
+typedef struct {
+  ac_chat_t c;
+  int records;
+  int count;           /* count terminator of this many bytes (0: "\n") */
+  int vary_size;       /* found_terminator changes ac_in_buffer_size */
+  int producer;        /* each reply: "a<i>", a producer's chunks, "b<i>" */
+  const char *quit;    /* this line: "bye\n" and close_when_done */
+  int after_quit;      /* records found after the quit line */
+  int quitted;
+  int closes;
+} rec_t;
+
+static int rec_found(ac_chat_t *c) {
+  rec_t *t = ac_container_of(c, rec_t, c);
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  char reply[64];
+  int r;
+
+  if (t->quitted) {
+    t->after_quit++;
+  }
+  if (t->quit != NULL && n == strlen(t->quit) &&
+      memcmp(data, t->quit, n) == 0) {
+    t->quitted = 1;
+    (void) ac_chat_clear_incoming(c);
+    r = ac_chat_push(c, "bye\n", 4);
+    return r != 0 ? r : ac_chat_close_when_done(c);
+  }
+  (void) ac_chat_clear_incoming(c);
+  snprintf(reply, sizeof(reply), "a%d.", t->records);
+  r = ac_chat_push(c, reply, strlen(reply));
+  if (r == 0 && t->producer) {
+    ac_producer_t *p;
+    r = ac_simple_producer_new("p1p2p3", 6, 2, &p);
+    if (r == 0) {
+      r = ac_chat_push_with_producer(c, p);
+    }
+    snprintf(reply, sizeof(reply), "b%d\n", t->records);
+    r = r != 0 ? r : ac_chat_push(c, reply, strlen(reply));
+  } else if (r == 0) {
+    r = ac_chat_push(c, "\n", 1);
+  }
+  t->records++;
+  if (t->vary_size) {
+    static const size_t sizes[] = {1, 4096, 70000, 7};
+    c->ac_in_buffer_size = sizes[t->records % 4];
+  }
+  if (r == 0 && t->count > 0) {
+    r = ac_chat_set_terminator_count(c, t->count);
+  }
+  return r;
+}
+
+static int rec_collect(ac_chat_t *c, const char *data, size_t n) {
+  return ac_chat_collect_incoming(c, data, n);
+}
+
+static int rec_close(ac_dispatcher_t *d) {
+  ac_container_of(d, rec_t, c.d)->closes++;
+  return ac_close(d);
+}
+
+static const ac_chat_ops_t rec_ops = {
+    .base = {.handle_close = rec_close},
+    .collect_incoming_data = rec_collect,
+    .found_terminator = rec_found,
+};
+
+static void rec_couple(ac_map_t *map, rec_t *t, int *peer) {
+  uv_os_sock_t fds[2];
+
+  ASSERT_OK(ac_chat_init(&t->c, map, &rec_ops));
+  t->c.ac_in_buffer_size = 512;
+  if (t->count > 0) {
+    ASSERT_OK(ac_chat_set_terminator_count(&t->c, t->count));
+  } else {
+    ASSERT_OK(ac_chat_set_terminator(&t->c, "\n", 1));
+  }
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&t->c.d, fds[1]));
+  *peer = fds[0];
+}
+
+/* Run the loop and read what the peer gets until `cap` bytes came, or
+ * the end with `eof`; *gotp: the bytes received. */
+static void rec_exchange(ac_map_t *map, int mode, int peer,
+                         const char *in, size_t nin, char *back, size_t cap,
+                         int eof, size_t *gotp) {
+  size_t sent = 0;
+  size_t got = 0;
+  int i;
+
+  for (i = 0; i < 30000; i++) {
+    ssize_t r;
+    if (sent < nin) {
+      r = send(peer, in + sent, nin - sent, MSG_DONTWAIT);
+      sent += r > 0 ? (size_t) r : 0;
+    }
+    ASSERT_OK(ac_loop(map, 0.001, mode, 1));
+    while ((r = recv(peer, back + got, cap - got, MSG_DONTWAIT)) > 0) {
+      got += (size_t) r;
+    }
+    if ((eof && r == 0) || (!eof && got == cap)) {
+      break;
+    }
+  }
+  *gotp = got;
+}
+
+static char rec_in[160000];
+static char rec_back[200000];
+static char rec_want[200000];
+
+/* Records of a count terminator, pipelined, read 512 bytes at a time (and
+ * with receive sizes changed by found_terminator: 1, 4 KiB, 70000, 7):
+ * every reply, in order, in both modes, also with batch on. */
+TASK(chat_burst_count_terminator) {
+  int variant;
+
+  for (variant = 0; variant < 8; variant++) {
+    ac_map_t *map = task_map_new();
+    static rec_t t;
+    size_t nwant = 0;
+    size_t got;
+    int peer;
+    int i;
+
+    memset(&t, 0, sizeof(t));
+    t.count = 100;
+    t.vary_size = variant & 1;
+    t.c.batch = (variant >> 1) & 1;
+    rec_couple(map, &t, &peer);
+    t.c.batch = (variant >> 1) & 1;
+    pattern(rec_in, 1000 * 100);
+    for (i = 0; i < 1000; i++) {
+      nwant += (size_t) sprintf(rec_want + nwant, "a%d.\n", i);
+    }
+    rec_exchange(map, variant >> 2, peer, rec_in, 1000 * 100, rec_back,
+                 nwant, 0, &got);
+    ASSERT_EQ(got, nwant);
+    ASSERT_MEM_EQ(rec_back, rec_want, nwant);
+    ASSERT_EQ(t.records, 1000);
+    ac_close(&t.c.d);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
+/* Each reply pushes a producer between two strings, pipelined records in
+ * bursts: the peer gets every reply whole, in order ("a<i>.p1p2p3b<i>"). */
+TASK(chat_burst_producers_keep_order) {
+  int mode;
+
+  for (mode = 0; mode < 4; mode++) {
+    ac_map_t *map = task_map_new();
+    static rec_t t;
+    size_t nin = 0;
+    size_t nwant = 0;
+    size_t got;
+    int peer;
+    int i;
+
+    memset(&t, 0, sizeof(t));
+    t.producer = 1;
+    rec_couple(map, &t, &peer);
+    t.c.batch = mode >> 1;
+    for (i = 0; i < 3000; i++) {
+      nin += (size_t) sprintf(rec_in + nin, "line %d\n", i);
+      nwant += (size_t) sprintf(rec_want + nwant, "a%d.p1p2p3b%d\n", i, i);
+    }
+    rec_exchange(map, mode & 1, peer, rec_in, nin, rec_back, nwant, 0,
+                 &got);
+    ASSERT_EQ(got, nwant);
+    ASSERT_MEM_EQ(rec_back, rec_want, nwant);
+    ac_close(&t.c.d);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
+/* close_when_done in the middle of pipelined input read in bursts: the
+ * replies before it, "bye", then the end; nothing pushed after it is sent
+ * (C-20), whatever the parse still finds. */
+TASK(chat_burst_close_when_done) {
+  int mode;
+
+  for (mode = 0; mode < 4; mode++) {
+    ac_map_t *map = task_map_new();
+    static rec_t t;
+    size_t nin = 0;
+    size_t nwant = 0;
+    size_t got;
+    int peer;
+    int i;
+
+    memset(&t, 0, sizeof(t));
+    t.quit = "QUIT";
+    rec_couple(map, &t, &peer);
+    t.c.batch = mode >> 1;
+    for (i = 0; i < 2000; i++) {
+      nin += (size_t) sprintf(rec_in + nin, "line %d\n", i);
+      nwant += (size_t) sprintf(rec_want + nwant, "a%d.\n", i);
+    }
+    nin += (size_t) sprintf(rec_in + nin, "QUIT\n");
+    nwant += (size_t) sprintf(rec_want + nwant, "bye\n");
+    for (i = 0; i < 500; i++) {
+      nin += (size_t) sprintf(rec_in + nin, "more %d\n", i);
+    }
+    rec_exchange(map, mode & 1, peer, rec_in, nin, rec_back,
+                 sizeof(rec_back), 1, &got);
+    ASSERT_EQ(got, nwant);
+    ASSERT_MEM_EQ(rec_back, rec_want, nwant);
+    ASSERT_EQ(t.closes, 1);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -686,6 +909,9 @@ static const task_t tasks[] = {
     TASK_ENTRY(burst_reset_after_large_message),
     TASK_ENTRY(burst_half_close_gets_whole_echo),
     TASK_ENTRY(burst_reconnect_in_handle_close),
+    TASK_ENTRY(chat_burst_count_terminator),
+    TASK_ENTRY(chat_burst_producers_keep_order),
+    TASK_ENTRY(chat_burst_close_when_done),
 };
 
 int main(int argc, char **argv) {
