@@ -895,6 +895,142 @@ TASK(chat_burst_close_when_done) {
   }
 }
 
+
+/* Channel A's handler closes channel B, which holds input received ahead
+ * (B paused reading in the middle of its burst): B gets no handler any
+ * more and nothing leaks (ASan, valgrind). */
+typedef struct {
+  echo_t e;
+  ac_dispatcher_t *victim;
+} killer_t;
+
+static int killer_read(ac_dispatcher_t *d) {
+  killer_t *k = ac_container_of(d, killer_t, e.w.d);
+  int r = echo_read(d);
+
+  if (k->victim != NULL) {
+    ac_close(k->victim);
+    k->victim = NULL;
+  }
+  return r;
+}
+
+static const ac_dispatcher_ops_t killer_ops = {
+    .handle_read = killer_read,
+    .handle_close = echo_close,
+};
+
+TASK(burst_other_channel_closes_one_with_input_ahead) {
+  static char out[MSG];
+  int mode;
+
+  pattern(out, sizeof(out));
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    static echo_t b;
+    static killer_t k;
+    int pb;
+    int pk;
+    int i;
+
+    couple(map, &b, &echo_ops, &pb);
+    b.pause_after = 2;
+    peer_send(pb, ac_fileno(&b.w.d), out, MSG);
+    for (i = 0; i < 5; i++) {
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_EQ(b.reads, 2); /* the rest of the message waits, received */
+    couple(map, &k.e, &killer_ops, &pk);
+    k.victim = &b.w.d;
+    ASSERT_OK(ac_pause_reading(&b.w.d, 0)); /* ready in the same pass */
+    ASSERT_EQ(send(pk, "x", 1, 0), 1);
+    for (i = 0; i < 100 && k.e.nin == 0; i++) {
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_EQ(k.e.nin, 1);
+    ASSERT(ac_is_closed(&b.w.d));
+    for (i = 0; i < 5; i++) {
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_LE(b.reads, 3); /* at most the one before the close */
+    ASSERT_EQ(b.closes, 0);
+    ac_close(&k.e.w.d);
+    close(pb);
+    close(pk);
+    task_map_free(map);
+  }
+}
+
+/* Embedded (the application's uv_run, docs/embedding.md): a channel
+ * pauses in the middle of a burst after the library received the whole
+ * message ahead, so the kernel has nothing left to report; a timer of the
+ * application resumes it.  The rest is delivered by the next uv_run
+ * iterations, none of which waits for input that will never come. */
+typedef struct {
+  uv_timer_t t;
+  ac_dispatcher_t *d;
+  int fired;
+} resumer_t;
+
+static void on_resume(uv_timer_t *t) {
+  resumer_t *r = ac_container_of(t, resumer_t, t);
+
+  r->fired++;
+  (void) ac_pause_reading(r->d, 0);
+}
+
+static void on_guard(uv_timer_t *t) {
+  *(int *) t->data = 1;
+  uv_stop(t->loop);
+}
+
+TASK(burst_embedded_resume_delivers_input_ahead) {
+  static char out[MSG];
+  uv_loop_t loop;
+  ac_map_t *map = NULL;
+  static echo_t e;
+  resumer_t res;
+  uv_timer_t guard;
+  int timed_out = 0;
+  int peer;
+  int i;
+
+  pattern(out, sizeof(out));
+  ASSERT_OK(uv_loop_init(&loop));
+  ASSERT_OK(ac_map_new(&loop, &map));
+  couple(map, &e, &echo_ops, &peer);
+  e.pause_after = 2;
+  peer_send(peer, ac_fileno(&e.w.d), out, MSG);
+  for (i = 0; i < 5; i++) {
+    uv_run(&loop, UV_RUN_NOWAIT);
+  }
+  ASSERT_EQ(e.reads, 2);
+  ASSERT_OK(ioctl(ac_fileno(&e.w.d), FIONREAD, &i));
+  ASSERT_EQ(i, 0); /* all of it was received ahead */
+  res.d = &e.w.d;
+  res.fired = 0;
+  ASSERT_OK(uv_timer_init(&loop, &res.t));
+  ASSERT_OK(uv_timer_start(&res.t, on_resume, 10, 0));
+  ASSERT_OK(uv_timer_init(&loop, &guard));
+  guard.data = &timed_out;
+  ASSERT_OK(uv_timer_start(&guard, on_guard, 5000, 0));
+  for (i = 0; i < 100 && e.nin < MSG && !timed_out; i++) {
+    uv_run(&loop, UV_RUN_ONCE);
+  }
+  ASSERT_EQ(timed_out, 0);
+  ASSERT_EQ(res.fired, 1);
+  ASSERT_EQ(e.nin, MSG);
+  ASSERT_MEM_EQ(e.in, out, MSG);
+  ASSERT_EQ(e.would_block, 0);
+  ac_close(&e.w.d);
+  uv_close((uv_handle_t *) &res.t, NULL);
+  uv_close((uv_handle_t *) &guard, NULL);
+  ac_map_free(map);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  ASSERT_OK(uv_loop_close(&loop));
+  close(peer);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -912,6 +1048,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(chat_burst_count_terminator),
     TASK_ENTRY(chat_burst_producers_keep_order),
     TASK_ENTRY(chat_burst_close_when_done),
+    TASK_ENTRY(burst_other_channel_closes_one_with_input_ahead),
+    TASK_ENTRY(burst_embedded_resume_delivers_input_ahead),
 };
 
 int main(int argc, char **argv) {
