@@ -697,12 +697,22 @@ void ac__handle_closed(uv_handle_t *h) {
   ac__maybe_release(d);
 }
 
+/* The application gets the socket to use it itself (shutdown(2), a raw
+ * send, sendfile): the replies a read burst gathered, which ac_send
+ * reported sent, go to the kernel first, as they would have without the
+ * burst (burst.c; d is the application's, only the pointer is const). */
 uv_os_sock_t ac_fileno(const ac_dispatcher_t *d) {
-  return d != NULL && (d->flags & AC__F_INIT) ? d->fd : -1;
+  if (d == NULL || !(d->flags & AC__F_INIT)) {
+    return -1;
+  }
+  if (d->ready & AC__GATHERING) {
+    ac__burst_flush((ac_dispatcher_t *) d, 1);
+  }
+  return d->fd;
 }
 
 int ac_is_closed(const ac_dispatcher_t *d) {
-  return ac_fileno(d) < 0;
+  return d == NULL || !(d->flags & AC__F_INIT) || d->fd < 0;
 }
 
 int ac_pause_reading(ac_dispatcher_t *d, int pause) {

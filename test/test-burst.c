@@ -1031,6 +1031,66 @@ TASK(burst_embedded_resume_delivers_input_ahead) {
   close(peer);
 }
 
+
+/* The application uses the socket itself in the middle of a burst, after
+ * ac_send: shutdown(SHUT_WR) after its third reply, and a raw write(2)
+ * after each ac_send.  The peer gets every reply ac_send reported sent,
+ * before the raw bytes and before the end, as without the burst (the
+ * replies gathered go to the kernel when ac_fileno hands out the socket). */
+static int raw_reads;
+
+static int raw_read(ac_dispatcher_t *d) {
+  char buf[CHUNK];
+  ssize_t n = ac_recv(d, buf, sizeof(buf));
+
+  if (n <= 0) {
+    return n == UV_EAGAIN ? 0 : (int) n;
+  }
+  if (++raw_reads > 3) {
+    return 0; /* half-closed: nothing more to say */
+  }
+  if (ac_send(d, "R", 1) != 1 || write(ac_fileno(d), "w", 1) != 1) {
+    return AC_EFAIL;
+  }
+  if (raw_reads == 3 && shutdown(ac_fileno(d), SHUT_WR) != 0) {
+    return AC_EFAIL;
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t raw_ops = {.handle_read = raw_read};
+
+TASK(burst_raw_socket_use_after_send) {
+  static char out[MSG];
+  int mode;
+
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    ac_dispatcher_t d;
+    uv_os_sock_t fds[2];
+    char back[16];
+    size_t got = 0;
+    ssize_t r;
+
+    raw_reads = 0;
+    ASSERT_OK(ac_dispatcher_init(&d, map, &raw_ops));
+    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+    peer_send(fds[0], fds[1], out, 4 * CHUNK);
+    ASSERT_OK(ac_loop(map, 1.0, mode, 1));
+    ASSERT_GE(raw_reads, 3);
+    while ((r = recv(fds[0], back + got, sizeof(back) - got, 0)) > 0) {
+      got += (size_t) r;
+    }
+    ASSERT_EQ(r, 0);
+    ASSERT_EQ(got, 6);
+    ASSERT_MEM_EQ(back, "RwRwRw", 6);
+    ac_close(&d);
+    close(fds[0]);
+    task_map_free(map);
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -1050,6 +1110,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(chat_burst_close_when_done),
     TASK_ENTRY(burst_other_channel_closes_one_with_input_ahead),
     TASK_ENTRY(burst_embedded_resume_delivers_input_ahead),
+    TASK_ENTRY(burst_raw_socket_use_after_send),
 };
 
 int main(int argc, char **argv) {
