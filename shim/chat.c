@@ -1047,9 +1047,11 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
   return 0;
 }
 
-/* ac_close from inside the parse loop, replies gathered: CPython would
- * have sent them at their push, so they go now, before the close discards
- * what is queued (C-20: close() discards only what the socket refused). */
+/* ac_close or ac_fileno from inside the parse loop, replies gathered:
+ * CPython would have sent them at their push, so they go now, before the
+ * close discards what is queued (C-20: close() discards only what the
+ * socket refused), or before the application's own use of the socket
+ * (shutdown(SHUT_WR) after its last reply). */
 static void chat_closing(ac_dispatcher_t *d) {
   ac_chat_t *c = ac_chat_of(d);
 

@@ -698,12 +698,16 @@ void ac__handle_closed(uv_handle_t *h) {
 }
 
 /* The application gets the socket to use it itself (shutdown(2), a raw
- * send, sendfile): the replies a read burst gathered, which ac_send
- * reported sent, go to the kernel first, as they would have without the
- * burst (burst.c; d is the application's, only the pointer is const). */
+ * send, sendfile): the replies its class or a read burst gathered, which
+ * a push or ac_send reported sent, go to the kernel first, as they would
+ * have without gathering (chat.c, burst.c; d is the application's, only
+ * the pointer is const). */
 uv_os_sock_t ac_fileno(const ac_dispatcher_t *d) {
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return -1;
+  }
+  if (!(d->flags & AC__F_CLOSED) && AC__CLS(d)->closing != NULL) {
+    AC__CLS(d)->closing((ac_dispatcher_t *) d);
   }
   if (d->ready & AC__GATHERING) {
     ac__burst_flush((ac_dispatcher_t *) d, 1);

@@ -1091,6 +1091,62 @@ TASK(burst_raw_socket_use_after_send) {
   }
 }
 
+
+/* async_chat, default mode: found_terminator pushes its reply and, at the
+ * last record of a pipelined receive, half-closes the socket itself
+ * (shutdown(ac_fileno, SHUT_WR)): the peer gets every reply, then the end,
+ * as with CPython, where each push had sent its reply. */
+static int shut_found(ac_chat_t *c) {
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  int bye = n == 3 && memcmp(data, "BYE", 3) == 0;
+  char reply[32];
+  int r;
+
+  snprintf(reply, sizeof(reply), "%.*s!\n", (int) n, data);
+  (void) ac_chat_clear_incoming(c);
+  r = ac_chat_push(c, reply, strlen(reply));
+  if (r == 0 && bye && shutdown(ac_fileno(&c->d), SHUT_WR) != 0) {
+    r = AC_EFAIL;
+  }
+  return r;
+}
+
+static const ac_chat_ops_t shut_ops = {
+    .collect_incoming_data = liner_collect,
+    .found_terminator = shut_found,
+};
+
+TASK(chat_raw_shutdown_after_pushes) {
+  int batch;
+
+  for (batch = 0; batch < 2; batch++) {
+    ac_map_t *map = task_map_new();
+    static ac_chat_t c;
+    uv_os_sock_t fds[2];
+    char back[32];
+    size_t got = 0;
+    ssize_t r;
+
+    ASSERT_OK(ac_chat_init(&c, map, &shut_ops));
+    c.batch = batch;
+    ASSERT_OK(ac_chat_set_terminator(&c, "\n", 1));
+    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    ASSERT_OK(ac_dispatcher_open(&c.d, fds[1]));
+    peer_send(fds[0], fds[1], "a\nb\nBYE\n", 8);
+    ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+    while ((r = recv(fds[0], back + got, sizeof(back) - got, 0)) > 0) {
+      got += (size_t) r;
+    }
+    ASSERT_EQ(r, 0);
+    ASSERT_EQ(got, 11);
+    ASSERT_MEM_EQ(back, "a!\nb!\nBYE!\n", 11);
+    ac_close(&c.d);
+    close(fds[0]);
+    task_map_free(map);
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -1111,6 +1167,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(burst_other_channel_closes_one_with_input_ahead),
     TASK_ENTRY(burst_embedded_resume_delivers_input_ahead),
     TASK_ENTRY(burst_raw_socket_use_after_send),
+    TASK_ENTRY(chat_raw_shutdown_after_pushes),
 };
 
 int main(int argc, char **argv) {
