@@ -1147,6 +1147,195 @@ TASK(chat_raw_shutdown_after_pushes) {
   }
 }
 
+
+/* A handler of a burst's later call stops the loop (AC_EXIT, E-01),
+ * fails (AC_EFAIL: handle_error closes), or closes the whole map from
+ * inside (ac_map_close, embedded): the replies it sent before reach the
+ * peer, in order; the failure takes its usual way; nothing leaks. */
+typedef struct {
+  echo_t e;
+  int stop_at;   /* return this code ... */
+  int code;
+  int map_close_at; /* ac_map_close at this read */
+  int map_closed;
+  int errors;
+} stopper_t;
+
+static void on_map_closed(ac_map_t *map, void *arg) {
+  (void) map;
+  ((stopper_t *) arg)->map_closed++;
+}
+
+static int stopper_read(ac_dispatcher_t *d) {
+  stopper_t *s = ac_container_of(d, stopper_t, e.w.d);
+  int r = echo_read(d);
+
+  if (r == 0 && s->e.reads == s->map_close_at) {
+    r = ac_map_close(d->map, on_map_closed, s);
+  }
+  return r == 0 && s->e.reads == s->stop_at ? s->code : r;
+}
+
+static int stopper_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  ac_container_of(d, stopper_t, e.w.d)->errors++;
+  return ac_close(d);
+}
+
+static const ac_dispatcher_ops_t stopper_ops = {
+    .handle_read = stopper_read,
+    .handle_close = echo_close,
+    .handle_error = stopper_error,
+};
+
+TASK(burst_stop_fail_or_map_close_delivers_replies) {
+  static char out[MSG];
+  static char back[MSG];
+  int variant;
+
+  pattern(out, sizeof(out));
+  for (variant = 0; variant < 5; variant++) {
+    uv_loop_t loop;
+    ac_map_t *map = NULL;
+    static stopper_t s;
+    int peer;
+    int r;
+    int i;
+
+    ASSERT_OK(uv_loop_init(&loop));
+    ASSERT_OK(ac_map_new(&loop, &map));
+    memset(&s, 0, sizeof(s));
+    couple(map, &s.e, &stopper_ops, &peer);
+    s.e.echo = 1;
+    if (variant < 4) {
+      s.stop_at = 3;
+      s.code = variant < 2 ? AC_EXIT : AC_EFAIL;
+    } else {
+      s.map_close_at = 3;
+    }
+    peer_send(peer, ac_fileno(&s.e.w.d), out, MSG);
+    r = ac_loop(map, 1.0, variant & 1, 1);
+    if (variant < 2) {
+      ASSERT_EQ(r, AC_EXIT);
+      ASSERT_EQ(s.e.reads, 3);
+    } else {
+      ASSERT_OK(r);
+    }
+    if (variant == 2 || variant == 3) {
+      ASSERT_EQ(s.errors, 1);
+      ASSERT(ac_is_closed(&s.e.w.d));
+    }
+    /* every byte echoed before the stop reached the peer */
+    peer_recv(peer, back, 3 * CHUNK);
+    ASSERT_MEM_EQ(back, out, 3 * CHUNK);
+    if (variant >= 2) {
+      ASSERT_EQ(s.e.reads, 3);
+    }
+    if (variant == 4) {
+      for (i = 0; i < 100 && !s.map_closed; i++) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+        usleep(1000);
+      }
+      ASSERT_EQ(s.map_closed, 1);
+    } else {
+      if (!ac_is_closed(&s.e.w.d)) {
+        ac_close(&s.e.w.d);
+      }
+      ac_map_free(map);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    ASSERT_OK(uv_loop_close(&loop));
+    close(peer);
+  }
+}
+
+/* Replies larger than the gather (100 KiB) between small ones, in a
+ * burst: the gathered bytes go first, then the large one, in order, with
+ * dispatcher_with_send's buffer behind them when the kernel is full. */
+static int big_read(ac_dispatcher_t *d) {
+  static char blob[100000];
+  echo_t *e = echo_of(d);
+  char mark[2];
+  ssize_t n = ac_recv(d, e->in, CHUNK);
+
+  if (n <= 0) {
+    return n == UV_EAGAIN ? 0 : (int) n;
+  }
+  mark[0] = (char) ('a' + e->reads % 26);
+  mark[1] = (char) ('A' + e->reads % 26);
+  memset(blob, mark[0], sizeof(blob));
+  e->reads++;
+  if (ac_send(d, mark, 1) != 1 || ac_send(d, blob, sizeof(blob)) < 0 ||
+      ac_send(d, mark + 1, 1) != 1) {
+    return AC_EFAIL;
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t big_ops = {
+    .handle_read = big_read,
+    .handle_close = echo_close,
+};
+
+TASK(burst_large_replies_keep_order) {
+  static char out[4 * CHUNK];
+  static char back[4 * 100002];
+  ac_map_t *map = task_map_new();
+  static echo_t e;
+  size_t got = 0;
+  int peer;
+  int i;
+  int k;
+
+  couple(map, &e, &big_ops, &peer);
+  peer_send(peer, ac_fileno(&e.w.d), out, sizeof(out));
+  for (i = 0; i < 2000 && got < sizeof(back); i++) {
+    ssize_t r;
+    ASSERT_OK(ac_loop(map, 0.001, 0, 1));
+    while ((r = recv(peer, back + got, sizeof(back) - got, MSG_DONTWAIT)) >
+           0) {
+      got += (size_t) r;
+    }
+  }
+  ASSERT_EQ(e.reads, 4);
+  ASSERT_EQ(got, sizeof(back));
+  for (k = 0; k < 4; k++) {
+    const char *p = back + (size_t) k * 100002;
+    ASSERT_EQ(p[0], 'a' + k);
+    ASSERT_EQ(p[100001], 'A' + k);
+    for (i = 1; i <= 100000; i++) {
+      if (p[i] != 'a' + k) {
+        ASSERT_EQ(p[i], 'a' + k);
+      }
+    }
+  }
+  ac_close(&e.w.d);
+  close(peer);
+  task_map_free(map);
+}
+
+/* ac_close_all with input received ahead and never read (the channel
+ * paused in the middle of its burst): released, nothing leaks. */
+TASK(burst_close_all_with_input_ahead) {
+  static char out[MSG];
+  ac_map_t *map = task_map_new();
+  static echo_t e;
+  int peer;
+  int i;
+
+  couple(map, &e, &echo_ops, &peer);
+  e.pause_after = 2;
+  peer_send(peer, ac_fileno(&e.w.d), out, MSG);
+  for (i = 0; i < 3; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(e.reads, 2);
+  ASSERT_OK(ac_close_all(map, 0));
+  ASSERT(ac_is_closed(&e.w.d));
+  close(peer);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -1168,6 +1357,9 @@ static const task_t tasks[] = {
     TASK_ENTRY(burst_embedded_resume_delivers_input_ahead),
     TASK_ENTRY(burst_raw_socket_use_after_send),
     TASK_ENTRY(chat_raw_shutdown_after_pushes),
+    TASK_ENTRY(burst_stop_fail_or_map_close_delivers_replies),
+    TASK_ENTRY(burst_large_replies_keep_order),
+    TASK_ENTRY(burst_close_all_with_input_ahead),
 };
 
 int main(int argc, char **argv) {
