@@ -1037,6 +1037,11 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
   if (!ac__chat_usable(c)) {
     return UV_EINVAL;
   }
+  if (ac__chat_gathering(c) && c->fifo.len_ > 0) {
+    /* from the parse, replies gathered: CPython's pushes had sent them,
+     * the discard drops only what the socket refused (as chat_closing) */
+    (void) ac__chat_flush(c);
+  }
   c->in_keep = 0;
   c->spill_len = 0;
   c->in_gen++;

@@ -1336,6 +1336,60 @@ TASK(burst_close_all_with_input_ahead) {
   task_map_free(map);
 }
 
+
+/* async_chat, default mode: found_terminator pushes its reply, and at the
+ * last record of a pipelined receive discards the buffers (C-22): the
+ * replies already pushed reach the peer, as with CPython, where each push
+ * had sent its reply before the discard (only what the socket refused is
+ * dropped). */
+static int discard_found(ac_chat_t *c) {
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  int reset = n == 5 && memcmp(data, "RESET", 5) == 0;
+  char reply[32];
+  int r = 0;
+
+  if (!reset) {
+    snprintf(reply, sizeof(reply), "%.*s!\n", (int) n, data);
+    (void) ac_chat_clear_incoming(c);
+    r = ac_chat_push(c, reply, strlen(reply));
+  }
+  return r != 0 ? r : reset ? ac_chat_discard_buffers(c) : 0;
+}
+
+static const ac_chat_ops_t discard_ops = {
+    .collect_incoming_data = liner_collect,
+    .found_terminator = discard_found,
+};
+
+TASK(chat_discard_keeps_pushed_replies) {
+  ac_map_t *map = task_map_new();
+  static ac_chat_t c;
+  uv_os_sock_t fds[2];
+  char back[32];
+  size_t got = 0;
+  int i;
+
+  ASSERT_OK(ac_chat_init(&c, map, &discard_ops));
+  ASSERT_OK(ac_chat_set_terminator(&c, "\n", 1));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&c.d, fds[1]));
+  peer_send(fds[0], fds[1], "a\nb\nc\nRESET\n", 12);
+  for (i = 0; i < 20 && got < 9; i++) {
+    ssize_t r;
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+    while ((r = recv(fds[0], back + got, sizeof(back) - got,
+                     MSG_DONTWAIT)) > 0) {
+      got += (size_t) r;
+    }
+  }
+  ASSERT_EQ(got, 9);
+  ASSERT_MEM_EQ(back, "a!\nb!\nc!\n", 9);
+  ac_close(&c.d);
+  close(fds[0]);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -1360,6 +1414,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(burst_stop_fail_or_map_close_delivers_replies),
     TASK_ENTRY(burst_large_replies_keep_order),
     TASK_ENTRY(burst_close_all_with_input_ahead),
+    TASK_ENTRY(chat_discard_keeps_pushed_replies),
 };
 
 int main(int argc, char **argv) {
