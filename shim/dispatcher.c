@@ -981,7 +981,10 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
     return UV_EINVAL;
   }
   if ((d->flags & AC__F_ADOPT) && n > 0 &&
-      (r = ac__adopt_recv(d, buf, n)) > 0) {
+      (r = ac__adopt_recv(d, buf, n)) != 0) {
+    if (r < 0) { /* an error received ahead, after the input (adopt.c) */
+      return ac_is_disconnect((int) r) ? disconnected(d) : r;
+    }
     if (r == (ssize_t) n) {
       d->ready |= AC__RMORE;
     }

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -1390,6 +1391,61 @@ TASK(chat_discard_keeps_pushed_replies) {
   task_map_free(map);
 }
 
+
+/* An error other than a reset met by the receive ahead of a burst: the
+ * connection timed out (TCP_USER_TIMEOUT while the peer's window stays
+ * closed) with input still waiting.  As without the burst, handle_read
+ * gets the input, then its receive meets ETIMEDOUT, which goes to
+ * handle_error (E-02) — not the end of the input the socket reports once
+ * the error was taken (handle_close). */
+TASK(burst_timeout_error_is_reported) {
+  static char out[3 * CHUNK];
+  static char big[MSG];
+  ac_map_t *map = task_map_new();
+  static hostile_t h;
+  struct pollfd p;
+  int tmo = 200;
+  int peer;
+  int fd;
+  int i;
+
+  pattern(out, sizeof(out));
+  memset(&h, 0, sizeof(h));
+  couple(map, &h.e, &hostile_ops, &peer);
+  fd = ac_fileno(&h.e.w.d);
+  peer_send(peer, fd, out, sizeof(out));
+  /* the peer never reads: fill its window, then let the connection time
+   * out on the channel's side */
+  for (i = 0; i < 10000 && send(fd, big, sizeof(big), MSG_DONTWAIT) > 0;
+       i++) {
+  }
+  ASSERT_OK(setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &tmo,
+                       sizeof(tmo)));
+  p.fd = fd;
+  p.events = POLLIN;
+  p.revents = 0;
+  for (i = 0; i < 100 && !(p.revents & POLLERR); i++) {
+    usleep(50000); /* input waits: poll(2) returns at once */
+    ASSERT_GE(poll(&p, 1, 0), 0);
+  }
+  if (!(p.revents & POLLERR)) {
+    fprintf(stderr, "  skipped: the connection did not time out\n");
+    ac_close(&h.e.w.d);
+    close(peer);
+    task_map_free(map);
+    return;
+  }
+  for (i = 0; i < 20 && h.errors + h.e.closes == 0; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.e.nin, sizeof(out));
+  ASSERT_MEM_EQ(h.e.in, out, sizeof(out));
+  ASSERT_EQ(h.errors, 1);
+  ASSERT_EQ(h.e.closes, 0);
+  close(peer);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -1415,6 +1471,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(burst_large_replies_keep_order),
     TASK_ENTRY(burst_close_all_with_input_ahead),
     TASK_ENTRY(chat_discard_keeps_pushed_replies),
+    TASK_ENTRY(burst_timeout_error_is_reported),
 };
 
 int main(int argc, char **argv) {
