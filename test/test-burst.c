@@ -1446,6 +1446,59 @@ TASK(burst_timeout_error_is_reported) {
   task_map_free(map);
 }
 
+
+/* ac_fileno from found_terminator after close_when_done in the same parse
+ * (the application logs the socket, say): sending what was gathered
+ * reaches the close marker, so the channel closes there (CPython's next
+ * push would have closed it); the parse goes on on the closed channel
+ * (C-13), what is pushed after the marker is never sent (C-20). */
+static int logfd_found(ac_chat_t *c) {
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  int quit = n == 4 && memcmp(data, "QUIT", 4) == 0;
+  char reply[32];
+  int r;
+
+  (void) ac_fileno(&c->d);
+  snprintf(reply, sizeof(reply), "%.*s!\n", (int) n, data);
+  (void) ac_chat_clear_incoming(c);
+  r = ac_chat_push(c, reply, strlen(reply));
+  if (r == UV_EBADF) {
+    r = 0; /* closed: as CPython's push to a closed channel, nothing */
+  }
+  return r == 0 && quit ? ac_chat_close_when_done(c) : r;
+}
+
+static const ac_chat_ops_t logfd_ops = {
+    .collect_incoming_data = liner_collect,
+    .found_terminator = logfd_found,
+};
+
+TASK(chat_fileno_after_close_when_done) {
+  ac_map_t *map = task_map_new();
+  static ac_chat_t c;
+  uv_os_sock_t fds[2];
+  char back[32];
+  size_t got = 0;
+  ssize_t r;
+
+  ASSERT_OK(ac_chat_init(&c, map, &logfd_ops));
+  ASSERT_OK(ac_chat_set_terminator(&c, "\n", 1));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&c.d, fds[1]));
+  peer_send(fds[0], fds[1], "a\nb\nQUIT\nc\nd\n", 13);
+  ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+  while ((r = recv(fds[0], back + got, sizeof(back) - got, 0)) > 0) {
+    got += (size_t) r;
+  }
+  ASSERT_EQ(r, 0);
+  ASSERT_EQ(got, 12);
+  ASSERT_MEM_EQ(back, "a!\nb!\nQUIT!\n", 12);
+  ASSERT(ac_is_closed(&c.d));
+  close(fds[0]);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -1472,6 +1525,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(burst_close_all_with_input_ahead),
     TASK_ENTRY(chat_discard_keeps_pushed_replies),
     TASK_ENTRY(burst_timeout_error_is_reported),
+    TASK_ENTRY(chat_fileno_after_close_when_done),
 };
 
 int main(int argc, char **argv) {
