@@ -32,6 +32,7 @@ typedef struct ac__adopt_s {
   uv_close_cb app_closed;
   uv_write_t fence;
   int fencing;              /* the fence is in flight */
+  int err;                  /* after the input: an error received ahead */
   size_t off;               /* pending input: data[off, len) */
   size_t len;
   size_t cap;               /* bytes data[] has room for */
@@ -55,7 +56,7 @@ static ac__adopt_t *find(const ac_dispatcher_t *d) {
 static void finish(ac__adopt_t *a) {
   ac__adopt_t **p = &a->d->map->adopts;
 
-  if (a->fencing || a->off < a->len) {
+  if (a->fencing || a->off < a->len || a->err != 0) {
     return;
   }
   while (*p != a) {
@@ -71,11 +72,18 @@ static void finish(ac__adopt_t *a) {
 }
 
 /* ac_recv's first source while the adoption has input left: >0 bytes
- * copied, 0 when none is left. */
+ * copied, 0 when none is left, or the error received ahead after them
+ * (once). */
 ssize_t ac__adopt_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   ac__adopt_t *a = find(d);
   size_t k;
 
+  if (a != NULL && a->off == a->len && a->err != 0) {
+    int err = a->err;
+    a->err = 0;
+    finish(a);
+    return err;
+  }
   if (a == NULL || a->off == a->len) {
     return 0;
   }
@@ -104,8 +112,9 @@ size_t ac__adopt_pending(const ac_dispatcher_t *d) {
 /* A read burst (burst.c) receives ahead: up to AC__AHEAD bytes from d's
  * socket become its pending input (d has none), which ac_recv returns
  * first.  Returns the bytes received, or what the receive met: 0 (EOF),
- * UV_EAGAIN (nothing waits), another error (the socket keeps reporting it:
- * the next receive meets it, or the EOF that follows), UV_ENOMEM. */
+ * UV_EAGAIN (nothing waits), another error, UV_ENOMEM.  The socket reports
+ * an error once (then the end of the input): it is kept for the next
+ * ac_recv, which would have met it (ETIMEDOUT goes to handle_error). */
 ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d) {
   ac_map_t *m = d->map;
   ac__adopt_t *a = m->ahead_spare;
@@ -122,22 +131,22 @@ ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d) {
   do {
     r = recv(d->fd, a->data, a->cap, 0);
   } while (r < 0 && errno == EINTR);
-  if (r <= 0) {
-    int err = errno;
+  if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+    a->err = AC__ERR(errno);
+    r = 0;
+  } else if (r <= 0) {
     if (m->ahead_spare == NULL) {
       m->ahead_spare = a; /* nothing received: kept for the next */
     } else {
       ac__free(a);
     }
-    return r == 0 ? 0 : (err == EAGAIN || err == EWOULDBLOCK)
-                            ? UV_EAGAIN
-                            : AC__ERR(err);
+    return r == 0 ? 0 : UV_EAGAIN;
   }
   a->len = (size_t) r;
   a->next = d->map->adopts;
   d->map->adopts = a;
   d->flags |= AC__F_ADOPT;
-  return r;
+  return a->err != 0 ? a->err : r;
 }
 
 /* Pending input is left when a read burst ends: it is read readiness that
@@ -166,6 +175,7 @@ void ac__adopt_closed(ac_dispatcher_t *d) {
 
   if (a != NULL) {
     a->off = a->len;
+    a->err = 0;
     finish(a);
   }
 }

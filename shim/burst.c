@@ -33,12 +33,17 @@
  * not paused, readable()) and some waits, in its pending input or in the
  * kernel (received ahead now).  An EOF or an error counts as waiting: the
  * next handle_read meets it. */
+static int wants_input(const ac_dispatcher_t *d) {
+  return !d->map->stopping && (d->armed & AC__R) && d->paused == 0 &&
+         d->connected && !d->accepting && !(d->flags & AC__F_CLOSED);
+}
+
 int ac__burst_again(ac_dispatcher_t *d) {
   ssize_t r;
 
-  if (d->map->stopping || !(d->armed & AC__R) || d->paused != 0 ||
-      !d->connected || d->accepting || (d->flags & AC__F_CLOSED) ||
-      !AC__SLOT(d, readable)(d)) {
+  /* asked again after readable(), which may close the channel or pause
+   * it (an idle-timeout check, say): a closed channel gets no handler */
+  if (!wants_input(d) || !AC__SLOT(d, readable)(d) || !wants_input(d)) {
     return 0;
   }
   if (d->flags & AC__F_ADOPT) {

@@ -1007,6 +1007,11 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
   if (!ac__chat_usable(c)) {
     return UV_EINVAL;
   }
+  if (ac__chat_gathering(c) && c->fifo.len_ > 0) {
+    /* from the parse, replies gathered: CPython's pushes had sent them,
+     * the discard drops only what the socket refused (as chat_closing) */
+    (void) ac__chat_flush(c);
+  }
   c->in_keep = 0;
   c->spill_len = 0;
   c->in_gen++;
@@ -1017,9 +1022,11 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
   return 0;
 }
 
-/* ac_close from inside the parse loop, replies gathered: CPython would
- * have sent them at their push, so they go now, before the close discards
- * what is queued (C-20: close() discards only what the socket refused). */
+/* ac_close or ac_fileno from inside the parse loop, replies gathered:
+ * CPython would have sent them at their push, so they go now, before the
+ * close discards what is queued (C-20: close() discards only what the
+ * socket refused), or before the application's own use of the socket
+ * (shutdown(SHUT_WR) after its last reply). */
 static void chat_closing(ac_dispatcher_t *d) {
   ac_chat_t *c = ac_chat_of(d);
 

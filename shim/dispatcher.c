@@ -697,12 +697,26 @@ void ac__handle_closed(uv_handle_t *h) {
   ac__maybe_release(d);
 }
 
+/* The application gets the socket to use it itself (shutdown(2), a raw
+ * send, sendfile): the replies its class or a read burst gathered, which
+ * a push or ac_send reported sent, go to the kernel first, as they would
+ * have without gathering (chat.c, burst.c; d is the application's, only
+ * the pointer is const). */
 uv_os_sock_t ac_fileno(const ac_dispatcher_t *d) {
-  return d != NULL && (d->flags & AC__F_INIT) ? d->fd : -1;
+  if (d == NULL || !(d->flags & AC__F_INIT)) {
+    return -1;
+  }
+  if (!(d->flags & AC__F_CLOSED) && AC__CLS(d)->closing != NULL) {
+    AC__CLS(d)->closing((ac_dispatcher_t *) d);
+  }
+  if (d->ready & AC__GATHERING) {
+    ac__burst_flush((ac_dispatcher_t *) d, 1);
+  }
+  return d->fd;
 }
 
 int ac_is_closed(const ac_dispatcher_t *d) {
-  return ac_fileno(d) < 0;
+  return d == NULL || !(d->flags & AC__F_INIT) || d->fd < 0;
 }
 
 int ac_pause_reading(ac_dispatcher_t *d, int pause) {
@@ -935,7 +949,10 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
     return UV_EINVAL;
   }
   if ((d->flags & AC__F_ADOPT) && n > 0 &&
-      (r = ac__adopt_recv(d, buf, n)) > 0) {
+      (r = ac__adopt_recv(d, buf, n)) != 0) {
+    if (r < 0) { /* an error received ahead, after the input (adopt.c) */
+      return ac_is_disconnect((int) r) ? disconnected(d) : r;
+    }
     if (r == (ssize_t) n) {
       d->ready |= AC__RMORE;
     }

@@ -58,8 +58,9 @@ typedef struct ac__class_s {
   ssize_t (*send)(ac_dispatcher_t *d, const void *buf, size_t n);
   /* Free class buffers when the channel is released (may be NULL). */
   void (*release)(ac_dispatcher_t *d);
-  /* At ac_close, first: send what the class held back that CPython would
-   * have sent already (may be NULL; chat.c). */
+  /* At ac_close, first, and when the application takes the socket
+   * (ac_fileno): send what the class held back that CPython would have
+   * sent already (may be NULL; chat.c). */
   void (*closing)(ac_dispatcher_t *d);
 } ac__class_t;
 

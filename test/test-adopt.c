@@ -596,6 +596,133 @@ TASK(adopt_map_free_cuts_stuck_queue) {
   ASSERT_OK(loop_free(loop));
 }
 
+
+/* The adopted channel echoes what it reads, 8 KiB per handle_read (the
+ * documentation's echo server), so that its reads burst (issue 13). */
+#define ECHO_MSG 100000u
+
+typedef struct {
+  ac_dispatcher_with_send_t base;
+  char got[4 + ECHO_MSG];
+  size_t ngot;
+  int reads;
+  int pause_after; /* ac_pause_reading after this many reads */
+} echo_chan_t;
+
+static int echo_chan_read(ac_dispatcher_t *d) {
+  echo_chan_t *c = ac_container_of(d, echo_chan_t, base.d);
+  size_t room = sizeof(c->got) - c->ngot;
+  ssize_t n = ac_recv(d, c->got + c->ngot, room < 8192 ? room : 8192);
+
+  if (++c->reads == c->pause_after) {
+    (void) ac_pause_reading(d, 1);
+  }
+  if (n > 0) {
+    ssize_t s = ac_send(d, c->got + c->ngot, (size_t) n);
+    c->ngot += (size_t) n;
+    return s < 0 ? (int) s : 0;
+  }
+  return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+}
+
+static void on_tick(uv_timer_t *t) { (void) t; }
+
+static const ac_dispatcher_ops_t echo_chan_ops = {
+    .handle_read = echo_chan_read,
+    .handle_close = chan_close,
+};
+
+/* The application queued 8 MiB with uv_write that the peer has not read
+ * yet and had read 4 bytes it did not consume; 100000 more bytes wait in
+ * the socket.  The adopted channel reads them in bursts and echoes them:
+ * the peer gets the 8 MiB, then the echo of the 4 pending bytes and of
+ * the 100000, in order; no byte of the channel overtakes the
+ * application's (the fence), none is lost.  The channel pauses reading in
+ * its first burst and resumes once the fence is through: the input it
+ * had (received ahead or not) comes first.  Under ac_loop and uv_run. */
+TASK(adopt_fence_holds_during_read_burst) {
+  int mode;
+
+  for (mode = 0; mode < 2; mode++) {
+    uv_loop_t *loop = loop_new();
+    ac_map_t *map = NULL;
+    app_t *a = calloc(1, sizeof(*a));
+    echo_chan_t *c = calloc(1, sizeof(*c));
+    char *msg = malloc(ECHO_MSG);
+    peer_t pr;
+    uv_timer_t tick;
+    uint64_t start;
+    size_t sent = 0;
+    size_t i;
+    int fds[2];
+
+    ASSERT(loop != NULL && a != NULL && c != NULL && msg != NULL);
+    for (i = 0; i < ECHO_MSG; i++) {
+      msg[i] = (char) ((i * 2654435761u) >> 13);
+    }
+    ASSERT_OK(ac_map_new(loop, &map));
+    ASSERT_OK(tcp_pair(fds));
+    ASSERT_OK(uv_tcp_init(loop, &a->h.tcp));
+    a->h.tcp.data = a;
+    ASSERT_OK(uv_tcp_open(&a->h.tcp, fds[1]));
+    ASSERT_OK(app_queue_big(a));
+    ASSERT_GT(uv_stream_get_write_queue_size(&a->h.stream), 0);
+    for (i = 0; i < 1000 && sent < ECHO_MSG; i++) {
+      ssize_t r = write(fds[0], msg + sent, ECHO_MSG - sent);
+      if (r > 0) {
+        sent += (size_t) r;
+      } else {
+        usleep(1000);
+      }
+    }
+    ASSERT_EQ(sent, ECHO_MSG);
+    ASSERT_OK(ac_dispatcher_with_send_init(&c->base, map, &echo_chan_ops));
+    c->pause_after = 3;
+    ASSERT_OK(ac_dispatcher_adopt_stream(&c->base.d, &a->h.stream, "PEND",
+                                         4, app_closed));
+    /* the channel reads (and answers) before the peer reads anything */
+    for (i = 0; i < 50; i++) {
+      if (mode) {
+        ac_loop(map, 0.001, 0, 1);
+      } else {
+        uv_run(loop, UV_RUN_NOWAIT);
+      }
+    }
+    ASSERT_EQ(c->reads, 3);
+    ASSERT_OK(peer_start(&pr, loop, fds[0], BIG + 4 + ECHO_MSG));
+    /* a tick, so that uv_run(ONCE) returns even if input were lost */
+    ASSERT_OK(uv_timer_init(loop, &tick));
+    ASSERT_OK(uv_timer_start(&tick, on_tick, 5, 5));
+    start = uv_now(loop);
+    for (i = 0; i < 100000 && pr.len < BIG + 4 + ECHO_MSG &&
+                uv_now(loop) - start < 10000;
+         i++) {
+      step(map, mode);
+      if (a->writes_done > 0 && ac_reading_paused(&c->base.d)) {
+        ASSERT_OK(ac_pause_reading(&c->base.d, 0)); /* the fence is through */
+      }
+    }
+    ASSERT_EQ(c->ngot, 4 + ECHO_MSG);
+    ASSERT_MEM_EQ(c->got, "PEND", 4);
+    ASSERT_MEM_EQ(c->got + 4, msg, ECHO_MSG);
+    ASSERT_EQ(pr.len, BIG + 4 + ECHO_MSG);
+    ASSERT_MEM_EQ(pr.buf, a->big, BIG);
+    ASSERT_MEM_EQ(pr.buf + BIG, "PEND", 4);
+    ASSERT_MEM_EQ(pr.buf + BIG + 4, msg, ECHO_MSG);
+    ASSERT_EQ(a->write_status, 0);
+    uv_close((uv_handle_t *) &tick, NULL);
+    peer_stop(&pr);
+    close(fds[0]);
+    ac_close(&c->base.d);
+    ac_map_free(map);
+    free(a->big);
+    free(a);
+    free(c);
+    free(msg);
+    ASSERT_OK(loop_free(loop));
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(adopt_tcp_with_bytes_in_flight),
     TASK_ENTRY(adopt_close_at_once_still_delivers),
@@ -606,6 +733,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(adopt_peer_reset_while_queued),
     TASK_ENTRY(adopt_bad_input),
     TASK_ENTRY(adopt_map_free_cuts_stuck_queue),
+    TASK_ENTRY(adopt_fence_holds_during_read_burst),
 };
 
 int main(int argc, char **argv) {

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -435,6 +436,1069 @@ TASK(chat_close_sends_gathered_replies) {
   task_map_free(map);
 }
 
+
+/* ---------------------------------------------------------------- */
+/* Attacks: hostile peers and tricky applications during a burst      */
+
+typedef struct {
+  echo_t e;
+  int errors;          /* handle_error calls */
+  int close_in_readable; /* readable() closes the channel after this many reads */
+  int after_close;     /* handler calls on the channel after it was closed */
+  int reconnects;      /* handle_close reconnects this many times */
+  int connects;        /* handle_connect calls */
+  struct sockaddr_storage to;
+} hostile_t;
+
+static hostile_t *hostile_of(ac_dispatcher_t *d) {
+  return ac_container_of(d, hostile_t, e.w.d);
+}
+
+static int hostile_read(ac_dispatcher_t *d) {
+  if (ac_is_closed(d)) {
+    hostile_of(d)->after_close++;
+  }
+  return echo_read(d);
+}
+
+static int hostile_readable(ac_dispatcher_t *d) {
+  hostile_t *h = hostile_of(d);
+
+  if (h->close_in_readable > 0 && h->e.reads >= h->close_in_readable &&
+      !ac_is_closed(d)) {
+    ac_close(d); /* an idle-timeout check in readable(), say */
+  }
+  return 1;
+}
+
+static int hostile_close(ac_dispatcher_t *d) {
+  hostile_t *h = hostile_of(d);
+
+  if (ac_is_closed(d)) {
+    h->after_close++;
+  }
+  h->e.closes++;
+  ac_close(d);
+  if (h->reconnects > 0) {
+    /* the reconnect idiom: the same channel, a new connection */
+    h->reconnects--;
+    int r = ac_create_socket(d, AF_INET, SOCK_STREAM);
+    return r != 0 ? r : ac_connect(d, (struct sockaddr *) &h->to);
+  }
+  return 0;
+}
+
+static int hostile_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  hostile_of(d)->errors++;
+  return ac_close(d);
+}
+
+static int hostile_connect(ac_dispatcher_t *d) {
+  hostile_of(d)->connects++;
+  return 0;
+}
+
+static const ac_dispatcher_ops_t hostile_ops = {
+    .readable = hostile_readable,
+    .handle_read = hostile_read,
+    .handle_close = hostile_close,
+    .handle_error = hostile_error,
+    .handle_connect = hostile_connect,
+};
+
+/* readable() closes the channel (an idle-timeout check, say) and answers
+ * true: a closed channel gets no handler call any more (docs/design.md
+ * "Closing and freeing"), not a handle_read whose receive meets EBADF nor
+ * the handle_close that follows. */
+TASK(burst_readable_that_closes_ends_it) {
+  static char out[MSG];
+  ac_map_t *map = task_map_new();
+  static hostile_t h;
+  int peer;
+  int i;
+
+  pattern(out, sizeof(out));
+  memset(&h, 0, sizeof(h));
+  couple(map, &h.e, &hostile_ops, &peer);
+  h.close_in_readable = 2;
+  peer_send(peer, ac_fileno(&h.e.w.d), out, MSG);
+  for (i = 0; i < 5; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.e.reads, 2);
+  ASSERT_EQ(h.after_close, 0);
+  ASSERT_EQ(h.e.closes, 0);
+  ASSERT_EQ(h.errors, 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* A peer sends more than a burst takes, then resets (SO_LINGER 0): every
+ * byte it sent before the reset is delivered, in order (Linux keeps them
+ * readable before it reports the reset), then handle_close once; no
+ * handle_error, no handler after the close.  In both modes. */
+TASK(burst_reset_after_large_message) {
+  static char out[120000]; /* more than one receive ahead, less than the
+                              socket's receive buffer */
+  int mode;
+
+  pattern(out, sizeof(out));
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    static hostile_t h;
+    struct linger lg = {1, 0};
+    int peer;
+    int i;
+
+    memset(&h, 0, sizeof(h));
+    couple(map, &h.e, &hostile_ops, &peer);
+    peer_send(peer, ac_fileno(&h.e.w.d), out, sizeof(out));
+    ASSERT_OK(setsockopt(peer, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+    close(peer);
+    for (i = 0; i < 100 && h.e.closes == 0; i++) {
+      ASSERT_OK(ac_loop(map, 0.05, mode, 1));
+    }
+    ASSERT_EQ(h.e.nin, sizeof(out));
+    ASSERT_MEM_EQ(h.e.in, out, sizeof(out));
+    ASSERT_EQ(h.e.closes, 1);
+    ASSERT_EQ(h.errors, 0);
+    ASSERT_EQ(h.after_close, 0);
+    ASSERT_EQ(h.e.would_block, 0);
+    task_map_free(map);
+  }
+}
+
+/* A peer sends a large message, half-closes and reads: the echo of every
+ * byte reaches it, in order, then the end (the channel closes in
+ * handle_close, after the burst's gathered replies went out).  Both
+ * modes. */
+TASK(burst_half_close_gets_whole_echo) {
+  static char out[4 * MSG];
+  static char back[4 * MSG];
+  int mode;
+
+  pattern(out, sizeof(out));
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    static hostile_t h;
+    size_t sent = 0;
+    size_t got = 0;
+    int peer;
+    int eof = 0;
+    int i;
+
+    memset(&h, 0, sizeof(h));
+    couple(map, &h.e, &hostile_ops, &peer);
+    h.e.echo = 1;
+    for (i = 0; i < 2000 && !eof; i++) {
+      ssize_t r;
+      if (sent < sizeof(out)) {
+        r = send(peer, out + sent, sizeof(out) - sent, MSG_DONTWAIT);
+        sent += r > 0 ? (size_t) r : 0;
+        if (sent == sizeof(out)) {
+          ASSERT_OK(shutdown(peer, SHUT_WR));
+        }
+      }
+      ASSERT_OK(ac_loop(map, 0.001, mode, 1));
+      while ((r = recv(peer, back + got, sizeof(back) - got,
+                       MSG_DONTWAIT)) > 0) {
+        got += (size_t) r;
+      }
+      eof = r == 0;
+    }
+    ASSERT(eof);
+    ASSERT_EQ(h.e.short_sends, 0);
+    ASSERT_EQ(got, sizeof(out));
+    ASSERT_MEM_EQ(back, out, sizeof(out));
+    ASSERT_EQ(h.e.closes, 1);
+    ASSERT_EQ(h.errors, 0);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
+/* handle_close reconnects (close, create_socket, connect on the same
+ * channel) at the end of a burst: the new connection gets none of the old
+ * one's input (received ahead or not), only its own, and handle_connect. */
+TASK(burst_reconnect_in_handle_close) {
+  static char out[MSG + 100];
+  ac_map_t *map = task_map_new();
+  static hostile_t h;
+  int lfd;
+  int port;
+  int p1;
+  int p2;
+  int i;
+
+  pattern(out, sizeof(out));
+  memset(&h, 0, sizeof(h));
+  ASSERT_OK(ac_dispatcher_with_send_init(&h.e.w, map, &hostile_ops));
+  lfd = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(lfd, 0);
+  task_addr(AF_INET, port, &h.to);
+  h.reconnects = 1;
+  ASSERT_OK(ac_create_socket(&h.e.w.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&h.e.w.d, (struct sockaddr *) &h.to));
+  for (i = 0; i < 100 && h.connects == 0; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.connects, 1);
+  p1 = accept(lfd, NULL, NULL);
+  ASSERT_GE(p1, 0);
+  /* a message and its end, all in the channel's socket before a pass */
+  peer_send(p1, ac_fileno(&h.e.w.d), out, sizeof(out));
+  ASSERT_OK(shutdown(p1, SHUT_WR));
+  for (i = 0; i < 100 && h.connects < 2; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.e.closes, 1);
+  ASSERT_EQ(h.connects, 2);
+  ASSERT_EQ(h.e.nin, sizeof(out));
+  ASSERT_MEM_EQ(h.e.in, out, sizeof(out));
+  p2 = accept(lfd, NULL, NULL);
+  ASSERT_GE(p2, 0);
+  ASSERT_EQ(send(p2, "hello", 5, 0), 5);
+  for (i = 0; i < 100 && h.e.nin < sizeof(out) + 5; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.e.nin, sizeof(out) + 5);
+  ASSERT_MEM_EQ(h.e.in + sizeof(out), "hello", 5);
+  ASSERT_EQ(h.after_close, 0);
+  ASSERT_EQ(h.errors, 0);
+  ac_close(&h.e.w.d);
+  close(p1);
+  close(p2);
+  close(lfd);
+  task_map_free(map);
+}
+
+
+/* An async_chat whose receives are small (ac_in_buffer_size), so that
+ * its reads burst, answering each record; what it does per record is set
+ * by the test. */
+typedef struct {
+  ac_chat_t c;
+  int records;
+  int count;           /* count terminator of this many bytes (0: "\n") */
+  int vary_size;       /* found_terminator changes ac_in_buffer_size */
+  int producer;        /* each reply: "a<i>", a producer's chunks, "b<i>" */
+  const char *quit;    /* this line: "bye\n" and close_when_done */
+  int after_quit;      /* records found after the quit line */
+  int quitted;
+  int closes;
+} rec_t;
+
+static int rec_found(ac_chat_t *c) {
+  rec_t *t = ac_container_of(c, rec_t, c);
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  char reply[64];
+  int r;
+
+  if (t->quitted) {
+    t->after_quit++;
+  }
+  if (t->quit != NULL && n == strlen(t->quit) &&
+      memcmp(data, t->quit, n) == 0) {
+    t->quitted = 1;
+    (void) ac_chat_clear_incoming(c);
+    r = ac_chat_push(c, "bye\n", 4);
+    return r != 0 ? r : ac_chat_close_when_done(c);
+  }
+  (void) ac_chat_clear_incoming(c);
+  snprintf(reply, sizeof(reply), "a%d.", t->records);
+  r = ac_chat_push(c, reply, strlen(reply));
+  if (r == 0 && t->producer) {
+    ac_producer_t *p;
+    r = ac_simple_producer_new("p1p2p3", 6, 2, &p);
+    if (r == 0) {
+      r = ac_chat_push_with_producer(c, p);
+    }
+    snprintf(reply, sizeof(reply), "b%d\n", t->records);
+    r = r != 0 ? r : ac_chat_push(c, reply, strlen(reply));
+  } else if (r == 0) {
+    r = ac_chat_push(c, "\n", 1);
+  }
+  t->records++;
+  if (t->vary_size) {
+    static const size_t sizes[] = {1, 4096, 70000, 7};
+    c->ac_in_buffer_size = sizes[t->records % 4];
+  }
+  if (r == 0 && t->count > 0) {
+    r = ac_chat_set_terminator_count(c, t->count);
+  }
+  return r;
+}
+
+static int rec_collect(ac_chat_t *c, const char *data, size_t n) {
+  return ac_chat_collect_incoming(c, data, n);
+}
+
+static int rec_close(ac_dispatcher_t *d) {
+  ac_container_of(d, rec_t, c.d)->closes++;
+  return ac_close(d);
+}
+
+static const ac_chat_ops_t rec_ops = {
+    .base = {.handle_close = rec_close},
+    .collect_incoming_data = rec_collect,
+    .found_terminator = rec_found,
+};
+
+static void rec_couple(ac_map_t *map, rec_t *t, int *peer) {
+  uv_os_sock_t fds[2];
+
+  ASSERT_OK(ac_chat_init(&t->c, map, &rec_ops));
+  t->c.ac_in_buffer_size = 512;
+  if (t->count > 0) {
+    ASSERT_OK(ac_chat_set_terminator_count(&t->c, t->count));
+  } else {
+    ASSERT_OK(ac_chat_set_terminator(&t->c, "\n", 1));
+  }
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&t->c.d, fds[1]));
+  *peer = fds[0];
+}
+
+/* Run the loop and read what the peer gets until `cap` bytes came, or
+ * the end with `eof`; *gotp: the bytes received. */
+static void rec_exchange(ac_map_t *map, int mode, int peer,
+                         const char *in, size_t nin, char *back, size_t cap,
+                         int eof, size_t *gotp) {
+  size_t sent = 0;
+  size_t got = 0;
+  int i;
+
+  for (i = 0; i < 30000; i++) {
+    ssize_t r;
+    if (sent < nin) {
+      r = send(peer, in + sent, nin - sent, MSG_DONTWAIT);
+      sent += r > 0 ? (size_t) r : 0;
+    }
+    ASSERT_OK(ac_loop(map, 0.001, mode, 1));
+    while ((r = recv(peer, back + got, cap - got, MSG_DONTWAIT)) > 0) {
+      got += (size_t) r;
+    }
+    if ((eof && r == 0) || (!eof && got == cap)) {
+      break;
+    }
+  }
+  *gotp = got;
+}
+
+static char rec_in[160000];
+static char rec_back[200000];
+static char rec_want[200000];
+
+/* Records of a count terminator, pipelined, read 512 bytes at a time (and
+ * with receive sizes changed by found_terminator: 1, 4 KiB, 70000, 7):
+ * every reply, in order, in both modes, also with batch on. */
+TASK(chat_burst_count_terminator) {
+  int variant;
+
+  for (variant = 0; variant < 8; variant++) {
+    ac_map_t *map = task_map_new();
+    static rec_t t;
+    size_t nwant = 0;
+    size_t got;
+    int peer;
+    int i;
+
+    memset(&t, 0, sizeof(t));
+    t.count = 100;
+    t.vary_size = variant & 1;
+    t.c.batch = (variant >> 1) & 1;
+    rec_couple(map, &t, &peer);
+    t.c.batch = (variant >> 1) & 1;
+    pattern(rec_in, 1000 * 100);
+    for (i = 0; i < 1000; i++) {
+      nwant += (size_t) sprintf(rec_want + nwant, "a%d.\n", i);
+    }
+    rec_exchange(map, variant >> 2, peer, rec_in, 1000 * 100, rec_back,
+                 nwant, 0, &got);
+    ASSERT_EQ(got, nwant);
+    ASSERT_MEM_EQ(rec_back, rec_want, nwant);
+    ASSERT_EQ(t.records, 1000);
+    ac_close(&t.c.d);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
+/* Each reply pushes a producer between two strings, pipelined records in
+ * bursts: the peer gets every reply whole, in order ("a<i>.p1p2p3b<i>"). */
+TASK(chat_burst_producers_keep_order) {
+  int mode;
+
+  for (mode = 0; mode < 4; mode++) {
+    ac_map_t *map = task_map_new();
+    static rec_t t;
+    size_t nin = 0;
+    size_t nwant = 0;
+    size_t got;
+    int peer;
+    int i;
+
+    memset(&t, 0, sizeof(t));
+    t.producer = 1;
+    rec_couple(map, &t, &peer);
+    t.c.batch = mode >> 1;
+    for (i = 0; i < 3000; i++) {
+      nin += (size_t) sprintf(rec_in + nin, "line %d\n", i);
+      nwant += (size_t) sprintf(rec_want + nwant, "a%d.p1p2p3b%d\n", i, i);
+    }
+    rec_exchange(map, mode & 1, peer, rec_in, nin, rec_back, nwant, 0,
+                 &got);
+    ASSERT_EQ(got, nwant);
+    ASSERT_MEM_EQ(rec_back, rec_want, nwant);
+    ac_close(&t.c.d);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
+/* close_when_done in the middle of pipelined input read in bursts: the
+ * replies before it, "bye", then the end; nothing pushed after it is sent
+ * (C-20), whatever the parse still finds. */
+TASK(chat_burst_close_when_done) {
+  int mode;
+
+  for (mode = 0; mode < 4; mode++) {
+    ac_map_t *map = task_map_new();
+    static rec_t t;
+    size_t nin = 0;
+    size_t nwant = 0;
+    size_t got;
+    int peer;
+    int i;
+
+    memset(&t, 0, sizeof(t));
+    t.quit = "QUIT";
+    rec_couple(map, &t, &peer);
+    t.c.batch = mode >> 1;
+    for (i = 0; i < 2000; i++) {
+      nin += (size_t) sprintf(rec_in + nin, "line %d\n", i);
+      nwant += (size_t) sprintf(rec_want + nwant, "a%d.\n", i);
+    }
+    nin += (size_t) sprintf(rec_in + nin, "QUIT\n");
+    nwant += (size_t) sprintf(rec_want + nwant, "bye\n");
+    for (i = 0; i < 500; i++) {
+      nin += (size_t) sprintf(rec_in + nin, "more %d\n", i);
+    }
+    rec_exchange(map, mode & 1, peer, rec_in, nin, rec_back,
+                 sizeof(rec_back), 1, &got);
+    ASSERT_EQ(got, nwant);
+    ASSERT_MEM_EQ(rec_back, rec_want, nwant);
+    ASSERT_EQ(t.closes, 1);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
+
+/* Channel A's handler closes channel B, which holds input received ahead
+ * (B paused reading in the middle of its burst): B gets no handler any
+ * more and nothing leaks (ASan, valgrind). */
+typedef struct {
+  echo_t e;
+  ac_dispatcher_t *victim;
+} killer_t;
+
+static int killer_read(ac_dispatcher_t *d) {
+  killer_t *k = ac_container_of(d, killer_t, e.w.d);
+  int r = echo_read(d);
+
+  if (k->victim != NULL) {
+    ac_close(k->victim);
+    k->victim = NULL;
+  }
+  return r;
+}
+
+static const ac_dispatcher_ops_t killer_ops = {
+    .handle_read = killer_read,
+    .handle_close = echo_close,
+};
+
+TASK(burst_other_channel_closes_one_with_input_ahead) {
+  static char out[MSG];
+  int mode;
+
+  pattern(out, sizeof(out));
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    static echo_t b;
+    static killer_t k;
+    int pb;
+    int pk;
+    int i;
+
+    couple(map, &b, &echo_ops, &pb);
+    b.pause_after = 2;
+    peer_send(pb, ac_fileno(&b.w.d), out, MSG);
+    for (i = 0; i < 5; i++) {
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_EQ(b.reads, 2); /* the rest of the message waits, received */
+    couple(map, &k.e, &killer_ops, &pk);
+    k.victim = &b.w.d;
+    ASSERT_OK(ac_pause_reading(&b.w.d, 0)); /* ready in the same pass */
+    ASSERT_EQ(send(pk, "x", 1, 0), 1);
+    for (i = 0; i < 100 && k.e.nin == 0; i++) {
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_EQ(k.e.nin, 1);
+    ASSERT(ac_is_closed(&b.w.d));
+    for (i = 0; i < 5; i++) {
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_LE(b.reads, 3); /* at most the one before the close */
+    ASSERT_EQ(b.closes, 0);
+    ac_close(&k.e.w.d);
+    close(pb);
+    close(pk);
+    task_map_free(map);
+  }
+}
+
+/* Embedded (the application's uv_run, docs/embedding.md): a channel
+ * pauses in the middle of a burst after the library received the whole
+ * message ahead, so the kernel has nothing left to report; a timer of the
+ * application resumes it.  The rest is delivered by the next uv_run
+ * iterations, none of which waits for input that will never come. */
+typedef struct {
+  uv_timer_t t;
+  ac_dispatcher_t *d;
+  int fired;
+} resumer_t;
+
+static void on_resume(uv_timer_t *t) {
+  resumer_t *r = ac_container_of(t, resumer_t, t);
+
+  r->fired++;
+  (void) ac_pause_reading(r->d, 0);
+}
+
+static void on_guard(uv_timer_t *t) {
+  *(int *) t->data = 1;
+  uv_stop(t->loop);
+}
+
+TASK(burst_embedded_resume_delivers_input_ahead) {
+  static char out[MSG];
+  uv_loop_t loop;
+  ac_map_t *map = NULL;
+  static echo_t e;
+  resumer_t res;
+  uv_timer_t guard;
+  int timed_out = 0;
+  int peer;
+  int i;
+
+  pattern(out, sizeof(out));
+  ASSERT_OK(uv_loop_init(&loop));
+  ASSERT_OK(ac_map_new(&loop, &map));
+  couple(map, &e, &echo_ops, &peer);
+  e.pause_after = 2;
+  peer_send(peer, ac_fileno(&e.w.d), out, MSG);
+  for (i = 0; i < 5; i++) {
+    uv_run(&loop, UV_RUN_NOWAIT);
+  }
+  ASSERT_EQ(e.reads, 2);
+  ASSERT_OK(ioctl(ac_fileno(&e.w.d), FIONREAD, &i));
+  ASSERT_EQ(i, 0); /* all of it was received ahead */
+  res.d = &e.w.d;
+  res.fired = 0;
+  ASSERT_OK(uv_timer_init(&loop, &res.t));
+  ASSERT_OK(uv_timer_start(&res.t, on_resume, 10, 0));
+  ASSERT_OK(uv_timer_init(&loop, &guard));
+  guard.data = &timed_out;
+  ASSERT_OK(uv_timer_start(&guard, on_guard, 5000, 0));
+  for (i = 0; i < 100 && e.nin < MSG && !timed_out; i++) {
+    uv_run(&loop, UV_RUN_ONCE);
+  }
+  ASSERT_EQ(timed_out, 0);
+  ASSERT_EQ(res.fired, 1);
+  ASSERT_EQ(e.nin, MSG);
+  ASSERT_MEM_EQ(e.in, out, MSG);
+  ASSERT_EQ(e.would_block, 0);
+  ac_close(&e.w.d);
+  uv_close((uv_handle_t *) &res.t, NULL);
+  uv_close((uv_handle_t *) &guard, NULL);
+  ac_map_free(map);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  ASSERT_OK(uv_loop_close(&loop));
+  close(peer);
+}
+
+
+/* The application uses the socket itself in the middle of a burst, after
+ * ac_send: shutdown(SHUT_WR) after its third reply, and a raw write(2)
+ * after each ac_send.  The peer gets every reply ac_send reported sent,
+ * before the raw bytes and before the end, as without the burst (the
+ * replies gathered go to the kernel when ac_fileno hands out the socket). */
+static int raw_reads;
+
+static int raw_read(ac_dispatcher_t *d) {
+  char buf[CHUNK];
+  ssize_t n = ac_recv(d, buf, sizeof(buf));
+
+  if (n <= 0) {
+    return n == UV_EAGAIN ? 0 : (int) n;
+  }
+  if (++raw_reads > 3) {
+    return 0; /* half-closed: nothing more to say */
+  }
+  if (ac_send(d, "R", 1) != 1 || write(ac_fileno(d), "w", 1) != 1) {
+    return AC_EFAIL;
+  }
+  if (raw_reads == 3 && shutdown(ac_fileno(d), SHUT_WR) != 0) {
+    return AC_EFAIL;
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t raw_ops = {.handle_read = raw_read};
+
+TASK(burst_raw_socket_use_after_send) {
+  static char out[MSG];
+  int mode;
+
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    ac_dispatcher_t d;
+    uv_os_sock_t fds[2];
+    char back[16];
+    size_t got = 0;
+    ssize_t r;
+
+    raw_reads = 0;
+    ASSERT_OK(ac_dispatcher_init(&d, map, &raw_ops));
+    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+    peer_send(fds[0], fds[1], out, 4 * CHUNK);
+    ASSERT_OK(ac_loop(map, 1.0, mode, 1));
+    ASSERT_GE(raw_reads, 3);
+    while ((r = recv(fds[0], back + got, sizeof(back) - got, 0)) > 0) {
+      got += (size_t) r;
+    }
+    ASSERT_EQ(r, 0);
+    ASSERT_EQ(got, 6);
+    ASSERT_MEM_EQ(back, "RwRwRw", 6);
+    ac_close(&d);
+    close(fds[0]);
+    task_map_free(map);
+  }
+}
+
+
+/* async_chat, default mode: found_terminator pushes its reply and, at the
+ * last record of a pipelined receive, half-closes the socket itself
+ * (shutdown(ac_fileno, SHUT_WR)): the peer gets every reply, then the end,
+ * as with CPython, where each push had sent its reply. */
+static int shut_found(ac_chat_t *c) {
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  int bye = n == 3 && memcmp(data, "BYE", 3) == 0;
+  char reply[32];
+  int r;
+
+  snprintf(reply, sizeof(reply), "%.*s!\n", (int) n, data);
+  (void) ac_chat_clear_incoming(c);
+  r = ac_chat_push(c, reply, strlen(reply));
+  if (r == 0 && bye && shutdown(ac_fileno(&c->d), SHUT_WR) != 0) {
+    r = AC_EFAIL;
+  }
+  return r;
+}
+
+static const ac_chat_ops_t shut_ops = {
+    .collect_incoming_data = liner_collect,
+    .found_terminator = shut_found,
+};
+
+TASK(chat_raw_shutdown_after_pushes) {
+  int batch;
+
+  for (batch = 0; batch < 2; batch++) {
+    ac_map_t *map = task_map_new();
+    static ac_chat_t c;
+    uv_os_sock_t fds[2];
+    char back[32];
+    size_t got = 0;
+    ssize_t r;
+
+    ASSERT_OK(ac_chat_init(&c, map, &shut_ops));
+    c.batch = batch;
+    ASSERT_OK(ac_chat_set_terminator(&c, "\n", 1));
+    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    ASSERT_OK(ac_dispatcher_open(&c.d, fds[1]));
+    peer_send(fds[0], fds[1], "a\nb\nBYE\n", 8);
+    ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+    while ((r = recv(fds[0], back + got, sizeof(back) - got, 0)) > 0) {
+      got += (size_t) r;
+    }
+    ASSERT_EQ(r, 0);
+    ASSERT_EQ(got, 11);
+    ASSERT_MEM_EQ(back, "a!\nb!\nBYE!\n", 11);
+    ac_close(&c.d);
+    close(fds[0]);
+    task_map_free(map);
+  }
+}
+
+
+/* A handler of a burst's later call stops the loop (AC_EXIT, E-01),
+ * fails (AC_EFAIL: handle_error closes), or closes the whole map from
+ * inside (ac_map_close, embedded): the replies it sent before reach the
+ * peer, in order; the failure takes its usual way; nothing leaks. */
+typedef struct {
+  echo_t e;
+  int stop_at;   /* return this code ... */
+  int code;
+  int map_close_at; /* ac_map_close at this read */
+  int map_closed;
+  int errors;
+} stopper_t;
+
+static void on_map_closed(ac_map_t *map, void *arg) {
+  (void) map;
+  ((stopper_t *) arg)->map_closed++;
+}
+
+static int stopper_read(ac_dispatcher_t *d) {
+  stopper_t *s = ac_container_of(d, stopper_t, e.w.d);
+  int r = echo_read(d);
+
+  if (r == 0 && s->e.reads == s->map_close_at) {
+    r = ac_map_close(d->map, on_map_closed, s);
+  }
+  return r == 0 && s->e.reads == s->stop_at ? s->code : r;
+}
+
+static int stopper_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  ac_container_of(d, stopper_t, e.w.d)->errors++;
+  return ac_close(d);
+}
+
+static const ac_dispatcher_ops_t stopper_ops = {
+    .handle_read = stopper_read,
+    .handle_close = echo_close,
+    .handle_error = stopper_error,
+};
+
+TASK(burst_stop_fail_or_map_close_delivers_replies) {
+  static char out[MSG];
+  static char back[MSG];
+  int variant;
+
+  pattern(out, sizeof(out));
+  for (variant = 0; variant < 5; variant++) {
+    uv_loop_t loop;
+    ac_map_t *map = NULL;
+    static stopper_t s;
+    int peer;
+    int r;
+    int i;
+
+    ASSERT_OK(uv_loop_init(&loop));
+    ASSERT_OK(ac_map_new(&loop, &map));
+    memset(&s, 0, sizeof(s));
+    couple(map, &s.e, &stopper_ops, &peer);
+    s.e.echo = 1;
+    if (variant < 4) {
+      s.stop_at = 3;
+      s.code = variant < 2 ? AC_EXIT : AC_EFAIL;
+    } else {
+      s.map_close_at = 3;
+    }
+    peer_send(peer, ac_fileno(&s.e.w.d), out, MSG);
+    r = ac_loop(map, 1.0, variant & 1, 1);
+    if (variant < 2) {
+      ASSERT_EQ(r, AC_EXIT);
+      ASSERT_EQ(s.e.reads, 3);
+    } else {
+      ASSERT_OK(r);
+    }
+    if (variant == 2 || variant == 3) {
+      ASSERT_EQ(s.errors, 1);
+      ASSERT(ac_is_closed(&s.e.w.d));
+    }
+    /* every byte echoed before the stop reached the peer */
+    peer_recv(peer, back, 3 * CHUNK);
+    ASSERT_MEM_EQ(back, out, 3 * CHUNK);
+    if (variant >= 2) {
+      ASSERT_EQ(s.e.reads, 3);
+    }
+    if (variant == 4) {
+      for (i = 0; i < 100 && !s.map_closed; i++) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+        usleep(1000);
+      }
+      ASSERT_EQ(s.map_closed, 1);
+    } else {
+      if (!ac_is_closed(&s.e.w.d)) {
+        ac_close(&s.e.w.d);
+      }
+      ac_map_free(map);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    ASSERT_OK(uv_loop_close(&loop));
+    close(peer);
+  }
+}
+
+/* Replies larger than the gather (100 KiB) between small ones, in a
+ * burst: the gathered bytes go first, then the large one, in order, with
+ * dispatcher_with_send's buffer behind them when the kernel is full. */
+static int big_read(ac_dispatcher_t *d) {
+  static char blob[100000];
+  echo_t *e = echo_of(d);
+  char mark[2];
+  ssize_t n = ac_recv(d, e->in, CHUNK);
+
+  if (n <= 0) {
+    return n == UV_EAGAIN ? 0 : (int) n;
+  }
+  mark[0] = (char) ('a' + e->reads % 26);
+  mark[1] = (char) ('A' + e->reads % 26);
+  memset(blob, mark[0], sizeof(blob));
+  e->reads++;
+  if (ac_send(d, mark, 1) != 1 || ac_send(d, blob, sizeof(blob)) < 0 ||
+      ac_send(d, mark + 1, 1) != 1) {
+    return AC_EFAIL;
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t big_ops = {
+    .handle_read = big_read,
+    .handle_close = echo_close,
+};
+
+TASK(burst_large_replies_keep_order) {
+  static char out[4 * CHUNK];
+  static char back[4 * 100002];
+  ac_map_t *map = task_map_new();
+  static echo_t e;
+  size_t got = 0;
+  int peer;
+  int i;
+  int k;
+
+  couple(map, &e, &big_ops, &peer);
+  peer_send(peer, ac_fileno(&e.w.d), out, sizeof(out));
+  for (i = 0; i < 2000 && got < sizeof(back); i++) {
+    ssize_t r;
+    ASSERT_OK(ac_loop(map, 0.001, 0, 1));
+    while ((r = recv(peer, back + got, sizeof(back) - got, MSG_DONTWAIT)) >
+           0) {
+      got += (size_t) r;
+    }
+  }
+  ASSERT_EQ(e.reads, 4);
+  ASSERT_EQ(got, sizeof(back));
+  for (k = 0; k < 4; k++) {
+    const char *p = back + (size_t) k * 100002;
+    ASSERT_EQ(p[0], 'a' + k);
+    ASSERT_EQ(p[100001], 'A' + k);
+    for (i = 1; i <= 100000; i++) {
+      if (p[i] != 'a' + k) {
+        ASSERT_EQ(p[i], 'a' + k);
+      }
+    }
+  }
+  ac_close(&e.w.d);
+  close(peer);
+  task_map_free(map);
+}
+
+/* ac_close_all with input received ahead and never read (the channel
+ * paused in the middle of its burst): released, nothing leaks. */
+TASK(burst_close_all_with_input_ahead) {
+  static char out[MSG];
+  ac_map_t *map = task_map_new();
+  static echo_t e;
+  int peer;
+  int i;
+
+  couple(map, &e, &echo_ops, &peer);
+  e.pause_after = 2;
+  peer_send(peer, ac_fileno(&e.w.d), out, MSG);
+  for (i = 0; i < 3; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(e.reads, 2);
+  ASSERT_OK(ac_close_all(map, 0));
+  ASSERT(ac_is_closed(&e.w.d));
+  close(peer);
+  task_map_free(map);
+}
+
+
+/* async_chat, default mode: found_terminator pushes its reply, and at the
+ * last record of a pipelined receive discards the buffers (C-22): the
+ * replies already pushed reach the peer, as with CPython, where each push
+ * had sent its reply before the discard (only what the socket refused is
+ * dropped). */
+static int discard_found(ac_chat_t *c) {
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  int reset = n == 5 && memcmp(data, "RESET", 5) == 0;
+  char reply[32];
+  int r = 0;
+
+  if (!reset) {
+    snprintf(reply, sizeof(reply), "%.*s!\n", (int) n, data);
+    (void) ac_chat_clear_incoming(c);
+    r = ac_chat_push(c, reply, strlen(reply));
+  }
+  return r != 0 ? r : reset ? ac_chat_discard_buffers(c) : 0;
+}
+
+static const ac_chat_ops_t discard_ops = {
+    .collect_incoming_data = liner_collect,
+    .found_terminator = discard_found,
+};
+
+TASK(chat_discard_keeps_pushed_replies) {
+  ac_map_t *map = task_map_new();
+  static ac_chat_t c;
+  uv_os_sock_t fds[2];
+  char back[32];
+  size_t got = 0;
+  int i;
+
+  ASSERT_OK(ac_chat_init(&c, map, &discard_ops));
+  ASSERT_OK(ac_chat_set_terminator(&c, "\n", 1));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&c.d, fds[1]));
+  peer_send(fds[0], fds[1], "a\nb\nc\nRESET\n", 12);
+  for (i = 0; i < 20 && got < 9; i++) {
+    ssize_t r;
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+    while ((r = recv(fds[0], back + got, sizeof(back) - got,
+                     MSG_DONTWAIT)) > 0) {
+      got += (size_t) r;
+    }
+  }
+  ASSERT_EQ(got, 9);
+  ASSERT_MEM_EQ(back, "a!\nb!\nc!\n", 9);
+  ac_close(&c.d);
+  close(fds[0]);
+  task_map_free(map);
+}
+
+
+/* An error other than a reset met by the receive ahead of a burst: the
+ * connection timed out (TCP_USER_TIMEOUT while the peer's window stays
+ * closed) with input still waiting.  As without the burst, handle_read
+ * gets the input, then its receive meets ETIMEDOUT, which goes to
+ * handle_error (E-02) — not the end of the input the socket reports once
+ * the error was taken (handle_close). */
+TASK(burst_timeout_error_is_reported) {
+  static char out[3 * CHUNK];
+  static char big[MSG];
+  ac_map_t *map = task_map_new();
+  static hostile_t h;
+  struct pollfd p;
+  int tmo = 200;
+  int peer;
+  int fd;
+  int i;
+
+  pattern(out, sizeof(out));
+  memset(&h, 0, sizeof(h));
+  couple(map, &h.e, &hostile_ops, &peer);
+  fd = ac_fileno(&h.e.w.d);
+  peer_send(peer, fd, out, sizeof(out));
+  /* the peer never reads: fill its window, then let the connection time
+   * out on the channel's side */
+  for (i = 0; i < 10000 && send(fd, big, sizeof(big), MSG_DONTWAIT) > 0;
+       i++) {
+  }
+  ASSERT_OK(setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &tmo,
+                       sizeof(tmo)));
+  p.fd = fd;
+  p.events = POLLIN;
+  p.revents = 0;
+  for (i = 0; i < 100 && !(p.revents & POLLERR); i++) {
+    usleep(50000); /* input waits: poll(2) returns at once */
+    ASSERT_GE(poll(&p, 1, 0), 0);
+  }
+  if (!(p.revents & POLLERR)) {
+    fprintf(stderr, "  skipped: the connection did not time out\n");
+    ac_close(&h.e.w.d);
+    close(peer);
+    task_map_free(map);
+    return;
+  }
+  for (i = 0; i < 20 && h.errors + h.e.closes == 0; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.e.nin, sizeof(out));
+  ASSERT_MEM_EQ(h.e.in, out, sizeof(out));
+  ASSERT_EQ(h.errors, 1);
+  ASSERT_EQ(h.e.closes, 0);
+  close(peer);
+  task_map_free(map);
+}
+
+
+/* ac_fileno from found_terminator after close_when_done in the same parse
+ * (the application logs the socket, say): sending what was gathered
+ * reaches the close marker, so the channel closes there (CPython's next
+ * push would have closed it); the parse goes on on the closed channel
+ * (C-13), what is pushed after the marker is never sent (C-20). */
+static int logfd_found(ac_chat_t *c) {
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  int quit = n == 4 && memcmp(data, "QUIT", 4) == 0;
+  char reply[32];
+  int r;
+
+  (void) ac_fileno(&c->d);
+  snprintf(reply, sizeof(reply), "%.*s!\n", (int) n, data);
+  (void) ac_chat_clear_incoming(c);
+  r = ac_chat_push(c, reply, strlen(reply));
+  if (r == UV_EBADF) {
+    r = 0; /* closed: as CPython's push to a closed channel, nothing */
+  }
+  return r == 0 && quit ? ac_chat_close_when_done(c) : r;
+}
+
+static const ac_chat_ops_t logfd_ops = {
+    .collect_incoming_data = liner_collect,
+    .found_terminator = logfd_found,
+};
+
+TASK(chat_fileno_after_close_when_done) {
+  ac_map_t *map = task_map_new();
+  static ac_chat_t c;
+  uv_os_sock_t fds[2];
+  char back[32];
+  size_t got = 0;
+  ssize_t r;
+
+  ASSERT_OK(ac_chat_init(&c, map, &logfd_ops));
+  ASSERT_OK(ac_chat_set_terminator(&c, "\n", 1));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&c.d, fds[1]));
+  peer_send(fds[0], fds[1], "a\nb\nQUIT\nc\nd\n", 13);
+  ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+  while ((r = recv(fds[0], back + got, sizeof(back) - got, 0)) > 0) {
+    got += (size_t) r;
+  }
+  ASSERT_EQ(r, 0);
+  ASSERT_EQ(got, 12);
+  ASSERT_MEM_EQ(back, "a!\nb!\nQUIT!\n", 12);
+  ASSERT(ac_is_closed(&c.d));
+  close(fds[0]);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -445,6 +1509,23 @@ static const task_t tasks[] = {
     TASK_ENTRY(never_reading_peer_small_sends_are_bounded),
     TASK_ENTRY(chat_pipelined_replies_leave_together),
     TASK_ENTRY(chat_close_sends_gathered_replies),
+    TASK_ENTRY(burst_readable_that_closes_ends_it),
+    TASK_ENTRY(burst_reset_after_large_message),
+    TASK_ENTRY(burst_half_close_gets_whole_echo),
+    TASK_ENTRY(burst_reconnect_in_handle_close),
+    TASK_ENTRY(chat_burst_count_terminator),
+    TASK_ENTRY(chat_burst_producers_keep_order),
+    TASK_ENTRY(chat_burst_close_when_done),
+    TASK_ENTRY(burst_other_channel_closes_one_with_input_ahead),
+    TASK_ENTRY(burst_embedded_resume_delivers_input_ahead),
+    TASK_ENTRY(burst_raw_socket_use_after_send),
+    TASK_ENTRY(chat_raw_shutdown_after_pushes),
+    TASK_ENTRY(burst_stop_fail_or_map_close_delivers_replies),
+    TASK_ENTRY(burst_large_replies_keep_order),
+    TASK_ENTRY(burst_close_all_with_input_ahead),
+    TASK_ENTRY(chat_discard_keeps_pushed_replies),
+    TASK_ENTRY(burst_timeout_error_is_reported),
+    TASK_ENTRY(chat_fileno_after_close_when_done),
 };
 
 int main(int argc, char **argv) {
