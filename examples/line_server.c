@@ -6,10 +6,11 @@
  * Listens on 127.0.0.1:PORT; every line a client sends ("\n"-terminated)
  * comes back as it was.  The terminator is "\n"; collect_incoming_data
  * appends to the client's own buffer and found_terminator pushes the line
- * plus "\n".  With --batch the replies of one read leave in one vectored
- * send (c->chat.batch) instead of one send per line.  SIGINT or SIGTERM
- * ends it with status 0.  The benchmark harness runs it as the peers
- * "uvasyncore-chat" and "uvasyncore-chat-batch" (docs/benchmarks.md).
+ * plus "\n".  The replies to the lines of one read leave in one vectored
+ * send (async_chat gathers them; --batch, which once asked for that, is
+ * accepted and changes nothing).  SIGINT or SIGTERM ends it with status
+ * 0.  The benchmark harness runs it as the peer "uvasyncore-chat"
+ * (docs/benchmarks.md).
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * line_server.md): a line longer than --max-input (64 KiB) gets
@@ -46,7 +47,6 @@ typedef struct {
   int done;    /* refused or half-closed: read nothing more */
 } client_t;
 
-static int batch;
 static guard_t guard = {.lim = {.max_conns = 1000,
                                 .max_input = (size_t) 64 * 1024,
                                 .max_output = (size_t) 256 * 1024,
@@ -256,7 +256,6 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
   }
   r = ac_chat_init(&cl->chat, d->map, &client_ops);
   if (r == 0) {
-    cl->chat.batch = batch;
     size_next_read(cl, 0);
     r = ac_chat_set_terminator(&cl->chat, "\n", 1);
   }
@@ -285,7 +284,7 @@ int main(int argc, char **argv) {
   for (i = 2; i < argc && !bad; i++) {
     int k = limits_option(&guard.lim, argc, argv, &i);
     if (k == 0 && strcmp(argv[i], "--batch") == 0) {
-      batch = 1;
+      continue; /* the default now; accepted for old command lines */
     } else {
       bad = k != 1;
     }

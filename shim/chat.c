@@ -753,19 +753,17 @@ static int inc_unborrow(ac_chat_t *c) {
   return 0;
 }
 
-/* The end of every parse: incoming stops borrowing the input, a batch
- * channel sends what the parse queued (with `flush`: handle_read), and a
- * change of writable() is reported, once (C-19).  Returns r, else the
- * first error of these steps. */
-static AC__INLINE int parse_end(ac_chat_t *c, int flush, int r) {
+/* The end of every parse: incoming stops borrowing the input, the replies
+ * the parse gathered are sent, and a change of writable() is reported,
+ * once (C-19).  Returns r, else the first error of these steps. */
+static AC__INLINE int parse_end(ac_chat_t *c, int r) {
   int r2 = c->inc_borrow != NULL ? inc_unborrow(c) : 0;
 
-  if (((flush && c->batch) || c->parse_sent) && c->fifo.len_ > 0) {
+  if (c->fifo.len_ > 0) {
     int rs = ac__chat_flush(c); /* the replies this parse gathered */
     r2 = r2 != 0 ? r2 : rs;
   }
   c->parsing = 0;
-  c->parse_sent = 0;
   c->append_room = 0;
   if (c->out_nonempty != (c->fifo.len_ > 0)) {
     ac__chat_track(c);
@@ -777,7 +775,7 @@ static AC__INLINE int parse_end(ac_chat_t *c, int flush, int r) {
  * at buf + front; r is what the parse so far returned (non-zero: only
  * keep what is left). */
 static int run_view(ac_chat_t *c, const char *buf, char *w, size_t front,
-                    size_t n, int flush, int r) {
+                    size_t n, int r) {
   view_t v;
   int r2;
 
@@ -785,7 +783,7 @@ static int run_view(ac_chat_t *c, const char *buf, char *w, size_t front,
   if (r == 0) {
     r = parse(c, &v);
   }
-  r = parse_end(c, flush, r);
+  r = parse_end(c, r);
   r2 = view_close(c, &v);
   return r != 0 ? r : r2;
 }
@@ -794,8 +792,8 @@ static int run_view(ac_chat_t *c, const char *buf, char *w, size_t front,
  * without a view; one is made for what it leaves (a failed callback, a
  * long terminator, a cut or false terminator start).  w: buf, writable,
  * or NULL. */
-static AC__INLINE int run_fresh(ac_chat_t *c, const char *buf,
-                                       char *w, size_t n, int flush) {
+static AC__INLINE int run_fresh(ac_chat_t *c, const char *buf, char *w,
+                                size_t n) {
   const char *b = buf;
   uint32_t gen = c->in_gen;
   int r;
@@ -803,21 +801,21 @@ static AC__INLINE int run_fresh(ac_chat_t *c, const char *buf,
   c->parsing = 1;
   r = lines(c, &b, &n, gen);
   if (n > 0 && c->in_gen == gen) {
-    return run_view(c, b, w != NULL ? w + (b - buf) : NULL, 0, n, flush, r);
+    return run_view(c, b, w != NULL ? w + (b - buf) : NULL, 0, n, r);
   }
-  return parse_end(c, flush, r);
+  return parse_end(c, r);
 }
 
 /* Parse `n` new bytes at buf + front after the unparsed input (w: buf,
  * writable, or NULL when front is 0 and the bytes are the caller's);
  * front is front_len(c). */
 static AC__INLINE int run(ac_chat_t *c, const char *buf, char *w,
-                                 size_t front, size_t n, int flush) {
+                          size_t front, size_t n) {
   if (front == 0 && c->in_keep == 0 && c->spill_len == 0) {
-    return run_fresh(c, buf, w, n, flush);
+    return run_fresh(c, buf, w, n);
   }
   c->parsing = 1;
-  return run_view(c, buf, w, front, n, flush, 0);
+  return run_view(c, buf, w, front, n, 0);
 }
 
 static size_t front_len(const ac_chat_t *c) {
@@ -871,7 +869,7 @@ int ac_chat_feed(ac_chat_t *c, const void *data, size_t n) {
   }
   front = front_len(c);
   if (front == 0) {
-    return n > 0 ? run(c, data, NULL, 0, n, 0) : 0;
+    return n > 0 ? run(c, data, NULL, 0, n) : 0;
   }
   if (n == 0 && c->spill_len == 0) {
     return 0; /* a kept partial terminator stays as it is */
@@ -884,7 +882,7 @@ int ac_chat_feed(ac_chat_t *c, const void *data, size_t n) {
     memcpy(buf + front, data, n);
     c->work_copy += n;
   }
-  r = run(c, buf, buf, front, n, 0);
+  r = run(c, buf, buf, front, n);
   rbuf_put(c, buf, own);
   return r;
 }
@@ -914,7 +912,7 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   }
   n = ac_recv(d, buf + front, want);
   if (n > 0) {
-    r = run(c, buf, buf, front, (size_t) n, 1);
+    r = run(c, buf, buf, front, (size_t) n);
   }
   rbuf_put(c, buf, own);
   if (n < 0 && n != UV_EAGAIN) {
@@ -923,10 +921,6 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   if (n == 0) {
     /* handle_close ran inside recv and may have changed the buffer. */
     r = ac_chat_feed(c, NULL, 0);
-    if (c->batch && c->fifo.len_ > 0) {
-      int r2 = ac_chat_initiate_send(c); /* what that parse queued */
-      r = r != 0 ? r : r2;
-    }
   }
   return r;
 }

@@ -71,13 +71,11 @@ typedef struct {
 #define AC__CHAT_IOV 64
 
 /* Whether a push only queues, for the end of the parse to send: inside
- * the parse loop, once a reply of this receive went out (the first reply
- * of a receive goes straight from the caller's bytes, without a queue; the
- * others of the same receive leave together, in one system call, when the
- * parse ends), or from the first push with `batch`.  The bytes and their
- * order are the same; ac_close sends what was gathered first. */
+ * the parse loop, so that the replies to the records of one receive leave
+ * together, in one system call.  The bytes and their order are the same;
+ * ac_close, ac_fileno and discard_buffers send what was gathered first. */
 static inline int ac__chat_gathering(const ac_chat_t *c) {
-  return c->parsing && (c->batch || c->parse_sent);
+  return c->parsing;
 }
 
 /* producer.c: the output side of the class */

@@ -211,7 +211,7 @@ static int send_failed(ac_chat_t *c, int code) {
   return ac__raise(&c->d, AC__SLOT(&c->d, handle_error)(&c->d, &err));
 }
 
-/* Whether the fifo is the usual batch: one arena entry (a data entry:
+/* Whether the fifo is the usual gathering: one arena entry (a data entry:
  * kind and own are set together, n >= 1), to be sent whole. */
 static int one_arena_entry(ac_chat_t *c) {
   return c->fifo.len_ == 1 && head(c)->own == AC__OWN_ARENA &&
@@ -367,7 +367,7 @@ int ac_chat_initiate_send(ac_chat_t *c) {
   return r;
 }
 
-/* The batch flush at the end of a parse: initiate_send, without the
+/* The flush at the end of a parse: initiate_send, without the
  * checks a call from outside needs. */
 int ac__chat_flush(ac_chat_t *c) {
   int r;
@@ -377,7 +377,7 @@ int ac__chat_flush(ac_chat_t *c) {
   }
   c->sending = 1;
   c->append_room = 0;
-  /* send_loop() would come to send_head() at once for the usual batch */
+  /* send_loop() would come to send_head() at once for the usual case */
   r = c->d.connected && one_arena_entry(c) ? send_arena_entry(c)
                                            : send_loop(c);
   c->sending = 0;
@@ -588,7 +588,6 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
     return r != 0 ? not_queued(r, data, free_fn, ctx) : kick(c);
   }
   sent = ac__send(&c->d, data, gathers(c) || n <= size ? n : size);
-  c->parse_sent = c->parsing;
   if ((size_t) sent == n) {
     if (free_fn != NULL) {
       free_fn((void *) data, ctx);

@@ -2311,8 +2311,8 @@ TASK(line_server_example) { line_server(0); }
 
 TASK(line_server_batched) { line_server(1); }
 
-/* The batch extension: pushes inside the parse loop wait for the end of
- * handle_read, then go out together. */
+/* Gathering (the default; `batch` kept as a no-op): pushes inside the
+ * parse loop wait for the end of the parse, then go out together. */
 static int push_in_found(rec_t *r) {
   int e = ac_chat_push(&r->chat, "ok;", 3);
   r->fifo_in_found = ac_chat_fifo_len(&r->chat);
@@ -2329,9 +2329,9 @@ TASK(batch_sends_once_per_read) {
   r.on_found = push_in_found;
   ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
   DELIVER(&r, peer, "a;");
-  ASSERT_EQ(r.fifo_in_found, 0); /* default: sent at once */
+  ASSERT_EQ(r.fifo_in_found, 1); /* gathered for the end of the parse */
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0); /* which sent it */
   ASSERT_EQ(peer_take(peer, got, sizeof(got)), 3);
-  r.chat.batch = 1;
   DELIVER(&r, peer, "a;b;c;");
   /* Queued until the end of the read, the copies coalesced into one
    * entry. */

@@ -90,10 +90,11 @@ struct ac_chat_s {
   size_t ac_out_buffer_size; /* push slices; datagram sends (C-16, C-21) */
   int use_encoding;          /* kept for source compatibility: no-op */
   const char *encoding;      /* "latin-1", no-op */
-  /* Extension, off by default: push, push_owned and push_with_producer
-   * called from collect_incoming_data or found_terminator only queue, and
-   * handle_read sends everything once, at its end (on a stream, pushed
-   * copies that fit extend the last fifo entry). */
+  /* Kept for source compatibility, no effect: what `batch` once asked for
+   * is the default.  push, push_owned and push_with_producer called from
+   * collect_incoming_data or found_terminator only queue, and the end of
+   * the parse sends everything once (on a stream, pushed copies that fit
+   * extend the last fifo entry); docs/chat.md "Gathering". */
   unsigned batch : 1;
   /* Extension: most bytes ac_chat_collect_incoming holds; one more fails
    * with UV_E2BIG (0, the default: no limit, as in Python). */
@@ -120,7 +121,6 @@ struct ac_chat_s {
   uint8_t out_nonempty; /* what writable() last reported for the fifo */
   uint8_t sending;      /* inside initiate_send */
   uint8_t parsing;      /* inside the parse loop */
-  uint8_t parse_sent;   /* a reply of this parse went out: the rest gather */
   uint8_t more_orphan;  /* the producer inside more() was discarded */
   size_t append_room;   /* batch: bytes a push may add to the tail entry */
   ac_producer_t *in_more;
