@@ -799,7 +799,7 @@ TASK(chat_burst_count_terminator) {
     ac_map_t *map = task_map_new();
     static rec_t t;
     size_t nwant = 0;
-    size_t got;
+    size_t got = 0;
     int peer;
     int i;
 
@@ -834,7 +834,7 @@ TASK(chat_burst_producers_keep_order) {
     static rec_t t;
     size_t nin = 0;
     size_t nwant = 0;
-    size_t got;
+    size_t got = 0;
     int peer;
     int i;
 
@@ -867,7 +867,7 @@ TASK(chat_burst_close_when_done) {
     static rec_t t;
     size_t nin = 0;
     size_t nwant = 0;
-    size_t got;
+    size_t got = 0;
     int peer;
     int i;
 
