@@ -272,7 +272,6 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
   }
   r = ac_chat_init(&h->chat, d->map, &http_ops);
   if (r == 0) {
-    h->chat.batch = 1; /* pipelined responses leave in one send */
     r = ac_chat_set_terminator(&h->chat, "\r\n\r\n", 4);
   }
   if (r == 0) {

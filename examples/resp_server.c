@@ -13,8 +13,9 @@
  *
  * The protocol machine is three terminator states: a line ("\r\n") that is
  * either "*<n>" or an inline command, a "$<len>" line, and <len>+2 bytes.
- * Replies are pushed as they are computed; with `batch` set, everything a
- * pipelined read produced leaves in one vectored send.
+ * Replies are pushed as they are computed; everything a pipelined read
+ * produced leaves in one vectored send (async_chat gathers the replies of
+ * a receive).
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * resp_server.md): a command over --max-input (4 MiB) or a line over
@@ -635,7 +636,6 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
   }
   r = ac_chat_init(&cl->chat, d->map, &client_ops);
   if (r == 0) {
-    cl->chat.batch = 1; /* pipelined replies leave in one send */
     r = next_command(cl);
   }
   if (r == 0) {
