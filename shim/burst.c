@@ -27,17 +27,17 @@
 #include <errno.h>
 #include <string.h>
 
-
-/* Whether d, whose handle_read just filled its buffer, may get another
- * handle_read in this readiness: it still wants input (open, connected,
- * not paused, readable()) and some waits, in its pending input or in the
- * kernel (received ahead now).  An EOF or an error counts as waiting: the
- * next handle_read meets it. */
+/* Whether d still wants input: open, connected, not paused, no stop. */
 static int wants_input(const ac_dispatcher_t *d) {
   return !d->map->stopping && (d->armed & AC__R) && d->paused == 0 &&
          d->connected && !d->accepting && !(d->flags & AC__F_CLOSED);
 }
 
+/* Whether d, whose handle_read just filled its buffer, gets another
+ * handle_read in this readiness: it still wants input (and readable()
+ * says so) and some waits, in its pending input or in the kernel
+ * (received ahead now).  An EOF or an error counts as waiting: the next
+ * handle_read meets it. */
 int ac__burst_again(ac_dispatcher_t *d) {
   ssize_t r;
 
@@ -123,8 +123,10 @@ void ac__burst_flush(ac_dispatcher_t *d, int more) {
     }
     if ((size_t) r < n &&
         ac__stream_queue(d, m->gather + r, n - (size_t) r) < 0) {
-      /* Out of memory: the bytes cannot be kept.  Cut the connection, so
-       * that the peer sees a broken stream, never a silent gap. */
+      /* Out of memory: the bytes cannot be kept.  The connection is cut
+       * both ways, so that neither side goes on as if they had arrived
+       * (a peer reading to the end sees it end early: a FIN, not a
+       * reset; docs/reliability.md). */
       (void) shutdown(d->fd, SHUT_RDWR);
       d->flags |= AC__F_WERR;
       return;
