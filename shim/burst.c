@@ -111,9 +111,7 @@ void ac__burst_flush(ac_dispatcher_t *d, int more) {
   d->ready &= (uint8_t) ~AC__GATHERING;
   m->gather_len = 0;
   if (n > 0) {
-    do {
-      r = send(d->fd, m->gather, n, MSG_NOSIGNAL);
-    } while (r < 0 && errno == EINTR);
+    r = ac__os_send(d, m->gather, n);
     if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
       d->flags |= AC__F_WERR;
       return;

@@ -997,15 +997,20 @@ uint64_t ac_chat_incoming_dropped(const ac_chat_t *c) {
   return ac__chat_usable(c) ? c->inc_dropped : 0;
 }
 
+/* From inside the parse loop, replies gathered: CPython would have sent
+ * each at its push, so they go now (a failure is the caller's business:
+ * a close or a discard follows). */
+static void send_gathered(ac_chat_t *c) {
+  if (ac__chat_gathering(c) && c->fifo.len_ > 0) {
+    (void) ac__chat_flush(c);
+  }
+}
+
 int ac_chat_discard_buffers(ac_chat_t *c) {
   if (!ac__chat_usable(c)) {
     return UV_EINVAL;
   }
-  if (ac__chat_gathering(c) && c->fifo.len_ > 0) {
-    /* from the parse, replies gathered: CPython's pushes had sent them,
-     * the discard drops only what the socket refused (as chat_closing) */
-    (void) ac__chat_flush(c);
-  }
+  send_gathered(c); /* the discard drops only what the socket refused */
   c->in_keep = 0;
   c->spill_len = 0;
   c->in_gen++;
@@ -1016,17 +1021,12 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
   return 0;
 }
 
-/* ac_close or ac_fileno from inside the parse loop, replies gathered:
- * CPython would have sent them at their push, so they go now, before the
- * close discards what is queued (C-20: close() discards only what the
- * socket refused), or before the application's own use of the socket
- * (shutdown(SHUT_WR) after its last reply). */
+/* ac_close or ac_fileno from inside the parse loop: the replies gathered
+ * go now, before the close discards what is queued (C-20: close()
+ * discards only what the socket refused), or before the application's own
+ * use of the socket (shutdown(SHUT_WR) after its last reply). */
 static void chat_closing(ac_dispatcher_t *d) {
-  ac_chat_t *c = ac_chat_of(d);
-
-  if (ac__chat_gathering(c) && c->fifo.len_ > 0) {
-    (void) ac__chat_flush(c); /* a failure is the close's business now */
-  }
+  send_gathered(ac_chat_of(d));
 }
 
 /* The channel was released: free everything it holds. */

@@ -549,21 +549,33 @@ static void close_fd(ac_dispatcher_t *d) {
   }
 }
 
+/* Before the channel closes, or before the application uses its socket
+ * itself (ac_fileno): what the library held back but reported sent goes to
+ * the kernel, as it would have without holding it back: the replies its
+ * class gathered (async_chat's parse, chat.c), then those of a read burst
+ * (burst.c), which go on gathering with `more`.  The class's send may
+ * close d (handle_close on a disconnection). */
+static void send_held_back(ac_dispatcher_t *d, int more) {
+  if (AC__CLS(d)->closing != NULL) {
+    AC__CLS(d)->closing(d);
+  }
+  if (d->ready & AC__GATHERING) {
+    ac__burst_flush(d, more);
+  }
+}
+
 int ac_close(ac_dispatcher_t *d) {
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
-  if (!(d->flags & AC__F_CLOSED) && AC__CLS(d)->closing != NULL) {
-    AC__CLS(d)->closing(d); /* while still connected (may close d) */
+  if (!(d->flags & AC__F_CLOSED)) {
+    send_held_back(d, 0); /* while still connected (may close d) */
   }
   d->connected = 0; /* D-15 step 1 */
   d->accepting = 0;
   d->connecting = 0;
   if (d->flags & AC__F_CLOSED) {
     return 0;
-  }
-  if (d->ready & AC__GATHERING) {
-    ac__burst_flush(d, 0); /* the replies of a read burst go out first */
   }
   d->flags |= AC__F_CLOSED;
   ac__map_del(d->map, d);
@@ -706,11 +718,8 @@ uv_os_sock_t ac_fileno(const ac_dispatcher_t *d) {
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return -1;
   }
-  if (!(d->flags & AC__F_CLOSED) && AC__CLS(d)->closing != NULL) {
-    AC__CLS(d)->closing((ac_dispatcher_t *) d);
-  }
-  if (d->ready & AC__GATHERING) {
-    ac__burst_flush((ac_dispatcher_t *) d, 1);
+  if (!(d->flags & AC__F_CLOSED)) {
+    send_held_back((ac_dispatcher_t *) d, 1);
   }
   return d->fd;
 }
@@ -774,17 +783,6 @@ static ssize_t disconnected(ac_dispatcher_t *d) {
   return r != 0 ? r : 0;
 }
 
-static inline ssize_t os_send(ac_dispatcher_t *d, const void *buf,
-                              size_t n) {
-  ssize_t r;
-
-  do {
-    r = (d->flags & AC__F_SOCK) ? send(d->fd, buf, n, MSG_NOSIGNAL)
-                                 : write(d->fd, buf, n);
-  } while (r < 0 && errno == EINTR);
-  return r;
-}
-
 /* Whether d has a libuv write queue that its next bytes must wait behind
  * (byte order): a stream with queued bytes and no failed write. */
 static inline int behind_queue(const ac_dispatcher_t *d) {
@@ -832,7 +830,7 @@ ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
     return 0;
   }
   if (!behind_queue(d)) {
-    r = os_send(d, buf, n);
+    r = ac__os_send(d, buf, n);
     if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
       return ac_is_disconnect(AC__ERR(errno)) ? disconnected(d)
                                                : AC__ERR(errno);

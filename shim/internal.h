@@ -4,8 +4,10 @@
 
 #include "uvasyncore.h"
 
+#include <errno.h>
 #include <stdbool.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #define AC__HIDDEN __attribute__((visibility("hidden")))
 /* For the steps of async_chat's parse loop, one call each per receive:
@@ -291,6 +293,18 @@ AC__HIDDEN void ac__adopt_abort(ac_map_t *m);
 /* file.c */
 AC__HIDDEN extern const ac__class_t ac__file_class;
 
+/* send(2) on a socket (MSG_NOSIGNAL), write(2) on another fd, again after
+ * EINTR: the library's system call for sending. */
+static inline ssize_t ac__os_send(ac_dispatcher_t *d, const void *buf,
+                                  size_t n) {
+  ssize_t r;
+
+  do {
+    r = (d->flags & AC__F_SOCK) ? send(d->fd, buf, n, MSG_NOSIGNAL)
+                                 : write(d->fd, buf, n);
+  } while (r < 0 && errno == EINTR);
+  return r;
+}
 
 /* The emulated socket send buffer of the stream backend: the memory
  * ac_send may queue in libuv beyond what the kernel takes at once (bytes
