@@ -15,12 +15,15 @@
  *    the burst ends (the application paused reading, readable() turned
  *    false, the limit) is delivered from the next pass on, by synthetic
  *    read readiness.
- *  - What these further calls send is gathered (up to AC__BURST_GATHER bytes)
+ *  - What these further calls send is gathered (up to AC__GATHER_MAX bytes)
  *    and leaves in one send(2) when the burst ends or the channel closes:
  *    the same bytes, in the same order, in the same pass.  ac_send reports
  *    them sent, as a socket with a larger send buffer would; what the
  *    kernel refuses then joins libuv's write queue, so the channel is not
  *    writable until it drains (the stream backend's send buffer, stream.c).
+ *
+ * async_chat gathers the same way what it sends while it parses one
+ * receive (chat.c): the replies to pipelined requests leave together.
  */
 #include "internal.h"
 
@@ -56,37 +59,40 @@ int ac__burst_again(ac_dispatcher_t *d) {
   return r != UV_EAGAIN && r != UV_ENOMEM;
 }
 
-/* Start gathering d's sends (the second handle_read of a burst), if a
- * send could go out now: nothing of d waits in libuv's queue.  (Else its
- * sends take the usual way, where that queue is the bound of what the
- * channel accepts: the application sees the back-pressure.) */
-void ac__burst_gather(ac_dispatcher_t *d) {
+/* Start gathering d's sends, if it does not already and a send could go
+ * out now: nothing of d waits in libuv's queue.  (Else its sends take the
+ * usual way, where that queue is the bound of what the channel accepts:
+ * the application sees the back-pressure.)  Returns whether it started,
+ * so that the caller that started it ends it. */
+int ac__gather_begin(ac_dispatcher_t *d) {
   ac_map_t *m = d->map;
 
-  if (d->backend != AC_BACKEND_STREAM || d->wq_bytes > 0 ||
+  if ((d->ready & AC__GATHERING) || d->backend != AC_BACKEND_STREAM ||
+      d->wq_bytes > 0 ||
       (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) != AC__F_CONN_DONE) {
-    return;
+    return 0;
   }
   if (m->gather == NULL) {
-    m->gather = ac__malloc(AC__BURST_GATHER);
+    m->gather = ac__malloc(AC__GATHER_MAX);
     if (m->gather == NULL) {
-      return; /* sends go out one by one, as in the first call */
+      return 0; /* sends go out one by one */
     }
   }
   m->gather_len = 0;
   d->ready |= AC__GATHERING;
+  return 1;
 }
 
-/* ac__send while d gathers, n <= AC__BURST_GATHER: take the n bytes
+/* ac__send while d gathers, n <= AC__GATHER_MAX: take the n bytes
  * at buf, sending what was gathered first when they do not fit.  If that
  * send left bytes queued in libuv, gathering ends and these bytes go the
  * usual way, behind them.  Returns what was taken, or what the usual send
  * returned. */
-ssize_t ac__burst_send(ac_dispatcher_t *d, const void *buf, size_t n) {
+ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   ac_map_t *m = d->map;
 
-  if (n > AC__BURST_GATHER - m->gather_len) {
-    ac__burst_flush(d, 1);
+  if (n > AC__GATHER_MAX - m->gather_len) {
+    (void) ac__gather_flush(d, 1); /* a failure: ac__send meets it again */
     if (!(d->ready & AC__GATHERING)) {
       return ac__send(d, buf, n);
     }
@@ -100,10 +106,9 @@ ssize_t ac__burst_send(ac_dispatcher_t *d, const void *buf, size_t n) {
  * took it all.  What the kernel refuses joins libuv's write queue: those
  * bytes were reported sent, so they must reach the peer; later sends of d
  * queue behind them (byte order), and the channel is not writable until
- * the queue drains.  A failed send loses nothing the peer could still
- * receive: the connection is broken, and the channel's next receive
- * reports it. */
-void ac__burst_flush(ac_dispatcher_t *d, int more) {
+ * the queue drains.  Returns 0, or the error of the send (the write side
+ * is then marked failed: nothing more goes out). */
+int ac__gather_flush(ac_dispatcher_t *d, int more) {
   ac_map_t *m = d->map;
   size_t n = m->gather_len;
   ssize_t r = 0;
@@ -114,7 +119,7 @@ void ac__burst_flush(ac_dispatcher_t *d, int more) {
     r = ac__os_send(d, m->gather, n);
     if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
       d->flags |= AC__F_WERR;
-      return;
+      return AC__ERR(errno);
     }
     if (r < 0) {
       r = 0;
@@ -127,10 +132,24 @@ void ac__burst_flush(ac_dispatcher_t *d, int more) {
        * reset; docs/reliability.md). */
       (void) shutdown(d->fd, SHUT_RDWR);
       d->flags |= AC__F_WERR;
-      return;
+      return UV_ENOMEM;
     }
   }
   if (more && (size_t) r == n) {
     d->ready |= AC__GATHERING;
   }
+  return 0;
+}
+
+/* The end of a gathering (a read burst's, an async_chat parse's): the
+ * flush, whose failure is reported as the sends' own would have been
+ * (D-13): a disconnection calls handle_close, another error is returned
+ * for handle_error. */
+int ac__gather_end(ac_dispatcher_t *d) {
+  int r = ac__gather_flush(d, 0);
+
+  if (r != 0 && ac_is_disconnect(r)) {
+    return (int) ac__disconnected(d);
+  }
+  return r;
 }

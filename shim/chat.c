@@ -753,18 +753,30 @@ static int inc_unborrow(ac_chat_t *c) {
   return 0;
 }
 
-/* The end of every parse: incoming stops borrowing the input, the replies
- * the parse gathered are sent, and a change of writable() is reported,
- * once (C-19).  Returns r, else the first error of these steps. */
+/* The start of every parse: what the callbacks push is gathered, to
+ * leave in one send when the parse ends (burst.c; a stream channel whose
+ * bytes could go out now, and not inside a read burst, which gathers
+ * already).  The replies to pipelined requests leave together: the same
+ * bytes in the same order as CPython's send per push. */
+static AC__INLINE void parse_begin(ac_chat_t *c) {
+  c->parsing = 1;
+  c->gathering = (uint8_t) ac__gather_begin(&c->d);
+}
+
+/* The end of every parse: incoming stops borrowing the input, what the
+ * parse gathered is sent, and a change of writable() is reported, once
+ * (C-19).  Returns r, else the first error of these steps. */
 static AC__INLINE int parse_end(ac_chat_t *c, int r) {
   int r2 = c->inc_borrow != NULL ? inc_unborrow(c) : 0;
 
-  if (c->fifo.len_ > 0) {
-    int rs = ac__chat_flush(c); /* the replies this parse gathered */
-    r2 = r2 != 0 ? r2 : rs;
-  }
   c->parsing = 0;
-  c->append_room = 0;
+  if (c->gathering) {
+    c->gathering = 0;
+    if (c->d.ready & AC__GATHERING) { /* not sent by a close meanwhile */
+      int rs = ac__gather_end(&c->d);
+      r2 = r2 != 0 ? r2 : rs;
+    }
+  }
   if (c->out_nonempty != (c->fifo.len_ > 0)) {
     ac__chat_track(c);
   }
@@ -798,7 +810,7 @@ static AC__INLINE int run_fresh(ac_chat_t *c, const char *buf, char *w,
   uint32_t gen = c->in_gen;
   int r;
 
-  c->parsing = 1;
+  parse_begin(c);
   r = lines(c, &b, &n, gen);
   if (n > 0 && c->in_gen == gen) {
     return run_view(c, b, w != NULL ? w + (b - buf) : NULL, 0, n, r);
@@ -814,7 +826,7 @@ static AC__INLINE int run(ac_chat_t *c, const char *buf, char *w,
   if (front == 0 && c->in_keep == 0 && c->spill_len == 0) {
     return run_fresh(c, buf, w, n);
   }
-  c->parsing = 1;
+  parse_begin(c);
   return run_view(c, buf, w, front, n, 0);
 }
 
@@ -997,20 +1009,10 @@ uint64_t ac_chat_incoming_dropped(const ac_chat_t *c) {
   return ac__chat_usable(c) ? c->inc_dropped : 0;
 }
 
-/* From inside the parse loop, replies gathered: CPython would have sent
- * each at its push, so they go now (a failure is the caller's business:
- * a close or a discard follows). */
-static void send_gathered(ac_chat_t *c) {
-  if (ac__chat_gathering(c) && c->fifo.len_ > 0) {
-    (void) ac__chat_flush(c);
-  }
-}
-
 int ac_chat_discard_buffers(ac_chat_t *c) {
   if (!ac__chat_usable(c)) {
     return UV_EINVAL;
   }
-  send_gathered(c); /* the discard drops only what the socket refused */
   c->in_keep = 0;
   c->spill_len = 0;
   c->in_gen++;
@@ -1019,14 +1021,6 @@ int ac_chat_discard_buffers(ac_chat_t *c) {
   c->inc_dropped = 0;
   ac__chat_out_discard(c);
   return 0;
-}
-
-/* ac_close or ac_fileno from inside the parse loop: the replies gathered
- * go now, before the close discards what is queued (C-20: close()
- * discards only what the socket refused), or before the application's own
- * use of the socket (shutdown(SHUT_WR) after its last reply). */
-static void chat_closing(ac_dispatcher_t *d) {
-  send_gathered(ac_chat_of(d));
 }
 
 /* The channel was released: free everything it holds. */
@@ -1060,7 +1054,6 @@ const ac__class_t ac__chat_class = {
         },
     .send = ac__chat_send,
     .release = chat_release,
-    .closing = chat_closing,
 };
 
 int ac_chat_init(ac_chat_t *c, ac_map_t *map, const ac_chat_ops_t *ops) {

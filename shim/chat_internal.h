@@ -70,14 +70,6 @@ typedef struct {
 /* Most fifo entries one vectored send gathers. */
 #define AC__CHAT_IOV 64
 
-/* Whether a push only queues, for the end of the parse to send: inside
- * the parse loop, so that the replies to the records of one receive leave
- * together, in one system call.  The bytes and their order are the same;
- * ac_close, ac_fileno and discard_buffers send what was gathered first. */
-static inline int ac__chat_gathering(const ac_chat_t *c) {
-  return c->parsing;
-}
-
 /* producer.c: the output side of the class */
 AC__HIDDEN int ac__chat_writable(ac_dispatcher_t *d);
 AC__HIDDEN int ac__chat_handle_write(ac_dispatcher_t *d);
@@ -86,7 +78,6 @@ AC__HIDDEN ssize_t ac__chat_send(ac_dispatcher_t *d, const void *buf,
 AC__HIDDEN void ac__chat_out_discard(ac_chat_t *c);
 AC__HIDDEN void ac__chat_out_free(ac_chat_t *c);
 AC__HIDDEN void ac__chat_track(ac_chat_t *c);
-AC__HIDDEN int ac__chat_flush(ac_chat_t *c);
 
 /* chat.c */
 AC__HIDDEN extern const ac__class_t ac__chat_class;

@@ -550,17 +550,12 @@ static void close_fd(ac_dispatcher_t *d) {
 }
 
 /* Before the channel closes, or before the application uses its socket
- * itself (ac_fileno): what the library held back but reported sent goes to
- * the kernel, as it would have without holding it back: the replies its
- * class gathered (async_chat's parse, chat.c), then those of a read burst
- * (burst.c), which go on gathering with `more`.  The class's send may
- * close d (handle_close on a disconnection). */
+ * itself (ac_fileno): what the library gathered and reported sent (a read
+ * burst's replies, or an async_chat parse's: burst.c) goes to the kernel,
+ * as it would have without gathering; with `more`, gathering goes on. */
 static void send_held_back(ac_dispatcher_t *d, int more) {
-  if (AC__CLS(d)->closing != NULL) {
-    AC__CLS(d)->closing(d);
-  }
   if (d->ready & AC__GATHERING) {
-    ac__burst_flush(d, more);
+    (void) ac__gather_flush(d, more); /* a failure: the next use meets it */
   }
 }
 
@@ -569,7 +564,7 @@ int ac_close(ac_dispatcher_t *d) {
     return UV_EINVAL;
   }
   if (!(d->flags & AC__F_CLOSED)) {
-    send_held_back(d, 0); /* while still connected (may close d) */
+    send_held_back(d, 0); /* while the socket is still open */
   }
   d->connected = 0; /* D-15 step 1 */
   d->accepting = 0;
@@ -710,10 +705,10 @@ void ac__handle_closed(uv_handle_t *h) {
 }
 
 /* The application gets the socket to use it itself (shutdown(2), a raw
- * send, sendfile): the replies its class or a read burst gathered, which
- * a push or ac_send reported sent, go to the kernel first, as they would
- * have without gathering (chat.c, burst.c; d is the application's, only
- * the pointer is const). */
+ * send, sendfile): the replies a read burst or an async_chat parse
+ * gathered, which ac_send or a push reported sent, go to the kernel first,
+ * as they would have without gathering (burst.c; d is the application's,
+ * only the pointer is const). */
 uv_os_sock_t ac_fileno(const ac_dispatcher_t *d) {
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return -1;
@@ -773,7 +768,7 @@ int ac__raise(ac_dispatcher_t *d, int code) {
 
 /* EOF or a DISCONNECTED error: handle_close (D-13, D-14), except on a
  * channel already released, which no callback may reach any more. */
-static ssize_t disconnected(ac_dispatcher_t *d) {
+ssize_t ac__disconnected(ac_dispatcher_t *d) {
   int r;
 
   if (d->flags & AC__F_RELEASED) {
@@ -818,13 +813,14 @@ ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
   size_t room;
 
   if (d->ready & AC__GATHERING) {
-    if (n <= AC__BURST_GATHER) {
-      return ac__burst_send(d, buf, n);
+    if (n <= AC__GATHER_MAX) {
+      return ac__gather_send(d, buf, n);
     }
-    ac__burst_flush(d, 0); /* too large to gather: after what was */
+    (void) ac__gather_flush(d, 0); /* too large to gather: after what was;
+                                      * a failure: met again below */
   }
   if (d->fd < 0) {
-    return (d->flags & AC__F_RESOLVING) ? 0 : disconnected(d);
+    return (d->flags & AC__F_RESOLVING) ? 0 : ac__disconnected(d);
   }
   if (must_wait(d)) {
     return 0;
@@ -832,7 +828,7 @@ ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (!behind_queue(d)) {
     r = ac__os_send(d, buf, n);
     if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-      return ac_is_disconnect(AC__ERR(errno)) ? disconnected(d)
+      return ac_is_disconnect(AC__ERR(errno)) ? ac__disconnected(d)
                                                : AC__ERR(errno);
     }
     if (r < 0) {
@@ -926,12 +922,12 @@ static ssize_t recv_result(ac_dispatcher_t *d, ssize_t r) {
   int err = errno;
 
   if (r == 0) {
-    return disconnected(d);
+    return ac__disconnected(d);
   }
   if (err == EAGAIN || err == EWOULDBLOCK) {
     return UV_EAGAIN;
   }
-  return ac_is_disconnect(AC__ERR(err)) ? disconnected(d) : AC__ERR(err);
+  return ac_is_disconnect(AC__ERR(err)) ? ac__disconnected(d) : AC__ERR(err);
 }
 
 /* The one receive of D-14, the one place where the library's reads meet
@@ -949,7 +945,7 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   if ((d->flags & AC__F_ADOPT) && n > 0 &&
       (r = ac__adopt_recv(d, buf, n)) != 0) {
     if (r < 0) { /* an error received ahead, after the input (adopt.c) */
-      return ac_is_disconnect((int) r) ? disconnected(d) : r;
+      return ac_is_disconnect((int) r) ? ac__disconnected(d) : r;
     }
     if (r == (ssize_t) n) {
       d->ready |= AC__RMORE;
@@ -960,7 +956,7 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
     return UV_EAGAIN; /* no socket yet (ac_connect_name) */
   }
   if (d->fd < 0 || n == 0) {
-    return disconnected(d); /* D-14: EBADF, or recv(0) gives b'' */
+    return ac__disconnected(d); /* D-14: EBADF, or recv(0) gives b'' */
   }
   do {
     r = (d->flags & AC__F_SOCK) ? recv(d->fd, buf, n, 0)

@@ -227,7 +227,7 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   m->in_dispatch++;
   do {
     if (calls == 1) {
-      ac__burst_gather(d);
+      (void) ac__gather_begin(d); /* flushed when the burst ends */
     }
     d->ready &= (uint8_t) ~AC__RMORE;
     if (!d->accepting && d->connected) {
@@ -247,7 +247,13 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
            ac__burst_again(d));
   if (calls > 0) {
     if (d->ready & AC__GATHERING) {
-      ac__burst_flush(d, 0);
+      /* the burst's replies; a failure is handle_read's, as the sends
+       * that reported them sent would have made it */
+      int e = settle(m, ac__gather_end(d));
+      if (e != 0 && r == 0) {
+        m->where = "handle_read";
+        r = fail(d, e, m->use_poll);
+      }
     }
     ac__adopt_left(d);
   }
@@ -392,7 +398,6 @@ int ac__base_handle_error(ac_dispatcher_t *d, const ac_error_t *err) {
 const ac__class_t ac__dispatcher_class = {
     "asyncore.dispatcher",
     AC__BASE_DEFAULTS,
-    NULL,
     NULL,
     NULL,
 };

@@ -116,7 +116,6 @@ const ac__class_t ac__file_class = {
     AC__BASE_DEFAULTS,
     NULL,
     NULL,
-    NULL,
 };
 
 /* Register the duplicate `fd` as d's file: poll backend (never the TCP

@@ -60,10 +60,6 @@ typedef struct ac__class_s {
   ssize_t (*send)(ac_dispatcher_t *d, const void *buf, size_t n);
   /* Free class buffers when the channel is released (may be NULL). */
   void (*release)(ac_dispatcher_t *d);
-  /* At ac_close, first, and when the application takes the socket
-   * (ac_fileno): send what the class held back that CPython would have
-   * sent already (may be NULL; chat.c). */
-  void (*closing)(ac_dispatcher_t *d);
 } ac__class_t;
 
 /* The defaults of asyncore.dispatcher (events.c), for class tables. */
@@ -241,6 +237,7 @@ AC__HIDDEN int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
                                   const struct sockaddr *addr);
 #define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
 AC__HIDDEN ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n);
+AC__HIDDEN ssize_t ac__disconnected(ac_dispatcher_t *d);
 AC__HIDDEN ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov,
                              int cnt);
 AC__HIDDEN int ac__raise(ac_dispatcher_t *d, int code);
@@ -271,15 +268,17 @@ AC__HIDDEN void ac__timer_close_all(ac_map_t *m);
 AC__HIDDEN void ac__embed_exit(ac_map_t *m);
 AC__HIDDEN void ac__map_close_check(ac_map_t *m);
 
-/* burst.c: several handle_read calls for one read readiness */
+/* burst.c: several handle_read calls for one read readiness, and the
+ * gathering of the replies they (or one async_chat parse) send */
 #define AC__READ_BURST 32 /* most calls (libuv's read loop reads 32 times) */
-#define AC__BURST_GATHER ((size_t) 64 * 1024) /* most bytes gathered */
+#define AC__GATHER_MAX ((size_t) 64 * 1024) /* most bytes gathered */
 #define AC__AHEAD ((size_t) 64 * 1024) /* most bytes received ahead at once */
 AC__HIDDEN int ac__burst_again(ac_dispatcher_t *d);
-AC__HIDDEN void ac__burst_gather(ac_dispatcher_t *d);
-AC__HIDDEN ssize_t ac__burst_send(ac_dispatcher_t *d, const void *buf,
+AC__HIDDEN int ac__gather_begin(ac_dispatcher_t *d);
+AC__HIDDEN ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf,
                                   size_t n);
-AC__HIDDEN void ac__burst_flush(ac_dispatcher_t *d, int more);
+AC__HIDDEN int ac__gather_flush(ac_dispatcher_t *d, int more);
+AC__HIDDEN int ac__gather_end(ac_dispatcher_t *d);
 
 /* adopt.c: pending input and the application's queued writes */
 AC__HIDDEN ssize_t ac__adopt_recv(ac_dispatcher_t *d, void *buf, size_t n);

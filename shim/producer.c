@@ -118,7 +118,6 @@ static void pop_release(ac_chat_t *c) {
   ac__entry_t e;
 
   ac__ring_pop_front(&c->fifo, &e, ES);
-  c->append_room = 0;
   if (e.kind == AC__E_DATA) {
     c->out_bytes -= e.n;
     if (e.own == AC__OWN_ARENA) {
@@ -136,7 +135,6 @@ void ac__chat_out_discard(ac_chat_t *c) {
   size_t i;
 
   ac__ring_init(&c->fifo, ES);
-  c->append_room = 0;
   c->out_bytes = 0;
   c->out_gen++;
   arena_consumed(c, c->oend - c->ostart);
@@ -211,34 +209,6 @@ static int send_failed(ac_chat_t *c, int code) {
   return ac__raise(&c->d, AC__SLOT(&c->d, handle_error)(&c->d, &err));
 }
 
-/* Whether the fifo is the usual gathering: one arena entry (a data entry:
- * kind and own are set together, n >= 1), to be sent whole. */
-static int one_arena_entry(ac_chat_t *c) {
-  return c->fifo.len_ == 1 && head(c)->own == AC__OWN_ARENA &&
-         (head(c)->n <= c->ac_out_buffer_size || gathers(c));
-}
-
-/* send_head() for one_arena_entry(c). */
-static int send_arena_entry(ac_chat_t *c) {
-  ac__entry_t *e = head(c);
-  ssize_t r = ac__send(&c->d, c->obuf + (e->at.pos - c->obase), e->n);
-
-  if (r < 0) {
-    return send_failed(c, (int) r);
-  }
-  if ((size_t) r == e->n) { /* nothing to release: the arena's bytes */
-    c->fifo.len_ = 0;
-    c->out_bytes -= e->n;
-    arena_consumed(c, e->n);
-    ac__chat_track(c);
-    return 0;
-  }
-  if (r > 0) {
-    consume(c, (size_t) r);
-  }
-  return 0;
-}
-
 /* One send of the data entries at the head (C-21 steps 3 to 6). */
 static int send_head(ac_chat_t *c) {
   struct iovec iov[AC__CHAT_IOV];
@@ -248,9 +218,6 @@ static int send_head(ac_chat_t *c) {
   size_t i;
   ssize_t r;
 
-  if (one_arena_entry(c)) {
-    return send_arena_entry(c);
-  }
   gather = gathers(c);
 
   for (i = 0; i < c->fifo.len_ && cnt < AC__CHAT_IOV; i++) {
@@ -319,7 +286,6 @@ static int call_more(ac_chat_t *c) {
   if (ac__ring_push_front(&c->fifo, &e, ES) != 0) {
     return UV_ENOMEM;
   }
-  c->append_room = 0;
   c->out_bytes += n;
   return 0;
 }
@@ -361,25 +327,7 @@ int ac_chat_initiate_send(ac_chat_t *c) {
     return 0; /* from inside more() or a release callback */
   }
   c->sending = 1;
-  c->append_room = 0;
   r = send_loop(c);
-  c->sending = 0;
-  return r;
-}
-
-/* The flush at the end of a parse: initiate_send, without the
- * checks a call from outside needs. */
-int ac__chat_flush(ac_chat_t *c) {
-  int r;
-
-  if (c->sending) {
-    return 0;
-  }
-  c->sending = 1;
-  c->append_room = 0;
-  /* send_loop() would come to send_head() at once for the usual case */
-  r = c->d.connected && one_arena_entry(c) ? send_arena_entry(c)
-                                           : send_loop(c);
   c->sending = 0;
   return r;
 }
@@ -391,14 +339,6 @@ int ac__chat_handle_write(ac_dispatcher_t *d) {
 
 /* ---------------------------------------------------------------- */
 /* Queueing                                                           */
-
-/* After a push: send now, unless gathering (chat_internal.h). */
-static int kick(ac_chat_t *c) {
-  if (ac__chat_gathering(c)) {
-    return 0;
-  }
-  return ac_chat_initiate_send(c);
-}
 
 /* Where the bytes [skip, n) of a push go: copied into the arena (small),
  * copied into an allocation of their own, or left where they are
@@ -470,14 +410,6 @@ static int append_slices(ac_chat_t *c, const char *data, size_t n,
     ac__ring_push_back(&c->fifo, &e, ES);
   }
   c->out_bytes += n - skip;
-  c->append_room = 0;
-  if (e.own == AC__OWN_ARENA && ac__chat_gathering(c) && !c->sending &&
-      gathers(c)) {
-    /* ac_chat_push may extend this entry (in the arena, after it) */
-    size_t arena = c->obase + c->obuf_cap - c->oend;
-    size_t slice = size - e.n;
-    c->append_room = arena < slice ? arena : slice;
-  }
   ac__chat_track(c);
   return 0;
 }
@@ -495,35 +427,6 @@ static int append_entry(ac_chat_t *c, int kind, void *owner,
   e.ctx = ctx;
   if (ac__ring_push_back(&c->fifo, &e, ES) != 0) {
     return UV_ENOMEM;
-  }
-  c->append_room = 0;
-  ac__chat_track(c);
-  return 0;
-}
-
-/* append_slices for the usual copy: 1 <= n < ARENA_MAX bytes, one slice
- * (n <= size), nothing sent yet. */
-static int append_copy(ac_chat_t *c, const char *data, size_t n,
-                       size_t size) {
-  ac__entry_t *e;
-
-  if ((c->fifo.len_ == c->fifo.cap_ && ac__ring_reserve(&c->fifo, 1) != 0) ||
-      arena_reserve(c, n) != 0) {
-    return UV_ENOMEM;
-  }
-  memcpy(c->obuf + (c->oend - c->obase), data, n);
-  e = entry(c, c->fifo.len_++);
-  memset(e, 0, sizeof(*e));
-  e->kind = AC__E_DATA;
-  e->own = AC__OWN_ARENA;
-  e->at.pos = c->oend;
-  e->n = n;
-  c->oend += n;
-  c->out_bytes += n;
-  c->append_room = 0;
-  if (ac__chat_gathering(c) && !c->sending && gathers(c)) {
-    size_t arena = c->obase + c->obuf_cap - c->oend;
-    c->append_room = arena < size - n ? arena : size - n;
   }
   ac__chat_track(c);
   return 0;
@@ -578,14 +481,11 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
   }
   if (n == 0) {
     r = append_entry(c, AC__E_DATA, (void *) data, free_fn, ctx);
-    return r != 0 ? not_queued(r, data, free_fn, ctx) : kick(c);
+    return r != 0 ? not_queued(r, data, free_fn, ctx) : ac_chat_initiate_send(c);
   }
-  if (c->fifo.len_ > 0 || !c->d.connected || c->sending ||
-      ac__chat_gathering(c)) {
-    r = copy && n <= size && n < ARENA_MAX
-            ? append_copy(c, data, n, size)
-            : append_slices(c, data, n, 0, size, copy, free_fn, ctx);
-    return r != 0 ? not_queued(r, data, free_fn, ctx) : kick(c);
+  if (c->fifo.len_ > 0 || !c->d.connected || c->sending) {
+    r = append_slices(c, data, n, 0, size, copy, free_fn, ctx);
+    return r != 0 ? not_queued(r, data, free_fn, ctx) : ac_chat_initiate_send(c);
   }
   sent = ac__send(&c->d, data, gathers(c) || n <= size ? n : size);
   if ((size_t) sent == n) {
@@ -599,25 +499,8 @@ static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
 
 int ac_chat_push(ac_chat_t *c, const void *data, size_t n) {
   int r = ac__chat_alive(c);
-  char *to;
 
-  if (r != 0) {
-    return r;
-  }
-  if (data == NULL || n - 1 >= c->append_room) {
-    return push_alive(c, data, n, 1, NULL, NULL);
-  }
-  /* Gathering, 1 <= n <= append_room: the bytes extend the tail entry, a
-   * copy in the arena that ends where the arena does (append_slices
-   * decided it may grow, within the arena and one slice; on a stream, so
-   * the bytes sent are the same).  kick() would not send now. */
-  to = c->obuf + (c->oend - c->obase);
-  c->oend += n;
-  c->out_bytes += n;
-  c->append_room -= n;
-  entry(c, c->fifo.len_ - 1)->n += n;
-  memcpy(to, data, n);
-  return 0;
+  return r != 0 ? r : push_alive(c, data, n, 1, NULL, NULL);
 }
 
 int ac_chat_push_owned(ac_chat_t *c, const void *data, size_t n,
@@ -652,7 +535,7 @@ int ac_chat_push_with_producer(ac_chat_t *c, ac_producer_t *p) {
     }
     return r;
   }
-  return kick(c);
+  return ac_chat_initiate_send(c);
 }
 
 /* C-20: no send here, as in Python. */

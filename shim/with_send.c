@@ -66,7 +66,6 @@ const ac__class_t ac__with_send_class = {
                  ac__base_handle_close),
     dws_send,
     dws_release,
-    NULL,
 };
 
 int ac_dispatcher_with_send_init(ac_dispatcher_with_send_t *w,

@@ -91,10 +91,10 @@ struct ac_chat_s {
   int use_encoding;          /* kept for source compatibility: no-op */
   const char *encoding;      /* "latin-1", no-op */
   /* Kept for source compatibility, no effect: what `batch` once asked for
-   * is the default.  push, push_owned and push_with_producer called from
-   * collect_incoming_data or found_terminator only queue, and the end of
-   * the parse sends everything once (on a stream, pushed copies that fit
-   * extend the last fifo entry); docs/chat.md "Gathering". */
+   * is the default.  On a TCP channel, what push, push_owned and
+   * push_with_producer send from collect_incoming_data or
+   * found_terminator is gathered, and the end of the parse sends it in one
+   * send(2); docs/chat.md "Gathering". */
   unsigned batch : 1;
   /* Extension: most bytes ac_chat_collect_incoming holds; one more fails
    * with UV_E2BIG (0, the default: no limit, as in Python). */
@@ -121,8 +121,8 @@ struct ac_chat_s {
   uint8_t out_nonempty; /* what writable() last reported for the fifo */
   uint8_t sending;      /* inside initiate_send */
   uint8_t parsing;      /* inside the parse loop */
+  uint8_t gathering;    /* the parse started gathering its sends */
   uint8_t more_orphan;  /* the producer inside more() was discarded */
-  size_t append_room;   /* batch: bytes a push may add to the tail entry */
   ac_producer_t *in_more;
   uint8_t term_kind;    /* AC_TERM_* */
   uint8_t kmp_ok;       /* the border table of the terminator is built */
