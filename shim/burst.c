@@ -59,15 +59,17 @@ int ac__burst_again(ac_dispatcher_t *d) {
   return r != UV_EAGAIN && r != UV_ENOMEM;
 }
 
-/* Start gathering d's sends, if it does not already and a send could go
- * out now: nothing of d waits in libuv's queue.  (Else its sends take the
- * usual way, where that queue is the bound of what the channel accepts:
- * the application sees the back-pressure.)  Returns whether it started,
- * so that the caller that started it ends it. */
+/* Start gathering d's sends, if no channel gathers already (the map has
+ * one gather: a parse fed from inside another channel's handler sends as
+ * usual) and a send of d could go out now: nothing of d waits in libuv's
+ * queue.  (Else its sends take the usual way, where that queue is the
+ * bound of what the channel accepts: the application sees the
+ * back-pressure.)  Returns whether it started, so that the caller that
+ * started it ends it. */
 int ac__gather_begin(ac_dispatcher_t *d) {
   ac_map_t *m = d->map;
 
-  if ((d->ready & AC__GATHERING) || d->backend != AC_BACKEND_STREAM ||
+  if (m->gather_owner != NULL || d->backend != AC_BACKEND_STREAM ||
       d->wq_bytes > 0 ||
       (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) != AC__F_CONN_DONE) {
     return 0;
@@ -79,6 +81,7 @@ int ac__gather_begin(ac_dispatcher_t *d) {
     }
   }
   m->gather_len = 0;
+  m->gather_owner = d;
   d->ready |= AC__GATHERING;
   return 1;
 }
@@ -115,6 +118,7 @@ int ac__gather_flush(ac_dispatcher_t *d, int more) {
 
   d->ready &= (uint8_t) ~AC__GATHERING;
   m->gather_len = 0;
+  m->gather_owner = NULL;
   if (n > 0) {
     r = ac__os_send(d, m->gather, n);
     if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -137,6 +141,7 @@ int ac__gather_flush(ac_dispatcher_t *d, int more) {
   }
   if (more && (size_t) r == n) {
     d->ready |= AC__GATHERING;
+    m->gather_owner = d;
   }
   return 0;
 }

@@ -26,7 +26,8 @@
 /* In `ready` only: the last receive filled the caller's buffer, so more
  * input may be waiting (events.c: the same readiness may read again). */
 #define AC__RMORE 0x10
-/* In `ready` only: a read burst gathers d's sends (burst.c). */
+/* In `ready` only: d's sends are gathered (a read burst's, an async_chat
+ * parse's: burst.c); d is the map's gather_owner. */
 #define AC__GATHERING 0x20
 
 /* ac_dispatcher_t.paused: why read interest is off */
@@ -150,9 +151,11 @@ struct ac_map_s {
    * this timer fires or a channel of the map closes. */
   uv_timer_t accept_timer;
   size_t npaused;
-  /* Read bursts (burst.c): the sends gathered from the bursting channel. */
+  /* The sends gathered from one channel, the gather's owner (a read
+   * burst's, an async_chat parse's: burst.c); one at a time. */
   char *gather;
   size_t gather_len;
+  ac_dispatcher_t *gather_owner;
   /* The last read-ahead record drained, kept for the next (adopt.c): a
    * large message would otherwise allocate and free 64 KiB per receive. */
   struct ac__adopt_s *ahead_spare;

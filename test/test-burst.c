@@ -346,6 +346,7 @@ typedef struct {
   ac_chat_t c;
   int lines;
   int close_at;         /* ac_close after pushing this many replies */
+  ac_chat_t *feed;      /* fed "z\n" after each push, or NULL */
   int peer;             /* the other end, or -1 */
   size_t out_seen[32];  /* ac_chat_out_bytes after each push */
   size_t peer_seen[32]; /* the bytes the peer had waiting then */
@@ -370,6 +371,9 @@ static int liner_found(ac_chat_t *c) {
   l->lines++;
   if (l->close_at > 0 && l->lines == l->close_at) {
     ac_close(&c->d);
+  }
+  if (r == 0 && l->feed != NULL) {
+    r = ac_chat_feed(l->feed, "z\n", 2);
   }
   return r;
 }
@@ -442,6 +446,37 @@ TASK(chat_close_sends_gathered_replies) {
   task_map_free(map);
 }
 
+/* The map has one gather: a parse fed from inside another channel's parse
+ * (found_terminator feeds channel B while A gathers) sends B's replies as
+ * usual, and A's gathered replies stay A's, whole and in order. */
+TASK(chat_feed_other_channel_while_gathering) {
+  ac_map_t *map = task_map_new();
+  static liner_t a;
+  static liner_t b;
+  char back[sizeof(replies16)];
+  int peer_a;
+  int peer_b;
+
+  liner_couple(map, &a, &peer_a);
+  liner_couple(map, &b, &peer_b);
+  a.feed = &b.c;
+  peer_send(peer_a, ac_fileno(&a.c.d), lines16, 6); /* "a\nb\nc\n" */
+  ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+  ASSERT_EQ(a.lines, 3);
+  ASSERT_EQ(b.lines, 3);
+  peer_recv(peer_a, back, 9);
+  ASSERT_MEM_EQ(back, replies16, 9);
+  peer_recv(peer_b, back, 9);
+  ASSERT_MEM_EQ(back, "z!\nz!\nz!\n", 9);
+  ac_close(&a.c.d);
+  ac_close(&b.c.d);
+  ASSERT_OK(ac_loop(map, 0.1, 0, 2));
+  ASSERT_EQ(recv(peer_a, back, 1, 0), 0);
+  ASSERT_EQ(recv(peer_b, back, 1, 0), 0);
+  close(peer_a);
+  close(peer_b);
+  task_map_free(map);
+}
 
 /* ---------------------------------------------------------------- */
 /* Attacks: hostile peers and tricky applications during a burst      */
@@ -1506,6 +1541,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(never_reading_peer_small_sends_are_bounded),
     TASK_ENTRY(chat_pipelined_replies_leave_together),
     TASK_ENTRY(chat_close_sends_gathered_replies),
+    TASK_ENTRY(chat_feed_other_channel_while_gathering),
     TASK_ENTRY(burst_readable_that_closes_ends_it),
     TASK_ENTRY(burst_reset_after_large_message),
     TASK_ENTRY(burst_half_close_gets_whole_echo),
