@@ -143,6 +143,9 @@ ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d) {
     return r == 0 ? 0 : UV_EAGAIN;
   }
   a->len = (size_t) r;
+  if (a->len < a->cap) {
+    d->ready |= AC__DRAINED; /* do not ask the kernel again (burst.c) */
+  }
   a->next = d->map->adopts;
   d->map->adopts = a;
   d->flags |= AC__F_ADOPT;

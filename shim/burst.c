@@ -15,9 +15,15 @@
  *    the burst ends (the application paused reading, readable() turned
  *    false, the limit) is delivered from the next pass on, by synthetic
  *    read readiness.
- *  - What these further calls send is gathered (up to AC__GATHER_MAX bytes)
- *    and leaves in one send(2) when the burst ends or the channel closes:
- *    the same bytes, in the same order, in the same pass.  ac_send reports
+ *    The library stops receiving ahead in a readiness once a receive
+ *    ahead took less than it asked (all the kernel had): the next input
+ *    comes with the next readiness, without a receive that finds nothing.
+ *  - What handle_read sends from the receive that filled its buffer on (the
+ *    first of a burst: ac_recv, dispatcher.c) is gathered (up to
+ *    AC__GATHER_MAX bytes) and leaves in one send(2) when the burst ends or
+ *    the channel closes: the same bytes, in the same order, in the same
+ *    pass (a request that does not fill the buffer is answered at once,
+ *    as before).  ac_send reports
  *    them sent, as a socket with a larger send buffer would; what the
  *    kernel refuses then joins libuv's write queue, so the channel is not
  *    writable until it drains (the stream backend's send buffer, stream.c).
@@ -54,6 +60,9 @@ int ac__burst_again(ac_dispatcher_t *d) {
      * an adoption still fencing the application's writes keeps its
      * record, so nothing is received ahead beside it */
     return ac__adopt_pending(d) > 0;
+  }
+  if (d->ready & AC__DRAINED) {
+    return 0; /* the last receive ahead took all there was */
   }
   r = ac__adopt_read_ahead(d);
   return r != UV_EAGAIN && r != UV_ENOMEM;

@@ -930,12 +930,23 @@ static ssize_t recv_result(ac_dispatcher_t *d, ssize_t r) {
   return ac_is_disconnect(AC__ERR(err)) ? ac__disconnected(d) : AC__ERR(err);
 }
 
+/* A receive filled the caller's buffer: more input may wait (AC__RMORE),
+ * and if d's read readiness is running, a read burst may follow: what the
+ * handler sends from now on is gathered, to leave with the burst's other
+ * replies in one send (burst.c; the dispatch sends it when it ends). */
+static void more_may_wait(ac_dispatcher_t *d) {
+  d->ready |= AC__RMORE;
+  if (d->map->reading == d) {
+    (void) ac__gather_begin(d);
+  }
+}
+
 /* The one receive of D-14, the one place where the library's reads meet
  * the socket.  Branching off first: pending input (an adoption's, or what
  * a read burst received ahead: adopt.c) comes before the socket; no socket
  * yet (resolving a name) is would-block; a closed channel or a receive of
  * 0 bytes reports the end.  A receive that fills the buffer marks that
- * more input may wait (AC__RMORE: a read burst, events.c). */
+ * more input may wait (more_may_wait). */
 ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   ssize_t r;
 
@@ -948,7 +959,7 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
       return ac_is_disconnect((int) r) ? ac__disconnected(d) : r;
     }
     if (r == (ssize_t) n) {
-      d->ready |= AC__RMORE;
+      more_may_wait(d);
     }
     return r;
   }
@@ -963,7 +974,7 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
                                  : read(d->fd, buf, n);
   } while (r < 0 && errno == EINTR);
   if (r == (ssize_t) n) {
-    d->ready |= AC__RMORE;
+    more_may_wait(d);
   }
   return r > 0 ? r : recv_result(d, r);
 }

@@ -211,7 +211,9 @@ void ac__no_buffer(uv_handle_t *h, size_t size, uv_buf_t *buf) {
  * (UV_ENOBUFS: the bytes or the EOF wait in the kernel).  The same steps
  * as ac__dispatch(d, AC_POLLIN) in either mode, without the generic flag
  * handling; then, while handle_read's receive fills its buffer and more
- * input waits, handle_read again: a read burst (burst.c). */
+ * input waits, handle_read again: a read burst (burst.c), whose replies
+ * are gathered from the first receive that filled its buffer on, and
+ * sent when it ends. */
 void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   ac_dispatcher_t *d = s->data;
   ac_map_t *m = d->map;
@@ -225,10 +227,9 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     return; /* E-01: the rest of the pass is dropped */
   }
   m->in_dispatch++;
+  m->reading = d;
+  d->ready &= (uint8_t) ~AC__DRAINED;
   do {
-    if (calls == 1) {
-      (void) ac__gather_begin(d); /* flushed when the burst ends */
-    }
     d->ready &= (uint8_t) ~AC__RMORE;
     if (!d->accepting && d->connected) {
       m->where = "handle_read";
@@ -245,16 +246,17 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     }
   } while ((d->ready & AC__RMORE) && ++calls < AC__READ_BURST &&
            ac__burst_again(d));
-  if (calls > 0) {
-    if (d->ready & AC__GATHERING) {
-      /* the burst's replies; a failure is handle_read's, as the sends
-       * that reported them sent would have made it */
-      int e = settle(m, ac__gather_end(d));
-      if (e != 0 && r == 0) {
-        m->where = "handle_read";
-        r = fail(d, e, m->use_poll);
-      }
+  m->reading = NULL;
+  if (d->ready & AC__GATHERING) {
+    /* the burst's replies; a failure is handle_read's, as the sends
+     * that reported them sent would have made it */
+    int e = settle(m, ac__gather_end(d));
+    if (e != 0 && r == 0) {
+      m->where = "handle_read";
+      r = fail(d, e, m->use_poll);
     }
+  }
+  if (calls > 0) {
     ac__adopt_left(d);
   }
   m->in_dispatch--;

@@ -29,6 +29,9 @@
 /* In `ready` only: d's sends are gathered (a read burst's, an async_chat
  * parse's: burst.c); d is the map's gather_owner. */
 #define AC__GATHERING 0x20
+/* In `ready` only: in this read readiness, the library's last receive
+ * ahead took less than it asked, all the kernel had (burst.c). */
+#define AC__DRAINED 0x40
 
 /* ac_dispatcher_t.paused: why read interest is off */
 #define AC__PAUSE_ACCEPT 0x01 /* listener out of fds (ac__accept_pause) */
@@ -116,6 +119,7 @@ struct ac_map_s {
   int nhandles;       /* own handles still open */
   int running;        /* ac_loop is inside uv_run */
   int in_dispatch;    /* a handler of this map is running */
+  ac_dispatcher_t *reading; /* the channel whose read readiness runs */
   int in_callback;    /* a timer or `closed` callback of it is running */
   int stopping;       /* AC_EXIT requested: drop the rest of the pass */
   int result;         /* what ac_loop returns */

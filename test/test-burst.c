@@ -32,6 +32,8 @@ typedef struct {
   int pause_after;  /* pause reading after this many reads (0: never) */
   int unreadable_after; /* readable() is false after this many reads */
   int close_after;  /* ac_close after this many reads (0: never) */
+  int peer;         /* the other end, watched after each echo, or -1 */
+  size_t peer_seen[8]; /* bytes it had waiting after the first echoes */
 } echo_t;
 
 static echo_t *echo_of(ac_dispatcher_t *d) {
@@ -53,6 +55,11 @@ static int echo_read(ac_dispatcher_t *d) {
   }
   if (e->echo && ac_send(d, e->in + e->nin, (size_t) n) != n) {
     e->short_sends++;
+  }
+  if (e->peer >= 0 && e->reads <= 8) {
+    int waiting = -1;
+    (void) ioctl(e->peer, FIONREAD, &waiting);
+    e->peer_seen[e->reads - 1] = (size_t) waiting;
   }
   e->nin += (size_t) n;
   if (e->pause_after > 0 && e->reads == e->pause_after) {
@@ -96,6 +103,7 @@ static void couple(ac_map_t *map, echo_t *e, const ac_dispatcher_ops_t *ops,
   ASSERT_OK(ac_dispatcher_with_send_init(&e->w, map, ops));
   ASSERT_OK(probe_tcp_pair(AF_INET, fds));
   ASSERT_OK(ac_dispatcher_open(&e->w.d, fds[1]));
+  e->peer = -1;
   *peer = fds[0];
 }
 
@@ -196,6 +204,43 @@ TASK(burst_reads_a_message_in_one_pass) {
     close(peer);
     task_map_free(map);
   }
+}
+
+/* The replies of a burst leave together, the first one included: from
+ * the receive that filled its buffer on, the echoes are gathered (nothing
+ * reaches the peer while the burst runs), and sent when it ends.  A
+ * receive that does not fill its buffer is answered at once. */
+TASK(burst_gathers_from_the_first_full_receive) {
+  static char out[MSG];
+  static char back[MSG];
+  ac_map_t *map = task_map_new();
+  static echo_t e;
+  int peer;
+  int i;
+
+  pattern(out, sizeof(out));
+  couple(map, &e, &echo_ops, &peer);
+  e.echo = 1;
+  e.peer = peer;
+  peer_send(peer, ac_fileno(&e.w.d), out, MSG);
+  ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+  ASSERT_EQ(e.reads, (int) (MSG / CHUNK));
+  for (i = 0; i < 8; i++) {
+    ASSERT_EQ(e.peer_seen[i], 0);
+  }
+  peer_recv(peer, back, MSG);
+  ASSERT_MEM_EQ(back, out, MSG);
+  /* 100 bytes: the receive does not fill its buffer, the echo goes now */
+  e.nin = 0;
+  e.reads = 0;
+  peer_send(peer, ac_fileno(&e.w.d), out, 100);
+  ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+  ASSERT_EQ(e.reads, 1);
+  ASSERT_EQ(e.peer_seen[0], 100);
+  peer_recv(peer, back, 100);
+  ac_close(&e.w.d);
+  close(peer);
+  task_map_free(map);
 }
 
 /* The end of the input in the same burst: the bytes, then handle_close,
@@ -1534,6 +1579,7 @@ TASK(chat_fileno_after_close_when_done) {
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
+    TASK_ENTRY(burst_gathers_from_the_first_full_receive),
     TASK_ENTRY(burst_then_eof),
     TASK_ENTRY(burst_paused_keeps_input),
     TASK_ENTRY(burst_asks_readable),
