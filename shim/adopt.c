@@ -41,6 +41,7 @@ typedef struct ac__adopt_s {
 
 static ac__adopt_t *adopt_new(ac_dispatcher_t *d, const void *pending,
                               size_t n);
+static void adopt_init(ac__adopt_t *a, ac_dispatcher_t *d, size_t cap);
 
 /* The adoption in progress of d, or NULL (a short list: adoptions end
  * once their input is read and their fence is through). */
@@ -122,12 +123,11 @@ ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d) {
 
   if (a != NULL) {
     m->ahead_spare = NULL;
-    memset(a, 0, sizeof(*a));
-    a->d = d;
-    a->cap = AC__AHEAD;
+    adopt_init(a, d, AC__AHEAD);
   } else if ((a = adopt_new(d, NULL, AC__AHEAD)) == NULL) {
     return UV_ENOMEM;
   }
+  a->len = 0; /* room for AC__AHEAD bytes, none received yet */
   do {
     r = recv(d->fd, a->data, a->cap, 0);
   } while (r < 0 && errno == EINTR);
@@ -228,6 +228,14 @@ void ac__adopt_abort(ac_map_t *m) {
 }
 
 /* A new adoption of d holding a copy of the n pending bytes, or NULL. */
+/* A record for d with room for `cap` bytes, holding none. */
+static void adopt_init(ac__adopt_t *a, ac_dispatcher_t *d, size_t cap) {
+  memset(a, 0, sizeof(*a));
+  a->d = d;
+  a->cap = cap;
+}
+
+/* A record for d holding the n bytes at pending (NULL: room for n). */
 static ac__adopt_t *adopt_new(ac_dispatcher_t *d, const void *pending,
                               size_t n) {
   ac__adopt_t *a = ac__malloc(sizeof(*a) + n);
@@ -235,10 +243,8 @@ static ac__adopt_t *adopt_new(ac_dispatcher_t *d, const void *pending,
   if (a == NULL) {
     return NULL;
   }
-  memset(a, 0, sizeof(*a));
-  a->d = d;
+  adopt_init(a, d, n);
   a->len = n;
-  a->cap = n;
   if (pending != NULL && n > 0) {
     memcpy(a->data, pending, n);
   }
