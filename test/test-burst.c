@@ -1576,6 +1576,234 @@ TASK(chat_fileno_after_close_when_done) {
   task_map_free(map);
 }
 
+
+/* ---------------------------------------------------------------- */
+/* The map has one gather buffer: one channel gathers at a time       */
+
+/* A line chat whose found_terminator replies "<line>!\n", then, on its
+ * first line, feeds `feed` to the chat `other` (another channel: legal,
+ * ac_chat_feed is refused only inside the channel's own parse) and pushes
+ * "<line>+\n"; a chat with `back` set also pushes "<line>>\n" to `back`
+ * (a reply to another channel).  Each has its own peer. */
+typedef struct duo_s {
+  ac_chat_t c;
+  struct duo_s *other;
+  struct duo_s *back;
+  const char *feed;
+  int lines;
+  int closes;
+  int errors;
+} duo_t;
+
+static int duo_reply(ac_chat_t *c, const char *data, size_t n,
+                     const char *suffix) {
+  char reply[64];
+
+  snprintf(reply, sizeof(reply), "%.*s%s\n", (int) n, data, suffix);
+  return ac_chat_push(c, reply, strlen(reply));
+}
+
+static int duo_found(ac_chat_t *c) {
+  duo_t *u = ac_container_of(c, duo_t, c);
+  char line[32];
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  int r;
+
+  if (n >= sizeof(line)) {
+    return UV_E2BIG;
+  }
+  memcpy(line, data, n); /* the data is borrowed until the next call */
+  (void) ac_chat_clear_incoming(c);
+  u->lines++;
+  r = duo_reply(c, line, n, "!");
+  if (r == 0 && u->back != NULL) {
+    r = duo_reply(&u->back->c, line, n, ">");
+  }
+  if (r == 0 && u->other != NULL && u->lines == 1) {
+    r = ac_chat_feed(&u->other->c, u->feed, strlen(u->feed));
+    if (r == 0) {
+      r = duo_reply(c, line, n, "+");
+    }
+  }
+  return r;
+}
+
+static int duo_close(ac_dispatcher_t *d) {
+  ac_container_of(d, duo_t, c.d)->closes++;
+  return ac_close(d);
+}
+
+static int duo_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  ac_container_of(d, duo_t, c.d)->errors++;
+  return ac_close(d);
+}
+
+static const ac_chat_ops_t duo_ops = {
+    .base = {.handle_close = duo_close, .handle_error = duo_error},
+    .collect_incoming_data = liner_collect,
+    .found_terminator = duo_found,
+};
+
+static void duo_couple(ac_map_t *map, duo_t *u, int *peer) {
+  uv_os_sock_t fds[2];
+
+  memset(u, 0, sizeof(*u));
+  ASSERT_OK(ac_chat_init(&u->c, map, &duo_ops));
+  ASSERT_OK(ac_chat_set_terminator(&u->c, "\n", 1));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&u->c.d, fds[1]));
+  *peer = fds[0];
+}
+
+/* Run the loop until the peers got na and nb bytes (bounded), then check
+ * that nothing more arrives. */
+static void duo_collect(ac_map_t *map, int pa, char *a, size_t na, int pb,
+                        char *b, size_t nb) {
+  size_t ga = 0;
+  size_t gb = 0;
+  char extra[64];
+  int i;
+
+  for (i = 0; i < 50 && (ga < na || gb < nb); i++) {
+    ssize_t r;
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+    while (ga < na && (r = recv(pa, a + ga, na - ga, MSG_DONTWAIT)) > 0) {
+      ga += (size_t) r;
+    }
+    while (gb < nb && (r = recv(pb, b + gb, nb - gb, MSG_DONTWAIT)) > 0) {
+      gb += (size_t) r;
+    }
+  }
+  ASSERT_EQ(ga, na);
+  ASSERT_EQ(gb, nb);
+  ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  ASSERT_EQ(recv(pa, extra, sizeof(extra), MSG_DONTWAIT), -1);
+  ASSERT_EQ(recv(pb, extra, sizeof(extra), MSG_DONTWAIT), -1);
+}
+
+/* A's found_terminator feeds chat B (C-08 on another channel) while A
+ * gathers its replies: B's parse must not take over A's gather (A's reply
+ * before the feed was lost: the map's one buffer was restarted for B). */
+TASK(chat_feed_other_keeps_both_replies) {
+  ac_map_t *map = task_map_new();
+  static duo_t a;
+  static duo_t b;
+  static const char wa[] = "a!\na+\nb!\n";
+  static const char wb[] = "x!\ny!\n";
+  char ga[sizeof(wa)];
+  char gb[sizeof(wb)];
+  int pa;
+  int pb;
+
+  duo_couple(map, &a, &pa);
+  duo_couple(map, &b, &pb);
+  a.other = &b;
+  a.feed = "x\ny\n";
+  peer_send(pa, ac_fileno(&a.c.d), "a\nb\n", 4);
+  duo_collect(map, pa, ga, sizeof(wa) - 1, pb, gb, sizeof(wb) - 1);
+  if (task_failed) {
+    return;
+  }
+  ASSERT_MEM_EQ(ga, wa, sizeof(wa) - 1);
+  ASSERT_MEM_EQ(gb, wb, sizeof(wb) - 1);
+  ASSERT_EQ(a.closes + a.errors + b.closes + b.errors, 0);
+  ac_close(&a.c.d);
+  ac_close(&b.c.d);
+  close(pa);
+  close(pb);
+  task_map_free(map);
+}
+
+/* As above, and B's found_terminator also pushes a reply to A, which is
+ * gathering: every byte goes to its own socket (A's reply must not leave
+ * on B's socket with B's gather), in CPython's order. */
+TASK(chat_feed_other_replies_on_right_socket) {
+  ac_map_t *map = task_map_new();
+  static duo_t a;
+  static duo_t b;
+  static const char wa[] = "a!\nx>\ny>\na+\nb!\n";
+  static const char wb[] = "x!\ny!\n";
+  char ga[sizeof(wa)];
+  char gb[sizeof(wb)];
+  int pa;
+  int pb;
+
+  duo_couple(map, &a, &pa);
+  duo_couple(map, &b, &pb);
+  a.other = &b;
+  a.feed = "x\ny\n";
+  b.back = &a;
+  peer_send(pa, ac_fileno(&a.c.d), "a\nb\n", 4);
+  duo_collect(map, pa, ga, sizeof(wa) - 1, pb, gb, sizeof(wb) - 1);
+  if (task_failed) {
+    return;
+  }
+  ASSERT_MEM_EQ(ga, wa, sizeof(wa) - 1);
+  ASSERT_MEM_EQ(gb, wb, sizeof(wb) - 1);
+  ASSERT_EQ(a.closes + a.errors + b.closes + b.errors, 0);
+  ac_close(&a.c.d);
+  ac_close(&b.c.d);
+  close(pa);
+  close(pb);
+  task_map_free(map);
+}
+
+/* A plain channel echoes a message in a read burst (its sends gathered)
+ * and, at its second handle_read, feeds a chat of the same map: the
+ * chat's parse must not restart the burst's gather (the echo of that
+ * read was lost) nor send the chat's reply with it. */
+typedef struct {
+  echo_t e;
+  duo_t *target;
+} feeder_t;
+
+static int feeder_read(ac_dispatcher_t *d) {
+  feeder_t *f = ac_container_of(d, feeder_t, e.w.d);
+  int r = echo_read(d);
+
+  if (r == 0 && f->e.reads == 2) {
+    r = ac_chat_feed(&f->target->c, "q\n", 2);
+  }
+  return r;
+}
+
+static const ac_dispatcher_ops_t feeder_ops = {
+    .handle_read = feeder_read,
+    .handle_close = echo_close,
+};
+
+TASK(burst_feeds_chat_keeps_both) {
+  static char out[4 * CHUNK];
+  static char back[4 * CHUNK];
+  ac_map_t *map = task_map_new();
+  static feeder_t f;
+  static duo_t a;
+  char ga[8];
+  int pf;
+  int pa;
+
+  pattern(out, sizeof(out));
+  duo_couple(map, &a, &pa);
+  couple(map, &f.e, &feeder_ops, &pf);
+  f.target = &a;
+  f.e.echo = 1;
+  peer_send(pf, ac_fileno(&f.e.w.d), out, sizeof(out));
+  duo_collect(map, pf, back, sizeof(out), pa, ga, 3);
+  if (task_failed) {
+    return;
+  }
+  ASSERT_EQ(f.e.reads, 4);
+  ASSERT_MEM_EQ(back, out, sizeof(out));
+  ASSERT_MEM_EQ(ga, "q!\n", 3);
+  ac_close(&f.e.w.d);
+  ac_close(&a.c.d);
+  close(pf);
+  close(pa);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -1605,6 +1833,9 @@ static const task_t tasks[] = {
     TASK_ENTRY(chat_discard_keeps_pushed_replies),
     TASK_ENTRY(burst_timeout_error_is_reported),
     TASK_ENTRY(chat_fileno_after_close_when_done),
+    TASK_ENTRY(chat_feed_other_keeps_both_replies),
+    TASK_ENTRY(chat_feed_other_replies_on_right_socket),
+    TASK_ENTRY(burst_feeds_chat_keeps_both),
 };
 
 int main(int argc, char **argv) {
