@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -2473,6 +2474,272 @@ TASK(batch_flush_partial_keeps_order) {
   task_map_free(map);
 }
 
+/* ---------------------------------------------------------------- */
+/* Gathering under attack: hostile peers, unusual-but-legal callers    */
+
+/* One request, 300 replies of 1000 bytes (more than the 64 KiB the parse
+ * gathers) to a peer that does not read yet, behind a small send buffer:
+ * what the library holds stays bounded (libuv's queue near one gather,
+ * the rest in the fifo, as CPython's fifo would hold it), and once the
+ * peer reads, every byte arrives, in order, with no error. */
+#define BIG_N 300
+#define BIG_SZ 1000
+
+static int push_big_in_found(rec_t *r) {
+  char rec[BIG_SZ];
+  int e = 0;
+  int i;
+
+  for (i = 0; i < BIG_N && e == 0; i++) {
+    memset(rec, 'a' + i % 26, sizeof(rec));
+    rec[0] = (char) ('0' + i % 10);
+    e = ac_chat_push(&r->chat, rec, sizeof(rec));
+  }
+  r->fifo_in_found = ac_chat_out_bytes(&r->chat);
+  return e;
+}
+
+TASK(gather_over_64k_to_a_peer_not_reading) {
+  ac_map_t *map = task_map_new();
+  static char want[BIG_N * BIG_SZ];
+  static char got[BIG_N * BIG_SZ];
+  int small = 4096;
+  rec_t r;
+  int peer;
+  int i;
+
+  for (i = 0; i < BIG_N; i++) {
+    memset(want + i * BIG_SZ, 'a' + i % 26, BIG_SZ);
+    want[i * BIG_SZ] = (char) ('0' + i % 10);
+  }
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  ASSERT_OK(setsockopt(ac_fileno(&r.chat.d), SOL_SOCKET, SO_SNDBUF, &small,
+                       sizeof(small)));
+  ASSERT_OK(setsockopt(peer, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)));
+  r.on_found = push_big_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  DELIVER(&r, peer, "go;");
+  ASSERT_EQ(r.founds, 1);
+  ASSERT_EQ(r.errors, 0);
+  ASSERT_GT(r.fifo_in_found, 0); /* the channel refused some: queued */
+  ASSERT_LE(r.chat.d.wq_bytes, 2 * 64 * 1024 + 1024);
+  ASSERT_EQ(peer_read_loop(map, peer, got, sizeof(got)), sizeof(got));
+  ASSERT(memcmp(got, want, sizeof(got)) == 0);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(r.errors + r.closes, 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* push, push_owned, a producer, close_when_done, then a push after the
+ * marker, all from one found_terminator on TCP: the peer gets the bytes
+ * before the marker, in order, then the end; the push after the marker is
+ * never sent (C-20); free_fn and release run once each (by the end of the
+ * pass); handle_close once, no handle_error. */
+static int owned_frees;
+static int prod_releases;
+
+static void gather_count_free(void *data, void *ctx) {
+  (void) data;
+  (void) ctx;
+  owned_frees++;
+}
+
+typedef struct {
+  ac_producer_t base;
+  int calls;
+} three_t;
+
+static int three_more(ac_producer_t *p, const void **data, size_t *n) {
+  three_t *t = (three_t *) p;
+
+  if (t->calls >= 3) {
+    *n = 0;
+    return 0;
+  }
+  *data = t->calls == 0 ? "C1" : t->calls == 1 ? "C2" : "C3;";
+  *n = strlen(*data);
+  t->calls++;
+  return 0;
+}
+
+static void three_release(ac_producer_t *p) {
+  (void) p;
+  prod_releases++;
+}
+
+static three_t three;
+
+static int push_mixed_in_found(rec_t *r) {
+  int e;
+
+  memset(&three, 0, sizeof(three));
+  three.base.more = three_more;
+  three.base.release = three_release;
+  e = ac_chat_push(&r->chat, "A;", 2);
+  if (e == 0) {
+    e = ac_chat_push_owned(&r->chat, "B;", 2, gather_count_free, NULL);
+  }
+  if (e == 0) {
+    e = ac_chat_push_with_producer(&r->chat, &three.base);
+  }
+  if (e == 0) {
+    e = ac_chat_close_when_done(&r->chat);
+  }
+  if (e == 0) {
+    e = ac_chat_push(&r->chat, "Z;", 2);
+  }
+  return e;
+}
+
+TASK(gather_mixed_pushes_then_close_when_done) {
+  ac_map_t *map = task_map_new();
+  char got[32];
+  size_t n = 0;
+  ssize_t k;
+  rec_t r;
+  int peer;
+
+  owned_frees = 0;
+  prod_releases = 0;
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  r.on_found = push_mixed_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  ASSERT_EQ(write(peer, "go;", 3), 3);
+  LOOP_UNTIL(map, 0, r.closes > 0, 200);
+  while ((k = recv(peer, got + n, sizeof(got) - n, 0)) > 0) {
+    n += (size_t) k;
+  }
+  ASSERT_EQ(k, 0);
+  ASSERT_EQ(n, 11);
+  ASSERT_MEM_EQ(got, "A;B;C1C2C3;", 11);
+  ASSERT_EQ(r.founds, 1);
+  ASSERT_EQ(r.closes, 1);
+  ASSERT_EQ(r.errors, 0);
+  ASSERT_EQ(owned_frees, 1);
+  ASSERT_EQ(prod_releases, 1);
+  close(peer);
+  task_map_free(map);
+}
+
+/* The peer sends pipelined requests and half-closes (SHUT_WR): the replies
+ * of the requests, then handle_close once (D-14), and the peer reads all
+ * of them, then the end, as with CPython. */
+TASK(gather_peer_half_close_gets_replies) {
+  ac_map_t *map = task_map_new();
+  char got[64];
+  size_t n = 0;
+  ssize_t k;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  r.on_found = push_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  ASSERT_EQ(write(peer, "a;b;c;d;", 8), 8);
+  ASSERT_OK(shutdown(peer, SHUT_WR));
+  LOOP_UNTIL(map, 0, r.closes > 0, 200);
+  while ((k = recv(peer, got + n, sizeof(got) - n, 0)) > 0) {
+    n += (size_t) k;
+  }
+  ASSERT_EQ(k, 0);
+  ASSERT_EQ(n, 12);
+  ASSERT_MEM_EQ(got, "ok;ok;ok;ok;", 12);
+  ASSERT_EQ(r.founds, 4);
+  ASSERT_EQ(r.closes, 1);
+  ASSERT_EQ(r.errors, 0);
+  close(peer);
+  task_map_free(map);
+}
+
+/* The peer sends requests and resets the connection (SO_LINGER 0) before
+ * the replies leave (Linux still delivers the requests): the send of a
+ * full gather inside the parse (round 0) or the one at its end (round 1)
+ * meets the reset, or (round 2) libuv's queue does later.  Each time
+ * handle_close runs once and handle_error never (D-13, D-14); the channel
+ * is closed and released. */
+TASK(gather_peer_reset_calls_handle_close_once) {
+  int round;
+
+  for (round = 0; round < 3; round++) {
+    ac_map_t *map = task_map_new();
+    struct linger lg = {1, 0};
+    rec_t r;
+    int peer;
+
+    ASSERT_OK(rec_tcp(&r, map, &peer));
+    r.on_found = round == 1 ? push_in_found : push_big_in_found;
+    ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+    ASSERT_EQ(write(peer, "a;b;", 4), 4);
+    if (round == 2) {
+      LOOP_UNTIL(map, 0, r.founds == 2, 200); /* replies on their way */
+    } else {
+      ASSERT(probe_wait_fd(ac_fileno(&r.chat.d), POLLIN, 1000) & POLLIN);
+    }
+    ASSERT_OK(setsockopt(peer, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+    close(peer);
+    LOOP_UNTIL(map, 0, r.closes > 0, 200);
+    LOOP_UNTIL(map, 0, r.released > 0, 200);
+    ASSERT_EQ(r.founds, 2);
+    ASSERT_EQ(r.closes, 1);
+    ASSERT_EQ(r.errors, 0);
+    ASSERT(ac_is_closed(&r.chat.d));
+    task_map_free(map);
+  }
+}
+
+/* ac_chat_feed from a timer callback (outside any read) on a TCP chat:
+ * the replies of the fed records are in the peer's socket when feed
+ * returns (the parse's gather is sent at its end), in order. */
+typedef struct {
+  rec_t *r;
+  int peer;
+  int fed;
+  int waiting; /* bytes the peer had when feed returned */
+} feed_timer_t;
+
+static int feed_from_timer(ac_timer_t *t, void *arg) {
+  feed_timer_t *f = arg;
+  int e;
+
+  (void) t;
+  e = ac_chat_feed(&f->r->chat, "a;b;c;", 6);
+  f->fed++;
+  (void) ioctl(f->peer, FIONREAD, &f->waiting);
+  return e;
+}
+
+TASK(gather_feed_from_timer) {
+  ac_map_t *map = task_map_new();
+  static feed_timer_t f;
+  ac_timer_t t;
+  char got[16];
+  rec_t r;
+  int peer;
+  int i;
+
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  r.on_found = push_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  memset(&f, 0, sizeof(f));
+  f.r = &r;
+  f.peer = peer;
+  ASSERT_OK(ac_timer_init(map, &t));
+  ASSERT_OK(ac_timer_start(&t, 0.001, 0, feed_from_timer, &f));
+  LOOP_UNTIL(map, 0, f.fed > 0, 200);
+  for (i = 0; i < 200 && f.waiting < 9; i++) {
+    usleep(1000); /* loopback: delivered at once, but not necessarily */
+    (void) ioctl(peer, FIONREAD, &f.waiting);
+  }
+  ASSERT_EQ(f.waiting, 9);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 9);
+  ASSERT_MEM_EQ(got, "ok;ok;ok;", 9);
+  ASSERT_EQ(r.errors + r.closes, 0);
+  ASSERT_OK(ac_timer_close(&t, NULL));
+  close(peer);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(c01_c02_defaults),
     TASK_ENTRY(c02_misuse),
@@ -2542,6 +2809,11 @@ static const task_t tasks[] = {
     TASK_ENTRY(batch_push_during_send_kept),
     TASK_ENTRY(batch_flush_disconnect_calls_handle_close),
     TASK_ENTRY(batch_flush_partial_keeps_order),
+    TASK_ENTRY(gather_over_64k_to_a_peer_not_reading),
+    TASK_ENTRY(gather_mixed_pushes_then_close_when_done),
+    TASK_ENTRY(gather_peer_half_close_gets_replies),
+    TASK_ENTRY(gather_peer_reset_calls_handle_close_once),
+    TASK_ENTRY(gather_feed_from_timer),
 };
 
 int main(int argc, char **argv) {
