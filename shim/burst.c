@@ -98,13 +98,17 @@ int ac__gather_begin(ac_dispatcher_t *d) {
 /* ac__send while d gathers, n <= AC__GATHER_MAX: take the n bytes
  * at buf, sending what was gathered first when they do not fit.  If that
  * send left bytes queued in libuv, gathering ends and these bytes go the
- * usual way, behind them.  Returns what was taken, or what the usual send
- * returned. */
+ * usual way, behind them; if it failed, the failure is this send's (not
+ * left for a later send to meet: the kernel reports some errors once).
+ * Returns what was taken, or what the usual send returned. */
 ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   ac_map_t *m = d->map;
 
   if (n > AC__GATHER_MAX - m->gather_len) {
-    (void) ac__gather_flush(d, 1); /* a failure: ac__send meets it again */
+    int e = ac__gather_flush(d, 1);
+    if (e != 0) {
+      return ac__send_error(d, e);
+    }
     if (!(d->ready & AC__GATHERING)) {
       return ac__send(d, buf, n);
     }
@@ -162,8 +166,5 @@ int ac__gather_flush(ac_dispatcher_t *d, int more) {
 int ac__gather_end(ac_dispatcher_t *d) {
   int r = ac__gather_flush(d, 0);
 
-  if (r != 0 && ac_is_disconnect(r)) {
-    return (int) ac__disconnected(d);
-  }
-  return r;
+  return r != 0 ? (int) ac__send_error(d, r) : 0;
 }

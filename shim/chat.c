@@ -773,7 +773,12 @@ static AC__INLINE int parse_end(ac_chat_t *c, int r) {
   if (c->gathering) {
     c->gathering = 0;
     if (c->d.ready & AC__GATHERING) { /* not sent by a close meanwhile */
-      int rs = ac__gather_end(&c->d);
+      /* a failure is the pushes': handle_close for a disconnection, else
+       * handle_error, as initiate_send reports it (C-21) */
+      int e = ac__gather_flush(&c->d, 0);
+      int rs = e == 0                ? 0
+               : ac_is_disconnect(e) ? (int) ac__disconnected(&c->d)
+                                     : ac__chat_send_failed(c, e);
       r2 = r2 != 0 ? r2 : rs;
     }
   }

@@ -78,6 +78,7 @@ AC__HIDDEN ssize_t ac__chat_send(ac_dispatcher_t *d, const void *buf,
 AC__HIDDEN void ac__chat_out_discard(ac_chat_t *c);
 AC__HIDDEN void ac__chat_out_free(ac_chat_t *c);
 AC__HIDDEN void ac__chat_track(ac_chat_t *c);
+AC__HIDDEN int ac__chat_send_failed(ac_chat_t *c, int code);
 
 /* chat.c */
 AC__HIDDEN extern const ac__class_t ac__chat_class;

@@ -778,6 +778,15 @@ ssize_t ac__disconnected(ac_dispatcher_t *d) {
   return r != 0 ? r : 0;
 }
 
+/* A send of d failed with `code` (D-13): a disconnection calls
+ * handle_close and reads as nothing sent (0, or what handle_close
+ * raised); another error is returned, for the caller to report.  The
+ * kernel reports some errors once (ETIMEDOUT): the send that met it is
+ * the one that reports it. */
+ssize_t ac__send_error(ac_dispatcher_t *d, int code) {
+  return ac_is_disconnect(code) ? ac__disconnected(d) : code;
+}
+
 /* Whether d has a libuv write queue that its next bytes must wait behind
  * (byte order): a stream with queued bytes and no failed write. */
 static inline int behind_queue(const ac_dispatcher_t *d) {
@@ -813,11 +822,14 @@ ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
   size_t room;
 
   if (d->ready & AC__GATHERING) {
+    int e;
     if (n <= AC__GATHER_MAX) {
       return ac__gather_send(d, buf, n);
     }
-    (void) ac__gather_flush(d, 0); /* too large to gather: after what was;
-                                      * a failure: met again below */
+    e = ac__gather_flush(d, 0); /* too large to gather: after what was */
+    if (e != 0) {
+      return ac__send_error(d, e);
+    }
   }
   if (d->fd < 0) {
     return (d->flags & AC__F_RESOLVING) ? 0 : ac__disconnected(d);
@@ -828,8 +840,7 @@ ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (!behind_queue(d)) {
     r = ac__os_send(d, buf, n);
     if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-      return ac_is_disconnect(AC__ERR(errno)) ? ac__disconnected(d)
-                                               : AC__ERR(errno);
+      return ac__send_error(d, AC__ERR(errno));
     }
     if (r < 0) {
       r = 0;

@@ -201,7 +201,7 @@ static void consume(ac_chat_t *c, size_t sent) {
 }
 
 /* C-21 step 5: the send raised.  Python calls handle_error itself. */
-static int send_failed(ac_chat_t *c, int code) {
+int ac__chat_send_failed(ac_chat_t *c, int code) {
   ac_error_t err;
 
   err.code = code;
@@ -241,7 +241,7 @@ static int send_head(ac_chat_t *c) {
   }
   r = ac__sendv(&c->d, iov, cnt);
   if (r < 0) {
-    return send_failed(c, (int) r);
+    return ac__chat_send_failed(c, (int) r);
   }
   if (r > 0) {
     consume(c, (size_t) r);
@@ -464,7 +464,7 @@ static int queue_unsent(ac_chat_t *c, const void *data,
   if (r != 0) {
     return not_queued(r, data, free_fn, ctx);
   }
-  return sent < 0 ? send_failed(c, (int) sent) : 0;
+  return sent < 0 ? ac__chat_send_failed(c, (int) sent) : 0;
 }
 
 /* push and push_owned (C-16) on a live channel.  With nothing queued the

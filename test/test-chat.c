@@ -8,6 +8,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -2740,6 +2742,73 @@ TASK(gather_feed_from_timer) {
   task_map_free(map);
 }
 
+/* A TCP chat whose connection timed out (the peer never reads: its
+ * window stays closed, TCP_USER_TIMEOUT ends the connection): its next
+ * send fails with ETIMEDOUT, once (the kernel reports the error once;
+ * later sends meet EPIPE).  Returns 0 when the kernel did not time out
+ * (then the test is skipped). */
+static int timed_out_tcp(rec_t *r, ac_map_t *map, int *peer) {
+  static char big[64 * 1024];
+  struct pollfd p;
+  int tmo = 200;
+  int fd;
+  int i;
+
+  if (rec_tcp(r, map, peer) != 0) {
+    return 0;
+  }
+  fd = ac_fileno(&r->chat.d);
+  for (i = 0; i < 10000 && send(fd, big, sizeof(big), MSG_DONTWAIT) > 0;
+       i++) {
+  }
+  if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &tmo, sizeof(tmo)) != 0) {
+    return 0;
+  }
+  p.fd = fd;
+  p.events = 0;
+  p.revents = 0;
+  for (i = 0; i < 100 && !(p.revents & POLLERR); i++) {
+    if (poll(&p, 1, 50) < 0) {
+      return 0;
+    }
+  }
+  return (p.revents & POLLERR) != 0;
+}
+
+/* C-21 step 5 (CPython: initiate_send calls handle_error for a send error
+ * that is not a disconnection) for sends the parse gathered, fed from
+ * outside a read (ac_chat_feed from the application): the send at the
+ * end of the parse (round 0) and the send of a full gather inside it
+ * (round 1) meet ETIMEDOUT: handle_error with that code, once, and the
+ * feed is not failed by it (the push did not fail either).  The error was
+ * returned by ac_chat_feed without handle_error (round 0) and swallowed,
+ * the next send meeting EPIPE (handle_close, round 1). */
+TASK(gather_send_error_to_handle_error) {
+  int round;
+
+  for (round = 0; round < 2; round++) {
+    ac_map_t *map = task_map_new();
+    rec_t r;
+    int peer;
+
+    if (!timed_out_tcp(&r, map, &peer)) {
+      fprintf(stderr, "  skipped: the connection did not time out\n");
+      task_map_free(map);
+      return;
+    }
+    r.on_found = round == 0 ? push_in_found : push_big_in_found;
+    ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+    ASSERT_OK(ac_chat_feed(&r.chat, "a;", 2));
+    ASSERT_EQ(r.founds, 1);
+    ASSERT_EQ(r.errors, 1);
+    ASSERT_EQ(r.err_code, UV_ETIMEDOUT);
+    ASSERT_STR_EQ(r.err_where, "initiate_send");
+    ASSERT(ac_is_closed(&r.chat.d)); /* the default handle_error closes */
+    close(peer);
+    task_map_free(map);
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(c01_c02_defaults),
     TASK_ENTRY(c02_misuse),
@@ -2814,6 +2883,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(gather_peer_half_close_gets_replies),
     TASK_ENTRY(gather_peer_reset_calls_handle_close_once),
     TASK_ENTRY(gather_feed_from_timer),
+    TASK_ENTRY(gather_send_error_to_handle_error),
 };
 
 int main(int argc, char **argv) {
