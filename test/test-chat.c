@@ -2809,6 +2809,32 @@ TASK(gather_send_error_to_handle_error) {
   }
 }
 
+/* A datagram chat (AF_UNIX SOCK_DGRAM: no gathering) replies to the
+ * records of one datagram: one datagram per push, as CPython sends them,
+ * never one merged message. */
+TASK(gather_datagram_chat_sends_per_push) {
+  ac_map_t *map = task_map_new();
+  char got[16];
+  rec_t r;
+  int peer;
+  int i;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_DGRAM, &peer));
+  r.on_found = push_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  DELIVER(&r, peer, "a;b;c;");
+  ASSERT_EQ(r.founds, 3);
+  for (i = 0; i < 3; i++) {
+    ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), 3);
+    ASSERT_MEM_EQ(got, "ok;", 3);
+  }
+  ASSERT_EQ(recv(peer, got, sizeof(got), MSG_DONTWAIT), -1);
+  ASSERT_EQ(r.errors + r.closes, 0);
+  ac_close(&r.chat.d);
+  close(peer);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(c01_c02_defaults),
     TASK_ENTRY(c02_misuse),
@@ -2884,6 +2910,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(gather_peer_reset_calls_handle_close_once),
     TASK_ENTRY(gather_feed_from_timer),
     TASK_ENTRY(gather_send_error_to_handle_error),
+    TASK_ENTRY(gather_datagram_chat_sends_per_push),
 };
 
 int main(int argc, char **argv) {
