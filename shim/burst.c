@@ -70,16 +70,19 @@ int ac__burst_again(ac_dispatcher_t *d) {
 
 /* Start gathering d's sends, if no channel gathers already (the map has
  * one gather: a parse fed from inside another channel's handler sends as
- * usual) and a send of d could go out now: nothing of d waits in libuv's
- * queue.  (Else its sends take the usual way, where that queue is the
- * bound of what the channel accepts: the application sees the
- * back-pressure.)  Returns whether it started, so that the caller that
- * started it ends it. */
+ * usual) and a send of d could go out now: d is open and connected (a
+ * closed channel sends nothing; and a gathering must end only through a
+ * flush, which ac_close does first, while only a closed channel takes a
+ * new socket, whose new life would clear the flag and leave the owner
+ * claimed) and nothing of d waits in libuv's queue.  (Else its sends take
+ * the usual way, where that queue is the bound of what the channel
+ * accepts: the application sees the back-pressure.)  Returns whether it
+ * started, so that the caller that started it ends it. */
 int ac__gather_begin(ac_dispatcher_t *d) {
   ac_map_t *m = d->map;
 
   if (m->gather_owner != NULL || d->backend != AC_BACKEND_STREAM ||
-      d->wq_bytes > 0 ||
+      !d->connected || (d->flags & AC__F_CLOSED) || d->wq_bytes > 0 ||
       (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) != AC__F_CONN_DONE) {
     return 0;
   }

@@ -2835,6 +2835,55 @@ TASK(gather_datagram_chat_sends_per_push) {
   task_map_free(map);
 }
 
+/* A closed TCP chat (not released yet) is fed, and its found_terminator
+ * reconnects it (Python's reconnect idiom: create_socket, connect): the
+ * channel's new life must not leave the map's gather claimed by its old
+ * one, or no channel of the map would gather again: the replies to the
+ * records of another chat's receive then left one send per push. */
+static struct sockaddr_storage reconnect_to;
+
+static int reconnect_in_found(rec_t *r) {
+  int e = ac_create_socket(&r->chat.d, AF_INET, SOCK_STREAM);
+
+  return e != 0 ? e : ac_connect(&r->chat.d, (struct sockaddr *) &reconnect_to);
+}
+
+TASK(gather_reconnect_in_parse_keeps_gathering) {
+  ac_map_t *map = task_map_new();
+  rec_t x;
+  rec_t y;
+  int lfd;
+  int port;
+  int px;
+  int py;
+
+  lfd = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(lfd, 0);
+  task_addr(AF_INET, port, &reconnect_to);
+  ASSERT_OK(rec_tcp(&x, map, &px));
+  ASSERT_OK(ac_chat_set_terminator(&x.chat, ";", 1));
+  x.on_found = reconnect_in_found;
+  ac_close(&x.chat.d);
+  ASSERT_OK(ac_chat_feed(&x.chat, "r;", 2));
+  ASSERT_EQ(x.founds, 1);
+  ASSERT(!ac_is_closed(&x.chat.d)); /* connecting again */
+
+  ASSERT_OK(rec_tcp(&y, map, &py));
+  ASSERT_OK(ac_chat_set_terminator(&y.chat, ";", 1));
+  y.on_found = push_in_found;
+  peer_fd = py;
+  DELIVER(&y, py, "a;b;c;");
+  peer_fd = -1;
+  ASSERT_EQ(y.founds, 3);
+  ASSERT_EQ(y.peer_in_found, 0); /* gathered: nothing sent before the end */
+  ac_close(&x.chat.d);
+  ac_close(&y.chat.d);
+  close(px);
+  close(py);
+  close(lfd);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(c01_c02_defaults),
     TASK_ENTRY(c02_misuse),
@@ -2911,6 +2960,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(gather_feed_from_timer),
     TASK_ENTRY(gather_send_error_to_handle_error),
     TASK_ENTRY(gather_datagram_chat_sends_per_push),
+    TASK_ENTRY(gather_reconnect_in_parse_keeps_gathering),
 };
 
 int main(int argc, char **argv) {
