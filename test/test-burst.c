@@ -1804,6 +1804,223 @@ TASK(burst_feeds_chat_keeps_both) {
   task_map_free(map);
 }
 
+/* Three TCP chats of one map, each with its own peer, whose
+ * found_terminator does random legal things: pushes (small, larger than
+ * the gather, push_owned) to itself or another chat, feeds another chat a
+ * record (which may feed on: the chats parse inside each other), takes its
+ * socket (ac_fileno).  Each push is logged for its channel as it reports
+ * sent; every peer must receive exactly its channel's log: CPython's bytes
+ * in CPython's order, whichever channel gathers. */
+#define RND_CHATS 3
+#define RND_RECORDS 150
+
+typedef struct {
+  ac_chat_t c;
+  int id;
+  int founds;  /* records parsed */
+  int fed;     /* records fed to it by the others */
+} rnd_t;
+
+static rnd_t rnd_chat[RND_CHATS];
+static char *rnd_log[RND_CHATS];
+static size_t rnd_len[RND_CHATS];
+static size_t rnd_cap[RND_CHATS];
+static uint32_t rnd_state;
+static unsigned rnd_serial;
+static int rnd_depth;
+static int rnd_bad; /* a push failed, or the log could not grow */
+
+static uint32_t rnd_next(void) {
+  rnd_state = rnd_state * 1103515245u + 12345u;
+  return rnd_state >> 8;
+}
+
+static void rnd_log_add(int to, const char *p, size_t n) {
+  if (rnd_len[to] + n > rnd_cap[to]) {
+    size_t cap = (rnd_len[to] + n) * 2;
+    char *b = realloc(rnd_log[to], cap);
+    if (b == NULL) {
+      rnd_bad = 1;
+      return;
+    }
+    rnd_log[to] = b;
+    rnd_cap[to] = cap;
+  }
+  memcpy(rnd_log[to] + rnd_len[to], p, n);
+  rnd_len[to] += n;
+}
+
+static void rnd_free(void *data, void *ctx) {
+  (void) ctx;
+  free(data);
+}
+
+static int rnd_push(int to, int owned, size_t big) {
+  char small[48];
+  char *p = small;
+  size_t n;
+  int e;
+
+  if (big > 0) {
+    p = malloc(big);
+    if (p == NULL) {
+      return UV_ENOMEM;
+    }
+    pattern(p, big);
+    n = (size_t) snprintf(p, 32, "<big %u>", rnd_serial++);
+    p[n] = ';';
+    n = big;
+  } else {
+    n = (size_t) snprintf(small, sizeof(small), "%d:%u;", to, rnd_serial++);
+    if (owned) {
+      p = malloc(n);
+      if (p == NULL) {
+        return UV_ENOMEM;
+      }
+      memcpy(p, small, n);
+    }
+  }
+  rnd_log_add(to, p, n);
+  if (owned) {
+    e = ac_chat_push_owned(&rnd_chat[to].c, p, n, rnd_free, NULL);
+  } else {
+    e = ac_chat_push(&rnd_chat[to].c, p, n);
+    if (p != small) {
+      free(p);
+    }
+  }
+  if (e != 0) {
+    rnd_bad = 1;
+  }
+  return e;
+}
+
+static int rnd_found(ac_chat_t *c) {
+  rnd_t *me = ac_container_of(c, rnd_t, c);
+  int actions = 1 + (int) (rnd_next() % 4);
+  int e = 0;
+  int i;
+
+  (void) ac_chat_clear_incoming(c);
+  me->founds++;
+  for (i = 0; i < actions && e == 0; i++) {
+    uint32_t a = rnd_next() % 40;
+    int other = (int) (rnd_next() % RND_CHATS);
+    if (a < 16) {
+      e = rnd_push(me->id, 0, 0);
+    } else if (a < 17) {
+      e = rnd_push(me->id, (int) (rnd_next() % 2), 70000);
+    } else if (a < 26) {
+      e = rnd_push(other, 0, 0);
+    } else if (a < 30) {
+      e = rnd_push(other, 1, 0);
+    } else if (a < 36) {
+      if (other != me->id && rnd_depth < 3) {
+        char rec[32];
+        int k = snprintf(rec, sizeof(rec), "f%u;", rnd_serial++);
+        rnd_depth++;
+        e = ac_chat_feed(&rnd_chat[other].c, rec, (size_t) k);
+        rnd_depth--;
+        if (e == 0) {
+          rnd_chat[other].fed++;
+        } else if (e == UV_EBUSY) {
+          e = 0; /* that chat is parsing already (up the stack) */
+        }
+      }
+    } else {
+      (void) ac_fileno(&c->d);
+    }
+  }
+  return e;
+}
+
+static const ac_chat_ops_t rnd_ops = {
+    .collect_incoming_data = liner_collect,
+    .found_terminator = rnd_found,
+};
+
+TASK(chat_random_cross_channel_pushes_keep_order) {
+  static char in[RND_RECORDS * 8];
+  uint32_t seed;
+
+  for (seed = 1; seed <= 6; seed++) {
+    ac_map_t *map = task_map_new();
+    static char *got[RND_CHATS];
+    size_t glen[RND_CHATS];
+    size_t gcap[RND_CHATS];
+    int peer[RND_CHATS];
+    size_t inlen = 0;
+    int done = 0;
+    int pass;
+    int i;
+
+    rnd_state = seed;
+    rnd_serial = 0;
+    rnd_depth = 0;
+    rnd_bad = 0;
+    for (i = 0; i < RND_RECORDS; i++) {
+      inlen += (size_t) snprintf(in + inlen, sizeof(in) - inlen, "r%d;", i);
+    }
+    for (i = 0; i < RND_CHATS; i++) {
+      uv_os_sock_t fds[2];
+      memset(&rnd_chat[i], 0, sizeof(rnd_chat[i]));
+      rnd_chat[i].id = i;
+      ASSERT_OK(ac_chat_init(&rnd_chat[i].c, map, &rnd_ops));
+      ASSERT_OK(ac_chat_set_terminator(&rnd_chat[i].c, ";", 1));
+      rnd_chat[i].c.ac_in_buffer_size = 16 + 40 * (size_t) i + seed;
+      ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+      ASSERT_OK(ac_dispatcher_open(&rnd_chat[i].c.d, fds[1]));
+      peer[i] = fds[0];
+      rnd_len[i] = 0;
+      glen[i] = 0;
+      gcap[i] = 1 << 20;
+      got[i] = malloc(gcap[i]);
+      ASSERT(got[i] != NULL);
+      ASSERT_EQ(send(peer[i], in, inlen, 0), (ssize_t) inlen);
+    }
+    for (pass = 0; pass < 3000 && !done; pass++) {
+      ASSERT_OK(ac_loop(map, 0.005, (int) (seed % 2), 1));
+      done = 1;
+      for (i = 0; i < RND_CHATS; i++) {
+        ssize_t r;
+        for (;;) {
+          if (glen[i] == gcap[i]) {
+            char *b = realloc(got[i], gcap[i] * 2);
+            ASSERT(b != NULL);
+            got[i] = b;
+            gcap[i] *= 2;
+          }
+          r = recv(peer[i], got[i] + glen[i], gcap[i] - glen[i],
+                   MSG_DONTWAIT);
+          if (r <= 0) {
+            break;
+          }
+          glen[i] += (size_t) r;
+        }
+        if (rnd_chat[i].founds < RND_RECORDS + rnd_chat[i].fed ||
+            glen[i] < rnd_len[i]) {
+          done = 0;
+        }
+      }
+    }
+    ASSERT_EQ(rnd_bad, 0);
+    for (i = 0; i < RND_CHATS; i++) {
+      ASSERT_EQ(rnd_chat[i].founds, RND_RECORDS + rnd_chat[i].fed);
+      ASSERT_EQ(glen[i], rnd_len[i]);
+      ASSERT(memcmp(got[i], rnd_log[i], glen[i]) == 0);
+      ac_close(&rnd_chat[i].c.d);
+      close(peer[i]);
+      free(got[i]);
+    }
+    task_map_free(map);
+  }
+  for (seed = 0; seed < RND_CHATS; seed++) {
+    free(rnd_log[seed]);
+    rnd_log[seed] = NULL;
+    rnd_cap[seed] = 0;
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -1836,6 +2053,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(chat_feed_other_keeps_both_replies),
     TASK_ENTRY(chat_feed_other_replies_on_right_socket),
     TASK_ENTRY(burst_feeds_chat_keeps_both),
+    TASK_ENTRY(chat_random_cross_channel_pushes_keep_order),
 };
 
 int main(int argc, char **argv) {
