@@ -2884,6 +2884,47 @@ TASK(gather_reconnect_in_parse_keeps_gathering) {
   task_map_free(map);
 }
 
+/* Q-16 in a gathering parse: an empty push between two others (and an
+ * empty owned one, whose free_fn runs once) changes nothing: the peer
+ * gets both replies in order and nothing stays queued. */
+static int push_empty_between(rec_t *r) {
+  int e = ac_chat_push(&r->chat, "a", 1);
+
+  if (e == 0) {
+    e = ac_chat_push(&r->chat, "", 0);
+  }
+  if (e == 0) {
+    e = ac_chat_push_owned(&r->chat, "", 0, gather_count_free, NULL);
+  }
+  if (e == 0) {
+    e = ac_chat_push(&r->chat, "b;", 2);
+  }
+  r->fifo_in_found = ac_chat_fifo_len(&r->chat);
+  return e;
+}
+
+TASK(gather_empty_push_between) {
+  ac_map_t *map = task_map_new();
+  char got[16];
+  rec_t r;
+  int peer;
+
+  owned_frees = 0;
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  r.on_found = push_empty_between;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  DELIVER(&r, peer, "x;y;");
+  ASSERT_EQ(r.founds, 2);
+  ASSERT_EQ(r.fifo_in_found, 0);
+  ASSERT_EQ(owned_frees, 2);
+  ASSERT_EQ(peer_read_loop(map, peer, got, 6), 6);
+  ASSERT_MEM_EQ(got, "ab;ab;", 6);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(r.errors + r.closes, 0);
+  close(peer);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(c01_c02_defaults),
     TASK_ENTRY(c02_misuse),
@@ -2961,6 +3002,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(gather_send_error_to_handle_error),
     TASK_ENTRY(gather_datagram_chat_sends_per_push),
     TASK_ENTRY(gather_reconnect_in_parse_keeps_gathering),
+    TASK_ENTRY(gather_empty_push_between),
 };
 
 int main(int argc, char **argv) {
