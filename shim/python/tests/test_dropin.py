@@ -366,6 +366,210 @@ class Semantics(unittest.TestCase):
             d.close()
 
 
+class Overrides(unittest.TestCase):
+    """The base classes' hot methods are C (docs/python.md, "Design"): an
+    override in a subclass, on the class after the channel was added, or on
+    the instance, is called instead, as with the original."""
+
+    def predicate_assigned_later(self, use_poll, on_class):
+        map = {}
+        a, b = socket.socketpair()
+        wrote, read = [], []
+        state = {'w': False, 'asked': 0}
+
+        class Ch(asyncore.dispatcher_with_send):
+            def handle_read(self):
+                read.append(self.recv(100))
+
+            def handle_write(self):
+                wrote.append(1)
+
+        def writable(*args):
+            state['asked'] += 1
+            return state['w']
+
+        c = Ch(a, map=map)
+        try:
+            asyncore.loop(timeout=0, use_poll=use_poll, map=map, count=2)
+            self.assertEqual(wrote, [])  # nothing queued: not writable
+            if on_class:
+                Ch.writable = writable
+            else:
+                c.writable = writable
+            b.send(b'x')
+            self.assertTrue(pump(map, lambda: read, use_poll))
+            # From its next event on, the override is asked every pass, as
+            # the original asks everyone: it says True without any event.
+            asked = state['asked']
+            asyncore.loop(timeout=0, use_poll=use_poll, map=map, count=3)
+            self.assertEqual(state['asked'] - asked, 3)
+            self.assertEqual(wrote, [])
+            state['w'] = True
+            asyncore.loop(timeout=0, use_poll=use_poll, map=map, count=2)
+            self.assertEqual(wrote, [1, 1])
+        finally:
+            asyncore.close_all(map)
+            b.close()
+
+    def test_predicate_assigned_on_the_instance_after_add_channel(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                self.predicate_assigned_later(use_poll, on_class=False)
+
+    def test_predicate_assigned_on_the_class_after_add_channel(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                self.predicate_assigned_later(use_poll, on_class=True)
+
+    def test_event_handlers_overridden_on_the_instance(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                seen = []
+                c = Echo(a, map=map)
+                c.handle_read_event = lambda: seen.append(c.recv(10))
+                b.setblocking(False)
+                b.send(b'ping')
+                try:
+                    self.assertTrue(pump(map, lambda: seen, use_poll))
+                    self.assertEqual(seen, [b'ping'])
+                    self.assertEqual(recv_some(b), b'')  # no echo
+                finally:
+                    asyncore.close_all(map)
+                    b.close()
+
+    def test_replaced_dispatch_functions_are_called(self):
+        # poll2() calls the module's readwrite, poll() its read, as the
+        # original looked them up at each pass.
+        for use_poll, name in ((True, 'readwrite'), (False, 'read')):
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                seen = []
+                Echo(a, map=map)
+                real = getattr(asyncore, name)
+                setattr(asyncore, name,
+                        lambda obj, *flags: seen.append((obj, flags)))
+                b.setblocking(False)
+                b.send(b'x')
+                try:
+                    self.assertTrue(pump(map, lambda: seen, use_poll))
+                    self.assertIs(seen[0][0], map[a.fileno()])
+                    self.assertEqual(recv_some(b), b'')  # no echo
+                finally:
+                    setattr(asyncore, name, real)
+                    asyncore.close_all(map)
+                    b.close()
+
+    def test_chat_handle_read_calls_recv_and_get_terminator_by_name(self):
+        map = {}
+        a, b = socket.socketpair()
+        lines = []
+
+        class Chat(asynchat.async_chat):
+            def recv(self, buffer_size):
+                return asynchat.async_chat.recv(self, buffer_size).upper()
+
+            def get_terminator(self):
+                return b'!'
+
+            def collect_incoming_data(self, data):
+                lines.append(data)
+
+            def found_terminator(self):
+                lines.append(None)
+
+        c = Chat(a, map=map)
+        c.set_terminator(b'\n')  # not what get_terminator says
+        b.send(b'ab!cd\n')
+        try:
+            self.assertTrue(pump(map, lambda: len(lines) >= 2, True))
+            self.assertEqual(lines, [b'AB', None, b'CD\n'])
+        finally:
+            asyncore.close_all(map)
+            b.close()
+
+    def test_recv_and_send_as_the_original(self):
+        map = {}
+        a, b = socket.socketpair()
+        closed = []
+
+        class Ch(asyncore.dispatcher):
+            def handle_close(self):
+                closed.append(1)
+                self.close()
+
+        c = Ch(a, map=map)
+        try:
+            # Keyword arguments, as the def's parameter names.
+            self.assertEqual(c.send(data=b'hi'), 2)
+            b.send(b'yo')
+            self.assertEqual(c.recv(buffer_size=10), b'yo')
+            with self.assertRaises(BlockingIOError):
+                c.recv(10)  # EWOULDBLOCK from recv is raised, as before
+            # A full socket buffer: send() says 0.
+            while c.send(b'x' * 65536):
+                pass
+            self.assertEqual(c.send(b'x'), 0)
+            with self.assertRaises(TypeError):
+                c.recv()
+            with self.assertRaises(TypeError):
+                c.send(b'x', b'y')
+            b.close()
+            # The peer went away: send() closes and says 0 (EPIPE or
+            # ECONNRESET), recv() then b''.
+            self.assertEqual(c.send(b'x'), 0)
+            self.assertEqual(closed, [1])
+        finally:
+            asyncore.close_all(map)
+
+        a, b = socket.socketpair()
+        c = Ch(a, map=map)
+        b.close()
+        try:
+            self.assertEqual(c.recv(10), b'')  # the peer closed
+            self.assertEqual(closed, [1, 1])
+        finally:
+            asyncore.close_all(map)
+
+    def test_disconnect_error_in_a_handler(self):
+        # readwrite (poll mode) closes the channel on a disconnection
+        # error; read() (select mode) hands every error to handle_error.
+        import errno
+        for use_poll, expected in ((True, 'close'), (False, 'error')):
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                seen = []
+
+                class Ch(asyncore.dispatcher):
+                    def writable(self):
+                        return False
+
+                    def handle_read(self):
+                        raise ConnectionResetError(errno.ECONNRESET, 'x')
+
+                    def handle_close(self):
+                        seen.append('close')
+                        self.close()
+
+                    def handle_error(self):
+                        seen.append('error')
+                        self.assertIs(sys.exc_info()[0], ConnectionResetError)
+                        self.close()
+
+                c = Ch(a, map=map)
+                c.assertIs = self.assertIs
+                b.send(b'x')
+                try:
+                    self.assertTrue(pump(map, lambda: seen, use_poll))
+                    self.assertEqual(seen, [expected])
+                finally:
+                    asyncore.close_all(map)
+                    b.close()
+
+
 # ---- the asyncore documentation's examples ---------------------------------
 # As printed in the Python 3.11 library reference (asyncore: "asyncore
 # Example basic HTTP client", "asyncore Example basic echo server"), the

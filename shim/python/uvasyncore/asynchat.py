@@ -7,8 +7,7 @@ Input is split at the terminator (a bytes string, a byte count, or None for
 
 from collections import deque
 
-from uvasyncore import asyncore
-from uvasyncore._core import chat_input as _chat_input
+from uvasyncore import _core, asyncore
 
 __all__ = ['async_chat', 'simple_producer', 'find_prefix_at_end']
 
@@ -74,24 +73,18 @@ class async_chat(asyncore.dispatcher):
             raise ValueError('the number of received bytes must be positive')
         self.terminator = term
 
-    def get_terminator(self):
-        return self.terminator
+    # return self.terminator (in C, as the methods below taken from _core:
+    # shim/python/_core.c has each one's Python beside it).
+    get_terminator = _core.chat_get_terminator
 
-    def handle_read(self):
-        try:
-            data = self.recv(self.ac_in_buffer_size)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.handle_error()
-            return
-        if isinstance(data, str) and self.use_encoding:
-            data = bytes(data, self.encoding)
-        # Joins data to the input and splits it at the terminator as the
-        # original's loop, calling get_terminator, collect_incoming_data
-        # and found_terminator as it did (the terminator is asked for again
-        # after each found_terminator, which may change it), in linear time.
-        _chat_input(self, data)
+    # self.recv(self.ac_in_buffer_size) (BlockingIOError: nothing; another
+    # OSError: handle_error()), str data encoded if use_encoding, then
+    # _chat_input: the data joined to the input and split at the terminator
+    # as the original's loop did, calling get_terminator,
+    # collect_incoming_data and found_terminator as it did (the terminator
+    # is asked for again after each found_terminator, which may change it),
+    # in linear time.
+    handle_read = _core.chat_handle_read
 
     def handle_write(self):
         self.initiate_send()
@@ -127,13 +120,11 @@ class async_chat(asyncore.dispatcher):
         if had_output != bool(self.producer_fifo):
             self._ac_touch()
 
-    def readable(self):
-        # Always: the terminator may change between reads, so a full
-        # ac_in_buffer is no reason to stop reading.
-        return 1
-
-    def writable(self):
-        return self.producer_fifo or (not self.connected)
+    # readable: return 1 (the terminator may change between reads, so a
+    # full ac_in_buffer is no reason to stop reading); writable: return
+    # self.producer_fifo or (not self.connected).
+    readable = _core.chat_readable
+    writable = _core.chat_writable
 
     def close_when_done(self):
         """Closes the channel once everything pushed so far is sent."""
