@@ -97,7 +97,8 @@ static PyObject *str_get, *str_handle_read_event, *str_handle_write_event,
     *str_handle_write, *str_socket, *str_recv, *str_send, *str_errno,
     *str_connected, *str_connecting, *str_ac_obuf, *str_ac_oq,
     *str_producer_fifo, *str_ac_in_buffer_size, *str_use_encoding,
-    *str_encoding;
+    *str_encoding, *str_initiate_send, *str_ac_touch,
+    *str_ac_out_buffer_size, *str_appendleft, *str_append, *str_more;
 
 static int vec_reserve(vec *a, size_t n) {
   if (n <= a->cap) {
@@ -1685,6 +1686,271 @@ static PyObject *m_chat_handle_read(PyObject *self, PyObject *unused) {
   return r;
 }
 
+/* obj[start:stop] as Python slices it (NULL: omitted). */
+static PyObject *slice_of(PyObject *obj, PyObject *start, PyObject *stop) {
+  PyObject *sl = PySlice_New(start, stop, NULL);
+  if (sl == NULL) {
+    return NULL;
+  }
+  PyObject *r = PyObject_GetItem(obj, sl);
+  Py_DECREF(sl);
+  return r;
+}
+
+/* async_chat.push(data), the original's, with the poller told when
+ * producer_fifo's emptiness changed (writable() reads it):
+ *     if not isinstance(data, (bytes, bytearray, memoryview)):
+ *         raise TypeError('data argument must be byte-ish (%r)',
+ *                         type(data))
+ *     had_output = bool(self.producer_fifo)
+ *     sabs = self.ac_out_buffer_size
+ *     if len(data) > sabs:
+ *         for i in range(0, len(data), sabs):
+ *             self.producer_fifo.append(data[i:i+sabs])
+ *     else:
+ *         self.producer_fifo.append(data)
+ *     self.initiate_send()
+ *     if had_output != bool(self.producer_fifo):
+ *         self._ac_touch()
+ */
+static PyObject *m_chat_push(PyObject *self, PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *kwnames) {
+  PyObject *data = one_arg("push", args, nargs, kwnames, "data");
+  if (data == NULL) {
+    return NULL;
+  }
+  if (!PyBytes_Check(data) && !PyByteArray_Check(data) &&
+      !PyMemoryView_Check(data)) {
+    /* The original's message, arguments and all. */
+    PyObject *a = Py_BuildValue("(sO)", "data argument must be byte-ish (%r)",
+                                (PyObject *)Py_TYPE(data));
+    if (a != NULL) {
+      PyErr_SetObject(PyExc_TypeError, a);
+      Py_DECREF(a);
+    }
+    return NULL;
+  }
+  int had = attr_truth(self, str_producer_fifo);
+  PyObject *sabs = had < 0 ? NULL : PyObject_GetAttr(self, str_ac_out_buffer_size);
+  if (sabs == NULL) {
+    return NULL;
+  }
+  Py_ssize_t n = PyObject_Size(data);
+  PyObject *len = n < 0 ? NULL : PyLong_FromSsize_t(n);
+  int big = len == NULL ? -1 : PyObject_RichCompareBool(len, sabs, Py_GT);
+  Py_XDECREF(len);
+  int rc = big < 0 ? -1 : 0;
+  if (big > 0) {
+    Py_ssize_t step = PyLong_AsSsize_t(sabs);
+    if (step <= 0) {
+      /* range() refuses a step of 0 (ValueError), as in the original. */
+      if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "range() arg 3 must not be zero");
+      }
+      rc = -1;
+    }
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i += step) {
+      PyObject *lo = PyLong_FromSsize_t(i);
+      PyObject *hi = PyLong_FromSsize_t(i + step < i ? PY_SSIZE_T_MAX : i + step);
+      PyObject *piece = lo == NULL || hi == NULL ? NULL : slice_of(data, lo, hi);
+      PyObject *fifo = piece == NULL ? NULL : PyObject_GetAttr(self, str_producer_fifo);
+      PyObject *r = fifo == NULL ? NULL
+                                 : PyObject_CallMethodObjArgs(fifo, str_append,
+                                                              piece, NULL);
+      rc = r == NULL ? -1 : 0;
+      Py_XDECREF(lo);
+      Py_XDECREF(hi);
+      Py_XDECREF(piece);
+      Py_XDECREF(fifo);
+      Py_XDECREF(r);
+    }
+  } else if (big == 0) {
+    PyObject *fifo = PyObject_GetAttr(self, str_producer_fifo);
+    PyObject *r = fifo == NULL ? NULL
+                               : PyObject_CallMethodObjArgs(fifo, str_append,
+                                                            data, NULL);
+    rc = r == NULL ? -1 : 0;
+    Py_XDECREF(fifo);
+    Py_XDECREF(r);
+  }
+  Py_DECREF(sabs);
+  if (rc < 0 || call_void(self, str_initiate_send) < 0) {
+    return NULL;
+  }
+  int has = attr_truth(self, str_producer_fifo);
+  if (has < 0 || (has != had && call_void(self, str_ac_touch) < 0)) {
+    return NULL;
+  }
+  return Py_NewRef(Py_None);
+}
+
+/* async_chat.initiate_send(), the original's:
+ *     while self.producer_fifo and self.connected:
+ *         first = self.producer_fifo[0]
+ *         if not first:                 # b'' skipped, None: close now
+ *             del self.producer_fifo[0]
+ *             if first is None:
+ *                 self.handle_close()
+ *                 return
+ *         obs = self.ac_out_buffer_size
+ *         try:
+ *             data = first[:obs]
+ *         except TypeError:             # a producer: its next piece
+ *             data = first.more()
+ *             if data:
+ *                 self.producer_fifo.appendleft(data)
+ *             else:
+ *                 del self.producer_fifo[0]
+ *             continue
+ *         if isinstance(data, str) and self.use_encoding:
+ *             data = bytes(data, self.encoding)
+ *         try:
+ *             num_sent = self.send(data)
+ *         except OSError:
+ *             self.handle_error()
+ *             return
+ *         if num_sent:
+ *             if num_sent < len(data) or obs < len(first):
+ *                 self.producer_fifo[0] = first[num_sent:]
+ *             else:
+ *                 del self.producer_fifo[0]
+ *         return                        # one send per call
+ */
+static int fifo_del0(PyObject *self) {
+  PyObject *fifo = PyObject_GetAttr(self, str_producer_fifo);
+  PyObject *zero = PyLong_FromLong(0);
+  int rc = fifo == NULL || zero == NULL ? -1 : PyObject_DelItem(fifo, zero);
+  Py_XDECREF(fifo);
+  Py_XDECREF(zero);
+  return rc;
+}
+
+/* One round of the loop; 1: go on, 0: return, -1: error. */
+static int chat_send_round(PyObject *self) {
+  int more = attr_truth(self, str_producer_fifo);
+  if (more > 0) {
+    more = attr_truth(self, str_connected);
+  }
+  if (more <= 0) {
+    return more;
+  }
+  PyObject *fifo = PyObject_GetAttr(self, str_producer_fifo);
+  PyObject *zero = PyLong_FromLong(0);
+  PyObject *first = fifo == NULL || zero == NULL ? NULL : PyObject_GetItem(fifo, zero);
+  Py_XDECREF(fifo);
+  if (first == NULL) {
+    Py_XDECREF(zero);
+    return -1;
+  }
+  int rc = -1;
+  PyObject *obs = NULL, *data = NULL, *sent = NULL;
+  int t = PyObject_IsTrue(first);
+  if (t < 0) {
+    goto out;
+  }
+  if (t == 0) {
+    if (fifo_del0(self) < 0) {
+      goto out;
+    }
+    if (first == Py_None) {
+      rc = call_void(self, str_handle_close) < 0 ? -1 : 0;
+      goto out;
+    }
+  }
+  obs = PyObject_GetAttr(self, str_ac_out_buffer_size);
+  data = obs == NULL ? NULL : slice_of(first, NULL, obs);
+  if (data == NULL) {
+    if (obs == NULL || !PyErr_ExceptionMatches(PyExc_TypeError)) {
+      goto out;
+    }
+    PyErr_Clear();
+    data = PyObject_CallMethodObjArgs(first, str_more, NULL);
+    int d = data == NULL ? -1 : PyObject_IsTrue(data);
+    if (d > 0) {
+      fifo = PyObject_GetAttr(self, str_producer_fifo);
+      PyObject *r = fifo == NULL ? NULL
+                                 : PyObject_CallMethodObjArgs(
+                                       fifo, str_appendleft, data, NULL);
+      Py_XDECREF(fifo);
+      Py_XDECREF(r);
+      rc = r == NULL ? -1 : 1;
+    } else if (d == 0) {
+      rc = fifo_del0(self) < 0 ? -1 : 1;
+    }
+    goto out;
+  }
+  if (PyUnicode_Check(data)) {
+    int enc = attr_truth(self, str_use_encoding);
+    if (enc < 0) {
+      goto out;
+    }
+    if (enc) {
+      PyObject *encoding = PyObject_GetAttr(self, str_encoding);
+      PyObject *b = encoding == NULL
+                        ? NULL
+                        : PyObject_CallFunctionObjArgs(
+                              (PyObject *)&PyBytes_Type, data, encoding, NULL);
+      Py_XDECREF(encoding);
+      if (b == NULL) {
+        goto out;
+      }
+      Py_DECREF(data);
+      data = b;
+    }
+  }
+  sent = PyObject_CallMethodObjArgs(self, str_send, data, NULL);
+  if (sent == NULL) {
+    if (PyErr_ExceptionMatches(PyExc_OSError)) {
+      PyObject *r = call_in_except(self, str_handle_error);
+      Py_XDECREF(r);
+      rc = r == NULL ? -1 : 0;
+    }
+    goto out;
+  }
+  t = PyObject_IsTrue(sent);
+  if (t <= 0) {
+    rc = t;
+    goto out;
+  }
+  Py_ssize_t dn = PyObject_Size(data);
+  PyObject *dlen = dn < 0 ? NULL : PyLong_FromSsize_t(dn);
+  int part = dlen == NULL ? -1 : PyObject_RichCompareBool(sent, dlen, Py_LT);
+  Py_XDECREF(dlen);
+  if (part == 0) {
+    Py_ssize_t fn = PyObject_Size(first);
+    PyObject *flen = fn < 0 ? NULL : PyLong_FromSsize_t(fn);
+    part = flen == NULL ? -1 : PyObject_RichCompareBool(obs, flen, Py_LT);
+    Py_XDECREF(flen);
+  }
+  if (part < 0) {
+    goto out;
+  }
+  if (part) {
+    PyObject *rest = slice_of(first, sent, NULL);
+    fifo = rest == NULL ? NULL : PyObject_GetAttr(self, str_producer_fifo);
+    rc = fifo == NULL ? -1 : PyObject_SetItem(fifo, zero, rest) < 0 ? -1 : 0;
+    Py_XDECREF(rest);
+    Py_XDECREF(fifo);
+  } else {
+    rc = fifo_del0(self) < 0 ? -1 : 0;
+  }
+out:
+  Py_XDECREF(zero);
+  Py_DECREF(first);
+  Py_XDECREF(obs);
+  Py_XDECREF(data);
+  Py_XDECREF(sent);
+  return rc;
+}
+
+static PyObject *m_chat_initiate_send(PyObject *self, PyObject *unused) {
+  (void)unused;
+  int rc;
+  while ((rc = chat_send_round(self)) > 0) {
+  }
+  return rc < 0 ? NULL : Py_NewRef(Py_None);
+}
+
 /* The method descriptors asyncore.py and asynchat.py put in their classes:
  * (module attribute, method definition). */
 #define FASTKW (METH_FASTCALL | METH_KEYWORDS)
@@ -1709,12 +1975,17 @@ static PyMethodDef method_defs[] = {
    "The terminator set_terminator() set."},
   {"handle_read", m_chat_handle_read, METH_NOARGS,
    "Reads and splits the input at the terminator."},
+  {"push", AS_METH(m_chat_push), FASTKW,
+   "push(data): queues data and starts sending."},
+  {"initiate_send", m_chat_initiate_send, METH_NOARGS,
+   "Sends from producer_fifo: one send."},
 };
 static const char *const method_attrs[] = {
   "dispatcher_readable", "dispatcher_writable", "dispatcher_recv",
   "dispatcher_send", "dispatcher_handle_read_event",
   "dispatcher_handle_write_event", "dws_writable", "chat_readable",
-  "chat_writable", "chat_get_terminator", "chat_handle_read",
+  "chat_writable", "chat_get_terminator", "chat_handle_read", "chat_push",
+  "chat_initiate_send",
 };
 
 static PyMethodDef core_functions[] = {
@@ -1769,6 +2040,12 @@ PyMODINIT_FUNC PyInit__core(void) {
     {&str_ac_in_buffer_size, "ac_in_buffer_size"},
     {&str_use_encoding, "use_encoding"},
     {&str_encoding, "encoding"},
+    {&str_initiate_send, "initiate_send"},
+    {&str_ac_touch, "_ac_touch"},
+    {&str_ac_out_buffer_size, "ac_out_buffer_size"},
+    {&str_appendleft, "appendleft"},
+    {&str_append, "append"},
+    {&str_more, "more"},
   };
   for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
     *names[i].str = PyUnicode_InternFromString(names[i].name);

@@ -717,6 +717,99 @@ class ChatInput(unittest.TestCase):
         self.assertLessEqual(copied, 3 * size)
 
 
+def scripted_output(base, seed):
+    """A connected chat of class base.async_chat driven by seeded random
+    pushes (bytes, bytearray, memoryview, pieces longer than
+    ac_out_buffer_size, b'', producers, str producers with use_encoding),
+    close_when_done, discard_buffers and write events, its send() taking a
+    random number of bytes (0: would block) or raising OSError.  Returns
+    the log: each send's data, handle_close/handle_error calls, and what
+    producer_fifo holds after each step."""
+    import random
+    rnd = random.Random(seed)
+    log = []
+
+    class StrProducer:
+        def __init__(self, text):
+            self.text = text
+
+        def more(self):
+            piece, self.text = self.text[:3], self.text[3:]
+            return piece
+
+    class Chat(base.async_chat):
+        ac_out_buffer_size = rnd.choice((4, 7, 64))
+        use_encoding = rnd.choice((0, 1))
+
+        def send(self, data):
+            log.append(('send', bytes(data)))
+            n = rnd.choice((0, 1, 2, 5, 100, 100, 100, 'err'))
+            if n == 'err':
+                raise OSError(5, 'EIO')
+            return min(n, len(data))
+
+        def handle_close(self):
+            log.append(('close',))
+            self.connected = False
+
+        def handle_error(self):
+            log.append(('error', sys.exc_info()[0].__name__))
+
+    def snapshot(chat):
+        out = []
+        for x in chat.producer_fifo:
+            if x is None or isinstance(x, (bytes, bytearray, memoryview)):
+                out.append(x if x is None else bytes(x))
+            else:
+                out.append(type(x).__name__)
+        return out
+
+    chat = Chat()
+    chat.connected = True
+    for _ in range(40):
+        op = rnd.choice(('push', 'push', 'push', 'producer', 'write',
+                         'write', 'close_when_done', 'discard', 'str'))
+        data = bytes(rnd.randrange(256) for _ in range(rnd.randrange(20)))
+        if op == 'push':
+            kind = rnd.choice((bytes, bytearray, memoryview))
+            chat.push(kind(data))
+        elif op == 'producer':
+            chat.push_with_producer(base.simple_producer(data, 5))
+        elif op == 'str':
+            if chat.use_encoding:
+                chat.push_with_producer(StrProducer(data.decode('latin-1')))
+            else:
+                try:
+                    chat.push(data.decode('latin-1'))
+                except TypeError as e:
+                    log.append(('TypeError', e.args))
+        elif op == 'write':
+            chat.handle_write()
+        elif op == 'close_when_done':
+            chat.close_when_done()
+        else:
+            chat.discard_buffers()
+        log.append((op, snapshot(chat), chat.connected))
+        if not chat.connected and rnd.random() < 0.5:
+            chat.connected = True
+    return log
+
+
+class ChatOutput(unittest.TestCase):
+    """async_chat's output side (push, initiate_send) is C: it makes the
+    same send() calls and leaves the same producer_fifo as CPython 3.11's
+    own asynchat."""
+
+    def test_same_calls_as_the_original(self):
+        original = stdlib_asynchat()
+        if original is None:
+            self.skipTest('no stdlib asynchat.py in this Python')
+        for seed in range(300):
+            with self.subTest(seed=seed):
+                self.assertEqual(scripted_output(asynchat, seed),
+                                 scripted_output(original, seed))
+
+
 class OutBuffer(unittest.TestCase):
     """dispatcher_with_send's output queue, with a reader slower than the
     writer: out_buffer reads and assigns as the original's, writable()

@@ -92,19 +92,10 @@ class async_chat(asyncore.dispatcher):
     def handle_close(self):
         self.close()
 
-    def push(self, data):
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError('data argument must be byte-ish (%r)', type(data))
-        had_output = bool(self.producer_fifo)
-        size = self.ac_out_buffer_size
-        if len(data) > size:
-            for i in range(0, len(data), size):
-                self.producer_fifo.append(data[i:i + size])
-        else:
-            self.producer_fifo.append(data)
-        self.initiate_send()
-        if had_output != bool(self.producer_fifo):
-            self._ac_touch()
+    # push(data): the original's (data cut in pieces of at most
+    # ac_out_buffer_size into producer_fifo, then initiate_send()), in C,
+    # telling the poller when producer_fifo's emptiness changed.
+    push = _core.chat_push
 
     def push_with_producer(self, producer):
         had_output = bool(self.producer_fifo)
@@ -132,40 +123,9 @@ class async_chat(asyncore.dispatcher):
         self.producer_fifo.append(None)
         self._ac_output_changed(had_output)
 
-    def initiate_send(self):
-        while self.producer_fifo and self.connected:
-            first = self.producer_fifo[0]
-            if not first:
-                # An empty buffer is skipped; None means "close now".
-                del self.producer_fifo[0]
-                if first is None:
-                    self.handle_close()
-                    return
-            size = self.ac_out_buffer_size
-            try:
-                data = first[:size]
-            except TypeError:
-                # A producer: its next piece goes to the front.
-                data = first.more()
-                if data:
-                    self.producer_fifo.appendleft(data)
-                else:
-                    del self.producer_fifo[0]
-                continue
-            if isinstance(data, str) and self.use_encoding:
-                data = bytes(data, self.encoding)
-            try:
-                sent = self.send(data)
-            except OSError:
-                self.handle_error()
-                return
-            if sent:
-                if sent < len(data) or size < len(first):
-                    self.producer_fifo[0] = first[sent:]
-                else:
-                    del self.producer_fifo[0]
-            # One send per call: the rest waits for the next write event.
-            return
+    # initiate_send: the original's loop over producer_fifo (b'' skipped,
+    # None closes, producers asked for more) up to one send, in C.
+    initiate_send = _core.chat_initiate_send
 
     def discard_buffers(self):
         had_output = bool(self.producer_fifo)
