@@ -1422,7 +1422,7 @@ static PyObject *one_arg(const char *fname, PyObject *const *args,
 static PyObject *m_true(PyObject *self, PyObject *unused) {
   (void)self;
   (void)unused;
-  Py_RETURN_TRUE;
+  return Py_NewRef(Py_True);
 }
 
 /* async_chat.readable: return 1 (the terminator may change between reads,
