@@ -533,6 +533,45 @@ class Overrides(unittest.TestCase):
         finally:
             asyncore.close_all(map)
 
+    def test_exitnow_and_handle_error_failures_leave_the_loop(self):
+        # As read/write/readwrite: ExitNow, KeyboardInterrupt and SystemExit
+        # are not handed to handle_error; what handle_error raises leaves
+        # the pass.  The channel after them in the pass is not dispatched.
+        for use_poll in MODES:
+            for exc in (asyncore.ExitNow, KeyboardInterrupt, SystemExit,
+                        LookupError):
+                with self.subTest(use_poll=use_poll, exc=exc):
+                    map = {}
+                    calls = []
+
+                    class Ch(asyncore.dispatcher):
+                        def writable(self):
+                            return False
+
+                        def handle_read(self):
+                            calls.append('read')
+                            raise exc('x') if exc is not LookupError \
+                                else ValueError('y')
+
+                        def handle_error(self):
+                            calls.append('error')
+                            raise LookupError('from handle_error')
+
+                    pairs = [socket.socketpair() for _ in range(2)]
+                    for a, b in pairs:
+                        Ch(a, map=map)
+                        b.send(b'x')
+                    try:
+                        with self.assertRaises(exc):
+                            pump(map, lambda: False, use_poll, passes=3)
+                        self.assertEqual(
+                            calls, ['read'] if exc is not LookupError
+                            else ['read', 'error'])
+                    finally:
+                        asyncore.close_all(map)
+                        for a, b in pairs:
+                            b.close()
+
     def test_disconnect_error_in_a_handler(self):
         # readwrite (poll mode) closes the channel on a disconnection
         # error; read() (select mode) hands every error to handle_error.
