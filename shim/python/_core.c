@@ -97,7 +97,9 @@ static PyObject *str_get, *str_handle_read_event, *str_handle_write_event,
     *str_handle_write, *str_socket, *str_recv, *str_send, *str_errno,
     *str_connected, *str_connecting, *str_ac_obuf, *str_ac_oq,
     *str_producer_fifo, *str_ac_in_buffer_size, *str_use_encoding,
-    *str_encoding, *str_initiate_send, *str_ac_touch,
+    *str_encoding, *str_initiate_send, *str_ac_touch, *str_debug,
+    *str_log_info, *str_ac_send_queued, *str_ac_sent_part,
+    *str_ac_send_from_queue,
     *str_ac_out_buffer_size, *str_appendleft, *str_append, *str_more;
 
 static int vec_reserve(vec *a, size_t n) {
@@ -1697,6 +1699,160 @@ static PyObject *slice_of(PyObject *obj, PyObject *start, PyObject *stop) {
   return r;
 }
 
+/* asyncore.dispatcher, whose send dispatcher_with_send.initiate_send
+ * calls (dispatcher.send(self, ...)); set by asyncore.py (register). */
+static PyObject *dispatcher_class;
+
+/* register(dispatcher): see dispatcher_class. */
+static PyObject *core_register(PyObject *module, PyObject *cls) {
+  (void)module;
+  PyObject *old = dispatcher_class;
+  dispatcher_class = Py_NewRef(cls);
+  Py_XDECREF(old);
+  return Py_NewRef(Py_None);
+}
+
+/* dispatcher_with_send.send(data), in C while nothing is queued (the usual
+ * case); with output queued, asyncore.py's _ac_send_queued:
+ *     if self.debug:
+ *         self.log_info('sending %s' % repr(data))
+ *     buf = self._ac_obuf
+ *     if buf or self._ac_oq is not None:
+ *         return self._ac_send_queued(data)
+ *     self._ac_obuf = buf + data       # the original's out_buffer + data
+ *     self.initiate_send()
+ *     if self._ac_obuf or self._ac_oq is not None:
+ *         self._ac_touch()            # writable() changed: ask it again
+ */
+static PyObject *m_dws_send(PyObject *self, PyObject *const *args,
+                            Py_ssize_t nargs, PyObject *kwnames) {
+  PyObject *data = one_arg("send", args, nargs, kwnames, "data");
+  int debug = data == NULL ? -1 : attr_truth(self, str_debug);
+  if (debug < 0) {
+    return NULL;
+  }
+  if (debug) {
+    PyObject *msg = PyUnicode_FromFormat("sending %R", data);
+    PyObject *r = msg == NULL ? NULL
+                              : PyObject_CallMethodObjArgs(self, str_log_info,
+                                                           msg, NULL);
+    Py_XDECREF(msg);
+    if (r == NULL) {
+      return NULL;
+    }
+    Py_DECREF(r);
+  }
+  PyObject *buf = PyObject_GetAttr(self, str_ac_obuf);
+  int queued = buf == NULL ? -1 : PyObject_IsTrue(buf);
+  if (queued == 0) {
+    PyObject *q = PyObject_GetAttr(self, str_ac_oq);
+    queued = q == NULL ? -1 : q != Py_None;
+    Py_XDECREF(q);
+  }
+  if (queued != 0) {
+    Py_XDECREF(buf);
+    return queued < 0 ? NULL
+                      : PyObject_CallMethodObjArgs(self, str_ac_send_queued,
+                                                   data, NULL);
+  }
+  PyObject *joined = PyNumber_Add(buf, data);
+  Py_DECREF(buf);
+  int rc = joined == NULL ? -1 : PyObject_SetAttr(self, str_ac_obuf, joined);
+  Py_XDECREF(joined);
+  if (rc < 0 || call_void(self, str_initiate_send) < 0) {
+    return NULL;
+  }
+  int left = attr_truth(self, str_ac_obuf);
+  if (left == 0) {
+    PyObject *q = PyObject_GetAttr(self, str_ac_oq);
+    left = q == NULL ? -1 : q != Py_None;
+    Py_XDECREF(q);
+  }
+  if (left < 0 || (left && call_void(self, str_ac_touch) < 0)) {
+    return NULL;
+  }
+  return Py_NewRef(Py_None);
+}
+
+/* dispatcher_with_send.initiate_send(), in C for the usual case, one send
+ * that writes all of the original's out_buffer (_ac_obuf); the others in
+ * asyncore.py (_ac_send_from_queue, _ac_sent_part):
+ *     queue = self._ac_oq
+ *     if queue is not None:
+ *         return self._ac_send_from_queue(queue)
+ *     buf = self._ac_obuf
+ *     sent = dispatcher.send(self, buf[:65536])
+ *     if sent and sent == len(buf):   # all of it (sent as an int)
+ *         self._ac_obuf = b''
+ *     else:
+ *         self._ac_sent_part(buf, sent)
+ */
+static PyObject *m_dws_initiate_send(PyObject *self, PyObject *unused) {
+  (void)unused;
+  if (dispatcher_class == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "uvasyncore._core: not registered");
+    return NULL;
+  }
+  PyObject *queue = PyObject_GetAttr(self, str_ac_oq);
+  if (queue == NULL) {
+    return NULL;
+  }
+  if (queue != Py_None) {
+    PyObject *r = PyObject_CallMethodObjArgs(self, str_ac_send_from_queue,
+                                             queue, NULL);
+    Py_DECREF(queue);
+    return r;
+  }
+  Py_DECREF(queue);
+  PyObject *buf = PyObject_GetAttr(self, str_ac_obuf);
+  if (buf == NULL) {
+    return NULL;
+  }
+  Py_ssize_t len = PyObject_Size(buf);
+  PyObject *piece = NULL;
+  if (len >= 0 && len <= 65536 && PyBytes_CheckExact(buf)) {
+    piece = Py_NewRef(buf); /* bytes[:n] of all of it is the object */
+  } else if (len >= 0) {
+    PyObject *limit = PyLong_FromLong(65536);
+    piece = limit == NULL ? NULL : slice_of(buf, NULL, limit);
+    Py_XDECREF(limit);
+  }
+  PyObject *send = piece == NULL ? NULL
+                                 : PyObject_GetAttr(dispatcher_class, str_send);
+  PyObject *sent = send == NULL ? NULL
+                                : PyObject_CallFunctionObjArgs(send, self,
+                                                               piece, NULL);
+  Py_XDECREF(send);
+  Py_XDECREF(piece);
+  if (sent == NULL) {
+    Py_DECREF(buf);
+    return NULL;
+  }
+  /* sent and sent == len(buf) */
+  int all = 0;
+  if (PyLong_CheckExact(sent)) {
+    Py_ssize_t n = PyLong_AsSsize_t(sent);
+    all = n == -1 && PyErr_Occurred() ? -1 : n != 0 && n == len;
+    if (all < 0) {
+      PyErr_Clear();
+      all = 0; /* not a plain count: as _ac_sent_part judges it */
+    }
+  }
+  PyObject *r = NULL;
+  if (all) {
+    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+    if (empty != NULL && PyObject_SetAttr(self, str_ac_obuf, empty) == 0) {
+      r = Py_NewRef(Py_None);
+    }
+    Py_XDECREF(empty);
+  } else {
+    r = PyObject_CallMethodObjArgs(self, str_ac_sent_part, buf, sent, NULL);
+  }
+  Py_DECREF(buf);
+  Py_DECREF(sent);
+  return r;
+}
+
 /* async_chat.push(data), the original's, with the poller told when
  * producer_fifo's emptiness changed (writable() reads it):
  *     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -1975,6 +2131,10 @@ static PyMethodDef method_defs[] = {
    "The terminator set_terminator() set."},
   {"handle_read", m_chat_handle_read, METH_NOARGS,
    "Reads and splits the input at the terminator."},
+  {"send", AS_METH(m_dws_send), FASTKW,
+   "send(data): queues data and writes what the socket takes."},
+  {"initiate_send", m_dws_initiate_send, METH_NOARGS,
+   "Writes queued output: one send."},
   {"push", AS_METH(m_chat_push), FASTKW,
    "push(data): queues data and starts sending."},
   {"initiate_send", m_chat_initiate_send, METH_NOARGS,
@@ -1984,13 +2144,16 @@ static const char *const method_attrs[] = {
   "dispatcher_readable", "dispatcher_writable", "dispatcher_recv",
   "dispatcher_send", "dispatcher_handle_read_event",
   "dispatcher_handle_write_event", "dws_writable", "chat_readable",
-  "chat_writable", "chat_get_terminator", "chat_handle_read", "chat_push",
+  "chat_writable", "chat_get_terminator", "chat_handle_read", "dws_send",
+  "dws_initiate_send", "chat_push",
   "chat_initiate_send",
 };
 
 static PyMethodDef core_functions[] = {
   {"chat_input", core_chat_input, METH_VARARGS,
    "chat_input(chat, data): async_chat's input split at its terminator."},
+  {"register", core_register, METH_O,
+   "register(dispatcher): the class whose send initiate_send calls."},
   {"chat_stats", core_chat_stats, METH_NOARGS,
    "chat_stats(): bytes copied by chat_input so far."},
   {NULL, NULL, 0, NULL},
@@ -2042,6 +2205,11 @@ PyMODINIT_FUNC PyInit__core(void) {
     {&str_encoding, "encoding"},
     {&str_initiate_send, "initiate_send"},
     {&str_ac_touch, "_ac_touch"},
+    {&str_debug, "debug"},
+    {&str_log_info, "log_info"},
+    {&str_ac_send_queued, "_ac_send_queued"},
+    {&str_ac_sent_part, "_ac_sent_part"},
+    {&str_ac_send_from_queue, "_ac_send_from_queue"},
     {&str_ac_out_buffer_size, "ac_out_buffer_size"},
     {&str_appendleft, "appendleft"},
     {&str_append, "append"},

@@ -572,6 +572,42 @@ class Overrides(unittest.TestCase):
                         for a, b in pairs:
                             b.close()
 
+    def test_dispatcher_with_send_calls_by_name(self):
+        # send() logs through log_info when debug is set and calls the
+        # channel's initiate_send; initiate_send writes through
+        # dispatcher.send as looked up on the class at that moment.
+        map = {}
+        logged, calls, written = [], [], []
+
+        class D(asyncore.dispatcher_with_send):
+            debug = True
+
+            def log_info(self, message, type='info'):
+                logged.append(message)
+
+            def initiate_send(self):
+                calls.append(self.out_buffer)
+                asyncore.dispatcher_with_send.initiate_send(self)
+
+        a, b = socket.socketpair()
+        d = D(a, map=map)
+        real = asyncore.dispatcher.send
+        try:
+            d.send(b'abc')
+            self.assertEqual(logged, ["sending b'abc'"])
+            self.assertEqual(calls, [b'abc'])
+            self.assertEqual(b.recv(10), b'abc')
+            asyncore.dispatcher.send = \
+                lambda self, data: written.append(bytes(data)) or 1
+            d.send(b'xyz')
+            self.assertEqual(written, [b'xyz'])
+            self.assertEqual(d.out_buffer, b'yz')  # one byte "sent"
+            self.assertTrue(d.writable())
+        finally:
+            asyncore.dispatcher.send = real
+            asyncore.close_all(map)
+            b.close()
+
     def test_disconnect_error_in_a_handler(self):
         # readwrite (poll mode) closes the channel on a disconnection
         # error; read() (select mode) hands every error to handle_error.

@@ -586,26 +586,32 @@ class dispatcher_with_send(dispatcher):
         dispatcher.__init__(self, sock, map)
         self.out_buffer = b''
 
-    def initiate_send(self):
-        queue = self._ac_oq
-        if queue is None:
-            # The original's (out_buffer is _ac_obuf).
-            buf = self._ac_obuf
-            sent = dispatcher.send(self, buf[:65536])
-            if sent and sent == len(buf):
-                # All of it (the usual case; handle_close ran only if 0).
-                self._ac_obuf = b''
-            elif self._ac_obuf is not buf or self._ac_oq is not None:
-                # A handler changed the output meanwhile (send() may call
-                # handle_close): as the original, from what is there now.
-                self.out_buffer = self.out_buffer[sent:]
-            elif sent and sent < len(buf):
-                # Written in pieces from here on: no copy of the rest each.
-                self._ac_oq = _OutBuffer(memoryview(buf)[sent:])
-                self._ac_obuf = b''
-            else:
-                self._ac_obuf = buf[sent:]
-            return
+    # initiate_send(): one write of the queued output.  In C (_core.c) the
+    # usual case, the original's
+    #     sent = dispatcher.send(self, buf[:65536])   # buf: out_buffer
+    #     if sent and sent == len(buf): out_buffer = b''
+    # and the other cases here (_ac_sent_part, _ac_send_from_queue).
+    initiate_send = _core.dws_initiate_send
+
+    def _ac_sent_part(self, buf, sent):
+        # initiate_send after dispatcher.send wrote `sent` bytes of buf, the
+        # original's out_buffer (_ac_obuf): not all of it, or not counted
+        # by a plain int.
+        if sent and sent == len(buf):
+            self._ac_obuf = b''
+        elif self._ac_obuf is not buf or self._ac_oq is not None:
+            # A handler changed the output meanwhile (send() may call
+            # handle_close): as the original, from what is there now.
+            self.out_buffer = self.out_buffer[sent:]
+        elif sent and sent < len(buf):
+            # Written in pieces from here on: no copy of the rest each.
+            self._ac_oq = _OutBuffer(memoryview(buf)[sent:])
+            self._ac_obuf = b''
+        else:
+            self._ac_obuf = buf[sent:]
+
+    def _ac_send_from_queue(self, queue):
+        # initiate_send with more than one send's data queued (_ac_oq).
         sent = dispatcher.send(self, bytes(queue[:65536]))
         if self._ac_oq is not queue:
             self.out_buffer = self.out_buffer[sent:]
@@ -621,23 +627,19 @@ class dispatcher_with_send(dispatcher):
     # (not self.connected) or the length of the queued output.
     writable = _core.dws_writable
 
-    def send(self, data):
-        if self.debug:
-            self.log_info('sending %s' % repr(data))
-        # writable() reads whether out_buffer is empty: when this send
-        # changed that (typically from another channel's handler), the
-        # poller asks again.  (Within this channel's own events it is
-        # asked again anyway.)
+    # send(data): the debug log, then, nothing being queued (the usual
+    # case, in C), the original's out_buffer + data and initiate_send();
+    # with output queued, _ac_send_queued.  writable() reads whether
+    # out_buffer is empty: when a send changes that (typically from
+    # another channel's handler), the poller is told (_ac_touch) to ask
+    # again.  (Within this channel's own events it is asked again anyway.)
+    send = _core.dws_send
+
+    def _ac_send_queued(self, data):
+        # send() with output queued: appended to the queue in place.
         buf = self._ac_obuf
         if not buf:
             queue = self._ac_oq
-            if queue is None:
-                # The original's out_buffer + data, out_buffer empty.
-                self._ac_obuf = buf + data
-                self.initiate_send()
-                if self._ac_obuf or self._ac_oq is not None:
-                    self._ac_touch()
-                return
             queue += data
         else:
             queue = _OutBuffer(buf)
@@ -649,6 +651,7 @@ class dispatcher_with_send(dispatcher):
             self._ac_touch()
 
 
+_core.register(dispatcher)
 _default_readable.add(dispatcher.readable)
 _default_writable.add(dispatcher.writable)
 _default_writable.add(dispatcher_with_send.writable)
