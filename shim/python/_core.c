@@ -90,6 +90,17 @@ struct poller {
 };
 
 static PyObject *str_readable, *str_writable, *str_accepting;
+/* Names of the methods and attributes the C paths call or read. */
+static PyObject *str_get, *str_handle_read_event, *str_handle_write_event,
+    *str_handle_expt_event, *str_handle_close, *str_handle_error,
+    *str_handle_accept, *str_handle_connect_event, *str_handle_read,
+    *str_handle_write, *str_socket, *str_recv, *str_send, *str_errno,
+    *str_connected, *str_connecting, *str_ac_obuf, *str_ac_oq,
+    *str_producer_fifo, *str_ac_in_buffer_size, *str_use_encoding,
+    *str_encoding, *str_initiate_send, *str_ac_touch, *str_debug,
+    *str_log_info, *str_ac_send_queued, *str_ac_sent_part,
+    *str_ac_send_from_queue,
+    *str_ac_out_buffer_size, *str_appendleft, *str_append, *str_more;
 
 static int vec_reserve(vec *a, size_t n) {
   if (n <= a->cap) {
@@ -335,8 +346,27 @@ static PyObject *poller_fds(PyObject *self, PyObject *unused) {
   return list;
 }
 
-static int call_truth(PyObject *obj, PyObject *name) {
-  PyObject *r = PyObject_CallMethodObjArgs(obj, name, NULL);
+static PyObject *m_true(PyObject *self, PyObject *unused);
+static PyObject *m_one(PyObject *self, PyObject *unused);
+static PyObject *m_dws_writable(PyObject *self, PyObject *unused);
+static PyObject *m_chat_writable(PyObject *self, PyObject *unused);
+
+/* The truth of obj.name().  *base is set when that is one of the base
+ * classes' predicates (_core's own methods, bound to obj: not overridden
+ * in obj's class nor set on obj), which is then called directly. */
+static int call_predicate(PyObject *obj, PyObject *name, int *base) {
+  PyObject *m = PyObject_GetAttr(obj, name);
+  if (m == NULL) {
+    return -1;
+  }
+  PyCFunction fn = NULL;
+  if (PyCFunction_Check(m) && PyCFunction_GetSelf(m) == obj) {
+    fn = PyCFunction_GetFunction(m);
+  }
+  *base = fn == m_true || fn == m_one || fn == m_dws_writable ||
+          fn == m_chat_writable;
+  PyObject *r = *base ? fn(obj, NULL) : PyObject_CallNoArgs(m);
+  Py_DECREF(m);
   if (r == NULL) {
     return -1;
   }
@@ -345,17 +375,35 @@ static int call_truth(PyObject *obj, PyObject *name) {
   return t;
 }
 
-/* The interest asyncore computes for obj: readable() first, then
+/* e is asked every pass from now on: its class or the instance overrides
+ * readable or writable (since it was added: asyncore.py tells add()). */
+static void make_py(poller *p, entry *e) {
+  if (e->py || vec_reserve(&p->py, p->py.n + 1) < 0) {
+    PyErr_Clear();
+    return;
+  }
+  e->py = 1;
+  e->py_index = p->py.n;
+  p->py.v[p->py.n++] = e;
+}
+
+/* The interest asyncore computes for e's channel: readable() first, then
  * writable(), then accepting only if writable (select mode: an exceptional
- * condition is watched if either; poll mode: POLLPRI goes with reading). */
-static int interest(PyObject *obj, int use_poll) {
-  int r = call_truth(obj, str_readable);
+ * condition is watched if either; poll mode: POLLPRI goes with reading).
+ * A channel found overriding a predicate is asked every pass from then on,
+ * as asyncore asks everyone. */
+static int interest(poller *p, entry *e, PyObject *obj, int use_poll) {
+  int base_r, base_w;
+  int r = call_predicate(obj, str_readable, &base_r);
   if (r < 0) {
     return -1;
   }
-  int w = call_truth(obj, str_writable);
+  int w = call_predicate(obj, str_writable, &base_w);
   if (w < 0) {
     return -1;
+  }
+  if (!(base_r && base_w) && !e->dead) {
+    make_py(p, e);
   }
   int want = r ? WANT_R : 0;
   if (w) {
@@ -471,7 +519,7 @@ static int evaluate(poller *p, int use_poll) {
     }
     PyObject *obj = Py_NewRef(e->obj);
     p->asked++;
-    int want = interest(obj, use_poll);
+    int want = interest(p, e, obj, use_poll);
     Py_DECREF(obj);
     if (want < 0) {
       rc = -1;
@@ -571,15 +619,11 @@ static long result_flags(int want, short rev, int use_poll) {
   return f;
 }
 
-static int append_result(PyObject *list, int fd, long flags) {
-  PyObject *t = Py_BuildValue("(il)", fd, flags);
-  if (t == NULL) {
-    return -1;
-  }
-  int rc = PyList_Append(list, t);
-  Py_DECREF(t);
-  return rc;
-}
+/* One ready fd of a wait and the flags Python sees for it. */
+typedef struct {
+  int fd;
+  long flags;
+} result;
 
 /* The revents poll(2) gives for e: libuv's events for a plain readiness;
  * for a hang-up, an error, a refused or an unpollable fd, -1: poll(2) is
@@ -597,23 +641,26 @@ static int plain_revents(const entry *e) {
 
 /* Gathers the ready entries (libuv's, the unpollable ones, the refused
  * fds), with poll(2) for the revents libuv cannot tell (plain_revents),
- * and builds [(fd, flags)]. */
-static PyObject *collect(poller *p, int use_poll) {
-  size_t n = 0, nask = 0;
+ * into *out (malloc'd, *nout of them, in the order of the ready list).
+ * Returns -1 with an exception set on failure. */
+static int collect(poller *p, int use_poll, result **out, size_t *nout) {
+  size_t n = 0, nask = 0, nres = 0;
   size_t cap = p->ready.n + p->fixed.n + 1;
   entry **set = malloc(cap * sizeof(entry *));
   int *rev = malloc(cap * sizeof *rev);
   struct pollfd *pfd = malloc(cap * sizeof *pfd);
   size_t *asked = malloc(cap * sizeof *asked);
-  PyObject *list = PyList_New(0);
+  result *res = malloc(cap * sizeof *res);
+  int rc = 0;
   if (set == NULL || rev == NULL || pfd == NULL || asked == NULL ||
-      list == NULL) {
+      res == NULL) {
     free(set);
     free(rev);
     free(pfd);
     free(asked);
-    Py_XDECREF(list);
-    return PyErr_NoMemory();
+    free(res);
+    PyErr_NoMemory();
+    return -1;
   }
   for (size_t i = 0; i < p->ready.n; i++) {
     entry *e = p->ready.v[i];
@@ -640,7 +687,7 @@ static PyObject *collect(poller *p, int use_poll) {
   }
   if (nask > 0 && poll(pfd, (nfds_t)nask, 0) < 0 && errno != EINTR) {
     PyErr_SetFromErrno(PyExc_OSError);
-    Py_CLEAR(list);
+    rc = -1;
   }
   for (size_t k = 0; k < nask; k++) {
     rev[asked[k]] = pfd[k].revents;
@@ -655,15 +702,22 @@ static PyObject *collect(poller *p, int use_poll) {
       PyErr_Clear();
     }
     long f = result_flags(e->want, (short)rev[i], use_poll);
-    if (list != NULL && f != 0 && append_result(list, e->fd, f) < 0) {
-      Py_CLEAR(list);
+    if (f != 0) {
+      res[nres].fd = e->fd;
+      res[nres++].flags = f;
     }
   }
   free(set);
   free(rev);
   free(pfd);
   free(asked);
-  return list;
+  if (rc < 0) {
+    free(res);
+    return -1;
+  }
+  *out = res;
+  *nout = nres;
+  return 0;
 }
 
 static int timeout_arg(PyObject *obj, long *ms) {
@@ -689,25 +743,17 @@ static int timeout_arg(PyObject *obj, long *ms) {
   return 0;
 }
 
-/* wait(timeout, use_poll): one pass's wait.  timeout in seconds (None: no
- * limit).  Returns [(fd, flags)]: poll2's POLL* flags if use_poll, else
- * 1|2|4 for membership in select's r, w and e lists. */
-static PyObject *poller_wait(PyObject *self, PyObject *args) {
-  PyObject *tobj;
-  int use_poll;
-  long ms;
-  poller *p = check_usable(self);
-  if (p == NULL || !PyArg_ParseTuple(args, "Op:wait", &tobj, &use_poll) ||
-      timeout_arg(tobj, &ms) < 0) {
-    return NULL;
-  }
+/* One pass's wait: evaluates the interests that may have changed, waits
+ * (ms: -1 no limit), and gives the ready fds in *out (malloc'd, *n). */
+static int pass_wait(poller *p, long ms, int use_poll, result **out,
+                     size_t *n) {
   if (p->busy) {
     PyErr_SetString(PyExc_RuntimeError, "Poller.wait re-entered");
-    return NULL;
+    return -1;
   }
   p->busy = 1;
   p->waits++;
-  PyObject *list = NULL;
+  int rc = -1;
   if (evaluate(p, use_poll) < 0 ||
       vec_reserve(&p->ready, p->count + p->ready.n) < 0) {
     goto out;
@@ -718,7 +764,7 @@ static PyObject *poller_wait(PyObject *self, PyObject *args) {
   if (run_loop(p, ms) < 0) {
     goto out;
   }
-  list = collect(p, use_poll);
+  rc = collect(p, use_poll, out, n);
 out:
   /* Forget what an interrupted wait saw; the fds stay level-triggered. */
   for (size_t i = 0; i < p->ready.n; i++) {
@@ -727,7 +773,148 @@ out:
   p->ready.n = 0;
   free_graveyard(p);
   p->busy = 0;
+  return rc;
+}
+
+/* wait(timeout, use_poll): one pass's wait.  timeout in seconds (None: no
+ * limit).  Returns [(fd, flags)]: poll2's POLL* flags if use_poll, else
+ * 1|2|4 for membership in select's r, w and e lists. */
+static PyObject *poller_wait(PyObject *self, PyObject *args) {
+  PyObject *tobj;
+  int use_poll;
+  long ms;
+  result *res;
+  size_t n;
+  poller *p = check_usable(self);
+  if (p == NULL || !PyArg_ParseTuple(args, "Op:wait", &tobj, &use_poll) ||
+      timeout_arg(tobj, &ms) < 0 || pass_wait(p, ms, use_poll, &res, &n) < 0) {
+    return NULL;
+  }
+  PyObject *list = PyList_New((Py_ssize_t)n);
+  for (size_t i = 0; list != NULL && i < n; i++) {
+    PyObject *t = Py_BuildValue("(il)", res[i].fd, res[i].flags);
+    if (t == NULL) {
+      Py_CLEAR(list);
+      break;
+    }
+    PyList_SetItem(list, (Py_ssize_t)i, t);
+  }
+  free(res);
   return list;
+}
+
+/* map.get(fd), as the poll functions look a ready fd up (a new reference,
+ * or NULL without an exception for "no such channel"). */
+static PyObject *map_get(PyObject *map, int fd) {
+  PyObject *key = PyLong_FromLong(fd);
+  if (key == NULL) {
+    return NULL;
+  }
+  PyObject *obj;
+  if (PyDict_CheckExact(map)) {
+    obj = PyDict_GetItemWithError(map, key);
+    Py_XINCREF(obj);
+  } else {
+    obj = PyObject_CallMethodObjArgs(map, str_get, key, NULL);
+    if (obj == Py_None) {
+      Py_CLEAR(obj);
+    }
+  }
+  Py_DECREF(key);
+  return obj;
+}
+
+/* Hands the exception being raised by obj's handler to failed(obj, exc,
+ * use_poll), asyncore's except clauses of readwrite (poll mode) or of
+ * read/write/_exception (select mode).  Returns -1 if that raises. */
+static int handler_failed(PyObject *failed, PyObject *obj, int use_poll) {
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  PyErr_NormalizeException(&t, &v, &tb);
+  if (v == NULL) {
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    PyErr_SetString(PyExc_SystemError, "handler failed without exception");
+    return -1;
+  }
+  if (tb != NULL) {
+    PyException_SetTraceback(v, tb);
+  }
+  PyObject *r = PyObject_CallFunction(failed, "OOi", obj, v, use_poll);
+  Py_XDECREF(t);
+  Py_DECREF(v);
+  Py_XDECREF(tb);
+  Py_XDECREF(r);
+  return r == NULL ? -1 : 0;
+}
+
+static int call_void(PyObject *obj, PyObject *name) {
+  PyObject *r = PyObject_CallMethodObjArgs(obj, name, NULL);
+  Py_XDECREF(r);
+  return r == NULL ? -1 : 0;
+}
+
+/* readwrite(obj, flags) of asyncore.py without its frame: the handlers in
+ * the same order, an exception handed to failed. */
+static int dispatch_poll(PyObject *obj, long flags, PyObject *failed) {
+  if (((flags & POLLIN) && call_void(obj, str_handle_read_event) < 0) ||
+      ((flags & POLLOUT) && call_void(obj, str_handle_write_event) < 0) ||
+      ((flags & POLLPRI) && call_void(obj, str_handle_expt_event) < 0) ||
+      ((flags & (POLLHUP | POLLERR | POLLNVAL)) &&
+       call_void(obj, str_handle_close) < 0)) {
+    return handler_failed(failed, obj, 1);
+  }
+  return 0;
+}
+
+/* dispatch(timeout, use_poll, map, failed): one pass as poll2() (use_poll)
+ * or poll() run it with asyncore's readwrite (or read, write and
+ * _exception) as they are: the wait, then for each ready fd the channel
+ * now in map (map.get(fd)) and its handlers; an exception of a handler is
+ * handed to failed(obj, exc, use_poll), which runs those functions' except
+ * clauses.  asyncore.py calls this while those functions are its own. */
+static PyObject *poller_dispatch(PyObject *self, PyObject *args) {
+  PyObject *tobj, *map, *failed;
+  int use_poll;
+  long ms;
+  result *res;
+  size_t n;
+  poller *p = check_usable(self);
+  if (p == NULL ||
+      !PyArg_ParseTuple(args, "OpOO:dispatch", &tobj, &use_poll, &map,
+                        &failed) ||
+      timeout_arg(tobj, &ms) < 0 || pass_wait(p, ms, use_poll, &res, &n) < 0) {
+    return NULL;
+  }
+  /* Select mode: every read, then every write, then every exceptional
+   * condition; poll mode: readwrite per fd. */
+  static const struct {
+    long flag;
+    PyObject **name;
+  } select_order[] = {{SEL_R, &str_handle_read_event},
+                      {SEL_W, &str_handle_write_event},
+                      {SEL_E, &str_handle_expt_event}};
+  int rc = 0;
+  for (size_t round = 0; rc == 0 && round < (use_poll ? 1u : 3u); round++) {
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+      if (!use_poll && !(res[i].flags & select_order[round].flag)) {
+        continue;
+      }
+      PyObject *obj = map_get(map, res[i].fd);
+      if (obj == NULL) {
+        rc = PyErr_Occurred() ? -1 : 0;
+        continue;
+      }
+      if (use_poll) {
+        rc = dispatch_poll(obj, res[i].flags, failed);
+      } else if (call_void(obj, *select_order[round].name) < 0) {
+        rc = handler_failed(failed, obj, 0);
+      }
+      Py_DECREF(obj);
+    }
+  }
+  free(res);
+  return rc < 0 ? NULL : Py_NewRef(Py_None);
 }
 
 /* stats(): (waits, asked): wait() calls, and readable()/writable() pairs
@@ -821,6 +1008,8 @@ static PyMethodDef poller_methods[] = {
    "stats(): (waits, interest evaluations) so far."},
   {"wait", poller_wait, METH_VARARGS,
    "wait(timeout, use_poll): one pass's wait; [(fd, flags)]."},
+  {"dispatch", poller_dispatch, METH_VARARGS,
+   "dispatch(timeout, use_poll, map, failed): one pass, handlers run."},
   {NULL, NULL, 0, NULL},
 };
 
@@ -1134,9 +1323,837 @@ static PyObject *core_chat_stats(PyObject *module, PyObject *unused) {
   return PyLong_FromUnsignedLongLong(chat_copied);
 }
 
+/* ---- the base classes' methods on the path of every message -----------
+ *
+ * The methods below are asyncore.py's and asynchat.py's own (those modules
+ * put them in their classes' bodies, as method descriptors): each does what
+ * the original's Python method did, line for line, calling the channel's
+ * other methods by name, so that an override in a subclass or on the
+ * instance is honoured exactly as before.  What they save is the Python
+ * frame of the base method (a message on the base classes went through
+ * about ten of them); an application's override still runs as Python.
+ */
+
+/* Runs obj.name() as the original did inside "except ...:": the exception
+ * being raised is made the handled one (sys.exc_info(), and the context of
+ * anything the call raises) for the call, then dropped.  Returns the
+ * call's result. */
+static PyObject *call_in_except(PyObject *obj, PyObject *name) {
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  PyErr_NormalizeException(&t, &v, &tb);
+  if (v != NULL && tb != NULL) {
+    PyException_SetTraceback(v, tb);
+  }
+  PyObject *prev = PyErr_GetHandledException();
+  PyErr_SetHandledException(v);
+  PyObject *r = PyObject_CallMethodObjArgs(obj, name, NULL);
+  PyErr_SetHandledException(prev);
+  Py_XDECREF(prev);
+  Py_XDECREF(t);
+  Py_XDECREF(v);
+  Py_XDECREF(tb);
+  return r;
+}
+
+/* The errno of the OSError being raised (left raised), or -1 when it is
+ * no OSError or its errno is no int (None: "in _DISCONNECTED" is false). */
+static int raised_errno(void) {
+  if (!PyErr_ExceptionMatches(PyExc_OSError)) {
+    return -1;
+  }
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  PyErr_NormalizeException(&t, &v, &tb);
+  int err = -1;
+  PyObject *e = v == NULL ? NULL : PyObject_GetAttr(v, str_errno);
+  if (e != NULL && PyLong_Check(e)) {
+    int overflow;
+    long x = PyLong_AsLongAndOverflow(e, &overflow);
+    err = overflow || x < 0 || x > INT_MAX ? -1 : (int)x;
+  }
+  Py_XDECREF(e);
+  PyErr_Clear();
+  if (v != NULL && tb != NULL) {
+    PyException_SetTraceback(v, tb);
+  }
+  PyErr_Restore(t, v, tb);
+  return err;
+}
+
+/* asyncore's _DISCONNECTED: errors that mean the peer went away. */
+static int is_disconnect(int err) {
+  return err == ECONNRESET || err == ENOTCONN || err == ESHUTDOWN ||
+         err == ECONNABORTED || err == EPIPE || err == EBADF;
+}
+
+static int attr_truth(PyObject *obj, PyObject *name) {
+  PyObject *v = PyObject_GetAttr(obj, name);
+  if (v == NULL) {
+    return -1;
+  }
+  int t = PyObject_IsTrue(v);
+  Py_DECREF(v);
+  return t;
+}
+
+/* The single argument of a method (positional or by its keyword name),
+ * borrowed, as a Python def with one parameter takes it. */
+static PyObject *one_arg(const char *fname, PyObject *const *args,
+                         Py_ssize_t nargs, PyObject *kwnames,
+                         const char *argname) {
+  Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+  if (nargs + nkw != 1) {
+    PyErr_Format(PyExc_TypeError,
+                 "%s() takes 2 positional arguments but %zd were given",
+                 fname, nargs + nkw + 1);
+    return NULL;
+  }
+  if (nkw == 1) {
+    PyObject *k = PyTuple_GetItem(kwnames, 0);
+    if (k == NULL || PyUnicode_CompareWithASCIIString(k, argname) != 0) {
+      PyErr_Format(PyExc_TypeError,
+                   "%s() got an unexpected keyword argument '%S'", fname, k);
+      return NULL;
+    }
+  }
+  return args[0];
+}
+
+/* dispatcher.readable / dispatcher.writable: return True. */
+static PyObject *m_true(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  return Py_NewRef(Py_True);
+}
+
+/* async_chat.readable: return 1 (the terminator may change between reads,
+ * so a full input is no reason to stop reading). */
+static PyObject *m_one(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  return PyLong_FromLong(1);
+}
+
+/* dispatcher.recv(buffer_size):
+ *     try:
+ *         data = self.socket.recv(buffer_size)
+ *     except OSError as why:
+ *         if why.errno in _DISCONNECTED:
+ *             self.handle_close()
+ *             return b''
+ *         raise
+ *     if not data:            # the peer closed its side
+ *         self.handle_close()
+ *         return b''
+ *     return data
+ */
+static PyObject *m_recv(PyObject *self, PyObject *const *args,
+                        Py_ssize_t nargs, PyObject *kwnames) {
+  PyObject *size = one_arg("recv", args, nargs, kwnames, "buffer_size");
+  PyObject *sock = size == NULL ? NULL : PyObject_GetAttr(self, str_socket);
+  if (sock == NULL) {
+    return NULL;
+  }
+  PyObject *data = PyObject_CallMethodObjArgs(sock, str_recv, size, NULL);
+  Py_DECREF(sock);
+  if (data == NULL) {
+    if (!is_disconnect(raised_errno())) {
+      return NULL;
+    }
+    PyObject *r = call_in_except(self, str_handle_close);
+    if (r == NULL) {
+      return NULL;
+    }
+    Py_DECREF(r);
+    return PyBytes_FromStringAndSize(NULL, 0);
+  }
+  int t = PyObject_IsTrue(data);
+  if (t != 0) {
+    if (t < 0) {
+      Py_CLEAR(data);
+    }
+    return data;
+  }
+  Py_DECREF(data);
+  if (call_void(self, str_handle_close) < 0) {
+    return NULL;
+  }
+  return PyBytes_FromStringAndSize(NULL, 0);
+}
+
+/* dispatcher.send(data):
+ *     try:
+ *         return self.socket.send(data)
+ *     except OSError as why:
+ *         if why.errno == EWOULDBLOCK:
+ *             return 0
+ *         if why.errno in _DISCONNECTED:
+ *             self.handle_close()
+ *             return 0
+ *         raise
+ */
+static PyObject *m_send(PyObject *self, PyObject *const *args,
+                        Py_ssize_t nargs, PyObject *kwnames) {
+  PyObject *data = one_arg("send", args, nargs, kwnames, "data");
+  PyObject *sock = data == NULL ? NULL : PyObject_GetAttr(self, str_socket);
+  if (sock == NULL) {
+    return NULL;
+  }
+  PyObject *sent = PyObject_CallMethodObjArgs(sock, str_send, data, NULL);
+  Py_DECREF(sock);
+  if (sent != NULL) {
+    return sent;
+  }
+  int err = raised_errno();
+  if (err == EWOULDBLOCK) {
+    PyErr_Clear();
+    return PyLong_FromLong(0);
+  }
+  if (!is_disconnect(err)) {
+    return NULL;
+  }
+  PyObject *r = call_in_except(self, str_handle_close);
+  if (r == NULL) {
+    return NULL;
+  }
+  Py_DECREF(r);
+  return PyLong_FromLong(0);
+}
+
+/* dispatcher.handle_read_event():
+ *     if self.accepting:      # a listening socket: a connection waits
+ *         self.handle_accept()
+ *         return
+ *     if not self.connected and self.connecting:
+ *         self.handle_connect_event()
+ *     self.handle_read()
+ */
+static PyObject *m_handle_read_event(PyObject *self, PyObject *unused) {
+  (void)unused;
+  int accepting = attr_truth(self, str_accepting);
+  if (accepting < 0) {
+    return NULL;
+  }
+  if (accepting) {
+    return call_void(self, str_handle_accept) < 0 ? NULL : Py_NewRef(Py_None);
+  }
+  int connected = attr_truth(self, str_connected);
+  if (connected < 0) {
+    return NULL;
+  }
+  if (!connected) {
+    int connecting = attr_truth(self, str_connecting);
+    if (connecting < 0 ||
+        (connecting && call_void(self, str_handle_connect_event) < 0)) {
+      return NULL;
+    }
+  }
+  return call_void(self, str_handle_read) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+/* dispatcher.handle_write_event():
+ *     if self.accepting:      # never writable; ignore a stray event
+ *         return
+ *     if not self.connected and self.connecting:
+ *         self.handle_connect_event()
+ *     self.handle_write()
+ */
+static PyObject *m_handle_write_event(PyObject *self, PyObject *unused) {
+  (void)unused;
+  int accepting = attr_truth(self, str_accepting);
+  if (accepting != 0) {
+    return accepting < 0 ? NULL : Py_NewRef(Py_None);
+  }
+  int connected = attr_truth(self, str_connected);
+  if (connected < 0) {
+    return NULL;
+  }
+  if (!connected) {
+    int connecting = attr_truth(self, str_connecting);
+    if (connecting < 0 ||
+        (connecting && call_void(self, str_handle_connect_event) < 0)) {
+      return NULL;
+    }
+  }
+  return call_void(self, str_handle_write) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+/* dispatcher_with_send.writable():
+ *     queue = self._ac_oq
+ *     return (not self.connected) or (
+ *         len(self._ac_obuf) if queue is None else len(queue))
+ */
+static PyObject *m_dws_writable(PyObject *self, PyObject *unused) {
+  (void)unused;
+  PyObject *queue = PyObject_GetAttr(self, str_ac_oq);
+  if (queue == NULL) {
+    return NULL;
+  }
+  int connected = attr_truth(self, str_connected);
+  if (connected <= 0) {
+    Py_DECREF(queue);
+    return connected < 0 ? NULL : Py_NewRef(Py_True);
+  }
+  PyObject *out = queue;
+  if (queue == Py_None) {
+    out = PyObject_GetAttr(self, str_ac_obuf);
+    Py_DECREF(queue);
+    if (out == NULL) {
+      return NULL;
+    }
+  }
+  Py_ssize_t n = PyObject_Size(out);
+  Py_DECREF(out);
+  return n < 0 ? NULL : PyLong_FromSsize_t(n);
+}
+
+/* async_chat.writable(): return self.producer_fifo or (not self.connected) */
+static PyObject *m_chat_writable(PyObject *self, PyObject *unused) {
+  (void)unused;
+  PyObject *fifo = PyObject_GetAttr(self, str_producer_fifo);
+  int t = fifo == NULL ? -1 : PyObject_IsTrue(fifo);
+  if (t != 0) {
+    if (t < 0) {
+      Py_CLEAR(fifo);
+    }
+    return fifo;
+  }
+  Py_DECREF(fifo);
+  int connected = attr_truth(self, str_connected);
+  return connected < 0 ? NULL : PyBool_FromLong(!connected);
+}
+
+/* async_chat.get_terminator(): return self.terminator */
+static PyObject *m_get_terminator(PyObject *self, PyObject *unused) {
+  (void)unused;
+  return PyObject_GetAttr(self, str_terminator);
+}
+
+/* async_chat.handle_read():
+ *     try:
+ *         data = self.recv(self.ac_in_buffer_size)
+ *     except BlockingIOError:
+ *         return
+ *     except OSError:
+ *         self.handle_error()
+ *         return
+ *     if isinstance(data, str) and self.use_encoding:
+ *         data = bytes(data, self.encoding)
+ *     _chat_input(self, data)     # split at the terminator
+ */
+static PyObject *m_chat_handle_read(PyObject *self, PyObject *unused) {
+  (void)unused;
+  PyObject *size = PyObject_GetAttr(self, str_ac_in_buffer_size);
+  if (size == NULL) {
+    return NULL;
+  }
+  PyObject *data = PyObject_CallMethodObjArgs(self, str_recv, size, NULL);
+  Py_DECREF(size);
+  if (data == NULL) {
+    if (PyErr_ExceptionMatches(PyExc_BlockingIOError)) {
+      PyErr_Clear();
+      return Py_NewRef(Py_None);
+    }
+    if (!PyErr_ExceptionMatches(PyExc_OSError)) {
+      return NULL;
+    }
+    PyObject *r = call_in_except(self, str_handle_error);
+    Py_XDECREF(r);
+    return r == NULL ? NULL : Py_NewRef(Py_None);
+  }
+  if (PyUnicode_Check(data)) {
+    int enc = attr_truth(self, str_use_encoding);
+    PyObject *encoding = enc > 0 ? PyObject_GetAttr(self, str_encoding) : NULL;
+    PyObject *b = encoding == NULL
+                      ? NULL
+                      : PyObject_CallFunctionObjArgs((PyObject *)&PyBytes_Type,
+                                                     data, encoding, NULL);
+    Py_XDECREF(encoding);
+    if (enc != 0) {
+      Py_DECREF(data);
+      if (b == NULL) {
+        return NULL;
+      }
+      data = b;
+    }
+  }
+  PyObject *pair = PyTuple_Pack(2, self, data);
+  Py_DECREF(data);
+  if (pair == NULL) {
+    return NULL;
+  }
+  PyObject *r = core_chat_input(NULL, pair);
+  Py_DECREF(pair);
+  return r;
+}
+
+/* obj[start:stop] as Python slices it (NULL: omitted). */
+static PyObject *slice_of(PyObject *obj, PyObject *start, PyObject *stop) {
+  PyObject *sl = PySlice_New(start, stop, NULL);
+  if (sl == NULL) {
+    return NULL;
+  }
+  PyObject *r = PyObject_GetItem(obj, sl);
+  Py_DECREF(sl);
+  return r;
+}
+
+/* asyncore.dispatcher, whose send dispatcher_with_send.initiate_send
+ * calls (dispatcher.send(self, ...)); set by asyncore.py (register). */
+static PyObject *dispatcher_class;
+
+/* register(dispatcher): see dispatcher_class. */
+static PyObject *core_register(PyObject *module, PyObject *cls) {
+  (void)module;
+  PyObject *old = dispatcher_class;
+  dispatcher_class = Py_NewRef(cls);
+  Py_XDECREF(old);
+  return Py_NewRef(Py_None);
+}
+
+/* dispatcher_with_send.send(data), in C while nothing is queued (the usual
+ * case); with output queued, asyncore.py's _ac_send_queued:
+ *     if self.debug:
+ *         self.log_info('sending %s' % repr(data))
+ *     buf = self._ac_obuf
+ *     if buf or self._ac_oq is not None:
+ *         return self._ac_send_queued(data)
+ *     self._ac_obuf = buf + data       # the original's out_buffer + data
+ *     self.initiate_send()
+ *     if self._ac_obuf or self._ac_oq is not None:
+ *         self._ac_touch()            # writable() changed: ask it again
+ */
+static PyObject *m_dws_send(PyObject *self, PyObject *const *args,
+                            Py_ssize_t nargs, PyObject *kwnames) {
+  PyObject *data = one_arg("send", args, nargs, kwnames, "data");
+  int debug = data == NULL ? -1 : attr_truth(self, str_debug);
+  if (debug < 0) {
+    return NULL;
+  }
+  if (debug) {
+    PyObject *msg = PyUnicode_FromFormat("sending %R", data);
+    PyObject *r = msg == NULL ? NULL
+                              : PyObject_CallMethodObjArgs(self, str_log_info,
+                                                           msg, NULL);
+    Py_XDECREF(msg);
+    if (r == NULL) {
+      return NULL;
+    }
+    Py_DECREF(r);
+  }
+  PyObject *buf = PyObject_GetAttr(self, str_ac_obuf);
+  int queued = buf == NULL ? -1 : PyObject_IsTrue(buf);
+  if (queued == 0) {
+    PyObject *q = PyObject_GetAttr(self, str_ac_oq);
+    queued = q == NULL ? -1 : q != Py_None;
+    Py_XDECREF(q);
+  }
+  if (queued != 0) {
+    Py_XDECREF(buf);
+    return queued < 0 ? NULL
+                      : PyObject_CallMethodObjArgs(self, str_ac_send_queued,
+                                                   data, NULL);
+  }
+  PyObject *joined = PyNumber_Add(buf, data);
+  Py_DECREF(buf);
+  int rc = joined == NULL ? -1 : PyObject_SetAttr(self, str_ac_obuf, joined);
+  Py_XDECREF(joined);
+  if (rc < 0 || call_void(self, str_initiate_send) < 0) {
+    return NULL;
+  }
+  int left = attr_truth(self, str_ac_obuf);
+  if (left == 0) {
+    PyObject *q = PyObject_GetAttr(self, str_ac_oq);
+    left = q == NULL ? -1 : q != Py_None;
+    Py_XDECREF(q);
+  }
+  if (left < 0 || (left && call_void(self, str_ac_touch) < 0)) {
+    return NULL;
+  }
+  return Py_NewRef(Py_None);
+}
+
+/* dispatcher_with_send.initiate_send(), in C for the usual case, one send
+ * that writes all of the original's out_buffer (_ac_obuf); the others in
+ * asyncore.py (_ac_send_from_queue, _ac_sent_part):
+ *     queue = self._ac_oq
+ *     if queue is not None:
+ *         return self._ac_send_from_queue(queue)
+ *     buf = self._ac_obuf
+ *     sent = dispatcher.send(self, buf[:65536])
+ *     if sent and sent == len(buf):   # all of it (sent as an int)
+ *         self._ac_obuf = b''
+ *     else:
+ *         self._ac_sent_part(buf, sent)
+ */
+static PyObject *m_dws_initiate_send(PyObject *self, PyObject *unused) {
+  (void)unused;
+  if (dispatcher_class == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "uvasyncore._core: not registered");
+    return NULL;
+  }
+  PyObject *queue = PyObject_GetAttr(self, str_ac_oq);
+  if (queue == NULL) {
+    return NULL;
+  }
+  if (queue != Py_None) {
+    PyObject *r = PyObject_CallMethodObjArgs(self, str_ac_send_from_queue,
+                                             queue, NULL);
+    Py_DECREF(queue);
+    return r;
+  }
+  Py_DECREF(queue);
+  PyObject *buf = PyObject_GetAttr(self, str_ac_obuf);
+  if (buf == NULL) {
+    return NULL;
+  }
+  Py_ssize_t len = PyObject_Size(buf);
+  PyObject *piece = NULL;
+  if (len >= 0 && len <= 65536 && PyBytes_CheckExact(buf)) {
+    piece = Py_NewRef(buf); /* bytes[:n] of all of it is the object */
+  } else if (len >= 0) {
+    PyObject *limit = PyLong_FromLong(65536);
+    piece = limit == NULL ? NULL : slice_of(buf, NULL, limit);
+    Py_XDECREF(limit);
+  }
+  PyObject *send = piece == NULL ? NULL
+                                 : PyObject_GetAttr(dispatcher_class, str_send);
+  PyObject *sent = send == NULL ? NULL
+                                : PyObject_CallFunctionObjArgs(send, self,
+                                                               piece, NULL);
+  Py_XDECREF(send);
+  Py_XDECREF(piece);
+  if (sent == NULL) {
+    Py_DECREF(buf);
+    return NULL;
+  }
+  /* sent and sent == len(buf) */
+  int all = 0;
+  if (PyLong_CheckExact(sent)) {
+    Py_ssize_t n = PyLong_AsSsize_t(sent);
+    all = n == -1 && PyErr_Occurred() ? -1 : n != 0 && n == len;
+    if (all < 0) {
+      PyErr_Clear();
+      all = 0; /* not a plain count: as _ac_sent_part judges it */
+    }
+  }
+  PyObject *r = NULL;
+  if (all) {
+    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+    if (empty != NULL && PyObject_SetAttr(self, str_ac_obuf, empty) == 0) {
+      r = Py_NewRef(Py_None);
+    }
+    Py_XDECREF(empty);
+  } else {
+    r = PyObject_CallMethodObjArgs(self, str_ac_sent_part, buf, sent, NULL);
+  }
+  Py_DECREF(buf);
+  Py_DECREF(sent);
+  return r;
+}
+
+/* async_chat.push(data), the original's, with the poller told when
+ * producer_fifo's emptiness changed (writable() reads it):
+ *     if not isinstance(data, (bytes, bytearray, memoryview)):
+ *         raise TypeError('data argument must be byte-ish (%r)',
+ *                         type(data))
+ *     had_output = bool(self.producer_fifo)
+ *     sabs = self.ac_out_buffer_size
+ *     if len(data) > sabs:
+ *         for i in range(0, len(data), sabs):
+ *             self.producer_fifo.append(data[i:i+sabs])
+ *     else:
+ *         self.producer_fifo.append(data)
+ *     self.initiate_send()
+ *     if had_output != bool(self.producer_fifo):
+ *         self._ac_touch()
+ */
+static PyObject *m_chat_push(PyObject *self, PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *kwnames) {
+  PyObject *data = one_arg("push", args, nargs, kwnames, "data");
+  if (data == NULL) {
+    return NULL;
+  }
+  if (!PyBytes_Check(data) && !PyByteArray_Check(data) &&
+      !PyMemoryView_Check(data)) {
+    /* The original's message, arguments and all. */
+    PyObject *a = Py_BuildValue("(sO)", "data argument must be byte-ish (%r)",
+                                (PyObject *)Py_TYPE(data));
+    if (a != NULL) {
+      PyErr_SetObject(PyExc_TypeError, a);
+      Py_DECREF(a);
+    }
+    return NULL;
+  }
+  int had = attr_truth(self, str_producer_fifo);
+  PyObject *sabs = had < 0 ? NULL : PyObject_GetAttr(self, str_ac_out_buffer_size);
+  if (sabs == NULL) {
+    return NULL;
+  }
+  Py_ssize_t n = PyObject_Size(data);
+  PyObject *len = n < 0 ? NULL : PyLong_FromSsize_t(n);
+  int big = len == NULL ? -1 : PyObject_RichCompareBool(len, sabs, Py_GT);
+  Py_XDECREF(len);
+  int rc = big < 0 ? -1 : 0;
+  if (big > 0) {
+    Py_ssize_t step = PyLong_AsSsize_t(sabs);
+    if (step <= 0) {
+      /* range() refuses a step of 0 (ValueError), as in the original. */
+      if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "range() arg 3 must not be zero");
+      }
+      rc = -1;
+    }
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i += step) {
+      PyObject *lo = PyLong_FromSsize_t(i);
+      PyObject *hi = PyLong_FromSsize_t(i + step < i ? PY_SSIZE_T_MAX : i + step);
+      PyObject *piece = lo == NULL || hi == NULL ? NULL : slice_of(data, lo, hi);
+      PyObject *fifo = piece == NULL ? NULL : PyObject_GetAttr(self, str_producer_fifo);
+      PyObject *r = fifo == NULL ? NULL
+                                 : PyObject_CallMethodObjArgs(fifo, str_append,
+                                                              piece, NULL);
+      rc = r == NULL ? -1 : 0;
+      Py_XDECREF(lo);
+      Py_XDECREF(hi);
+      Py_XDECREF(piece);
+      Py_XDECREF(fifo);
+      Py_XDECREF(r);
+    }
+  } else if (big == 0) {
+    PyObject *fifo = PyObject_GetAttr(self, str_producer_fifo);
+    PyObject *r = fifo == NULL ? NULL
+                               : PyObject_CallMethodObjArgs(fifo, str_append,
+                                                            data, NULL);
+    rc = r == NULL ? -1 : 0;
+    Py_XDECREF(fifo);
+    Py_XDECREF(r);
+  }
+  Py_DECREF(sabs);
+  if (rc < 0 || call_void(self, str_initiate_send) < 0) {
+    return NULL;
+  }
+  int has = attr_truth(self, str_producer_fifo);
+  if (has < 0 || (has != had && call_void(self, str_ac_touch) < 0)) {
+    return NULL;
+  }
+  return Py_NewRef(Py_None);
+}
+
+/* async_chat.initiate_send(), the original's:
+ *     while self.producer_fifo and self.connected:
+ *         first = self.producer_fifo[0]
+ *         if not first:                 # b'' skipped, None: close now
+ *             del self.producer_fifo[0]
+ *             if first is None:
+ *                 self.handle_close()
+ *                 return
+ *         obs = self.ac_out_buffer_size
+ *         try:
+ *             data = first[:obs]
+ *         except TypeError:             # a producer: its next piece
+ *             data = first.more()
+ *             if data:
+ *                 self.producer_fifo.appendleft(data)
+ *             else:
+ *                 del self.producer_fifo[0]
+ *             continue
+ *         if isinstance(data, str) and self.use_encoding:
+ *             data = bytes(data, self.encoding)
+ *         try:
+ *             num_sent = self.send(data)
+ *         except OSError:
+ *             self.handle_error()
+ *             return
+ *         if num_sent:
+ *             if num_sent < len(data) or obs < len(first):
+ *                 self.producer_fifo[0] = first[num_sent:]
+ *             else:
+ *                 del self.producer_fifo[0]
+ *         return                        # one send per call
+ */
+static int fifo_del0(PyObject *self) {
+  PyObject *fifo = PyObject_GetAttr(self, str_producer_fifo);
+  PyObject *zero = PyLong_FromLong(0);
+  int rc = fifo == NULL || zero == NULL ? -1 : PyObject_DelItem(fifo, zero);
+  Py_XDECREF(fifo);
+  Py_XDECREF(zero);
+  return rc;
+}
+
+/* One round of the loop; 1: go on, 0: return, -1: error. */
+static int chat_send_round(PyObject *self) {
+  int more = attr_truth(self, str_producer_fifo);
+  if (more > 0) {
+    more = attr_truth(self, str_connected);
+  }
+  if (more <= 0) {
+    return more;
+  }
+  PyObject *fifo = PyObject_GetAttr(self, str_producer_fifo);
+  PyObject *zero = PyLong_FromLong(0);
+  PyObject *first = fifo == NULL || zero == NULL ? NULL : PyObject_GetItem(fifo, zero);
+  Py_XDECREF(fifo);
+  if (first == NULL) {
+    Py_XDECREF(zero);
+    return -1;
+  }
+  int rc = -1;
+  PyObject *obs = NULL, *data = NULL, *sent = NULL;
+  int t = PyObject_IsTrue(first);
+  if (t < 0) {
+    goto out;
+  }
+  if (t == 0) {
+    if (fifo_del0(self) < 0) {
+      goto out;
+    }
+    if (first == Py_None) {
+      rc = call_void(self, str_handle_close) < 0 ? -1 : 0;
+      goto out;
+    }
+  }
+  obs = PyObject_GetAttr(self, str_ac_out_buffer_size);
+  data = obs == NULL ? NULL : slice_of(first, NULL, obs);
+  if (data == NULL) {
+    if (obs == NULL || !PyErr_ExceptionMatches(PyExc_TypeError)) {
+      goto out;
+    }
+    PyErr_Clear();
+    data = PyObject_CallMethodObjArgs(first, str_more, NULL);
+    int d = data == NULL ? -1 : PyObject_IsTrue(data);
+    if (d > 0) {
+      fifo = PyObject_GetAttr(self, str_producer_fifo);
+      PyObject *r = fifo == NULL ? NULL
+                                 : PyObject_CallMethodObjArgs(
+                                       fifo, str_appendleft, data, NULL);
+      Py_XDECREF(fifo);
+      Py_XDECREF(r);
+      rc = r == NULL ? -1 : 1;
+    } else if (d == 0) {
+      rc = fifo_del0(self) < 0 ? -1 : 1;
+    }
+    goto out;
+  }
+  if (PyUnicode_Check(data)) {
+    int enc = attr_truth(self, str_use_encoding);
+    if (enc < 0) {
+      goto out;
+    }
+    if (enc) {
+      PyObject *encoding = PyObject_GetAttr(self, str_encoding);
+      PyObject *b = encoding == NULL
+                        ? NULL
+                        : PyObject_CallFunctionObjArgs(
+                              (PyObject *)&PyBytes_Type, data, encoding, NULL);
+      Py_XDECREF(encoding);
+      if (b == NULL) {
+        goto out;
+      }
+      Py_DECREF(data);
+      data = b;
+    }
+  }
+  sent = PyObject_CallMethodObjArgs(self, str_send, data, NULL);
+  if (sent == NULL) {
+    if (PyErr_ExceptionMatches(PyExc_OSError)) {
+      PyObject *r = call_in_except(self, str_handle_error);
+      Py_XDECREF(r);
+      rc = r == NULL ? -1 : 0;
+    }
+    goto out;
+  }
+  t = PyObject_IsTrue(sent);
+  if (t <= 0) {
+    rc = t;
+    goto out;
+  }
+  Py_ssize_t dn = PyObject_Size(data);
+  PyObject *dlen = dn < 0 ? NULL : PyLong_FromSsize_t(dn);
+  int part = dlen == NULL ? -1 : PyObject_RichCompareBool(sent, dlen, Py_LT);
+  Py_XDECREF(dlen);
+  if (part == 0) {
+    Py_ssize_t fn = PyObject_Size(first);
+    PyObject *flen = fn < 0 ? NULL : PyLong_FromSsize_t(fn);
+    part = flen == NULL ? -1 : PyObject_RichCompareBool(obs, flen, Py_LT);
+    Py_XDECREF(flen);
+  }
+  if (part < 0) {
+    goto out;
+  }
+  if (part) {
+    PyObject *rest = slice_of(first, sent, NULL);
+    fifo = rest == NULL ? NULL : PyObject_GetAttr(self, str_producer_fifo);
+    rc = fifo == NULL ? -1 : PyObject_SetItem(fifo, zero, rest) < 0 ? -1 : 0;
+    Py_XDECREF(rest);
+    Py_XDECREF(fifo);
+  } else {
+    rc = fifo_del0(self) < 0 ? -1 : 0;
+  }
+out:
+  Py_XDECREF(zero);
+  Py_DECREF(first);
+  Py_XDECREF(obs);
+  Py_XDECREF(data);
+  Py_XDECREF(sent);
+  return rc;
+}
+
+static PyObject *m_chat_initiate_send(PyObject *self, PyObject *unused) {
+  (void)unused;
+  int rc;
+  while ((rc = chat_send_round(self)) > 0) {
+  }
+  return rc < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+/* The method descriptors asyncore.py and asynchat.py put in their classes:
+ * (module attribute, method definition). */
+#define FASTKW (METH_FASTCALL | METH_KEYWORDS)
+#define AS_METH(f) ((PyCFunction)(void (*)(void))(f))
+static PyMethodDef method_defs[] = {
+  {"readable", m_true, METH_NOARGS, "Whether to read: True."},
+  {"writable", m_true, METH_NOARGS, "Whether to write: True."},
+  {"recv", AS_METH(m_recv), FASTKW,
+   "recv(buffer_size): data read, b'' when the peer has closed."},
+  {"send", AS_METH(m_send), FASTKW,
+   "send(data): bytes sent, 0 when the socket would block."},
+  {"handle_read_event", m_handle_read_event, METH_NOARGS,
+   "A read event: accept, connect, or handle_read()."},
+  {"handle_write_event", m_handle_write_event, METH_NOARGS,
+   "A write event: connect, then handle_write()."},
+  {"writable", m_dws_writable, METH_NOARGS,
+   "Whether to write: output is queued, or not connected."},
+  {"readable", m_one, METH_NOARGS, "Whether to read: 1."},
+  {"writable", m_chat_writable, METH_NOARGS,
+   "Whether to write: producer_fifo, or not connected."},
+  {"get_terminator", m_get_terminator, METH_NOARGS,
+   "The terminator set_terminator() set."},
+  {"handle_read", m_chat_handle_read, METH_NOARGS,
+   "Reads and splits the input at the terminator."},
+  {"send", AS_METH(m_dws_send), FASTKW,
+   "send(data): queues data and writes what the socket takes."},
+  {"initiate_send", m_dws_initiate_send, METH_NOARGS,
+   "Writes queued output: one send."},
+  {"push", AS_METH(m_chat_push), FASTKW,
+   "push(data): queues data and starts sending."},
+  {"initiate_send", m_chat_initiate_send, METH_NOARGS,
+   "Sends from producer_fifo: one send."},
+};
+static const char *const method_attrs[] = {
+  "dispatcher_readable", "dispatcher_writable", "dispatcher_recv",
+  "dispatcher_send", "dispatcher_handle_read_event",
+  "dispatcher_handle_write_event", "dws_writable", "chat_readable",
+  "chat_writable", "chat_get_terminator", "chat_handle_read", "dws_send",
+  "dws_initiate_send", "chat_push",
+  "chat_initiate_send",
+};
+
 static PyMethodDef core_functions[] = {
   {"chat_input", core_chat_input, METH_VARARGS,
    "chat_input(chat, data): async_chat's input split at its terminator."},
+  {"register", core_register, METH_O,
+   "register(dispatcher): the class whose send initiate_send calls."},
   {"chat_stats", core_chat_stats, METH_NOARGS,
    "chat_stats(): bytes copied by chat_input so far."},
   {NULL, NULL, 0, NULL},
@@ -1160,6 +2177,50 @@ PyMODINIT_FUNC PyInit__core(void) {
   str_get_terminator = PyUnicode_InternFromString("get_terminator");
   str_collect = PyUnicode_InternFromString("collect_incoming_data");
   str_found = PyUnicode_InternFromString("found_terminator");
+  static const struct {
+    PyObject **str;
+    const char *name;
+  } names[] = {
+    {&str_get, "get"},
+    {&str_handle_read_event, "handle_read_event"},
+    {&str_handle_write_event, "handle_write_event"},
+    {&str_handle_expt_event, "handle_expt_event"},
+    {&str_handle_close, "handle_close"},
+    {&str_handle_error, "handle_error"},
+    {&str_handle_accept, "handle_accept"},
+    {&str_handle_connect_event, "handle_connect_event"},
+    {&str_handle_read, "handle_read"},
+    {&str_handle_write, "handle_write"},
+    {&str_socket, "socket"},
+    {&str_recv, "recv"},
+    {&str_send, "send"},
+    {&str_errno, "errno"},
+    {&str_connected, "connected"},
+    {&str_connecting, "connecting"},
+    {&str_ac_obuf, "_ac_obuf"},
+    {&str_ac_oq, "_ac_oq"},
+    {&str_producer_fifo, "producer_fifo"},
+    {&str_ac_in_buffer_size, "ac_in_buffer_size"},
+    {&str_use_encoding, "use_encoding"},
+    {&str_encoding, "encoding"},
+    {&str_initiate_send, "initiate_send"},
+    {&str_ac_touch, "_ac_touch"},
+    {&str_debug, "debug"},
+    {&str_log_info, "log_info"},
+    {&str_ac_send_queued, "_ac_send_queued"},
+    {&str_ac_sent_part, "_ac_sent_part"},
+    {&str_ac_send_from_queue, "_ac_send_from_queue"},
+    {&str_ac_out_buffer_size, "ac_out_buffer_size"},
+    {&str_appendleft, "appendleft"},
+    {&str_append, "append"},
+    {&str_more, "more"},
+  };
+  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+    *names[i].str = PyUnicode_InternFromString(names[i].name);
+    if (*names[i].str == NULL) {
+      return NULL;
+    }
+  }
   if (str_readable == NULL || str_writable == NULL || str_accepting == NULL ||
       str_ibuf == NULL || str_ipos == NULL || str_terminator == NULL ||
       str_get_terminator == NULL || str_collect == NULL || str_found == NULL) {
@@ -1174,6 +2235,15 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_XDECREF(tp);
     Py_DECREF(m);
     return NULL;
+  }
+  /* Descriptors of "object": they bind to any channel, as a def does. */
+  for (size_t i = 0; i < sizeof method_attrs / sizeof method_attrs[0]; i++) {
+    PyObject *d = PyDescr_NewMethod(&PyBaseObject_Type, &method_defs[i]);
+    if (d == NULL || PyModule_AddObject(m, method_attrs[i], d) < 0) {
+      Py_XDECREF(d);
+      Py_DECREF(m);
+      return NULL;
+    }
   }
   return m;
 }

@@ -366,6 +366,285 @@ class Semantics(unittest.TestCase):
             d.close()
 
 
+class Overrides(unittest.TestCase):
+    """The base classes' hot methods are C (docs/python.md, "Design"): an
+    override in a subclass, on the class after the channel was added, or on
+    the instance, is called instead, as with the original."""
+
+    def predicate_assigned_later(self, use_poll, on_class):
+        map = {}
+        a, b = socket.socketpair()
+        wrote, read = [], []
+        state = {'w': False, 'asked': 0}
+
+        class Ch(asyncore.dispatcher_with_send):
+            def handle_read(self):
+                read.append(self.recv(100))
+
+            def handle_write(self):
+                wrote.append(1)
+
+        def writable(*args):
+            state['asked'] += 1
+            return state['w']
+
+        c = Ch(a, map=map)
+        try:
+            asyncore.loop(timeout=0, use_poll=use_poll, map=map, count=2)
+            self.assertEqual(wrote, [])  # nothing queued: not writable
+            if on_class:
+                Ch.writable = writable
+            else:
+                c.writable = writable
+            b.send(b'x')
+            self.assertTrue(pump(map, lambda: read, use_poll))
+            # From its next event on, the override is asked every pass, as
+            # the original asks everyone: it says True without any event.
+            asked = state['asked']
+            asyncore.loop(timeout=0, use_poll=use_poll, map=map, count=3)
+            self.assertEqual(state['asked'] - asked, 3)
+            self.assertEqual(wrote, [])
+            state['w'] = True
+            asyncore.loop(timeout=0, use_poll=use_poll, map=map, count=2)
+            self.assertEqual(wrote, [1, 1])
+        finally:
+            asyncore.close_all(map)
+            b.close()
+
+    def test_predicate_assigned_on_the_instance_after_add_channel(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                self.predicate_assigned_later(use_poll, on_class=False)
+
+    def test_predicate_assigned_on_the_class_after_add_channel(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                self.predicate_assigned_later(use_poll, on_class=True)
+
+    def test_event_handlers_overridden_on_the_instance(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                seen = []
+                c = Echo(a, map=map)
+                c.handle_read_event = lambda: seen.append(c.recv(10))
+                b.setblocking(False)
+                b.send(b'ping')
+                try:
+                    self.assertTrue(pump(map, lambda: seen, use_poll))
+                    self.assertEqual(seen, [b'ping'])
+                    self.assertEqual(recv_some(b), b'')  # no echo
+                finally:
+                    asyncore.close_all(map)
+                    b.close()
+
+    def test_replaced_dispatch_functions_are_called(self):
+        # poll2() calls the module's readwrite, poll() its read, as the
+        # original looked them up at each pass.
+        for use_poll, name in ((True, 'readwrite'), (False, 'read')):
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                seen = []
+                Echo(a, map=map)
+                real = getattr(asyncore, name)
+                setattr(asyncore, name,
+                        lambda obj, *flags: seen.append((obj, flags)))
+                b.setblocking(False)
+                b.send(b'x')
+                try:
+                    self.assertTrue(pump(map, lambda: seen, use_poll))
+                    self.assertIs(seen[0][0], map[a.fileno()])
+                    self.assertEqual(recv_some(b), b'')  # no echo
+                finally:
+                    setattr(asyncore, name, real)
+                    asyncore.close_all(map)
+                    b.close()
+
+    def test_chat_handle_read_calls_recv_and_get_terminator_by_name(self):
+        map = {}
+        a, b = socket.socketpair()
+        lines = []
+
+        class Chat(asynchat.async_chat):
+            def recv(self, buffer_size):
+                return asynchat.async_chat.recv(self, buffer_size).upper()
+
+            def get_terminator(self):
+                return b'!'
+
+            def collect_incoming_data(self, data):
+                lines.append(data)
+
+            def found_terminator(self):
+                lines.append(None)
+
+        c = Chat(a, map=map)
+        c.set_terminator(b'\n')  # not what get_terminator says
+        b.send(b'ab!cd\n')
+        try:
+            self.assertTrue(pump(map, lambda: len(lines) >= 2, True))
+            self.assertEqual(lines, [b'AB', None, b'CD\n'])
+        finally:
+            asyncore.close_all(map)
+            b.close()
+
+    def test_recv_and_send_as_the_original(self):
+        map = {}
+        a, b = socket.socketpair()
+        closed = []
+
+        class Ch(asyncore.dispatcher):
+            def handle_close(self):
+                closed.append(1)
+                self.close()
+
+        c = Ch(a, map=map)
+        try:
+            # Keyword arguments, as the def's parameter names.
+            self.assertEqual(c.send(data=b'hi'), 2)
+            b.send(b'yo')
+            self.assertEqual(c.recv(buffer_size=10), b'yo')
+            with self.assertRaises(BlockingIOError):
+                c.recv(10)  # EWOULDBLOCK from recv is raised, as before
+            # A full socket buffer: send() says 0.
+            while c.send(b'x' * 65536):
+                pass
+            self.assertEqual(c.send(b'x'), 0)
+            with self.assertRaises(TypeError):
+                c.recv()
+            with self.assertRaises(TypeError):
+                c.send(b'x', b'y')
+            b.close()
+            # The peer went away: send() closes and says 0 (EPIPE or
+            # ECONNRESET), recv() then b''.
+            self.assertEqual(c.send(b'x'), 0)
+            self.assertEqual(closed, [1])
+        finally:
+            asyncore.close_all(map)
+
+        a, b = socket.socketpair()
+        c = Ch(a, map=map)
+        b.close()
+        try:
+            self.assertEqual(c.recv(10), b'')  # the peer closed
+            self.assertEqual(closed, [1, 1])
+        finally:
+            asyncore.close_all(map)
+
+    def test_exitnow_and_handle_error_failures_leave_the_loop(self):
+        # As read/write/readwrite: ExitNow, KeyboardInterrupt and SystemExit
+        # are not handed to handle_error; what handle_error raises leaves
+        # the pass.  The channel after them in the pass is not dispatched.
+        for use_poll in MODES:
+            for exc in (asyncore.ExitNow, KeyboardInterrupt, SystemExit,
+                        LookupError):
+                with self.subTest(use_poll=use_poll, exc=exc):
+                    map = {}
+                    calls = []
+
+                    class Ch(asyncore.dispatcher):
+                        def writable(self):
+                            return False
+
+                        def handle_read(self):
+                            calls.append('read')
+                            raise exc('x') if exc is not LookupError \
+                                else ValueError('y')
+
+                        def handle_error(self):
+                            calls.append('error')
+                            raise LookupError('from handle_error')
+
+                    pairs = [socket.socketpair() for _ in range(2)]
+                    for a, b in pairs:
+                        Ch(a, map=map)
+                        b.send(b'x')
+                    try:
+                        with self.assertRaises(exc):
+                            pump(map, lambda: False, use_poll, passes=3)
+                        self.assertEqual(
+                            calls, ['read'] if exc is not LookupError
+                            else ['read', 'error'])
+                    finally:
+                        asyncore.close_all(map)
+                        for a, b in pairs:
+                            b.close()
+
+    def test_dispatcher_with_send_calls_by_name(self):
+        # send() logs through log_info when debug is set and calls the
+        # channel's initiate_send; initiate_send writes through
+        # dispatcher.send as looked up on the class at that moment.
+        map = {}
+        logged, calls, written = [], [], []
+
+        class D(asyncore.dispatcher_with_send):
+            debug = True
+
+            def log_info(self, message, type='info'):
+                logged.append(message)
+
+            def initiate_send(self):
+                calls.append(self.out_buffer)
+                asyncore.dispatcher_with_send.initiate_send(self)
+
+        a, b = socket.socketpair()
+        d = D(a, map=map)
+        real = asyncore.dispatcher.send
+        try:
+            d.send(b'abc')
+            self.assertEqual(logged, ["sending b'abc'"])
+            self.assertEqual(calls, [b'abc'])
+            self.assertEqual(b.recv(10), b'abc')
+            asyncore.dispatcher.send = \
+                lambda self, data: written.append(bytes(data)) or 1
+            d.send(b'xyz')
+            self.assertEqual(written, [b'xyz'])
+            self.assertEqual(d.out_buffer, b'yz')  # one byte "sent"
+            self.assertTrue(d.writable())
+        finally:
+            asyncore.dispatcher.send = real
+            asyncore.close_all(map)
+            b.close()
+
+    def test_disconnect_error_in_a_handler(self):
+        # readwrite (poll mode) closes the channel on a disconnection
+        # error; read() (select mode) hands every error to handle_error.
+        import errno
+        for use_poll, expected in ((True, 'close'), (False, 'error')):
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                seen = []
+
+                class Ch(asyncore.dispatcher):
+                    def writable(self):
+                        return False
+
+                    def handle_read(self):
+                        raise ConnectionResetError(errno.ECONNRESET, 'x')
+
+                    def handle_close(self):
+                        seen.append('close')
+                        self.close()
+
+                    def handle_error(self):
+                        seen.append('error')
+                        self.assertIs(sys.exc_info()[0], ConnectionResetError)
+                        self.close()
+
+                c = Ch(a, map=map)
+                c.assertIs = self.assertIs
+                b.send(b'x')
+                try:
+                    self.assertTrue(pump(map, lambda: seen, use_poll))
+                    self.assertEqual(seen, [expected])
+                finally:
+                    asyncore.close_all(map)
+                    b.close()
+
+
 # ---- the asyncore documentation's examples ---------------------------------
 # As printed in the Python 3.11 library reference (asyncore: "asyncore
 # Example basic HTTP client", "asyncore Example basic echo server"), the
@@ -511,6 +790,99 @@ class ChatInput(unittest.TestCase):
         self.assertEqual(done, [True])
         self.assertEqual(sum(pieces), size - 1)
         self.assertLessEqual(copied, 3 * size)
+
+
+def scripted_output(base, seed):
+    """A connected chat of class base.async_chat driven by seeded random
+    pushes (bytes, bytearray, memoryview, pieces longer than
+    ac_out_buffer_size, b'', producers, str producers with use_encoding),
+    close_when_done, discard_buffers and write events, its send() taking a
+    random number of bytes (0: would block) or raising OSError.  Returns
+    the log: each send's data, handle_close/handle_error calls, and what
+    producer_fifo holds after each step."""
+    import random
+    rnd = random.Random(seed)
+    log = []
+
+    class StrProducer:
+        def __init__(self, text):
+            self.text = text
+
+        def more(self):
+            piece, self.text = self.text[:3], self.text[3:]
+            return piece
+
+    class Chat(base.async_chat):
+        ac_out_buffer_size = rnd.choice((4, 7, 64))
+        use_encoding = rnd.choice((0, 1))
+
+        def send(self, data):
+            log.append(('send', bytes(data)))
+            n = rnd.choice((0, 1, 2, 5, 100, 100, 100, 'err'))
+            if n == 'err':
+                raise OSError(5, 'EIO')
+            return min(n, len(data))
+
+        def handle_close(self):
+            log.append(('close',))
+            self.connected = False
+
+        def handle_error(self):
+            log.append(('error', sys.exc_info()[0].__name__))
+
+    def snapshot(chat):
+        out = []
+        for x in chat.producer_fifo:
+            if x is None or isinstance(x, (bytes, bytearray, memoryview)):
+                out.append(x if x is None else bytes(x))
+            else:
+                out.append(type(x).__name__)
+        return out
+
+    chat = Chat()
+    chat.connected = True
+    for _ in range(40):
+        op = rnd.choice(('push', 'push', 'push', 'producer', 'write',
+                         'write', 'close_when_done', 'discard', 'str'))
+        data = bytes(rnd.randrange(256) for _ in range(rnd.randrange(20)))
+        if op == 'push':
+            kind = rnd.choice((bytes, bytearray, memoryview))
+            chat.push(kind(data))
+        elif op == 'producer':
+            chat.push_with_producer(base.simple_producer(data, 5))
+        elif op == 'str':
+            if chat.use_encoding:
+                chat.push_with_producer(StrProducer(data.decode('latin-1')))
+            else:
+                try:
+                    chat.push(data.decode('latin-1'))
+                except TypeError as e:
+                    log.append(('TypeError', e.args))
+        elif op == 'write':
+            chat.handle_write()
+        elif op == 'close_when_done':
+            chat.close_when_done()
+        else:
+            chat.discard_buffers()
+        log.append((op, snapshot(chat), chat.connected))
+        if not chat.connected and rnd.random() < 0.5:
+            chat.connected = True
+    return log
+
+
+class ChatOutput(unittest.TestCase):
+    """async_chat's output side (push, initiate_send) is C: it makes the
+    same send() calls and leaves the same producer_fifo as CPython 3.11's
+    own asynchat."""
+
+    def test_same_calls_as_the_original(self):
+        original = stdlib_asynchat()
+        if original is None:
+            self.skipTest('no stdlib asynchat.py in this Python')
+        for seed in range(300):
+            with self.subTest(seed=seed):
+                self.assertEqual(scripted_output(asynchat, seed),
+                                 scripted_output(original, seed))
 
 
 class OutBuffer(unittest.TestCase):

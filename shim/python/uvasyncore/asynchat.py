@@ -7,8 +7,7 @@ Input is split at the terminator (a bytes string, a byte count, or None for
 
 from collections import deque
 
-from uvasyncore import asyncore
-from uvasyncore._core import chat_input as _chat_input
+from uvasyncore import _core, asyncore
 
 __all__ = ['async_chat', 'simple_producer', 'find_prefix_at_end']
 
@@ -74,24 +73,18 @@ class async_chat(asyncore.dispatcher):
             raise ValueError('the number of received bytes must be positive')
         self.terminator = term
 
-    def get_terminator(self):
-        return self.terminator
+    # return self.terminator (in C, as the methods below taken from _core:
+    # shim/python/_core.c has each one's Python beside it).
+    get_terminator = _core.chat_get_terminator
 
-    def handle_read(self):
-        try:
-            data = self.recv(self.ac_in_buffer_size)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.handle_error()
-            return
-        if isinstance(data, str) and self.use_encoding:
-            data = bytes(data, self.encoding)
-        # Joins data to the input and splits it at the terminator as the
-        # original's loop, calling get_terminator, collect_incoming_data
-        # and found_terminator as it did (the terminator is asked for again
-        # after each found_terminator, which may change it), in linear time.
-        _chat_input(self, data)
+    # self.recv(self.ac_in_buffer_size) (BlockingIOError: nothing; another
+    # OSError: handle_error()), str data encoded if use_encoding, then
+    # _chat_input: the data joined to the input and split at the terminator
+    # as the original's loop did, calling get_terminator,
+    # collect_incoming_data and found_terminator as it did (the terminator
+    # is asked for again after each found_terminator, which may change it),
+    # in linear time.
+    handle_read = _core.chat_handle_read
 
     def handle_write(self):
         self.initiate_send()
@@ -99,19 +92,10 @@ class async_chat(asyncore.dispatcher):
     def handle_close(self):
         self.close()
 
-    def push(self, data):
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError('data argument must be byte-ish (%r)', type(data))
-        had_output = bool(self.producer_fifo)
-        size = self.ac_out_buffer_size
-        if len(data) > size:
-            for i in range(0, len(data), size):
-                self.producer_fifo.append(data[i:i + size])
-        else:
-            self.producer_fifo.append(data)
-        self.initiate_send()
-        if had_output != bool(self.producer_fifo):
-            self._ac_touch()
+    # push(data): the original's (data cut in pieces of at most
+    # ac_out_buffer_size into producer_fifo, then initiate_send()), in C,
+    # telling the poller when producer_fifo's emptiness changed.
+    push = _core.chat_push
 
     def push_with_producer(self, producer):
         had_output = bool(self.producer_fifo)
@@ -127,13 +111,11 @@ class async_chat(asyncore.dispatcher):
         if had_output != bool(self.producer_fifo):
             self._ac_touch()
 
-    def readable(self):
-        # Always: the terminator may change between reads, so a full
-        # ac_in_buffer is no reason to stop reading.
-        return 1
-
-    def writable(self):
-        return self.producer_fifo or (not self.connected)
+    # readable: return 1 (the terminator may change between reads, so a
+    # full ac_in_buffer is no reason to stop reading); writable: return
+    # self.producer_fifo or (not self.connected).
+    readable = _core.chat_readable
+    writable = _core.chat_writable
 
     def close_when_done(self):
         """Closes the channel once everything pushed so far is sent."""
@@ -141,40 +123,9 @@ class async_chat(asyncore.dispatcher):
         self.producer_fifo.append(None)
         self._ac_output_changed(had_output)
 
-    def initiate_send(self):
-        while self.producer_fifo and self.connected:
-            first = self.producer_fifo[0]
-            if not first:
-                # An empty buffer is skipped; None means "close now".
-                del self.producer_fifo[0]
-                if first is None:
-                    self.handle_close()
-                    return
-            size = self.ac_out_buffer_size
-            try:
-                data = first[:size]
-            except TypeError:
-                # A producer: its next piece goes to the front.
-                data = first.more()
-                if data:
-                    self.producer_fifo.appendleft(data)
-                else:
-                    del self.producer_fifo[0]
-                continue
-            if isinstance(data, str) and self.use_encoding:
-                data = bytes(data, self.encoding)
-            try:
-                sent = self.send(data)
-            except OSError:
-                self.handle_error()
-                return
-            if sent:
-                if sent < len(data) or size < len(first):
-                    self.producer_fifo[0] = first[sent:]
-                else:
-                    del self.producer_fifo[0]
-            # One send per call: the rest waits for the next write event.
-            return
+    # initiate_send: the original's loop over producer_fifo (b'' skipped,
+    # None closes, producers asked for more) up to one send, in C.
+    initiate_send = _core.chat_initiate_send
 
     def discard_buffers(self):
         had_output = bool(self.producer_fifo)

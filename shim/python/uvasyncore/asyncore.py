@@ -19,6 +19,7 @@ from errno import (EALREADY, EINPROGRESS, EWOULDBLOCK, ECONNRESET, EINVAL,
                    ENOTCONN, ESHUTDOWN, EISCONN, EBADF, ECONNABORTED, EPIPE,
                    EAGAIN, errorcode)
 
+from uvasyncore import _core
 from uvasyncore._core import Poller
 
 __all__ = ['ExitNow', 'close_all', 'compact_traceback', 'dispatcher',
@@ -101,15 +102,26 @@ def _forget_if_empty(map):
         del _pollers[id(map)]
 
 
+def _is_default(obj, name, defaults):
+    """Whether obj.name is its class's name and that is one of defaults
+    (not overridden in the class, nor set on the instance)."""
+    cls = type(obj)
+    method = getattr(cls, name, None)
+    if method not in defaults:
+        return False
+    # The base classes' predicates are C method descriptors: obj.name is
+    # a builtin bound method, equal to the class's bound to obj unless the
+    # instance has its own.
+    return getattr(obj, name, None) == method.__get__(obj, cls)
+
+
 def _asks_python(obj):
     """Whether obj's interest must be asked for every pass: its readable or
     writable is not a base class's (overridden in its class or set on the
     instance).  Not through obj.__dict__: asking for it makes CPython keep a
     real dict for the instance, and every attribute access slower."""
-    readable = getattr(getattr(obj, 'readable', None), '__func__', None)
-    writable = getattr(getattr(obj, 'writable', None), '__func__', None)
-    return (readable not in _default_readable or
-            writable not in _default_writable)
+    return not (_is_default(obj, 'readable', _default_readable) and
+                _is_default(obj, 'writable', _default_writable))
 
 
 def _add(watch, fd, obj):
@@ -174,7 +186,8 @@ def _exception(obj):
 
 def readwrite(obj, flags):
     """Dispatches one poll() result: read, write, priority data, then close
-    for a hang-up or error.  A disconnection error closes the channel."""
+    for a hang-up or error.  A disconnection error closes the channel.
+    (poll2() runs the same in C while this function is not replaced.)"""
     try:
         if flags & _POLLIN:
             obj.handle_read_event()
@@ -195,6 +208,28 @@ def readwrite(obj, flags):
         obj.handle_error()
 
 
+_readwrite, _read, _write, _exception_orig = readwrite, read, write, _exception
+
+
+def _handler_failed(obj, exc, use_poll):
+    """The except clauses of readwrite (use_poll) or of read/write/
+    _exception, for an exception exc that a handler raised while the poller
+    ran them in C (Poller.dispatch).  exc is current in handle_error."""
+    try:
+        raise exc
+    except OSError as e:
+        if not use_poll:
+            obj.handle_error()
+        elif e.errno in _DISCONNECTED:
+            obj.handle_close()
+        else:
+            obj.handle_error()
+    except _reraised_exceptions:
+        raise
+    except:
+        obj.handle_error()
+
+
 # ---- one pass, and the loop -------------------------------------------------
 
 def poll(timeout=0.0, map=None):
@@ -204,7 +239,13 @@ def poll(timeout=0.0, map=None):
         map = socket_map
     if not map:
         return
-    ready = _synced_poller(map).wait(timeout, False)
+    poller = _synced_poller(map)
+    if read is _read and write is _write and _exception is _exception_orig:
+        # The same calls, run by the poller without these functions'
+        # frames (_handler_failed runs their except clauses).
+        poller.dispatch(timeout, False, map, _handler_failed)
+        return
+    ready = poller.wait(timeout, False)
     readers = [fd for fd, flags in ready if flags & 1]
     writers = [fd for fd, flags in ready if flags & 2]
     expts = [fd for fd, flags in ready if flags & 4]
@@ -222,7 +263,12 @@ def poll2(timeout=0.0, map=None):
         map = socket_map
     if not map:
         return
-    for fd, flags in _synced_poller(map).wait(timeout, True):
+    poller = _synced_poller(map)
+    if readwrite is _readwrite:
+        # readwrite per channel, run by the poller without its frame.
+        poller.dispatch(timeout, True, map, _handler_failed)
+        return
+    for fd, flags in poller.wait(timeout, True):
         obj = map.get(fd)
         if obj is not None:
             readwrite(obj, flags)
@@ -346,13 +392,15 @@ class dispatcher:
         except OSError:
             pass
 
-    # Predicates asked before each wait.
-
-    def readable(self):
-        return True
-
-    def writable(self):
-        return True
+    # Predicates asked before each wait: return True.  This method and the
+    # others taken from _core (recv, send, handle_read_event,
+    # handle_write_event) are the original's Python methods written in C
+    # (shim/python/_core.c shows each one's Python beside it): they call
+    # the channel's other methods by name, as the original, so overrides
+    # are honoured; a message on the base classes no longer pays a Python
+    # frame for each of them.
+    readable = _core.dispatcher_readable
+    writable = _core.dispatcher_writable
 
     # Socket methods.
 
@@ -393,30 +441,11 @@ class dispatcher:
             raise
         return conn, addr
 
-    def send(self, data):
-        try:
-            return self.socket.send(data)
-        except OSError as why:
-            if why.errno == EWOULDBLOCK:
-                return 0
-            if why.errno in _DISCONNECTED:
-                self.handle_close()
-                return 0
-            raise
-
-    def recv(self, buffer_size):
-        try:
-            data = self.socket.recv(buffer_size)
-        except OSError as why:
-            if why.errno in _DISCONNECTED:
-                self.handle_close()
-                return b''
-            raise
-        if not data:
-            # The peer closed its side.
-            self.handle_close()
-            return b''
-        return data
+    # send(data): the bytes sent; 0 when the socket would block or the peer
+    # went away (then handle_close() ran).  recv(buffer_size): the data;
+    # b'' when the peer closed or went away (handle_close() ran).
+    send = _core.dispatcher_send
+    recv = _core.dispatcher_recv
 
     def close(self):
         self.connected = False
@@ -442,14 +471,9 @@ class dispatcher:
 
     # Event handlers: the events as the poll functions report them ...
 
-    def handle_read_event(self):
-        if self.accepting:
-            # A listening socket is readable when a connection waits.
-            self.handle_accept()
-            return
-        if not self.connected and self.connecting:
-            self.handle_connect_event()
-        self.handle_read()
+    # A read event: handle_accept() when listening, else handle_read()
+    # (after handle_connect_event() if a connect was under way).
+    handle_read_event = _core.dispatcher_handle_read_event
 
     def handle_connect_event(self):
         err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -460,13 +484,9 @@ class dispatcher:
         self.connecting = False
         self._ac_touch()
 
-    def handle_write_event(self):
-        if self.accepting:
-            # Listening sockets are never writable; ignore a stray event.
-            return
-        if not self.connected and self.connecting:
-            self.handle_connect_event()
-        self.handle_write()
+    # A write event: ignored when listening, else handle_write() (after
+    # handle_connect_event() if a connect was under way).
+    handle_write_event = _core.dispatcher_handle_write_event
 
     def handle_expt_event(self):
         # Priority data and a pending socket error look alike to select():
@@ -566,26 +586,32 @@ class dispatcher_with_send(dispatcher):
         dispatcher.__init__(self, sock, map)
         self.out_buffer = b''
 
-    def initiate_send(self):
-        queue = self._ac_oq
-        if queue is None:
-            # The original's (out_buffer is _ac_obuf).
-            buf = self._ac_obuf
-            sent = dispatcher.send(self, buf[:65536])
-            if sent and sent == len(buf):
-                # All of it (the usual case; handle_close ran only if 0).
-                self._ac_obuf = b''
-            elif self._ac_obuf is not buf or self._ac_oq is not None:
-                # A handler changed the output meanwhile (send() may call
-                # handle_close): as the original, from what is there now.
-                self.out_buffer = self.out_buffer[sent:]
-            elif sent and sent < len(buf):
-                # Written in pieces from here on: no copy of the rest each.
-                self._ac_oq = _OutBuffer(memoryview(buf)[sent:])
-                self._ac_obuf = b''
-            else:
-                self._ac_obuf = buf[sent:]
-            return
+    # initiate_send(): one write of the queued output.  In C (_core.c) the
+    # usual case, the original's
+    #     sent = dispatcher.send(self, buf[:65536])   # buf: out_buffer
+    #     if sent and sent == len(buf): out_buffer = b''
+    # and the other cases here (_ac_sent_part, _ac_send_from_queue).
+    initiate_send = _core.dws_initiate_send
+
+    def _ac_sent_part(self, buf, sent):
+        # initiate_send after dispatcher.send wrote `sent` bytes of buf, the
+        # original's out_buffer (_ac_obuf): not all of it, or not counted
+        # by a plain int.
+        if sent and sent == len(buf):
+            self._ac_obuf = b''
+        elif self._ac_obuf is not buf or self._ac_oq is not None:
+            # A handler changed the output meanwhile (send() may call
+            # handle_close): as the original, from what is there now.
+            self.out_buffer = self.out_buffer[sent:]
+        elif sent and sent < len(buf):
+            # Written in pieces from here on: no copy of the rest each.
+            self._ac_oq = _OutBuffer(memoryview(buf)[sent:])
+            self._ac_obuf = b''
+        else:
+            self._ac_obuf = buf[sent:]
+
+    def _ac_send_from_queue(self, queue):
+        # initiate_send with more than one send's data queued (_ac_oq).
         sent = dispatcher.send(self, bytes(queue[:65536]))
         if self._ac_oq is not queue:
             self.out_buffer = self.out_buffer[sent:]
@@ -598,28 +624,22 @@ class dispatcher_with_send(dispatcher):
     def handle_write(self):
         self.initiate_send()
 
-    def writable(self):
-        queue = self._ac_oq
-        return (not self.connected) or (
-            len(self._ac_obuf) if queue is None else len(queue))
+    # (not self.connected) or the length of the queued output.
+    writable = _core.dws_writable
 
-    def send(self, data):
-        if self.debug:
-            self.log_info('sending %s' % repr(data))
-        # writable() reads whether out_buffer is empty: when this send
-        # changed that (typically from another channel's handler), the
-        # poller asks again.  (Within this channel's own events it is
-        # asked again anyway.)
+    # send(data): the debug log, then, nothing being queued (the usual
+    # case, in C), the original's out_buffer + data and initiate_send();
+    # with output queued, _ac_send_queued.  writable() reads whether
+    # out_buffer is empty: when a send changes that (typically from
+    # another channel's handler), the poller is told (_ac_touch) to ask
+    # again.  (Within this channel's own events it is asked again anyway.)
+    send = _core.dws_send
+
+    def _ac_send_queued(self, data):
+        # send() with output queued: appended to the queue in place.
         buf = self._ac_obuf
         if not buf:
             queue = self._ac_oq
-            if queue is None:
-                # The original's out_buffer + data, out_buffer empty.
-                self._ac_obuf = buf + data
-                self.initiate_send()
-                if self._ac_obuf or self._ac_oq is not None:
-                    self._ac_touch()
-                return
             queue += data
         else:
             queue = _OutBuffer(buf)
@@ -631,6 +651,7 @@ class dispatcher_with_send(dispatcher):
             self._ac_touch()
 
 
+_core.register(dispatcher)
 _default_readable.add(dispatcher.readable)
 _default_writable.add(dispatcher.writable)
 _default_writable.add(dispatcher_with_send.writable)
