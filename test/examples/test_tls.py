@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The TLS examples (docs/tls.md) with real clients, over loopback:
 https_server (http_server --tls) with curl, openssl s_client and Python's
-ssl; STARTTLS on line_server with Python's ssl; hostile peers (wrong
+ssl; STARTTLS on line_server with Python's ssl, on smtp_server with
+`openssl s_client -starttls smtp` and Python's smtplib; hostile peers (wrong
 certificate, wrong host name, plaintext to the TLS port, truncated
 handshakes, garbage and TLS-looking records, a client that stops reading),
 each with what it observes asserted.  The certificate is made here, with
@@ -377,6 +378,65 @@ def line_server_starttls_with_python_ssl():
         srv.stop()
 
 
+def smtp_server_with_openssl_s_client_starttls():
+    srv = Server("smtp_server")
+    try:
+        out = run(["openssl", "s_client", "-connect",
+                   "127.0.0.1:%d" % srv.port, "-starttls", "smtp",
+                   "-CAfile", CERT, "-verify_hostname", "localhost",
+                   "-verify_return_error", "-quiet", "-ign_eof"],
+                  input=b"EHLO x\r\nNOOP\r\nQUIT\r\n")
+        assert out.returncode == 0, out.stderr
+        # over TLS: EHLO no longer offers STARTTLS, then NOOP and QUIT
+        assert out.stdout == b"250-localhost\r\n250 8BITMIME\r\n"  \
+            b"250 2.0.0 OK\r\n221 2.0.0 Bye\r\n", out.stdout
+    finally:
+        srv.stop()
+
+
+def smtp_server_with_python_smtplib():
+    import smtplib
+    srv = Server("smtp_server")
+    try:
+        s = smtplib.SMTP("localhost", srv.port, timeout=10 * SLOW)
+        code, ext = s.ehlo()
+        assert code == 250 and b"STARTTLS" in ext, ext
+        code, msg = s.starttls(context=context())
+        assert code == 220, msg
+        assert s.sock.version() == "TLSv1.3", s.sock.version()
+        code, ext = s.ehlo()
+        assert code == 250 and b"STARTTLS" not in ext, ext
+        body = "Subject: hi\r\n\r\n" + "line\r\n.dot\r\n" * 5000
+        assert s.sendmail("a@x", ["b@y"], body) == {}
+        assert s.quit()[0] == 221
+    finally:
+        srv.stop()
+
+
+def smtp_server_starttls_injection():
+    """CVE-2011-0411: plaintext a client (or a man in the middle) sends
+    behind STARTTLS is never taken as commands: it is the TLS stream, which
+    it is not, so the handshake fails and the connection closes, without a
+    reply to the injected command."""
+    srv = Server("smtp_server")
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), 10 * SLOW)
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        sock.sendall(b"STARTTLS\r\nNOOP\r\n")
+        assert f.readline() == b"220 2.0.0 Ready to start TLS\r\n"
+        rest = f.read()  # to the end: the server closed
+        assert b"250" not in rest, rest
+        sock.close()
+        # and the server goes on
+        s = __import__("smtplib").SMTP("localhost", srv.port,
+                                       timeout=10 * SLOW)
+        assert s.noop()[0] == 250
+        s.quit()
+    finally:
+        srv.stop()
+
+
 def main():
     if not shutil.which("openssl") or not os.path.exists(
             os.path.join(EXAMPLES, "http_server")):
@@ -392,6 +452,9 @@ def main():
     test(https_server_hostile_peers)
     test(https_server_client_stops_reading)
     test(line_server_starttls_with_python_ssl)
+    test(smtp_server_with_openssl_s_client_starttls)
+    test(smtp_server_with_python_smtplib)
+    test(smtp_server_starttls_injection)
     shutil.rmtree(TMP, ignore_errors=True)
     failed = sum(1 for _, e in results if e is not None)
     print("examples-tls: %d passed, %d failed" % (len(results) - failed,
