@@ -22,6 +22,12 @@
  * a server that writes in pieces without TCP_NODELAY (Nagle holds its last
  * piece until the client's delayed ACK, up to 40 ms).
  *
+ * --tls (built with OpenSSL) speaks TLS to the server: each connection's
+ * handshake runs as soon as its connect completes (blocking, so that a
+ * --churn run counts handshakes one connection slot at a time), then the
+ * messages go through SSL_write/SSL_read; the server's certificate is not
+ * verified (a benchmark, on loopback).
+ *
  * Prints one line of JSON on stdout; exits 1 on any error or mismatch.
  */
 #include <errno.h>
@@ -41,6 +47,12 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+
+#ifdef LOAD_TLS
+#include <fcntl.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
 
 #define PAT_LEN 65521u /* prime: the pattern never lines up with a size */
 #define RBUF_SIZE 65536
@@ -65,6 +77,9 @@ typedef struct {
   uint64_t cycles;     /* churn: connections completed by this slot */
   uint64_t t_conn;     /* churn: when the current connection began */
   uint64_t *t_start;   /* ring of --pipeline start times, ns */
+#ifdef LOAD_TLS
+  SSL *ssl;            /* --tls */
+#endif
 } conn_t;
 
 typedef struct {
@@ -81,9 +96,10 @@ typedef struct {
   double stall;
   int lines;
   int quickack;
+  int tls;
 } opts_t;
 
-static opts_t opt = {"127.0.0.1", 0, 1, 0, 64, 0, 0, 1, 0, 0, 10.0, 0, 0};
+static opts_t opt = {"127.0.0.1", 0, 1, 0, 64, 0, 0, 1, 0, 0, 10.0, 0, 0, 0};
 static struct sockaddr_in server_addr;
 static unsigned char pattern[2 * PAT_LEN];
 static size_t pat_len = PAT_LEN; /* period of the pattern */
@@ -238,9 +254,100 @@ static int conn_open(conn_t *c) {
   return conn_watch(c, EPOLL_CTL_ADD, 1);
 }
 
-/* Closes c's socket. */
+/* --tls: the client context, and each connection's byte path. */
+#ifdef LOAD_TLS
+static SSL_CTX *tls_ctx;
+
+/* The handshake of c's just-connected socket, blocking; 0 or -1. */
+static int tls_handshake(conn_t *c) {
+  int fl = fcntl(c->fd, F_GETFL);
+
+  c->ssl = SSL_new(tls_ctx);
+  if (c->ssl == NULL || !SSL_set_fd(c->ssl, c->fd)) {
+    return -1;
+  }
+  SSL_set_mode(c->ssl, SSL_MODE_ENABLE_PARTIAL_WRITE |
+                           SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  fcntl(c->fd, F_SETFL, fl & ~O_NONBLOCK);
+  if (SSL_connect(c->ssl) != 1) {
+    ERR_clear_error();
+    return -1;
+  }
+  fcntl(c->fd, F_SETFL, fl);
+  return 0;
+}
+
+/* send(2) or SSL_write: bytes, or -1 with errno (EAGAIN to wait). */
+static ssize_t io_send(conn_t *c, const void *p, size_t n) {
+  int k;
+
+  if (!opt.tls) {
+    return send(c->fd, p, n, MSG_NOSIGNAL);
+  }
+  k = SSL_write(c->ssl, p, n > 1 << 30 ? 1 << 30 : (int)n);
+  if (k > 0) {
+    return k;
+  }
+  k = SSL_get_error(c->ssl, k);
+  errno = k == SSL_ERROR_WANT_WRITE || k == SSL_ERROR_WANT_READ ? EAGAIN
+                                                                 : EIO;
+  ERR_clear_error();
+  return -1;
+}
+
+/* recv(2) or SSL_read: bytes, 0 at the end, -1 with errno. */
+static ssize_t io_recv(conn_t *c, void *p, size_t n) {
+  int k;
+
+  if (!opt.tls) {
+    return recv(c->fd, p, n, 0);
+  }
+  k = SSL_read(c->ssl, p, (int)n);
+  if (k > 0) {
+    return k;
+  }
+  k = SSL_get_error(c->ssl, k);
+  ERR_clear_error();
+  if (k == SSL_ERROR_ZERO_RETURN) {
+    return 0;
+  }
+  errno = k == SSL_ERROR_WANT_READ || k == SSL_ERROR_WANT_WRITE ? EAGAIN
+                                                                 : EIO;
+  return -1;
+}
+
+/* Whether c holds received plaintext epoll will not report. */
+static int io_pending(const conn_t *c) {
+  return opt.tls && c->ssl != NULL && SSL_pending(c->ssl) > 0;
+}
+#else
+static int tls_handshake(conn_t *c) {
+  (void)c;
+  return -1;
+}
+static ssize_t io_send(conn_t *c, const void *p, size_t n) {
+  return send(c->fd, p, n, MSG_NOSIGNAL);
+}
+static ssize_t io_recv(conn_t *c, void *p, size_t n) {
+  return recv(c->fd, p, n, 0);
+}
+static int io_pending(const conn_t *c) {
+  (void)c;
+  return 0;
+}
+#endif
+
+/* Closes c's socket (after a TLS close_notify). */
 static void conn_close(conn_t *c) {
   if (c->state != C_CLOSED) {
+#ifdef LOAD_TLS
+    if (c->ssl != NULL) {
+      SSL_shutdown(c->ssl);
+      SSL_free(c->ssl);
+      c->ssl = NULL;
+      ERR_clear_error();
+    }
+#endif
     close(c->fd);
     c->state = C_CLOSED;
   }
@@ -273,7 +380,7 @@ static int conn_pump(conn_t *c) {
   while (c->tx_off < target) {
     pos = (c->tx_off + c->shift) % pat_len;
     len = target - c->tx_off < pat_len ? target - c->tx_off : pat_len;
-    n = send(c->fd, pattern + pos, len, MSG_NOSIGNAL);
+    n = io_send(c, pattern + pos, len);
     if (n < 0 && errno == EAGAIN) {
       return c->want_out ? 0 : conn_watch(c, EPOLL_CTL_MOD, 1);
     }
@@ -348,7 +455,7 @@ static int conn_recycle(conn_t *c) {
 
 /* Reads once from c, verifies and completes messages, sends more. */
 static int conn_read(conn_t *c) {
-  ssize_t n = recv(c->fd, rbuf, sizeof(rbuf), 0);
+  ssize_t n = io_recv(c, rbuf, sizeof(rbuf));
   int one = 1;
 
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
@@ -370,6 +477,9 @@ static int conn_read(conn_t *c) {
     return -1;
   }
   conn_complete(c, now_ns());
+  if (io_pending(c)) {
+    return conn_read(c); /* TLS: plaintext epoll will not report */
+  }
   if (!conn_finished(c)) {
     return conn_pump(c);
   }
@@ -388,6 +498,10 @@ static int conn_connected(conn_t *c) {
   getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
   if (err != 0) {
     fail(c, "connect", err);
+    return -1;
+  }
+  if (opt.tls && tls_handshake(c) < 0) {
+    fail(c, "TLS handshake", 0);
     return -1;
   }
   c->state = C_OPEN;
@@ -535,7 +649,8 @@ static void usage(void) {
           "[--size BYTES]\n"
           "            (--msgs M | --duration S) [--pipeline K] "
           "[--idle N] [--churn]\n"
-          "            [--lines K] [--pause] [--stall S] [--quickack]\n");
+          "            [--lines K] [--pause] [--stall S] [--quickack] "
+          "[--tls]\n");
 }
 
 /* Parses the command line into opt; returns 0 or -1. */
@@ -545,7 +660,7 @@ static int parse_args(int argc, char **argv) {
       {"size", 1, 0, 's'},     {"msgs", 1, 0, 'm'},  {"duration", 1, 0, 'd'},
       {"pipeline", 1, 0, 'k'}, {"idle", 1, 0, 'i'},  {"churn", 0, 0, 'C'},
       {"pause", 0, 0, 'P'},    {"stall", 1, 0, 'S'}, {"lines", 1, 0, 'L'},
-      {"quickack", 0, 0, 'Q'}, {0, 0, 0, 0}};
+      {"quickack", 0, 0, 'Q'}, {"tls", 0, 0, 'T'},   {0, 0, 0, 0}};
   int ch;
 
   while ((ch = getopt_long(argc, argv, "", longs, NULL)) != -1) {
@@ -563,6 +678,7 @@ static int parse_args(int argc, char **argv) {
     case 'S': opt.stall = atof(optarg); break;
     case 'L': opt.lines = atoi(optarg); break;
     case 'Q': opt.quickack = 1; break;
+    case 'T': opt.tls = 1; break;
     default: return -1;
     }
   }
@@ -571,6 +687,19 @@ static int parse_args(int argc, char **argv) {
       opt.lines < 0 || (opt.lines > 0 && (opt.churn || opt.size > PAT_LEN))) {
     return -1;
   }
+#ifdef LOAD_TLS
+  if (opt.tls) {
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (tls_ctx == NULL) {
+      return -1;
+    }
+  }
+#else
+  if (opt.tls) {
+    fprintf(stderr, "load: built without TLS\n");
+    return -1;
+  }
+#endif
   msg_count = opt.lines > 0 ? (uint64_t)opt.lines : 1;
   msg_bytes = opt.size * msg_count;
   if (opt.churn) {
@@ -618,6 +747,9 @@ static void teardown(void) {
   }
   free(conns);
   close(ep);
+#ifdef LOAD_TLS
+  SSL_CTX_free(tls_ctx);
+#endif
 }
 
 /* Connects, optionally pauses, runs the traffic and reports. */

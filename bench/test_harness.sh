@@ -2,7 +2,7 @@
 # bench/test_harness.sh [BUILD_DIR [extra bench/run options]]
 #
 # Tests the benchmark harness, never timing: runs
-# `bench/run --quick --scenario tiny,tiny-line,tiny-resp` into a scratch
+# `bench/run --quick --scenario tiny,tiny-line,tiny-resp,tiny-tls` into a scratch
 # directory and checks that it exits 0, that latest.json parses and has one
 # row per available peer of each protocol (echo, line, and RESP unless
 # redis-benchmark is missing, which must then be reported as a skipped
@@ -42,9 +42,9 @@ r = json.load(open(sys.argv[1]))
 $2" "$1"
 }
 
-check "bench/run --quick --scenario tiny,tiny-line,tiny-resp exits 0" \
-  "$here/run" --quick --scenario tiny,tiny-line,tiny-resp --build "$build" \
-  --out "$out" "$@"
+check "bench/run --quick --scenario tiny,tiny-line,tiny-resp,tiny-tls exits 0" \
+  "$here/run" --quick --scenario tiny,tiny-line,tiny-resp,tiny-tls \
+  --build "$build" --out "$out" "$@"
 
 check "latest.json parses and has rows" pycheck "$out/latest.json" '
 assert r["rows"], "no rows"'
@@ -91,7 +91,7 @@ else:
 
 check "latest.md has a row per available peer" pycheck "$out/latest.json" '
 md = open(sys.argv[1].replace("latest.json", "latest.md")).read()
-scen = {"echo": "tiny", "line": "tiny-line"}
+scen = {"echo": "tiny", "line": "tiny-line", "tls": "tiny-tls"}
 for p in r["peers"]:
     if p["skip"]:
         continue
@@ -101,9 +101,9 @@ for p in r["peers"]:
         assert ("| %s | %s |" % (scen[p["protocol"]], p["name"])) in md, \
             p["name"]'
 
-check "the three callgrind figures are keys, empty when not selected" \
+check "the callgrind figures are keys, empty when not selected" \
   pycheck "$out/latest.json" '
-for k in ("callgrind", "callgrind_line", "callgrind_line_rr"):
+for k in ("callgrind", "callgrind_line", "callgrind_line_rr", "callgrind_tls"):
     assert k in r and r[k] == {}, (k, r.get(k))
 assert r["meta"]["callgrind_line_rr_setup"]["lines"] == 1'
 

@@ -1,12 +1,13 @@
 /* The echo server of the asyncore documentation, on uvasyncore.
  *
  *   usage: echo_server PORT [--embed] [--max-conns N] [--max-output BYTES]
- *                      [--idle SECONDS]
+ *                      [--idle SECONDS] [--tls CERT KEY]
  *
  * Listens on 127.0.0.1:PORT; every connection gets back what it sends.
  * SIGINT or SIGTERM ends it with status 0.  With --embed the program runs
  * the uv loop itself (uv_run) instead of ac_loop, as an application that
- * hosts channels in its own loop does (docs/embedding.md).
+ * hosts channels in its own loop does (docs/embedding.md).  With --tls
+ * every connection speaks TLS (docs/tls.md; the benchmark's TLS peer).
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * echo_server.md): reading pauses (ac_pause_reading) while --max-output
@@ -130,6 +131,10 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
     free(h);
     return 0; /* this connection failed; the server carries on */
   }
+  if (serve_tls != NULL && ac_tls_server(&h->base.d, serve_tls) != 0) {
+    ac_close(&h->base.d); /* the channel owns sock; closed frees h */
+    return 0;
+  }
   guard_add(&guard, &h->conn, &h->base.d);
   return 0;
 }
@@ -155,7 +160,10 @@ int main(int argc, char **argv) {
   int i;
 
   for (i = 2; i < argc && !bad; i++) {
-    int k = limits_option(&guard.lim, argc, argv, &i);
+    int k = tls_option(argc, argv, &i);
+    if (k == 0) {
+      k = limits_option(&guard.lim, argc, argv, &i);
+    }
     if (k == 0 && strcmp(argv[i], "--embed") == 0) {
       embed = 1;
     } else {
@@ -163,7 +171,8 @@ int main(int argc, char **argv) {
     }
   }
   if (bad) {
-    fprintf(stderr, "usage: %s PORT [--embed] " LIMITS_USAGE "\n", argv[0]);
+    fprintf(stderr, "usage: %s PORT [--embed] " LIMITS_USAGE " " TLS_USAGE "\n",
+            argv[0]);
     return 2;
   }
   setvbuf(stdout, NULL, _IOLBF, 0);

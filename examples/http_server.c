@@ -2,6 +2,11 @@
  *
  *   usage: http_server PORT [--max-conns N] [--max-input BYTES]
  *                      [--max-output BYTES] [--idle SECONDS]
+ *                      [--tls CERT KEY]
+ *
+ * With --tls, it is https_server: every connection speaks TLS with the PEM
+ * certificate chain CERT and key KEY (docs/tls.md); the handlers below do
+ * not change, they see plaintext.
  *
  * Listens on 127.0.0.1:PORT.  HTTP/1.0 and HTTP/1.1 with keep-alive: the
  * header block is read with the string terminator "\r\n\r\n", a request
@@ -282,6 +287,10 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
     close(sock);
     return 0;
   }
+  if (serve_tls != NULL && ac_tls_server(&h->chat.d, serve_tls) != 0) {
+    ac_close(&h->chat.d); /* https_server; the channel owns sock now */
+    return 0;
+  }
   guard_add(&guard, &h->conn, &h->chat.d);
   return 0;
 }
@@ -296,10 +305,12 @@ int main(int argc, char **argv) {
   int i;
 
   for (i = 2; i < argc && !bad; i++) {
-    bad = limits_option(&guard.lim, argc, argv, &i) != 1;
+    int k = tls_option(argc, argv, &i);
+    bad = k < 0 || (k == 0 && limits_option(&guard.lim, argc, argv, &i) != 1);
   }
   if (bad) {
-    fprintf(stderr, "usage: %s PORT " LIMITS_USAGE "\n", argv[0]);
+    fprintf(stderr, "usage: %s PORT " LIMITS_USAGE " " TLS_USAGE "\n",
+            argv[0]);
     return 2;
   }
   return serve("http_server", argv[1], &server_ops, &guard, queued);

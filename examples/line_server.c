@@ -2,6 +2,7 @@
  *
  *   usage: line_server PORT [--batch] [--max-conns N] [--max-input BYTES]
  *                      [--max-output BYTES] [--idle SECONDS]
+ *                      [--tls CERT KEY]
  *
  * Listens on 127.0.0.1:PORT; every line a client sends ("\n"-terminated)
  * comes back as it was.  The terminator is "\n"; collect_incoming_data
@@ -21,7 +22,11 @@
  * connection without a complete line for --idle seconds (60) is closed;
  * beyond --max-conns (1000)
  * connections, new ones are closed at once.  A client that half-closes
- * gets all its replies before the close. */
+ * gets all its replies before the close.
+ *
+ * With --tls CERT KEY, the line "STARTTLS" gets "220 ready to start TLS"
+ * and the connection goes on over TLS (the PEM certificate chain CERT and
+ * key KEY), echoing lines as before (docs/tls.md). */
 #include <uvasyncore.h>
 
 #include "serve.h"
@@ -143,6 +148,24 @@ static int on_line(ac_chat_t *c) {
   return ac_chat_push(c, cl->line, n + 1);
 }
 
+/* found_terminator with --tls: STARTTLS upgrades the connection in place,
+ * any other line is echoed.  The reply goes out in plaintext (the switch
+ * sends what the parse gathered first); what the client sent after its
+ * STARTTLS line in the same read is the start of its TLS handshake. */
+static int on_line_starttls(ac_chat_t *c) {
+  client_t *cl = client_of(c);
+  static const char ready[] = "220 ready to start TLS\n";
+  int r;
+
+  if (cl->done || cl->len != 8 || memcmp(cl->line, "STARTTLS", 8) != 0 ||
+      ac_tls_ssl(&c->d) != NULL) {
+    return on_line(c);
+  }
+  cl->len = 0;
+  r = ac_chat_push(c, ready, sizeof(ready) - 1);
+  return r != 0 ? r : ac_tls_server(&c->d, serve_tls);
+}
+
 /* One read can queue a reply per byte (empty lines: 97 bytes of queue
  * each), so each read asks for no more than keeps the queue under
  * --max-output + --max-input: sized here, for the next read, from the
@@ -241,6 +264,19 @@ static const ac_chat_ops_t client_ops = {
     .found_terminator = on_line,
 };
 
+/* The same with --tls: STARTTLS (a table of its own, so that the plain
+ * server's found_terminator costs nothing more per line). */
+static const ac_chat_ops_t client_tls_ops = {
+    .base = {.handle_read = on_read,
+             .handle_write = on_write,
+             .handle_close = on_close,
+             .closed = on_closed,
+             .handle_error = on_error,
+             .type_name = "LineClient"},
+    .collect_incoming_data = on_collect,
+    .found_terminator = on_line_starttls,
+};
+
 /* handle_accepted: a client_t per connection, terminator "\n". */
 static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
                            const struct sockaddr *addr, socklen_t len) {
@@ -254,7 +290,8 @@ static int server_accepted(ac_dispatcher_t *d, uv_os_sock_t sock,
     close(sock);
     return 0;
   }
-  r = ac_chat_init(&cl->chat, d->map, &client_ops);
+  r = ac_chat_init(&cl->chat, d->map,
+                   serve_tls != NULL ? &client_tls_ops : &client_ops);
   if (r == 0) {
     size_next_read(cl, 0);
     r = ac_chat_set_terminator(&cl->chat, "\n", 1);
@@ -282,7 +319,10 @@ int main(int argc, char **argv) {
   int i;
 
   for (i = 2; i < argc && !bad; i++) {
-    int k = limits_option(&guard.lim, argc, argv, &i);
+    int k = tls_option(argc, argv, &i);
+    if (k == 0) {
+      k = limits_option(&guard.lim, argc, argv, &i);
+    }
     if (k == 0 && strcmp(argv[i], "--batch") == 0) {
       continue; /* the default now; accepted for old command lines */
     } else {
@@ -290,7 +330,8 @@ int main(int argc, char **argv) {
     }
   }
   if (bad) {
-    fprintf(stderr, "usage: %s PORT [--batch] " LIMITS_USAGE "\n", argv[0]);
+    fprintf(stderr, "usage: %s PORT [--batch] " LIMITS_USAGE " " TLS_USAGE "\n",
+            argv[0]);
     return 2;
   }
   full_read = read_size(0);

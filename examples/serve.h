@@ -21,6 +21,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#ifdef AC_EXAMPLES_TLS
+#include <openssl/ssl.h>
+#endif
+
 /* ---------------------------------------------------------------- */
 /* Limits                                                            */
 
@@ -89,6 +93,42 @@ static inline int limits_option(limits_t *lim, int argc, char **argv, int *i) {
 
 #define LIMITS_USAGE                                                      \
   "[--max-conns N] [--max-input BYTES] [--max-output BYTES] [--idle SECONDS]"
+
+/* --tls CERT KEY (docs/tls.md): the TLS context of the example's
+ * connections, made from a PEM certificate chain and key; NULL without
+ * the option. */
+static struct ssl_ctx_st *serve_tls;
+
+#define TLS_USAGE "[--tls CERT KEY]"
+
+/* If argv[*i] is --tls, loads its certificate and key into serve_tls,
+ * advances *i past them and returns 1; -1 when they do not load (or the
+ * library has no TLS), 0 for anything else. */
+static inline int tls_option(int argc, char **argv, int *i) {
+  if (strcmp(argv[*i], "--tls") != 0) {
+    return 0;
+  }
+  if (*i + 2 >= argc) {
+    return -1;
+  }
+#ifdef AC_EXAMPLES_TLS
+  serve_tls = SSL_CTX_new(TLS_server_method());
+  if (serve_tls == NULL ||
+      SSL_CTX_use_certificate_chain_file(serve_tls, argv[*i + 1]) != 1 ||
+      SSL_CTX_use_PrivateKey_file(serve_tls, argv[*i + 2],
+                                  SSL_FILETYPE_PEM) != 1) {
+    fprintf(stderr, "--tls: cannot load %s and %s\n", argv[*i + 1],
+            argv[*i + 2]);
+    return -1;
+  }
+  *i += 2;
+  return 1;
+#else
+  serve_tls = NULL;
+  fprintf(stderr, "--tls: this build has no TLS\n");
+  return -1;
+#endif
+}
 
 /* ---------------------------------------------------------------- */
 /* The live connections: connection limit and idle timeout           */

@@ -158,6 +158,8 @@ struct ac_dispatcher_s {
   unsigned connecting : 1;
   unsigned closing : 1;            /* never read or written by the library */
   unsigned debug : 1;              /* dispatcher_with_send logs sends */
+  unsigned xport_ : 1;             /* private: a transport (TLS) carries
+                                      the bytes (shim/xport.c) */
   uint8_t family;                  /* AF_*, from create_socket / the socket */
   uint8_t type;                    /* SOCK_STREAM, SOCK_DGRAM ... */
   uint16_t addrlen;                /* 0: addr is "None" */
@@ -328,7 +330,8 @@ AC_EXTERN int ac_connect_name(ac_dispatcher_t *d, const char *host,
  * or a negative errno.  Bytes accepted always reach the peer, even when
  * close() follows at once.  On a dispatcher_with_send or async_chat
  * channel, this is the class's buffered send (W-02, returns n or an
- * error). */
+ * error).  On a TLS channel (uvasyncore/tls.h) the bytes are plaintext:
+ * 0 until the handshake has ended. */
 AC_EXTERN ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n);
 
 /* The base dispatcher.send of D-13 whatever the class ("super().send"). */
@@ -337,7 +340,9 @@ AC_EXTERN ssize_t ac_dispatcher_send(ac_dispatcher_t *d, const void *buf,
 
 /* recv (D-14): >0 bytes read; 0 at EOF or disconnection, after
  * handle_close was called; UV_EAGAIN when nothing is there (Python raises,
- * Q-09); another negative errno on error. */
+ * Q-09); another negative errno on error.  On a TLS channel
+ * (uvasyncore/tls.h) the bytes are plaintext, and AC_ETLS reports a TLS
+ * failure. */
 AC_EXTERN ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n);
 
 /* close (D-15): clears the flags, leaves the map and releases the socket;
@@ -687,5 +692,6 @@ AC_EXTERN int ac_replace_allocator(void *(*malloc_fn)(size_t),
 #endif
 
 #include "uvasyncore/chat.h"
+#include "uvasyncore/tls.h"
 
 #endif /* UVASYNCORE_H */

@@ -55,6 +55,9 @@ int ac__burst_again(ac_dispatcher_t *d) {
   if (!wants_input(d) || !AC__SLOT(d, readable)(d) || !wants_input(d)) {
     return 0;
   }
+  if (d->xport_) {
+    return ac__xport_more(d); /* TLS: its records (tls.c) */
+  }
   if (d->flags & AC__F_ADOPT) {
     /* pending input (adopted, or received ahead): the next call takes it;
      * an adoption still fencing the application's writes keeps its
@@ -83,6 +86,7 @@ int ac__gather_begin(ac_dispatcher_t *d) {
 
   if (m->gather_owner != NULL || d->backend != AC_BACKEND_STREAM ||
       !d->connected || (d->flags & AC__F_CLOSED) || d->wq_bytes > 0 ||
+      d->xport_ ||
       (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) != AC__F_CONN_DONE) {
     return 0;
   }

@@ -375,10 +375,23 @@ static void materialize(ac_chat_t *c, view_t *v, size_t x) {
   }
 }
 
+/* The parse stops inside a callback: the input was discarded (C-22), or a
+ * transport took the channel over (STARTTLS, tls.c), whose stream the
+ * input not parsed yet, b[0..len), begins. */
+static void rest_to_transport(ac_chat_t *c, const char *b, size_t len) {
+  if (c->d.xport_ && len > 0) {
+    ac__xport_unread(&c->d, b, len);
+  }
+}
+
 /* Python slices the buffer after the callback: an input discarded inside
  * it (C-22) stays empty. */
 static void consume(ac_chat_t *c, view_t *v, size_t x) {
   if (c->in_gen != v->gen) {
+    if (c->d.xport_ && x < v->len) {
+      materialize(c, v, v->len);
+      rest_to_transport(c, v->b + x, v->len - x);
+    }
     v->len = 0;
     v->virt = v->mat = 0;
     return;
@@ -532,6 +545,7 @@ static AC__INLINE int lines(ac_chat_t *c, const char **pb,
 
   while (len > 0 && r == 0) {
     if (c->in_gen != gen) { /* discard_buffers in found_terminator */
+      rest_to_transport(c, b, len);
       len = 0;
       break;
     }
@@ -647,6 +661,10 @@ static int parse(ac_chat_t *c, view_t *v) {
 
   while (v->len > 0 && r == 0 && !v->kept) {
     if (c->in_gen != v->gen) { /* discard_buffers in found_terminator */
+      if (c->d.xport_) {
+        materialize(c, v, v->len);
+        rest_to_transport(c, v->b, v->len);
+      }
       v->len = 0;
       break;
     }

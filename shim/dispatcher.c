@@ -559,12 +559,17 @@ static void send_held_back(ac_dispatcher_t *d, int more) {
   }
 }
 
+void ac__send_held_back(ac_dispatcher_t *d) { send_held_back(d, 0); }
+
 int ac_close(ac_dispatcher_t *d) {
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
   if (!(d->flags & AC__F_CLOSED)) {
     send_held_back(d, 0); /* while the socket is still open */
+  }
+  if (d->xport_) {
+    ac__xport_close(d); /* TLS: close_notify, without blocking (tls.c) */
   }
   d->connected = 0; /* D-15 step 1 */
   d->accepting = 0;
@@ -809,30 +814,21 @@ static inline int must_wait(const ac_dispatcher_t *d) {
   }
 }
 
-/* The base dispatcher.send (D-13), the one place where the library's sends
- * meet the socket: returns the bytes taken, 0 for would-block, or an
- * error (EOF and disconnection call handle_close first).  Branching off
- * first: a read burst's reply is gathered (burst.c); a channel without a
- * socket (closed: EBADF, or still resolving a name: would-block) or that
- * must wait.  Then one send(2); on a stream, what the kernel refuses goes
- * to libuv's queue, up to the emulated send buffer (stream.c), and so
- * does everything while that queue is not empty. */
-ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
+/* The socket part of ac__send (below): a channel without a socket (closed:
+ * EBADF, or still resolving a name: would-block) or that must wait, then
+ * one send(2); on a stream, what the kernel refuses goes to libuv's queue,
+ * up to the emulated send buffer (stream.c), and so does everything while
+ * that queue is not empty.  `quiet` (a transport's send): a disconnection
+ * is returned as its code, handle_close is the transport's to call. */
+static inline ssize_t send_socket(ac_dispatcher_t *d, const void *buf,
+                                  size_t n, int quiet) {
   ssize_t r = 0;
   size_t room;
 
-  if (d->ready & AC__GATHERING) {
-    int e;
-    if (n <= AC__GATHER_MAX) {
-      return ac__gather_send(d, buf, n);
-    }
-    e = ac__gather_flush(d, 0); /* too large to gather: after what was */
-    if (e != 0) {
-      return ac__send_error(d, e);
-    }
-  }
   if (d->fd < 0) {
-    return (d->flags & AC__F_RESOLVING) ? 0 : ac__disconnected(d);
+    return (d->flags & AC__F_RESOLVING) ? 0
+           : quiet                      ? UV_EBADF
+                                        : ac__disconnected(d);
   }
   if (must_wait(d)) {
     return 0;
@@ -840,7 +836,7 @@ ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (!behind_queue(d)) {
     r = ac__os_send(d, buf, n);
     if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-      return ac__send_error(d, AC__ERR(errno));
+      return quiet ? AC__ERR(errno) : ac__send_error(d, AC__ERR(errno));
     }
     if (r < 0) {
       r = 0;
@@ -865,6 +861,35 @@ ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
   return r;
 }
 
+/* A transport's own bytes (xport.c) meet the socket here: as ac__send's,
+ * except that a disconnection is returned, not handled. */
+ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf, size_t n) {
+  return send_socket(d, buf, n, 1);
+}
+
+/* The base dispatcher.send (D-13), the one place where the library's sends
+ * meet the socket: returns the bytes taken, 0 for would-block, or an
+ * error (EOF and disconnection call handle_close first).  Branching off
+ * first: a read burst's reply is gathered (burst.c); a channel with a
+ * transport gives it the bytes (TLS: tls.c), which reach the socket
+ * through ac__send_socket.  Then the socket (send_socket). */
+ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
+  if (d->ready & AC__GATHERING) {
+    int e;
+    if (n <= AC__GATHER_MAX) {
+      return ac__gather_send(d, buf, n);
+    }
+    e = ac__gather_flush(d, 0); /* too large to gather: after what was */
+    if (e != 0) {
+      return ac__send_error(d, e);
+    }
+  }
+  if (d->xport_) {
+    return ac__xport_send(d, buf, n);
+  }
+  return send_socket(d, buf, n, 0);
+}
+
 /* ac__send of several buffers in one system call (async_chat's gathered
  * send): returns the bytes taken from the front of iov.  Whatever is not
  * a plain sendmsg now (gathering, waiting, queued behind libuv, errors,
@@ -876,7 +901,7 @@ ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov, int cnt) {
   int i;
 
   if (cnt > 1 && d->fd >= 0 && !(d->ready & AC__GATHERING) &&
-      !must_wait(d) && !behind_queue(d)) {
+      !d->xport_ && !must_wait(d) && !behind_queue(d)) {
     memset(&mh, 0, sizeof(mh));
     mh.msg_iov = (struct iovec *) iov;
     mh.msg_iovlen = (size_t) cnt;
@@ -963,6 +988,9 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
 
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
+  }
+  if (d->xport_) {
+    return ac__xport_recv(d, buf, n); /* TLS: plaintext (tls.c) */
   }
   if ((d->flags & AC__F_ADOPT) && n > 0 &&
       (r = ac__adopt_recv(d, buf, n)) != 0) {

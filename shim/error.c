@@ -16,6 +16,15 @@ const char *ac_strerror(int code) {
   if (code == AC_EFAIL) {
     return "handler failed";
   }
+  if (code == AC_ETLS_HANDSHAKE) {
+    return "TLS handshake failed";
+  }
+  if (code == AC_ETLS_VERIFY) {
+    return "TLS peer certificate verification failed";
+  }
+  if (code == AC_ETLS) {
+    return "TLS protocol error";
+  }
   if (code <= UV_EAI_ADDRFAMILY && code >= UV_EAI_SOCKTYPE - 20) {
     return uv_strerror_r(code, buf, sizeof buf); /* resolver codes */
   }
@@ -38,6 +47,15 @@ const char *ac_err_name(int code) {
   }
   if (code == AC_EFAIL) {
     return "AC_EFAIL";
+  }
+  if (code == AC_ETLS_HANDSHAKE) {
+    return "AC_ETLS_HANDSHAKE";
+  }
+  if (code == AC_ETLS_VERIFY) {
+    return "AC_ETLS_VERIFY";
+  }
+  if (code == AC_ETLS) {
+    return "AC_ETLS";
   }
   return uv_err_name_r(code, buf, sizeof buf);
 }

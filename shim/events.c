@@ -42,12 +42,17 @@ int ac__connect_event(ac_dispatcher_t *d) {
   if (r != 0) {
     return r;
   }
+  if (d->xport_ && (r = ac__xport_connect_event(d)) <= 0) {
+    return r; /* TLS: the handshake failed, or goes on (tls.c) */
+  }
   d->map->where = "handle_connect";
   r = AC__SLOT(d, handle_connect)(d);
   if (r != 0) {
     return r;
   }
-  if (!(d->flags & AC__F_CLOSED)) { /* not on a closed channel */
+  if (!(d->flags & AC__F_CLOSED) && (!d->xport_ || ac__xport_up(d))) {
+    /* Q-10: not on a closed channel; nor on one whose handle_connect
+     * started TLS (its handshake comes first, tls.c) */
     d->connected = 1;
     d->connecting = 0;
     ac__interest_changed(d);
@@ -65,8 +70,8 @@ static int read_event(ac_dispatcher_t *d) {
   }
   if (!d->connected && d->connecting) {
     r = ac__connect_event(d);
-    if (r != 0) {
-      return r;
+    if (r != 0 || (d->xport_ && !d->connected)) {
+      return r; /* a TLS handshake still running is no read (tls.c) */
     }
   }
   d->map->where = "handle_read";
@@ -82,8 +87,8 @@ static int write_event(ac_dispatcher_t *d) {
   }
   if (!d->connected && d->connecting) {
     r = ac__connect_event(d);
-    if (r != 0) {
-      return r;
+    if (r != 0 || (d->xport_ && !d->connected)) {
+      return r; /* a TLS handshake still running is no write (tls.c) */
     }
   }
   d->map->where = "handle_write";

@@ -163,6 +163,10 @@ struct ac_map_s {
   /* The last read-ahead record drained, kept for the next (adopt.c): a
    * large message would otherwise allocate and free 64 KiB per receive. */
   struct ac__adopt_s *ahead_spare;
+  /* The transports of the map's channels (xport.c), by descriptor: only
+   * channels with one (ac_dispatcher_t.xport_) look here. */
+  struct ac__xport_s **xports;
+  size_t nxports;
   /* Every map of the process (map.c), so that ac_loop can find the maps
    * that share its uv loop. */
   ac_map_t *all_next;
@@ -299,6 +303,57 @@ AC__HIDDEN void ac__adopt_abort(ac_map_t *m);
 
 /* file.c */
 AC__HIDDEN extern const ac__class_t ac__file_class;
+
+/* xport.c: a transport between a channel and its socket (TLS: tls.c).
+ * A channel with one has d->xport_ set; the byte path branches off to it
+ * at its one receive (ac_recv), its one send (ac__send, ac__sendv), the
+ * connect event, the interest and a read burst.  Its own bytes meet the
+ * socket through ac__send_socket (dispatcher.c). */
+typedef struct ac__xport_s ac__xport_t;
+typedef struct ac__xport_ops_s {
+  ssize_t (*recv)(ac_dispatcher_t *d, void *buf, size_t n);
+  ssize_t (*send)(ac_dispatcher_t *d, const void *buf, size_t n);
+  /* The connect event: <0 an error, 0 not established yet, 1 established
+   * (handle_connect follows). */
+  int (*connect_event)(ac_dispatcher_t *d);
+  /* The interest `bits` as the transport needs it. */
+  int (*interest)(ac_dispatcher_t *d, int bits);
+  /* A read burst: whether more input (or its end) may wait. */
+  int (*more)(ac_dispatcher_t *d);
+  /* ac_close: end the transport without blocking; d->fd is still open.
+   * Frees the transport. */
+  void (*close)(ac_dispatcher_t *d);
+  /* Input the class received from the socket but did not parse when the
+   * transport took over in its callback (async_chat, chat.c): the
+   * transport's, if it started in that parse. */
+  void (*unread)(ac_dispatcher_t *d, const char *b, size_t n);
+  /* Whether the channel may count as connected (handle_connect started
+   * the transport, whose handshake is still to come: not yet). */
+  int (*up)(ac_dispatcher_t *d);
+} ac__xport_ops_t;
+struct ac__xport_s {
+  const ac__xport_ops_t *ops;
+  int (*app_read)(ac_dispatcher_t *d); /* d->read_fn before the transport */
+};
+AC__HIDDEN ac__xport_t *ac__xport(const ac_dispatcher_t *d);
+AC__HIDDEN int ac__xport_attach(ac_dispatcher_t *d, ac__xport_t *x,
+                                int (*read_fn)(ac_dispatcher_t *d));
+AC__HIDDEN void ac__xport_detach(ac_dispatcher_t *d);
+AC__HIDDEN ssize_t ac__xport_recv(ac_dispatcher_t *d, void *buf, size_t n);
+AC__HIDDEN ssize_t ac__xport_send(ac_dispatcher_t *d, const void *buf,
+                                  size_t n);
+AC__HIDDEN int ac__xport_connect_event(ac_dispatcher_t *d);
+AC__HIDDEN int ac__xport_interest(ac_dispatcher_t *d, int bits);
+AC__HIDDEN int ac__xport_more(ac_dispatcher_t *d);
+AC__HIDDEN void ac__xport_close(ac_dispatcher_t *d);
+AC__HIDDEN void ac__xport_unread(ac_dispatcher_t *d, const char *b, size_t n);
+AC__HIDDEN int ac__xport_up(ac_dispatcher_t *d);
+/* dispatcher.c, for transports: the plain send (ac__send below its
+ * branches), and what a read burst or a parse gathered sent now (before a
+ * transport starts on a live channel). */
+AC__HIDDEN ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf,
+                                   size_t n);
+AC__HIDDEN void ac__send_held_back(ac_dispatcher_t *d);
 
 /* send(2) on a socket (MSG_NOSIGNAL), write(2) on another fd, again after
  * EINTR: the library's system call for sending. */

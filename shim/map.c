@@ -205,8 +205,8 @@ void ac_map_free(ac_map_t *m) {
   ac__free(m);
 }
 
-/* The buffers the map's channels share: the receive buffer (chat.c) and
- * a read burst's gathered sends (burst.c). */
+/* The buffers the map's channels share: the receive buffer (chat.c), a
+ * read burst's gathered sends (burst.c), the transports' table (xport.c). */
 void ac__map_free_buffers(ac_map_t *m) {
   ac__free(m->rbuf);
   m->rbuf = NULL;
@@ -215,6 +215,9 @@ void ac__map_free_buffers(ac_map_t *m) {
   m->gather = NULL;
   ac__free(m->ahead_spare);
   m->ahead_spare = NULL;
+  ac__free(m->xports); /* the table; each transport went with its channel */
+  m->xports = NULL;
+  m->nxports = 0;
 }
 
 /* m is going away: the next ac_default_map() must not return it. */
@@ -456,6 +459,9 @@ static int interest(ac_dispatcher_t *d) {
     if (!d->map->use_poll) {
       bits |= AC__P; /* select's E list holds every interested fd (L-02) */
     }
+  }
+  if (d->xport_) {
+    bits = ac__xport_interest(d, bits); /* TLS: a handshake reads only */
   }
   return bits;
 }

@@ -1,0 +1,1080 @@
+/* TLS under channels (issue 14, docs/tls.md): server and client on each
+ * class, plaintext buffered inside OpenSSL, failures and their codes,
+ * close_notify, STARTTLS, and hostile peers.  The certificate is made here,
+ * at run time (no key is committed). */
+#include "chan.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+static EVP_PKEY *pkey;
+static X509 *cert;
+
+/* A self-signed certificate for localhost and 127.0.0.1. */
+static int make_cert(void) {
+  X509_NAME *name;
+  X509V3_CTX v3;
+  X509_EXTENSION *ext;
+
+  if (cert != NULL) {
+    return 0;
+  }
+  pkey = EVP_EC_gen("P-256");
+  cert = X509_new();
+  if (pkey == NULL || cert == NULL) {
+    return -1;
+  }
+  X509_set_version(cert, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
+  X509_gmtime_adj(X509_getm_notBefore(cert), -60);
+  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
+  X509_set_pubkey(cert, pkey);
+  name = X509_get_subject_name(cert);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                             (const unsigned char *) "localhost", -1, -1, 0);
+  X509_set_issuer_name(cert, name);
+  X509V3_set_ctx_nodb(&v3);
+  X509V3_set_ctx(&v3, cert, cert, NULL, NULL, 0);
+  ext = X509V3_EXT_conf_nid(NULL, &v3, NID_subject_alt_name,
+                            "DNS:localhost,IP:127.0.0.1");
+  if (ext == NULL || !X509_add_ext(cert, ext, -1)) {
+    return -1;
+  }
+  X509_EXTENSION_free(ext);
+  return X509_sign(cert, pkey, EVP_sha256()) > 0 ? 0 : -1;
+}
+
+static SSL_CTX *server_ctx(void) {
+  SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+
+  if (ctx == NULL || make_cert() != 0 || !SSL_CTX_use_certificate(ctx, cert) ||
+      !SSL_CTX_use_PrivateKey(ctx, pkey)) {
+    SSL_CTX_free(ctx);
+    return NULL;
+  }
+  return ctx;
+}
+
+/* A client context that verifies the peer, trusting our certificate when
+ * `trust` is set (else nothing: every peer fails verification). */
+static SSL_CTX *client_ctx(int trust) {
+  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+
+  if (ctx == NULL || make_cert() != 0) {
+    SSL_CTX_free(ctx);
+    return NULL;
+  }
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+  if (trust) {
+    X509_STORE_add_cert(SSL_CTX_get_cert_store(ctx), cert);
+  }
+  return ctx;
+}
+
+/* ---------------------------------------------------------------- */
+/* A listener whose accepted channels are TLS servers of class `cls`.  */
+
+typedef struct {
+  chan_t l;
+  SSL_CTX *ctx;
+  int cls;
+  chan_t *server; /* the last accepted channel */
+  int port;
+  int start_rc;   /* what ac_tls_server returned */
+  int plain;      /* accepted channels start in plaintext */
+  void (*setup)(chan_t *s);
+} listener_t;
+
+static void on_accepted(chan_t *c, uv_os_sock_t sock) {
+  listener_t *l = ac_container_of(c, listener_t, l);
+  chan_t *s = chan_new(c->u.d.map, l->cls, "server");
+
+  if (s == NULL || ac_dispatcher_open(&s->u.d, sock) != 0) {
+    close(sock);
+    free(s);
+    return;
+  }
+  s->heap = 0; /* the test frees it, after the map */
+  if (l->setup != NULL) {
+    l->setup(s);
+  }
+  l->server = s;
+  l->start_rc = l->plain ? 0 : ac_tls_server(&s->u.d, l->ctx);
+}
+
+static int listener_start(listener_t *l, ac_map_t *map, int cls) {
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof(ss);
+  int r;
+
+  memset(l, 0, sizeof(*l));
+  l->cls = cls;
+  l->ctx = server_ctx();
+  if (l->ctx == NULL) {
+    return UV_ENOMEM;
+  }
+  r = chan_init(&l->l, map, CHAN_PLAIN, "listener");
+  l->l.on_accepted = on_accepted;
+  task_addr(AF_INET, 0, &ss);
+  if (r == 0) {
+    r = ac_create_socket(&l->l.u.d, AF_INET, SOCK_STREAM);
+  }
+  if (r == 0) {
+    r = ac_bind(&l->l.u.d, (struct sockaddr *) &ss);
+  }
+  if (r == 0) {
+    r = ac_listen(&l->l.u.d, 16);
+  }
+  if (r == 0 && getsockname(ac_fileno(&l->l.u.d), (struct sockaddr *) &ss,
+                            &len) == 0) {
+    l->port = ntohs(((struct sockaddr_in *) &ss)->sin_port);
+  }
+  return r;
+}
+
+/* The end of a test: the listener, its context, the map, and the server
+ * channel (released by the map's end). */
+static void listener_end(listener_t *l, ac_map_t *map) {
+  ac_close(&l->l.u.d);
+  SSL_CTX_free(l->ctx);
+  task_map_free(map);
+  free(l->server);
+}
+
+/* A TLS client channel of class `cls` connecting to the listener. */
+static int client_start(chan_t *c, ac_map_t *map, int cls, SSL_CTX *ctx,
+                        const char *host, int port) {
+  struct sockaddr_storage ss;
+  int r = chan_init(c, map, cls, "client");
+
+  if (r == 0) {
+    r = ac_create_socket(&c->u.d, AF_INET, SOCK_STREAM);
+  }
+  if (r == 0) {
+    r = ac_tls_client(&c->u.d, ctx, host);
+  }
+  task_addr(AF_INET, port, &ss);
+  return r == 0 ? ac_connect(&c->u.d, (struct sockaddr *) &ss) : r;
+}
+
+/* The loops' mode: 0 select (E-02), 1 poll (E-03). */
+static int use_poll;
+
+/* Run passes until *flag is set or 10 s passed; returns *flag. */
+static int run_until(ac_map_t *map, const int *flag) {
+  uint64_t end = uv_hrtime() + 10000000000ull;
+
+  while (!*flag && uv_hrtime() < end) {
+    ac_loop(map, 0.05, use_poll, 1);
+  }
+  return *flag;
+}
+
+/* Run passes until f(arg) or 10 s passed; returns f(arg). */
+static int run_while(ac_map_t *map, int (*f)(void *), void *arg) {
+  uint64_t end = uv_hrtime() + 10000000000ull;
+
+  while (!f(arg) && uv_hrtime() < end) {
+    ac_loop(map, 0.05, use_poll, 1);
+  }
+  return f(arg);
+}
+
+typedef struct {
+  chan_t *c;
+  size_t n;
+} want_t;
+
+static int got_all(void *arg) {
+  want_t *w = arg;
+  return w->c->nin >= w->n;
+}
+
+static int released_or(void *arg) {
+  return ((chan_t *) arg)->released > 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* Echo both ways on each class                                       */
+
+#define BULK (300u * 1024) /* several records, and more than the queue */
+
+static void both_ways(int cls) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = client_ctx(1);
+  listener_t l;
+  chan_t c;
+  char *data = malloc(BULK);
+  want_t w;
+  int released = 0;
+
+  ASSERT(map != NULL && cctx != NULL && data != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  chan_fill(data, BULK, 7, 0);
+  ASSERT_OK(listener_start(&l, map, cls));
+  ASSERT_OK(client_start(&c, map, CHAN_PLAIN, cctx, "localhost", l.port));
+  ASSERT_OK(chan_send(&c, data, BULK));
+  c.in_seed = 9;
+  /* the client's bytes arrive whole and in order at the server */
+  ASSERT(run_until(map, (int *) &l.server) != 0);
+  ASSERT_OK(l.start_rc);
+  l.server->in_seed = 7;
+  l.server->released_counter = &released;
+  w.c = l.server;
+  w.n = BULK;
+  ASSERT(run_while(map, got_all, &w));
+  ASSERT_EQ(l.server->nin, BULK);
+  ASSERT_EQ(l.server->bad_in, 0);
+  /* handle_connect means "established", once on each side, before any
+   * read */
+  ASSERT_EQ(c.n[CH_CONNECT], 1);
+  ASSERT_EQ(l.server->n[CH_CONNECT], 1);
+  ASSERT(ac_tls_established(&c.u.d));
+  ASSERT(ac_tls_established(&l.server->u.d));
+  ASSERT_EQ(l.server->n[CH_ERROR], 0);
+  /* and the server's back */
+  chan_fill(data, BULK, 9, 0);
+  ASSERT_OK(chan_send(l.server, data, BULK));
+  w.c = &c;
+  ASSERT(run_while(map, got_all, &w));
+  ASSERT_EQ(c.nin, BULK);
+  ASSERT_EQ(c.bad_in, 0);
+  /* the client closes: the server's read meets the end (close_notify) */
+  ac_close(&c.u.d);
+  ASSERT(run_until(map, &released));
+  ASSERT_EQ(l.server->n[CH_CLOSE], 1);
+  ASSERT_EQ(l.server->n[CH_ERROR], 0);
+  SSL_CTX_free(cctx);
+  listener_end(&l, map);
+  free(data);
+}
+
+TASK(tls_both_ways_dispatcher) { both_ways(CHAN_PLAIN); }
+TASK(tls_both_ways_with_send) { both_ways(CHAN_WS); }
+TASK(tls_both_ways_async_chat) { both_ways(CHAN_CHAT); }
+
+/* The same in poll mode (E-03). */
+TASK(tls_both_ways_poll_mode) {
+  use_poll = 1;
+  both_ways(CHAN_WS);
+  use_poll = 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* STARTTLS from the client side                                      */
+
+static SSL_CTX *upgrade_ctx;
+
+/* handle_connect: the first (TCP) upgrades the channel to TLS; the
+ * second means TLS is established. */
+static void upgrade_on_connect(chan_t *c, int ev) {
+  if (ev == CH_CONNECT && c->n[CH_CONNECT] == 1) {
+    c->err_code = ac_tls_client(&c->u.d, upgrade_ctx, "localhost");
+  }
+}
+
+static void plain_server(chan_t *s) { (void) s; }
+
+TASK(tls_starttls_client_side) {
+  ac_map_t *map = task_map_new();
+  listener_t l;
+  chan_t c;
+  struct sockaddr_storage ss;
+  char data[20000];
+  want_t w;
+  int released = 0;
+
+  upgrade_ctx = client_ctx(1);
+  ASSERT(map != NULL && upgrade_ctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  chan_fill(data, sizeof(data), 11, 0);
+  ASSERT_OK(listener_start(&l, map, CHAN_CHAT));
+  l.setup = plain_server;
+  /* a plaintext client: TCP connect, then ac_tls_client in
+   * handle_connect */
+  ASSERT_OK(chan_init(&c, map, CHAN_WS, "client"));
+  c.hook = upgrade_on_connect;
+  ASSERT_OK(ac_create_socket(&c.u.d, AF_INET, SOCK_STREAM));
+  task_addr(AF_INET, l.port, &ss);
+  ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &ss));
+  ASSERT_OK(chan_send(&c, data, sizeof(data))); /* buffered until TLS */
+  ASSERT(run_until(map, (int *) &l.server) != 0);
+  l.server->in_seed = 11;
+  l.server->released_counter = &released;
+  w.c = l.server;
+  w.n = sizeof(data);
+  ASSERT(run_while(map, got_all, &w));
+  ASSERT_EQ(c.err_code, 0);
+  ASSERT_EQ(c.n[CH_CONNECT], 2); /* TCP, then TLS */
+  ASSERT(ac_tls_established(&c.u.d));
+  ASSERT_EQ(l.server->nin, sizeof(data));
+  ASSERT_EQ(l.server->bad_in, 0);
+  ac_close(&c.u.d);
+  ASSERT(run_until(map, &released));
+  SSL_CTX_free(upgrade_ctx);
+  listener_end(&l, map);
+}
+
+/* ---------------------------------------------------------------- */
+/* Plaintext buffered inside OpenSSL is delivered without the socket   */
+
+static void small_reads(chan_t *s) { s->rchunk = 7; }
+
+TASK(tls_buffered_plaintext_delivered) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = client_ctx(1);
+  listener_t l;
+  chan_t c;
+  char data[5000];
+  want_t w;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  chan_fill(data, sizeof(data), 3, 0);
+  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
+  l.setup = small_reads;
+  ASSERT_OK(client_start(&c, map, CHAN_PLAIN, cctx, "localhost", l.port));
+  ASSERT_OK(chan_send(&c, data, sizeof(data))); /* one record */
+  ASSERT(run_until(map, (int *) &l.server) != 0);
+  l.server->in_seed = 3;
+  w.c = l.server;
+  w.n = sizeof(data);
+  /* 7 bytes a handle_read: the socket is readable once, the record's
+   * other 4993 bytes wait inside OpenSSL */
+  ASSERT(run_while(map, got_all, &w));
+  ASSERT_EQ(l.server->nin, sizeof(data));
+  ASSERT_EQ(l.server->bad_in, 0);
+  ASSERT_GE(l.server->n[CH_READ], (int) (sizeof(data) / 7));
+  ac_close(&c.u.d);
+  ac_close(&l.server->u.d);
+  SSL_CTX_free(cctx);
+  listener_end(&l, map);
+}
+
+/* ---------------------------------------------------------------- */
+/* Failures: each reaches handle_error with its code                  */
+
+static int client_failed(void *arg) {
+  chan_t *c = arg;
+  return c->n[CH_ERROR] > 0 || c->released > 0;
+}
+
+static void verify_failure(int trust, const char *host, const char *says) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = client_ctx(trust);
+  listener_t l;
+  chan_t c;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, CHAN_WS));
+  ASSERT_OK(client_start(&c, map, CHAN_PLAIN, cctx, host, l.port));
+  c.hook = NULL;
+  ASSERT(run_while(map, client_failed, &c));
+  ASSERT_EQ(c.n[CH_ERROR], 1);
+  ASSERT_EQ(c.err_code, AC_ETLS_VERIFY);
+  ASSERT_STR_EQ(c.err_where, "tls_handshake");
+  ASSERT_EQ(c.n[CH_CONNECT], 0);
+  ASSERT_EQ(c.n[CH_READ], 0);
+  /* the server hears the client's alert: a handshake failure */
+  ASSERT(run_while(map, client_failed, l.server));
+  ASSERT_EQ(l.server->err_code, AC_ETLS_HANDSHAKE);
+  ASSERT_EQ(l.server->n[CH_CONNECT], 0);
+  (void) says;
+  SSL_CTX_free(cctx);
+  listener_end(&l, map);
+}
+
+/* An untrusted certificate: the client's handle_error gets
+ * AC_ETLS_VERIFY, the server's AC_ETLS_HANDSHAKE (the client's alert). */
+TASK(tls_untrusted_certificate) { verify_failure(0, "localhost", "self"); }
+
+/* A trusted certificate for another name. */
+TASK(tls_wrong_hostname) { verify_failure(1, "wrong.example", "hostname"); }
+
+/* The detail of a verification failure names it. */
+static void keep_detail(chan_t *c, int ev) {
+  if (ev == CH_ERROR) {
+    snprintf(c->ctx, 200, "%s", ac_tls_error(&c->u.d));
+  }
+}
+
+TASK(tls_error_detail) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = client_ctx(1);
+  listener_t l;
+  chan_t c;
+  char detail[200] = "";
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, CHAN_WS));
+  ASSERT_OK(client_start(&c, map, CHAN_PLAIN, cctx, "wrong.example", l.port));
+  c.hook = keep_detail;
+  c.ctx = detail;
+  ASSERT(run_while(map, client_failed, &c));
+  ASSERT(strstr(detail, "hostname mismatch") != NULL);
+  ASSERT_STR_EQ(ac_err_name(AC_ETLS_VERIFY), "AC_ETLS_VERIFY");
+  SSL_CTX_free(cctx);
+  listener_end(&l, map);
+}
+
+/* A raw peer sends `n` bytes to the TLS server, then half-closes; the
+ * server's handle_error gets AC_ETLS_HANDSHAKE, and the peer sees the
+ * connection end. */
+static void raw_peer(const char *bytes, size_t n, const char *says) {
+  ac_map_t *map = task_map_new();
+  listener_t l;
+  char buf[4096];
+  char detail[200] = "";
+  int fd;
+  int eof = 0;
+  uint64_t end;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, CHAN_CHAT));
+  fd = task_connect_tcp(AF_INET, l.port);
+  ASSERT(fd >= 0);
+  ASSERT_EQ(send(fd, bytes, n, 0), (ssize_t) n);
+  shutdown(fd, SHUT_WR);
+  ASSERT(run_until(map, (int *) &l.server) != 0);
+  l.server->hook = keep_detail;
+  l.server->ctx = detail;
+  ASSERT(run_while(map, client_failed, l.server));
+  ASSERT_EQ(l.server->err_code, AC_ETLS_HANDSHAKE);
+  ASSERT_STR_EQ(l.server->err_where, "tls_handshake");
+  ASSERT_EQ(l.server->n[CH_READ], 0);
+  if (strstr(detail, says) == NULL) {
+    TASK_FAIL("detail \"%s\" lacks \"%s\"", detail, says);
+  }
+  /* the peer: an alert at most, then the end */
+  end = uv_hrtime() + 5000000000ull;
+  while (!eof && uv_hrtime() < end) {
+    ssize_t k;
+    ac_loop(map, 0.01, 0, 1);
+    k = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    eof = k == 0 || (k < 0 && errno == ECONNRESET);
+  }
+  ASSERT(eof);
+  close(fd);
+  listener_end(&l, map);
+}
+
+/* Plaintext sent to a TLS port. */
+TASK(tls_plaintext_to_tls_port) {
+  static const char req[] = "GET / HTTP/1.0\r\n\r\n";
+  raw_peer(req, sizeof(req) - 1, "http request");
+}
+
+/* The first bytes of a real ClientHello, then the end. */
+TASK(tls_truncated_handshake) {
+  SSL_CTX *cctx = client_ctx(1);
+  SSL *ssl = SSL_new(cctx);
+  BIO *in = BIO_new(BIO_s_mem());
+  BIO *out = BIO_new(BIO_s_mem());
+  char hello[4096];
+  int n;
+
+  ASSERT(ssl != NULL && in != NULL && out != NULL);
+  SSL_set_bio(ssl, in, out);
+  SSL_set_connect_state(ssl);
+  ASSERT_EQ(SSL_do_handshake(ssl), -1);
+  n = BIO_read(out, hello, sizeof(hello));
+  ASSERT_GT(n, 60);
+  SSL_free(ssl);
+  SSL_CTX_free(cctx);
+  raw_peer(hello, 60, "during the handshake");
+}
+
+/* ---------------------------------------------------------------- */
+/* A blocking OpenSSL client in a thread: close_notify, renegotiation  */
+
+typedef struct {
+  int port;
+  int max12;         /* TLS 1.2 at most (renegotiation exists) */
+  int renegotiate;
+  const char *send;  /* sent after the handshake */
+  char got[256];
+  int got_len;
+  int end_error;     /* SSL_get_error of the read that ended */
+  int reneg_result;  /* SSL_do_handshake of the renegotiation */
+  unsigned long reneg_reason;
+  int done;
+} ossl_client_t;
+
+static void *ossl_client(void *arg) {
+  ossl_client_t *oc = arg;
+  SSL_CTX *ctx = client_ctx(1);
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  int fd = task_connect_tcp(AF_INET, oc->port);
+  struct timeval tv = {5, 0};
+  int k;
+
+  if (ssl == NULL || fd < 0) {
+    goto out;
+  }
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  if (oc->max12) {
+    SSL_set_max_proto_version(ssl, TLS1_2_VERSION);
+  }
+  SSL_set_fd(ssl, fd);
+  SSL_set1_host(ssl, "localhost");
+  if (SSL_connect(ssl) != 1) {
+    goto out;
+  }
+  if (oc->send != NULL) {
+    SSL_write(ssl, oc->send, (int) strlen(oc->send));
+  }
+  if (oc->renegotiate) {
+    /* an echo first, then the renegotiation */
+    k = SSL_read(ssl, oc->got, sizeof(oc->got));
+    oc->got_len = k > 0 ? k : 0;
+    SSL_renegotiate(ssl);
+    ERR_clear_error();
+    oc->reneg_result = SSL_do_handshake(ssl);
+    if (oc->reneg_result == 1) {
+      /* the request is out; the server's answer comes with a read */
+      oc->reneg_result = SSL_read(ssl, oc->got + oc->got_len, 1);
+    }
+    oc->reneg_reason = ERR_GET_REASON(ERR_peek_error());
+    goto out;
+  }
+  while ((k = SSL_read(ssl, oc->got + oc->got_len,
+                       (int) sizeof(oc->got) - oc->got_len)) > 0) {
+    oc->got_len += k;
+  }
+  oc->end_error = SSL_get_error(ssl, k);
+out:
+  if (ssl != NULL) {
+    SSL_free(ssl);
+  }
+  if (fd >= 0) {
+    close(fd);
+  }
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+  __atomic_store_n(&oc->done, 1, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+static int client_done(void *arg) {
+  return __atomic_load_n(&((ossl_client_t *) arg)->done, __ATOMIC_SEQ_CST);
+}
+
+/* The server says "bye" and closes at once: the client reads it, then a
+ * clean TLS end (close_notify: SSL_ERROR_ZERO_RETURN), not a truncation. */
+static void bye_and_close(chan_t *c) {
+  if (c->nin > 0 && !ac_is_closed(&c->u.d)) {
+    ac_send(&c->u.d, "bye", 3);
+    ac_close(&c->u.d);
+  }
+}
+
+static void setup_bye(chan_t *s) { s->on_input = bye_and_close; }
+
+TASK(tls_close_sends_close_notify) {
+  ac_map_t *map = task_map_new();
+  listener_t l;
+  ossl_client_t oc;
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
+  l.setup = setup_bye;
+  memset(&oc, 0, sizeof(oc));
+  oc.port = l.port;
+  oc.send = "hi";
+  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
+  run_while(map, client_done, &oc);
+  pthread_join(th, NULL);
+  ASSERT_EQ(oc.got_len, 3);
+  ASSERT_MEM_EQ(oc.got, "bye", 3);
+  ASSERT_EQ(oc.end_error, SSL_ERROR_ZERO_RETURN);
+  listener_end(&l, map);
+}
+
+/* The echo of a with_send server, for the renegotiation test. */
+static void echo_input(chan_t *c) {
+  if (c->nin > 0 && c->nin <= 5) {
+    ac_send(&c->u.d, "echo", 4);
+  }
+}
+
+static void setup_echo(chan_t *s) { s->on_input = echo_input; }
+
+/* A TLS 1.2 client asks to renegotiate: the server refuses (the
+ * no_renegotiation alert), the client's renegotiation fails with
+ * SSL_R_NO_RENEGOTIATION, the server's channel sees the end. */
+TASK(tls_renegotiation_refused) {
+  ac_map_t *map = task_map_new();
+  listener_t l;
+  ossl_client_t oc;
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, CHAN_WS));
+  l.setup = setup_echo;
+  memset(&oc, 0, sizeof(oc));
+  oc.port = l.port;
+  oc.max12 = 1;
+  oc.renegotiate = 1;
+  oc.send = "hi";
+  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
+  run_while(map, client_done, &oc);
+  pthread_join(th, NULL);
+  ASSERT_EQ(oc.got_len, 4);
+  ASSERT_MEM_EQ(oc.got, "echo", 4);
+  ASSERT(oc.reneg_result != 1);
+  ASSERT_EQ(oc.reneg_reason, SSL_R_NO_RENEGOTIATION);
+  /* the client gives up after its failure: the server's read meets an
+   * orderly end */
+  ASSERT(run_while(map, released_or, l.server));
+  ASSERT_EQ(l.server->n[CH_CLOSE], 1);
+  ASSERT_EQ(l.server->n[CH_ERROR], 0);
+  listener_end(&l, map);
+}
+
+/* ---------------------------------------------------------------- */
+/* A client that stops reading: the server's output stays bounded      */
+
+#define FLOOD (32u * 1024 * 1024)
+
+static int stalled(void *arg) {
+  chan_t *s = arg;
+  static size_t last;
+  static int same;
+
+  same = s->accepted == last && s->accepted > 0 ? same + 1 : 0;
+  last = s->accepted;
+  return same > 20;
+}
+
+TASK(tls_client_stops_reading) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = client_ctx(1);
+  listener_t l;
+  chan_t c;
+  char *flood = malloc(FLOOD);
+  int released = 0;
+
+  ASSERT(map != NULL && cctx != NULL && flood != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  chan_fill(flood, FLOOD, 5, 0);
+  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
+  ASSERT_OK(client_start(&c, map, CHAN_PLAIN, cctx, "localhost", l.port));
+  c.no_read = 1;
+  ASSERT(run_until(map, (int *) &l.server) != 0);
+  ASSERT_OK(chan_send(l.server, flood, FLOOD));
+  l.server->released_counter = &released;
+  /* the server's sends stop being taken: the kernel's buffers and the
+   * library's 64 KiB, nothing grows without bound */
+  ASSERT(run_while(map, stalled, l.server));
+  ASSERT_LT(l.server->accepted, 16u * 1024 * 1024);
+  ASSERT_EQ(l.server->n[CH_ERROR], 0);
+  /* the client goes away: the server's channel ends */
+  ac_close(&c.u.d);
+  ASSERT(run_until(map, &released));
+  SSL_CTX_free(cctx);
+  listener_end(&l, map);
+  free(flood);
+}
+
+/* ---------------------------------------------------------------- */
+/* STARTTLS on a line server (async_chat)                             */
+
+typedef struct {
+  ac_chat_t chat;
+  SSL_CTX *ctx;
+  char line[256];
+  size_t len;
+  int starttls_rc;
+  int tls_lines;
+} st_server_t;
+
+static int st_collect(ac_chat_t *c, const char *data, size_t n) {
+  st_server_t *s = ac_container_of(c, st_server_t, chat);
+
+  if (s->len + n < sizeof(s->line)) {
+    memcpy(s->line + s->len, data, n);
+    s->len += n;
+  }
+  return 0;
+}
+
+/* "STARTTLS": "220 go", then TLS; other lines are echoed with "> ". */
+static int st_found(ac_chat_t *c) {
+  st_server_t *s = ac_container_of(c, st_server_t, chat);
+  int r = 0;
+
+  if (s->len == 8 && memcmp(s->line, "STARTTLS", 8) == 0) {
+    ac_chat_push(c, "220 go\n", 7);
+    s->starttls_rc = ac_tls_server(&c->d, s->ctx);
+  } else {
+    s->tls_lines += ac_tls_established(&c->d);
+    r = ac_chat_push(c, "> ", 2);
+    r = r != 0 ? r : ac_chat_push(c, s->line, s->len);
+    r = r != 0 ? r : ac_chat_push(c, "\n", 1);
+  }
+  s->len = 0;
+  return r;
+}
+
+static const ac_chat_ops_t st_ops = {
+    .collect_incoming_data = st_collect,
+    .found_terminator = st_found,
+};
+
+typedef struct {
+  chan_t l;
+  st_server_t *s;
+  SSL_CTX *ctx;
+} st_listener_t;
+
+static void st_accepted(chan_t *c, uv_os_sock_t sock) {
+  st_listener_t *l = ac_container_of(c, st_listener_t, l);
+  st_server_t *s = calloc(1, sizeof(*s));
+
+  if (s == NULL || ac_chat_init(&s->chat, c->u.d.map, &st_ops) != 0 ||
+      ac_chat_set_terminator(&s->chat, "\n", 1) != 0 ||
+      ac_dispatcher_open(&s->chat.d, sock) != 0) {
+    close(sock);
+    free(s);
+    return;
+  }
+  s->ctx = l->ctx;
+  l->s = s;
+}
+
+/* Reads from the blocking fd up to and including "\n"; 0 or -1. */
+static int read_line(int fd, char *buf, size_t cap) {
+  size_t n = 0;
+
+  while (n + 1 < cap) {
+    if (recv(fd, buf + n, 1, 0) != 1) {
+      return -1;
+    }
+    if (buf[n++] == '\n') {
+      buf[n] = '\0';
+      return 0;
+    }
+  }
+  return -1;
+}
+
+typedef struct {
+  int port;
+  int pipelined; /* the ClientHello in the same send as STARTTLS */
+  char before[64];
+  char after[64];
+  char reply[64];
+  int done;
+} st_client_t;
+
+/* Plaintext "one", STARTTLS, then "two" over TLS. */
+static void *st_client(void *arg) {
+  st_client_t *sc = arg;
+  SSL_CTX *ctx = client_ctx(1);
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  int fd = task_connect_tcp(AF_INET, sc->port);
+  struct timeval tv = {5, 0};
+  int k;
+  int n;
+
+  if (ssl == NULL || fd < 0) {
+    goto out;
+  }
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  SSL_set1_host(ssl, "localhost");
+  send(fd, "one\n", 4, 0);
+  if (read_line(fd, sc->before, sizeof(sc->before)) != 0) {
+    goto out;
+  }
+  if (sc->pipelined) {
+    /* STARTTLS and the ClientHello in one segment: the server reads both
+     * in one receive */
+    BIO *in = BIO_new(BIO_s_mem());
+    BIO *out = BIO_new(BIO_s_mem());
+    char hello[4096];
+    memcpy(hello, "STARTTLS\n", 9);
+    SSL_set_bio(ssl, in, out);
+    SSL_set_connect_state(ssl);
+    SSL_do_handshake(ssl);
+    n = BIO_read(out, hello + 9, (int) sizeof(hello) - 9);
+    send(fd, hello, (size_t) n + 9, 0);
+    if (read_line(fd, sc->after, sizeof(sc->after)) != 0) {
+      goto out;
+    }
+    {
+      BIO *sock = BIO_new_socket(fd, BIO_NOCLOSE);
+      SSL_set_bio(ssl, sock, sock); /* frees the memory BIOs */
+    }
+  } else {
+    send(fd, "STARTTLS\n", 9, 0);
+    if (read_line(fd, sc->after, sizeof(sc->after)) != 0) {
+      goto out;
+    }
+    SSL_set_fd(ssl, fd);
+    SSL_set_connect_state(ssl);
+  }
+  if (SSL_do_handshake(ssl) != 1) {
+    goto out;
+  }
+  SSL_write(ssl, "two\n", 4);
+  /* the reply may come in several records (a push each) */
+  for (n = 0; n == 0 || sc->reply[n - 1] != '\n';) {
+    k = SSL_read(ssl, sc->reply + n, (int) sizeof(sc->reply) - 1 - n);
+    if (k <= 0) {
+      break;
+    }
+    n += k;
+    sc->reply[n] = '\0';
+  }
+out:
+  SSL_free(ssl);
+  if (fd >= 0) {
+    close(fd);
+  }
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+  __atomic_store_n(&sc->done, 1, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+static int st_done(void *arg) {
+  return __atomic_load_n(&((st_client_t *) arg)->done, __ATOMIC_SEQ_CST);
+}
+
+static void starttls(int pipelined) {
+  ac_map_t *map = task_map_new();
+  st_listener_t l;
+  st_client_t sc;
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof(ss);
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&l, 0, sizeof(l));
+  l.ctx = server_ctx();
+  ASSERT(l.ctx != NULL);
+  ASSERT_OK(chan_init(&l.l, map, CHAN_PLAIN, "listener"));
+  l.l.on_accepted = st_accepted;
+  task_addr(AF_INET, 0, &ss);
+  ASSERT_OK(ac_create_socket(&l.l.u.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_bind(&l.l.u.d, (struct sockaddr *) &ss));
+  ASSERT_OK(ac_listen(&l.l.u.d, 4));
+  ASSERT_EQ(getsockname(ac_fileno(&l.l.u.d), (struct sockaddr *) &ss, &len),
+            0);
+  memset(&sc, 0, sizeof(sc));
+  sc.port = ntohs(((struct sockaddr_in *) &ss)->sin_port);
+  sc.pipelined = pipelined;
+  ASSERT_EQ(pthread_create(&th, NULL, st_client, &sc), 0);
+  run_while(map, st_done, &sc);
+  pthread_join(th, NULL);
+  ASSERT(l.s != NULL);
+  ASSERT_OK(l.s->starttls_rc);
+  ASSERT_STR_EQ(sc.before, "> one\n");
+  ASSERT_STR_EQ(sc.after, "220 go\n");
+  ASSERT_STR_EQ(sc.reply, "> two\n");
+  ASSERT_EQ(l.s->tls_lines, 1);
+  ac_close(&l.s->chat.d);
+  ac_close(&l.l.u.d);
+  task_map_free(map);
+  free(l.s);
+  SSL_CTX_free(l.ctx);
+}
+
+/* The client waits for "220" before its hello (RFC 3207's way). */
+TASK(tls_starttls_line_server) { starttls(0); }
+
+/* The hello comes in the same receive as the STARTTLS line: the chat's
+ * parse hands the rest of that input to TLS, no byte lost. */
+TASK(tls_starttls_pipelined_hello) { starttls(1); }
+
+/* ---------------------------------------------------------------- */
+/* STARTTLS after input the library received ahead                   */
+
+#define AHEAD_PLAIN 3000 /* plaintext before the switch */
+#define AHEAD_TLS 100    /* then over TLS */
+
+static SSL_CTX *ahead_ctx;
+
+/* The server reads 1000 bytes a call: its first receive fills the buffer,
+ * so the read burst receives the rest ahead, hello included; the switch
+ * comes two calls later, with the hello in the library's pending input. */
+static void switch_at_plain_end(chan_t *c) {
+  if (c->nin == AHEAD_PLAIN && !ac_tls_ssl(&c->u.d)) {
+    c->err_code = ac_tls_server(&c->u.d, ahead_ctx);
+  }
+}
+
+static void setup_ahead(chan_t *s) {
+  s->rchunk = 1000;
+  s->in_seed = 13;
+  s->on_input = switch_at_plain_end;
+}
+
+typedef struct {
+  int port;
+  int ok;
+  int done;
+} ahead_client_t;
+
+static void *ahead_client(void *arg) {
+  ahead_client_t *ac = arg;
+  SSL_CTX *ctx = client_ctx(1);
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  BIO *in = BIO_new(BIO_s_mem());
+  BIO *out = BIO_new(BIO_s_mem());
+  int fd = task_connect_tcp(AF_INET, ac->port);
+  struct timeval tv = {5, 0};
+  static char buf[AHEAD_PLAIN + 4096];
+  char more[AHEAD_TLS];
+  int n;
+
+  if (ssl == NULL || in == NULL || out == NULL || fd < 0) {
+    goto out;
+  }
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  SSL_set_bio(ssl, in, out);
+  in = out = NULL;
+  SSL_set1_host(ssl, "localhost");
+  SSL_set_connect_state(ssl);
+  SSL_do_handshake(ssl);
+  chan_fill(buf, AHEAD_PLAIN, 13, 0);
+  n = BIO_read(SSL_get_wbio(ssl), buf + AHEAD_PLAIN, 4096);
+  /* the plaintext and the hello in one send */
+  if (n <= 0 || send(fd, buf, AHEAD_PLAIN + (size_t) n, 0) !=
+                    (ssize_t) (AHEAD_PLAIN + (size_t) n)) {
+    goto out;
+  }
+  {
+    BIO *sock = BIO_new_socket(fd, BIO_NOCLOSE);
+    SSL_set_bio(ssl, sock, sock);
+  }
+  if (SSL_do_handshake(ssl) != 1) {
+    goto out;
+  }
+  chan_fill(more, sizeof(more), 13, AHEAD_PLAIN);
+  ac->ok = SSL_write(ssl, more, (int) sizeof(more)) == (int) sizeof(more);
+  /* wait for the server's end, so that the bytes are read */
+  while (SSL_read(ssl, buf, (int) sizeof(buf)) > 0) {
+  }
+out:
+  BIO_free(in);
+  BIO_free(out);
+  SSL_free(ssl);
+  if (fd >= 0) {
+    close(fd);
+  }
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+  __atomic_store_n(&ac->done, 1, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+static int ahead_done(void *arg) {
+  return __atomic_load_n(&((ahead_client_t *) arg)->done, __ATOMIC_SEQ_CST);
+}
+
+static int ahead_got_all(void *arg) {
+  listener_t *l = arg;
+  return l->server != NULL && l->server->nin >= AHEAD_PLAIN + AHEAD_TLS;
+}
+
+TASK(tls_starttls_after_input_received_ahead) {
+  ac_map_t *map = task_map_new();
+  listener_t l;
+  ahead_client_t ac;
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
+  l.plain = 1;
+  l.setup = setup_ahead;
+  ahead_ctx = l.ctx;
+  memset(&ac, 0, sizeof(ac));
+  ac.port = l.port;
+  ASSERT_EQ(pthread_create(&th, NULL, ahead_client, &ac), 0);
+  run_while(map, ahead_got_all, &l);
+  if (l.server != NULL) {
+    ac_close(&l.server->u.d); /* the client's read ends */
+  }
+  run_while(map, ahead_done, &ac);
+  pthread_join(th, NULL);
+  ASSERT(l.server != NULL);
+  ASSERT_EQ(l.server->err_code, 0);
+  ASSERT(ac.ok);
+  ASSERT_EQ(l.server->nin, AHEAD_PLAIN + AHEAD_TLS);
+  ASSERT_EQ(l.server->bad_in, 0);
+  ASSERT_EQ(l.server->n[CH_CONNECT], 1); /* TLS established */
+  listener_end(&l, map);
+}
+
+/* ---------------------------------------------------------------- */
+
+TASK(tls_bad_calls) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *ctx = server_ctx();
+  ac_dispatcher_t d;
+  ac_dispatcher_t u;
+
+  ASSERT(map != NULL && ctx != NULL);
+  ASSERT_EQ(ac_tls_available(), 1);
+  ASSERT_EQ(ac_tls_server(NULL, ctx), UV_EINVAL);
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ASSERT_EQ(ac_tls_server(&d, ctx), UV_EBADF); /* no socket */
+  ASSERT_OK(ac_create_socket(&d, AF_INET, SOCK_STREAM));
+  ASSERT_EQ(ac_tls_server(&d, ctx), UV_EINVAL); /* not connected */
+  ASSERT_EQ(ac_tls_client(&d, NULL, NULL), UV_EINVAL);
+  ASSERT_OK(ac_dispatcher_init(&u, map, NULL));
+  ASSERT_OK(ac_create_socket(&u, AF_INET, SOCK_DGRAM));
+  ASSERT_EQ(ac_tls_client(&u, ctx, NULL), UV_EINVAL); /* not TCP */
+  ASSERT(ac_tls_ssl(&d) == NULL);
+  ASSERT(ac_tls_error(&d) == NULL);
+  ASSERT_EQ(ac_tls_unread(&d, "x", 1), UV_EINVAL);
+  ac_close(&d);
+  ac_close(&u);
+  SSL_CTX_free(ctx);
+  task_map_free(map);
+}
+
+int main(int argc, char **argv) {
+  static const task_t tasks[] = {
+      TASK_ENTRY(tls_both_ways_dispatcher),
+      TASK_ENTRY(tls_both_ways_with_send),
+      TASK_ENTRY(tls_both_ways_async_chat),
+      TASK_ENTRY(tls_both_ways_poll_mode),
+      TASK_ENTRY(tls_starttls_client_side),
+      TASK_ENTRY(tls_buffered_plaintext_delivered),
+      TASK_ENTRY(tls_untrusted_certificate),
+      TASK_ENTRY(tls_wrong_hostname),
+      TASK_ENTRY(tls_error_detail),
+      TASK_ENTRY(tls_plaintext_to_tls_port),
+      TASK_ENTRY(tls_truncated_handshake),
+      TASK_ENTRY(tls_close_sends_close_notify),
+      TASK_ENTRY(tls_renegotiation_refused),
+      TASK_ENTRY(tls_client_stops_reading),
+      TASK_ENTRY(tls_starttls_line_server),
+      TASK_ENTRY(tls_starttls_pipelined_hello),
+      TASK_ENTRY(tls_starttls_after_input_received_ahead),
+      TASK_ENTRY(tls_bad_calls),
+  };
+  int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
+                   argv);
+
+  X509_free(cert);
+  EVP_PKEY_free(pkey);
+  return r;
+}
