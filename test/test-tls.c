@@ -197,6 +197,12 @@ static int got_all(void *arg) {
   return w->c->nin >= w->n;
 }
 
+/* Whether the listener accepted a channel (l.server is a pointer: read
+ * through an int it could look null, its low half zero). */
+static int accepted(void *arg) {
+  return ((listener_t *) arg)->server != NULL;
+}
+
 static int released_or(void *arg) {
   return ((chan_t *) arg)->released > 0;
 }
@@ -223,7 +229,7 @@ static void both_ways(int cls) {
   ASSERT_OK(chan_send(&c, data, BULK));
   c.in_seed = 9;
   /* the client's bytes arrive whole and in order at the server */
-  ASSERT(run_until(map, (int *) &l.server) != 0);
+  ASSERT(run_while(map, accepted, &l));
   ASSERT_OK(l.start_rc);
   l.server->in_seed = 7;
   l.server->released_counter = &released;
@@ -305,7 +311,7 @@ TASK(tls_starttls_client_side) {
   task_addr(AF_INET, l.port, &ss);
   ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &ss));
   ASSERT_OK(chan_send(&c, data, sizeof(data))); /* buffered until TLS */
-  ASSERT(run_until(map, (int *) &l.server) != 0);
+  ASSERT(run_while(map, accepted, &l));
   l.server->in_seed = 11;
   l.server->released_counter = &released;
   w.c = l.server;
@@ -342,7 +348,7 @@ TASK(tls_buffered_plaintext_delivered) {
   l.setup = small_reads;
   ASSERT_OK(client_start(&c, map, CHAN_PLAIN, cctx, "localhost", l.port));
   ASSERT_OK(chan_send(&c, data, sizeof(data))); /* one record */
-  ASSERT(run_until(map, (int *) &l.server) != 0);
+  ASSERT(run_while(map, accepted, &l));
   l.server->in_seed = 3;
   w.c = l.server;
   w.n = sizeof(data);
@@ -445,7 +451,7 @@ static void raw_peer(const char *bytes, size_t n, const char *says) {
   ASSERT(fd >= 0);
   ASSERT_EQ(send(fd, bytes, n, 0), (ssize_t) n);
   shutdown(fd, SHUT_WR);
-  ASSERT(run_until(map, (int *) &l.server) != 0);
+  ASSERT(run_while(map, accepted, &l));
   l.server->hook = keep_detail;
   l.server->ctx = detail;
   ASSERT(run_while(map, client_failed, l.server));
@@ -673,7 +679,7 @@ TASK(tls_client_stops_reading) {
   ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
   ASSERT_OK(client_start(&c, map, CHAN_PLAIN, cctx, "localhost", l.port));
   c.no_read = 1;
-  ASSERT(run_until(map, (int *) &l.server) != 0);
+  ASSERT(run_while(map, accepted, &l));
   ASSERT_OK(chan_send(l.server, flood, FLOOD));
   l.server->released_counter = &released;
   /* the server's sends stop being taken: the kernel's buffers and the
