@@ -127,7 +127,6 @@ ssize_t ac__adopt_read_ahead(ac_dispatcher_t *d) {
   } else if ((a = adopt_new(d, NULL, AC__AHEAD)) == NULL) {
     return UV_ENOMEM;
   }
-  a->len = 0; /* room for AC__AHEAD bytes, none received yet */
   do {
     r = recv(d->fd, a->data, a->cap, 0);
   } while (r < 0 && errno == EINTR);

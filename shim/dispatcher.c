@@ -553,20 +553,18 @@ static void close_fd(ac_dispatcher_t *d) {
  * itself (ac_fileno): what the library gathered and reported sent (a read
  * burst's replies, or an async_chat parse's: burst.c) goes to the kernel,
  * as it would have without gathering; with `more`, gathering goes on. */
-static void send_held_back(ac_dispatcher_t *d, int more) {
+void ac__send_held_back(ac_dispatcher_t *d, int more) {
   if (d->ready & AC__GATHERING) {
     (void) ac__gather_flush(d, more); /* a failure: the next use meets it */
   }
 }
-
-void ac__send_held_back(ac_dispatcher_t *d) { send_held_back(d, 0); }
 
 int ac_close(ac_dispatcher_t *d) {
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
   if (!(d->flags & AC__F_CLOSED)) {
-    send_held_back(d, 0); /* while the socket is still open */
+    ac__send_held_back(d, 0); /* while the socket is still open */
   }
   if (d->xport_) {
     ac__xport_close(d); /* TLS: close_notify, without blocking (tls.c) */
@@ -719,7 +717,7 @@ uv_os_sock_t ac_fileno(const ac_dispatcher_t *d) {
     return -1;
   }
   if (!(d->flags & AC__F_CLOSED)) {
-    send_held_back((ac_dispatcher_t *) d, 1);
+    ac__send_held_back((ac_dispatcher_t *) d, 1);
   }
   return d->fd;
 }

@@ -353,7 +353,7 @@ AC__HIDDEN int ac__xport_up(ac_dispatcher_t *d);
  * transport starts on a live channel). */
 AC__HIDDEN ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf,
                                    size_t n);
-AC__HIDDEN void ac__send_held_back(ac_dispatcher_t *d);
+AC__HIDDEN void ac__send_held_back(ac_dispatcher_t *d, int more);
 
 /* send(2) on a socket (MSG_NOSIGNAL), write(2) on another fd, again after
  * EINTR: the library's system call for sending. */
