@@ -444,7 +444,7 @@ static int collect(ac_chat_t *c, view_t *v, size_t x) {
  * one send at the parse's end (parse_end).  The reply to a receive's last
  * (or only) record is not held back: a request/response exchange answers
  * at once, as CPython's push does. */
-static int found(ac_chat_t *c, size_t left) {
+static AC__INLINE int found(ac_chat_t *c, size_t left) {
   int r;
 
   if (left > 0 && !c->gathering && c->parsing) {
@@ -870,7 +870,7 @@ static size_t front_len(const ac_chat_t *c) {
 
 /* The receive buffer: the map's, unless a parse is using it (a handler
  * reads another channel): then one of our own for this call. */
-static char *rbuf_get(ac_chat_t *c, size_t n, int *own) {
+static AC__INLINE char *rbuf_get(ac_chat_t *c, size_t n, int *own) {
   ac_map_t *m = c->d.map;
 
   *own = m->rbuf_busy || m->closing;
