@@ -384,14 +384,19 @@ static void rest_to_transport(ac_chat_t *c, const char *b, size_t len) {
   }
 }
 
+/* rest_to_transport for a view: its bytes from x on. */
+static void view_rest_to_transport(ac_chat_t *c, view_t *v, size_t x) {
+  if (c->d.xport_ && x < v->len) {
+    materialize(c, v, v->len);
+    rest_to_transport(c, v->b + x, v->len - x);
+  }
+}
+
 /* Python slices the buffer after the callback: an input discarded inside
  * it (C-22) stays empty. */
 static void consume(ac_chat_t *c, view_t *v, size_t x) {
   if (c->in_gen != v->gen) {
-    if (c->d.xport_ && x < v->len) {
-      materialize(c, v, v->len);
-      rest_to_transport(c, v->b + x, v->len - x);
-    }
+    view_rest_to_transport(c, v, x);
     v->len = 0;
     v->virt = v->mat = 0;
     return;
@@ -672,10 +677,7 @@ static int parse(ac_chat_t *c, view_t *v) {
 
   while (v->len > 0 && r == 0 && !v->kept) {
     if (c->in_gen != v->gen) { /* discard_buffers in found_terminator */
-      if (c->d.xport_) {
-        materialize(c, v, v->len);
-        rest_to_transport(c, v->b, v->len);
-      }
+      view_rest_to_transport(c, v, 0);
       v->len = 0;
       break;
     }
