@@ -470,8 +470,9 @@ static int queue_unsent(ac_chat_t *c, const void *data,
 /* push and push_owned (C-16) on a live channel.  With nothing queued the
  * one send of initiate_send goes straight from `data` (same bytes, same
  * order), and only what the socket refused is queued. */
-static int push_alive(ac_chat_t *c, const void *data, size_t n, int copy,
-                      ac_chat_free_cb free_fn, void *ctx) {
+static AC__INLINE int push_alive(ac_chat_t *c, const void *data, size_t n,
+                                 int copy, ac_chat_free_cb free_fn,
+                                 void *ctx) {
   size_t size = c->ac_out_buffer_size;
   ssize_t sent = 0;
   int r;
