@@ -443,19 +443,8 @@ static int collect(ac_chat_t *c, view_t *v, size_t x) {
   return deliver(c, v->b, x);
 }
 
-/* found_terminator, with `left` bytes of the receive still to parse
- * after this record: when some are left, the replies from here on are
- * gathered (burst.c), to leave with those of the records that follow in
- * one send at the parse's end (parse_end).  The reply to a receive's last
- * (or only) record is not held back: a request/response exchange answers
- * at once, as CPython's push does. */
-static AC__INLINE int found(ac_chat_t *c, size_t left) {
-  int r;
-
-  if (left > 0 && !c->gathering && c->parsing) {
-    c->gathering = (uint8_t) ac__gather_begin(&c->d);
-  }
-  r = c->found_fn(c);
+static int found(ac_chat_t *c) {
+  int r = c->found_fn(c);
 
   if (r != 0) {
     c->d.map->where = "found_terminator"; /* for handle_error (E-02) */
@@ -501,7 +490,7 @@ static int step_count(ac_chat_t *c, view_t *v) {
   if (c->term_gen == gen) {
     c->term_count = n - x;
   }
-  return x < n ? 0 : found(c, v->len);
+  return x < n ? 0 : found(c);
 }
 
 /* C-11 and C-12: a string terminator. */
@@ -517,7 +506,7 @@ static int step_bytes(ac_chat_t *c, view_t *v) {
     }
     consume(c, v, at + n);
     v->scan = v->q = 0;
-    return found(c, v->len);
+    return found(c);
   }
   k = v->q;
   v->kept_tgen = c->term_gen;
@@ -590,7 +579,7 @@ static AC__INLINE int lines(ac_chat_t *c, const char **pb,
           b += x + 1;
           len -= x + 1;
         }
-        r = found(c, len);
+        r = found(c);
       } while (r == 0 && len > 0 && c->term_gen == tgen &&
                c->in_gen == gen);
     } else if (c->term_kind == AC_TERM_BYTES &&
@@ -622,7 +611,7 @@ static AC__INLINE int lines(ac_chat_t *c, const char **pb,
         b += x + tn;
         len -= x + tn;
       }
-      r = found(c, len);
+      r = found(c);
     } else if (c->term_kind == AC_TERM_COUNT && c->term_count > 0) {
       /* C-10, as step_count */
       uint64_t n = c->term_count;
@@ -641,7 +630,7 @@ static AC__INLINE int lines(ac_chat_t *c, const char **pb,
         c->term_count = n - x;
       }
       if (x == n) {
-        r = found(c, len);
+        r = found(c);
       }
     } else if (c->term_kind != AC_TERM_BYTES || c->term_len == 0) {
       /* C-09, as step_all */
@@ -784,14 +773,14 @@ static int inc_unborrow(ac_chat_t *c) {
   return 0;
 }
 
-/* The start of every parse.  Gathering starts at the first record that
- * more input follows (found()): the replies to pipelined requests leave
- * together, in one send at the parse's end (burst.c; a stream channel
- * whose bytes could go out now, and not inside a read burst, which
- * gathers already), the same bytes in the same order as CPython's send
- * per push. */
+/* The start of every parse: what the callbacks push is gathered, to
+ * leave in one send when the parse ends (burst.c; a stream channel whose
+ * bytes could go out now, and not inside a read burst, which gathers
+ * already).  The replies to pipelined requests leave together: the same
+ * bytes in the same order as CPython's send per push. */
 static AC__INLINE void parse_begin(ac_chat_t *c) {
   c->parsing = 1;
+  c->gathering = (uint8_t) ac__gather_begin(&c->d);
 }
 
 /* The end of every parse: incoming stops borrowing the input, what the

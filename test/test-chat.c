@@ -2362,34 +2362,6 @@ TASK(gathering_sends_once_per_read) {
   }
 }
 
-/* C-21 (a push sends when nothing is queued): a receive of one record
- * (request/response) is answered at its push, on TCP too: the peer has
- * the reply while found_terminator still runs.  The reply to the last
- * record of a pipelined receive waits for those before it. */
-TASK(gathering_not_for_a_single_record) {
-  ac_map_t *map = task_map_new();
-  char got[32];
-  rec_t r;
-  int peer;
-
-  ASSERT_OK(rec_tcp(&r, map, &peer));
-  peer_fd = peer;
-  r.on_found = push_in_found;
-  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
-  DELIVER(&r, peer, "a;");
-  ASSERT_EQ(r.founds, 1);
-  ASSERT_EQ(r.peer_in_found, 3); /* sent at its push */
-  ASSERT_EQ(peer_read_loop(map, peer, got, 3), 3);
-  DELIVER(&r, peer, "b;c;");
-  ASSERT_EQ(r.founds, 3);
-  ASSERT_EQ(r.peer_in_found, 0); /* the last record's waits for b's */
-  ASSERT_EQ(peer_read_loop(map, peer, got, 6), 6);
-  ASSERT_MEM_EQ(got, "ok;ok;", 6);
-  peer_fd = -1;
-  close(peer);
-  task_map_free(map);
-}
-
 /* C-16, C-21: a batch push made while a send is being completed (from a
  * release callback that feeds input) is not merged into an entry that
  * send already covered: its bytes still go out, after the others. */
@@ -3019,7 +2991,6 @@ static const task_t tasks[] = {
     TASK_ENTRY(line_server_example),
     TASK_ENTRY(line_server_batched),
     TASK_ENTRY(gathering_sends_once_per_read),
-    TASK_ENTRY(gathering_not_for_a_single_record),
     TASK_ENTRY(batch_push_during_send_kept),
     TASK_ENTRY(batch_flush_disconnect_calls_handle_close),
     TASK_ENTRY(batch_flush_partial_keeps_order),
