@@ -77,7 +77,8 @@ int ac__burst_again(ac_dispatcher_t *d) {
  * closed channel sends nothing; and a gathering must end only through a
  * flush, which ac_close does first, while only a closed channel takes a
  * new socket, whose new life would clear the flag and leave the owner
- * claimed) and nothing of d waits in libuv's queue.  (Else its sends take
+ * claimed), nothing of d waits in libuv's queue, and a transport (TLS)
+ * could send at once what is gathered.  (Else its sends take
  * the usual way, where that queue is the bound of what the channel
  * accepts: the application sees the back-pressure.)  Returns whether it
  * started, so that the caller that started it ends it. */
@@ -86,8 +87,8 @@ int ac__gather_begin(ac_dispatcher_t *d) {
 
   if (m->gather_owner != NULL || d->backend != AC_BACKEND_STREAM ||
       !d->connected || (d->flags & AC__F_CLOSED) || d->wq_bytes > 0 ||
-      d->xport_ ||
-      (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) != AC__F_CONN_DONE) {
+      (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) != AC__F_CONN_DONE ||
+      (d->xport_ && !ac__xport_can_gather(d))) {
     return 0;
   }
   if (m->gather == NULL) {
@@ -102,17 +103,27 @@ int ac__gather_begin(ac_dispatcher_t *d) {
   return 1;
 }
 
-/* ac__send while d gathers, n <= AC__GATHER_MAX: take the n bytes
- * at buf, sending what was gathered first when they do not fit.  If that
- * send left bytes queued in libuv, gathering ends and these bytes go the
- * usual way, behind them; if it failed, the failure is this send's (not
- * left for a later send to meet: the kernel reports some errors once).
- * Returns what was taken, or what the usual send returned. */
+/* The most bytes one gathering holds.  With a transport, half: TLS makes
+ * records of the gathered plaintext when it is sent, and the emulated send
+ * buffer (stream.c) must take every one of them, with its overhead and its
+ * libuv request, however little the kernel takes. */
+static size_t gather_max(const ac_dispatcher_t *d) {
+  return d->xport_ ? AC__GATHER_MAX / 2 : AC__GATHER_MAX;
+}
+
+/* ac__send while d gathers: take the n bytes at buf, sending what was
+ * gathered first when they do not fit.  If that send left bytes queued in
+ * libuv, gathering ends and these bytes go the usual way, behind them, as
+ * do bytes too many to gather at all (after what was); if it failed, the
+ * failure is this send's (not left for a later send to meet: the kernel
+ * reports some errors once).  Returns what was taken, or what the usual
+ * send returned. */
 ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   ac_map_t *m = d->map;
+  size_t max = gather_max(d);
 
-  if (n > AC__GATHER_MAX - m->gather_len) {
-    int e = ac__gather_flush(d, 1);
+  if (n > max - m->gather_len) {
+    int e = ac__gather_flush(d, n <= max);
     if (e != 0) {
       return ac__send_error(d, e);
     }
@@ -125,45 +136,63 @@ ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   return (ssize_t) n;
 }
 
-/* Send what d gathered; with `more`, d goes on gathering if the kernel
- * took it all.  What the kernel refuses joins libuv's write queue: those
- * bytes were reported sent, so they must reach the peer; later sends of d
- * queue behind them (byte order), and the channel is not writable until
- * the queue drains.  Returns 0, or the error of the send (the write side
- * is then marked failed: nothing more goes out). */
+/* The gathered bytes to the socket.  What the kernel refuses joins
+ * libuv's write queue: those bytes were reported sent, so they must reach
+ * the peer; later sends of d queue behind them (byte order), and the
+ * channel is not writable until the queue drains.  Returns 0, or the error
+ * of the send (the write side is then marked failed: nothing more goes
+ * out). */
+static int flush_socket(ac_dispatcher_t *d, const char *p, size_t n) {
+  ssize_t r = ac__os_send(d, p, n);
+
+  if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+    d->flags |= AC__F_WERR;
+    return AC__ERR(errno);
+  }
+  if (r < 0) {
+    r = 0;
+  }
+  if ((size_t) r < n && ac__stream_queue(d, p + r, n - (size_t) r) < 0) {
+    /* Out of memory: the bytes cannot be kept.  The connection is cut
+     * both ways, so that neither side goes on as if they had arrived
+     * (a peer reading to the end sees it end early: a FIN, not a
+     * reset; docs/reliability.md). */
+    (void) shutdown(d->fd, SHUT_RDWR);
+    d->flags |= AC__F_WERR;
+    return UV_ENOMEM;
+  }
+  return 0;
+}
+
+/* The gathered plaintext to the transport, which takes it all (a TLS
+ * record at most per 16 KiB: gather_max leaves the send buffer room for
+ * them).  Returns 0, or the transport's error; taking less means the peer
+ * went away, and the transport has called handle_close (D-13). */
+static int flush_transport(ac_dispatcher_t *d, const char *p, size_t n) {
+  ssize_t r = ac__xport_send(d, p, n);
+
+  return r < 0 ? (int) r : 0;
+}
+
+/* Send what d gathered; with `more`, d goes on gathering if it still can
+ * (everything went, nothing waits in libuv's queue).  Returns 0, or the
+ * error of the send. */
 int ac__gather_flush(ac_dispatcher_t *d, int more) {
   ac_map_t *m = d->map;
   size_t n = m->gather_len;
-  ssize_t r = 0;
+  int e = 0;
 
   d->ready &= (uint8_t) ~AC__GATHERING;
   m->gather_len = 0;
   m->gather_owner = NULL;
   if (n > 0) {
-    r = ac__os_send(d, m->gather, n);
-    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-      d->flags |= AC__F_WERR;
-      return AC__ERR(errno);
-    }
-    if (r < 0) {
-      r = 0;
-    }
-    if ((size_t) r < n &&
-        ac__stream_queue(d, m->gather + r, n - (size_t) r) < 0) {
-      /* Out of memory: the bytes cannot be kept.  The connection is cut
-       * both ways, so that neither side goes on as if they had arrived
-       * (a peer reading to the end sees it end early: a FIN, not a
-       * reset; docs/reliability.md). */
-      (void) shutdown(d->fd, SHUT_RDWR);
-      d->flags |= AC__F_WERR;
-      return UV_ENOMEM;
-    }
+    e = d->xport_ ? flush_transport(d, m->gather, n)
+                  : flush_socket(d, m->gather, n);
   }
-  if (more && (size_t) r == n) {
-    d->ready |= AC__GATHERING;
-    m->gather_owner = d;
+  if (e == 0 && more) {
+    (void) ac__gather_begin(d);
   }
-  return 0;
+  return e;
 }
 
 /* The end of a gathering (a read burst's, an async_chat parse's): the

@@ -873,14 +873,7 @@ ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf, size_t n) {
  * through ac__send_socket.  Then the socket (send_socket). */
 ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d->ready & AC__GATHERING) {
-    int e;
-    if (n <= AC__GATHER_MAX) {
-      return ac__gather_send(d, buf, n);
-    }
-    e = ac__gather_flush(d, 0); /* too large to gather: after what was */
-    if (e != 0) {
-      return ac__send_error(d, e);
-    }
+    return ac__gather_send(d, buf, n);
   }
   if (d->xport_) {
     return ac__xport_send(d, buf, n);

@@ -330,6 +330,9 @@ typedef struct ac__xport_ops_s {
   /* Whether the channel may count as connected (handle_connect started
    * the transport, whose handshake is still to come: not yet). */
   int (*up)(ac_dispatcher_t *d);
+  /* Whether plaintext gathered from now on (burst.c) could all be sent
+   * when the gathering ends: established, nothing of its own waiting. */
+  int (*can_gather)(ac_dispatcher_t *d);
 } ac__xport_ops_t;
 struct ac__xport_s {
   const ac__xport_ops_t *ops;
@@ -348,6 +351,7 @@ AC__HIDDEN int ac__xport_more(ac_dispatcher_t *d);
 AC__HIDDEN void ac__xport_close(ac_dispatcher_t *d);
 AC__HIDDEN void ac__xport_unread(ac_dispatcher_t *d, const char *b, size_t n);
 AC__HIDDEN int ac__xport_up(ac_dispatcher_t *d);
+AC__HIDDEN int ac__xport_can_gather(ac_dispatcher_t *d);
 /* dispatcher.c, for transports: the plain send (ac__send below its
  * branches), and what a read burst or a parse gathered sent now (before a
  * transport starts on a live channel). */

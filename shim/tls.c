@@ -452,9 +452,18 @@ static void tls_unread(ac_dispatcher_t *d, const char *b, size_t n) {
 /* The handshake is done: the channel may be connected. */
 static int tls_up(ac_dispatcher_t *d) { return tls_of(d)->state == OPEN; }
 
+/* Gathered plaintext (an async_chat parse's replies: burst.c) becomes
+ * records when the gathering ends, sent at once: tls_send then makes them
+ * all, as nothing older waits for room. */
+static int tls_can_gather(ac_dispatcher_t *d) {
+  tls_t *t = tls_of(d);
+
+  return t->state == OPEN && !t->backlog;
+}
+
 static const ac__xport_ops_t tls_ops = {
-    tls_recv,  tls_send,  tls_connect_event, tls_interest,
-    tls_more,  tls_close, tls_unread,        tls_up,
+    tls_recv,  tls_send,  tls_connect_event, tls_interest,   tls_more,
+    tls_close, tls_unread, tls_up,           tls_can_gather,
 };
 
 /* Whether d's class still holds plaintext output the socket did not take:

@@ -783,6 +783,7 @@ typedef struct {
   char before[64];
   char after[64];
   char reply[64];
+  int first_read; /* bytes of the reply's first SSL_read: one record's */
   int done;
 } st_client_t;
 
@@ -836,11 +837,14 @@ static void *st_client(void *arg) {
     goto out;
   }
   SSL_write(ssl, "two\n", 4);
-  /* the reply may come in several records (a push each) */
+  /* read to the end of the line, whatever the records */
   for (n = 0; n == 0 || sc->reply[n - 1] != '\n';) {
     k = SSL_read(ssl, sc->reply + n, (int) sizeof(sc->reply) - 1 - n);
     if (k <= 0) {
       break;
+    }
+    if (n == 0) {
+      sc->first_read = k;
     }
     n += k;
     sc->reply[n] = '\0';
@@ -892,6 +896,9 @@ static void starttls(int pipelined) {
   ASSERT_STR_EQ(sc.before, "> one\n");
   ASSERT_STR_EQ(sc.after, "220 go\n");
   ASSERT_STR_EQ(sc.reply, "> two\n");
+  /* the three pushes of found_terminator were gathered: one record (an
+   * SSL_read returns one record's plaintext at most) */
+  ASSERT_EQ(sc.first_read, 6);
   ASSERT_EQ(l.s->tls_lines, 1);
   ac_close(&l.s->chat.d);
   ac_close(&l.l.u.d);
@@ -906,6 +913,177 @@ TASK(tls_starttls_line_server) { starttls(0); }
 /* The hello comes in the same receive as the STARTTLS line: the chat's
  * parse hands the rest of that input to TLS, no byte lost. */
 TASK(tls_starttls_pipelined_hello) { starttls(1); }
+
+/* ---------------------------------------------------------------- */
+/* Gathering under TLS: the replies to pipelined lines                  */
+
+#define PL_LINES 4000 /* "abcde\n" each, in one write of the client */
+#define PL_REPLY 64   /* bytes of each line's reply, in two pushes */
+
+typedef struct {
+  ac_chat_t chat;
+  unsigned seq;
+} pl_server_t;
+
+static int pl_collect(ac_chat_t *c, const char *data, size_t n) {
+  (void) c;
+  (void) data;
+  (void) n;
+  return 0;
+}
+
+/* Each line: "%06u" then 58 bytes of filler ending in "\n", two pushes. */
+static int pl_found(ac_chat_t *c) {
+  pl_server_t *s = ac_container_of(c, pl_server_t, chat);
+  char head[8];
+  char tail[PL_REPLY - 6];
+  int r;
+
+  snprintf(head, sizeof(head), "%06u", s->seq++ % 1000000u);
+  memset(tail, 'x', sizeof(tail) - 1);
+  tail[sizeof(tail) - 1] = '\n';
+  r = ac_chat_push(c, head, 6);
+  return r != 0 ? r : ac_chat_push(c, tail, sizeof(tail));
+}
+
+static const ac_chat_ops_t pl_ops = {
+    .collect_incoming_data = pl_collect,
+    .found_terminator = pl_found,
+};
+
+typedef struct {
+  chan_t l;
+  pl_server_t *s;
+  SSL_CTX *ctx;
+} pl_listener_t;
+
+static void pl_accepted(chan_t *c, uv_os_sock_t sock) {
+  pl_listener_t *l = ac_container_of(c, pl_listener_t, l);
+  pl_server_t *s = calloc(1, sizeof(*s));
+
+  if (s == NULL || ac_chat_init(&s->chat, c->u.d.map, &pl_ops) != 0 ||
+      ac_chat_set_terminator(&s->chat, "\n", 1) != 0 ||
+      ac_dispatcher_open(&s->chat.d, sock) != 0 ||
+      ac_tls_server(&s->chat.d, l->ctx) != 0) {
+    close(sock);
+    free(s);
+    return;
+  }
+  l->s = s;
+}
+
+typedef struct {
+  int port;
+  size_t got;    /* reply bytes read, all checked */
+  int bad;       /* the first reply out of order, or -1 */
+  int first_read; /* the first SSL_read's bytes */
+  int done;
+} pl_client_t;
+
+/* All the lines in one write, then every reply, checked in order. */
+static void *pl_client(void *arg) {
+  pl_client_t *pc = arg;
+  SSL_CTX *ctx = client_ctx(1);
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  int fd = task_connect_tcp(AF_INET, pc->port);
+  struct timeval tv = {5, 0};
+  static char lines[PL_LINES * 6];
+  static char reply[PL_LINES * PL_REPLY];
+  size_t i;
+  int k;
+
+  pc->bad = -1;
+  if (ssl == NULL || fd < 0) {
+    goto out;
+  }
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  SSL_set_fd(ssl, fd);
+  SSL_set1_host(ssl, "localhost");
+  if (SSL_connect(ssl) != 1) {
+    goto out;
+  }
+  for (i = 0; i < PL_LINES; i++) {
+    memcpy(lines + i * 6, "abcde\n", 6);
+  }
+  if (SSL_write(ssl, lines, (int) sizeof(lines)) != (int) sizeof(lines)) {
+    goto out;
+  }
+  while (pc->got < sizeof(reply)) {
+    k = SSL_read(ssl, reply + pc->got, (int) (sizeof(reply) - pc->got));
+    if (k <= 0) {
+      break;
+    }
+    if (pc->got == 0) {
+      pc->first_read = k;
+    }
+    pc->got += (size_t) k;
+  }
+  for (i = 0; i < pc->got / PL_REPLY; i++) {
+    char want[8];
+    snprintf(want, sizeof(want), "%06u", (unsigned) i);
+    if (memcmp(reply + i * PL_REPLY, want, 6) != 0 ||
+        reply[i * PL_REPLY + PL_REPLY - 1] != '\n') {
+      pc->bad = (int) i;
+      break;
+    }
+  }
+out:
+  SSL_free(ssl);
+  if (fd >= 0) {
+    close(fd);
+  }
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+  __atomic_store_n(&pc->done, 1, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+static int pl_done(void *arg) {
+  return __atomic_load_n(&((pl_client_t *) arg)->done, __ATOMIC_SEQ_CST);
+}
+
+/* A TLS chat answers 4000 pipelined lines with two pushes each (256,000
+ * bytes, from receives of up to 16 KiB of lines each): every reply in
+ * order, and gathered into records of more than one reply (the first
+ * SSL_read, one record's plaintext, holds many) — gatherings larger than
+ * one may hold send midway and go on; when the emulated send buffer fills
+ * (the client reads only after its write) the pushes wait in the fifo. */
+TASK(tls_chat_gathers_pipelined_replies) {
+  ac_map_t *map = task_map_new();
+  pl_listener_t l;
+  pl_client_t pc;
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof(ss);
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&l, 0, sizeof(l));
+  l.ctx = server_ctx();
+  ASSERT(l.ctx != NULL);
+  ASSERT_OK(chan_init(&l.l, map, CHAN_PLAIN, "listener"));
+  l.l.on_accepted = pl_accepted;
+  task_addr(AF_INET, 0, &ss);
+  ASSERT_OK(ac_create_socket(&l.l.u.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_bind(&l.l.u.d, (struct sockaddr *) &ss));
+  ASSERT_OK(ac_listen(&l.l.u.d, 4));
+  ASSERT_EQ(getsockname(ac_fileno(&l.l.u.d), (struct sockaddr *) &ss, &len),
+            0);
+  memset(&pc, 0, sizeof(pc));
+  pc.port = ntohs(((struct sockaddr_in *) &ss)->sin_port);
+  ASSERT_EQ(pthread_create(&th, NULL, pl_client, &pc), 0);
+  run_while(map, pl_done, &pc);
+  pthread_join(th, NULL);
+  ASSERT(l.s != NULL);
+  ASSERT_EQ(pc.bad, -1);
+  ASSERT_EQ(pc.got, (size_t) PL_LINES * PL_REPLY);
+  ASSERT_GT(pc.first_read, PL_REPLY);
+  ac_close(&l.s->chat.d);
+  ac_close(&l.l.u.d);
+  task_map_free(map);
+  free(l.s);
+  SSL_CTX_free(l.ctx);
+}
 
 /* ---------------------------------------------------------------- */
 /* STARTTLS after input the library received ahead                   */
@@ -1074,6 +1252,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_stops_reading),
       TASK_ENTRY(tls_starttls_line_server),
       TASK_ENTRY(tls_starttls_pipelined_hello),
+      TASK_ENTRY(tls_chat_gathers_pipelined_replies),
       TASK_ENTRY(tls_starttls_after_input_received_ahead),
       TASK_ENTRY(tls_bad_calls),
   };
