@@ -1454,7 +1454,10 @@ static PyObject *m_one(PyObject *self, PyObject *unused) {
 static PyObject *socket_type;      /* socket.socket */
 static PyObject *socket_recv_orig; /* socket.socket.recv as imported */
 static PyObject *socket_send_orig; /* socket.socket.send as imported */
-static PyObject *str_timeout, *str_fileno;
+/* _socket.socket's fileno() and its timeout attribute: they read the fd
+ * and the timeout that its recv and send use. */
+static PyObject *socket_fileno, *socket_timeout;
+static descrgetfunc socket_timeout_get;
 
 /* The one buffer direct reads go to: the GIL is held from the read to the
  * copy into the bytes object, so no two reads use it at once.  A larger
@@ -1477,7 +1480,7 @@ static int plain_socket_fd(PyObject *sock, PyObject *name, PyObject *orig) {
   if (m != orig) {
     return -1;
   }
-  PyObject *t = PyObject_GetAttr(sock, str_timeout);
+  PyObject *t = socket_timeout_get(socket_timeout, sock, socket_type);
   if (t == NULL) {
     return -2;
   }
@@ -1486,7 +1489,7 @@ static int plain_socket_fd(PyObject *sock, PyObject *name, PyObject *orig) {
   if (!nonblocking) {
     return -1;
   }
-  PyObject *f = PyObject_CallMethodObjArgs(sock, str_fileno, NULL);
+  PyObject *f = PyObject_CallFunctionObjArgs(socket_fileno, sock, NULL);
   long fd = f == NULL ? -1 : PyLong_AsLong(f);
   Py_XDECREF(f);
   if (fd == -1 && PyErr_Occurred()) {
@@ -2340,19 +2343,33 @@ PyMODINIT_FUNC PyInit__core(void) {
       str_get_terminator == NULL || str_collect == NULL || str_found == NULL) {
     return NULL;
   }
-  str_timeout = PyUnicode_InternFromString("timeout");
-  str_fileno = PyUnicode_InternFromString("fileno");
   PyObject *socket_module = PyImport_ImportModule("socket");
   socket_type = socket_module == NULL
                     ? NULL
                     : PyObject_GetAttrString(socket_module, "socket");
   Py_XDECREF(socket_module);
-  if (str_timeout == NULL || str_fileno == NULL || socket_type == NULL) {
+  if (socket_type == NULL) {
     return NULL;
   }
   socket_recv_orig = PyObject_GetAttr(socket_type, str_recv);
   socket_send_orig = PyObject_GetAttr(socket_type, str_send);
-  if (socket_recv_orig == NULL || socket_send_orig == NULL) {
+  PyObject *base_module = PyImport_ImportModule("_socket");
+  PyObject *base = base_module == NULL
+                       ? NULL
+                       : PyObject_GetAttrString(base_module, "socket");
+  Py_XDECREF(base_module);
+  socket_fileno = base == NULL ? NULL : PyObject_GetAttrString(base, "fileno");
+  socket_timeout =
+      base == NULL ? NULL : PyObject_GetAttrString(base, "timeout");
+  Py_XDECREF(base);
+  if (socket_recv_orig == NULL || socket_send_orig == NULL ||
+      socket_fileno == NULL || socket_timeout == NULL) {
+    return NULL;
+  }
+  socket_timeout_get = (descrgetfunc)PyType_GetSlot(Py_TYPE(socket_timeout),
+                                                    Py_tp_descr_get);
+  if (socket_timeout_get == NULL) {
+    PyErr_SetString(PyExc_TypeError, "socket.socket.timeout: no descriptor");
     return NULL;
   }
   PyObject *m = PyModule_Create(&core_module);
