@@ -31,6 +31,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <uv.h>
 
 PyMODINIT_FUNC PyInit__core(void);
@@ -1435,6 +1436,122 @@ static PyObject *m_one(PyObject *self, PyObject *unused) {
   return PyLong_FromLong(1);
 }
 
+/* ---- a plain socket's recv and send, on its fd ------------------------
+ *
+ * dispatcher.recv and .send call self.socket.recv(n) and .send(data).  For
+ * the usual socket, exactly a socket.socket in non-blocking mode (asyncore
+ * sets timeout 0.0), those methods come down to one recv(2) or send(2) that
+ * cannot block; here that system call is made on the socket's fd directly,
+ * as socket.socket's methods make it: same flags (0), same retry after a
+ * signal (PEP 475), the same OSError (subclass by errno) on failure.  What
+ * it saves is socket.recv's n-byte object shrunk after the read (here the
+ * data is read into one buffer and handed on in a bytes object of its
+ * exact size), the GIL released and taken back around a call that cannot
+ * block, and the arguments parsed.  Any other socket (a subclass, an
+ * ssl.SSLSocket, a mock, a timeout set, a socket.socket whose class's recv
+ * or send was replaced) has its own method called, as before. */
+
+static PyObject *socket_type;      /* socket.socket */
+static PyObject *socket_recv_orig; /* socket.socket.recv as imported */
+static PyObject *socket_send_orig; /* socket.socket.send as imported */
+/* _socket.socket's fileno() and its timeout attribute: they read the fd
+ * and the timeout that its recv and send use. */
+static PyObject *socket_fileno, *socket_timeout;
+static descrgetfunc socket_timeout_get;
+
+/* The one buffer direct reads go to: the GIL is held from the read to the
+ * copy into the bytes object, so no two reads use it at once.  A larger
+ * recv(n) calls the socket's method (async_chat reads 65536). */
+static char recv_buf[65536];
+
+/* The fd on which sock's method `name` (whose original is orig) may be done
+ * directly: sock is exactly a socket.socket, its class's method is still
+ * the original, its timeout is 0.0 (non-blocking) and it is open.  -1 when
+ * not (call the socket's method), -2 with an exception set. */
+static int plain_socket_fd(PyObject *sock, PyObject *name, PyObject *orig) {
+  if ((PyObject *)Py_TYPE(sock) != socket_type) {
+    return -1;
+  }
+  PyObject *m = PyObject_GetAttr(socket_type, name);
+  if (m == NULL) {
+    return -2;
+  }
+  Py_DECREF(m); /* only its identity is compared */
+  if (m != orig) {
+    return -1;
+  }
+  PyObject *t = socket_timeout_get(socket_timeout, sock, socket_type);
+  if (t == NULL) {
+    return -2;
+  }
+  int nonblocking = PyFloat_Check(t) && PyFloat_AsDouble(t) == 0.0;
+  Py_DECREF(t);
+  if (!nonblocking) {
+    return -1;
+  }
+  PyObject *f = PyObject_CallFunctionObjArgs(socket_fileno, sock, NULL);
+  long fd = f == NULL ? -1 : PyLong_AsLong(f);
+  Py_XDECREF(f);
+  if (fd == -1 && PyErr_Occurred()) {
+    return -2;
+  }
+  /* Closed (-1): its method raises EBADF as before. */
+  return fd < 0 || fd > INT_MAX ? -1 : (int)fd;
+}
+
+/* sock.recv(size): data read, b'' at the end of the input. */
+static PyObject *socket_recv(PyObject *sock, PyObject *size) {
+  Py_ssize_t n = -1;
+  if (PyLong_CheckExact(size)) {
+    n = PyLong_AsSsize_t(size);
+    if (n == -1) {
+      PyErr_Clear(); /* too large: the method says so */
+    }
+  }
+  for (int fd; n >= 0 && n <= (Py_ssize_t)sizeof recv_buf &&
+               (fd = plain_socket_fd(sock, str_recv, socket_recv_orig)) != -1;) {
+    if (fd == -2) {
+      return NULL;
+    }
+    /* socket.recv(0) returns b'' without reading (D-14's empty result). */
+    ssize_t got = n == 0 ? 0 : recv(fd, recv_buf, (size_t)n, 0);
+    if (got >= 0) {
+      return PyBytes_FromStringAndSize(recv_buf, got);
+    }
+    if (errno != EINTR) {
+      return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    /* A signal: its handler runs, then the read is made again (through the
+     * check: the handler may have closed the socket). */
+    if (PyErr_CheckSignals() < 0) {
+      return NULL;
+    }
+  }
+  return PyObject_CallMethodObjArgs(sock, str_recv, size, NULL);
+}
+
+/* sock.send(data): bytes sent. */
+static PyObject *socket_send(PyObject *sock, PyObject *data) {
+  for (int fd; PyBytes_CheckExact(data) &&
+               (fd = plain_socket_fd(sock, str_send, socket_send_orig)) != -1;) {
+    if (fd == -2) {
+      return NULL;
+    }
+    ssize_t sent = send(fd, PyBytes_AsString(data),
+                        (size_t)PyBytes_Size(data), 0);
+    if (sent >= 0) {
+      return PyLong_FromSsize_t(sent);
+    }
+    if (errno != EINTR) {
+      return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (PyErr_CheckSignals() < 0) {
+      return NULL;
+    }
+  }
+  return PyObject_CallMethodObjArgs(sock, str_send, data, NULL);
+}
+
 /* dispatcher.recv(buffer_size):
  *     try:
  *         data = self.socket.recv(buffer_size)
@@ -1455,7 +1572,7 @@ static PyObject *m_recv(PyObject *self, PyObject *const *args,
   if (sock == NULL) {
     return NULL;
   }
-  PyObject *data = PyObject_CallMethodObjArgs(sock, str_recv, size, NULL);
+  PyObject *data = socket_recv(sock, size);
   Py_DECREF(sock);
   if (data == NULL) {
     if (!is_disconnect(raised_errno())) {
@@ -1500,7 +1617,7 @@ static PyObject *m_send(PyObject *self, PyObject *const *args,
   if (sock == NULL) {
     return NULL;
   }
-  PyObject *sent = PyObject_CallMethodObjArgs(sock, str_send, data, NULL);
+  PyObject *sent = socket_send(sock, data);
   Py_DECREF(sock);
   if (sent != NULL) {
     return sent;
@@ -2224,6 +2341,35 @@ PyMODINIT_FUNC PyInit__core(void) {
   if (str_readable == NULL || str_writable == NULL || str_accepting == NULL ||
       str_ibuf == NULL || str_ipos == NULL || str_terminator == NULL ||
       str_get_terminator == NULL || str_collect == NULL || str_found == NULL) {
+    return NULL;
+  }
+  PyObject *socket_module = PyImport_ImportModule("socket");
+  socket_type = socket_module == NULL
+                    ? NULL
+                    : PyObject_GetAttrString(socket_module, "socket");
+  Py_XDECREF(socket_module);
+  if (socket_type == NULL) {
+    return NULL;
+  }
+  socket_recv_orig = PyObject_GetAttr(socket_type, str_recv);
+  socket_send_orig = PyObject_GetAttr(socket_type, str_send);
+  PyObject *base_module = PyImport_ImportModule("_socket");
+  PyObject *base = base_module == NULL
+                       ? NULL
+                       : PyObject_GetAttrString(base_module, "socket");
+  Py_XDECREF(base_module);
+  socket_fileno = base == NULL ? NULL : PyObject_GetAttrString(base, "fileno");
+  socket_timeout =
+      base == NULL ? NULL : PyObject_GetAttrString(base, "timeout");
+  Py_XDECREF(base);
+  if (socket_recv_orig == NULL || socket_send_orig == NULL ||
+      socket_fileno == NULL || socket_timeout == NULL) {
+    return NULL;
+  }
+  socket_timeout_get = (descrgetfunc)PyType_GetSlot(Py_TYPE(socket_timeout),
+                                                    Py_tp_descr_get);
+  if (socket_timeout_get == NULL) {
+    PyErr_SetString(PyExc_TypeError, "socket.socket.timeout: no descriptor");
     return NULL;
   }
   PyObject *m = PyModule_Create(&core_module);

@@ -366,6 +366,121 @@ class Semantics(unittest.TestCase):
             d.close()
 
 
+class SocketMethods(unittest.TestCase):
+    """dispatcher.recv and .send (D-13, D-14) make the system call on the
+    fd of a plain non-blocking socket.socket (docs/python.md, "Design");
+    every other socket has its own recv and send called, as before."""
+
+    class Ch(asyncore.dispatcher):
+        def handle_close(self):
+            self.closed_by_handler = True
+            self.close()
+
+    def pair(self):
+        map = {}
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+        self.addCleanup(asyncore.close_all, map)
+        return self.Ch(a, map=map), b
+
+    def test_plain_socket(self):
+        c, b = self.pair()
+        self.assertIs(type(c.socket), socket.socket)
+        self.assertEqual(c.send(b'x' * 70000), 70000)
+        got = b''
+        while len(got) < 70000:
+            got += b.recv(70000)
+        self.assertEqual(got, b'x' * 70000)
+        b.sendall(b'y' * 70000)
+        self.assertEqual(c.recv(65536), b'y' * 65536)  # no more than asked
+        self.assertEqual(c.recv(1 << 20), b'y' * 4464)
+        with self.assertRaises(BlockingIOError):
+            c.recv(10)
+        # Other bytes-like data and sizes go through the socket's methods.
+        self.assertEqual(c.send(bytearray(b'ab')), 2)
+        self.assertEqual(c.send(memoryview(b'cd')), 2)
+        self.assertEqual(b.recv(10), b'abcd')
+        with self.assertRaisesRegex(ValueError, 'negative buffersize'):
+            c.recv(-1)
+        with self.assertRaises(OverflowError):
+            c.recv(1 << 70)
+        with self.assertRaises(TypeError):
+            c.send('text')
+        # recv(0) reads nothing and gives b'': handle_close (D-14).
+        b.send(b'z')
+        self.assertEqual(c.recv(0), b'')
+        self.assertTrue(c.closed_by_handler)
+
+    def test_socket_closed_under_the_dispatcher(self):
+        # EBADF is one of the disconnect errors: handle_close, 0 or b''.
+        for op in ('recv', 'send'):
+            with self.subTest(op=op):
+                c, b = self.pair()
+                c.socket.close()
+                result = c.recv(10) if op == 'recv' else c.send(b'x')
+                self.assertEqual(result, b'' if op == 'recv' else 0)
+                self.assertTrue(c.closed_by_handler)
+
+    def test_socket_with_a_timeout_waits(self):
+        c, b = self.pair()
+        c.socket.settimeout(0.2)
+        t0 = time.monotonic()
+        with self.assertRaises(TimeoutError):
+            c.recv(10)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.15)
+
+    def test_socket_subclass_methods_are_called(self):
+        calls = []
+
+        class Sock(socket.socket):
+            def recv(self, n):
+                calls.append(('recv', n))
+                return super().recv(n)
+
+            def send(self, data):
+                calls.append(('send', data))
+                return super().send(data)
+
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+        sock = Sock(fileno=a.detach())
+        map = {}
+        self.addCleanup(asyncore.close_all, map)
+        c = self.Ch(sock, map=map)
+        self.assertEqual(c.send(b'hi'), 2)
+        b.send(b'yo')
+        self.assertEqual(c.recv(5), b'yo')
+        self.assertEqual(calls, [('send', b'hi'), ('recv', 5)])
+
+    def test_socket_class_methods_replaced(self):
+        calls = []
+        orig_recv, orig_send = socket.socket.recv, socket.socket.send
+
+        def recv(sock, n):
+            calls.append(('recv', sock))
+            return orig_recv(sock, n)
+
+        def send(sock, data):
+            calls.append(('send', sock))
+            return orig_send(sock, data)
+
+        c, b = self.pair()
+        socket.socket.recv, socket.socket.send = recv, send
+        try:
+            self.assertEqual(c.send(b'hi'), 2)
+            b.send(b'yo')
+            self.assertEqual(c.recv(5), b'yo')
+        finally:
+            del socket.socket.recv, socket.socket.send
+        self.assertIs(socket.socket.recv, orig_recv)
+        mine = [op for op, sock in calls if sock is c.socket]
+        self.assertEqual(mine, ['send', 'recv'])
+        calls.clear()
+        b.send(b'again')
+        self.assertEqual(c.recv(10), b'again')
+        self.assertEqual(calls, [])
+
+
 class Overrides(unittest.TestCase):
     """The base classes' hot methods are C (docs/python.md, "Design"): an
     override in a subclass, on the class after the channel was added, or on
