@@ -15,6 +15,10 @@
  * path a quarter of its instructions (register saves and argument
  * passing around every record). */
 #define AC__INLINE inline __attribute__((always_inline))
+/* A special case that branches off a common path (a receive with pending
+ * input, a send while gathering): kept out of line, so that the common
+ * path's function does not carry the special case's registers and stack. */
+#define AC__SPECIAL __attribute__((noinline))
 
 /* Interest and readiness bits (ac_dispatcher_t.armed / .ready). */
 #define AC__R 0x01 /* read */
