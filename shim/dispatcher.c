@@ -947,21 +947,7 @@ ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (AC__CLS(d)->send != NULL) {
     return AC__CLS(d)->send(d, buf, n);
   }
-  return ac__send(d, buf, n);
-}
-
-/* What a recv(2) that gave no bytes means (D-14): EOF or disconnection
- * close the channel, would-block is UV_EAGAIN (Q-09), the rest an error. */
-static ssize_t recv_result(ac_dispatcher_t *d, ssize_t r) {
-  int err = errno;
-
-  if (r == 0) {
-    return ac__disconnected(d);
-  }
-  if (err == EAGAIN || err == EWOULDBLOCK) {
-    return UV_EAGAIN;
-  }
-  return ac_is_disconnect(AC__ERR(err)) ? ac__disconnected(d) : AC__ERR(err);
+  return ac_dispatcher_send(d, buf, n);
 }
 
 /* A receive filled the caller's buffer: more input may wait (AC__RMORE),
@@ -975,20 +961,56 @@ static void more_may_wait(ac_dispatcher_t *d) {
   }
 }
 
-/* The one receive of D-14, the one place where the library's reads meet
- * the socket.  Branching off first: pending input (an adoption's, or what
- * a read burst received ahead: adopt.c) comes before the socket; no socket
- * yet (resolving a name) is would-block; a closed channel or a receive of
- * 0 bytes reports the end.  A receive that fills the buffer marks that
- * more input may wait (more_may_wait). */
-ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
+static ssize_t recv_result(ac_dispatcher_t *d, void *buf, size_t n,
+                           ssize_t r);
+
+/* The socket part of ac_recv: one read(2) (on a socket, recv(2) without
+ * flags).  Part of the buffer is the usual answer; anything else is
+ * recv_result's.  A descriptor closed meanwhile (-1) fails with EBADF, a
+ * disconnection, as D-14 wants for a closed channel. */
+static inline ssize_t recv_socket(ac_dispatcher_t *d, void *buf, size_t n) {
+  ssize_t r = read(d->fd, buf, n);
+
+  return r > 0 && (size_t) r < n ? r : recv_result(d, buf, n, r);
+}
+
+/* What a read(2) of n > 0 bytes that did not return part of the buffer
+ * means: a full buffer, after which more input may wait (more_may_wait);
+ * an interruption (EINTR): read again; EOF or a disconnection: the
+ * channel closes (D-14); would-block: UV_EAGAIN (Q-09); else the error. */
+static ssize_t recv_result(ac_dispatcher_t *d, void *buf, size_t n,
+                           ssize_t r) {
+  int err = errno;
+
+  if (r > 0) {
+    more_may_wait(d);
+    return r;
+  }
+  if (r == 0) {
+    return ac__disconnected(d);
+  }
+  if (err == EINTR) {
+    return recv_socket(d, buf, n);
+  }
+  if (err == EAGAIN || err == EWOULDBLOCK) {
+    return UV_EAGAIN;
+  }
+  return ac_is_disconnect(AC__ERR(err)) ? ac__disconnected(d) : AC__ERR(err);
+}
+
+/* The receives that do not go straight to the socket: bad arguments; a
+ * transport, which gives its plaintext (TLS: tls.c); pending input (an
+ * adoption's, or what a read burst received ahead: adopt.c), which comes
+ * before the socket; no socket yet (resolving a name): would-block; a
+ * closed channel or a receive of 0 bytes: the end (D-14). */
+static AC__SPECIAL ssize_t recv_special(ac_dispatcher_t *d, void *buf, size_t n) {
   ssize_t r;
 
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
   }
   if (d->xport_) {
-    return ac__xport_recv(d, buf, n); /* TLS: plaintext (tls.c) */
+    return ac__xport_recv(d, buf, n);
   }
   if ((d->flags & AC__F_ADOPT) && n > 0 &&
       (r = ac__adopt_recv(d, buf, n)) != 0) {
@@ -1006,12 +1028,18 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   if (d->fd < 0 || n == 0) {
     return ac__disconnected(d); /* D-14: EBADF, or recv(0) gives b'' */
   }
-  do {
-    r = (d->flags & AC__F_SOCK) ? recv(d->fd, buf, n, 0)
-                                 : read(d->fd, buf, n);
-  } while (r < 0 && errno == EINTR);
-  if (r == (ssize_t) n) {
-    more_may_wait(d);
+  return recv_socket(d, buf, n);
+}
+
+/* The one receive of D-14, the one place where the library's reads meet
+ * the socket.  The special cases branch off first, on one test
+ * (recv_special); then one read(2).  A receive that fills the buffer
+ * marks that more input may wait (more_may_wait). */
+ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
+  if (d == NULL || buf == NULL || n == 0 || d->xport_ ||
+      (d->flags & (AC__F_INIT | AC__F_ADOPT | AC__F_RESOLVING)) !=
+          AC__F_INIT) {
+    return recv_special(d, buf, n);
   }
-  return r > 0 ? r : recv_result(d, r);
+  return recv_socket(d, buf, n);
 }
