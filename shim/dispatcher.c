@@ -812,16 +812,52 @@ static inline int must_wait(const ac_dispatcher_t *d) {
   }
 }
 
-/* The socket part of ac__send (below): a channel without a socket (closed:
- * EBADF, or still resolving a name: would-block) or that must wait, then
- * one send(2); on a stream, what the kernel refuses goes to libuv's queue,
- * up to the emulated send buffer (stream.c), and so does everything while
- * that queue is not empty.  `quiet` (a transport's send): a disconnection
- * is returned as its code, handle_close is the transport's to call. */
-static inline ssize_t send_socket(ac_dispatcher_t *d, const void *buf,
-                                  size_t n, int quiet) {
-  ssize_t r = 0;
-  size_t room;
+/* The bytes from `sent` on (what the kernel did not take) join a stream's
+ * libuv queue, up to the emulated send buffer (stream.c); its draining is
+ * the stream's write readiness.  Returns the bytes taken in all. */
+static ssize_t queue_rest(ac_dispatcher_t *d, const void *buf, size_t n,
+                          ssize_t sent) {
+  size_t room = ac__stream_room(d);
+
+  if (room > n - (size_t) sent) {
+    room = n - (size_t) sent;
+  }
+  if (room > 0) {
+    ssize_t q = ac__stream_queue(d, (const char *) buf + sent, room);
+    if (q < 0) {
+      return sent > 0 ? sent : q;
+    }
+    sent += q;
+  }
+  return sent;
+}
+
+/* A send(2) that did not take all n bytes returned r: an interruption
+ * (EINTR: again), an error (`quiet`, a transport's send: a disconnection
+ * is returned as its code, handle_close is the transport's to call; else
+ * ac__send_error), would-block (nothing taken), or part of them; on a
+ * stream, what the kernel refused joins libuv's queue. */
+ssize_t ac__send_short(ac_dispatcher_t *d, const void *buf, size_t n,
+                       ssize_t r, int quiet) {
+  if (r < 0 && errno == EINTR) {
+    return ac__send_socket(d, buf, n, quiet);
+  }
+  if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+    return quiet ? AC__ERR(errno) : ac__send_error(d, AC__ERR(errno));
+  }
+  if (r < 0) {
+    r = 0;
+  }
+  return d->backend == AC_BACKEND_STREAM ? queue_rest(d, buf, n, r) : r;
+}
+
+/* The sends of ac__send_socket that are not a clear stream's: no socket
+ * (closed: EBADF, or still resolving a name: would-block), a channel that
+ * must wait (would-block), bytes queued in libuv (these join them); then
+ * the kernel: the poll backend, a file, a stream whose write failed. */
+ssize_t ac__send_other(ac_dispatcher_t *d, const void *buf, size_t n,
+                       int quiet) {
+  ssize_t r;
 
   if (d->fd < 0) {
     return (d->flags & AC__F_RESOLVING) ? 0
@@ -831,53 +867,20 @@ static inline ssize_t send_socket(ac_dispatcher_t *d, const void *buf,
   if (must_wait(d)) {
     return 0;
   }
-  if (!behind_queue(d)) {
-    r = ac__os_send(d, buf, n);
-    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-      return quiet ? AC__ERR(errno) : ac__send_error(d, AC__ERR(errno));
-    }
-    if (r < 0) {
-      r = 0;
-    }
-    if ((size_t) r == n || d->backend != AC_BACKEND_STREAM) {
-      return r;
-    }
+  if (behind_queue(d)) {
+    return queue_rest(d, buf, n, 0);
   }
-  /* The kernel is full: accept more into libuv's queue, whose draining
-   * is the stream's write readiness. */
-  room = ac__stream_room(d);
-  if (room > n - (size_t) r) {
-    room = n - (size_t) r;
-  }
-  if (room > 0) {
-    ssize_t q = ac__stream_queue(d, (const char *) buf + r, room);
-    if (q < 0) {
-      return r > 0 ? r : q;
-    }
-    r += q;
-  }
-  return r;
+  r = ac__os_send(d, buf, n);
+  return r == (ssize_t) n ? r : ac__send_short(d, buf, n, r, quiet);
 }
 
-/* A transport's own bytes (xport.c) meet the socket here: as ac__send's,
- * except that a disconnection is returned, not handled. */
-ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf, size_t n) {
-  return send_socket(d, buf, n, 1);
-}
-
-/* The base dispatcher.send (D-13), the one place where the library's sends
- * meet the socket: returns the bytes taken, 0 for would-block, or an
- * error (EOF and disconnection call handle_close first).  Branching off
- * first: a read burst's reply is gathered (burst.c); a channel with a
- * transport gives it the bytes (TLS: tls.c), which reach the socket
- * through ac__send_socket.  Then the socket (send_socket). */
-ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
+/* The bytes of ac__send that do not go to the socket at once: a read
+ * burst's reply too large to gather first sends what was gathered
+ * (burst.c); a channel with a transport gives it the bytes (TLS: tls.c),
+ * which reach the socket through ac__send_socket. */
+ssize_t ac__send_diverted(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d->ready & AC__GATHERING) {
-    int e;
-    if (n <= AC__GATHER_MAX) {
-      return ac__gather_send(d, buf, n);
-    }
-    e = ac__gather_flush(d, 0); /* too large to gather: after what was */
+    int e = ac__gather_flush(d, 0); /* too large to gather: after what was */
     if (e != 0) {
       return ac__send_error(d, e);
     }
@@ -885,7 +888,7 @@ ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d->xport_) {
     return ac__xport_send(d, buf, n);
   }
-  return send_socket(d, buf, n, 0);
+  return ac__send_socket(d, buf, n, 0);
 }
 
 /* ac__send of several buffers in one system call (async_chat's gathered
@@ -931,6 +934,7 @@ ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov, int cnt) {
   return r;
 }
 
+/* The base dispatcher.send (D-13). */
 ssize_t ac_dispatcher_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
@@ -939,7 +943,7 @@ ssize_t ac_dispatcher_send(ac_dispatcher_t *d, const void *buf, size_t n) {
 }
 
 /* The virtual send: the class's (dispatcher_with_send buffers, async_chat
- * pushes), else the base one. */
+ * pushes), else the base one (ac_dispatcher_send). */
 ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
