@@ -1040,9 +1040,10 @@ static AC__SPECIAL ssize_t recv_special(ac_dispatcher_t *d, void *buf, size_t n)
  * (recv_special); then one read(2).  A receive that fills the buffer
  * marks that more input may wait (more_may_wait). */
 ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
-  if (d == NULL || buf == NULL || n == 0 || d->xport_ ||
+  if (d == NULL ||
       (d->flags & (AC__F_INIT | AC__F_ADOPT | AC__F_RESOLVING)) !=
-          AC__F_INIT) {
+          AC__F_INIT ||
+      d->xport_ || buf == NULL || n == 0) {
     return recv_special(d, buf, n);
   }
   return recv_socket(d, buf, n);

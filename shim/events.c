@@ -226,8 +226,12 @@ void ac__no_buffer(uv_handle_t *h, size_t size, uv_buf_t *buf) {
  * as the mode wants (E-02, E-03).  Returns what escapes the loop. */
 static int read_step(ac_dispatcher_t *d) {
   ac_map_t *m = d->map;
-  int r = settle(m, read_event(d));
+  int r = read_event(d);
 
+  if (r == 0 && m->raised == 0) {
+    return 0;
+  }
+  r = settle(m, r);
   return r != 0 ? fail(d, r, m->use_poll) : 0;
 }
 

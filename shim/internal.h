@@ -356,21 +356,15 @@ AC__HIDDEN int ac__xport_up(ac_dispatcher_t *d);
  * transport starts on a live channel). */
 AC__HIDDEN void ac__send_held_back(ac_dispatcher_t *d, int more);
 
-/* send(2) on a socket (MSG_NOSIGNAL), write(2) on another fd: the
- * library's system call for sending. */
-static inline ssize_t ac__os_send_once(ac_dispatcher_t *d, const void *buf,
-                                       size_t n) {
-  return (d->flags & AC__F_SOCK) ? send(d->fd, buf, n, MSG_NOSIGNAL)
-                                  : write(d->fd, buf, n);
-}
-
-/* The same, again after EINTR. */
+/* send(2) on a socket (MSG_NOSIGNAL), write(2) on another fd, again after
+ * EINTR: the library's system call for sending. */
 static inline ssize_t ac__os_send(ac_dispatcher_t *d, const void *buf,
                                   size_t n) {
   ssize_t r;
 
   do {
-    r = ac__os_send_once(d, buf, n);
+    r = (d->flags & AC__F_SOCK) ? send(d->fd, buf, n, MSG_NOSIGNAL)
+                                 : write(d->fd, buf, n);
   } while (r < 0 && errno == EINTR);
   return r;
 }
@@ -404,7 +398,7 @@ static inline ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf,
   if (!ac__stream_clear(d)) {
     return ac__send_other(d, buf, n, quiet);
   }
-  r = ac__os_send_once(d, buf, n);
+  r = send(d->fd, buf, n, MSG_NOSIGNAL); /* a stream is a socket */
   return r == (ssize_t) n ? r : ac__send_short(d, buf, n, r, quiet);
 }
 
