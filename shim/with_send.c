@@ -10,10 +10,10 @@ static ac_dispatcher_with_send_t *dws(ac_dispatcher_t *d) {
 }
 
 /* Whether w is an initialised channel of this class (a channel of another
- * class has no output buffer behind its dispatcher). */
+ * class has no output buffer behind its dispatcher).  Only the class's
+ * init sets the class: a zeroed struct has none. */
 static int is_dws(const ac_dispatcher_with_send_t *w) {
-  return w != NULL && (w->d.flags & AC__F_INIT) &&
-         w->d.cls == &ac__with_send_class;
+  return w != NULL && w->d.cls == &ac__with_send_class;
 }
 
 /* W-05 */
