@@ -1007,7 +1007,8 @@ static ssize_t recv_result(ac_dispatcher_t *d, void *buf, size_t n,
  * adoption's, or what a read burst received ahead: adopt.c), which comes
  * before the socket; no socket yet (resolving a name): would-block; a
  * closed channel or a receive of 0 bytes: the end (D-14). */
-static AC__SPECIAL ssize_t recv_special(ac_dispatcher_t *d, void *buf, size_t n) {
+static AC__SPECIAL ssize_t recv_special(ac_dispatcher_t *d, void *buf,
+                                         size_t n) {
   ssize_t r;
 
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {

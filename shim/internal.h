@@ -351,9 +351,8 @@ AC__HIDDEN int ac__xport_more(ac_dispatcher_t *d);
 AC__HIDDEN void ac__xport_close(ac_dispatcher_t *d);
 AC__HIDDEN void ac__xport_unread(ac_dispatcher_t *d, const char *b, size_t n);
 AC__HIDDEN int ac__xport_up(ac_dispatcher_t *d);
-/* dispatcher.c, for transports: the plain send (ac__send below its
- * branches), and what a read burst or a parse gathered sent now (before a
- * transport starts on a live channel). */
+/* dispatcher.c, for transports: what a read burst or a parse gathered,
+ * sent now (before a transport starts on a live channel). */
 AC__HIDDEN void ac__send_held_back(ac_dispatcher_t *d, int more);
 
 /* send(2) on a socket (MSG_NOSIGNAL), write(2) on another fd, again after
@@ -387,10 +386,11 @@ static inline int ac__stream_clear(const ac_dispatcher_t *d) {
 
 /* The socket part of ac__send: a clear stream's bytes go to the kernel;
  * what it does not take is ac__send_short's (an interruption, an error,
- * would-block, the rest to libuv's queue).  Any other channel (no socket, still connecting,
- * bytes queued in libuv, the poll backend) is ac__send_other's.  `quiet`
- * (a transport's own bytes, xport.c): a disconnection is returned as its
- * code, handle_close is the transport's to call. */
+ * would-block, the rest to libuv's queue).  Any other channel (no socket,
+ * still connecting, bytes queued in libuv, the poll backend) is
+ * ac__send_other's.  `quiet` (a transport's own bytes: TLS records,
+ * tls.c): a disconnection is returned as its code, handle_close is the
+ * transport's to call. */
 static inline ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf,
                                       size_t n, int quiet) {
   ssize_t r;
