@@ -34,9 +34,9 @@ static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n);
 
 /* W-02 after the one send of W-03 from an empty buffer returned `sent`:
  * queue what the socket did not take (everything, if the send failed, as
- * Python appended before sending).  Returns 0 or an error. */
-static int queue_unsent(ac_dispatcher_with_send_t *w, const char *p,
-                        size_t n, ssize_t sent) {
+ * Python appended before sending).  Returns n or an error. */
+static ssize_t queue_unsent(ac_dispatcher_with_send_t *w, const char *p,
+                            size_t n, ssize_t sent) {
   int r;
 
   if (w->d.flags & AC__F_RELEASED) {
@@ -44,9 +44,10 @@ static int queue_unsent(ac_dispatcher_with_send_t *w, const char *p,
   }
   if (sent < 0) {
     r = append(w, p, n);
-    return r != 0 ? r : (int) sent;
+    return r != 0 ? r : sent;
   }
-  return (size_t) sent < n ? append(w, p + sent, n - (size_t) sent) : 0;
+  r = append(w, p + sent, n - (size_t) sent); /* nothing if all was sent */
+  return r != 0 ? r : (ssize_t) n;
 }
 
 /* W-03 from an empty buffer: the one send goes straight from the caller's
@@ -56,13 +57,8 @@ static int queue_unsent(ac_dispatcher_with_send_t *w, const char *p,
 static inline ssize_t send_unbuffered(ac_dispatcher_with_send_t *w,
                                       const char *p, size_t n) {
   ssize_t sent = ac__send(&w->d, p, n < AC__DWS_CHUNK ? n : AC__DWS_CHUNK);
-  int r;
 
-  if (sent == (ssize_t) n) {
-    return sent;
-  }
-  r = queue_unsent(w, p, n, sent);
-  return r < 0 ? r : (ssize_t) n;
+  return sent == (ssize_t) n ? sent : queue_unsent(w, p, n, sent);
 }
 
 /* ac_send on a dispatcher_with_send channel (arguments checked there):
