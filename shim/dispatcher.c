@@ -812,16 +812,52 @@ static inline int must_wait(const ac_dispatcher_t *d) {
   }
 }
 
-/* The socket part of ac__send (below): a channel without a socket (closed:
- * EBADF, or still resolving a name: would-block) or that must wait, then
- * one send(2); on a stream, what the kernel refuses goes to libuv's queue,
- * up to the emulated send buffer (stream.c), and so does everything while
- * that queue is not empty.  `quiet` (a transport's send): a disconnection
- * is returned as its code, handle_close is the transport's to call. */
-static inline ssize_t send_socket(ac_dispatcher_t *d, const void *buf,
-                                  size_t n, int quiet) {
-  ssize_t r = 0;
-  size_t room;
+/* The bytes from `sent` on (what the kernel did not take) join a stream's
+ * libuv queue, up to the emulated send buffer (stream.c); its draining is
+ * the stream's write readiness.  Returns the bytes taken in all. */
+static ssize_t queue_rest(ac_dispatcher_t *d, const void *buf, size_t n,
+                          ssize_t sent) {
+  size_t room = ac__stream_room(d);
+
+  if (room > n - (size_t) sent) {
+    room = n - (size_t) sent;
+  }
+  if (room > 0) {
+    ssize_t q = ac__stream_queue(d, (const char *) buf + sent, room);
+    if (q < 0) {
+      return sent > 0 ? sent : q;
+    }
+    sent += q;
+  }
+  return sent;
+}
+
+/* A send(2) that did not take all n bytes returned r: an interruption
+ * (EINTR: again), an error (`quiet`, a transport's send: a disconnection
+ * is returned as its code, handle_close is the transport's to call; else
+ * ac__send_error), would-block (nothing taken), or part of them; on a
+ * stream, what the kernel refused joins libuv's queue. */
+ssize_t ac__send_short(ac_dispatcher_t *d, const void *buf, size_t n,
+                       ssize_t r, int quiet) {
+  if (r < 0 && errno == EINTR) {
+    return ac__send_socket(d, buf, n, quiet);
+  }
+  if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+    return quiet ? AC__ERR(errno) : ac__send_error(d, AC__ERR(errno));
+  }
+  if (r < 0) {
+    r = 0;
+  }
+  return d->backend == AC_BACKEND_STREAM ? queue_rest(d, buf, n, r) : r;
+}
+
+/* The sends of ac__send_socket that are not a clear stream's: no socket
+ * (closed: EBADF, or still resolving a name: would-block), a channel that
+ * must wait (would-block), bytes queued in libuv (these join them); then
+ * the kernel: the poll backend, a file, a stream whose write failed. */
+ssize_t ac__send_other(ac_dispatcher_t *d, const void *buf, size_t n,
+                       int quiet) {
+  ssize_t r;
 
   if (d->fd < 0) {
     return (d->flags & AC__F_RESOLVING) ? 0
@@ -831,54 +867,11 @@ static inline ssize_t send_socket(ac_dispatcher_t *d, const void *buf,
   if (must_wait(d)) {
     return 0;
   }
-  if (!behind_queue(d)) {
-    r = ac__os_send(d, buf, n);
-    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-      return quiet ? AC__ERR(errno) : ac__send_error(d, AC__ERR(errno));
-    }
-    if (r < 0) {
-      r = 0;
-    }
-    if ((size_t) r == n || d->backend != AC_BACKEND_STREAM) {
-      return r;
-    }
+  if (behind_queue(d)) {
+    return queue_rest(d, buf, n, 0);
   }
-  /* The kernel is full: accept more into libuv's queue, whose draining
-   * is the stream's write readiness. */
-  room = ac__stream_room(d);
-  if (room > n - (size_t) r) {
-    room = n - (size_t) r;
-  }
-  if (room > 0) {
-    ssize_t q = ac__stream_queue(d, (const char *) buf + r, room);
-    if (q < 0) {
-      return r > 0 ? r : q;
-    }
-    r += q;
-  }
-  return r;
-}
-
-/* A transport's own bytes (xport.c) meet the socket here: as ac__send's,
- * except that a disconnection is returned, not handled. */
-ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf, size_t n) {
-  return send_socket(d, buf, n, 1);
-}
-
-/* The base dispatcher.send (D-13), the one place where the library's sends
- * meet the socket: returns the bytes taken, 0 for would-block, or an
- * error (EOF and disconnection call handle_close first).  Branching off
- * first: a read burst's reply is gathered (burst.c); a channel with a
- * transport gives it the bytes (TLS: tls.c), which reach the socket
- * through ac__send_socket.  Then the socket (send_socket). */
-ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
-  if (d->ready & AC__GATHERING) {
-    return ac__gather_send(d, buf, n);
-  }
-  if (d->xport_) {
-    return ac__xport_send(d, buf, n);
-  }
-  return send_socket(d, buf, n, 0);
+  r = ac__os_send(d, buf, n);
+  return r == (ssize_t) n ? r : ac__send_short(d, buf, n, r, quiet);
 }
 
 /* ac__send of several buffers in one system call (async_chat's gathered
@@ -924,6 +917,7 @@ ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov, int cnt) {
   return r;
 }
 
+/* The base dispatcher.send (D-13). */
 ssize_t ac_dispatcher_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
@@ -932,7 +926,7 @@ ssize_t ac_dispatcher_send(ac_dispatcher_t *d, const void *buf, size_t n) {
 }
 
 /* The virtual send: the class's (dispatcher_with_send buffers, async_chat
- * pushes), else the base one. */
+ * pushes), else the base one (ac_dispatcher_send). */
 ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
@@ -940,21 +934,7 @@ ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (AC__CLS(d)->send != NULL) {
     return AC__CLS(d)->send(d, buf, n);
   }
-  return ac__send(d, buf, n);
-}
-
-/* What a recv(2) that gave no bytes means (D-14): EOF or disconnection
- * close the channel, would-block is UV_EAGAIN (Q-09), the rest an error. */
-static ssize_t recv_result(ac_dispatcher_t *d, ssize_t r) {
-  int err = errno;
-
-  if (r == 0) {
-    return ac__disconnected(d);
-  }
-  if (err == EAGAIN || err == EWOULDBLOCK) {
-    return UV_EAGAIN;
-  }
-  return ac_is_disconnect(AC__ERR(err)) ? ac__disconnected(d) : AC__ERR(err);
+  return ac_dispatcher_send(d, buf, n);
 }
 
 /* A receive filled the caller's buffer: more input may wait (AC__RMORE),
@@ -968,20 +948,57 @@ static void more_may_wait(ac_dispatcher_t *d) {
   }
 }
 
-/* The one receive of D-14, the one place where the library's reads meet
- * the socket.  Branching off first: pending input (an adoption's, or what
- * a read burst received ahead: adopt.c) comes before the socket; no socket
- * yet (resolving a name) is would-block; a closed channel or a receive of
- * 0 bytes reports the end.  A receive that fills the buffer marks that
- * more input may wait (more_may_wait). */
-ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
+static ssize_t recv_result(ac_dispatcher_t *d, void *buf, size_t n,
+                           ssize_t r);
+
+/* The socket part of ac_recv: one read(2) (on a socket, recv(2) without
+ * flags).  Part of the buffer is the usual answer; anything else is
+ * recv_result's.  A descriptor closed meanwhile (-1) fails with EBADF, a
+ * disconnection, as D-14 wants for a closed channel. */
+static inline ssize_t recv_socket(ac_dispatcher_t *d, void *buf, size_t n) {
+  ssize_t r = read(d->fd, buf, n);
+
+  return r > 0 && (size_t) r < n ? r : recv_result(d, buf, n, r);
+}
+
+/* What a read(2) of n > 0 bytes that did not return part of the buffer
+ * means: a full buffer, after which more input may wait (more_may_wait);
+ * an interruption (EINTR): read again; EOF or a disconnection: the
+ * channel closes (D-14); would-block: UV_EAGAIN (Q-09); else the error. */
+static ssize_t recv_result(ac_dispatcher_t *d, void *buf, size_t n,
+                           ssize_t r) {
+  int err = errno;
+
+  if (r > 0) {
+    more_may_wait(d);
+    return r;
+  }
+  if (r == 0) {
+    return ac__disconnected(d);
+  }
+  if (err == EINTR) {
+    return recv_socket(d, buf, n);
+  }
+  if (err == EAGAIN || err == EWOULDBLOCK) {
+    return UV_EAGAIN;
+  }
+  return ac_is_disconnect(AC__ERR(err)) ? ac__disconnected(d) : AC__ERR(err);
+}
+
+/* The receives that do not go straight to the socket: bad arguments; a
+ * transport, which gives its plaintext (TLS: tls.c); pending input (an
+ * adoption's, or what a read burst received ahead: adopt.c), which comes
+ * before the socket; no socket yet (resolving a name): would-block; a
+ * closed channel or a receive of 0 bytes: the end (D-14). */
+static AC__SPECIAL ssize_t recv_special(ac_dispatcher_t *d, void *buf,
+                                         size_t n) {
   ssize_t r;
 
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
   }
   if (d->xport_) {
-    return ac__xport_recv(d, buf, n); /* TLS: plaintext (tls.c) */
+    return ac__xport_recv(d, buf, n);
   }
   if ((d->flags & AC__F_ADOPT) && n > 0 &&
       (r = ac__adopt_recv(d, buf, n)) != 0) {
@@ -999,12 +1016,19 @@ ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   if (d->fd < 0 || n == 0) {
     return ac__disconnected(d); /* D-14: EBADF, or recv(0) gives b'' */
   }
-  do {
-    r = (d->flags & AC__F_SOCK) ? recv(d->fd, buf, n, 0)
-                                 : read(d->fd, buf, n);
-  } while (r < 0 && errno == EINTR);
-  if (r == (ssize_t) n) {
-    more_may_wait(d);
+  return recv_socket(d, buf, n);
+}
+
+/* The one receive of D-14, the one place where the library's reads meet
+ * the socket.  The special cases branch off first, on one test
+ * (recv_special); then one read(2).  A receive that fills the buffer
+ * marks that more input may wait (more_may_wait). */
+ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
+  if (d == NULL ||
+      (d->flags & (AC__F_INIT | AC__F_ADOPT | AC__F_RESOLVING)) !=
+          AC__F_INIT ||
+      d->xport_ || buf == NULL || n == 0) {
+    return recv_special(d, buf, n);
   }
-  return r > 0 ? r : recv_result(d, r);
+  return recv_socket(d, buf, n);
 }

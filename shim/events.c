@@ -60,19 +60,29 @@ int ac__connect_event(ac_dispatcher_t *d) {
   return 0;
 }
 
-/* handle_read_event (D-16). */
-static int read_event(ac_dispatcher_t *d) {
+/* handle_read_event (D-16) of a channel that listens or is not connected:
+ * handle_accept, or the connect event before handle_read. */
+static AC__SPECIAL int read_event_unconnected(ac_dispatcher_t *d) {
   int r;
 
   if (d->accepting) {
     d->map->where = "handle_accept";
     return AC__SLOT(d, handle_accept)(d);
   }
-  if (!d->connected && d->connecting) {
+  if (d->connecting) {
     r = ac__connect_event(d);
     if (r != 0 || (d->xport_ && !d->connected)) {
       return r; /* a TLS handshake still running is no read (tls.c) */
     }
+  }
+  d->map->where = "handle_read";
+  return d->read_fn(d);
+}
+
+/* handle_read_event (D-16): on a connected channel, handle_read. */
+static inline int read_event(ac_dispatcher_t *d) {
+  if (d->accepting || !d->connected) {
+    return read_event_unconnected(d);
   }
   d->map->where = "handle_read";
   return d->read_fn(d);
@@ -212,45 +222,34 @@ void ac__no_buffer(uv_handle_t *h, size_t size, uv_buf_t *buf) {
   buf->len = 0;
 }
 
-/* The read callback of a stream channel (stream.c): it is readable
- * (UV_ENOBUFS: the bytes or the EOF wait in the kernel).  The same steps
- * as ac__dispatch(d, AC_POLLIN) in either mode, without the generic flag
- * handling; then, while handle_read's receive fills its buffer and more
- * input waits, handle_read again: a read burst (burst.c), whose replies
- * are gathered from the first receive that filled its buffer on, and
- * sent when it ends. */
-void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
-  ac_dispatcher_t *d = s->data;
+/* One handle_read_event of a read readiness (D-16), its failure handled
+ * as the mode wants (E-02, E-03).  Returns what escapes the loop. */
+static int read_step(ac_dispatcher_t *d) {
+  ac_map_t *m = d->map;
+  int r = read_event(d);
+
+  if (r == 0 && m->raised == 0) {
+    return 0;
+  }
+  r = settle(m, r);
+  return r != 0 ? fail(d, r, m->use_poll) : 0;
+}
+
+/* The rest of a read readiness whose handle_read filled its buffer (a
+ * receive set AC__RMORE, and perhaps started gathering the replies): while
+ * more input waits, handle_read again, a read burst (burst.c); then what
+ * the burst gathered is sent, and input it left pending is read readiness
+ * for the next pass (adopt.c).  `r` is the first call's result; returns
+ * the readiness's. */
+static AC__SPECIAL int read_burst(ac_dispatcher_t *d, int r) {
   ac_map_t *m = d->map;
   int calls = 0;
-  int r;
 
-  (void) nread;
-  (void) buf;
-
-  if (m->stopping) {
-    return; /* E-01: the rest of the pass is dropped */
-  }
-  m->in_dispatch++;
-  m->reading = d;
-  d->ready &= (uint8_t) ~AC__DRAINED;
-  do {
+  while (r == 0 && (d->ready & AC__RMORE) && ++calls < AC__READ_BURST &&
+         ac__burst_again(d)) {
     d->ready &= (uint8_t) ~AC__RMORE;
-    if (!d->accepting && d->connected) {
-      m->where = "handle_read";
-      r = d->read_fn(d);
-    } else {
-      r = read_event(d);
-    }
-    if (r != 0 || m->raised != 0) {
-      r = settle(m, r);
-      if (r != 0) {
-        r = fail(d, r, m->use_poll);
-      }
-      break;
-    }
-  } while ((d->ready & AC__RMORE) && ++calls < AC__READ_BURST &&
-           ac__burst_again(d));
+    r = read_step(d);
+  }
   m->reading = NULL;
   if (d->ready & AC__GATHERING) {
     /* the burst's replies; a failure is handle_read's, as the sends
@@ -264,6 +263,33 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   if (calls > 0) {
     ac__adopt_left(d);
   }
+  return r;
+}
+
+/* The read callback of a stream channel (stream.c): it is readable
+ * (UV_ENOBUFS: the bytes or the EOF wait in the kernel).  The same steps
+ * as ac__dispatch(d, AC_POLLIN) in either mode, without the generic flag
+ * handling: one handle_read_event; if its receive filled the buffer, the
+ * readiness goes on (read_burst). */
+void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  ac_dispatcher_t *d = s->data;
+  ac_map_t *m = d->map;
+  int r;
+
+  (void) nread;
+  (void) buf;
+
+  if (m->stopping) {
+    return; /* E-01: the rest of the pass is dropped */
+  }
+  m->in_dispatch++;
+  m->reading = d;
+  d->ready &= (uint8_t) ~(AC__RMORE | AC__DRAINED);
+  r = read_step(d);
+  if (d->ready & (AC__RMORE | AC__GATHERING)) {
+    r = read_burst(d, r);
+  }
+  m->reading = NULL;
   m->in_dispatch--;
   if (r != 0) {
     ac__exit(m, r);

@@ -15,6 +15,10 @@
  * path a quarter of its instructions (register saves and argument
  * passing around every record). */
 #define AC__INLINE inline __attribute__((always_inline))
+/* A special case that branches off a common path (a receive with pending
+ * input, a send while gathering): kept out of line, so that the common
+ * path's function does not carry the special case's registers and stack. */
+#define AC__SPECIAL __attribute__((noinline))
 
 /* Interest and readiness bits (ac_dispatcher_t.armed / .ready). */
 #define AC__R 0x01 /* read */
@@ -247,7 +251,6 @@ AC__HIDDEN void ac__close_handle(ac_dispatcher_t *d);
 AC__HIDDEN int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
                                   const struct sockaddr *addr);
 #define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
-AC__HIDDEN ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n);
 AC__HIDDEN ssize_t ac__disconnected(ac_dispatcher_t *d);
 AC__HIDDEN ssize_t ac__send_error(ac_dispatcher_t *d, int code);
 AC__HIDDEN ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov,
@@ -352,11 +355,8 @@ AC__HIDDEN void ac__xport_close(ac_dispatcher_t *d);
 AC__HIDDEN void ac__xport_unread(ac_dispatcher_t *d, const char *b, size_t n);
 AC__HIDDEN int ac__xport_up(ac_dispatcher_t *d);
 AC__HIDDEN int ac__xport_can_gather(ac_dispatcher_t *d);
-/* dispatcher.c, for transports: the plain send (ac__send below its
- * branches), and what a read burst or a parse gathered sent now (before a
- * transport starts on a live channel). */
-AC__HIDDEN ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf,
-                                   size_t n);
+/* dispatcher.c, for transports: what a read burst or a parse gathered,
+ * sent now (before a transport starts on a live channel). */
 AC__HIDDEN void ac__send_held_back(ac_dispatcher_t *d, int more);
 
 /* send(2) on a socket (MSG_NOSIGNAL), write(2) on another fd, again after
@@ -370,6 +370,56 @@ static inline ssize_t ac__os_send(ac_dispatcher_t *d, const void *buf,
                                  : write(d->fd, buf, n);
   } while (r < 0 && errno == EINTR);
   return r;
+}
+
+/* The library's send (below) and its special cases (dispatcher.c). */
+AC__HIDDEN ssize_t ac__send_short(ac_dispatcher_t *d, const void *buf,
+                                  size_t n, ssize_t r, int quiet);
+AC__HIDDEN ssize_t ac__send_other(ac_dispatcher_t *d, const void *buf,
+                                  size_t n, int quiet);
+
+/* Whether d's bytes go to the kernel at once: an open stream, connected,
+ * with nothing queued in libuv (the usual channel). */
+static inline int ac__stream_clear(const ac_dispatcher_t *d) {
+  return d->backend == AC_BACKEND_STREAM &&
+         (d->flags & (AC__F_CONN_DONE | AC__F_CLOSED)) == AC__F_CONN_DONE &&
+         d->wq_bytes == 0;
+}
+
+/* The socket part of ac__send: a clear stream's bytes go to the kernel;
+ * what it does not take is ac__send_short's (an interruption, an error,
+ * would-block, the rest to libuv's queue).  Any other channel (no socket,
+ * still connecting, bytes queued in libuv, the poll backend) is
+ * ac__send_other's.  `quiet` (a transport's own bytes: TLS records,
+ * tls.c): a disconnection is returned as its code, handle_close is the
+ * transport's to call. */
+static inline ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf,
+                                      size_t n, int quiet) {
+  ssize_t r;
+
+  if (!ac__stream_clear(d)) {
+    return ac__send_other(d, buf, n, quiet);
+  }
+  r = send(d->fd, buf, n, MSG_NOSIGNAL); /* a stream is a socket */
+  return r == (ssize_t) n ? r : ac__send_short(d, buf, n, r, quiet);
+}
+
+/* The base dispatcher.send (D-13), the one place where the library's sends
+ * meet the socket: returns the bytes taken, 0 for would-block, or an
+ * error (EOF and disconnection call handle_close first).  Inline, so that
+ * a class's send (dispatcher_with_send's, a push) is one call deep.  A
+ * read burst's or a parse's reply is gathered (burst.c, which also sends
+ * one too large to gather, after what was); a channel with a transport
+ * gives it the bytes (TLS: tls.c); the rest goes to the socket. */
+static inline ssize_t ac__send(ac_dispatcher_t *d, const void *buf,
+                               size_t n) {
+  if (d->ready & AC__GATHERING) {
+    return ac__gather_send(d, buf, n);
+  }
+  if (d->xport_) {
+    return ac__xport_send(d, buf, n);
+  }
+  return ac__send_socket(d, buf, n, 0);
 }
 
 /* The emulated socket send buffer of the stream backend: the memory

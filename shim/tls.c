@@ -133,7 +133,7 @@ static int flush_out(tls_t *t, ac_dispatcher_t *d) {
   if (len <= 0) {
     return 0;
   }
-  s = ac__send_socket(d, p, (size_t) len); /* one buffer: one send */
+  s = ac__send_socket(d, p, (size_t) len, 1); /* one buffer: one send */
   if (s < 0) {
     t->backlog = 1;
     return (int) s;

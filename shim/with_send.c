@@ -10,10 +10,10 @@ static ac_dispatcher_with_send_t *dws(ac_dispatcher_t *d) {
 }
 
 /* Whether w is an initialised channel of this class (a channel of another
- * class has no output buffer behind its dispatcher). */
+ * class has no output buffer behind its dispatcher).  Only the class's
+ * init sets the class: a zeroed struct has none. */
 static int is_dws(const ac_dispatcher_with_send_t *w) {
-  return w != NULL && (w->d.flags & AC__F_INIT) &&
-         w->d.cls == &ac__with_send_class;
+  return w != NULL && w->d.cls == &ac__with_send_class;
 }
 
 /* W-05 */
@@ -27,29 +27,51 @@ static int dws_handle_write(ac_dispatcher_t *d) {
   return r < 0 ? r : 0;
 }
 
-static inline int send_buffered(ac_dispatcher_with_send_t *w,
-                                const char *p, size_t n);
+static ssize_t send_buffered(ac_dispatcher_with_send_t *w, const char *p,
+                             size_t n);
 
 static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n);
 
 /* W-02 after the one send of W-03 from an empty buffer returned `sent`:
  * queue what the socket did not take (everything, if the send failed, as
- * Python appended before sending).  Returns 0 or an error. */
-static int queue_unsent(ac_dispatcher_with_send_t *w, const char *p,
-                        size_t n, ssize_t sent) {
+ * Python appended before sending).  Returns n or an error. */
+static ssize_t queue_unsent(ac_dispatcher_with_send_t *w, const char *p,
+                            size_t n, ssize_t sent) {
   int r;
 
+  if (w->d.flags & AC__F_RELEASED) {
+    return UV_EBADF; /* the buffer was freed; nothing would free it again */
+  }
   if (sent < 0) {
     r = append(w, p, n);
-    return r != 0 ? r : (int) sent;
+    return r != 0 ? r : sent;
   }
-  return (size_t) sent < n ? append(w, p + sent, n - (size_t) sent) : 0;
+  r = append(w, p + sent, n - (size_t) sent); /* nothing if all was sent */
+  return r != 0 ? r : (ssize_t) n;
 }
 
-/* ac_send on a dispatcher_with_send channel (arguments checked there). */
+/* W-03 from an empty buffer: the one send goes straight from the caller's
+ * bytes, and only what the socket refused is kept (queue_unsent): the
+ * same bytes on the wire and the same buffer afterwards, one copy fewer.
+ * Returns n or an error. */
+static inline ssize_t send_unbuffered(ac_dispatcher_with_send_t *w,
+                                      const char *p, size_t n) {
+  ssize_t sent = ac__send(&w->d, p, n < AC__DWS_CHUNK ? n : AC__DWS_CHUNK);
+
+  return sent == (ssize_t) n ? sent : queue_unsent(w, p, n, sent);
+}
+
+/* ac_send on a dispatcher_with_send channel (arguments checked there):
+ * W-02, whose usual case is an empty buffer and a message of at most one
+ * send (send_unbuffered); anything else (bytes queued already, a larger
+ * message, debug logging) is send_buffered's.  Returns n or an error. */
 static ssize_t dws_send(ac_dispatcher_t *d, const void *buf, size_t n) {
-  int r = send_buffered(dws(d), buf, n);
-  return r < 0 ? r : (ssize_t) n;
+  ac_dispatcher_with_send_t *w = dws(d);
+
+  if (w->out_len > 0 || n > AC__DWS_CHUNK || d->debug) {
+    return send_buffered(w, buf, n);
+  }
+  return send_unbuffered(w, buf, n);
 }
 
 static void dws_release(ac_dispatcher_t *d) {
@@ -167,20 +189,25 @@ static void log_sending(ac_dispatcher_with_send_t *w, const char *p,
   ac_log_info(&w->d, msg, "info");
 }
 
-/* W-02.  With an empty buffer, the one send of W-03 goes straight from the
- * caller's bytes, and only what the socket refused is copied: the same
- * bytes on the wire and the same buffer afterwards, one copy fewer. */
+/* W-02 */
 int ac_dispatcher_with_send_send(ac_dispatcher_with_send_t *w,
                                  const void *buf, size_t n) {
+  ssize_t r;
+
   if (!is_dws(w) || (buf == NULL && n > 0)) {
     return UV_EINVAL;
   }
-  return send_buffered(w, buf, n);
+  r = send_buffered(w, buf, n);
+  return r < 0 ? (int) r : 0;
 }
 
-static inline int send_buffered(ac_dispatcher_with_send_t *w,
-                                const char *p, size_t n) {
-  ssize_t sent = 0;
+/* W-02 in full: a released channel has no buffer any more; debug logs
+ * the send; bytes queued already go behind them (append, then W-03's
+ * send from the buffer); an empty buffer sends from the caller's bytes.
+ * Returns n or an error. */
+static AC__SPECIAL ssize_t send_buffered(ac_dispatcher_with_send_t *w,
+                                         const char *p, size_t n) {
+  int r;
 
   if (w->d.flags & AC__F_RELEASED) {
     return UV_EBADF; /* the buffer was freed; nothing would free it again */
@@ -188,12 +215,14 @@ static inline int send_buffered(ac_dispatcher_with_send_t *w,
   if (w->d.debug) {
     log_sending(w, p, n);
   }
-  if (w->out_len > 0) {
-    int r = append(w, p, n);
-    return r != 0 ? r : ac_dispatcher_with_send_initiate_send(w);
+  if (w->out_len == 0) {
+    return send_unbuffered(w, p, n);
   }
-  sent = ac__send(&w->d, p, n < AC__DWS_CHUNK ? n : AC__DWS_CHUNK);
-  return queue_unsent(w, p, n, sent);
+  r = append(w, p, n);
+  if (r == 0) {
+    r = ac_dispatcher_with_send_initiate_send(w);
+  }
+  return r < 0 ? r : (ssize_t) n;
 }
 
 size_t ac_dispatcher_with_send_pending(const ac_dispatcher_with_send_t *w) {

@@ -1514,6 +1514,30 @@ TASK(d14_recv_reset) {
   task_map_free(map);
 }
 
+/* D-14: the error the kernel reports once (a pending socket error) is the
+ * receive's own, as Python's recv raises it: a UDP socket connected to a
+ * closed port gets ECONNREFUSED from ICMP; ac_recv returns it (no
+ * disconnection, so no handle_close), and the next receive would block. */
+TASK(d14_recv_pending_error) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  probe_t p;
+  char buf[16];
+
+  ASSERT_OK(probe_init(&p, map, &probe_ops, 0, "udp"));
+  p.keep_open = 1;
+  ASSERT_OK(ac_create_socket(&p.base.d, AF_INET, SOCK_DGRAM));
+  task_addr(AF_INET, closed_port(), &ss);
+  ASSERT_OK(ac_connect(&p.base.d, (struct sockaddr *) &ss));
+  ASSERT_EQ(ac_send(&p.base.d, "x", 1), 1);
+  ASSERT(probe_wait_fd(ac_fileno(&p.base.d), 0, 1000) & POLLERR);
+  ASSERT_EQ(ac_recv(&p.base.d, buf, sizeof(buf)), UV_ECONNREFUSED);
+  ASSERT_EQ(ac_recv(&p.base.d, buf, sizeof(buf)), UV_EAGAIN);
+  ASSERT_STR_EQ(p.trace, "connect "); /* no handle_close */
+  ac_close(&p.base.d);
+  task_map_free(map);
+}
+
 /* D-14 through the loop (test_handle_close): the peer closes at once; the
  * reader's recv sees EOF, which calls handle_close.  Both modes. */
 TASK(d14_eof_in_loop) {
@@ -2355,6 +2379,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d13_send_disconnected),
     TASK_ENTRY(d14_recv),
     TASK_ENTRY(d14_recv_reset),
+    TASK_ENTRY(d14_recv_pending_error),
     TASK_ENTRY(d14_eof_in_loop),
     TASK_ENTRY(d15_close),
     TASK_ENTRY(d15_closed_callback_once),
