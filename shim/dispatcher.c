@@ -876,7 +876,8 @@ ssize_t ac__send(ac_dispatcher_t *d, const void *buf, size_t n) {
     return ac__gather_send(d, buf, n);
   }
   if (d->xport_) {
-    return ac__xport_send(d, buf, n);
+    ssize_t r = ac__xport_send(d, buf, n);
+    return r < 0 ? ac__send_error(d, (int) r) : r;
   }
   return send_socket(d, buf, n, 0);
 }
