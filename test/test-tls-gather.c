@@ -143,7 +143,8 @@ static int gs_collect(ac_chat_t *c, const char *data, size_t n) {
 /* "p S N": N pushes of S bytes; "o S N": push_owned; "r S N": a producer
  * of N chunks of S bytes; "c": close_when_done; "x": ac_close; "f":
  * ac_fileno; "d": discard_buffers; "w": 200 ms asleep (the peer's reset
- * arrives meanwhile). */
+ * arrives meanwhile); "k": a KeyUpdate of the server's own, asking for the
+ * peer's (TLS 1.3). */
 static int gs_found(ac_chat_t *c) {
   gs_t *s = ac_container_of(c, gs_t, chat);
   unsigned size = 0;
@@ -193,6 +194,10 @@ static int gs_found(ac_chat_t *c) {
   case 'w':
     usleep(200000);
     return 0;
+  case 'k':
+    return SSL_key_update(ac_tls_ssl(&c->d), SSL_KEY_UPDATE_REQUESTED) == 1
+               ? 0
+               : AC_EFAIL;
   default:
     return UV_EINVAL;
   }
@@ -278,10 +283,14 @@ static int gs_listen(gs_listener_t *l, ac_map_t *map) {
 
 /* A script is a NULL-terminated list of steps: a string is written as
  * plaintext; K: a KeyUpdate asking for the server's (TLS 1.3); R: a
- * renegotiation request (TLS 1.2); "=N": send what is made, read until the
- * stream has N bytes; the end of the script sends what is made. */
+ * renegotiation request (TLS 1.2); C: close_notify; F: what is made is
+ * sent, then the socket's write side is shut (FIN); "=N": send what is
+ * made, read until the stream has N bytes; the end of the script sends
+ * what is made. */
 #define STEP_KEY "\001K"
 #define STEP_RENEG "\001R"
+#define STEP_CLOSE_NOTIFY "\001C"
+#define STEP_FIN "\001F"
 
 typedef struct {
   int port;
@@ -425,6 +434,13 @@ static void *gc_run(void *arg) {
     } else if (strcmp(st, STEP_RENEG) == 0) {
       SSL_renegotiate(k.ssl);
       SSL_do_handshake(k.ssl); /* makes the ClientHello; wants a reply */
+    } else if (strcmp(st, STEP_CLOSE_NOTIFY) == 0) {
+      SSL_shutdown(k.ssl);
+    } else if (strcmp(st, STEP_FIN) == 0) {
+      if (send_out(&k) != 0) {
+        goto out;
+      }
+      shutdown(k.fd, SHUT_WR);
     } else if (st[0] == '=') {
       if (send_out(&k) != 0 ||
           read_stream(gc, &k, strtoul(st + 1, NULL, 10)) != 0) {
@@ -568,15 +584,16 @@ TASK(tls_gather_peer_stalls_then_reads) {
 }
 
 /* TLS 1.3 KeyUpdates asking for the server's, between pipelined lines of
- * one send: the server answers each (its own KeyUpdate before its next
- * records) while it gathers; every reply arrives in order, and the
- * connection ends cleanly (close_when_done: close_notify). */
+ * one send, and the server's own ("k", from found_terminator): the server
+ * answers each (its own KeyUpdate before its next records) while it
+ * gathers; every reply arrives in order, and the connection ends cleanly
+ * (close_when_done: close_notify). */
 TASK(tls_gather_key_updates_between_pipelined_lines) {
   static char a[200 * 8];
   static char b[200 * 8];
   static char c[200 * 8];
-  const char *script[] = {a, STEP_KEY, b, STEP_KEY, STEP_KEY, c,
-                          "c\n", NULL};
+  const char *script[] = {a, STEP_KEY, b, "k\n", STEP_KEY, STEP_KEY, c,
+                          "k\n", a, "c\n", NULL};
   gs_run_t g;
   gc_t gc;
 
@@ -585,7 +602,7 @@ TASK(tls_gather_key_updates_between_pipelined_lines) {
   lines(b, sizeof(b), "p 60 2\n", 200);
   lines(c, sizeof(c), "p 60 2\n", 200);
   gc.script = script;
-  gc.expect = 600 * 120;
+  gc.expect = 800 * 120;
   gc.read_end = 1;
   run_start(&g, &gc);
   run_client(&g, &gc);
@@ -634,9 +651,11 @@ TASK(tls_gather_large_small_owned_and_producer_pushes) {
                           "p 1 1\n"
                           "r 10 3\n"
                           "o 33000 2\n"
+                          "r 40000 2\n"  /* chunks larger than it */
                           "c\n",
                           NULL};
-  size_t total = 30000 + 40000 + 70000 + 90000 + 100000 + 1 + 30 + 66000;
+  size_t total =
+      30000 + 40000 + 70000 + 90000 + 100000 + 1 + 30 + 66000 + 80000;
   gs_run_t g;
   gc_t gc;
 
@@ -682,6 +701,38 @@ TASK(tls_gather_large_pushes_to_a_stalled_peer) {
   ASSERT_EQ(g.l.s->errors, 0);
   run_end(&g);
 }
+
+/* The peer's end in the middle of a pipelined burst, in the same send as
+ * its lines: close_notify then FIN (half-close: it still reads), or a FIN
+ * alone (a ragged EOF): the replies to the lines before it arrive, in
+ * order, then the server's close_notify (handle_close closes: C-15). */
+static void end_after_lines(int notify) {
+  static char a[300 * 8];
+  const char *with_notify[] = {a, STEP_CLOSE_NOTIFY, STEP_FIN, NULL};
+  const char *ragged[] = {a, STEP_FIN, NULL};
+  gs_run_t g;
+  gc_t gc;
+
+  memset(&gc, 0, sizeof(gc));
+  lines(a, sizeof(a), "p 30 2\n", 300);
+  gc.script = notify ? with_notify : ragged;
+  gc.expect = 300 * 60;
+  gc.read_end = 1;
+  run_start(&g, &gc);
+  run_client(&g, &gc);
+  ASSERT(g.l.s != NULL);
+  ASSERT(run_while_not(g.map, released, g.l.s));
+  ASSERT_EQ(gc.bad, SIZE_MAX);
+  ASSERT_EQ(gc.got, gc.expect);
+  ASSERT_EQ(gc.end_error, SSL_ERROR_ZERO_RETURN);
+  ASSERT_EQ(g.l.s->closes, 1);
+  ASSERT_EQ(g.l.s->errors, 0);
+  run_end(&g);
+}
+
+TASK(tls_gather_close_notify_after_pipelined_lines) { end_after_lines(1); }
+
+TASK(tls_gather_ragged_eof_after_pipelined_lines) { end_after_lines(0); }
 
 /* C-20: close_when_done in the middle of a parse: what was pushed before
  * it arrives, then close_notify; the lines after it in the same receive
@@ -850,6 +901,8 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_gather_renegotiation_after_pipelined_lines),
       TASK_ENTRY(tls_gather_large_small_owned_and_producer_pushes),
       TASK_ENTRY(tls_gather_large_pushes_to_a_stalled_peer),
+      TASK_ENTRY(tls_gather_close_notify_after_pipelined_lines),
+      TASK_ENTRY(tls_gather_ragged_eof_after_pipelined_lines),
       TASK_ENTRY(tls_gather_close_when_done_mid_parse),
       TASK_ENTRY(tls_gather_ac_close_mid_parse),
       TASK_ENTRY(tls_gather_fileno_and_discard_mid_parse),
