@@ -68,7 +68,7 @@ typedef struct {
   int prods;
   int passes;       /* readable() calls: one per pass of the loop */
   int fileno_ok;
-  int free_fail;    /* a free_fn called for bytes not pushed */
+  int finish;       /* handle_close: close_when_done, not close */
 } gs_t;
 
 typedef struct {
@@ -209,7 +209,12 @@ static int gs_readable(ac_dispatcher_t *d) {
 }
 
 static int gs_close(ac_dispatcher_t *d) {
-  ac_container_of(d, gs_t, chat.d)->closes++;
+  gs_t *s = ac_container_of(d, gs_t, chat.d);
+
+  s->closes++;
+  if (s->finish && s->closes == 1) {
+    return ac_chat_close_when_done(&s->chat); /* the replies first */
+  }
   return ac_close(d);
 }
 
@@ -236,6 +241,7 @@ typedef struct {
   chan_t l;
   SSL_CTX *ctx;
   gs_t *s;
+  int finish; /* for gs_t */
 } gs_listener_t;
 
 static void gs_accepted(chan_t *c, uv_os_sock_t sock) {
@@ -250,6 +256,7 @@ static void gs_accepted(chan_t *c, uv_os_sock_t sock) {
     free(s);
     return;
   }
+  s->finish = l->finish;
   l->s = s;
 }
 
@@ -501,7 +508,7 @@ typedef struct {
   pthread_t th;
 } gs_run_t;
 
-static void run_start(gs_run_t *g, gc_t *gc) {
+static void run_start_finish(gs_run_t *g, gc_t *gc, int finish) {
   int port;
 
   g->map = task_map_new();
@@ -509,9 +516,12 @@ static void run_start(gs_run_t *g, gc_t *gc) {
   ac_map_set_log_sink(g->map, chan_quiet_sink, NULL);
   port = gs_listen(&g->l, g->map);
   ASSERT_GT(port, 0);
+  g->l.finish = finish;
   gc->port = port;
   ASSERT_EQ(pthread_create(&g->th, NULL, gc_run, gc), 0);
 }
+
+static void run_start(gs_run_t *g, gc_t *gc) { run_start_finish(g, gc, 0); }
 
 static void run_client(gs_run_t *g, gc_t *gc) {
   ASSERT(run_while_not(g->map, gc_done, gc));
@@ -732,6 +742,35 @@ static void end_after_lines(int notify) {
 
 TASK(tls_gather_close_notify_after_pipelined_lines) { end_after_lines(1); }
 
+/* Half-close: the peer sends its lines and close_notify in one send and
+ * reads only later; the server's handle_close finishes (close_when_done,
+ * C-20) instead of closing: every reply (most still in the fifo when the
+ * end came) arrives in order, then close_notify. */
+TASK(tls_gather_half_close_replies_finish) {
+  static char a[600 * 12];
+  const char *script[] = {a, STEP_CLOSE_NOTIFY, NULL};
+  gs_run_t g;
+  gc_t gc;
+
+  memset(&gc, 0, sizeof(gc));
+  lines(a, sizeof(a), "p 1500 2\n", 600);
+  gc.script = script;
+  gc.stall_ms = 300;
+  gc.expect = 600 * 3000;
+  gc.read_end = 1;
+  run_start_finish(&g, &gc, 1);
+  run_client(&g, &gc);
+  ASSERT(g.l.s != NULL);
+  ASSERT(run_while_not(g.map, released, g.l.s));
+  ASSERT_EQ(gc.bad, SIZE_MAX);
+  ASSERT_EQ(gc.got, gc.expect);
+  ASSERT_EQ(gc.end_error, SSL_ERROR_ZERO_RETURN);
+  /* the end of the input, then the close marker's (C-20) */
+  ASSERT_EQ(g.l.s->closes, 2);
+  ASSERT_EQ(g.l.s->errors, 0);
+  run_end(&g);
+}
+
 TASK(tls_gather_ragged_eof_after_pipelined_lines) { end_after_lines(0); }
 
 /* C-20: close_when_done in the middle of a parse: what was pushed before
@@ -903,6 +942,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_gather_large_pushes_to_a_stalled_peer),
       TASK_ENTRY(tls_gather_close_notify_after_pipelined_lines),
       TASK_ENTRY(tls_gather_ragged_eof_after_pipelined_lines),
+      TASK_ENTRY(tls_gather_half_close_replies_finish),
       TASK_ENTRY(tls_gather_close_when_done_mid_parse),
       TASK_ENTRY(tls_gather_ac_close_mid_parse),
       TASK_ENTRY(tls_gather_fileno_and_discard_mid_parse),
