@@ -166,8 +166,9 @@ static int flush_socket(ac_dispatcher_t *d, const char *p, size_t n) {
 
 /* The gathered plaintext to the transport, which takes it all (a TLS
  * record at most per 16 KiB: gather_max leaves the send buffer room for
- * them).  Returns 0, or the transport's error; taking less means the peer
- * went away, and the transport has called handle_close (D-13). */
+ * them).  Returns 0, or the transport's error, a disconnection among them:
+ * reported as flush_socket's, by the flush's caller (once: D-13; inside
+ * ac_close or ac_fileno not at all, the next use meets it). */
 static int flush_transport(ac_dispatcher_t *d, const char *p, size_t n) {
   ssize_t r = ac__xport_send(d, p, n);
 

@@ -315,6 +315,10 @@ AC__HIDDEN extern const ac__class_t ac__file_class;
 typedef struct ac__xport_s ac__xport_t;
 typedef struct ac__xport_ops_s {
   ssize_t (*recv)(ac_dispatcher_t *d, void *buf, size_t n);
+  /* The bytes taken, 0 (would-block) or an error; a disconnection is
+   * returned as its code, as ac__send_socket returns it: handle_close is
+   * the caller's to call (ac__send), or to leave to the next use (a
+   * gathering's flush inside ac_close or ac_fileno, burst.c). */
   ssize_t (*send)(ac_dispatcher_t *d, const void *buf, size_t n);
   /* The connect event: <0 an error, 0 not established yet, 1 established
    * (handle_connect follows). */
@@ -417,7 +421,8 @@ static inline ssize_t ac__send(ac_dispatcher_t *d, const void *buf,
     return ac__gather_send(d, buf, n);
   }
   if (d->xport_) {
-    return ac__xport_send(d, buf, n);
+    ssize_t r = ac__xport_send(d, buf, n);
+    return r < 0 ? ac__send_error(d, (int) r) : r;
   }
   return ac__send_socket(d, buf, n, 0);
 }

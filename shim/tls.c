@@ -358,7 +358,9 @@ static size_t record_room(const ac_dispatcher_t *d) {
 
 /* ac__send of a TLS channel: plaintext in, records out, as long as the
  * emulated send buffer has room for them.  Returns the plaintext taken, 0
- * (would-block: the handshake runs, or no room), or an error. */
+ * (would-block: the handshake runs, or no room), or an error: a socket's
+ * (a disconnection too) is returned as its code, for the caller to report
+ * (xport.c), as ac__send_socket returns it. */
 static ssize_t tls_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   tls_t *t = tls_of(d);
   size_t done = 0;
@@ -368,7 +370,7 @@ static ssize_t tls_send(ac_dispatcher_t *d, const void *buf, size_t n) {
     return t->state == FAILED ? t->fail : 0;
   }
   if (t->backlog && (f = flush_out(t, d)) < 0) {
-    return socket_end(d, f);
+    return f;
   }
   if (t->backlog) {
     return 0; /* earlier ciphertext still waits for room */
@@ -387,7 +389,7 @@ static ssize_t tls_send(ac_dispatcher_t *d, const void *buf, size_t n) {
     done += k;
     f = flush_out(t, d);
     if (f < 0) {
-      return socket_end(d, f); /* the peer is gone: handle_close */
+      return f; /* the peer is gone: the caller reports it */
     }
   }
   return (ssize_t) done;

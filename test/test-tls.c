@@ -779,8 +779,10 @@ static int read_line(int fd, char *buf, size_t cap) {
 
 typedef struct {
   int port;
-  int pipelined; /* the ClientHello in the same send as STARTTLS */
+  int pipelined; /* the ClientHello in the same send as STARTTLS; 2: and
+                    the plaintext lines before it too */
   char before[64];
+  char mid[64];   /* pipelined 2: the second plaintext reply */
   char after[64];
   char reply[64];
   int first_read; /* bytes of the reply's first SSL_read: one record's */
@@ -802,22 +804,32 @@ static void *st_client(void *arg) {
   }
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   SSL_set1_host(ssl, "localhost");
-  send(fd, "one\n", 4, 0);
-  if (read_line(fd, sc->before, sizeof(sc->before)) != 0) {
-    goto out;
+  if (sc->pipelined < 2) {
+    send(fd, "one\n", 4, 0);
+    if (read_line(fd, sc->before, sizeof(sc->before)) != 0) {
+      goto out;
+    }
   }
   if (sc->pipelined) {
-    /* STARTTLS and the ClientHello in one segment: the server reads both
-     * in one receive */
+    /* STARTTLS and the ClientHello in one segment (with the plaintext
+     * lines before them: 2): the server reads them in one receive */
     BIO *in = BIO_new(BIO_s_mem());
     BIO *out = BIO_new(BIO_s_mem());
+    const char *head =
+        sc->pipelined == 2 ? "one\ntwo\nSTARTTLS\n" : "STARTTLS\n";
+    size_t hn = strlen(head);
     char hello[4096];
-    memcpy(hello, "STARTTLS\n", 9);
+    memcpy(hello, head, hn);
     SSL_set_bio(ssl, in, out);
     SSL_set_connect_state(ssl);
     SSL_do_handshake(ssl);
-    n = BIO_read(out, hello + 9, (int) sizeof(hello) - 9);
-    send(fd, hello, (size_t) n + 9, 0);
+    n = BIO_read(out, hello + hn, (int) (sizeof(hello) - hn));
+    send(fd, hello, (size_t) n + hn, 0);
+    if (sc->pipelined == 2 &&
+        (read_line(fd, sc->before, sizeof(sc->before)) != 0 ||
+         read_line(fd, sc->mid, sizeof(sc->mid)) != 0)) {
+      goto out;
+    }
     if (read_line(fd, sc->after, sizeof(sc->after)) != 0) {
       goto out;
     }
@@ -894,6 +906,9 @@ static void starttls(int pipelined) {
   ASSERT(l.s != NULL);
   ASSERT_OK(l.s->starttls_rc);
   ASSERT_STR_EQ(sc.before, "> one\n");
+  if (pipelined == 2) {
+    ASSERT_STR_EQ(sc.mid, "> two\n");
+  }
   ASSERT_STR_EQ(sc.after, "220 go\n");
   ASSERT_STR_EQ(sc.reply, "> two\n");
   /* the three pushes of found_terminator were gathered: one record (an
@@ -913,6 +928,11 @@ TASK(tls_starttls_line_server) { starttls(0); }
 /* The hello comes in the same receive as the STARTTLS line: the chat's
  * parse hands the rest of that input to TLS, no byte lost. */
 TASK(tls_starttls_pipelined_hello) { starttls(1); }
+
+/* Plaintext lines, STARTTLS and the hello in one receive: the replies
+ * gathered before the switch leave in the clear, in order, before the
+ * handshake's first byte (chat.md "Gathering", tls.md STARTTLS). */
+TASK(tls_starttls_after_pipelined_plaintext_lines) { starttls(2); }
 
 /* ---------------------------------------------------------------- */
 /* Gathering under TLS: the replies to pipelined lines                  */
@@ -1252,6 +1272,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_stops_reading),
       TASK_ENTRY(tls_starttls_line_server),
       TASK_ENTRY(tls_starttls_pipelined_hello),
+      TASK_ENTRY(tls_starttls_after_pipelined_plaintext_lines),
       TASK_ENTRY(tls_chat_gathers_pipelined_replies),
       TASK_ENTRY(tls_starttls_after_input_received_ahead),
       TASK_ENTRY(tls_bad_calls),
