@@ -15,7 +15,7 @@
 #define LIMIT ((size_t) 64 * 1024)
 #define TOTAL ((size_t) 2 * 1024 * 1024) /* what the peer sends */
 #define RECV 4096                        /* one receive of the channels */
-#define LINE 16                          /* the chat peer's lines */
+#define LINE 64                          /* the chat peer's lines */
 #define ENTRY 96 /* what a chat's fifo entry counts (uvasyncore.h) */
 
 static const int modes[2] = {0, 1}; /* select mode, poll mode */
@@ -251,50 +251,28 @@ static void limited(int kind, int mode, int tcp) {
   task_map_free(map);
 }
 
-/* W-02 with the limit: dispatcher_with_send. */
-TASK(w02_x_output_limit_never_reader) {
-  int i;
-  int tcp;
-
-  for (i = 0; i < 2; i++) {
-    for (tcp = 0; tcp < 2; tcp++) {
-      limited(K_WITH_SEND, modes[i], tcp);
-      if (task_failed) {
-        fprintf(stderr, "  mode %d tcp %d\n", modes[i], tcp);
-        return;
-      }
-    }
-  }
-}
-
-/* C-16, Q-26 with the limit: async_chat's pushes. */
-TASK(c16_x_output_limit_never_reader) {
-  int i;
-  int tcp;
-
-  for (i = 0; i < 2; i++) {
-    for (tcp = 0; tcp < 2; tcp++) {
-      limited(K_CHAT_PUSH, modes[i], tcp);
-      if (task_failed) {
-        fprintf(stderr, "  mode %d tcp %d\n", modes[i], tcp);
-        return;
-      }
-    }
-  }
-}
-
-/* P-01 with the limit: async_chat's producers (each fifo entry counts). */
-TASK(p01_x_output_limit_never_reader) {
+/* The runs of a kind: the stream backend (TCP) in select mode, the poll
+ * backend (AF_UNIX) in poll mode. */
+static void limited_runs(int kind) {
   int tcp;
 
   for (tcp = 0; tcp < 2; tcp++) {
-    limited(K_CHAT_PRODUCER, 1, tcp);
+    limited(kind, modes[!tcp], tcp);
     if (task_failed) {
       fprintf(stderr, "  tcp %d\n", tcp);
       return;
     }
   }
 }
+
+/* W-02 with the limit: dispatcher_with_send. */
+TASK(w02_x_output_limit_never_reader) { limited_runs(K_WITH_SEND); }
+
+/* C-16, Q-26 with the limit: async_chat's pushes. */
+TASK(c16_x_output_limit_never_reader) { limited_runs(K_CHAT_PUSH); }
+
+/* P-01 with the limit: async_chat's producers (each fifo entry counts). */
+TASK(p01_x_output_limit_never_reader) { limited_runs(K_CHAT_PRODUCER); }
 
 /* Whether e reads nothing in 20 passes while the peer has input waiting. */
 static int stays_quiet(ac_map_t *map, echo_t *e, peer_t *p) {
