@@ -10,9 +10,9 @@
  * every connection speaks TLS (docs/tls.md; the benchmark's TLS peer).
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
- * echo_server.md): reading pauses (ac_pause_reading) while --max-output
- * (256 KiB) waits for a client that does not read, and resumes once half
- * of it has drained; a connection that sent nothing and drained
+ * echo_server.md): reading pauses while --max-output (256 KiB) waits for
+ * a client that does not read, and resumes once half of it has drained
+ * (the map's output limit, set by guard_init); a connection that sent nothing and drained
  * nothing for --idle seconds (60) is closed; beyond --max-conns (10000)
  * connections, new ones are closed at once.  Echo holds no request, so
  * there is no input cap (--max-input is accepted and unused).  A client
@@ -53,9 +53,6 @@ static int handler_read(ac_dispatcher_t *d) {
   if (n > 0) {
     guard_progress(&guard, &handler_of(d)->conn);
     n = ac_send(d, data, (size_t) n);
-    if (n > 0) {
-      guard_pause_if_full(&guard, d, queued(d));
-    }
   }
   return n < 0 && n != UV_EAGAIN ? (int) n : 0;
 }
@@ -73,19 +70,15 @@ static int handler_close(ac_dispatcher_t *d) {
 }
 
 /* dispatcher_with_send's handle_write, then: closes a half-closed
- * connection once its echo is sent, or resumes reading once the output
- * has drained (every drain of the buffer goes through here). */
+ * connection once its echo is sent. */
 static int handler_write(ac_dispatcher_t *d) {
   echo_handler_t *h = handler_of(d);
   int r = ac_dispatcher_with_send_initiate_send(&h->base);
 
-  if (r != 0) {
+  if (r != 0 || !d->closing) {
     return r;
   }
-  if (d->closing) { /* half-closed: close once the echo is sent */
-    return queued(d) == 0 ? ac_close(d) : 0;
-  }
-  return guard_resume_if_drained(&guard, d, queued(d));
+  return queued(d) == 0 ? ac_close(d) : 0; /* half-closed, echo sent */
 }
 
 static void handler_closed(ac_dispatcher_t *d) {

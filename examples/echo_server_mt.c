@@ -51,9 +51,6 @@ static int handler_read(ac_dispatcher_t *d) {
   if (n > 0) {
     guard_progress(handler_of(d)->guard, &handler_of(d)->conn);
     n = ac_send(d, data, (size_t) n);
-    if (n > 0) { /* back-pressure: pause at --max-output */
-      guard_pause_if_full(handler_of(d)->guard, d, queued(d));
-    }
   }
   return n < 0 && n != UV_EAGAIN ? (int) n : 0;
 }
@@ -67,19 +64,16 @@ static int handler_close(ac_dispatcher_t *d) {
   return ac_pause_reading(d, 1); /* for good: the client sends no more */
 }
 
-/* Send, then close a half-closed connection once its echo is out, or
- * resume reading once the output has drained (as echo_server). */
+/* Send, then close a half-closed connection once its echo is out (as
+ * echo_server). */
 static int handler_write(ac_dispatcher_t *d) {
   echo_handler_t *h = handler_of(d);
   int r = ac_dispatcher_with_send_initiate_send(&h->base);
 
-  if (r != 0) {
+  if (r != 0 || !d->closing) {
     return r;
   }
-  if (d->closing) { /* half-closed: close once the echo is sent */
-    return queued(d) == 0 ? ac_close(d) : 0;
-  }
-  return guard_resume_if_drained(h->guard, d, queued(d));
+  return queued(d) == 0 ? ac_close(d) : 0; /* half-closed, echo sent */
 }
 
 static void handler_closed(ac_dispatcher_t *d) {

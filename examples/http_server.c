@@ -106,9 +106,8 @@ static int respond(http_t *h, int status, const char *reason,
   if (r == 0 && n > 0 && !h->head) {
     r = ac_chat_push(&h->chat, body, n);
   }
-  if (r == 0 && !h->keep_alive) {
-    h->done = 1;
-    r = ac_chat_close_when_done(&h->chat);
+  if (!h->keep_alive) {
+    r = chat_finish(&h->chat, &h->done, r);
   }
   return r;
 }
@@ -215,19 +214,6 @@ static int on_found(ac_chat_t *c) {
   return r != 0 ? r : ac_chat_set_terminator(c, "\r\n\r\n", 4);
 }
 
-/* Back-pressure at no cost per pass (serve.h): reading pauses while
- * --max-output bytes wait for a client that does not read its responses,
- * and resumes from handle_write once half of it has drained. */
-static int on_read(ac_dispatcher_t *d) {
-  http_t *h = http_of(ac_chat_of(d));
-
-  return guard_chat_read(&guard, d, &h->done);
-}
-
-static int on_write(ac_dispatcher_t *d) {
-  return guard_chat_write(&guard, d, http_of(ac_chat_of(d))->done);
-}
-
 /* The client half-closed: the responses already queued still go out. */
 static int on_close(ac_dispatcher_t *d) {
   http_t *h = http_of(ac_chat_of(d));
@@ -253,9 +239,7 @@ static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
 }
 
 static const ac_chat_ops_t http_ops = {
-    .base = {.handle_read = on_read,
-             .handle_write = on_write,
-             .handle_close = on_close,
+    .base = {.handle_close = on_close,
              .closed = on_closed,
              .handle_error = on_error,
              .type_name = "http_request_handler"},

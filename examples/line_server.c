@@ -15,10 +15,11 @@
  *
  * Hardened as docs/porting.md describes (limits in docs/examples/
  * line_server.md): a line longer than --max-input (64 KiB) gets
- * "ERROR line too long" and a close; reading pauses (ac_pause_reading)
- * once --max-output (256 KiB) of replies is queued and resumes once half
- * of it has drained, and each read is sized so that its replies cannot
- * take the queue past --max-output + --max-input; a
+ * "ERROR line too long" and a close; reading pauses once --max-output
+ * (256 KiB) of replies is queued and resumes once half of it has drained
+ * (the map's output limit, set by guard_init), and while replies are
+ * queued each read is sized so that its replies cannot take the queue
+ * past --max-output + --max-input; a
  * connection without a complete line for --idle seconds (60) is closed;
  * beyond --max-conns (1000)
  * connections, new ones are closed at once.  A client that half-closes
@@ -93,10 +94,46 @@ static COLD int grow(client_t *cl, size_t n) {
  * ignored. */
 static COLD int refuse(client_t *cl) {
   static const char msg[] = "ERROR line too long\n";
-  int r = ac_chat_push(&cl->chat, msg, sizeof(msg) - 1);
 
-  cl->done = 1;
-  return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
+  return chat_finish(&cl->chat, &cl->done,
+                     ac_chat_push(&cl->chat, msg, sizeof(msg) - 1));
+}
+
+/* One read can queue a reply per byte (empty lines: 97 bytes of queue
+ * each), more than the map's output limit bounds (it stops reading only
+ * after the read's replies are queued).  So while replies are queued, each
+ * read asks for no more than keeps the queue under --max-output +
+ * --max-input: sized for the next read from the output queued now, which
+ * only shrinks until that read.  A field write, where a readable()
+ * override would cost every pass. */
+static size_t read_size(size_t q) {
+  size_t room = (guard.lim.max_output + guard.lim.max_input - q) / 97;
+
+  return room == 0                     ? 1
+         : room < AC_CHAT_BUFFER_SIZE ? room
+                                      : AC_CHAT_BUFFER_SIZE;
+}
+
+/* The size of a read with nothing queued (set in main, after the options). */
+static size_t full_read;
+
+static void size_next_read(client_t *cl, size_t q) {
+  cl->chat.ac_in_buffer_size = read_size(q);
+}
+
+/* After a reply: the usual case, every reply went out and the read size
+ * is full, costs a test; otherwise the next read is sized (COLD: the
+ * common path saves no registers for it).  The last reply of a read sizes
+ * the read after it. */
+static COLD void size_after_reply(client_t *cl) {
+  size_next_read(cl, chat_queued(&cl->chat));
+}
+
+static void check_read_size(client_t *cl) {
+  if (ac_chat_fifo_len(&cl->chat) > 0 ||
+      cl->chat.ac_in_buffer_size != full_read) {
+    size_after_reply(cl);
+  }
 }
 
 /* collect_incoming_data when the buffer is too small: grow it, then
@@ -145,7 +182,9 @@ static int on_line(ac_chat_t *c) {
   cl->line[n] = '\n';
   cl->len = 0;
   guard_progress(&guard, &cl->conn);
-  return ac_chat_push(c, cl->line, n + 1);
+  r = ac_chat_push(c, cl->line, n + 1);
+  check_read_size(cl);
+  return r;
 }
 
 /* found_terminator with --tls: STARTTLS upgrades the connection in place,
@@ -166,64 +205,17 @@ static int on_line_starttls(ac_chat_t *c) {
   return r != 0 ? r : ac_tls_server(&c->d, serve_tls);
 }
 
-/* One read can queue a reply per byte (empty lines: 97 bytes of queue
- * each), so each read asks for no more than keeps the queue under
- * --max-output + --max-input: sized here, for the next read, from the
- * output queued now (which only shrinks until that read).  A field write,
- * where a readable() override would cost every pass. */
-static size_t read_size(size_t q) {
-  size_t room = (guard.lim.max_output + guard.lim.max_input - q) / 97;
-
-  return room == 0                     ? 1
-         : room < AC_CHAT_BUFFER_SIZE ? room
-                                      : AC_CHAT_BUFFER_SIZE;
-}
-
-/* The size of a read with nothing queued (set in main, after the options). */
-static size_t full_read;
-
-static void size_next_read(client_t *cl, size_t q) {
-  cl->chat.ac_in_buffer_size = read_size(q);
-}
-
-/* handle_read: async_chat's, then back-pressure: reading pauses while
- * --max-output bytes wait for a client that does not read its replies
- * (on_write resumes it), and for good once refused or half-closed. */
-static int on_read(ac_dispatcher_t *d) {
-  client_t *cl = client_of(ac_chat_of(d));
-  int r = ac_default_handle_read(d);
-  size_t q;
-
-  if (ac_chat_fifo_len(&cl->chat) == 0 && !cl->done &&
-      cl->chat.ac_in_buffer_size == full_read) {
-    return r; /* the usual case: every reply went out, nothing to bound */
-  }
-  q = chat_queued(&cl->chat);
-  if (cl->done || q >= guard.lim.max_output) {
-    ac_pause_reading(d, 1);
-  } else {
-    size_next_read(cl, q);
-  }
-  return r;
-}
-
-/* handle_write: async_chat's send, then a paused client whose replies are
- * down to half of --max-output reads again.  Every drain of the queue
- * comes through here, so a paused client cannot be forgotten. */
+/* handle_write: async_chat's send; queued replies drain only here (or in
+ * a push's send, which check_read_size follows), so the read size comes
+ * back as the queue shrinks. */
 static int on_write(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
   int r = ac_chat_initiate_send(&cl->chat);
-  size_t q;
 
-  if (r != 0 || cl->done || !ac_reading_paused(d)) {
-    return r;
+  if (cl->chat.ac_in_buffer_size != full_read) {
+    size_after_reply(cl);
   }
-  q = chat_queued(&cl->chat);
-  if (q > guard.lim.max_output / 2) {
-    return 0;
-  }
-  size_next_read(cl, q);
-  return ac_pause_reading(d, 0);
+  return r;
 }
 
 /* The client half-closed: the replies already queued still go out. */
@@ -254,8 +246,7 @@ static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
 }
 
 static const ac_chat_ops_t client_ops = {
-    .base = {.handle_read = on_read,
-             .handle_write = on_write,
+    .base = {.handle_write = on_write,
              .handle_close = on_close,
              .closed = on_closed,
              .handle_error = on_error,
@@ -267,8 +258,7 @@ static const ac_chat_ops_t client_ops = {
 /* The same with --tls: STARTTLS (a table of its own, so that the plain
  * server's found_terminator costs nothing more per line). */
 static const ac_chat_ops_t client_tls_ops = {
-    .base = {.handle_read = on_read,
-             .handle_write = on_write,
+    .base = {.handle_write = on_write,
              .handle_close = on_close,
              .closed = on_closed,
              .handle_error = on_error,

@@ -224,10 +224,7 @@ static int reply(client_t *cl, const char *s, size_t n) {
 /* A protocol error or an input over the caps: the error, then a close
  * once it is sent; what the client sends meanwhile is ignored. */
 static int refuse(client_t *cl, const char *msg) {
-  int r = reply_str(cl, msg);
-
-  cl->done = 1;
-  return r != 0 ? r : ac_chat_close_when_done(&cl->chat);
+  return chat_finish(&cl->chat, &cl->done, reply_str(cl, msg));
 }
 
 
@@ -573,19 +570,6 @@ static int on_collect(ac_chat_t *c, const char *data, size_t n) {
                     guard.lim.max_input + MAX_LINE + 2, data, n);
 }
 
-/* Back-pressure at no cost per pass (serve.h): reading pauses while
- * --max-output bytes wait for a client that does not read its replies,
- * and resumes from handle_write once half of it has drained. */
-static int on_read(ac_dispatcher_t *d) {
-  client_t *cl = client_of(ac_chat_of(d));
-
-  return guard_chat_read(&guard, d, &cl->done);
-}
-
-static int on_write(ac_dispatcher_t *d) {
-  return guard_chat_write(&guard, d, client_of(ac_chat_of(d))->done);
-}
-
 /* The client half-closed: the replies already queued still go out. */
 static int on_close(ac_dispatcher_t *d) {
   client_t *cl = client_of(ac_chat_of(d));
@@ -612,9 +596,7 @@ static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {
 }
 
 static const ac_chat_ops_t client_ops = {
-    .base = {.handle_read = on_read,
-             .handle_write = on_write,
-             .handle_close = on_close,
+    .base = {.handle_close = on_close,
              .closed = on_closed,
              .handle_error = on_error,
              .type_name = "RespClient"},

@@ -39,7 +39,8 @@ typedef struct {
                         an error reply, then a close */
   size_t max_output; /* --max-output BYTES: reading pauses once this much
                         output is queued, and resumes once half of it has
-                        drained (back-pressure) */
+                        drained (back-pressure: the map's output limit,
+                        ac_map_set_output_limit) */
   double idle;       /* --idle SECONDS: a connection that made no progress
                         (no complete request, no output drained) for this
                         long is closed; 0: never */
@@ -141,7 +142,7 @@ static inline int tls_option(int argc, char **argv, int *i) {
 typedef struct conn_s {
   struct conn_s *prev;
   struct conn_s *next;
-  uint64_t last;   /* loop time (ms) of the last progress */
+  uint64_t last;   /* guard_t.now at the last progress */
   size_t queued;   /* output queued at the last sweep */
 } conn_t;
 
@@ -151,6 +152,7 @@ typedef struct {
   conn_t list;     /* sentinel of a circular list */
   size_t n;        /* connections in it */
   ptrdiff_t channel_off; /* where a conn_t's channel is, from the conn_t */
+  uint64_t now;    /* loop time (ms) of the last sweep (or of guard_init) */
   ac_timer_t sweep;
   uv_loop_t *loop;
 } guard_t;
@@ -160,16 +162,30 @@ static inline ac_dispatcher_t *guard_channel(const guard_t *g, conn_t *c) {
   return (ac_dispatcher_t *) ((char *) c + g->channel_off);
 }
 
-/* Idle connections are looked for every quarter of the idle timeout: one
+/* How often idle connections are looked for: every eighth of the idle
+ * timeout (in ms, at least 1). */
+static inline uint64_t guard_every_ms(const guard_t *g) {
+  uint64_t every = (uint64_t) (g->lim.idle * 1000 / 8);
+
+  return every > 0 ? every : 1;
+}
+
+/* Idle connections are looked for every eighth of the idle timeout: one
  * timer for the whole server, a walk of the list, no timer per
- * connection. */
+ * connection.  A connection's progress is stamped with the time of the
+ * sweep before it (guard_progress: no clock read per request), so it
+ * happened at most one period later than its stamp: a connection is
+ * closed once its stamp is the timeout plus one period old, after between
+ * the timeout and the timeout plus two periods (a quarter) without
+ * progress. */
 static inline int guard_sweep(ac_timer_t *t, void *arg) {
   guard_t *g = arg;
   uint64_t now = uv_now(g->loop);
-  uint64_t idle_ms = (uint64_t) (g->lim.idle * 1000);
+  uint64_t idle_ms = (uint64_t) (g->lim.idle * 1000) + guard_every_ms(g);
   conn_t *c = g->list.next;
 
   (void) t;
+  g->now = now;
   while (c != &g->list) {
     conn_t *next = c->next; /* ac_close: `closed` (which unlinks) comes
                                later, from the loop */
@@ -188,7 +204,13 @@ static inline int guard_sweep(ac_timer_t *t, void *arg) {
 }
 
 /* Sets up the guard of `map`; `queued` tells how much output a channel
- * holds (ac_chat_out_bytes for a chat ...).  Returns 0 or an error. */
+ * holds (ac_chat_out_bytes for a chat ...).  Back-pressure is the map's
+ * output limit at --max-output (ac_map_set_output_limit): reading pauses
+ * once that much output waits for a client that does not read, and
+ * resumes once half of it has drained, checked by the library only where
+ * output is queued or drained (asyncore's way, a readable() override,
+ * would be asked of every channel in every pass, L-10).  Returns 0 or an
+ * error. */
 static inline int guard_init(guard_t *g, ac_map_t *map,
                       size_t (*queued)(ac_dispatcher_t *d)) {
   int r;
@@ -197,9 +219,13 @@ static inline int guard_init(guard_t *g, ac_map_t *map,
   g->list.next = g->list.prev = &g->list;
   g->n = 0;
   g->loop = ac_map_loop(map);
-  r = ac_timer_init(map, &g->sweep);
+  g->now = uv_now(g->loop);
+  r = ac_map_set_output_limit(map, g->lim.max_output);
+  if (r == 0) {
+    r = ac_timer_init(map, &g->sweep);
+  }
   if (r == 0 && g->lim.idle > 0) {
-    double every = g->lim.idle / 4;
+    double every = (double) guard_every_ms(g) / 1000;
     r = ac_timer_start(&g->sweep, every, every, guard_sweep, g);
   }
   return r;
@@ -214,7 +240,7 @@ static inline int guard_admit(const guard_t *g) {
  * is its channel, in the same struct as `c`. */
 static inline void guard_add(guard_t *g, conn_t *c, ac_dispatcher_t *d) {
   g->channel_off = (char *) d - (char *) c; /* the same for every one */
-  c->last = uv_now(g->loop);
+  c->last = uv_now(g->loop); /* exact: the sweep's clock may be old */
   c->queued = 0;
   c->next = &g->list;
   c->prev = g->list.prev;
@@ -235,35 +261,12 @@ static inline void guard_remove(guard_t *g, conn_t *c) {
   g->n--;
 }
 
-/* A complete request arrived: the idle clock starts over.  Bytes of an
- * incomplete request do not count, so a client that sends one byte a
- * second (slowloris) is still closed when the timeout runs out. */
-static inline void guard_progress(guard_t *g, conn_t *c) {
-  c->last = uv_now(g->loop);
-}
-
-/* Back-pressure at no cost per pass.  asyncore's way is a readable()
- * override, but asyncore asks an overridden predicate of every channel in
- * every pass (L-10): 5,000 idle connections would cost every pass 5,000
- * calls.  Instead, a handler that has just queued `queued` bytes of output
- * (the end of handle_read) pauses the channel at --max-output ... */
-static inline void guard_pause_if_full(const guard_t *g, ac_dispatcher_t *d,
-                                       size_t queued) {
-  if (queued >= g->lim.max_output) {
-    ac_pause_reading(d, 1);
-  }
-}
-
-/* ... and handle_write, after the class's send (the only way queued
- * output drains, so a paused channel always comes back here), resumes it
- * once the output is down to half of --max-output.  Returns 0 or an
- * error. */
-static inline int guard_resume_if_drained(const guard_t *g,
-                                          ac_dispatcher_t *d, size_t queued) {
-  if (queued > g->lim.max_output / 2 || !ac_reading_paused(d)) {
-    return 0;
-  }
-  return ac_pause_reading(d, 0);
+/* A complete request arrived: the idle clock starts over (stamped with
+ * the last sweep's time, see guard_sweep).  Bytes of an incomplete
+ * request do not count, so a client that sends one byte a second
+ * (slowloris) is still closed when the timeout runs out. */
+static inline void guard_progress(const guard_t *g, conn_t *c) {
+  c->last = g->now;
 }
 
 /* handle_close of the chat servers.  The client half-closed (or the
@@ -280,39 +283,22 @@ static inline int chat_close_when_sent(ac_chat_t *c, int *done) {
   return ac_chat_close_when_done(c);
 }
 
-/* The memory a chat's output queue holds: its bytes, plus its fifo
- * entries (48 bytes each, and the fifo doubles as it grows: count 96).
- * Counting bytes alone would let a client queue millions of one-byte
- * replies at 96 bytes each. */
+/* The last reply of a connection was queued (its push returned r): a
+ * refusal, QUIT, "Connection: close".  The connection reads nothing more
+ * (*done, and reading pauses for good) and closes once the reply is
+ * sent.  Returns r, or what ac_chat_close_when_done returns. */
+static inline int chat_finish(ac_chat_t *c, int *done, int r) {
+  *done = 1;
+  ac_pause_reading(&c->d, 1);
+  return r != 0 ? r : ac_chat_close_when_done(c);
+}
+
+/* The memory a chat's output queue holds, as the map's output limit
+ * counts it: its bytes, plus its fifo entries (48 bytes each, and the fifo
+ * doubles as it grows: count 96).  Counting bytes alone would let a
+ * client queue millions of one-byte replies at 96 bytes each. */
 static inline size_t chat_queued(const ac_chat_t *c) {
   return ac_chat_out_bytes(c) + 96 * ac_chat_fifo_len(c);
-}
-
-/* handle_read of the async_chat servers: async_chat's, then reading
- * pauses at --max-output (guard_pause_if_full), or for good once the
- * connection is `*done` (refused, half-closed, last response queued). */
-static inline int guard_chat_read(const guard_t *g, ac_dispatcher_t *d,
-                                  const int *done) {
-  int r = ac_default_handle_read(d);
-
-  if (*done) {
-    ac_pause_reading(d, 1);
-  } else {
-    guard_pause_if_full(g, d, chat_queued(ac_chat_of(d)));
-  }
-  return r;
-}
-
-/* handle_write of the async_chat servers: async_chat's send, then
- * guard_resume_if_drained unless the connection is done. */
-static inline int guard_chat_write(const guard_t *g, ac_dispatcher_t *d,
-                                   int done) {
-  int r = ac_chat_initiate_send(ac_chat_of(d));
-
-  if (r != 0 || done) {
-    return r;
-  }
-  return guard_resume_if_drained(g, d, chat_queued(ac_chat_of(d)));
 }
 
 /* Appends n bytes to a buffer of at most `max` bytes (plus one for a

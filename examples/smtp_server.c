@@ -58,10 +58,9 @@ static int on_collect(ac_chat_t *c, const char *data, size_t n) {
   r = buf_append(&s->buf, &s->len, &s->cap,
                  s->in_data ? guard.lim.max_input : MAX_LINE, data, n);
   if (r == UV_E2BIG) { /* too long: say so, and close */
-    s->done = 1;
-    r = reply(c, s->in_data ? "552 5.3.4 Message too big\r\n"
-                            : "500 5.5.2 Line too long\r\n");
-    return r != 0 ? r : ac_chat_close_when_done(c);
+    return chat_finish(c, &s->done,
+                       reply(c, s->in_data ? "552 5.3.4 Message too big\r\n"
+                                           : "500 5.5.2 Line too long\r\n"));
   }
   return r;
 }
@@ -114,9 +113,7 @@ static int command(ac_chat_t *c) {
     return r != 0 ? r : ac_chat_set_terminator(c, "\r\n.\r\n", 5);
   }
   if (verb(s, "QUIT")) {
-    int r = reply(c, "221 2.0.0 Bye\r\n");
-    s->done = 1;
-    return r != 0 ? r : ac_chat_close_when_done(c);
+    return chat_finish(c, &s->done, reply(c, "221 2.0.0 Bye\r\n"));
   }
   return reply(c, "502 5.5.2 Command not recognized\r\n");
 }
@@ -138,14 +135,6 @@ static int on_found(ac_chat_t *c) {
   r = command(c);
   s->len = 0;
   return r;
-}
-
-static int on_read(ac_dispatcher_t *d) {
-  return guard_chat_read(&guard, d, &smtp_of(ac_chat_of(d))->done);
-}
-
-static int on_write(ac_dispatcher_t *d) {
-  return guard_chat_write(&guard, d, smtp_of(ac_chat_of(d))->done);
 }
 
 static int on_close(ac_dispatcher_t *d) {
@@ -170,9 +159,7 @@ static size_t queued(ac_dispatcher_t *d) {
 }
 
 static const ac_chat_ops_t smtp_ops = {
-    .base = {.handle_read = on_read,
-             .handle_write = on_write,
-             .handle_close = on_close,
+    .base = {.handle_close = on_close,
              .handle_error = on_error,
              .closed = on_closed,
              .type_name = "SMTPChannel"},

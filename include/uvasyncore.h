@@ -373,8 +373,25 @@ AC_EXTERN int ac_is_closed(const ac_dispatcher_t *d);
  * nothing per pass.  Stays until resumed or the channel is closed.
  * Returns 0, UV_EINVAL (NULL or not initialised), UV_EBADF (released). */
 AC_EXTERN int ac_pause_reading(ac_dispatcher_t *d, int pause);
-/* Whether ac_pause_reading paused `d` (0 for NULL). */
+/* Whether ac_pause_reading paused `d` (0 for NULL).  A pause of the
+ * map's output limit (ac_map_set_output_limit) is not reported here. */
 AC_EXTERN int ac_reading_paused(const ac_dispatcher_t *d);
+
+/* Back-pressure against peers that do not read (Redis's
+ * client-output-buffer-limit): once a dispatcher_with_send or async_chat
+ * channel of `map` holds `bytes` of output or more, it stops reading, and
+ * reads again once its output has drained to half of `bytes`.  A chat's
+ * output counts its queued bytes plus 96 per fifo entry (a producer, a
+ * close marker and an empty push count too), so that many small replies
+ * cannot hold much more than `bytes`.  Output in libuv's queue, at most
+ * 64 KiB beyond the kernel's buffer, is not counted.  The check is made
+ * where output is queued and where queued output is sent, never when the
+ * kernel takes everything at once; a receive's replies are all queued
+ * before reading stops, so a channel holds at most `bytes` plus one
+ * receive's output.  Independent of ac_pause_reading(): neither undoes the
+ * other.  0 (the default) turns it off; channels it paused then read again
+ * once their output has drained.  Returns 0 or UV_EINVAL (map NULL). */
+AC_EXTERN int ac_map_set_output_limit(ac_map_t *map, size_t bytes);
 
 /* repr (D-26) into buf (always NUL-terminated when cap > 0); returns the
  * length the full text needs, like snprintf. */

@@ -40,6 +40,7 @@
 /* ac_dispatcher_t.paused: why read interest is off */
 #define AC__PAUSE_ACCEPT 0x01 /* listener out of fds (ac__accept_pause) */
 #define AC__PAUSE_APP 0x02    /* ac_pause_reading */
+#define AC__PAUSE_OUTPUT 0x04 /* the map's output limit (ac__output_*) */
 
 /* ac_dispatcher_t.flags */
 #define AC__F_INIT 0x0001     /* ac_dispatcher_init ran */
@@ -142,6 +143,7 @@ struct ac_map_s {
   int closing;          /* ac_map_close: 1 closing channels, 2 own handles */
   int own_closed;       /* the library closed the map's own handles */
   int tcp_poll;         /* new TCP channels take the poll backend */
+  size_t out_limit;     /* ac_map_set_output_limit, 0: off */
   ac_map_exit_cb exit_cb;
   void *exit_arg;
   ac_map_close_cb close_cb;
@@ -227,6 +229,26 @@ AC__HIDDEN void ac__accept_resume(ac_map_t *m);
  * runs the loop again, and ac_map_free() only releases what is left. */
 static inline int ac__map_torn(const ac_map_t *m) {
   return !m->own_closed && uv_is_closing((const uv_handle_t *) &m->prepare);
+}
+/* The map's output limit (ac_map_set_output_limit), for the classes that
+ * hold output (dispatcher_with_send, async_chat).  A class calls
+ * ac__output_queued where it queues bytes the socket did not take, and
+ * ac__output_sent where queued bytes leave (sent or dropped), with the
+ * output it holds then: reading stops at the limit and starts again at
+ * half of it.  Neither is called when the kernel takes everything. */
+AC__HIDDEN void ac__output_pause(ac_dispatcher_t *d);
+AC__HIDDEN void ac__output_resume(ac_dispatcher_t *d);
+static inline void ac__output_queued(ac_dispatcher_t *d, size_t held) {
+  size_t limit = d->map->out_limit;
+
+  if (limit != 0 && held >= limit && !(d->paused & AC__PAUSE_OUTPUT)) {
+    ac__output_pause(d);
+  }
+}
+static inline void ac__output_sent(ac_dispatcher_t *d, size_t held) {
+  if ((d->paused & AC__PAUSE_OUTPUT) && held <= d->map->out_limit / 2) {
+    ac__output_resume(d);
+  }
 }
 /* How long a listener that ran out of fds waits before it accepts again
  * (unless a channel of its map closes first). */

@@ -432,6 +432,31 @@ void ac__accept_resume(ac_map_t *m) {
   }
 }
 
+int ac_map_set_output_limit(ac_map_t *m, size_t bytes) {
+  if (m == NULL) {
+    return UV_EINVAL;
+  }
+  m->out_limit = bytes;
+  return 0;
+}
+
+/* d holds its map's output limit or more: it stops reading (its interest
+ * is recomputed at the next prepare; a read burst stops at once, burst.c).
+ * A channel not in the map (closed) has nothing to pause. */
+void ac__output_pause(ac_dispatcher_t *d) {
+  if (ac__linked(&d->link)) {
+    d->paused |= AC__PAUSE_OUTPUT;
+    ac__interest_changed(d);
+  }
+}
+
+/* d's output drained to half of the limit: it reads again, unless the
+ * application paused it too (ac_pause_reading). */
+void ac__output_resume(ac_dispatcher_t *d) {
+  d->paused &= (uint8_t) ~AC__PAUSE_OUTPUT;
+  ac__interest_changed(d);
+}
+
 /* Keep d on the synthetic list while it is interested in a readiness that
  * no libuv event will report (level-triggered, L-13). */
 void ac__synth_update(ac_dispatcher_t *d) {

@@ -25,6 +25,14 @@ static ac__entry_t *entry(ac_chat_t *c, size_t i) {
 
 static ac__entry_t *head(ac_chat_t *c) { return entry(c, 0); }
 
+/* The output c holds, as the map's output limit counts it (uvasyncore.h):
+ * the bytes queued, and every fifo entry at twice its size (the ring
+ * doubles as it grows), so that a queue of tiny replies counts what it
+ * costs. */
+static size_t held(const ac_chat_t *c) {
+  return c->out_bytes + 2 * ES * c->fifo.len_;
+}
+
 static const char *bytes_of(const ac_chat_t *c, const ac__entry_t *e) {
   return e->own == AC__OWN_ARENA ? c->obuf + (e->at.pos - c->obase)
                                  : e->at.p;
@@ -125,6 +133,7 @@ static void pop_release(ac_chat_t *c) {
     }
   }
   ac__chat_track(c);
+  ac__output_sent(&c->d, held(c)); /* may read again */
   entry_release(&e);
 }
 
@@ -139,6 +148,7 @@ void ac__chat_out_discard(ac_chat_t *c) {
   c->out_gen++;
   arena_consumed(c, c->oend - c->ostart);
   ac__chat_track(c);
+  ac__output_sent(&c->d, 0);
   for (i = 0; i < old.len_; i++) {
     ac__entry_t *e = ac__ring_at(&old, i, ES);
     if (e->kind == AC__E_PRODUCER && e->owner == c->in_more) {
@@ -194,6 +204,7 @@ static void consume(ac_chat_t *c, size_t sent) {
     }
     e->n -= sent;
     c->out_bytes -= sent;
+    ac__output_sent(&c->d, held(c)); /* may read again */
   }
   while (k-- > 0 && c->out_gen == gen) {
     pop_release(c);
@@ -411,6 +422,7 @@ static int append_slices(ac_chat_t *c, const char *data, size_t n,
   }
   c->out_bytes += n - skip;
   ac__chat_track(c);
+  ac__output_queued(&c->d, held(c)); /* may stop reading */
   return 0;
 }
 
@@ -429,6 +441,7 @@ static int append_entry(ac_chat_t *c, int kind, void *owner,
     return UV_ENOMEM;
   }
   ac__chat_track(c);
+  ac__output_queued(&c->d, held(c)); /* may stop reading */
   return 0;
 }
 

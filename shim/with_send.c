@@ -112,6 +112,7 @@ static void consume(ac_dispatcher_with_send_t *w, size_t n) {
     w->out_off = 0;
     ac__interest_changed(&w->d);
   }
+  ac__output_sent(&w->d, w->out_len); /* may read again */
 }
 
 /* W-03: exactly one send of the first 64 KiB. */
@@ -177,6 +178,7 @@ static int append(ac_dispatcher_with_send_t *w, const char *p, size_t n) {
     ac__interest_changed(&w->d);
   }
   w->out_len += (uint32_t) n;
+  ac__output_queued(&w->d, w->out_len); /* may stop reading */
   return 0;
 }
 
