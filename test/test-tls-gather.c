@@ -460,7 +460,7 @@ static void *gc_run(void *arg) {
   if (send_out(&k) != 0) {
     goto out;
   }
-  gc->ok = 1;
+  __atomic_store_n(&gc->ok, 1, __ATOMIC_SEQ_CST); /* read while the loop runs */
   if (gc->reset) {
     struct linger lg = {1, 0};
     setsockopt(k.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
