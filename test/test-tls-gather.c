@@ -13,43 +13,15 @@
  * can put a whole script (lines, a KeyUpdate, a renegotiation request) in
  * one send, and the server meets it in one receive, one parse. */
 #include "chan.h"
+#include "tlstest.h"
 
 #include <pthread.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
-#include <openssl/evp.h>
 #include <openssl/ssl.h>
-#include <openssl/x509v3.h>
 
 #define SEED 7 /* of the server's output stream */
-
-static EVP_PKEY *pkey;
-static X509 *cert;
-
-/* A self-signed certificate for localhost (as test-tls.c). */
-static int make_cert(void) {
-  X509_NAME *name;
-
-  if (cert != NULL) {
-    return 0;
-  }
-  pkey = EVP_EC_gen("P-256");
-  cert = X509_new();
-  if (pkey == NULL || cert == NULL) {
-    return -1;
-  }
-  X509_set_version(cert, 2);
-  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
-  X509_gmtime_adj(X509_getm_notBefore(cert), -60);
-  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
-  X509_set_pubkey(cert, pkey);
-  name = X509_get_subject_name(cert);
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
-                             (const unsigned char *) "localhost", -1, -1, 0);
-  X509_set_issuer_name(cert, name);
-  return X509_sign(cert, pkey, EVP_sha256()) > 0 ? 0 : -1;
-}
 
 /* ---------------------------------------------------------------- */
 /* The server: one command per line                                    */
@@ -266,10 +238,8 @@ static int gs_listen(gs_listener_t *l, ac_map_t *map) {
   int r;
 
   memset(l, 0, sizeof(*l));
-  l->ctx = SSL_CTX_new(TLS_server_method());
-  if (l->ctx == NULL || make_cert() != 0 ||
-      !SSL_CTX_use_certificate(l->ctx, cert) ||
-      !SSL_CTX_use_PrivateKey(l->ctx, pkey)) {
+  l->ctx = tlstest_server_ctx();
+  if (l->ctx == NULL) {
     return UV_ENOMEM;
   }
   r = chan_init(&l->l, map, CHAN_PLAIN, "listener");
@@ -954,7 +924,6 @@ int main(int argc, char **argv) {
   int r = task_run("tls-gather", tasks, sizeof(tasks) / sizeof(tasks[0]),
                    argc, argv);
 
-  X509_free(cert);
-  EVP_PKEY_free(pkey);
+  tlstest_free();
   return r;
 }

@@ -3,6 +3,7 @@
  * close_notify, STARTTLS, and hostile peers.  The certificate is made here,
  * at run time (no key is committed). */
 #include "chan.h"
+#include "tlstest.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -10,73 +11,7 @@
 #include <unistd.h>
 
 #include <openssl/err.h>
-#include <openssl/evp.h>
 #include <openssl/ssl.h>
-#include <openssl/x509v3.h>
-
-static EVP_PKEY *pkey;
-static X509 *cert;
-
-/* A self-signed certificate for localhost and 127.0.0.1. */
-static int make_cert(void) {
-  X509_NAME *name;
-  X509V3_CTX v3;
-  X509_EXTENSION *ext;
-
-  if (cert != NULL) {
-    return 0;
-  }
-  pkey = EVP_EC_gen("P-256");
-  cert = X509_new();
-  if (pkey == NULL || cert == NULL) {
-    return -1;
-  }
-  X509_set_version(cert, 2);
-  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
-  X509_gmtime_adj(X509_getm_notBefore(cert), -60);
-  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
-  X509_set_pubkey(cert, pkey);
-  name = X509_get_subject_name(cert);
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
-                             (const unsigned char *) "localhost", -1, -1, 0);
-  X509_set_issuer_name(cert, name);
-  X509V3_set_ctx_nodb(&v3);
-  X509V3_set_ctx(&v3, cert, cert, NULL, NULL, 0);
-  ext = X509V3_EXT_conf_nid(NULL, &v3, NID_subject_alt_name,
-                            "DNS:localhost,IP:127.0.0.1");
-  if (ext == NULL || !X509_add_ext(cert, ext, -1)) {
-    return -1;
-  }
-  X509_EXTENSION_free(ext);
-  return X509_sign(cert, pkey, EVP_sha256()) > 0 ? 0 : -1;
-}
-
-static SSL_CTX *server_ctx(void) {
-  SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-
-  if (ctx == NULL || make_cert() != 0 || !SSL_CTX_use_certificate(ctx, cert) ||
-      !SSL_CTX_use_PrivateKey(ctx, pkey)) {
-    SSL_CTX_free(ctx);
-    return NULL;
-  }
-  return ctx;
-}
-
-/* A client context that verifies the peer, trusting our certificate when
- * `trust` is set (else nothing: every peer fails verification). */
-static SSL_CTX *client_ctx(int trust) {
-  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
-
-  if (ctx == NULL || make_cert() != 0) {
-    SSL_CTX_free(ctx);
-    return NULL;
-  }
-  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
-  if (trust) {
-    X509_STORE_add_cert(SSL_CTX_get_cert_store(ctx), cert);
-  }
-  return ctx;
-}
 
 /* ---------------------------------------------------------------- */
 /* A listener whose accepted channels are TLS servers of class `cls`.  */
@@ -116,7 +51,7 @@ static int listener_start(listener_t *l, ac_map_t *map, int cls) {
 
   memset(l, 0, sizeof(*l));
   l->cls = cls;
-  l->ctx = server_ctx();
+  l->ctx = tlstest_server_ctx();
   if (l->ctx == NULL) {
     return UV_ENOMEM;
   }
@@ -214,7 +149,7 @@ static int released_or(void *arg) {
 
 static void both_ways(int cls) {
   ac_map_t *map = task_map_new();
-  SSL_CTX *cctx = client_ctx(1);
+  SSL_CTX *cctx = tlstest_client_ctx(1);
   listener_t l;
   chan_t c;
   char *data = malloc(BULK);
@@ -297,7 +232,7 @@ TASK(tls_starttls_client_side) {
   want_t w;
   int released = 0;
 
-  upgrade_ctx = client_ctx(1);
+  upgrade_ctx = tlstest_client_ctx(1);
   ASSERT(map != NULL && upgrade_ctx != NULL);
   ac_map_set_log_sink(map, chan_quiet_sink, NULL);
   chan_fill(data, sizeof(data), 11, 0);
@@ -335,7 +270,7 @@ static void small_reads(chan_t *s) { s->rchunk = 7; }
 
 TASK(tls_buffered_plaintext_delivered) {
   ac_map_t *map = task_map_new();
-  SSL_CTX *cctx = client_ctx(1);
+  SSL_CTX *cctx = tlstest_client_ctx(1);
   listener_t l;
   chan_t c;
   char data[5000];
@@ -374,7 +309,7 @@ static int client_failed(void *arg) {
 
 static void verify_failure(int trust, const char *host, const char *says) {
   ac_map_t *map = task_map_new();
-  SSL_CTX *cctx = client_ctx(trust);
+  SSL_CTX *cctx = tlstest_client_ctx(trust);
   listener_t l;
   chan_t c;
 
@@ -414,7 +349,7 @@ static void keep_detail(chan_t *c, int ev) {
 
 TASK(tls_error_detail) {
   ac_map_t *map = task_map_new();
-  SSL_CTX *cctx = client_ctx(1);
+  SSL_CTX *cctx = tlstest_client_ctx(1);
   listener_t l;
   chan_t c;
   char detail[200] = "";
@@ -482,7 +417,7 @@ TASK(tls_plaintext_to_tls_port) {
 
 /* The first bytes of a real ClientHello, then the end. */
 TASK(tls_truncated_handshake) {
-  SSL_CTX *cctx = client_ctx(1);
+  SSL_CTX *cctx = tlstest_client_ctx(1);
   SSL *ssl = SSL_new(cctx);
   BIO *in = BIO_new(BIO_s_mem());
   BIO *out = BIO_new(BIO_s_mem());
@@ -518,7 +453,7 @@ typedef struct {
 
 static void *ossl_client(void *arg) {
   ossl_client_t *oc = arg;
-  SSL_CTX *ctx = client_ctx(1);
+  SSL_CTX *ctx = tlstest_client_ctx(1);
   SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
   int fd = task_connect_tcp(AF_INET, oc->port);
   struct timeval tv = {5, 0};
@@ -667,7 +602,7 @@ static int stalled(void *arg) {
 
 TASK(tls_client_stops_reading) {
   ac_map_t *map = task_map_new();
-  SSL_CTX *cctx = client_ctx(1);
+  SSL_CTX *cctx = tlstest_client_ctx(1);
   listener_t l;
   chan_t c;
   char *flood = malloc(FLOOD);
@@ -792,7 +727,7 @@ typedef struct {
 /* Plaintext "one", STARTTLS, then "two" over TLS. */
 static void *st_client(void *arg) {
   st_client_t *sc = arg;
-  SSL_CTX *ctx = client_ctx(1);
+  SSL_CTX *ctx = tlstest_client_ctx(1);
   SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
   int fd = task_connect_tcp(AF_INET, sc->port);
   struct timeval tv = {5, 0};
@@ -876,29 +811,41 @@ static int st_done(void *arg) {
   return __atomic_load_n(&((st_client_t *) arg)->done, __ATOMIC_SEQ_CST);
 }
 
+/* A plain listener channel on 127.0.0.1 whose accepted sockets go to
+ * `take`; returns its port, or -1. */
+static int listen_plain(chan_t *l, ac_map_t *map,
+                        void (*take)(chan_t *c, uv_os_sock_t sock)) {
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof(ss);
+
+  if (chan_init(l, map, CHAN_PLAIN, "listener") != 0) {
+    return -1;
+  }
+  l->on_accepted = take;
+  task_addr(AF_INET, 0, &ss);
+  if (ac_create_socket(&l->u.d, AF_INET, SOCK_STREAM) != 0 ||
+      ac_bind(&l->u.d, (struct sockaddr *) &ss) != 0 ||
+      ac_listen(&l->u.d, 4) != 0 ||
+      getsockname(ac_fileno(&l->u.d), (struct sockaddr *) &ss, &len) != 0) {
+    return -1;
+  }
+  return ntohs(((struct sockaddr_in *) &ss)->sin_port);
+}
+
 static void starttls(int pipelined) {
   ac_map_t *map = task_map_new();
   st_listener_t l;
   st_client_t sc;
-  struct sockaddr_storage ss;
-  socklen_t len = sizeof(ss);
   pthread_t th;
 
   ASSERT(map != NULL);
   ac_map_set_log_sink(map, chan_quiet_sink, NULL);
   memset(&l, 0, sizeof(l));
-  l.ctx = server_ctx();
+  l.ctx = tlstest_server_ctx();
   ASSERT(l.ctx != NULL);
-  ASSERT_OK(chan_init(&l.l, map, CHAN_PLAIN, "listener"));
-  l.l.on_accepted = st_accepted;
-  task_addr(AF_INET, 0, &ss);
-  ASSERT_OK(ac_create_socket(&l.l.u.d, AF_INET, SOCK_STREAM));
-  ASSERT_OK(ac_bind(&l.l.u.d, (struct sockaddr *) &ss));
-  ASSERT_OK(ac_listen(&l.l.u.d, 4));
-  ASSERT_EQ(getsockname(ac_fileno(&l.l.u.d), (struct sockaddr *) &ss, &len),
-            0);
   memset(&sc, 0, sizeof(sc));
-  sc.port = ntohs(((struct sockaddr_in *) &ss)->sin_port);
+  sc.port = listen_plain(&l.l, map, st_accepted);
+  ASSERT_GT(sc.port, 0);
   sc.pipelined = pipelined;
   ASSERT_EQ(pthread_create(&th, NULL, st_client, &sc), 0);
   run_while(map, st_done, &sc);
@@ -1003,7 +950,7 @@ typedef struct {
 /* All the lines in one write, then every reply, checked in order. */
 static void *pl_client(void *arg) {
   pl_client_t *pc = arg;
-  SSL_CTX *ctx = client_ctx(1);
+  SSL_CTX *ctx = tlstest_client_ctx(1);
   SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
   int fd = task_connect_tcp(AF_INET, pc->port);
   struct timeval tv = {5, 0};
@@ -1072,25 +1019,16 @@ TASK(tls_chat_gathers_pipelined_replies) {
   ac_map_t *map = task_map_new();
   pl_listener_t l;
   pl_client_t pc;
-  struct sockaddr_storage ss;
-  socklen_t len = sizeof(ss);
   pthread_t th;
 
   ASSERT(map != NULL);
   ac_map_set_log_sink(map, chan_quiet_sink, NULL);
   memset(&l, 0, sizeof(l));
-  l.ctx = server_ctx();
+  l.ctx = tlstest_server_ctx();
   ASSERT(l.ctx != NULL);
-  ASSERT_OK(chan_init(&l.l, map, CHAN_PLAIN, "listener"));
-  l.l.on_accepted = pl_accepted;
-  task_addr(AF_INET, 0, &ss);
-  ASSERT_OK(ac_create_socket(&l.l.u.d, AF_INET, SOCK_STREAM));
-  ASSERT_OK(ac_bind(&l.l.u.d, (struct sockaddr *) &ss));
-  ASSERT_OK(ac_listen(&l.l.u.d, 4));
-  ASSERT_EQ(getsockname(ac_fileno(&l.l.u.d), (struct sockaddr *) &ss, &len),
-            0);
   memset(&pc, 0, sizeof(pc));
-  pc.port = ntohs(((struct sockaddr_in *) &ss)->sin_port);
+  pc.port = listen_plain(&l.l, map, pl_accepted);
+  ASSERT_GT(pc.port, 0);
   ASSERT_EQ(pthread_create(&th, NULL, pl_client, &pc), 0);
   run_while(map, pl_done, &pc);
   pthread_join(th, NULL);
@@ -1136,7 +1074,7 @@ typedef struct {
 
 static void *ahead_client(void *arg) {
   ahead_client_t *ac = arg;
-  SSL_CTX *ctx = client_ctx(1);
+  SSL_CTX *ctx = tlstest_client_ctx(1);
   SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
   BIO *in = BIO_new(BIO_s_mem());
   BIO *out = BIO_new(BIO_s_mem());
@@ -1230,7 +1168,7 @@ TASK(tls_starttls_after_input_received_ahead) {
 
 TASK(tls_bad_calls) {
   ac_map_t *map = task_map_new();
-  SSL_CTX *ctx = server_ctx();
+  SSL_CTX *ctx = tlstest_server_ctx();
   ac_dispatcher_t d;
   ac_dispatcher_t u;
 
@@ -1280,7 +1218,6 @@ int main(int argc, char **argv) {
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
                    argv);
 
-  X509_free(cert);
-  EVP_PKEY_free(pkey);
+  tlstest_free();
   return r;
 }
