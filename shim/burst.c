@@ -168,10 +168,19 @@ static int flush_socket(ac_dispatcher_t *d, const char *p, size_t n) {
  * record at most per 16 KiB: gather_max leaves the send buffer room for
  * them).  Returns 0, or the transport's error, a disconnection among them:
  * reported as flush_socket's, by the flush's caller (once: D-13; inside
- * ac_close or ac_fileno not at all, the next use meets it). */
+ * ac_close or ac_fileno not at all, the next use meets it).  A transport
+ * that took only part without an error (an SSL_write that failed after
+ * some records) leaves bytes that were reported sent with nowhere to go:
+ * the connection is cut both ways, as flush_socket does when out of
+ * memory, rather than let the peer go on past a gap. */
 static int flush_transport(ac_dispatcher_t *d, const char *p, size_t n) {
   ssize_t r = ac__xport_send(d, p, n);
 
+  if (r >= 0 && (size_t) r < n) {
+    (void) shutdown(d->fd, SHUT_RDWR);
+    d->flags |= AC__F_WERR;
+    return UV_EIO;
+  }
   return r < 0 ? (int) r : 0;
 }
 

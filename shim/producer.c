@@ -25,12 +25,15 @@ static ac__entry_t *entry(ac_chat_t *c, size_t i) {
 
 static ac__entry_t *head(ac_chat_t *c) { return entry(c, 0); }
 
-/* The output c holds, as the map's output limit counts it (uvasyncore.h):
- * the bytes queued, and every fifo entry at twice its size (the ring
- * doubles as it grows), so that a queue of tiny replies counts what it
- * costs. */
+/* The output c holds, as the map's output limit counts it (uvasyncore.h,
+ * docs/map.md): the bytes queued, and 96 bytes per fifo entry (an entry
+ * is 48 bytes on 64-bit platforms and the ring doubles as it grows), so
+ * that a queue of tiny replies counts what it costs.  The documented
+ * figure, whatever the platform's entry size. */
+#define HELD_PER_ENTRY 96
+
 static size_t held(const ac_chat_t *c) {
-  return c->out_bytes + 2 * ES * c->fifo.len_;
+  return c->out_bytes + HELD_PER_ENTRY * c->fifo.len_;
 }
 
 static const char *bytes_of(const ac_chat_t *c, const ac__entry_t *e) {

@@ -4,12 +4,13 @@
  * A channel with a transport has d->xport_ set, and the byte path branches
  * off to the transport in one place each: the receive (ac_recv), the send
  * (ac__send, ac__sendv), the connect event (events.c), the interest
- * (map.c), a read burst and the end of a gathering (burst.c).  A channel without one pays a bit
- * test on those paths and no memory: the transports are kept by the map,
- * in a table indexed by descriptor, which only channels with one read.
- * A transport also takes the channel's handle_read (d->read_fn), so that it
- * can hold the application's handler back until there is something for
- * it (a whole TLS record), at no cost to other channels. */
+ * (map.c), a read burst and the end of a gathering (burst.c).  A channel
+ * without one pays a bit test on those paths and no memory: the
+ * transports are kept by the map, in a table indexed by descriptor, which
+ * only channels with one read.  A transport also takes the channel's
+ * handle_read (d->read_fn), so that it can hold the application's handler
+ * back until there is something for it (a whole TLS record), at no cost to
+ * other channels. */
 #include "internal.h"
 
 #include <string.h>
