@@ -71,23 +71,27 @@ int ac__burst_again(ac_dispatcher_t *d) {
   return r != UV_EAGAIN && r != UV_ENOMEM;
 }
 
-/* Start gathering d's sends, if no channel gathers already (the map has
- * one gather: a parse fed from inside another channel's handler sends as
- * usual) and a send of d could go out now: d is open and connected (a
- * closed channel sends nothing; and a gathering must end only through a
- * flush, which ac_close does first, while only a closed channel takes a
- * new socket, whose new life would clear the flag and leave the owner
- * claimed), nothing of d waits in libuv's queue, and a transport (TLS)
- * could send at once what is gathered.  (Else its sends take
- * the usual way, where that queue is the bound of what the channel
- * accepts: the application sees the back-pressure.)  Returns whether it
- * started, so that the caller that started it ends it. */
-int ac__gather_begin(ac_dispatcher_t *d) {
+/* Whether d's sends can be gathered from now on; if so, the gathering
+ * starts (d becomes the map's gather_owner).  The first send of a read
+ * burst or of an async_chat parse (AC__GATHER) asks.  It can if no channel
+ * gathers already (the map has one gather: a parse fed from inside
+ * another channel's handler sends as usual) and a send of d could go out
+ * now: d is open and connected (a closed channel sends nothing; and a
+ * gathering must end only through a flush, which ac_close does first,
+ * while only a closed channel takes a new socket, whose new life would
+ * clear the flag and leave the owner claimed), no write of d failed,
+ * nothing of d waits in libuv's queue, and a transport (TLS) could send
+ * at once what is gathered.  (Else its sends take the usual way, where
+ * that queue is the bound of what the channel accepts: the application
+ * sees the back-pressure.)  With a transport, a gathering holds half:
+ * TLS makes records of the gathered plaintext when it is sent, and the
+ * emulated send buffer (stream.c) must take every one of them, with its
+ * overhead and its libuv request, however little the kernel takes. */
+static int gather_start(ac_dispatcher_t *d) {
   ac_map_t *m = d->map;
 
-  if (m->gather_owner != NULL || d->backend != AC_BACKEND_STREAM ||
-      !d->connected || (d->flags & AC__F_CLOSED) || d->wq_bytes > 0 ||
-      (d->flags & (AC__F_CONN_DONE | AC__F_WERR)) != AC__F_CONN_DONE ||
+  if (m->gather_owner != NULL || !ac__stream_clear(d) || !d->connected ||
+      (d->flags & AC__F_WERR) ||
       (d->xport_ && !ac__xport_can_gather(d))) {
     return 0;
   }
@@ -98,38 +102,42 @@ int ac__gather_begin(ac_dispatcher_t *d) {
     }
   }
   m->gather_len = 0;
+  m->gather_cap = d->xport_ ? AC__GATHER_MAX / 2 : AC__GATHER_MAX;
   m->gather_owner = d;
   d->ready |= AC__GATHERING;
   return 1;
 }
 
-/* The most bytes one gathering holds.  With a transport, half: TLS makes
- * records of the gathered plaintext when it is sent, and the emulated send
- * buffer (stream.c) must take every one of them, with its overhead and its
- * libuv request, however little the kernel takes. */
-static size_t gather_max(const ac_dispatcher_t *d) {
-  return d->xport_ ? AC__GATHER_MAX / 2 : AC__GATHER_MAX;
+/* ac__gather_send's bytes that do not fit: what was gathered goes first.
+ * If that send left bytes queued in libuv, these bytes go the usual way,
+ * behind them, as do bytes too many to gather at all (after what was), and
+ * the sends after them until the burst or parse ends; if it failed, the
+ * failure is this send's (not left for a later send to meet: the kernel
+ * reports some errors once). */
+static AC__SPECIAL ssize_t gather_full(ac_dispatcher_t *d, const void *buf,
+                                      size_t n) {
+  int e = ac__gather_flush(d, n <= d->map->gather_cap);
+
+  if (e != 0) {
+    d->ready &= (uint8_t) ~AC__GATHER;
+    return ac__send_error(d, e);
+  }
+  return ac__send(d, buf, n); /* gathered again if it fits and can be */
 }
 
-/* ac__send while d gathers: take the n bytes at buf, sending what was
- * gathered first when they do not fit.  If that send left bytes queued in
- * libuv, gathering ends and these bytes go the usual way, behind them, as
- * do bytes too many to gather at all (after what was); if it failed, the
- * failure is this send's (not left for a later send to meet: the kernel
- * reports some errors once).  Returns what was taken, or what the usual
- * send returned. */
+/* ac__send of a channel whose sends are to be gathered (AC__GATHER): the
+ * n bytes at buf join the gathering, which the first send starts.  When it
+ * cannot start, the rest of the burst or parse sends as usual.  Returns
+ * what was taken, or what the usual send returned. */
 ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   ac_map_t *m = d->map;
-  size_t max = gather_max(d);
 
-  if (n > max - m->gather_len) {
-    int e = ac__gather_flush(d, n <= max);
-    if (e != 0) {
-      return ac__send_error(d, e);
-    }
-    if (!(d->ready & AC__GATHERING)) {
-      return ac__send(d, buf, n);
-    }
+  if (!(d->ready & AC__GATHERING) && !gather_start(d)) {
+    d->ready &= (uint8_t) ~AC__GATHER;
+    return ac__send(d, buf, n);
+  }
+  if (n > m->gather_cap - m->gather_len) {
+    return gather_full(d, buf, n);
   }
   memcpy(m->gather + m->gather_len, buf, n);
   m->gather_len += n;
@@ -165,7 +173,7 @@ static int flush_socket(ac_dispatcher_t *d, const char *p, size_t n) {
 }
 
 /* The gathered plaintext to the transport, which takes it all (a TLS
- * record at most per 16 KiB: gather_max leaves the send buffer room for
+ * record at most per 16 KiB: gather_start leaves the send buffer room for
  * them).  Returns 0, or the transport's error, a disconnection among them:
  * reported as flush_socket's, by the flush's caller (once: D-13; inside
  * ac_close or ac_fileno not at all, the next use meets it).  A transport
@@ -184,25 +192,21 @@ static int flush_transport(ac_dispatcher_t *d, const char *p, size_t n) {
   return r < 0 ? (int) r : 0;
 }
 
-/* Send what d gathered; with `more`, d goes on gathering if it still can
- * (everything went, nothing waits in libuv's queue).  Returns 0, or the
- * error of the send. */
+/* Send what d gathered (AC__GATHERING); with `more`, the sends that follow
+ * are gathered again if they can be (AC__GATHER stays), else the burst's
+ * or parse's gathering is over.  Returns 0, or the error of the send. */
 int ac__gather_flush(ac_dispatcher_t *d, int more) {
   ac_map_t *m = d->map;
   size_t n = m->gather_len;
-  int e = 0;
 
-  d->ready &= (uint8_t) ~AC__GATHERING;
+  d->ready &= (uint8_t) ~(more ? AC__GATHERING : AC__GATHERING | AC__GATHER);
   m->gather_len = 0;
   m->gather_owner = NULL;
-  if (n > 0) {
-    e = d->xport_ ? flush_transport(d, m->gather, n)
-                  : flush_socket(d, m->gather, n);
+  if (n == 0) {
+    return 0;
   }
-  if (e == 0 && more) {
-    (void) ac__gather_begin(d);
-  }
-  return e;
+  return d->xport_ ? flush_transport(d, m->gather, n)
+                   : flush_socket(d, m->gather, n);
 }
 
 /* The end of a gathering (a read burst's, an async_chat parse's): the

@@ -774,13 +774,15 @@ static int inc_unborrow(ac_chat_t *c) {
 }
 
 /* The start of every parse: what the callbacks push is gathered, to
- * leave in one send when the parse ends (burst.c; a stream channel whose
- * bytes could go out now, and not inside a read burst, which gathers
- * already).  The replies to pipelined requests leave together: the same
- * bytes in the same order as CPython's send per push. */
+ * leave in one send when the parse ends (burst.c; from the first push on,
+ * if the channel's bytes could go out now; within a read burst, which
+ * gathers already, the burst sends them).  The replies to pipelined
+ * requests leave together: the same bytes in the same order as CPython's
+ * send per push. */
 static AC__INLINE void parse_begin(ac_chat_t *c) {
   c->parsing = 1;
-  c->gathering = (uint8_t) ac__gather_begin(&c->d);
+  c->gathering = !(c->d.ready & AC__GATHER);
+  c->d.ready |= AC__GATHER;
 }
 
 /* The end of every parse: incoming stops borrowing the input, what the
@@ -790,18 +792,18 @@ static AC__INLINE int parse_end(ac_chat_t *c, int r) {
   int r2 = c->inc_borrow != NULL ? inc_unborrow(c) : 0;
 
   c->parsing = 0;
-  if (c->gathering) {
-    c->gathering = 0;
-    if (c->d.ready & AC__GATHERING) { /* not sent by a close meanwhile */
-      /* a failure is the pushes': handle_close for a disconnection, else
-       * handle_error, as initiate_send reports it (C-21) */
-      int e = ac__gather_flush(&c->d, 0);
-      int rs = e == 0                ? 0
-               : ac_is_disconnect(e) ? (int) ac__disconnected(&c->d)
-                                     : ac__chat_send_failed(c, e);
-      r2 = r2 != 0 ? r2 : rs;
-    }
+  if (c->gathering && (c->d.ready & AC__GATHERING)) {
+    /* a failure is the pushes': handle_close for a disconnection, else
+     * handle_error, as initiate_send reports it (C-21) */
+    int e = ac__gather_flush(&c->d, 0);
+    int rs = e == 0                ? 0
+             : ac_is_disconnect(e) ? (int) ac__disconnected(&c->d)
+                                   : ac__chat_send_failed(c, e);
+    r2 = r2 != 0 ? r2 : rs;
+  } else if (c->gathering) {
+    c->d.ready &= (uint8_t) ~AC__GATHER; /* nothing was gathered */
   }
+  c->gathering = 0;
   if (c->out_nonempty != (c->fifo.len_ > 0)) {
     ac__chat_track(c);
   }
@@ -848,7 +850,7 @@ static AC__INLINE int run_fresh(ac_chat_t *c, const char *buf, char *w,
  * front is front_len(c). */
 static AC__INLINE int run(ac_chat_t *c, const char *buf, char *w,
                           size_t front, size_t n) {
-  if (front == 0 && c->in_keep == 0 && c->spill_len == 0) {
+  if (front == 0) {
     return run_fresh(c, buf, w, n);
   }
   parse_begin(c);

@@ -556,6 +556,8 @@ static void close_fd(ac_dispatcher_t *d) {
 void ac__send_held_back(ac_dispatcher_t *d, int more) {
   if (d->ready & AC__GATHERING) {
     (void) ac__gather_flush(d, more); /* a failure: the next use meets it */
+  } else if (!more) {
+    d->ready &= (uint8_t) ~AC__GATHER;
   }
 }
 
@@ -884,7 +886,7 @@ ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov, int cnt) {
   ssize_t q;
   int i;
 
-  if (cnt > 1 && d->fd >= 0 && !(d->ready & AC__GATHERING) &&
+  if (cnt > 1 && d->fd >= 0 && !(d->ready & AC__GATHER) &&
       !d->xport_ && !must_wait(d) && !behind_queue(d)) {
     memset(&mh, 0, sizeof(mh));
     mh.msg_iov = (struct iovec *) iov;
@@ -944,7 +946,7 @@ ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
 static void more_may_wait(ac_dispatcher_t *d) {
   d->ready |= AC__RMORE;
   if (d->map->reading == d) {
-    (void) ac__gather_begin(d);
+    d->ready |= AC__GATHER;
   }
 }
 

@@ -236,7 +236,7 @@ static int read_step(ac_dispatcher_t *d) {
 }
 
 /* The rest of a read readiness whose handle_read filled its buffer (a
- * receive set AC__RMORE, and perhaps started gathering the replies): while
+ * receive set AC__RMORE, and asked for the replies to be gathered): while
  * more input waits, handle_read again, a read burst (burst.c); then what
  * the burst gathered is sent, and input it left pending is read readiness
  * for the next pass (adopt.c).  `r` is the first call's result; returns
@@ -260,6 +260,7 @@ static AC__SPECIAL int read_burst(ac_dispatcher_t *d, int r) {
       r = fail(d, e, m->use_poll);
     }
   }
+  d->ready &= (uint8_t) ~AC__GATHER;
   if (calls > 0) {
     ac__adopt_left(d);
   }
@@ -286,7 +287,7 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   m->reading = d;
   d->ready &= (uint8_t) ~(AC__RMORE | AC__DRAINED);
   r = read_step(d);
-  if (d->ready & (AC__RMORE | AC__GATHERING)) {
+  if (d->ready & (AC__RMORE | AC__GATHER)) {
     r = read_burst(d, r);
   }
   m->reading = NULL;

@@ -31,11 +31,14 @@
  * input may be waiting (events.c: the same readiness may read again). */
 #define AC__RMORE 0x10
 /* In `ready` only: d's sends are gathered (a read burst's, an async_chat
- * parse's: burst.c); d is the map's gather_owner. */
+ * parse's: burst.c); d is the map's gather_owner.  Only with AC__GATHER. */
 #define AC__GATHERING 0x20
 /* In `ready` only: in this read readiness, the library's last receive
  * ahead took less than it asked, all the kernel had (burst.c). */
 #define AC__DRAINED 0x40
+/* In `ready` only: a read burst or an async_chat parse runs, whose replies
+ * are to be gathered if they can be; the first send decides (burst.c). */
+#define AC__GATHER 0x80
 
 /* ac_dispatcher_t.paused: why read interest is off */
 #define AC__PAUSE_ACCEPT 0x01 /* listener out of fds (ac__accept_pause) */
@@ -165,6 +168,7 @@ struct ac_map_s {
    * burst's, an async_chat parse's: burst.c); one at a time. */
   char *gather;
   size_t gather_len;
+  size_t gather_cap; /* the most this gathering holds */
   ac_dispatcher_t *gather_owner;
   /* The last read-ahead record drained, kept for the next (adopt.c): a
    * large message would otherwise allocate and free 64 KiB per receive. */
@@ -311,7 +315,6 @@ AC__HIDDEN void ac__map_close_check(ac_map_t *m);
 #define AC__GATHER_MAX ((size_t) 64 * 1024) /* most bytes gathered */
 #define AC__AHEAD ((size_t) 64 * 1024) /* most bytes received ahead at once */
 AC__HIDDEN int ac__burst_again(ac_dispatcher_t *d);
-AC__HIDDEN int ac__gather_begin(ac_dispatcher_t *d);
 AC__HIDDEN ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf,
                                   size_t n);
 AC__HIDDEN int ac__gather_flush(ac_dispatcher_t *d, int more);
@@ -439,7 +442,7 @@ static inline ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf,
  * gives it the bytes (TLS: tls.c); the rest goes to the socket. */
 static inline ssize_t ac__send(ac_dispatcher_t *d, const void *buf,
                                size_t n) {
-  if (d->ready & AC__GATHERING) {
+  if (d->ready & AC__GATHER) {
     return ac__gather_send(d, buf, n);
   }
   if (d->xport_) {

@@ -493,7 +493,7 @@ static AC__INLINE int push_alive(ac_chat_t *c, const void *data, size_t n,
   ssize_t sent = 0;
   int r;
 
-  if ((data == NULL && n > 0) || (size == 0 && n > 0)) {
+  if (n > 0 && (data == NULL || size == 0)) {
     return UV_EINVAL; /* Python: TypeError / range() step 0 */
   }
   if (n == 0) {
@@ -504,7 +504,7 @@ static AC__INLINE int push_alive(ac_chat_t *c, const void *data, size_t n,
     r = append_slices(c, data, n, 0, size, copy, free_fn, ctx);
     return r != 0 ? not_queued(r, data, free_fn, ctx) : ac_chat_initiate_send(c);
   }
-  sent = ac__send(&c->d, data, gathers(c) || n <= size ? n : size);
+  sent = ac__send(&c->d, data, n <= size || gathers(c) ? n : size);
   if ((size_t) sent == n) {
     if (free_fn != NULL) {
       free_fn((void *) data, ctx);

@@ -121,7 +121,7 @@ struct ac_chat_s {
   uint8_t out_nonempty; /* what writable() last reported for the fifo */
   uint8_t sending;      /* inside initiate_send */
   uint8_t parsing;      /* inside the parse loop */
-  uint8_t gathering;    /* the parse started gathering its sends */
+  uint8_t gathering;    /* the parse asked for its sends to be gathered */
   uint8_t more_orphan;  /* the producer inside more() was discarded */
   ac_producer_t *in_more;
   uint8_t term_kind;    /* AC_TERM_* */
