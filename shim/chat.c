@@ -949,7 +949,8 @@ static int chat_handle_read(ac_dispatcher_t *d) {
   if (buf == NULL) {
     return UV_ENOMEM;
   }
-  n = ac_recv(d, buf + front, want);
+  /* ac_in_buffer_size 0 is a receive of 0 bytes: the end, as in Python */
+  n = want > 0 ? ac__recv(d, buf + front, want) : ac_recv(d, buf, 0);
   if (n > 0) {
     r = run(c, buf, buf, front, (size_t) n);
   }

@@ -950,25 +950,12 @@ static void more_may_wait(ac_dispatcher_t *d) {
   }
 }
 
-static ssize_t recv_result(ac_dispatcher_t *d, void *buf, size_t n,
-                           ssize_t r);
-
-/* The socket part of ac_recv: one read(2) (on a socket, recv(2) without
- * flags).  Part of the buffer is the usual answer; anything else is
- * recv_result's.  A descriptor closed meanwhile (-1) fails with EBADF, a
- * disconnection, as D-14 wants for a closed channel. */
-static inline ssize_t recv_socket(ac_dispatcher_t *d, void *buf, size_t n) {
-  ssize_t r = read(d->fd, buf, n);
-
-  return r > 0 && (size_t) r < n ? r : recv_result(d, buf, n, r);
-}
-
 /* What a read(2) of n > 0 bytes that did not return part of the buffer
  * means: a full buffer, after which more input may wait (more_may_wait);
  * an interruption (EINTR): read again; EOF or a disconnection: the
  * channel closes (D-14); would-block: UV_EAGAIN (Q-09); else the error. */
-static ssize_t recv_result(ac_dispatcher_t *d, void *buf, size_t n,
-                           ssize_t r) {
+ssize_t ac__recv_result(ac_dispatcher_t *d, void *buf, size_t n,
+                        ssize_t r) {
   int err = errno;
 
   if (r > 0) {
@@ -979,7 +966,7 @@ static ssize_t recv_result(ac_dispatcher_t *d, void *buf, size_t n,
     return ac__disconnected(d);
   }
   if (err == EINTR) {
-    return recv_socket(d, buf, n);
+    return ac__recv(d, buf, n);
   }
   if (err == EAGAIN || err == EWOULDBLOCK) {
     return UV_EAGAIN;
@@ -992,8 +979,8 @@ static ssize_t recv_result(ac_dispatcher_t *d, void *buf, size_t n,
  * adoption's, or what a read burst received ahead: adopt.c), which comes
  * before the socket; no socket yet (resolving a name): would-block; a
  * closed channel or a receive of 0 bytes: the end (D-14). */
-static AC__SPECIAL ssize_t recv_special(ac_dispatcher_t *d, void *buf,
-                                         size_t n) {
+AC__SPECIAL ssize_t ac__recv_special(ac_dispatcher_t *d, void *buf,
+                                     size_t n) {
   ssize_t r;
 
   if (d == NULL || !(d->flags & AC__F_INIT) || (buf == NULL && n > 0)) {
@@ -1018,19 +1005,18 @@ static AC__SPECIAL ssize_t recv_special(ac_dispatcher_t *d, void *buf,
   if (d->fd < 0 || n == 0) {
     return ac__disconnected(d); /* D-14: EBADF, or recv(0) gives b'' */
   }
-  return recv_socket(d, buf, n);
+  return ac__recv_socket(d, buf, n);
 }
 
-/* The one receive of D-14, the one place where the library's reads meet
- * the socket.  The special cases branch off first, on one test
- * (recv_special); then one read(2).  A receive that fills the buffer
- * marks that more input may wait (more_may_wait). */
+/* The one receive of D-14 (ac__recv, internal.h) with its arguments
+ * checked in the same one test: bad ones, a closed channel and a receive
+ * of 0 bytes are ac__recv_special's too. */
 ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
   if (d == NULL ||
       (d->flags & (AC__F_INIT | AC__F_ADOPT | AC__F_RESOLVING)) !=
           AC__F_INIT ||
       d->xport_ || buf == NULL || n == 0) {
-    return recv_special(d, buf, n);
+    return ac__recv_special(d, buf, n);
   }
-  return recv_socket(d, buf, n);
+  return ac__recv_socket(d, buf, n);
 }

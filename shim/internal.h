@@ -452,6 +452,40 @@ static inline ssize_t ac__send(ac_dispatcher_t *d, const void *buf,
   return ac__send_socket(d, buf, n, 0);
 }
 
+/* The receive's special cases and its results other than part of the
+ * buffer (dispatcher.c). */
+AC__HIDDEN ssize_t ac__recv_special(ac_dispatcher_t *d, void *buf, size_t n);
+AC__HIDDEN ssize_t ac__recv_result(ac_dispatcher_t *d, void *buf, size_t n,
+                                   ssize_t r);
+
+/* The socket part of the receive: one read(2) (on a socket, recv(2)
+ * without flags).  Part of the buffer is the usual answer; anything else
+ * (a full buffer, EOF, an interruption, would-block, an error) is
+ * ac__recv_result's.  A descriptor closed meanwhile (-1) fails with EBADF,
+ * a disconnection, as D-14 wants for a closed channel. */
+static inline ssize_t ac__recv_socket(ac_dispatcher_t *d, void *buf,
+                                      size_t n) {
+  ssize_t r = read(d->fd, buf, n);
+
+  return r > 0 && (size_t) r < n ? r : ac__recv_result(d, buf, n, r);
+}
+
+/* The one receive of D-14 (ac_recv without its argument checks, for the
+ * classes, whose d, buf and n > 0 are known good), the one place where the
+ * library's reads meet the socket.  The special cases branch off first, on
+ * one test: a transport, which gives its plaintext (TLS: tls.c); pending
+ * input (an adoption's, or what a read burst received ahead: adopt.c),
+ * which comes before the socket; no socket yet (resolving a name).  Then
+ * one read(2).  A receive that fills the buffer marks that more input may
+ * wait (AC__RMORE; in a read readiness, a read burst may follow, and the
+ * replies are to be gathered: burst.c). */
+static inline ssize_t ac__recv(ac_dispatcher_t *d, void *buf, size_t n) {
+  if ((d->flags & (AC__F_ADOPT | AC__F_RESOLVING)) || d->xport_) {
+    return ac__recv_special(d, buf, n);
+  }
+  return ac__recv_socket(d, buf, n);
+}
+
 /* The emulated socket send buffer of the stream backend: the memory
  * ac_send may queue in libuv beyond what the kernel takes at once (bytes
  * and their requests, stream.c). */
