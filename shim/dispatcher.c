@@ -943,7 +943,7 @@ ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
  * and if d's read readiness is running, a read burst may follow: what the
  * handler sends from now on is gathered, to leave with the burst's other
  * replies in one send (burst.c; the dispatch sends it when it ends). */
-static void more_may_wait(ac_dispatcher_t *d) {
+void ac__more_may_wait(ac_dispatcher_t *d) {
   d->ready |= AC__RMORE;
   if (d->map->reading == d) {
     d->ready |= AC__GATHER;
@@ -951,7 +951,7 @@ static void more_may_wait(ac_dispatcher_t *d) {
 }
 
 /* What a read(2) of n > 0 bytes that did not return part of the buffer
- * means: a full buffer, after which more input may wait (more_may_wait);
+ * means: a full buffer, after which more input may wait (ac__more_may_wait);
  * an interruption (EINTR): read again; EOF or a disconnection: the
  * channel closes (D-14); would-block: UV_EAGAIN (Q-09); else the error. */
 ssize_t ac__recv_result(ac_dispatcher_t *d, void *buf, size_t n,
@@ -959,7 +959,7 @@ ssize_t ac__recv_result(ac_dispatcher_t *d, void *buf, size_t n,
   int err = errno;
 
   if (r > 0) {
-    more_may_wait(d);
+    ac__more_may_wait(d);
     return r;
   }
   if (r == 0) {
@@ -995,7 +995,7 @@ AC__SPECIAL ssize_t ac__recv_special(ac_dispatcher_t *d, void *buf,
       return ac_is_disconnect((int) r) ? ac__disconnected(d) : r;
     }
     if (r == (ssize_t) n) {
-      more_may_wait(d);
+      ac__more_may_wait(d);
     }
     return r;
   }

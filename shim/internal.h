@@ -452,6 +452,10 @@ static inline ssize_t ac__send(ac_dispatcher_t *d, const void *buf,
   return ac__send_socket(d, buf, n, 0);
 }
 
+/* A receive filled the caller's buffer: more input may wait (AC__RMORE),
+ * and a read burst may follow, whose replies are to be gathered
+ * (dispatcher.c; a transport's receive calls it too). */
+AC__HIDDEN void ac__more_may_wait(ac_dispatcher_t *d);
 /* The receive's special cases and its results other than part of the
  * buffer (dispatcher.c). */
 AC__HIDDEN ssize_t ac__recv_special(ac_dispatcher_t *d, void *buf, size_t n);

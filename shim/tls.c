@@ -314,7 +314,9 @@ static ssize_t tls_recv(ac_dispatcher_t *d, void *buf, size_t n) {
     f = flush_out(t, d); /* a post-handshake message's answer, an alert */
     if (k > 0) {
       if (k == chunk) {
-        d->ready |= AC__RMORE; /* a read burst may read again (events.c) */
+        /* a read burst may read again (events.c), its replies gathered
+         * into records as large as they can be (burst.c) */
+        ac__more_may_wait(d);
       }
       synth(t, d, holds_input(t) || t->ended);
       return k;

@@ -1044,6 +1044,152 @@ TASK(tls_chat_gathers_pipelined_replies) {
 }
 
 /* ---------------------------------------------------------------- */
+/* Gathering under TLS: a dispatcher_with_send's read burst            */
+
+#define WB_BYTES (64u * 1024) /* the client's one write: four records */
+#define WB_READ 512           /* the server's receive per handle_read */
+
+typedef struct {
+  ac_dispatcher_with_send_t w;
+  int errors;
+} wb_server_t;
+
+/* The asyncore docs' echo handler, reading 512 bytes a call. */
+static int wb_read(ac_dispatcher_t *d) {
+  char buf[WB_READ];
+  ssize_t n = ac_recv(d, buf, sizeof(buf));
+
+  if (n > 0) {
+    n = ac_send(d, buf, (size_t) n);
+  }
+  return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+}
+
+static int wb_error(ac_dispatcher_t *d, const ac_error_t *e) {
+  (void) e;
+  ac_container_of(d, wb_server_t, w.d)->errors++;
+  ac_close(d);
+  return 0;
+}
+
+static const ac_dispatcher_ops_t wb_ops = {.handle_read = wb_read,
+                                           .handle_error = wb_error};
+
+typedef struct {
+  chan_t l;
+  wb_server_t *s;
+  SSL_CTX *ctx;
+} wb_listener_t;
+
+static void wb_accepted(chan_t *c, uv_os_sock_t sock) {
+  wb_listener_t *l = ac_container_of(c, wb_listener_t, l);
+  wb_server_t *s = calloc(1, sizeof(*s));
+
+  if (s == NULL ||
+      ac_dispatcher_with_send_init(&s->w, c->u.d.map, &wb_ops) != 0 ||
+      ac_dispatcher_open(&s->w.d, sock) != 0 ||
+      ac_tls_server(&s->w.d, l->ctx) != 0) {
+    close(sock);
+    free(s);
+    return;
+  }
+  l->s = s;
+}
+
+typedef struct {
+  int port;
+  size_t got;     /* echoed bytes read, all checked */
+  int bad;        /* 0 if every byte matched */
+  int first_read; /* the first SSL_read's bytes: one record's at most */
+  int done;
+} wb_client_t;
+
+/* The whole message in one write, then its echo, checked. */
+static void *wb_client(void *arg) {
+  wb_client_t *wc = arg;
+  SSL_CTX *ctx = tlstest_client_ctx(1);
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  int fd = task_connect_tcp(AF_INET, wc->port);
+  struct timeval tv = {5, 0};
+  static char out[WB_BYTES];
+  static char in[WB_BYTES];
+  int k;
+
+  wc->bad = 1;
+  if (ssl == NULL || fd < 0) {
+    goto out;
+  }
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  SSL_set_fd(ssl, fd);
+  SSL_set1_host(ssl, "localhost");
+  if (SSL_connect(ssl) != 1) {
+    goto out;
+  }
+  chan_fill(out, sizeof(out), 5, 0);
+  if (SSL_write(ssl, out, (int) sizeof(out)) != (int) sizeof(out)) {
+    goto out;
+  }
+  while (wc->got < sizeof(in)) {
+    k = SSL_read(ssl, in + wc->got, (int) (sizeof(in) - wc->got));
+    if (k <= 0) {
+      break;
+    }
+    if (wc->got == 0) {
+      wc->first_read = k;
+    }
+    wc->got += (size_t) k;
+  }
+  wc->bad = memcmp(in, out, wc->got) != 0;
+out:
+  SSL_free(ssl);
+  if (fd >= 0) {
+    close(fd);
+  }
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+  __atomic_store_n(&wc->done, 1, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+static int wb_done(void *arg) {
+  return __atomic_load_n(&((wb_client_t *) arg)->done, __ATOMIC_SEQ_CST);
+}
+
+/* A dispatcher_with_send echo over TLS, reading 512 bytes per
+ * handle_read: a record of the client's runs a read burst, whose echoes
+ * are gathered into records of more than one handle_read's (the first
+ * SSL_read, one record's plaintext, holds more than 512 bytes), and every
+ * byte comes back in order. */
+TASK(tls_with_send_burst_gathers_echoes) {
+  ac_map_t *map = task_map_new();
+  wb_listener_t l;
+  wb_client_t wc;
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&l, 0, sizeof(l));
+  l.ctx = tlstest_server_ctx();
+  ASSERT(l.ctx != NULL);
+  memset(&wc, 0, sizeof(wc));
+  wc.port = listen_plain(&l.l, map, wb_accepted);
+  ASSERT_GT(wc.port, 0);
+  ASSERT_EQ(pthread_create(&th, NULL, wb_client, &wc), 0);
+  run_while(map, wb_done, &wc);
+  pthread_join(th, NULL);
+  ASSERT(l.s != NULL);
+  ASSERT_EQ(wc.got, (size_t) WB_BYTES);
+  ASSERT_EQ(wc.bad, 0);
+  ASSERT_GT(wc.first_read, WB_READ);
+  ASSERT_EQ(l.s->errors, 0);
+  ac_close(&l.s->w.d);
+  ac_close(&l.l.u.d);
+  task_map_free(map);
+  free(l.s);
+  SSL_CTX_free(l.ctx);
+}
+
+/* ---------------------------------------------------------------- */
 /* STARTTLS after input the library received ahead                   */
 
 #define AHEAD_PLAIN 3000 /* plaintext before the switch */
@@ -1212,6 +1358,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_starttls_pipelined_hello),
       TASK_ENTRY(tls_starttls_after_pipelined_plaintext_lines),
       TASK_ENTRY(tls_chat_gathers_pipelined_replies),
+      TASK_ENTRY(tls_with_send_burst_gathers_echoes),
       TASK_ENTRY(tls_starttls_after_input_received_ahead),
       TASK_ENTRY(tls_bad_calls),
   };
