@@ -294,11 +294,11 @@ static inline int chat_finish(ac_chat_t *c, int *done, int r) {
 }
 
 /* The memory a chat's output queue holds, as the map's output limit
- * counts it: its bytes, plus its fifo entries (48 bytes each, and the fifo
- * doubles as it grows: count 96).  Counting bytes alone would let a
- * client queue millions of one-byte replies at 96 bytes each. */
+ * counts it: its bytes, plus 96 per fifo entry (counting bytes alone
+ * would let a client queue millions of one-byte replies at 96 bytes
+ * each). */
 static inline size_t chat_queued(const ac_chat_t *c) {
-  return ac_chat_out_bytes(c) + 96 * ac_chat_fifo_len(c);
+  return ac_chat_output_held(c);
 }
 
 /* Appends n bytes to a buffer of at most `max` bytes (plus one for a

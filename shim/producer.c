@@ -570,6 +570,10 @@ size_t ac_chat_out_bytes(const ac_chat_t *c) {
   return ac__chat_usable(c) ? c->out_bytes : 0;
 }
 
+size_t ac_chat_output_held(const ac_chat_t *c) {
+  return ac__chat_usable(c) ? held(c) : 0;
+}
+
 /* ---------------------------------------------------------------- */
 /* simple_producer (P-03)                                             */
 

@@ -531,6 +531,7 @@ TASK(chat_bad_calls) {
     ASSERT_EQ(ac_chat_incoming_dropped(x), 0);
     ASSERT_EQ(ac_chat_fifo_len(x), 0);
     ASSERT_EQ(ac_chat_out_bytes(x), 0);
+    ASSERT_EQ(ac_chat_output_held(x), 0);
   }
   ASSERT_EQ(w.released, 0);
   ASSERT_OK(ac_close(&w.u.d));

@@ -287,6 +287,13 @@ AC_EXTERN uint64_t ac_chat_incoming_dropped(const ac_chat_t *c);
  * data bytes among them not sent yet. */
 AC_EXTERN size_t ac_chat_fifo_len(const ac_chat_t *c);
 AC_EXTERN size_t ac_chat_out_bytes(const ac_chat_t *c);
+/* The output c holds as the map's output limit counts it
+ * (ac_map_set_output_limit): ac_chat_out_bytes plus 96 per fifo entry (an
+ * entry's own memory, the fifo doubling as it grows), so that a client
+ * that makes many one-byte replies cannot hide 96 bytes behind each.  For
+ * an application's own bounds (sizing its next receive, say).  0 for a
+ * bad c. */
+AC_EXTERN size_t ac_chat_output_held(const ac_chat_t *c);
 
 /* ------------------------------------------------------------------ */
 /* Producers, fifo, find_prefix_at_end (spec P-)                       */
