@@ -65,8 +65,8 @@ static client_t *client_of(ac_chat_t *c) {
 
 /* Grows the client's buffer so that n more bytes fit, with room left for
  * the "\n" of the reply; returns 0, UV_E2BIG or UV_ENOMEM.  Out of line
- * (COLD), so that the common paths of the callbacks below save no
- * registers: about a third of their instructions. */
+ * (COLD), so that the common paths of the callbacks below stay small:
+ * they save no registers for it. */
 static COLD int grow(client_t *cl, size_t n) {
   size_t cap = cl->cap ? cl->cap : 256;
   char *p;

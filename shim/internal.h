@@ -11,9 +11,8 @@
 
 #define AC__HIDDEN __attribute__((visibility("hidden")))
 /* For the steps of async_chat's parse loop, one call each per receive:
- * gcc leaves the largest out of line, which costs the request/response
- * path a quarter of its instructions (register saves and argument
- * passing around every record). */
+ * gcc would leave the largest out of line, and every record would pay
+ * for register saves and argument passing around them. */
 #define AC__INLINE inline __attribute__((always_inline))
 /* A special case that branches off a common path (a receive with pending
  * input, a send while gathering): kept out of line, so that the common

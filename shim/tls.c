@@ -64,8 +64,8 @@ typedef struct {
 /* Before an SSL call whose failure SSL_get_error classifies: an error left
  * in the thread's queue (by the application's own OpenSSL calls) would be
  * taken for this call's.  Every failure here clears what it met, so the
- * queue is nearly always empty: peeking costs little, clearing would cost
- * a quarter of a message's instructions. */
+ * queue is nearly always empty: a peek is enough, where clearing at every
+ * call would reset OpenSSL's per-thread error state each time. */
 static void clear_errors(void) {
   if (ERR_peek_error() != 0) {
     ERR_clear_error();

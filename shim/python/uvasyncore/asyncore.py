@@ -559,7 +559,7 @@ class dispatcher_with_send(dispatcher):
     # number of times (the same 16 MiB: 0.07 s).  out_buffer is a property
     # over them, read and assigned as before.  (No class-level defaults for
     # the two: CPython 3.11 does not specialize loads of instance attributes
-    # that shadow class attributes, 400 instructions a load.)
+    # that shadow class attributes; each takes the slow generic lookup.)
 
     @property
     def out_buffer(self):
