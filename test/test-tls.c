@@ -939,60 +939,46 @@ static void pl_accepted(chan_t *c, uv_os_sock_t sock) {
   l->s = s;
 }
 
+/* A client thread: one blocking TLS connection that writes `out` in one
+ * SSL_write, then reads until `in` is full or the connection ends. */
 typedef struct {
   int port;
-  size_t got;    /* reply bytes read, all checked */
-  int bad;       /* the first reply out of order, or -1 */
-  int first_read; /* the first SSL_read's bytes */
+  const char *out;
+  size_t out_len;
+  char *in;
+  size_t in_len;
+  size_t got;     /* bytes read into `in` */
+  int first_read; /* the first SSL_read's bytes: one record's at most */
   int done;
-} pl_client_t;
+} bulk_client_t;
 
-/* All the lines in one write, then every reply, checked in order. */
-static void *pl_client(void *arg) {
-  pl_client_t *pc = arg;
+static void *bulk_client(void *arg) {
+  bulk_client_t *bc = arg;
   SSL_CTX *ctx = tlstest_client_ctx(1);
   SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
-  int fd = task_connect_tcp(AF_INET, pc->port);
+  int fd = task_connect_tcp(AF_INET, bc->port);
   struct timeval tv = {5, 0};
-  static char lines[PL_LINES * 6];
-  static char reply[PL_LINES * PL_REPLY];
-  size_t i;
   int k;
 
-  pc->bad = -1;
   if (ssl == NULL || fd < 0) {
     goto out;
   }
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   SSL_set_fd(ssl, fd);
   SSL_set1_host(ssl, "localhost");
-  if (SSL_connect(ssl) != 1) {
+  if (SSL_connect(ssl) != 1 ||
+      SSL_write(ssl, bc->out, (int) bc->out_len) != (int) bc->out_len) {
     goto out;
   }
-  for (i = 0; i < PL_LINES; i++) {
-    memcpy(lines + i * 6, "abcde\n", 6);
-  }
-  if (SSL_write(ssl, lines, (int) sizeof(lines)) != (int) sizeof(lines)) {
-    goto out;
-  }
-  while (pc->got < sizeof(reply)) {
-    k = SSL_read(ssl, reply + pc->got, (int) (sizeof(reply) - pc->got));
+  while (bc->got < bc->in_len) {
+    k = SSL_read(ssl, bc->in + bc->got, (int) (bc->in_len - bc->got));
     if (k <= 0) {
       break;
     }
-    if (pc->got == 0) {
-      pc->first_read = k;
+    if (bc->got == 0) {
+      bc->first_read = k;
     }
-    pc->got += (size_t) k;
-  }
-  for (i = 0; i < pc->got / PL_REPLY; i++) {
-    char want[8];
-    snprintf(want, sizeof(want), "%06u", (unsigned) i);
-    if (memcmp(reply + i * PL_REPLY, want, 6) != 0 ||
-        reply[i * PL_REPLY + PL_REPLY - 1] != '\n') {
-      pc->bad = (int) i;
-      break;
-    }
+    bc->got += (size_t) k;
   }
 out:
   SSL_free(ssl);
@@ -1001,12 +987,41 @@ out:
   }
   SSL_CTX_free(ctx);
   ERR_clear_error();
-  __atomic_store_n(&pc->done, 1, __ATOMIC_SEQ_CST);
+  __atomic_store_n(&bc->done, 1, __ATOMIC_SEQ_CST);
   return NULL;
 }
 
-static int pl_done(void *arg) {
-  return __atomic_load_n(&((pl_client_t *) arg)->done, __ATOMIC_SEQ_CST);
+static int bulk_done(void *arg) {
+  return __atomic_load_n(&((bulk_client_t *) arg)->done, __ATOMIC_SEQ_CST);
+}
+
+/* Listens in plaintext on `l` (accepted sockets go to `take`, which
+ * starts TLS), runs bulk_client against it until it is done. */
+static void bulk_run(ac_map_t *map, chan_t *l,
+                     void (*take)(chan_t *c, uv_os_sock_t sock),
+                     bulk_client_t *bc) {
+  pthread_t th;
+
+  bc->port = listen_plain(l, map, take);
+  ASSERT_GT(bc->port, 0);
+  ASSERT_EQ(pthread_create(&th, NULL, bulk_client, bc), 0);
+  run_while(map, bulk_done, bc);
+  pthread_join(th, NULL);
+}
+
+/* The first reply out of order among the pipelined lines', or -1. */
+static int pl_first_bad(const char *reply, size_t got) {
+  size_t i;
+
+  for (i = 0; i < got / PL_REPLY; i++) {
+    char want[8];
+    snprintf(want, sizeof(want), "%06u", (unsigned) i);
+    if (memcmp(reply + i * PL_REPLY, want, 6) != 0 ||
+        reply[i * PL_REPLY + PL_REPLY - 1] != '\n') {
+      return (int) i;
+    }
+  }
+  return -1;
 }
 
 /* A TLS chat answers 4000 pipelined lines with two pushes each (256,000
@@ -1017,25 +1032,30 @@ static int pl_done(void *arg) {
  * (the client reads only after its write) the pushes wait in the fifo. */
 TASK(tls_chat_gathers_pipelined_replies) {
   ac_map_t *map = task_map_new();
+  static char lines[PL_LINES * 6];
+  static char reply[PL_LINES * PL_REPLY];
   pl_listener_t l;
-  pl_client_t pc;
-  pthread_t th;
+  bulk_client_t bc;
+  size_t i;
 
   ASSERT(map != NULL);
   ac_map_set_log_sink(map, chan_quiet_sink, NULL);
   memset(&l, 0, sizeof(l));
   l.ctx = tlstest_server_ctx();
   ASSERT(l.ctx != NULL);
-  memset(&pc, 0, sizeof(pc));
-  pc.port = listen_plain(&l.l, map, pl_accepted);
-  ASSERT_GT(pc.port, 0);
-  ASSERT_EQ(pthread_create(&th, NULL, pl_client, &pc), 0);
-  run_while(map, pl_done, &pc);
-  pthread_join(th, NULL);
+  for (i = 0; i < PL_LINES; i++) {
+    memcpy(lines + i * 6, "abcde\n", 6);
+  }
+  memset(&bc, 0, sizeof(bc));
+  bc.out = lines;
+  bc.out_len = sizeof(lines);
+  bc.in = reply;
+  bc.in_len = sizeof(reply);
+  bulk_run(map, &l.l, pl_accepted, &bc);
   ASSERT(l.s != NULL);
-  ASSERT_EQ(pc.bad, -1);
-  ASSERT_EQ(pc.got, (size_t) PL_LINES * PL_REPLY);
-  ASSERT_GT(pc.first_read, PL_REPLY);
+  ASSERT_EQ(bc.got, (size_t) PL_LINES * PL_REPLY);
+  ASSERT_EQ(pl_first_bad(reply, bc.got), -1);
+  ASSERT_GT(bc.first_read, PL_REPLY);
   ac_close(&l.s->chat.d);
   ac_close(&l.l.u.d);
   task_map_free(map);
@@ -1096,65 +1116,6 @@ static void wb_accepted(chan_t *c, uv_os_sock_t sock) {
   l->s = s;
 }
 
-typedef struct {
-  int port;
-  size_t got;     /* echoed bytes read, all checked */
-  int bad;        /* 0 if every byte matched */
-  int first_read; /* the first SSL_read's bytes: one record's at most */
-  int done;
-} wb_client_t;
-
-/* The whole message in one write, then its echo, checked. */
-static void *wb_client(void *arg) {
-  wb_client_t *wc = arg;
-  SSL_CTX *ctx = tlstest_client_ctx(1);
-  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
-  int fd = task_connect_tcp(AF_INET, wc->port);
-  struct timeval tv = {5, 0};
-  static char out[WB_BYTES];
-  static char in[WB_BYTES];
-  int k;
-
-  wc->bad = 1;
-  if (ssl == NULL || fd < 0) {
-    goto out;
-  }
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  SSL_set_fd(ssl, fd);
-  SSL_set1_host(ssl, "localhost");
-  if (SSL_connect(ssl) != 1) {
-    goto out;
-  }
-  chan_fill(out, sizeof(out), 5, 0);
-  if (SSL_write(ssl, out, (int) sizeof(out)) != (int) sizeof(out)) {
-    goto out;
-  }
-  while (wc->got < sizeof(in)) {
-    k = SSL_read(ssl, in + wc->got, (int) (sizeof(in) - wc->got));
-    if (k <= 0) {
-      break;
-    }
-    if (wc->got == 0) {
-      wc->first_read = k;
-    }
-    wc->got += (size_t) k;
-  }
-  wc->bad = memcmp(in, out, wc->got) != 0;
-out:
-  SSL_free(ssl);
-  if (fd >= 0) {
-    close(fd);
-  }
-  SSL_CTX_free(ctx);
-  ERR_clear_error();
-  __atomic_store_n(&wc->done, 1, __ATOMIC_SEQ_CST);
-  return NULL;
-}
-
-static int wb_done(void *arg) {
-  return __atomic_load_n(&((wb_client_t *) arg)->done, __ATOMIC_SEQ_CST);
-}
-
 /* A dispatcher_with_send echo over TLS, reading 512 bytes per
  * handle_read: a record of the client's runs a read burst, whose echoes
  * are gathered into records of more than one handle_read's (the first
@@ -1162,25 +1123,27 @@ static int wb_done(void *arg) {
  * byte comes back in order. */
 TASK(tls_with_send_burst_gathers_echoes) {
   ac_map_t *map = task_map_new();
+  static char out[WB_BYTES];
+  static char in[WB_BYTES];
   wb_listener_t l;
-  wb_client_t wc;
-  pthread_t th;
+  bulk_client_t bc;
 
   ASSERT(map != NULL);
   ac_map_set_log_sink(map, chan_quiet_sink, NULL);
   memset(&l, 0, sizeof(l));
   l.ctx = tlstest_server_ctx();
   ASSERT(l.ctx != NULL);
-  memset(&wc, 0, sizeof(wc));
-  wc.port = listen_plain(&l.l, map, wb_accepted);
-  ASSERT_GT(wc.port, 0);
-  ASSERT_EQ(pthread_create(&th, NULL, wb_client, &wc), 0);
-  run_while(map, wb_done, &wc);
-  pthread_join(th, NULL);
+  chan_fill(out, sizeof(out), 5, 0);
+  memset(&bc, 0, sizeof(bc));
+  bc.out = out;
+  bc.out_len = sizeof(out);
+  bc.in = in;
+  bc.in_len = sizeof(in);
+  bulk_run(map, &l.l, wb_accepted, &bc);
   ASSERT(l.s != NULL);
-  ASSERT_EQ(wc.got, (size_t) WB_BYTES);
-  ASSERT_EQ(wc.bad, 0);
-  ASSERT_GT(wc.first_read, WB_READ);
+  ASSERT_EQ(bc.got, (size_t) WB_BYTES);
+  ASSERT_MEM_EQ(in, out, WB_BYTES);
+  ASSERT_GT(bc.first_read, WB_READ);
   ASSERT_EQ(l.s->errors, 0);
   ac_close(&l.s->w.d);
   ac_close(&l.l.u.d);
