@@ -127,20 +127,29 @@ static AC__SPECIAL ssize_t gather_full(ac_dispatcher_t *d, const void *buf,
 
 /* ac__send of a channel whose sends are to be gathered (AC__GATHER): the
  * n bytes at buf join the gathering, which the first send starts.  When it
- * cannot start, the rest of the burst or parse sends as usual.  Returns
- * what was taken, or what the usual send returned. */
+ * cannot start, these bytes go as usual, and so does the rest of the burst
+ * or parse, unless only another channel's gathering was in the way (a
+ * parse nested in this one, fed from its handler, which pushed first;
+ * this channel pushed to from inside another's parse): that one ends
+ * first, and this channel's next send asks again, so that the replies of
+ * its own records still leave together.  Returns what was taken, or what
+ * the usual send returned. */
 ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   ac_map_t *m = d->map;
 
   if (!(d->ready & AC__GATHERING) && !gather_start(d)) {
-    d->ready &= (uint8_t) ~AC__GATHER;
-    return ac__send(d, buf, n);
+    if (m->gather_owner == NULL) {
+      d->ready &= (uint8_t) ~AC__GATHER;
+    }
+    return ac__send_now(d, buf, n);
   }
   if (n > m->gather_cap - m->gather_len) {
     return gather_full(d, buf, n);
   }
-  memcpy(m->gather + m->gather_len, buf, n);
-  m->gather_len += n;
+  if (n > 0) { /* ac_send(d, NULL, 0) is valid; memcpy from NULL is not */
+    memcpy(m->gather + m->gather_len, buf, n);
+    m->gather_len += n;
+  }
   return (ssize_t) n;
 }
 

@@ -438,17 +438,23 @@ static inline ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf,
  * a class's send (dispatcher_with_send's, a push) is one call deep.  A
  * read burst's or a parse's reply is gathered (burst.c, which also sends
  * one too large to gather, after what was); a channel with a transport
- * gives it the bytes (TLS: tls.c); the rest goes to the socket. */
-static inline ssize_t ac__send(ac_dispatcher_t *d, const void *buf,
-                               size_t n) {
-  if (d->ready & AC__GATHER) {
-    return ac__gather_send(d, buf, n);
-  }
+ * gives it the bytes (TLS: tls.c); the rest goes to the socket
+ * (ac__send_now: the send without gathering). */
+static inline ssize_t ac__send_now(ac_dispatcher_t *d, const void *buf,
+                                   size_t n) {
   if (d->xport_) {
     ssize_t r = ac__xport_send(d, buf, n);
     return r < 0 ? ac__send_error(d, (int) r) : r;
   }
   return ac__send_socket(d, buf, n, 0);
+}
+
+static inline ssize_t ac__send(ac_dispatcher_t *d, const void *buf,
+                               size_t n) {
+  if (d->ready & AC__GATHER) {
+    return ac__gather_send(d, buf, n);
+  }
+  return ac__send_now(d, buf, n);
 }
 
 /* A receive filled the caller's buffer: more input may wait (AC__RMORE),

@@ -8,6 +8,7 @@
  * TCP_NODELAY. */
 #include "task.h"
 #include "probe.h"
+#include "../shim/internal.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -2021,6 +2022,449 @@ TASK(chat_random_cross_channel_pushes_keep_order) {
   }
 }
 
+/* Hostile variant of the test above (three TCP chats, random legal
+ * actions in found_terminator), adding the actions that end or restart a
+ * connection in the middle of a parse: ac_close (then, while lives are
+ * left, a new connection on the same channel, ac_dispatcher_open, inside
+ * the same found_terminator, whose later actions push on it),
+ * close_when_done, a found_terminator that fails (handle_error closes),
+ * plus ac_recv on the parsing channel itself, empty pushes, producers,
+ * discard_buffers, a terminator set again.  Every connection's peer must
+ * receive exactly the bytes reported sent on it, in order, then the end
+ * if its life ended; and after every pass no channel may still ask for
+ * gathering or gather (AC__GATHER, AC__GATHERING) and the map's gather has
+ * no owner: nothing is held for a later event. */
+#define HR_CHATS 3
+#define HR_LIVES 8
+#define HR_RECORDS 120
+
+typedef struct {
+  ac_chat_t c;
+  int id;
+  int life;   /* the current connection */
+  int ending; /* close_when_done queued: pushes no longer reach its peer */
+  int founds;
+} hr_t;
+
+typedef struct {
+  char *log; /* the bytes reported sent on this connection */
+  size_t len;
+  size_t cap;
+  char *got; /* what its peer received */
+  size_t glen;
+  size_t gcap;
+  int peer;   /* -1: never used */
+  int closed; /* the channel's life on it ended: the peer must see EOF */
+  int eof;
+} hr_conn_t;
+
+static hr_t hr_chat[HR_CHATS];
+static hr_conn_t hr_conn[HR_CHATS][HR_LIVES];
+static uint32_t hr_state;
+static unsigned hr_serial;
+static int hr_depth;
+static int hr_bad; /* an unexpected failure */
+static char hr_in[HR_RECORDS * 8];
+static size_t hr_inlen;
+
+static uint32_t hr_next(void) {
+  hr_state = hr_state * 1103515245u + 12345u;
+  return hr_state >> 8;
+}
+
+static void hr_grow(char **b, size_t *cap, size_t need) {
+  if (need > *cap) {
+    size_t c = need * 2;
+    char *n = realloc(*b, c);
+    if (n == NULL) {
+      hr_bad = 1;
+      return;
+    }
+    *b = n;
+    *cap = c;
+  }
+}
+
+static void hr_log(int to, const char *p, size_t n) {
+  hr_conn_t *k = &hr_conn[to][hr_chat[to].life];
+
+  hr_grow(&k->log, &k->cap, k->len + n);
+  if (!hr_bad && n > 0) {
+    memcpy(k->log + k->len, p, n);
+    k->len += n;
+  }
+}
+
+/* Whether pushes to chat `to` reach its current peer. */
+static int hr_live(int to) {
+  return !hr_chat[to].ending && !hr_conn[to][hr_chat[to].life].closed;
+}
+
+static int hr_push(int to, int kind) {
+  ac_chat_t *c = &hr_chat[to].c;
+  char small[48];
+  char *p;
+  size_t n;
+  int e;
+
+  if (!hr_live(to)) {
+    return 0;
+  }
+  n = (size_t) snprintf(small, sizeof(small), "%d.%d:%u;", to,
+                        hr_chat[to].life, hr_serial++);
+  switch (kind) {
+  case 0:
+    e = ac_chat_push(c, small, n);
+    break;
+  case 1:
+    p = malloc(n);
+    if (p == NULL) {
+      return UV_ENOMEM;
+    }
+    memcpy(p, small, n);
+    e = ac_chat_push_owned(c, p, n, rnd_free, NULL);
+    break;
+  case 2:
+    n = 70000;
+    p = malloc(n);
+    if (p == NULL) {
+      return UV_ENOMEM;
+    }
+    pattern(p, n);
+    memcpy(p, small, strlen(small));
+    hr_log(to, p, n);
+    e = ac_chat_push_owned(c, p, n, rnd_free, NULL);
+    if (e != 0) {
+      hr_bad = 1;
+    }
+    return e;
+  case 3:
+    n = 0;
+    e = ac_chat_push(c, small, 0);
+    break;
+  default: {
+    static char pbuf[3000];
+    ac_producer_t *prod;
+    pattern(pbuf, sizeof(pbuf));
+    memcpy(pbuf, small, n);
+    e = ac_simple_producer_new(pbuf, sizeof(pbuf), 700, &prod);
+    if (e == 0) {
+      e = ac_chat_push_with_producer(c, prod);
+    }
+    if (e == 0) {
+      hr_log(to, pbuf, sizeof(pbuf));
+    } else {
+      hr_bad = 1;
+    }
+    return e;
+  }
+  }
+  if (e == 0) {
+    hr_log(to, small, n);
+  } else {
+    hr_bad = 1;
+  }
+  return e;
+}
+
+/* A new connection for chat `me` (closed now), if it has lives left. */
+static void hr_reopen(int me) {
+  hr_t *h = &hr_chat[me];
+  uv_os_sock_t fds[2];
+  hr_conn_t *k;
+
+  if (h->life + 1 >= HR_LIVES || probe_tcp_pair(AF_INET, fds) != 0) {
+    return;
+  }
+  if (ac_dispatcher_open(&h->c.d, fds[1]) != 0) {
+    hr_bad = 1;
+    close(fds[0]);
+    close(fds[1]);
+    return;
+  }
+  h->life++;
+  h->ending = 0;
+  k = &hr_conn[me][h->life];
+  k->peer = fds[0];
+  if (send(k->peer, hr_in, hr_inlen / 2, 0) != (ssize_t) (hr_inlen / 2)) {
+    hr_bad = 1;
+  }
+}
+
+/* Before the channel closes: the input still in its socket is read (and
+ * dropped), so that the close is a FIN: a close with unread input resets
+ * the connection, and the peer may lose what it has not read yet, as
+ * with any TCP application. */
+static void hr_swallow(ac_chat_t *c) {
+  char junk[4096];
+  int fd = ac_fileno(&c->d);
+
+  while (fd >= 0 && recv(fd, junk, sizeof(junk), MSG_DONTWAIT) > 0) {
+  }
+}
+
+static int hr_found(ac_chat_t *c) {
+  hr_t *me = ac_container_of(c, hr_t, c);
+  int actions = 1 + (int) (hr_next() % 4);
+  int e = 0;
+  int i;
+
+  (void) ac_chat_clear_incoming(c);
+  me->founds++;
+  for (i = 0; i < actions && e == 0; i++) {
+    uint32_t a = hr_next() % 2000;
+    int other = (int) (hr_next() % HR_CHATS);
+    int closed = hr_conn[me->id][me->life].closed;
+
+    /* 0 to 92 (98.5%): pushes, feeds, fileno, recv, discard, terminator;
+     * 93 to 97: ends of connections */
+    a = a < 1970 ? a * 93 / 1970 : 93 + (a - 1970) / 6;
+    if (a < 35) {
+      e = hr_push(me->id, 0);
+    } else if (a < 41) {
+      e = hr_push(me->id, 1);
+    } else if (a < 44) {
+      e = hr_push(me->id, 2);
+    } else if (a < 47) {
+      e = hr_push(me->id, 3);
+    } else if (a < 50) {
+      e = hr_push(me->id, 4);
+    } else if (a < 65) {
+      e = hr_push(other, (int) (hr_next() % 5));
+    } else if (a < 77) {
+      if (other != me->id && hr_depth < 3) {
+        char rec[32];
+        int k = snprintf(rec, sizeof(rec), "f%u;", hr_serial++);
+        hr_depth++;
+        (void) ac_chat_feed(&hr_chat[other].c, rec, (size_t) k);
+        hr_depth--;
+      }
+    } else if (a < 82) {
+      (void) ac_fileno(&c->d);
+    } else if (a < 87) {
+      char junk[8];
+      if (!closed) {
+        (void) ac_recv(&c->d, junk, 1 + hr_next() % sizeof(junk));
+      }
+    } else if (a < 90) {
+      if (ac_chat_fifo_len(c) == 0 && !me->ending) {
+        e = ac_chat_discard_buffers(c);
+      }
+    } else if (a < 93) {
+      e = ac_chat_set_terminator(c, ";", 1);
+    } else if (a < 94) {
+      if (hr_live(me->id)) {
+        me->ending = 1;
+        hr_conn[me->id][me->life].closed = 1;
+        hr_swallow(c);
+        e = ac_chat_close_when_done(c);
+      }
+    } else if (a < 97) {
+      if (hr_live(me->id) && ac_chat_fifo_len(c) == 0) {
+        hr_conn[me->id][me->life].closed = 1;
+        hr_swallow(c);
+        ac_close(&c->d);
+        if (a > 94) {
+          hr_reopen(me->id);
+        }
+      }
+    } else if (a < 98 && hr_depth == 0 && hr_live(me->id) &&
+               ac_chat_fifo_len(c) == 0) {
+      /* handle_error (the default) closes the channel */
+      hr_conn[me->id][me->life].closed = 1;
+      hr_swallow(c);
+      return UV_EPROTO;
+    }
+  }
+  return e;
+}
+
+static int hr_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  (void) err;
+  return ac_close(d); /* as the default does, without its log line */
+}
+
+static const ac_chat_ops_t hr_ops = {
+    .base = {.handle_error = hr_error},
+    .collect_incoming_data = liner_collect,
+    .found_terminator = hr_found,
+};
+
+/* Read what every peer has; returns whether anything came. */
+static int hr_drain(void) {
+  int moved = 0;
+  int i;
+  int l;
+
+  for (i = 0; i < HR_CHATS; i++) {
+    for (l = 0; l < HR_LIVES; l++) {
+      hr_conn_t *k = &hr_conn[i][l];
+      ssize_t r;
+      if (k->peer < 0 || k->eof) {
+        continue;
+      }
+      for (;;) {
+        hr_grow(&k->got, &k->gcap, k->glen + 65536);
+        if (hr_bad) {
+          return 0;
+        }
+        r = recv(k->peer, k->got + k->glen, k->gcap - k->glen, MSG_DONTWAIT);
+        if (r <= 0) {
+          break;
+        }
+        k->glen += (size_t) r;
+        moved = 1;
+      }
+      if (r == 0) {
+        k->eof = 1;
+        moved = 1;
+      }
+    }
+  }
+  return moved;
+}
+
+TASK(chat_random_lifecycle_keeps_bytes_and_holds_none) {
+  /* HR_SEEDS=n in the environment: more seeds (a longer hunt) */
+  const char *env = getenv("HR_SEEDS");
+  uint32_t seeds = env != NULL ? (uint32_t) atoi(env) : 12;
+  uint32_t seed;
+  int i;
+  int l;
+
+  hr_inlen = 0;
+  for (i = 0; i < HR_RECORDS; i++) {
+    hr_inlen += (size_t) snprintf(hr_in + hr_inlen, sizeof(hr_in) - hr_inlen,
+                                  "r%d;", i);
+  }
+  for (seed = 1; seed <= seeds; seed++) {
+    ac_map_t *map = task_map_new();
+    int quiet = 0;
+    int last = -1;
+    int pass;
+
+    hr_state = seed;
+    hr_serial = 0;
+    hr_depth = 0;
+    hr_bad = 0;
+    memset(hr_conn, 0, sizeof(hr_conn));
+    for (i = 0; i < HR_CHATS; i++) {
+      uv_os_sock_t fds[2];
+      for (l = 0; l < HR_LIVES; l++) {
+        hr_conn[i][l].peer = -1;
+      }
+      memset(&hr_chat[i], 0, sizeof(hr_chat[i]));
+      hr_chat[i].id = i;
+      ASSERT_OK(ac_chat_init(&hr_chat[i].c, map, &hr_ops));
+      ASSERT_OK(ac_chat_set_terminator(&hr_chat[i].c, ";", 1));
+      hr_chat[i].c.ac_in_buffer_size = 16 + 40 * (size_t) i + seed;
+      ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+      ASSERT_OK(ac_dispatcher_open(&hr_chat[i].c.d, fds[1]));
+      hr_conn[i][0].peer = fds[0];
+      ASSERT_EQ(send(fds[0], hr_in, hr_inlen, 0), (ssize_t) hr_inlen);
+    }
+    for (pass = 0; pass < 4000 && quiet < 60; pass++) {
+      int founds = 0;
+      ASSERT_OK(ac_loop(map, 0.002, (int) (seed % 2), 1));
+      ASSERT(map->gather_owner == NULL);
+      for (i = 0; i < HR_CHATS; i++) {
+        ASSERT_EQ(hr_chat[i].c.d.ready & (AC__GATHER | AC__GATHERING), 0);
+        founds += hr_chat[i].founds;
+      }
+      quiet = hr_drain() || founds != last ? 0 : quiet + 1;
+      last = founds;
+    }
+    ASSERT_EQ(hr_bad, 0);
+    for (i = 0; i < HR_CHATS; i++) {
+      for (l = 0; l < HR_LIVES; l++) {
+        hr_conn_t *k = &hr_conn[i][l];
+        if (k->peer < 0) {
+          continue;
+        }
+        if (k->glen != k->len ||
+            (k->len > 0 && memcmp(k->got, k->log, k->len) != 0)) {
+          ac_dispatcher_t *d = &hr_chat[i].c.d;
+          fprintf(stderr, "  seed %u chat %d life %d: got %zu, sent %zu; "
+                  "closed %d eof %d, life now %d, fifo %zu, out %zu, "
+                  "ready %#x armed %#x flags %#x wq %zu conn %d pass %d\n",
+                  seed, i, l, k->glen, k->len, k->closed, k->eof,
+                  hr_chat[i].life, ac_chat_fifo_len(&hr_chat[i].c),
+                  ac_chat_out_bytes(&hr_chat[i].c), d->ready, d->armed,
+                  d->flags, (size_t) d->wq_bytes, d->connected, pass);
+        }
+        ASSERT_EQ(k->glen, k->len);
+        ASSERT(k->len == 0 || memcmp(k->got, k->log, k->len) == 0);
+        ASSERT_EQ(k->eof, k->closed);
+      }
+    }
+    for (i = 0; i < HR_CHATS; i++) {
+      ac_close(&hr_chat[i].c.d);
+    }
+    ASSERT_OK(ac_loop(map, 0.01, 0, 3));
+    for (i = 0; i < HR_CHATS; i++) {
+      for (l = 0; l < HR_LIVES; l++) {
+        hr_conn_t *k = &hr_conn[i][l];
+        if (k->peer >= 0) {
+          close(k->peer);
+        }
+        free(k->log);
+        free(k->got);
+        k->log = k->got = NULL;
+      }
+    }
+    task_map_free(map);
+  }
+}
+
+/* D-13: an empty send (NULL, 0: ac_send accepts a NULL buffer with no
+ * bytes) inside a read burst, which gathers: it sends nothing and takes
+ * nothing, without touching the buffer (memcpy from NULL is undefined,
+ * even of 0 bytes: UBSan's nonnull-attribute check), and the echoes
+ * around it arrive whole and in order.  Both ways in: the class's send
+ * (dispatcher_with_send, from an empty buffer) and the base one
+ * (ac_dispatcher_send).  Undefined before this test's fix (also before
+ * 9474fb4, once a burst gathered). */
+static int null_send_read(ac_dispatcher_t *d) {
+  echo_t *e = echo_of(d);
+  ssize_t n = ac_recv(d, e->in + e->nin, CHUNK);
+
+  e->reads++;
+  if (n <= 0) {
+    return n == UV_EAGAIN ? 0 : (int) n;
+  }
+  if (ac_send(d, NULL, 0) != 0 || ac_dispatcher_send(d, NULL, 0) != 0 ||
+      ac_send(d, e->in + e->nin, (size_t) n) != n) {
+    e->short_sends++;
+  }
+  e->nin += (size_t) n;
+  return 0;
+}
+
+static const ac_dispatcher_ops_t null_send_ops = {
+    .handle_read = null_send_read,
+    .handle_close = echo_close,
+};
+
+TASK(burst_empty_null_send_while_gathering) {
+  static char out[MSG];
+  static char back[MSG];
+  ac_map_t *map = task_map_new();
+  static echo_t e;
+  int peer;
+
+  pattern(out, sizeof(out));
+  couple(map, &e, &null_send_ops, &peer);
+  peer_send(peer, ac_fileno(&e.w.d), out, MSG);
+  ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+  ASSERT_EQ(e.nin, MSG);
+  ASSERT_EQ(e.short_sends, 0);
+  peer_recv(peer, back, MSG);
+  ASSERT_MEM_EQ(back, out, MSG);
+  ac_close(&e.w.d);
+  close(peer);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(nodelay_on_tcp_channels),
     TASK_ENTRY(burst_reads_a_message_in_one_pass),
@@ -2054,6 +2498,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(chat_feed_other_replies_on_right_socket),
     TASK_ENTRY(burst_feeds_chat_keeps_both),
     TASK_ENTRY(chat_random_cross_channel_pushes_keep_order),
+    TASK_ENTRY(chat_random_lifecycle_keeps_bytes_and_holds_none),
+    TASK_ENTRY(burst_empty_null_send_while_gathering),
 };
 
 int main(int argc, char **argv) {

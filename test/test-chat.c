@@ -2925,6 +2925,231 @@ TASK(gather_empty_push_between) {
   task_map_free(map);
 }
 
+/* ---------------------------------------------------------------- */
+/* Gathering that starts at the first send (AC__GATHER asks, the first */
+/* send decides): who owns the map's gather, and nothing left set      */
+
+/* No channel may still ask for gathering, or gather, once a parse or a
+ * dispatch returned to the application: its replies would be held until
+ * some later event, or for ever. */
+static int gather_idle(ac_map_t *map, rec_t *r) {
+  return map->gather_owner == NULL &&
+         (r->chat.d.ready & (AC__GATHER | AC__GATHERING)) == 0;
+}
+
+/* A's found_terminator feeds chat B before A pushed anything; B's
+ * found_terminator pushes its own reply, then one to A.  B's parse owns
+ * the map's gather first (B pushed first), so B's push to A goes out at
+ * once; that must not end A's gathering for the rest of A's parse: the
+ * replies to the records of A's one receive still leave together, when
+ * A's parse ends (with 9474fb4 they left one send per push), every byte
+ * on its own socket in CPython's order, and nothing is left asking to
+ * gather. */
+static rec_t *cross_a;
+static rec_t *cross_b;
+
+static int cross_b_found(rec_t *r) {
+  int e = ac_chat_push(&r->chat, "x!", 2);
+
+  return e != 0 ? e : ac_chat_push(&cross_a->chat, "b>", 2);
+}
+
+static int cross_a_found(rec_t *r) {
+  int e = 0;
+
+  if (r->founds == 1) {
+    e = ac_chat_feed(&cross_b->chat, "x;", 2);
+  }
+  return e != 0 ? e : push_in_found(r);
+}
+
+TASK(gather_nested_owner_keeps_outer_gathering) {
+  ac_map_t *map = task_map_new();
+  static rec_t a;
+  static rec_t b;
+  char got[32];
+  int pa;
+  int pb;
+
+  ASSERT_OK(rec_tcp(&a, map, &pa));
+  ASSERT_OK(rec_tcp(&b, map, &pb));
+  cross_a = &a;
+  cross_b = &b;
+  a.on_found = cross_a_found;
+  b.on_found = cross_b_found;
+  ASSERT_OK(ac_chat_set_terminator(&a.chat, ";", 1));
+  ASSERT_OK(ac_chat_set_terminator(&b.chat, ";", 1));
+  peer_fd = pa;
+  DELIVER(&a, pa, "1;2;3;");
+  peer_fd = -1;
+  ASSERT_EQ(a.founds, 3);
+  ASSERT_EQ(b.founds, 1);
+  ASSERT(gather_idle(map, &a));
+  ASSERT(gather_idle(map, &b));
+  ASSERT_EQ(peer_read_loop(map, pa, got, 11), 11);
+  ASSERT_MEM_EQ(got, "b>ok;ok;ok;", 11);
+  ASSERT_EQ(peer_read_loop(map, pb, got, 2), 2);
+  ASSERT_MEM_EQ(got, "x!", 2);
+  /* A's replies gathered: at A's last push its peer had at most B's push
+   * to A ("b>", sent while B's parse held the map's gather) */
+  ASSERT_LE(a.peer_in_found, 2);
+  ASSERT_EQ(a.errors + a.closes + b.errors + b.closes, 0);
+  close(pa);
+  close(pb);
+  task_map_free(map);
+}
+
+/* A found_terminator pushes, closes its channel (the gathered reply goes
+ * out first, then the end) and opens it again on a new connection, where
+ * it pushes again: that reply reaches the new peer, nothing is left
+ * gathering or asking to gather, and the new life's next receive gathers
+ * its replies as usual (on one send). */
+static int reopen_peer = -1;
+
+static int reopen_in_found(rec_t *r) {
+  uv_os_sock_t fds[2];
+  int e;
+
+  if (reopen_peer >= 0) {
+    return push_in_found(r);
+  }
+  e = ac_chat_push(&r->chat, "old;", 4);
+  if (e != 0) {
+    return e;
+  }
+  ac_close(&r->chat.d);
+  if (probe_tcp_pair(AF_INET, fds) != 0) {
+    return UV_EIO;
+  }
+  e = ac_dispatcher_open(&r->chat.d, fds[1]);
+  if (e != 0) {
+    return e;
+  }
+  reopen_peer = fds[0];
+  return ac_chat_push(&r->chat, "new;", 4);
+}
+
+TASK(gather_close_reopen_in_found) {
+  int via_loop;
+
+  for (via_loop = 0; via_loop < 2; via_loop++) {
+    ac_map_t *map = task_map_new();
+    char got[32];
+    rec_t r;
+    int peer;
+    ssize_t k;
+    size_t n = 0;
+
+    reopen_peer = -1;
+    ASSERT_OK(rec_tcp(&r, map, &peer));
+    r.on_found = reopen_in_found;
+    ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+    if (via_loop) { /* the read dispatch (events.c), not ac_read */
+      ASSERT_EQ(write(peer, "x;", 2), 2);
+      LOOP_UNTIL(map, 0, r.founds == 1, 200);
+    } else {
+      DELIVER(&r, peer, "x;");
+    }
+    ASSERT_EQ(r.founds, 1);
+    ASSERT_GE(reopen_peer, 0);
+    ASSERT(gather_idle(map, &r));
+    while ((k = recv(peer, got + n, sizeof(got) - n, 0)) > 0) {
+      n += (size_t) k; /* the old peer: its reply, then the end */
+    }
+    ASSERT_EQ(k, 0);
+    ASSERT_EQ(n, 4);
+    ASSERT_MEM_EQ(got, "old;", 4);
+    close(peer);
+    ASSERT_EQ(peer_read_loop(map, reopen_peer, got, 4), 4);
+    ASSERT_MEM_EQ(got, "new;", 4);
+    peer_fd = reopen_peer;
+    DELIVER(&r, reopen_peer, "a;b;c;");
+    peer_fd = -1;
+    ASSERT_EQ(r.founds, 4);
+    ASSERT_EQ(r.peer_in_found, 0); /* gathered on the new life */
+    ASSERT(gather_idle(map, &r));
+    ASSERT_EQ(peer_read_loop(map, reopen_peer, got, 9), 9);
+    ASSERT_MEM_EQ(got, "ok;ok;ok;", 9);
+    ASSERT_EQ(r.errors, 0);
+    close(reopen_peer);
+    reopen_peer = -1;
+    task_map_free(map);
+  }
+}
+
+/* Inside the read dispatch, found_terminator receives from its own
+ * channel (ac_recv), a receive that fills its buffer (more input may
+ * wait: a read burst follows the parse) between two pushes: both replies
+ * leave in one send when the parse ends, and nothing is left asking to
+ * gather; the burst then reads the rest. */
+static int recv_peer = -1;
+static int recv_fd = -1; /* the channel's socket (ac_fileno would flush) */
+static size_t recv_raw;
+
+static size_t count_z(const rec_t *r) {
+  size_t k = 0;
+  size_t i;
+
+  for (i = 0; i < r->tlen; i++) {
+    k += r->trace[i] == 'z';
+  }
+  return k;
+}
+
+static int recv_in_found(rec_t *r) {
+  int waiting = -1;
+  char raw[4];
+  ssize_t n;
+  int e = ac_chat_push(&r->chat, "ok;", 3);
+
+  if (e != 0 || r->founds > 1) {
+    return e;
+  }
+  if (write(recv_peer, "zzzzzzzzzzzz", 12) != 12) {
+    return UV_EIO;
+  }
+  (void) probe_wait_fd(recv_fd, POLLIN, 1000);
+  n = ac_recv(&r->chat.d, raw, sizeof(raw));
+  if (n > 0) {
+    recv_raw += (size_t) n;
+  }
+  e = ac_chat_push(&r->chat, "x;", 2);
+  if (ioctl(recv_peer, FIONREAD, &waiting) == 0) {
+    r->peer_in_found = (size_t) waiting;
+  }
+  return e;
+}
+
+TASK(gather_recv_in_found_filling_its_buffer) {
+  ac_map_t *map = task_map_new();
+  char got[16];
+  rec_t r;
+  int peer;
+  int waiting = 0;
+
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  recv_peer = peer;
+  recv_fd = ac_fileno(&r.chat.d);
+  recv_raw = 0;
+  r.on_found = recv_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  ASSERT_EQ(write(peer, "a;", 2), 2);
+  LOOP_UNTIL(map, 0, r.founds == 1, 200);
+  ASSERT_EQ(recv_raw, 4);
+  ASSERT_EQ(r.peer_in_found, 0); /* both pushes gathered */
+  ASSERT(gather_idle(map, &r));
+  ASSERT_EQ(peer_read_loop(map, peer, got, 5), 5);
+  ASSERT_MEM_EQ(got, "ok;x;", 5);
+  LOOP_UNTIL(map, 0, count_z(&r) == 8, 200); /* the rest, collected */
+  ASSERT(gather_idle(map, &r));
+  ASSERT_OK(ioctl(peer, FIONREAD, &waiting));
+  ASSERT_EQ(waiting, 0);
+  ASSERT_EQ(r.errors + r.closes, 0);
+  close(peer);
+  recv_peer = -1;
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(c01_c02_defaults),
     TASK_ENTRY(c02_misuse),
@@ -3003,6 +3228,9 @@ static const task_t tasks[] = {
     TASK_ENTRY(gather_datagram_chat_sends_per_push),
     TASK_ENTRY(gather_reconnect_in_parse_keeps_gathering),
     TASK_ENTRY(gather_empty_push_between),
+    TASK_ENTRY(gather_nested_owner_keeps_outer_gathering),
+    TASK_ENTRY(gather_close_reopen_in_found),
+    TASK_ENTRY(gather_recv_in_found_filling_its_buffer),
 };
 
 int main(int argc, char **argv) {
