@@ -1805,6 +1805,107 @@ TASK(burst_feeds_chat_keeps_both) {
   task_map_free(map);
 }
 
+/* A dispatcher_with_send echoes a message in a read burst and, at its
+ * first handle_read, after the receive that filled its buffer and before
+ * its first send, feeds a chat: the chat's parse owns the map's gather
+ * (it pushed first), and its found_terminator also sends to the echo
+ * channel (ac_send), which goes out at once.  That must not end the
+ * burst's gathering: the echoes of the burst still leave together, when
+ * it ends (with 9474fb4 the first read's echo left on its own), every
+ * byte in order on its own socket. */
+static echo_t *ff_echo;
+static duo_t *ff_target;
+
+static int ff_found(ac_chat_t *c) {
+  int r = ac_chat_push(c, "q!\n", 3);
+
+  (void) ac_chat_clear_incoming(c);
+  if (r == 0 && ac_send(&ff_echo->w.d, "<>", 2) != 2) {
+    r = UV_EIO;
+  }
+  return r;
+}
+
+static const ac_chat_ops_t ff_chat_ops = {
+    .base = {.handle_close = duo_close, .handle_error = duo_error},
+    .collect_incoming_data = liner_collect,
+    .found_terminator = ff_found,
+};
+
+static int ff_read(ac_dispatcher_t *d) {
+  echo_t *e = echo_of(d);
+  ssize_t n = ac_recv(d, e->in + e->nin, CHUNK);
+  int waiting = -1;
+
+  e->reads++;
+  if (n <= 0) {
+    return n == UV_EAGAIN ? 0 : (int) n;
+  }
+  if (e->reads == 1) {
+    int r = ac_chat_feed(&ff_target->c, "q\n", 2);
+    if (r != 0) {
+      return r;
+    }
+  }
+  if (ac_send(d, e->in + e->nin, (size_t) n) != n) {
+    e->short_sends++;
+  }
+  if (e->reads <= 8 && ioctl(e->peer, FIONREAD, &waiting) == 0) {
+    e->peer_seen[e->reads - 1] = (size_t) waiting;
+  }
+  e->nin += (size_t) n;
+  return 0;
+}
+
+static const ac_dispatcher_ops_t ff_ops = {
+    .handle_read = ff_read,
+    .handle_close = echo_close,
+};
+
+TASK(burst_feed_before_first_send_keeps_gathering) {
+  static char out[4 * CHUNK];
+  static char back[2 + 4 * CHUNK];
+  ac_map_t *map = task_map_new();
+  static echo_t e;
+  static duo_t a;
+  char ga[8];
+  uv_os_sock_t fds[2];
+  int pe;
+  int pa;
+  int i;
+
+  pattern(out, sizeof(out));
+  memset(&a, 0, sizeof(a));
+  ASSERT_OK(ac_chat_init(&a.c, map, &ff_chat_ops));
+  ASSERT_OK(ac_chat_set_terminator(&a.c, "\n", 1));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&a.c.d, fds[1]));
+  pa = fds[0];
+  couple(map, &e, &ff_ops, &pe);
+  e.peer = pe;
+  ff_echo = &e;
+  ff_target = &a;
+  peer_send(pe, ac_fileno(&e.w.d), out, sizeof(out));
+  duo_collect(map, pe, back, sizeof(back), pa, ga, 3);
+  if (task_failed) {
+    return;
+  }
+  ASSERT_EQ(e.reads, 4);
+  ASSERT_EQ(e.short_sends, 0);
+  ASSERT_MEM_EQ(back, "<>", 2);
+  ASSERT_MEM_EQ(back + 2, out, sizeof(out));
+  ASSERT_MEM_EQ(ga, "q!\n", 3);
+  for (i = 0; i < 4; i++) {
+    ASSERT_LE(e.peer_seen[i], 2); /* at most the chat's "<>" */
+  }
+  ASSERT_EQ(a.closes + a.errors + e.closes, 0);
+  ac_close(&e.w.d);
+  ac_close(&a.c.d);
+  close(pe);
+  close(pa);
+  task_map_free(map);
+}
+
 /* Three TCP chats of one map, each with its own peer, whose
  * found_terminator does random legal things: pushes (small, larger than
  * the gather, push_owned) to itself or another chat, feeds another chat a
@@ -2497,6 +2598,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(chat_feed_other_keeps_both_replies),
     TASK_ENTRY(chat_feed_other_replies_on_right_socket),
     TASK_ENTRY(burst_feeds_chat_keeps_both),
+    TASK_ENTRY(burst_feed_before_first_send_keeps_gathering),
     TASK_ENTRY(chat_random_cross_channel_pushes_keep_order),
     TASK_ENTRY(chat_random_lifecycle_keeps_bytes_and_holds_none),
     TASK_ENTRY(burst_empty_null_send_while_gathering),
