@@ -1906,6 +1906,84 @@ TASK(burst_feed_before_first_send_keeps_gathering) {
   task_map_free(map);
 }
 
+/* Echo in 64 KiB receives and sends (a gather's size: each send after the
+ * first of a burst does not fit, the gathered bytes go first, the
+ * gathering starts again), the peer writing as fast as the channel reads;
+ * the handler closes the channel right after echoing the last byte: every
+ * byte reaches the peer, in order, then the end.  In both modes. */
+#define BIG_TOTAL (5 * 65536 + 4321)
+static char big_in[BIG_TOTAL]; /* more than echo_t's buffer */
+
+static int big_echo_read(ac_dispatcher_t *d) {
+  echo_t *e = echo_of(d);
+  size_t want = BIG_TOTAL - e->nin < 65536 ? BIG_TOTAL - e->nin : 65536;
+  ssize_t n;
+
+  e->reads++;
+  if (want == 0) {
+    return 0;
+  }
+  n = ac_recv(d, big_in + e->nin, want);
+  if (n <= 0) {
+    return n == UV_EAGAIN ? 0 : (int) n;
+  }
+  if (ac_send(d, big_in + e->nin, (size_t) n) != n) {
+    e->short_sends++;
+  }
+  e->nin += (size_t) n;
+  if (e->nin == BIG_TOTAL) {
+    ac_close(d);
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t big_echo_ops = {
+    .handle_read = big_echo_read,
+    .handle_close = echo_close,
+};
+
+TASK(burst_64k_echo_then_close_delivers_all) {
+  static char out[BIG_TOTAL];
+  static char back[BIG_TOTAL + 1];
+  int mode;
+
+  pattern(out, sizeof(out));
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    static echo_t e;
+    size_t sent = 0;
+    size_t got = 0;
+    int eof = 0;
+    int peer;
+    int i;
+
+    couple(map, &e, &big_echo_ops, &peer);
+    for (i = 0; i < 5000 && !eof; i++) {
+      ssize_t r;
+      if (sent < sizeof(out)) {
+        r = send(peer, out + sent, sizeof(out) - sent, MSG_DONTWAIT);
+        if (r > 0) {
+          sent += (size_t) r;
+        }
+      }
+      ASSERT_OK(ac_loop(map, 0.001, mode, 1));
+      while ((r = recv(peer, back + got, sizeof(back) - got,
+                       MSG_DONTWAIT)) > 0) {
+        got += (size_t) r;
+      }
+      eof = r == 0;
+    }
+    ASSERT(eof);
+    ASSERT_EQ(e.nin, BIG_TOTAL);
+    ASSERT_EQ(e.short_sends, 0);
+    ASSERT_EQ(got, BIG_TOTAL);
+    ASSERT_MEM_EQ(back, out, BIG_TOTAL);
+    ASSERT_EQ(e.closes, 0);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
 /* Three TCP chats of one map, each with its own peer, whose
  * found_terminator does random legal things: pushes (small, larger than
  * the gather, push_owned) to itself or another chat, feeds another chat a
@@ -2599,6 +2677,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(chat_feed_other_replies_on_right_socket),
     TASK_ENTRY(burst_feeds_chat_keeps_both),
     TASK_ENTRY(burst_feed_before_first_send_keeps_gathering),
+    TASK_ENTRY(burst_64k_echo_then_close_delivers_all),
     TASK_ENTRY(chat_random_cross_channel_pushes_keep_order),
     TASK_ENTRY(chat_random_lifecycle_keeps_bytes_and_holds_none),
     TASK_ENTRY(burst_empty_null_send_while_gathering),
