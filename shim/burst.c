@@ -87,7 +87,7 @@ int ac__burst_again(ac_dispatcher_t *d) {
  * TLS makes records of the gathered plaintext when it is sent, and the
  * emulated send buffer (stream.c) must take every one of them, with its
  * overhead and its libuv request, however little the kernel takes. */
-static int gather_start(ac_dispatcher_t *d) {
+static AC__INLINE int gather_start(ac_dispatcher_t *d) {
   ac_map_t *m = d->map;
 
   if (m->gather_owner != NULL || !ac__stream_clear(d) || !d->connected ||
@@ -125,22 +125,34 @@ static AC__SPECIAL ssize_t gather_full(ac_dispatcher_t *d, const void *buf,
   return ac__send(d, buf, n); /* gathered again if it fits and can be */
 }
 
+/* Whether the sends of d, whose sends are to be gathered (AC__GATHER),
+ * join a gathering now: one runs, or this first send starts it.  When it
+ * cannot start, the rest of the burst or parse sends as usual, unless only
+ * another channel's gathering was in the way (a parse nested in this one,
+ * fed from its handler, which pushed first; this channel pushed to from
+ * inside another's parse): that one ends first, and this channel's next
+ * send asks again, so that the replies of its own records still leave
+ * together. */
+static AC__INLINE int gathering(ac_dispatcher_t *d) {
+  if ((d->ready & AC__GATHERING) || gather_start(d)) {
+    return 1;
+  }
+  if (d->map->gather_owner == NULL) {
+    d->ready &= (uint8_t) ~AC__GATHER;
+  }
+  return 0;
+}
+
+int ac__gathering(ac_dispatcher_t *d) { return gathering(d); }
+
 /* ac__send of a channel whose sends are to be gathered (AC__GATHER): the
- * n bytes at buf join the gathering, which the first send starts.  When it
- * cannot start, these bytes go as usual, and so does the rest of the burst
- * or parse, unless only another channel's gathering was in the way (a
- * parse nested in this one, fed from its handler, which pushed first;
- * this channel pushed to from inside another's parse): that one ends
- * first, and this channel's next send asks again, so that the replies of
- * its own records still leave together.  Returns what was taken, or what
- * the usual send returned. */
+ * n bytes at buf join the gathering, or go as usual if it cannot be
+ * (gathering).  Returns what was taken, or what the usual send
+ * returned. */
 ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   ac_map_t *m = d->map;
 
-  if (!(d->ready & AC__GATHERING) && !gather_start(d)) {
-    if (m->gather_owner == NULL) {
-      d->ready &= (uint8_t) ~AC__GATHER;
-    }
+  if (!gathering(d)) {
     return ac__send_now(d, buf, n);
   }
   if (n > m->gather_cap - m->gather_len) {

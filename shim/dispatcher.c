@@ -886,7 +886,8 @@ ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov, int cnt) {
   ssize_t q;
   int i;
 
-  if (cnt > 1 && d->fd >= 0 && !(d->ready & AC__GATHER) &&
+  if (cnt > 1 && d->fd >= 0 &&
+      !((d->ready & AC__GATHER) && ac__gathering(d)) &&
       !d->xport_ && !must_wait(d) && !behind_queue(d)) {
     memset(&mh, 0, sizeof(mh));
     mh.msg_iov = (struct iovec *) iov;

@@ -314,6 +314,7 @@ AC__HIDDEN void ac__map_close_check(ac_map_t *m);
 #define AC__GATHER_MAX ((size_t) 64 * 1024) /* most bytes gathered */
 #define AC__AHEAD ((size_t) 64 * 1024) /* most bytes received ahead at once */
 AC__HIDDEN int ac__burst_again(ac_dispatcher_t *d);
+AC__HIDDEN int ac__gathering(ac_dispatcher_t *d);
 AC__HIDDEN ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf,
                                   size_t n);
 AC__HIDDEN int ac__gather_flush(ac_dispatcher_t *d, int more);

@@ -54,7 +54,7 @@ static ssize_t queue_unsent(ac_dispatcher_with_send_t *w, const char *p,
  * bytes, and only what the socket refused is kept (queue_unsent): the
  * same bytes on the wire and the same buffer afterwards, one copy fewer.
  * Returns n or an error. */
-static inline ssize_t send_unbuffered(ac_dispatcher_with_send_t *w,
+static AC__INLINE ssize_t send_unbuffered(ac_dispatcher_with_send_t *w,
                                       const char *p, size_t n) {
   ssize_t sent = ac__send(&w->d, p, n < AC__DWS_CHUNK ? n : AC__DWS_CHUNK);
 
