@@ -165,6 +165,25 @@ ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   return (ssize_t) n;
 }
 
+/* Bytes reported sent cannot reach the peer (no memory to keep them, a
+ * transport that failed part-way): the connection is cut both ways, so
+ * that neither side goes on as if they had arrived.  A reset (a TCP
+ * disconnect: connect(2) to AF_UNSPEC sends an RST and leaves the
+ * descriptor to the channel's close), so that a peer reading to the end
+ * meets an error, not an end it could take for a complete stream; where
+ * that is refused, both directions are shut down (a FIN).  Nothing more
+ * of d is sent. */
+static void cut(ac_dispatcher_t *d) {
+  struct sockaddr sa;
+
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_family = AF_UNSPEC;
+  if (connect(d->fd, &sa, sizeof(sa)) != 0) {
+    (void) shutdown(d->fd, SHUT_RDWR);
+  }
+  d->flags |= AC__F_WERR;
+}
+
 /* The gathered bytes to the socket.  What the kernel refuses joins
  * libuv's write queue: those bytes were reported sent, so they must reach
  * the peer; later sends of d queue behind them (byte order), and the
@@ -182,12 +201,7 @@ static int flush_socket(ac_dispatcher_t *d, const char *p, size_t n) {
     r = 0;
   }
   if ((size_t) r < n && ac__stream_queue(d, p + r, n - (size_t) r) < 0) {
-    /* Out of memory: the bytes cannot be kept.  The connection is cut
-     * both ways, so that neither side goes on as if they had arrived
-     * (a peer reading to the end sees it end early: a FIN, not a
-     * reset; docs/reliability.md). */
-    (void) shutdown(d->fd, SHUT_RDWR);
-    d->flags |= AC__F_WERR;
+    cut(d); /* out of memory: the rest cannot be kept */
     return UV_ENOMEM;
   }
   return 0;
@@ -200,14 +214,13 @@ static int flush_socket(ac_dispatcher_t *d, const char *p, size_t n) {
  * ac_close or ac_fileno not at all, the next use meets it).  A transport
  * that took only part without an error (an SSL_write that failed after
  * some records) leaves bytes that were reported sent with nowhere to go:
- * the connection is cut both ways, as flush_socket does when out of
- * memory, rather than let the peer go on past a gap. */
+ * the connection is cut (cut), as flush_socket's is when out of memory,
+ * rather than let the peer go on past a gap. */
 static int flush_transport(ac_dispatcher_t *d, const char *p, size_t n) {
   ssize_t r = ac__xport_send(d, p, n);
 
   if (r >= 0 && (size_t) r < n) {
-    (void) shutdown(d->fd, SHUT_RDWR);
-    d->flags |= AC__F_WERR;
+    cut(d);
     return UV_EIO;
   }
   return r < 0 ? (int) r : 0;

@@ -2533,6 +2533,79 @@ TASK(gather_over_64k_to_a_peer_not_reading) {
   task_map_free(map);
 }
 
+/* The gathered replies' send at the end of the parse meets a kernel that
+ * takes only part and no memory to keep the rest in libuv's queue: bytes
+ * reported sent cannot arrive, so the connection is reset.  The peer,
+ * reading to the end, gets a prefix of the replies and then ECONNRESET,
+ * not an end it could take for a complete stream (a FIN); the channel
+ * gets handle_error with UV_ENOMEM (docs/reliability.md). */
+#define CUT_N 60   /* replies of CUT_SZ bytes: under the 64 KiB gather */
+#define CUT_SZ 1000
+
+static int big_oom; /* library allocations of 16 KiB or more fail */
+
+static void *big_oom_malloc(size_t n) {
+  return big_oom && n >= 16384 ? NULL : malloc(n);
+}
+static void *big_oom_realloc(void *p, size_t n) {
+  return big_oom && n >= 16384 ? NULL : realloc(p, n);
+}
+static void *big_oom_calloc(size_t a, size_t b) {
+  return big_oom && a * b >= 16384 ? NULL : calloc(a, b);
+}
+
+static int push_then_oom(rec_t *r) {
+  char rec[CUT_SZ];
+  int e = 0;
+  int i;
+
+  for (i = 0; i < CUT_N && e == 0; i++) {
+    memset(rec, 'a' + i % 26, sizeof(rec));
+    e = ac_chat_push(&r->chat, rec, sizeof(rec));
+  }
+  big_oom = 1; /* for the send of the gathered replies, after this */
+  return e;
+}
+
+TASK(gather_flush_out_of_memory_resets_the_peer) {
+  ac_map_t *map = task_map_new();
+  char got[CUT_N * CUT_SZ];
+  size_t n = 0;
+  ssize_t k;
+  int small = 4096;
+  rec_t r;
+  int peer;
+  int err;
+
+  ASSERT_OK(ac_replace_allocator(big_oom_malloc, big_oom_realloc,
+                                 big_oom_calloc, free));
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  ASSERT_OK(setsockopt(ac_fileno(&r.chat.d), SOL_SOCKET, SO_SNDBUF, &small,
+                       sizeof(small)));
+  ASSERT_OK(setsockopt(peer, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)));
+  r.on_found = push_then_oom;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  DELIVER(&r, peer, "go;");
+  big_oom = 0;
+  ASSERT_EQ(r.founds, 1);
+  ASSERT_EQ(r.errors, 1);
+  ASSERT_EQ(r.err_code, UV_ENOMEM);
+  while ((k = recv(peer, got + n, sizeof(got) - n, MSG_DONTWAIT)) > 0) {
+    n += (size_t) k;
+  }
+  err = errno;
+  ASSERT_EQ(k, -1);
+  ASSERT_EQ(err, ECONNRESET);
+  ASSERT_GT(n, 0);
+  ASSERT_LT(n, sizeof(got));
+  for (k = 0; k < (ssize_t) n; k++) { /* a prefix of the replies */
+    ASSERT_EQ(got[k], 'a' + (int) (k / CUT_SZ) % 26);
+  }
+  ASSERT_OK(ac_replace_allocator(malloc, realloc, calloc, free));
+  close(peer);
+  task_map_free(map);
+}
+
 /* push, push_owned, a producer, close_when_done, then a push after the
  * marker, all from one found_terminator on TCP: the peer gets the bytes
  * before the marker, in order, then the end; the push after the marker is
@@ -3220,6 +3293,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(batch_flush_disconnect_calls_handle_close),
     TASK_ENTRY(batch_flush_partial_keeps_order),
     TASK_ENTRY(gather_over_64k_to_a_peer_not_reading),
+    TASK_ENTRY(gather_flush_out_of_memory_resets_the_peer),
     TASK_ENTRY(gather_mixed_pushes_then_close_when_done),
     TASK_ENTRY(gather_peer_half_close_gets_replies),
     TASK_ENTRY(gather_peer_reset_calls_handle_close_once),
