@@ -1009,15 +1009,12 @@ AC__SPECIAL ssize_t ac__recv_special(ac_dispatcher_t *d, void *buf,
   return ac__recv_socket(d, buf, n);
 }
 
-/* The one receive of D-14 (ac__recv, internal.h) with its arguments
- * checked in the same one test: bad ones, a closed channel and a receive
- * of 0 bytes are ac__recv_special's too. */
+/* The one receive of D-14 (ac__recv, internal.h), its arguments checked
+ * first: bad ones, and a receive of 0 bytes (the end), are
+ * ac__recv_special's. */
 ssize_t ac_recv(ac_dispatcher_t *d, void *buf, size_t n) {
-  if (d == NULL ||
-      (d->flags & (AC__F_INIT | AC__F_ADOPT | AC__F_RESOLVING)) !=
-          AC__F_INIT ||
-      d->xport_ || buf == NULL || n == 0) {
+  if (d == NULL || !(d->flags & AC__F_INIT) || buf == NULL || n == 0) {
     return ac__recv_special(d, buf, n);
   }
-  return ac__recv_socket(d, buf, n);
+  return ac__recv(d, buf, n);
 }

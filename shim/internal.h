@@ -433,14 +433,8 @@ static inline ssize_t ac__send_socket(ac_dispatcher_t *d, const void *buf,
   return r == (ssize_t) n ? r : ac__send_short(d, buf, n, r, quiet);
 }
 
-/* The base dispatcher.send (D-13), the one place where the library's sends
- * meet the socket: returns the bytes taken, 0 for would-block, or an
- * error (EOF and disconnection call handle_close first).  Inline, so that
- * a class's send (dispatcher_with_send's, a push) is one call deep.  A
- * read burst's or a parse's reply is gathered (burst.c, which also sends
- * one too large to gather, after what was); a channel with a transport
- * gives it the bytes (TLS: tls.c); the rest goes to the socket
- * (ac__send_now: the send without gathering). */
+/* ac__send without the gathering: a channel with a transport gives it the
+ * bytes (TLS: tls.c); the rest goes to the socket. */
 static inline ssize_t ac__send_now(ac_dispatcher_t *d, const void *buf,
                                    size_t n) {
   if (d->xport_) {
@@ -450,6 +444,13 @@ static inline ssize_t ac__send_now(ac_dispatcher_t *d, const void *buf,
   return ac__send_socket(d, buf, n, 0);
 }
 
+/* The base dispatcher.send (D-13), the one place where the library's sends
+ * meet the socket: returns the bytes taken, 0 for would-block, or an
+ * error (EOF and disconnection call handle_close first).  Inline, so that
+ * a class's send (dispatcher_with_send's, a push) is one call deep.  A
+ * read burst's or a parse's reply is gathered (burst.c, which also sends
+ * one too large to gather, after what was); anything else is sent now
+ * (ac__send_now). */
 static inline ssize_t ac__send(ac_dispatcher_t *d, const void *buf,
                                size_t n) {
   if (d->ready & AC__GATHER) {
