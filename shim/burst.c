@@ -226,13 +226,21 @@ static int flush_transport(ac_dispatcher_t *d, const char *p, size_t n) {
   return r < 0 ? (int) r : 0;
 }
 
-/* Send what d gathered (AC__GATHERING); with `more`, the sends that follow
- * are gathered again if they can be (AC__GATHER stays), else the burst's
- * or parse's gathering is over.  Returns 0, or the error of the send. */
+/* Send what d gathered, if it gathers (AC__GATHERING; else the map's
+ * gather, if in use, is another channel's, and nothing is sent); with
+ * `more`, the sends that follow are gathered again if they can be
+ * (AC__GATHER stays), else the burst's or parse's gathering is over.
+ * Returns 0, or the error of the send. */
 int ac__gather_flush(ac_dispatcher_t *d, int more) {
   ac_map_t *m = d->map;
   size_t n = m->gather_len;
 
+  if (!(d->ready & AC__GATHERING)) {
+    if (!more) {
+      d->ready &= (uint8_t) ~AC__GATHER;
+    }
+    return 0;
+  }
   d->ready &= (uint8_t) ~(more ? AC__GATHERING : AC__GATHERING | AC__GATHER);
   m->gather_len = 0;
   m->gather_owner = NULL;

@@ -792,18 +792,17 @@ static AC__INLINE int parse_end(ac_chat_t *c, int r) {
   int r2 = c->inc_borrow != NULL ? inc_unborrow(c) : 0;
 
   c->parsing = 0;
-  if (c->gathering && (c->d.ready & AC__GATHERING)) {
-    /* a failure is the pushes': handle_close for a disconnection, else
-     * handle_error, as initiate_send reports it (C-21) */
+  if (c->gathering) {
+    /* what the parse gathered (if anything); a failure is the pushes':
+     * handle_close for a disconnection, else handle_error, as
+     * initiate_send reports it (C-21) */
     int e = ac__gather_flush(&c->d, 0);
     int rs = e == 0                ? 0
              : ac_is_disconnect(e) ? (int) ac__disconnected(&c->d)
                                    : ac__chat_send_failed(c, e);
     r2 = r2 != 0 ? r2 : rs;
-  } else if (c->gathering) {
-    c->d.ready &= (uint8_t) ~AC__GATHER; /* nothing was gathered */
+    c->gathering = 0;
   }
-  c->gathering = 0;
   if (c->out_nonempty != (c->fifo.len_ > 0)) {
     ac__chat_track(c);
   }

@@ -554,11 +554,7 @@ static void close_fd(ac_dispatcher_t *d) {
  * burst's replies, or an async_chat parse's: burst.c) goes to the kernel,
  * as it would have without gathering; with `more`, gathering goes on. */
 void ac__send_held_back(ac_dispatcher_t *d, int more) {
-  if (d->ready & AC__GATHERING) {
-    (void) ac__gather_flush(d, more); /* a failure: the next use meets it */
-  } else if (!more) {
-    d->ready &= (uint8_t) ~AC__GATHER;
-  }
+  (void) ac__gather_flush(d, more); /* a failure: the next use meets it */
 }
 
 int ac_close(ac_dispatcher_t *d) {
