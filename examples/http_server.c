@@ -97,7 +97,7 @@ static int respond(http_t *h, int status, const char *reason,
   /* Output cap: reading pauses at --max-output, but one read
    * can hold many pipelined requests; beyond this the client is closed
    * (handle_error). */
-  if (chat_queued(&h->chat) + (size_t) len + n >
+  if (ac_chat_output_held(&h->chat) + (size_t) len + n >
       guard.lim.max_output + guard.lim.max_input) {
     return UV_ENOBUFS;
   }
@@ -230,7 +230,7 @@ static void on_closed(ac_dispatcher_t *d) {
 }
 
 static size_t queued(ac_dispatcher_t *d) {
-  return chat_queued(ac_chat_of(d));
+  return ac_chat_output_held(ac_chat_of(d));
 }
 
 static int on_error(ac_dispatcher_t *d, const ac_error_t *err) {

@@ -126,7 +126,7 @@ static void size_next_read(client_t *cl, size_t q) {
  * common path saves no registers for it).  The last reply of a read sizes
  * the read after it. */
 static COLD void size_after_reply(client_t *cl) {
-  size_next_read(cl, chat_queued(&cl->chat));
+  size_next_read(cl, ac_chat_output_held(&cl->chat));
 }
 
 static void check_read_size(client_t *cl) {
@@ -235,7 +235,7 @@ static void on_closed(ac_dispatcher_t *d) {
 }
 
 static size_t queued(ac_dispatcher_t *d) {
-  return chat_queued(ac_chat_of(d));
+  return ac_chat_output_held(ac_chat_of(d));
 }
 
 /* A client whose line is too long (or that makes us run out of memory)

@@ -214,7 +214,7 @@ static client_t *client_of(ac_chat_t *c) {
 static int reply_str(client_t *cl, const char *s);
 
 static int reply(client_t *cl, const char *s, size_t n) {
-  if (chat_queued(&cl->chat) + n >
+  if (ac_chat_output_held(&cl->chat) + n >
       guard.lim.max_output + guard.lim.max_input + 64) {
     return UV_ENOBUFS;
   }
@@ -586,7 +586,7 @@ static void on_closed(ac_dispatcher_t *d) {
 }
 
 static size_t queued(ac_dispatcher_t *d) {
-  return chat_queued(ac_chat_of(d));
+  return ac_chat_output_held(ac_chat_of(d));
 }
 
 /* A client that breaks the protocol is closed without a log line. */

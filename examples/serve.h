@@ -293,14 +293,6 @@ static inline int chat_finish(ac_chat_t *c, int *done, int r) {
   return r != 0 ? r : ac_chat_close_when_done(c);
 }
 
-/* The memory a chat's output queue holds, as the map's output limit
- * counts it: its bytes, plus 96 per fifo entry (counting bytes alone
- * would let a client queue millions of one-byte replies at 96 bytes
- * each). */
-static inline size_t chat_queued(const ac_chat_t *c) {
-  return ac_chat_output_held(c);
-}
-
 /* Appends n bytes to a buffer of at most `max` bytes (plus one for a
  * terminating NUL), growing it by doubling but never past max + 1.
  * Returns 0, UV_E2BIG (the buffer would exceed max; nothing is appended)

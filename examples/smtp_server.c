@@ -155,7 +155,7 @@ static void on_closed(ac_dispatcher_t *d) {
 }
 
 static size_t queued(ac_dispatcher_t *d) {
-  return chat_queued(ac_chat_of(d));
+  return ac_chat_output_held(ac_chat_of(d));
 }
 
 static const ac_chat_ops_t smtp_ops = {
