@@ -368,7 +368,8 @@ AC_EXTERN int ac_is_closed(const ac_dispatcher_t *d);
 /* Extension (libuv's uv_read_stop): pause != 0 stops reading, 0 resumes.
  * While paused the channel has no read interest whatever readable() says:
  * no handle_read, and a listener accepts nothing (connections wait in the
- * kernel's backlog).  Back-pressure without overriding readable(), which
+ * kernel's backlog), from the call on (a readiness found earlier in the
+ * same pass is dropped).  Back-pressure without overriding readable(), which
  * asyncore asks every pass (L-10): a paused or resumed channel costs
  * nothing per pass.  Stays until resumed or the channel is closed.
  * Returns 0, UV_EINVAL (NULL or not initialised), UV_EBADF (released). */

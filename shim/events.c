@@ -280,8 +280,10 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   (void) nread;
   (void) buf;
 
-  if (m->stopping) {
-    return; /* E-01: the rest of the pass is dropped */
+  if (m->stopping || d->paused) {
+    /* E-01: the rest of the pass is dropped; a channel paused since libuv
+     * found it readable (earlier in this pass) reads nothing more */
+    return;
   }
   m->in_dispatch++;
   m->reading = d;
@@ -308,11 +310,14 @@ int ac__dispatch(ac_dispatcher_t *d, int flags) {
   if (m->stopping || !ac__linked(&d->link)) {
     return 0; /* E-01: the rest of the pass is dropped */
   }
+  /* A channel paused since its readiness was found (ac_pause_reading, the
+   * output limit, earlier in this pass) gets no handle_read: while paused
+   * it is not readable. */
   if (m->use_poll) {
-    r = ac_readwrite(d, flags);
+    r = ac_readwrite(d, d->paused ? flags & ~AC_POLLIN : flags);
   } else {
     if ((flags & (AC_POLLIN | AC_POLLHUP | AC_POLLERR)) &&
-        (d->armed & AC__R)) {
+        (d->armed & AC__R) && d->paused == 0) {
       r = ac_read(d);
     }
     if (r == 0 && (flags & (AC_POLLOUT | AC_POLLERR)) &&

@@ -1072,15 +1072,29 @@ TASK(tls_chat_gathers_pipelined_replies) {
 typedef struct {
   ac_dispatcher_with_send_t w;
   int errors;
+  int pause_first; /* ac_pause_reading after the first handle_read */
+  int reads;       /* handle_read calls */
+  int reads_paused; /* ... while ac_pause_reading paused it */
+  size_t held_max; /* the most output held after a handle_read */
 } wb_server_t;
 
 /* The asyncore docs' echo handler, reading 512 bytes a call. */
 static int wb_read(ac_dispatcher_t *d) {
+  wb_server_t *s = ac_container_of(d, wb_server_t, w.d);
   char buf[WB_READ];
-  ssize_t n = ac_recv(d, buf, sizeof(buf));
+  ssize_t n;
 
+  s->reads++;
+  s->reads_paused += ac_reading_paused(d);
+  n = ac_recv(d, buf, sizeof(buf));
   if (n > 0) {
     n = ac_send(d, buf, (size_t) n);
+  }
+  if (ac_dispatcher_with_send_pending(&s->w) > s->held_max) {
+    s->held_max = ac_dispatcher_with_send_pending(&s->w);
+  }
+  if (s->pause_first && s->reads == 1) {
+    ac_pause_reading(d, 1);
   }
   return n < 0 && n != UV_EAGAIN ? (int) n : 0;
 }
@@ -1099,12 +1113,20 @@ typedef struct {
   chan_t l;
   wb_server_t *s;
   SSL_CTX *ctx;
+  int sndbuf;      /* the accepted socket's SO_SNDBUF, if not 0 */
+  int pause_first; /* for wb_server_t */
 } wb_listener_t;
 
 static void wb_accepted(chan_t *c, uv_os_sock_t sock) {
   wb_listener_t *l = ac_container_of(c, wb_listener_t, l);
   wb_server_t *s = calloc(1, sizeof(*s));
 
+  if (l->sndbuf > 0) {
+    setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &l->sndbuf, sizeof(l->sndbuf));
+  }
+  if (s != NULL) {
+    s->pause_first = l->pause_first;
+  }
   if (s == NULL ||
       ac_dispatcher_with_send_init(&s->w, c->u.d.map, &wb_ops) != 0 ||
       ac_dispatcher_open(&s->w.d, sock) != 0 ||
@@ -1146,6 +1168,164 @@ TASK(tls_with_send_burst_gathers_echoes) {
   ASSERT_GT(bc.first_read, WB_READ);
   ASSERT_EQ(l.s->errors, 0);
   ac_close(&l.s->w.d);
+  ac_close(&l.l.u.d);
+  task_map_free(map);
+  free(l.s);
+  SSL_CTX_free(l.ctx);
+}
+
+/* ac_pause_reading in the first handle_read stops the reads at once: the
+ * rest of the client's first record (16 KiB of plaintext) waits inside
+ * OpenSSL, readable without a socket event, yet the paused channel gets no
+ * handle_read until it resumes (uvasyncore.h), in this pass or later ones;
+ * resumed, it echoes every byte in order. */
+static void pause_at_once(void) {
+  ac_map_t *map = task_map_new();
+  static char out[WB_BYTES];
+  static char in[WB_BYTES];
+  wb_listener_t l;
+  bulk_client_t bc;
+  pthread_t th;
+  int k;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&l, 0, sizeof(l));
+  l.ctx = tlstest_server_ctx();
+  ASSERT(l.ctx != NULL);
+  l.pause_first = 1;
+  chan_fill(out, sizeof(out), 7, 0);
+  memset(&bc, 0, sizeof(bc));
+  bc.out = out;
+  bc.out_len = sizeof(out);
+  bc.in = in;
+  bc.in_len = sizeof(in);
+  bc.port = listen_plain(&l.l, map, wb_accepted);
+  ASSERT_GT(bc.port, 0);
+  ASSERT_EQ(pthread_create(&th, NULL, bulk_client, &bc), 0);
+  for (k = 0; k < 400 && (l.s == NULL || l.s->reads == 0); k++) {
+    ASSERT_OK(ac_loop(map, 0.05, use_poll, 1));
+  }
+  ASSERT(l.s != NULL);
+  ASSERT(ac_reading_paused(&l.s->w.d));
+  for (k = 0; k < 20; k++) {
+    ASSERT_OK(ac_loop(map, 0.01, use_poll, 1));
+  }
+  ASSERT_EQ(l.s->reads, 1);
+  ASSERT_OK(ac_pause_reading(&l.s->w.d, 0));
+  run_while(map, bulk_done, &bc);
+  pthread_join(th, NULL);
+  ASSERT_EQ(l.s->reads_paused, 0);
+  ASSERT_EQ(bc.got, (size_t) WB_BYTES);
+  ASSERT_MEM_EQ(in, out, WB_BYTES);
+  ASSERT_EQ(l.s->errors, 0);
+  ac_close(&l.s->w.d);
+  ac_close(&l.l.u.d);
+  task_map_free(map);
+  free(l.s);
+  SSL_CTX_free(l.ctx);
+}
+
+TASK(tls_pause_in_handle_read_stops_reading_at_once) { pause_at_once(); }
+
+/* The same in poll mode (E-03). */
+TASK(tls_pause_in_handle_read_poll_mode) {
+  use_poll = 1;
+  pause_at_once();
+  use_poll = 0;
+}
+
+/* A hostile TLS client: it floods with 16 KiB records and never reads,
+ * until its writes have been refused for 1 s, then resets the connection
+ * (SO_LINGER 0).  Its buffers are small (64 KiB), so the server's echoes
+ * back up soon.  (With 4 KiB ones the kernel drops segments on both sides
+ * and the connection can stall for tens of seconds in TCP's backoff.) */
+#define FL_MAX ((size_t) 8 * 1024 * 1024) /* the most it tries to write */
+#define FL_LIMIT ((size_t) 256 * 1024)    /* the server map's output limit */
+
+typedef struct {
+  int port;
+  size_t sent; /* bytes SSL_write took */
+  int done;
+} flood_client_t;
+
+static void *flood_client(void *arg) {
+  flood_client_t *fc = arg;
+  SSL_CTX *ctx = tlstest_client_ctx(1);
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  int fd = task_connect_tcp(AF_INET, fc->port);
+  struct timeval tv = {1, 0};
+  struct linger lg = {1, 0};
+  int small = 64 * 1024;
+  static char chunk[16384];
+
+  if (ssl == NULL || fd < 0) {
+    goto out;
+  }
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  SSL_set_fd(ssl, fd);
+  SSL_set1_host(ssl, "localhost");
+  if (SSL_connect(ssl) != 1) {
+    goto out;
+  }
+  chan_fill(chunk, sizeof(chunk), 3, 0);
+  while (fc->sent < FL_MAX &&
+         SSL_write(ssl, chunk, (int) sizeof(chunk)) == (int) sizeof(chunk)) {
+    fc->sent += sizeof(chunk);
+  }
+  setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+out:
+  SSL_free(ssl);
+  if (fd >= 0) {
+    close(fd); /* with SO_LINGER 0: a reset */
+  }
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+  __atomic_store_n(&fc->done, 1, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+/* A dispatcher_with_send echo over TLS with the map's output limit, and
+ * the flooding client: the server stops reading once it holds the limit
+ * (the client's writes are then refused, far below FL_MAX), holds at most
+ * the limit and one receive's echo (uvasyncore.h: no handle_read once
+ * paused, though a record's plaintext left inside OpenSSL is readable
+ * without a socket event), and the client's reset closes
+ * the channel through handle_close, not handle_error (a disconnection,
+ * D-14); ASan and valgrind check that what it held is freed. */
+TASK(tls_with_send_flood_never_read_then_reset) {
+  ac_map_t *map = task_map_new();
+  wb_listener_t l;
+  flood_client_t fc;
+  pthread_t th;
+  uint64_t end = uv_hrtime() + 20000000000ull;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(ac_map_set_output_limit(map, FL_LIMIT));
+  memset(&l, 0, sizeof(l));
+  l.ctx = tlstest_server_ctx();
+  ASSERT(l.ctx != NULL);
+  l.sndbuf = 16 * 1024;
+  memset(&fc, 0, sizeof(fc));
+  fc.port = listen_plain(&l.l, map, wb_accepted);
+  ASSERT_GT(fc.port, 0);
+  ASSERT_EQ(pthread_create(&th, NULL, flood_client, &fc), 0);
+  while (!(__atomic_load_n(&fc.done, __ATOMIC_SEQ_CST) && l.s != NULL &&
+           ac_is_closed(&l.s->w.d)) &&
+         uv_hrtime() < end) {
+    ASSERT_OK(ac_loop(map, 0.05, use_poll, 1));
+  }
+  pthread_join(th, NULL);
+  ASSERT(l.s != NULL);
+  ASSERT_GT(fc.sent, 0);
+  ASSERT_LT(fc.sent, FL_MAX);
+  ASSERT_GE(l.s->held_max, FL_LIMIT);           /* it held the limit ... */
+  ASSERT_LE(l.s->held_max, FL_LIMIT + WB_READ); /* ... and one receive */
+  ASSERT(ac_is_closed(&l.s->w.d));
+  ASSERT_EQ(l.s->errors, 0);
   ac_close(&l.l.u.d);
   task_map_free(map);
   free(l.s);
@@ -1322,6 +1502,9 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_starttls_after_pipelined_plaintext_lines),
       TASK_ENTRY(tls_chat_gathers_pipelined_replies),
       TASK_ENTRY(tls_with_send_burst_gathers_echoes),
+      TASK_ENTRY(tls_pause_in_handle_read_stops_reading_at_once),
+      TASK_ENTRY(tls_pause_in_handle_read_poll_mode),
+      TASK_ENTRY(tls_with_send_flood_never_read_then_reset),
       TASK_ENTRY(tls_starttls_after_input_received_ahead),
       TASK_ENTRY(tls_bad_calls),
   };
