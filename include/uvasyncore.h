@@ -170,7 +170,9 @@ struct ac_dispatcher_s {
   uint32_t wq_bytes;    /* stream backend: memory queued in libuv, its
                            requests included (AC__STREAM_WBUF, plus one
                            read burst's gather: burst.c) */
-  int so_error;         /* stream backend: connect result */
+  int so_error;         /* a pending socket error: the stream backend's
+                           connect result, or a failed write's
+                           (ac__keep_error) */
   uint16_t flags;       /* AC__F_* */
   uint16_t nreq;        /* outstanding libuv requests (a few hundred
                            small writes fit in AC__STREAM_WBUF) */

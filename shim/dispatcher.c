@@ -554,7 +554,7 @@ static void close_fd(ac_dispatcher_t *d) {
  * burst's replies, or an async_chat parse's: burst.c) goes to the kernel,
  * as it would have without gathering; with `more`, gathering goes on. */
 void ac__send_held_back(ac_dispatcher_t *d, int more) {
-  (void) ac__gather_flush(d, more); /* a failure: the next use meets it */
+  ac__keep_error(d, ac__gather_flush(d, more)); /* the next use meets it */
 }
 
 int ac_close(ac_dispatcher_t *d) {
@@ -767,13 +767,33 @@ int ac__raise(ac_dispatcher_t *d, int code) {
   return code;
 }
 
+/* A write the library made for d failed (AC__F_WERR: the send of gathered
+ * replies inside ac_close, ac_fileno or the switch to TLS; libuv's queue)
+ * with an error nobody could report: it is kept as the socket's pending
+ * error, which the next send or receive reports (ac__disconnected) as the
+ * kernel would have, had that write not taken it (ETIMEDOUT is reported
+ * once; later sends meet EPIPE, receives the end).  A disconnection needs
+ * no keeping: every later send and receive meets it again. */
+void ac__keep_error(ac_dispatcher_t *d, int code) {
+  if (code < 0 && (d->flags & AC__F_WERR) && !ac_is_disconnect(code) &&
+      d->so_error == 0) {
+    d->so_error = code;
+  }
+}
+
 /* EOF or a DISCONNECTED error: handle_close (D-13, D-14), except on a
- * channel already released, which no callback may reach any more. */
+ * channel already released, which no callback may reach any more; after
+ * a failed write whose error was kept (ac__keep_error), that error. */
 ssize_t ac__disconnected(ac_dispatcher_t *d) {
   int r;
 
   if (d->flags & AC__F_RELEASED) {
     return UV_EBADF;
+  }
+  if ((d->flags & AC__F_WERR) && d->so_error != 0) {
+    r = d->so_error;
+    d->so_error = 0;
+    return r;
   }
   r = ac__raise(d, AC__SLOT(d, handle_close)(d));
   return r != 0 ? r : 0;

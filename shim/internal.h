@@ -277,6 +277,7 @@ AC__HIDDEN int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
                                   const struct sockaddr *addr);
 #define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
 AC__HIDDEN ssize_t ac__disconnected(ac_dispatcher_t *d);
+AC__HIDDEN void ac__keep_error(ac_dispatcher_t *d, int code);
 AC__HIDDEN ssize_t ac__send_error(ac_dispatcher_t *d, int code);
 AC__HIDDEN ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov,
                              int cnt);

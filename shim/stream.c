@@ -139,6 +139,7 @@ static void on_write(uv_write_t *req, int status) {
     ac__maybe_release(d);
     return;
   }
+  ac__keep_error(d, status); /* for the next send or receive */
   if (d->wq_bytes == 0 || (d->flags & AC__F_WERR)) {
     d->ready |= AC__W;
     ac__synth_update(d);

@@ -2882,6 +2882,96 @@ TASK(gather_send_error_to_handle_error) {
   }
 }
 
+/* A push, ac_fileno (which sends the push, gathered, first), a push. */
+static int push_fileno_push_in_found(rec_t *r) {
+  int e = ac_chat_push(&r->chat, "ok;", 3);
+
+  if (e == 0 && ac_fileno(&r->chat.d) < 0) {
+    e = AC_EFAIL;
+  }
+  return e != 0 ? e : ac_chat_push(&r->chat, "ok;", 3);
+}
+
+/* ac_fileno sends what the parse gathered and cannot report a failure: on
+ * a connection that timed out, the error its send met (ETIMEDOUT, which
+ * the kernel reports once) is kept for the next send, which reports it as
+ * its own (handle_error with ETIMEDOUT, as without the gathering), not as
+ * handle_close for the EPIPE the kernel gives now. */
+TASK(fileno_flush_error_reaches_the_next_send) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  if (!timed_out_tcp(&r, map, &peer)) {
+    fprintf(stderr, "  skipped: the connection did not time out\n");
+    task_map_free(map);
+    return;
+  }
+  r.on_found = push_fileno_push_in_found;
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+  (void) ac_chat_feed(&r.chat, "a;", 2);
+  ASSERT_EQ(r.founds, 1);
+  ASSERT_EQ(r.errors, 1);
+  ASSERT_EQ(r.err_code, UV_ETIMEDOUT);
+  ASSERT_STR_EQ(r.err_where, "initiate_send");
+  ASSERT_EQ(r.closes, 1); /* from the default handle_error, once */
+  ASSERT(ac_is_closed(&r.chat.d));
+  close(peer);
+  task_map_free(map);
+}
+
+/* Bytes in libuv's write queue when the connection times out: libuv's
+ * write meets ETIMEDOUT (the chat does not read meanwhile, so no receive
+ * takes the error first), which nobody could report; it is kept for the
+ * next use: resumed, the chat's receive meets the end of the connection
+ * and reports the kept error (handle_error with ETIMEDOUT), not
+ * handle_close. */
+TASK(queued_write_error_reaches_the_next_receive) {
+  ac_map_t *map = task_map_new();
+  static char big[64 * 1024];
+  rec_t r;
+  int tmo = 200;
+  int peer;
+  int fd;
+  int i;
+
+  ASSERT_OK(rec_tcp(&r, map, &peer));
+  fd = ac_fileno(&r.chat.d);
+  for (i = 0; i < 10000 && send(fd, big, sizeof(big), MSG_DONTWAIT) > 0;
+       i++) {
+  }
+  ASSERT_OK(ac_chat_push(&r.chat, big, 4096)); /* to libuv's queue */
+  ASSERT_GT(ac_chat_output_held(&r.chat) + r.chat.d.wq_bytes, 0);
+  ASSERT_OK(ac_pause_reading(&r.chat.d, 1));
+  if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &tmo, sizeof(tmo)) != 0) {
+    fprintf(stderr, "  skipped: no TCP_USER_TIMEOUT\n");
+    close(peer);
+    task_map_free(map);
+    return;
+  }
+  for (i = 0; i < 100 && r.chat.d.wq_bytes > 0; i++) {
+    ASSERT_OK(ac_loop(map, 0.05, 0, 1));
+  }
+  if (r.chat.d.wq_bytes > 0) {
+    fprintf(stderr, "  skipped: the connection did not time out\n");
+    close(peer);
+    task_map_free(map);
+    return;
+  }
+  ASSERT_EQ(r.errors + r.closes, 0);
+  ASSERT_OK(ac_pause_reading(&r.chat.d, 0));
+  for (i = 0; i < 20 && r.errors + r.closes == 0; i++) {
+    ASSERT_OK(ac_loop(map, 0.05, 0, 1));
+  }
+  ASSERT_EQ(r.errors, 1);
+  ASSERT_EQ(r.err_code, UV_ETIMEDOUT);
+  ASSERT_STR_EQ(r.err_where, "handle_read");
+  ASSERT_EQ(r.closes, 1); /* from the default handle_error, once */
+  ASSERT(ac_is_closed(&r.chat.d));
+  close(peer);
+  task_map_free(map);
+}
+
 /* A datagram chat (AF_UNIX SOCK_DGRAM: no gathering) replies to the
  * records of one datagram: one datagram per push, as CPython sends them,
  * never one merged message. */
@@ -3299,6 +3389,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(gather_peer_reset_calls_handle_close_once),
     TASK_ENTRY(gather_feed_from_timer),
     TASK_ENTRY(gather_send_error_to_handle_error),
+    TASK_ENTRY(fileno_flush_error_reaches_the_next_send),
+    TASK_ENTRY(queued_write_error_reaches_the_next_receive),
     TASK_ENTRY(gather_datagram_chat_sends_per_push),
     TASK_ENTRY(gather_reconnect_in_parse_keeps_gathering),
     TASK_ENTRY(gather_empty_push_between),
