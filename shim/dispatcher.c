@@ -740,7 +740,12 @@ int ac_pause_reading(ac_dispatcher_t *d, int pause) {
     d->paused &= (uint8_t) ~AC__PAUSE_APP;
   }
   if (d->paused != was) {
-    ac__interest_changed(d); /* the read interest, at the next prepare */
+    /* off at once (map.c); back on at the next prepare */
+    if (pause) {
+      ac__reading_off(d);
+    } else {
+      ac__interest_changed(d);
+    }
   }
   return 0;
 }

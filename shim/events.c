@@ -280,10 +280,8 @@ void ac__dispatch_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   (void) nread;
   (void) buf;
 
-  if (m->stopping || d->paused) {
-    /* E-01: the rest of the pass is dropped; a channel paused since libuv
-     * found it readable (earlier in this pass) reads nothing more */
-    return;
+  if (m->stopping) {
+    return; /* E-01: the rest of the pass is dropped */
   }
   m->in_dispatch++;
   m->reading = d;
@@ -312,7 +310,8 @@ int ac__dispatch(ac_dispatcher_t *d, int flags) {
   }
   /* A channel paused since its readiness was found (ac_pause_reading, the
    * output limit, earlier in this pass) gets no handle_read: while paused
-   * it is not readable. */
+   * it is not readable.  (A stream's reads stop at the pause itself:
+   * ac__reading_off, map.c.) */
   if (m->use_poll) {
     r = ac_readwrite(d, d->paused ? flags & ~AC_POLLIN : flags);
   } else {

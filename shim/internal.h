@@ -239,6 +239,7 @@ static inline int ac__map_torn(const ac_map_t *m) {
  * ac__output_sent where queued bytes leave (sent or dropped), with the
  * output it holds then: reading stops at the limit and starts again at
  * half of it.  Neither is called when the kernel takes everything. */
+AC__HIDDEN void ac__reading_off(ac_dispatcher_t *d);
 AC__HIDDEN void ac__output_pause(ac_dispatcher_t *d);
 AC__HIDDEN void ac__output_resume(ac_dispatcher_t *d);
 static inline void ac__output_queued(ac_dispatcher_t *d, size_t held) {

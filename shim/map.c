@@ -440,13 +440,24 @@ int ac_map_set_output_limit(ac_map_t *m, size_t bytes) {
   return 0;
 }
 
-/* d holds its map's output limit or more: it stops reading (its interest
- * is recomputed at the next prepare; a read burst stops at once, burst.c).
- * A channel not in the map (closed) has nothing to pause. */
+/* d was paused (ac_pause_reading, the output limit): it reads nothing
+ * more from now on, not only from the next prepare (which recomputes its
+ * interest).  A stream's reads stop at once (uv_read_stop: libuv calls no
+ * read callback it found earlier in this pass); a read burst stops
+ * (burst.c); other readiness is dropped when dispatched (events.c). */
+void ac__reading_off(ac_dispatcher_t *d) {
+  if (d->backend == AC_BACKEND_STREAM && (d->armed & AC__R)) {
+    ac__stream_apply(d, d->armed & ~AC__R);
+  }
+  ac__interest_changed(d);
+}
+
+/* d holds its map's output limit or more: it stops reading.  A channel
+ * not in the map (closed) has nothing to pause. */
 void ac__output_pause(ac_dispatcher_t *d) {
   if (ac__linked(&d->link)) {
     d->paused |= AC__PAUSE_OUTPUT;
-    ac__interest_changed(d);
+    ac__reading_off(d);
   }
 }
 

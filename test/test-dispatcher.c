@@ -454,6 +454,81 @@ TASK(d03_accept_reset_releases_fd) {
   }
 }
 
+/* Two channels whose handle_read pauses the other one. */
+typedef struct {
+  ac_dispatcher_t d;
+  ac_dispatcher_t *other;
+  int reads;        /* handle_read calls */
+  int reads_paused; /* ... while ac_pause_reading paused it */
+} pp_t;
+
+static int pp_read(ac_dispatcher_t *d) {
+  pp_t *p = ac_container_of(d, pp_t, d);
+  char buf[16];
+
+  p->reads++;
+  p->reads_paused += ac_reading_paused(d);
+  (void) ac_recv(d, buf, sizeof(buf));
+  return ac_pause_reading(p->other, 1);
+}
+
+static const ac_dispatcher_ops_t pp_ops = {.handle_read = pp_read};
+
+/* ac_pause_reading takes effect at once: two channels readable in the
+ * same pass, each of whose handle_read pauses the other; whichever runs
+ * first pauses the other before its turn, which then gets no handle_read
+ * (uvasyncore.h: none while paused), though the loop had found it
+ * readable.  Both modes, the stream (TCP) and the poll backend
+ * (AF_UNIX). */
+TASK(x_pause_reading_in_the_same_pass) {
+  int i;
+  int tcp;
+
+  for (i = 0; i < 2; i++) {
+    for (tcp = 0; tcp < 2; tcp++) {
+      ac_map_t *map = task_map_new();
+      uv_os_sock_t sa[2];
+      uv_os_sock_t sb[2];
+      struct pollfd pf[2];
+      pp_t a;
+      pp_t b;
+
+      if (tcp) {
+        ASSERT_OK(probe_tcp_pair(AF_INET, sa));
+        ASSERT_OK(probe_tcp_pair(AF_INET, sb));
+      } else {
+        ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sa));
+        ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sb));
+      }
+      memset(&a, 0, sizeof(a));
+      memset(&b, 0, sizeof(b));
+      ASSERT_OK(ac_dispatcher_init(&a.d, map, &pp_ops));
+      ASSERT_OK(ac_dispatcher_init(&b.d, map, &pp_ops));
+      a.other = &b.d;
+      b.other = &a.d;
+      ASSERT_OK(ac_dispatcher_open(&a.d, sa[1]));
+      ASSERT_OK(ac_dispatcher_open(&b.d, sb[1]));
+      ASSERT_OK(ac_loop(map, 0.01, modes[i], 1)); /* armed, nothing read */
+      ASSERT_EQ(send(sa[0], "x", 1, 0), 1);
+      ASSERT_EQ(send(sb[0], "x", 1, 0), 1);
+      pf[0].fd = sa[1];
+      pf[1].fd = sb[1];
+      pf[0].events = pf[1].events = POLLIN;
+      while (poll(pf, 2, 1000) == 1) {
+        /* until both are readable */
+      }
+      ASSERT_OK(ac_loop(map, 0.01, modes[i], 1));
+      ASSERT_EQ(a.reads + b.reads, 1);
+      ASSERT_EQ(a.reads_paused + b.reads_paused, 0);
+      ac_close(&a.d);
+      ac_close(&b.d);
+      close(sa[0]);
+      close(sb[0]);
+      task_map_free(map);
+    }
+  }
+}
+
 /* ac_pause_reading (extension, issue 12's back-pressure without a
  * readable() override): a paused channel gets no handle_read whatever
  * readable() says, with data waiting, in both modes, on the stream (TCP)
@@ -2351,6 +2426,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d03_quick_connect_reset),
     TASK_ENTRY(d03_accept_reset_releases_fd),
     TASK_ENTRY(x_pause_reading),
+    TASK_ENTRY(x_pause_reading_in_the_same_pass),
     TASK_ENTRY(d04_create_socket),
     TASK_ENTRY(d03_open_accepted_ipv6),
     TASK_ENTRY(d04_create_socket_dgram_and_bad_family),
