@@ -1235,9 +1235,11 @@ TASK(tls_pause_in_handle_read_poll_mode) {
   use_poll = 0;
 }
 
-/* A hostile TLS client: it floods with 16 KiB records and never reads,
- * until its writes have been refused for 1 s, then resets the connection
- * (SO_LINGER 0).  Its buffers are small (64 KiB), so the server's echoes
+/* A hostile TLS client: it floods with 16 KiB records and never reads;
+ * once the server holds its output limit (the test tells it: `stop`) and
+ * a write has been refused for 1 s, it resets the connection (SO_LINGER
+ * 0).  It does not decide by time alone, which a slow server (valgrind)
+ * would fool.  Its buffers are small (64 KiB), so the server's echoes
  * back up soon.  (With 4 KiB ones the kernel drops segments on both sides
  * and the connection can stall for tens of seconds in TCP's backoff.) */
 #define FL_MAX ((size_t) 8 * 1024 * 1024) /* the most it tries to write */
@@ -1246,6 +1248,7 @@ TASK(tls_pause_in_handle_read_poll_mode) {
 typedef struct {
   int port;
   size_t sent; /* bytes SSL_write took */
+  int stop;    /* set by the test: the server holds its limit */
   int done;
 } flood_client_t;
 
@@ -1263,6 +1266,7 @@ static void *flood_client(void *arg) {
     goto out;
   }
   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)); /* handshake */
   setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
   setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
   SSL_set_fd(ssl, fd);
@@ -1271,9 +1275,14 @@ static void *flood_client(void *arg) {
     goto out;
   }
   chan_fill(chunk, sizeof(chunk), 3, 0);
-  while (fc->sent < FL_MAX &&
-         SSL_write(ssl, chunk, (int) sizeof(chunk)) == (int) sizeof(chunk)) {
-    fc->sent += sizeof(chunk);
+  while (fc->sent < FL_MAX) {
+    int k = SSL_write(ssl, chunk, (int) sizeof(chunk));
+    if (k == (int) sizeof(chunk)) {
+      fc->sent += sizeof(chunk);
+    } else if (SSL_get_error(ssl, k) != SSL_ERROR_WANT_WRITE ||
+               __atomic_load_n(&fc->stop, __ATOMIC_SEQ_CST)) {
+      break; /* refused for 1 s (or failed): done, unless told to wait */
+    } /* else the same write again, as OpenSSL wants */
   }
   setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 out:
@@ -1317,7 +1326,11 @@ TASK(tls_with_send_flood_never_read_then_reset) {
            ac_is_closed(&l.s->w.d)) &&
          uv_hrtime() < end) {
     ASSERT_OK(ac_loop(map, 0.05, use_poll, 1));
+    if (l.s != NULL && l.s->held_max >= FL_LIMIT) {
+      __atomic_store_n(&fc.stop, 1, __ATOMIC_SEQ_CST);
+    }
   }
+  __atomic_store_n(&fc.stop, 1, __ATOMIC_SEQ_CST);
   pthread_join(th, NULL);
   ASSERT(l.s != NULL);
   ASSERT_GT(fc.sent, 0);
