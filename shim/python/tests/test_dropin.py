@@ -1203,6 +1203,98 @@ class DocExamples(unittest.TestCase):
                 asyncore.close_all()
 
 
+# Run in a child Python: before the fix libuv abort()s the whole process.
+CLOSED_BEHIND_ITS_BACK = r"""
+import socket, sys
+sys.path[:0] = sys.argv[2:]
+import uvasyncore
+uvasyncore.install()
+import asyncore
+use_poll = sys.argv[1] == 'poll'
+map = {}
+seen = []
+
+
+class Legacy(asyncore.dispatcher_with_send):
+    def handle_read(self):
+        seen.append(self.recv(100))
+        self.socket.close()        # not self.close(): asyncore is not told
+        self.out_buffer = b'bye'   # and the interest changes (writable)
+
+    def handle_close(self):
+        seen.append('handle_close')
+        self.close()
+
+
+class Toggling(asyncore.dispatcher):
+    asked = 0
+
+    def readable(self):        # asked every pass, a different answer each
+        Toggling.asked += 1
+        return Toggling.asked % 2 == 0
+
+    def writable(self):
+        return False
+
+    def handle_close(self):
+        seen.append('handle_close')
+        self.close()
+
+
+a, b = socket.socketpair()
+if sys.argv[3:4] == ['toggling']:
+    Toggling(a, map=map)
+    asyncore.loop(timeout=0.01, use_poll=use_poll, map=map, count=2)
+    a.close()
+else:
+    Legacy(a, map=map)
+    b.send(b'hi')
+try:
+    asyncore.loop(timeout=0.05, use_poll=use_poll, map=map, count=4)
+except OSError as err:
+    seen.append('OSError %d' % err.errno)
+print(seen, len(map))
+"""
+
+
+class ClosedBehindItsBack(unittest.TestCase):
+    """A channel's fd closed without asyncore knowing (self.socket.close()
+    in a handler), then its interest changes: libuv must not be asked to
+    watch the closed fd (its epoll_ctl fails and libuv abort()s). As the
+    original: poll2() reports POLLNVAL (handle_close), select() raises
+    EBADF."""
+
+    def run_child(self, use_poll, *how):
+        import errno
+        import os
+        import subprocess
+        r = subprocess.run(
+            [sys.executable, '-c', CLOSED_BEHIND_ITS_BACK,
+             'poll' if use_poll else 'select',
+             os.path.dirname(os.path.dirname(uvasyncore.__file__)), *how],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        return r.stdout.strip(), errno.EBADF
+
+    def test_legacy_handler_closing_its_socket(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                out, ebadf = self.run_child(use_poll)
+                if use_poll:
+                    self.assertEqual(out, "[b'hi', 'handle_close'] 0")
+                else:
+                    self.assertEqual(out, "[b'hi', 'OSError %d'] 1" % ebadf)
+
+    def test_overriding_predicate_after_a_close_behind_its_back(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                out, ebadf = self.run_child(use_poll, 'toggling')
+                if use_poll:
+                    self.assertEqual(out, "['handle_close'] 0")
+                else:
+                    self.assertEqual(out, "['OSError %d'] 1" % ebadf)
+
+
 class LegacySmtpd(unittest.TestCase):
     """The stdlib smtpd module of 3.11 (asyncore and asynchat inside), run
     unchanged on the drop-in, with smtplib as the client."""
