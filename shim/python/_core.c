@@ -33,6 +33,11 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <uv.h>
+#ifdef __linux__
+#include <sys/epoll.h>
+#else
+#include <fcntl.h>
+#endif
 
 PyMODINIT_FUNC PyInit__core(void);
 
@@ -61,7 +66,8 @@ typedef struct entry {
   unsigned pollable : 1; /* uv_poll_init worked (a regular file: no) */
   unsigned ready : 1;    /* in owner->ready */
   unsigned failed : 1;   /* libuv reported an error (the handle stopped) */
-  unsigned nval : 1;     /* uv_poll_start refused the fd (closed fd) */
+  unsigned nval : 1;     /* the fd cannot be watched (closed fd) */
+  unsigned pending : 1;  /* in owner->pending */
 } entry;
 
 /* A growable array of entry pointers. */
@@ -85,6 +91,7 @@ struct poller {
   vec fixed;        /* live unpollable entries: always ready */
   vec ready;        /* entries libuv reported in this wait */
   vec graveyard;    /* dead unpollable entries, freed after a wait */
+  vec pending;      /* entries started since the last uv_run */
   int timer_fired;
   unsigned long long waits;     /* stats(): calls of wait() */
   unsigned long long asked;     /* stats(): interest evaluations */
@@ -170,6 +177,10 @@ static PyObject *entry_kill(poller *p, entry *e) {
   if (e->dirty) {
     vec_remove(&p->dirty, e);
     e->dirty = 0;
+  }
+  if (e->pending) {
+    vec_remove(&p->pending, e);
+    e->pending = 0;
   }
   if (!e->pollable) {
     vec_remove(&p->fixed, e);
@@ -449,8 +460,55 @@ static void on_timer(uv_timer_t *t) {
   uv_stop(t->loop);
 }
 
-/* Starts, changes or stops e's handle to match e->want.  A refused start
- * (the fd was closed behind asyncore's back) is reported as POLLNVAL. */
+/* e's fd cannot be watched (closed behind asyncore's back): its handle is
+ * stopped and the fd reported by this wait, without blocking; poll(2) says
+ * POLLNVAL (collect()). */
+static void refuse(poller *p, entry *e) {
+  uv_poll_stop(&e->poll);
+  e->started = 0;
+  e->nval = 1;
+  if (!e->ready && vec_push(&p->ready, e) == 0) {
+    e->ready = 1;
+  }
+  PyErr_Clear();
+}
+
+/* Whether libuv can watch fd.  uv_poll_start() only queues the fd; libuv
+ * hands it to epoll_ctl(EPOLL_CTL_ADD) in its next uv_run and abort()s if
+ * that fails: an fd closed behind asyncore's back (EBADF), or reused by a
+ * regular file (EPERM).  Asked the same way, beforehand. */
+static int fd_watchable(poller *p, int fd) {
+#ifdef __linux__
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof ev);
+  int efd = uv_backend_fd(&p->loop);
+  if (epoll_ctl(efd, EPOLL_CTL_ADD, fd, &ev) == 0) {
+    epoll_ctl(efd, EPOLL_CTL_DEL, fd, &ev);
+    return 1;
+  }
+  return errno == EEXIST;
+#else
+  (void)p;
+  return fcntl(fd, F_GETFD) != -1 || errno != EBADF;
+#endif
+}
+
+/* Checks the fds of the handles started since the last uv_run, right
+ * before the next one: Python code (a later channel's predicates, or the
+ * application after a failed pass) may have closed one meanwhile. */
+static void check_pending(poller *p) {
+  for (size_t i = 0; i < p->pending.n; i++) {
+    entry *e = p->pending.v[i];
+    e->pending = 0;
+    if (e->started && !fd_watchable(p, e->fd)) {
+      refuse(p, e);
+    }
+  }
+  p->pending.n = 0;
+}
+
+/* Starts, changes or stops e's handle to match e->want.  A refused start,
+ * or a closed fd (check_pending), is reported as POLLNVAL. */
 static void apply_want(poller *p, entry *e) {
   int uv = 0;
   uv |= (e->want & WANT_R) ? UV_READABLE : 0;
@@ -469,17 +527,17 @@ static void apply_want(poller *p, entry *e) {
     return;
   }
   if (uv_poll_start(&e->poll, uv, on_poll) != 0) {
-    uv_poll_stop(&e->poll);
-    e->started = 0;
-    e->nval = 1;
-    /* Reported by this wait, without blocking: poll(2) says POLLNVAL. */
-    if (!e->ready && vec_push(&p->ready, e) == 0) {
-      e->ready = 1;
-    }
-    PyErr_Clear();
+    refuse(p, e);
     return;
   }
   e->started = uv;
+  if (!e->pending) {
+    if (vec_push(&p->pending, e) == 0) {
+      e->pending = 1;
+    } else if (!fd_watchable(p, e->fd)) {
+      refuse(p, e);
+    }
+  }
 }
 
 /* Evaluates the entries whose interest may have changed: the py ones and
@@ -690,8 +748,10 @@ static int collect(poller *p, int use_poll, result **out, size_t *nout) {
     PyErr_SetFromErrno(PyExc_OSError);
     rc = -1;
   }
+  int nval = 0;
   for (size_t k = 0; k < nask; k++) {
     rev[asked[k]] = pfd[k].revents;
+    nval |= pfd[k].revents & POLLNVAL;
   }
   for (size_t i = 0; i < n; i++) {
     entry *e = set[i];
@@ -712,6 +772,12 @@ static int collect(poller *p, int use_poll, result **out, size_t *nout) {
   free(rev);
   free(pfd);
   free(asked);
+  if (rc == 0 && nval && !use_poll) {
+    /* select() refuses a closed fd: OSError(EBADF) from the pass. */
+    errno = EBADF;
+    PyErr_SetFromErrno(PyExc_OSError);
+    rc = -1;
+  }
   if (rc < 0) {
     free(res);
     return -1;
@@ -755,8 +821,11 @@ static int pass_wait(poller *p, long ms, int use_poll, result **out,
   p->busy = 1;
   p->waits++;
   int rc = -1;
-  if (evaluate(p, use_poll) < 0 ||
-      vec_reserve(&p->ready, p->count + p->ready.n) < 0) {
+  if (evaluate(p, use_poll) < 0) {
+    goto out;
+  }
+  check_pending(p);
+  if (vec_reserve(&p->ready, p->count + p->ready.n) < 0) {
     goto out;
   }
   if (has_immediate(p)) {
@@ -993,6 +1062,7 @@ static void poller_dealloc(PyObject *self) {
   free(p->fixed.v);
   free(p->ready.v);
   free(p->graveyard.v);
+  free(p->pending.v);
   PyObject_GC_Del(self);
   Py_DECREF(tp);
 }
