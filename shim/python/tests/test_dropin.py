@@ -1295,6 +1295,60 @@ class ClosedBehindItsBack(unittest.TestCase):
                     self.assertEqual(out, "['OSError %d'] 1" % ebadf)
 
 
+class Fork(unittest.TestCase):
+    """A forked child's passes and closes act on the child's channels only.
+    The Poller's libuv loop (its epoll instance) is inherited by a child:
+    without a loop of its own, a child closing its copy of a channel (a
+    forking server's child closes the listener) took the parent's fd out of
+    the shared epoll set, and the parent never heard of it again."""
+
+    class Reader(asyncore.dispatcher):
+        def writable(self):
+            return False
+
+        def handle_read(self):
+            self.got.append(self.recv(100))
+
+    def test_child_closing_its_copy(self):
+        import os
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                self.addCleanup(b.close)
+                self.addCleanup(asyncore.close_all, map)
+                parent = self.Reader(a, map=map)
+                parent.got = []
+                b.send(b'1')
+                self.assertTrue(pump(map, lambda: parent.got, use_poll))
+                c, d = socket.socketpair()
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        # The child's own channel is served ...
+                        child = self.Reader(c, map=map)
+                        child.got = []
+                        d.send(b'c')
+                        if pump(map, lambda: child.got, use_poll):
+                            # ... and it closes its copy of the parent's.
+                            parent.close()
+                            asyncore.loop(timeout=0, use_poll=use_poll,
+                                          map=map, count=1)
+                            code = 0
+                    finally:
+                        os._exit(code)
+                c.close()
+                d.close()
+                _, status = os.waitpid(pid, 0)
+                self.assertEqual(status, 0)
+                parent.got.clear()
+                b.send(b'2')
+                self.assertTrue(pump(map, lambda: parent.got, use_poll,
+                                     passes=50))
+                self.assertEqual(parent.got, [b'2'])
+
+
 class LegacySmtpd(unittest.TestCase):
     """The stdlib smtpd module of 3.11 (asyncore and asynchat inside), run
     unchanged on the drop-in, with smtplib as the client."""
