@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -93,11 +94,23 @@ struct poller {
   vec graveyard;    /* dead unpollable entries, freed after a wait */
   vec pending;      /* entries started since the last uv_run */
   int timer_fired;
+  unsigned long gen;             /* fork_gen when the loop was made its own */
   unsigned long long waits;     /* stats(): calls of wait() */
   unsigned long long asked;     /* stats(): interest evaluations */
 };
 
 static PyObject *str_readable, *str_writable, *str_accepting;
+
+/* Bumped in a forked child (pthread_atfork): a Poller whose gen differs is
+ * used in a child and shares its loop's epoll instance with the parent. */
+static unsigned long fork_gen;
+
+static void on_fork_child(void) {
+  fork_gen++;
+}
+
+static int own_loop(poller *p);
+static int own_loop_or_raise(poller *p);
 /* Names of the methods and attributes the C paths call or read. */
 static PyObject *str_get, *str_handle_read_event, *str_handle_write_event,
     *str_handle_expt_event, *str_handle_close, *str_handle_error,
@@ -164,6 +177,8 @@ static int mark_dirty(poller *p, entry *e) {
  * returned to the caller, who drops it once the poller is consistent (the
  * drop may run arbitrary Python code, a __del__ that calls back here). */
 static PyObject *entry_kill(poller *p, entry *e) {
+  /* Not the parent's epoll: its fd would leave the parent's set too. */
+  (void)own_loop(p);
   PyObject *obj = e->obj;
   e->obj = NULL;
   e->dead = 1;
@@ -259,7 +274,8 @@ static PyObject *poller_add(PyObject *self, PyObject *args) {
   int py, fd;
   poller *p = check_usable(self);
   if (p == NULL || !PyArg_ParseTuple(args, "OOp:add", &fdobj, &obj, &py) ||
-      fd_arg(fdobj, &fd) < 0 || grow_byfd(p, fd) < 0) {
+      fd_arg(fdobj, &fd) < 0 || grow_byfd(p, fd) < 0 ||
+      own_loop_or_raise(p) < 0) {
     return NULL;
   }
   /* Room first, so that nothing fails once the entry is linked. */
@@ -505,6 +521,45 @@ static void check_pending(poller *p) {
     }
   }
   p->pending.n = 0;
+}
+
+/* In a forked child, the loop's epoll instance is the parent's: each change
+ * the child makes to it (a channel closed, an interest changed: a forking
+ * server's child closes the listener) would change the parent's, and the
+ * child's fds would wake the parent.  uv_loop_fork() gives the child an
+ * instance of its own and re-registers the started handles at the next
+ * uv_run; their fds are checked first (check_pending: the child may have
+ * closed some).  Returns 0 or a libuv error. */
+static int own_loop(poller *p) {
+  if (p->gen == fork_gen || !p->loop_ok) {
+    return 0;
+  }
+  p->gen = fork_gen;
+  for (size_t fd = 0; fd < p->nbyfd; fd++) {
+    entry *e = p->byfd[fd];
+    if (e == NULL || !e->started || e->pending) {
+      continue;
+    }
+    if (vec_push(&p->pending, e) == 0) {
+      e->pending = 1;
+    } else {
+      PyErr_Clear();
+      uv_poll_stop(&e->poll);  /* unchecked: started again next pass */
+      e->started = 0;
+      (void)mark_dirty(p, e);
+      PyErr_Clear();
+    }
+  }
+  return uv_loop_fork(&p->loop);
+}
+
+static int own_loop_or_raise(poller *p) {
+  int rc = own_loop(p);
+  if (rc != 0) {
+    PyErr_Format(PyExc_OSError, "uv_loop_fork: %s", uv_strerror(rc));
+    return -1;
+  }
+  return 0;
 }
 
 /* Starts, changes or stops e's handle to match e->want.  A refused start,
@@ -821,7 +876,7 @@ static int pass_wait(poller *p, long ms, int use_poll, result **out,
   p->busy = 1;
   p->waits++;
   int rc = -1;
-  if (evaluate(p, use_poll) < 0) {
+  if (own_loop_or_raise(p) < 0 || evaluate(p, use_poll) < 0) {
     goto out;
   }
   check_pending(p);
@@ -1017,6 +1072,7 @@ static int poller_init(PyObject *self, PyObject *args, PyObject *kw) {
   }
   uv_timer_init(&p->loop, &p->timer);
   p->timer.data = p;
+  p->gen = fork_gen;
   p->mode = -1;
   p->loop_ok = 1;
   return 0;
@@ -1050,6 +1106,7 @@ static void poller_dealloc(PyObject *self) {
   PyObject_GC_UnTrack(self);
   poller_clear(self);
   if (p->loop_ok) {
+    (void)own_loop(p);
     uv_close((uv_handle_t *)&p->timer, NULL);
     /* Runs the close callbacks, which free the entries. */
     uv_run(&p->loop, UV_RUN_DEFAULT);
@@ -2441,6 +2498,14 @@ PyMODINIT_FUNC PyInit__core(void) {
   if (socket_timeout_get == NULL) {
     PyErr_SetString(PyExc_TypeError, "socket.socket.timeout: no descriptor");
     return NULL;
+  }
+  static int atfork_done;
+  if (!atfork_done) {
+    if (pthread_atfork(NULL, NULL, on_fork_child) != 0) {
+      PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+      return NULL;
+    }
+    atfork_done = 1;
   }
   PyObject *m = PyModule_Create(&core_module);
   if (m == NULL) {
