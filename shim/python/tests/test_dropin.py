@@ -999,6 +999,30 @@ class ChatOutput(unittest.TestCase):
                 self.assertEqual(scripted_output(asynchat, seed),
                                  scripted_output(original, seed))
 
+    def test_push_with_a_negative_out_buffer_size(self):
+        # The original's push slices data with range(0, len(data), sabs):
+        # a negative ac_out_buffer_size queues nothing (no error), 0 raises
+        # ValueError.
+        modules = [asynchat]
+        original = stdlib_asynchat()
+        if original is not None:
+            modules.append(original)
+        for module in modules:
+            for size, data, error in ((-1, b'abcdef', None),
+                                      (-1 << 70, b'ab', None),
+                                      (0, b'ab', ValueError)):
+                with self.subTest(module=module.__name__, size=size):
+                    a, b = socket.socketpair()
+                    self.addCleanup(b.close)
+                    c = module.async_chat(a, map={})
+                    self.addCleanup(c.close)
+                    c.ac_out_buffer_size = size
+                    if error is None:
+                        self.assertIsNone(c.push(data))
+                    else:
+                        self.assertRaises(error, c.push, data)
+                    self.assertEqual(len(c.producer_fifo), 0)
+
 
 class OutBuffer(unittest.TestCase):
     """dispatcher_with_send's output queue, with a reader slower than the
