@@ -2142,14 +2142,22 @@ static PyObject *m_chat_push(PyObject *self, PyObject *const *args,
   int rc = big < 0 ? -1 : 0;
   if (big > 0) {
     Py_ssize_t step = PyLong_AsSsize_t(sabs);
-    if (step <= 0) {
-      /* range() refuses a step of 0 (ValueError), as in the original. */
-      if (!PyErr_Occurred()) {
-        PyErr_SetString(PyExc_ValueError, "range() arg 3 must not be zero");
+    if (step == -1 && PyErr_Occurred()) {
+      /* Beyond Py_ssize_t and below len(data): a negative step. */
+      if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+      } else {
+        rc = -1;
       }
+    }
+    if (rc == 0 && step == 0) {
+      /* range() refuses a step of 0 (ValueError), as in the original. */
+      PyErr_SetString(PyExc_ValueError, "range() arg 3 must not be zero");
       rc = -1;
     }
-    for (Py_ssize_t i = 0; rc == 0 && i < n; i += step) {
+    /* A negative step: range(0, len(data), step) is empty, nothing is
+     * queued, as in the original. */
+    for (Py_ssize_t i = 0; rc == 0 && step > 0 && i < n; i += step) {
       PyObject *lo = PyLong_FromSsize_t(i);
       PyObject *hi = PyLong_FromSsize_t(i + step < i ? PY_SSIZE_T_MAX : i + step);
       PyObject *piece = lo == NULL || hi == NULL ? NULL : slice_of(data, lo, hi);
