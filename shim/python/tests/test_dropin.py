@@ -1373,6 +1373,78 @@ class Fork(unittest.TestCase):
                 self.assertEqual(parent.got, [b'2'])
 
 
+class OtherThread(unittest.TestCase):
+    """A legacy pattern: loop() runs in a background thread while the main
+    thread creates and closes channels of the same map.  The wait runs with
+    the GIL released, so those adds and closes come while libuv runs the
+    poller's loop in the other thread: they must not touch that loop then
+    (before: a channel closed meanwhile had its entry freed by that very
+    uv_run, and the pass read it afterwards, a use after free that the
+    ASan run of this suite reports)."""
+
+    def test_channels_added_and_closed_while_another_thread_waits(self):
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                self.add_and_close(use_poll)
+
+    def add_and_close(self, use_poll):
+        map = {}
+        keep_a, keep_b = socket.socketpair()
+        self.addCleanup(keep_b.close)
+
+        class Quiet(asyncore.dispatcher):
+            def writable(self):
+                return False
+
+            def handle_read(self):
+                self.recv(100)
+
+        class Busy(asyncore.dispatcher):  # always ready: writable
+            def handle_read(self):
+                self.recv(100)
+
+            def handle_write(self):
+                pass
+
+        Quiet(keep_a, map=map)  # the map is never empty
+        stop = threading.Event()
+        errors = []
+
+        def background():
+            while not stop.is_set():
+                try:
+                    asyncore.loop(timeout=0.001, use_poll=use_poll, map=map,
+                                  count=1)
+                except Exception as err:  # reported below
+                    errors.append(err)
+
+        t = threading.Thread(target=background)
+        t.start()
+        try:
+            # Rounds of 100 channels always ready, taken up by the other
+            # thread's passes, then closed while it waits: some closes
+            # land inside its uv_run, after their channels were reported.
+            for _ in range(40):
+                chans = []
+                for _ in range(100):
+                    a, b = socket.socketpair()
+                    chans.append((Busy(a, map=map), b))
+                time.sleep(0.005)
+                for c, b in chans:
+                    c.close()
+                    b.close()
+        finally:
+            stop.set()
+            t.join()
+            asyncore.close_all(map)
+        # A pass may meet an fd closed after it was reported: select()
+        # raised EBADF for it in the original too.
+        import errno
+        self.assertEqual([e for e in errors if not (
+            isinstance(e, OSError) and e.errno == errno.EBADF)], [])
+        self.assertNotIn(id(map), getattr(asyncore, '_pollers', {}))
+
+
 class LegacySmtpd(unittest.TestCase):
     """The stdlib smtpd module of 3.11 (asyncore and asynchat inside), run
     unchanged on the drop-in, with smtplib as the client."""
