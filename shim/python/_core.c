@@ -61,14 +61,19 @@ typedef struct entry {
   int started;      /* uv events the handle is started with */
   int events;       /* uv events reported in this wait */
   size_t py_index;  /* index in owner->py, if py */
+  struct entry *next_deferred; /* owner->deferred list, if deferred */
+  /* Written by on_poll, which may run (in uv_run, the GIL released) while
+   * another thread removes the entry: not bits of the word below. */
+  unsigned char ready;   /* in owner->ready */
+  unsigned char failed;  /* libuv reported an error (the handle stopped) */
   unsigned py : 1;       /* class overrides readable or writable */
   unsigned dirty : 1;    /* in owner->dirty */
   unsigned dead : 1;     /* removed; freed when its handle is closed */
   unsigned pollable : 1; /* uv_poll_init worked (a regular file: no) */
-  unsigned ready : 1;    /* in owner->ready */
-  unsigned failed : 1;   /* libuv reported an error (the handle stopped) */
   unsigned nval : 1;     /* the fd cannot be watched (closed fd) */
   unsigned pending : 1;  /* in owner->pending */
+  unsigned uninit : 1;   /* added during a uv_run: no handle yet */
+  unsigned deferred : 1; /* in owner->deferred */
 } entry;
 
 /* A growable array of entry pointers. */
@@ -83,6 +88,9 @@ struct poller {
   uv_timer_t timer;
   int loop_ok;
   int busy;         /* inside wait(): refuse re-entry */
+  int in_run;       /* a thread is in uv_run, the GIL released */
+  entry *deferred;  /* added or removed meanwhile: libuv calls to make */
+  size_t n_uninit;  /* entries of deferred not yet initialised */
   int mode;         /* use_poll of the previous wait, -1 before the first */
   entry **byfd;     /* fd -> live entry */
   size_t nbyfd;
@@ -197,6 +205,17 @@ static PyObject *entry_kill(poller *p, entry *e) {
     vec_remove(&p->pending, e);
     e->pending = 0;
   }
+  if (p->in_run) {
+    /* Another thread runs the loop: its handles are not to be touched
+     * until it is done (run_deferred).  An entry added meanwhile has no
+     * handle and is in no list but that one. */
+    if (!e->deferred) {
+      e->deferred = 1;
+      e->next_deferred = p->deferred;
+      p->deferred = e;
+    }
+    return obj;
+  }
   if (!e->pollable) {
     vec_remove(&p->fixed, e);
     /* Cannot fail: freed later, but a failed push must not leak. */
@@ -281,7 +300,7 @@ static PyObject *poller_add(PyObject *self, PyObject *args) {
   /* Room first, so that nothing fails once the entry is linked. */
   if (vec_reserve(&p->dirty, p->dirty.n + 1) < 0 ||
       vec_reserve(&p->py, p->py.n + 1) < 0 ||
-      vec_reserve(&p->fixed, p->fixed.n + 1) < 0) {
+      vec_reserve(&p->fixed, p->fixed.n + p->n_uninit + 1) < 0) {
     return NULL;
   }
   entry *e = calloc(1, sizeof *e);
@@ -296,10 +315,20 @@ static PyObject *poller_add(PyObject *self, PyObject *args) {
   e->owner = p;
   e->fd = fd;
   e->obj = Py_NewRef(obj);
-  e->pollable = uv_poll_init(&p->loop, &e->poll, fd) == 0;
-  e->poll.data = e;
-  if (!e->pollable) {
-    p->fixed.v[p->fixed.n++] = e;
+  if (p->in_run) {
+    /* Another thread runs the loop: the handle is made when it is done
+     * (run_deferred), before the entry's first evaluation. */
+    e->uninit = 1;
+    e->deferred = 1;
+    e->next_deferred = p->deferred;
+    p->deferred = e;
+    p->n_uninit++;
+  } else {
+    e->pollable = uv_poll_init(&p->loop, &e->poll, fd) == 0;
+    e->poll.data = e;
+    if (!e->pollable) {
+      p->fixed.v[p->fixed.n++] = e;
+    }
   }
   if (py) {
     e->py = 1;
@@ -671,6 +700,48 @@ static int has_immediate(const poller *p) {
   return 0;
 }
 
+/* The libuv calls that adds and removes made while another thread ran the
+ * loop left (entry_kill, poller_add): removals first (a removed entry and
+ * its replacement may share an fd), then the new handles. */
+static void run_deferred(poller *p) {
+  entry *list = p->deferred;
+  p->deferred = NULL;
+  p->n_uninit = 0;
+  for (entry *e = list; e != NULL; e = e->next_deferred) {
+    if (e->dead && !e->uninit && e->pollable) {
+      /* Freed by on_entry_closed, in a later uv_run. */
+      uv_poll_stop(&e->poll);
+      uv_close((uv_handle_t *)&e->poll, on_entry_closed);
+    }
+  }
+  entry *next;
+  for (entry *e = list; e != NULL; e = next) {
+    next = e->next_deferred;
+    e->deferred = 0;
+    if (e->dead) {
+      if (e->uninit) {
+        free(e); /* added and removed meanwhile: never had a handle */
+      } else if (!e->pollable) {
+        vec_remove(&p->fixed, e);
+        if (vec_push(&p->graveyard, e) < 0) {
+          PyErr_Clear();
+          free(e); /* in no list (not in ready: never started) */
+        }
+      }
+      continue;
+    }
+    if (e->uninit) {
+      e->uninit = 0;
+      e->pollable = uv_poll_init(&p->loop, &e->poll, e->fd) == 0;
+      e->poll.data = e;
+      if (!e->pollable) {
+        /* Room reserved by poller_add. */
+        p->fixed.v[p->fixed.n++] = e;
+      }
+    }
+  }
+}
+
 /* Runs the loop until an fd is ready or timeout_ms passed (-1: no limit),
  * the GIL released, in slices between which signals are handled. */
 static int run_loop(poller *p, long timeout_ms) {
@@ -684,6 +755,7 @@ static int run_loop(poller *p, long timeout_ms) {
     }
     long slice = (left < 0 || left > SLICE_MS) ? SLICE_MS : left;
     p->timer_fired = 0;
+    p->in_run = 1;
     Py_BEGIN_ALLOW_THREADS
     if (slice == 0) {
       uv_run(&p->loop, UV_RUN_NOWAIT);
@@ -697,6 +769,8 @@ static int run_loop(poller *p, long timeout_ms) {
       uv_timer_stop(&p->timer);
     }
     Py_END_ALLOW_THREADS
+    p->in_run = 0;
+    run_deferred(p);
     if (p->ready.n > 0 || left == slice || timeout_ms == 0) {
       return 0;
     }
