@@ -2848,38 +2848,14 @@ static int timed_out_tcp(rec_t *r, ac_map_t *map, int *peer) {
   return (p.revents & POLLERR) != 0;
 }
 
-/* C-21 step 5 (CPython: initiate_send calls handle_error for a send error
- * that is not a disconnection) for sends the parse gathered, fed from
- * outside a read (ac_chat_feed from the application): the send at the
- * end of the parse (round 0) and the send of a full gather inside it
- * (round 1) meet ETIMEDOUT: handle_error with that code, once, and the
- * feed is not failed by it (the push did not fail either).  The error was
- * returned by ac_chat_feed without handle_error (round 0) and swallowed,
- * the next send meeting EPIPE (handle_close, round 1). */
-TASK(gather_send_error_to_handle_error) {
-  int round;
-
-  for (round = 0; round < 2; round++) {
-    ac_map_t *map = task_map_new();
-    rec_t r;
-    int peer;
-
-    if (!timed_out_tcp(&r, map, &peer)) {
-      fprintf(stderr, "  skipped: the connection did not time out\n");
-      task_map_free(map);
-      return;
-    }
-    r.on_found = round == 0 ? push_in_found : push_big_in_found;
-    ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
-    ASSERT_OK(ac_chat_feed(&r.chat, "a;", 2));
-    ASSERT_EQ(r.founds, 1);
-    ASSERT_EQ(r.errors, 1);
-    ASSERT_EQ(r.err_code, UV_ETIMEDOUT);
-    ASSERT_STR_EQ(r.err_where, "initiate_send");
-    ASSERT(ac_is_closed(&r.chat.d)); /* the default handle_error closes */
-    close(peer);
-    task_map_free(map);
-  }
+/* The chat got ETIMEDOUT once, through handle_error (`where`), whose
+ * default closed it (handle_close once). */
+static void timed_out_reported(const rec_t *r, const char *where) {
+  ASSERT_EQ(r->errors, 1);
+  ASSERT_EQ(r->err_code, UV_ETIMEDOUT);
+  ASSERT_STR_EQ(r->err_where, where);
+  ASSERT_EQ(r->closes, 1);
+  ASSERT(ac_is_closed(&r->chat.d));
 }
 
 /* A push, ac_fileno (which sends the push, gathered, first), a push. */
@@ -2892,32 +2868,40 @@ static int push_fileno_push_in_found(rec_t *r) {
   return e != 0 ? e : ac_chat_push(&r->chat, "ok;", 3);
 }
 
-/* ac_fileno sends what the parse gathered and cannot report a failure: on
- * a connection that timed out, the error its send met (ETIMEDOUT, which
- * the kernel reports once) is kept for the next send, which reports it as
- * its own (handle_error with ETIMEDOUT, as without the gathering), not as
- * handle_close for the EPIPE the kernel gives now. */
-TASK(fileno_flush_error_reaches_the_next_send) {
-  ac_map_t *map = task_map_new();
-  rec_t r;
-  int peer;
+/* C-21 step 5 (CPython: initiate_send calls handle_error for a send error
+ * that is not a disconnection) for sends the parse gathered, fed from
+ * outside a read (ac_chat_feed from the application): the send at the
+ * end of the parse (round 0) and the send of a full gather inside it
+ * (round 1) meet ETIMEDOUT: handle_error with that code, once, and the
+ * feed is not failed by it (the push did not fail either).  The error was
+ * returned by ac_chat_feed without handle_error (round 0) and swallowed,
+ * the next send meeting EPIPE (handle_close, round 1).  Round 2: ac_fileno
+ * sends what the parse gathered and cannot report a failure: the error its
+ * send met is kept for the next push's send, which reports it as its own,
+ * not as handle_close for the EPIPE the kernel gives now. */
+TASK(gather_send_error_to_handle_error) {
+  static int (*const found[3])(rec_t *) = {
+      push_in_found, push_big_in_found, push_fileno_push_in_found};
+  int round;
 
-  if (!timed_out_tcp(&r, map, &peer)) {
-    fprintf(stderr, "  skipped: the connection did not time out\n");
+  for (round = 0; round < 3; round++) {
+    ac_map_t *map = task_map_new();
+    rec_t r;
+    int peer;
+
+    if (!timed_out_tcp(&r, map, &peer)) {
+      fprintf(stderr, "  skipped: the connection did not time out\n");
+      task_map_free(map);
+      return;
+    }
+    r.on_found = found[round];
+    ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+    ASSERT_OK(ac_chat_feed(&r.chat, "a;", 2));
+    ASSERT_EQ(r.founds, 1);
+    timed_out_reported(&r, "initiate_send");
+    close(peer);
     task_map_free(map);
-    return;
   }
-  r.on_found = push_fileno_push_in_found;
-  ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
-  (void) ac_chat_feed(&r.chat, "a;", 2);
-  ASSERT_EQ(r.founds, 1);
-  ASSERT_EQ(r.errors, 1);
-  ASSERT_EQ(r.err_code, UV_ETIMEDOUT);
-  ASSERT_STR_EQ(r.err_where, "initiate_send");
-  ASSERT_EQ(r.closes, 1); /* from the default handle_error, once */
-  ASSERT(ac_is_closed(&r.chat.d));
-  close(peer);
-  task_map_free(map);
 }
 
 /* Bytes in libuv's write queue when the connection times out: libuv's
@@ -2963,11 +2947,7 @@ TASK(queued_write_error_reaches_the_next_receive) {
   for (i = 0; i < 20 && r.errors + r.closes == 0; i++) {
     ASSERT_OK(ac_loop(map, 0.05, 0, 1));
   }
-  ASSERT_EQ(r.errors, 1);
-  ASSERT_EQ(r.err_code, UV_ETIMEDOUT);
-  ASSERT_STR_EQ(r.err_where, "handle_read");
-  ASSERT_EQ(r.closes, 1); /* from the default handle_error, once */
-  ASSERT(ac_is_closed(&r.chat.d));
+  timed_out_reported(&r, "handle_read");
   close(peer);
   task_map_free(map);
 }
@@ -3389,7 +3369,6 @@ static const task_t tasks[] = {
     TASK_ENTRY(gather_peer_reset_calls_handle_close_once),
     TASK_ENTRY(gather_feed_from_timer),
     TASK_ENTRY(gather_send_error_to_handle_error),
-    TASK_ENTRY(fileno_flush_error_reaches_the_next_send),
     TASK_ENTRY(queued_write_error_reaches_the_next_receive),
     TASK_ENTRY(gather_datagram_chat_sends_per_push),
     TASK_ENTRY(gather_reconnect_in_parse_keeps_gathering),

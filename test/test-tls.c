@@ -1138,40 +1138,61 @@ static void wb_accepted(chan_t *c, uv_os_sock_t sock) {
   l->s = s;
 }
 
+/* A map with a quiet log, and l zeroed with a server context; the caller
+ * sets l's options, then listens (listen_plain with wb_accepted). */
+static ac_map_t *wb_begin(wb_listener_t *l) {
+  ac_map_t *map = task_map_new();
+
+  memset(l, 0, sizeof(*l));
+  if (map != NULL) {
+    ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+    l->ctx = tlstest_server_ctx();
+  }
+  return map;
+}
+
+static void wb_end(wb_listener_t *l, ac_map_t *map) {
+  if (l->s != NULL) {
+    ac_close(&l->s->w.d);
+  }
+  ac_close(&l->l.u.d);
+  task_map_free(map);
+  free(l->s);
+  SSL_CTX_free(l->ctx);
+}
+
+/* A bulk client that writes `out` (WB_BYTES of pattern `seed`) and reads
+ * as much back into `in`. */
+static void wb_bulk(bulk_client_t *bc, char *out, char *in, unsigned seed) {
+  chan_fill(out, WB_BYTES, seed, 0);
+  memset(bc, 0, sizeof(*bc));
+  bc->out = out;
+  bc->out_len = WB_BYTES;
+  bc->in = in;
+  bc->in_len = WB_BYTES;
+}
+
 /* A dispatcher_with_send echo over TLS, reading 512 bytes per
  * handle_read: a record of the client's runs a read burst, whose echoes
  * are gathered into records of more than one handle_read's (the first
  * SSL_read, one record's plaintext, holds more than 512 bytes), and every
  * byte comes back in order. */
 TASK(tls_with_send_burst_gathers_echoes) {
-  ac_map_t *map = task_map_new();
   static char out[WB_BYTES];
   static char in[WB_BYTES];
   wb_listener_t l;
+  ac_map_t *map = wb_begin(&l);
   bulk_client_t bc;
 
-  ASSERT(map != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
-  memset(&l, 0, sizeof(l));
-  l.ctx = tlstest_server_ctx();
-  ASSERT(l.ctx != NULL);
-  chan_fill(out, sizeof(out), 5, 0);
-  memset(&bc, 0, sizeof(bc));
-  bc.out = out;
-  bc.out_len = sizeof(out);
-  bc.in = in;
-  bc.in_len = sizeof(in);
+  ASSERT(map != NULL && l.ctx != NULL);
+  wb_bulk(&bc, out, in, 5);
   bulk_run(map, &l.l, wb_accepted, &bc);
   ASSERT(l.s != NULL);
   ASSERT_EQ(bc.got, (size_t) WB_BYTES);
   ASSERT_MEM_EQ(in, out, WB_BYTES);
   ASSERT_GT(bc.first_read, WB_READ);
   ASSERT_EQ(l.s->errors, 0);
-  ac_close(&l.s->w.d);
-  ac_close(&l.l.u.d);
-  task_map_free(map);
-  free(l.s);
-  SSL_CTX_free(l.ctx);
+  wb_end(&l, map);
 }
 
 /* ac_pause_reading in the first handle_read stops the reads at once: the
@@ -1180,26 +1201,17 @@ TASK(tls_with_send_burst_gathers_echoes) {
  * handle_read until it resumes (uvasyncore.h), in this pass or later ones;
  * resumed, it echoes every byte in order. */
 static void pause_at_once(void) {
-  ac_map_t *map = task_map_new();
   static char out[WB_BYTES];
   static char in[WB_BYTES];
   wb_listener_t l;
+  ac_map_t *map = wb_begin(&l);
   bulk_client_t bc;
   pthread_t th;
   int k;
 
-  ASSERT(map != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
-  memset(&l, 0, sizeof(l));
-  l.ctx = tlstest_server_ctx();
-  ASSERT(l.ctx != NULL);
+  ASSERT(map != NULL && l.ctx != NULL);
   l.pause_first = 1;
-  chan_fill(out, sizeof(out), 7, 0);
-  memset(&bc, 0, sizeof(bc));
-  bc.out = out;
-  bc.out_len = sizeof(out);
-  bc.in = in;
-  bc.in_len = sizeof(in);
+  wb_bulk(&bc, out, in, 7);
   bc.port = listen_plain(&l.l, map, wb_accepted);
   ASSERT_GT(bc.port, 0);
   ASSERT_EQ(pthread_create(&th, NULL, bulk_client, &bc), 0);
@@ -1219,11 +1231,7 @@ static void pause_at_once(void) {
   ASSERT_EQ(bc.got, (size_t) WB_BYTES);
   ASSERT_MEM_EQ(in, out, WB_BYTES);
   ASSERT_EQ(l.s->errors, 0);
-  ac_close(&l.s->w.d);
-  ac_close(&l.l.u.d);
-  task_map_free(map);
-  free(l.s);
-  SSL_CTX_free(l.ctx);
+  wb_end(&l, map);
 }
 
 TASK(tls_pause_in_handle_read_stops_reading_at_once) { pause_at_once(); }
@@ -1305,18 +1313,14 @@ out:
  * the channel through handle_close, not handle_error (a disconnection,
  * D-14); ASan and valgrind check that what it held is freed. */
 TASK(tls_with_send_flood_never_read_then_reset) {
-  ac_map_t *map = task_map_new();
   wb_listener_t l;
+  ac_map_t *map = wb_begin(&l);
   flood_client_t fc;
   pthread_t th;
   uint64_t end = uv_hrtime() + 20000000000ull;
 
-  ASSERT(map != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT(map != NULL && l.ctx != NULL);
   ASSERT_OK(ac_map_set_output_limit(map, FL_LIMIT));
-  memset(&l, 0, sizeof(l));
-  l.ctx = tlstest_server_ctx();
-  ASSERT(l.ctx != NULL);
   l.sndbuf = 16 * 1024;
   memset(&fc, 0, sizeof(fc));
   fc.port = listen_plain(&l.l, map, wb_accepted);
@@ -1339,10 +1343,7 @@ TASK(tls_with_send_flood_never_read_then_reset) {
   ASSERT_LE(l.s->held_max, FL_LIMIT + WB_READ); /* ... and one receive */
   ASSERT(ac_is_closed(&l.s->w.d));
   ASSERT_EQ(l.s->errors, 0);
-  ac_close(&l.l.u.d);
-  task_map_free(map);
-  free(l.s);
-  SSL_CTX_free(l.ctx);
+  wb_end(&l, map);
 }
 
 /* ---------------------------------------------------------------- */
