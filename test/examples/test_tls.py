@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -437,6 +438,62 @@ def smtp_server_starttls_injection():
         srv.stop()
 
 
+def cpu_seconds(pid):
+    """User plus system CPU time of a process, in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def smtp_server_resets_before_accept():
+    """Clients that connect and reset (SO_LINGER 0) before the server
+    accepts: smtp_server greets every connection at accept, on a socket
+    whose connection is already gone (a live, unconnected channel: D-03,
+    docs/reliability.md).  The greeting can never be sent; each such
+    connection must be closed, not held with the greeting queued (which
+    leaked its fd until --idle and kept the server busy: the unconnected
+    chat is always writable, so the loop never slept)."""
+    srv = Server("smtp_server")
+    try:
+        def fds():
+            return len(os.listdir("/proc/%d/fd" % srv.proc.pid))
+        s = __import__("smtplib").SMTP("localhost", srv.port,
+                                       timeout=10 * SLOW)
+        assert s.noop()[0] == 250
+        s.quit()
+        time.sleep(0.5 * SLOW)
+        start = fds()
+        for _ in range(3):
+            # Stopped, so that every reset happens before the accept.
+            srv.proc.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(100):
+                    c = socket.create_connection(("127.0.0.1", srv.port),
+                                                 5 * SLOW)
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                 struct.pack("ii", 1, 0))
+                    c.close()
+            finally:
+                srv.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+        end = time.monotonic() + 5 * SLOW
+        while fds() != start and time.monotonic() < end:
+            time.sleep(0.05)
+        assert fds() == start, "%d fds before, %d after 300 resets" % (
+            start, fds())
+        time.sleep(0.2 * SLOW)
+        cpu = cpu_seconds(srv.proc.pid)
+        time.sleep(1.0)
+        busy = cpu_seconds(srv.proc.pid) - cpu
+        assert busy < 0.3, "an idle server used %.2f s of CPU in 1 s" % busy
+        s = __import__("smtplib").SMTP("localhost", srv.port,
+                                       timeout=10 * SLOW)
+        assert s.noop()[0] == 250
+        s.quit()
+    finally:
+        srv.stop()
+
+
 def main():
     if not shutil.which("openssl") or not os.path.exists(
             os.path.join(EXAMPLES, "http_server")):
@@ -455,6 +512,7 @@ def main():
     test(smtp_server_with_openssl_s_client_starttls)
     test(smtp_server_with_python_smtplib)
     test(smtp_server_starttls_injection)
+    test(smtp_server_resets_before_accept)
     shutil.rmtree(TMP, ignore_errors=True)
     failed = sum(1 for _, e in results if e is not None)
     print("examples-tls: %d passed, %d failed" % (len(results) - failed,
