@@ -273,10 +273,16 @@ static inline void guard_progress(const guard_t *g, conn_t *c) {
  * connection broke): the replies already queued still go out
  * (close_when_done), then the connection closes; the default
  * handle_close would close at once and drop them.  *done marks a client
- * that reads no more. */
+ * that reads no more.  A connection that was gone before it was accepted
+ * (the client reset it first: a live, unconnected channel, D-03) can send
+ * nothing: it closes at once, with its greeting (smtp_server's) dropped;
+ * waiting for the send would hold it until --idle, and an unconnected
+ * async_chat is always writable, so the loop would never sleep. */
 static inline int chat_close_when_sent(ac_chat_t *c, int *done) {
-  if (*done || ac_chat_out_bytes(c) == 0) {
-    return ac_close(&c->d); /* nothing left, or the close marker was reached */
+  if (*done || ac_chat_out_bytes(c) == 0 ||
+      (!c->d.connected && !c->d.connecting)) {
+    return ac_close(&c->d); /* nothing left, or nothing can be sent, or the
+                               close marker was reached */
   }
   *done = 1;
   ac_pause_reading(&c->d, 1); /* for good: the client sends no more */
