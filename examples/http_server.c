@@ -27,6 +27,7 @@
 #include "serve.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -141,6 +142,57 @@ static const char *header(const char *block, const char *name, size_t *n) {
   return NULL;
 }
 
+/* The body's length (RFC 9112, 6.3): every Content-Length field is one
+ * decimal number and all of them agree, or the framing is unknown; so is
+ * a field name followed by whitespace before its colon (5.1), which
+ * another parser (a proxy in front) may take for Content-Length.  A guess
+ * here would read the rest of the body as the next request (request
+ * smuggling).  Returns 0 with *len (-1: none; a number too large for it
+ * saturates, and gets 413), or -1 for an ambiguous framing. */
+static int content_length(const char *block, long long *len) {
+  static const char name[] = "Content-Length";
+  const size_t nl = sizeof(name) - 1;
+  const char *p = strstr(block, "\r\n"); /* after the request line */
+
+  *len = -1;
+  while (p != NULL && p[2] != '\0') {
+    const char *line = p + 2;
+    const char *end = strstr(line, "\r\n");
+    const char *colon;
+    if (end == NULL) {
+      end = line + strlen(line); /* the last line */
+    }
+    colon = memchr(line, ':', (size_t) (end - line));
+    if (colon != NULL && colon > line &&
+        (colon[-1] == ' ' || colon[-1] == '\t')) {
+      return -1;
+    }
+    if (colon != NULL && (size_t) (colon - line) == nl &&
+        strncasecmp(line, name, nl) == 0) {
+      const char *v = colon + 1;
+      long long x = 0;
+      while (v < end && (*v == ' ' || *v == '\t')) {
+        v++;
+      }
+      if (v == end || !isdigit((unsigned char) *v)) {
+        return -1;
+      }
+      for (; v < end && isdigit((unsigned char) *v); v++) {
+        x = x > (LLONG_MAX - 9) / 10 ? LLONG_MAX : x * 10 + (*v - '0');
+      }
+      while (v < end && (*v == ' ' || *v == '\t')) {
+        v++;
+      }
+      if (v != end || (*len >= 0 && *len != x)) {
+        return -1;
+      }
+      *len = x;
+    }
+    p = *end != '\0' ? end : NULL;
+  }
+  return 0;
+}
+
 static int token_is(const char *v, size_t n, const char *word) {
   return v != NULL && n == strlen(word) && strncasecmp(v, word, n) == 0;
 }
@@ -172,9 +224,12 @@ static int found_headers(http_t *h) {
   h->keep_alive = h->minor == 1 ? !token_is(v, n, "close")
                                 : token_is(v, n, "keep-alive");
   h->head = strcmp(method, "HEAD") == 0;
-  v = header(h->buf, "Content-Length", &n);
-  if (v != NULL) {
-    clen = strtoll(v, NULL, 10);
+  if (content_length(h->buf, &clen) != 0) {
+    h->keep_alive = 0; /* the framing is lost: 400, then close */
+    return respond(h, 400, "Bad Request", "bad request\n", 12);
+  }
+  if (clen < 0) {
+    clen = 0; /* no Content-Length: no body */
   }
   if (header(h->buf, "Transfer-Encoding", &n) != NULL) {
     h->keep_alive = 0; /* chunked bodies are not read: the framing is lost */
