@@ -438,6 +438,37 @@ def smtp_server_starttls_injection():
         srv.stop()
 
 
+def smtp_server_data_ends_at_dot_line():
+    """RFC 5321, 4.1.1.4: the mail data ends at a line holding only ".";
+    with no data at all, the CRLF of the DATA command is the first CRLF of
+    <CRLF>.<CRLF>, so "DATA\\r\\n.\\r\\n" is an empty message.  The server
+    must end the message where the client does: otherwise it takes the
+    client's next commands for message text (an end-of-data differential,
+    the root of SMTP smuggling) and the client waits for ever."""
+    srv = Server("smtp_server")
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), 10 * SLOW)
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        sock.sendall(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n.\r\n"
+                     b"NOOP\r\n")
+        want = [b"250 2.0.0 OK\r\n", b"250 2.0.0 OK\r\n", b"354 ",
+                b"250 2.0.0 OK: queued\r\n", b"250 2.0.0 OK\r\n"]
+        for w in want:
+            line = f.readline()
+            assert line.startswith(w), (w, line)
+        # a dot-stuffed line and a line ending in a dot are message text
+        sock.sendall(b"DATA\r\n..\r\nx.\r\n.x\r\n\r\n.\r\nNOOP\r\n")
+        for w in (b"354 ", b"250 2.0.0 OK: queued\r\n", b"250 2.0.0 OK\r\n"):
+            line = f.readline()
+            assert line.startswith(w), (w, line)
+        sock.sendall(b"QUIT\r\n")
+        assert f.readline().startswith(b"221 ")
+        sock.close()
+    finally:
+        srv.stop()
+
+
 def cpu_seconds(pid):
     """User plus system CPU time of a process, in seconds."""
     with open("/proc/%d/stat" % pid) as f:
@@ -513,6 +544,7 @@ def main():
     test(smtp_server_with_python_smtplib)
     test(smtp_server_starttls_injection)
     test(smtp_server_resets_before_accept)
+    test(smtp_server_data_ends_at_dot_line)
     shutil.rmtree(TMP, ignore_errors=True)
     failed = sum(1 for _, e in results if e is not None)
     print("examples-tls: %d passed, %d failed" % (len(results) - failed,
