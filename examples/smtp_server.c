@@ -10,7 +10,8 @@
  * until TLS is on; STARTTLS answers "220 2.0.0 Ready to start TLS" and the
  * connection goes on over TLS (the PEM certificate chain CERT and key KEY),
  * where the client says EHLO again; MAIL, RCPT, DATA (the message up to
- * "\r\n.\r\n", at most --max-input bytes), RSET, NOOP and QUIT; anything
+ * the line ".", read line by line and dot-unstuffed, at most --max-input
+ * bytes), RSET, NOOP and QUIT; anything
  * else gets 502.  Tested with `openssl s_client -starttls smtp` and Python's
  * smtplib (test/examples/test_tls.py).  SIGINT or SIGTERM ends it with
  * status 0.  The limits are serve.h's (docs/porting.md, "Hardening a ported
@@ -33,7 +34,8 @@ typedef struct {
   char *buf;    /* the command line, or the message */
   size_t len;
   size_t cap;
-  int in_data;  /* reading a message (terminator "\r\n.\r\n") */
+  size_t line;  /* reading a message: where its current line starts */
+  int in_data;  /* reading a message (line by line, up to ".") */
   int done;     /* QUIT or refused: read nothing more */
 } smtp_t;
 
@@ -108,14 +110,40 @@ static int command(ac_chat_t *c) {
     return reply(c, "250 2.0.0 OK\r\n");
   }
   if (verb(s, "DATA")) {
-    int r = reply(c, "354 End data with <CR><LF>.<CR><LF>\r\n");
-    s->in_data = 1;
-    return r != 0 ? r : ac_chat_set_terminator(c, "\r\n.\r\n", 5);
+    s->in_data = 1; /* lines up to "." (on_found); s->len is reset there */
+    s->line = 0;
+    return reply(c, "354 End data with <CR><LF>.<CR><LF>\r\n");
   }
   if (verb(s, "QUIT")) {
     return chat_finish(c, &s->done, reply(c, "221 2.0.0 Bye\r\n"));
   }
   return reply(c, "502 5.5.2 Command not recognized\r\n");
+}
+
+/* A line of the message (RFC 5321, 4.1.1.4 and 4.5.2): the line "." ends
+ * it (with no text at all, the CRLF of the DATA command is the first one
+ * of <CRLF>.<CRLF>: an empty message); any other line is text, without the
+ * leading dot of a dot-stuffed line.  The server ends the message where
+ * the client does, never taking its next commands for text. */
+static int data_line(ac_chat_t *c, smtp_t *s) {
+  int r;
+
+  if (s->len - s->line == 1 && s->buf[s->line] == '.') {
+    guard_progress(&guard, &s->conn); /* a whole message: progress */
+    s->in_data = 0; /* the message, buf[0 .. s->line), discarded */
+    s->len = 0;
+    return reply(c, "250 2.0.0 OK: queued\r\n");
+  }
+  if (s->len > s->line && s->buf[s->line] == '.') {
+    memmove(s->buf + s->line, s->buf + s->line + 1, s->len - s->line - 1);
+    s->len--;
+  }
+  r = buf_append(&s->buf, &s->len, &s->cap, guard.lim.max_input, "\r\n", 2);
+  if (r == UV_E2BIG) {
+    return chat_finish(c, &s->done, reply(c, "552 5.3.4 Message too big\r\n"));
+  }
+  s->line = s->len;
+  return r;
 }
 
 static int on_found(ac_chat_t *c) {
@@ -125,13 +153,10 @@ static int on_found(ac_chat_t *c) {
   if (s->done) {
     return 0;
   }
-  guard_progress(&guard, &s->conn);
-  if (s->in_data) { /* the message, discarded */
-    s->in_data = 0;
-    s->len = 0;
-    r = reply(c, "250 2.0.0 OK: queued\r\n");
-    return r != 0 ? r : ac_chat_set_terminator(c, "\r\n", 2);
+  if (s->in_data) {
+    return data_line(c, s);
   }
+  guard_progress(&guard, &s->conn);
   r = command(c);
   s->len = 0;
   return r;
