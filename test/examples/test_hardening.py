@@ -760,6 +760,7 @@ def http_server_rejects_ambiguous_content_length():
         b"Content-Length: %dx" % n,
         b"Content-Length: 0x10",
         b"Content-Length:",
+        b"X: a\0b\r\nContent-Length: %d" % n,  # a NUL hides what follows
     ]
     srv = Server("http_server")
     try:
