@@ -220,6 +220,12 @@ static int found_headers(http_t *h) {
     h->keep_alive = 0;
     return respond(h, 400, "Bad Request", "bad request\n", 12);
   }
+  if (memchr(h->buf, '\0', h->len) != NULL) {
+    /* a NUL would end the string parse below early, hiding the fields
+     * after it (Content-Length): the framing is lost (RFC 9110, 5.5) */
+    h->keep_alive = 0;
+    return respond(h, 400, "Bad Request", "bad request\n", 12);
+  }
   v = header(h->buf, "Connection", &n);
   h->keep_alive = h->minor == 1 ? !token_is(v, n, "close")
                                 : token_is(v, n, "keep-alive");
