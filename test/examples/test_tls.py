@@ -242,6 +242,45 @@ def peer_sees_end(sock):
         return True
 
 
+def stalled_handshakes_closed_after_idle():
+    """The library has no handshake timeout of its own (docs/tls.md): a
+    peer that stops half-way through its handshake holds the channel and
+    its fd until the application closes it.  The examples' --idle timer
+    covers handshakes (serve.h's guard_add runs before the handshake): 20
+    peers stopped after part of a ClientHello, and one after a whole hello
+    (the server's flight sent, its Finished never coming), are closed after
+    --idle, and the server's fds come back."""
+    for name in ("echo_server", "http_server"):
+        srv = Server(name, "--idle", "0.5")
+        try:
+            def fds():
+                return len(os.listdir("/proc/%d/fd" % srv.proc.pid))
+            time.sleep(0.3 * SLOW)
+            start = fds()
+            hello = client_hello()[3]
+            socks = []
+            for i in range(21):
+                c = socket.create_connection(("127.0.0.1", srv.port),
+                                             10 * SLOW)
+                c.sendall(hello if i == 20 else hello[:1 + i * 7])
+                socks.append(c)
+            t0 = time.monotonic()
+            for c in socks:
+                assert peer_sees_end(c), name
+                c.close()
+            took = time.monotonic() - t0
+            assert took < 3 * SLOW, "%s: closed after %.1f s" % (name, took)
+            end = time.monotonic() + 5 * SLOW
+            while fds() != start and time.monotonic() < end:
+                time.sleep(0.05)
+            assert fds() == start, "%s: %d fds, %d before" % (
+                name, fds(), start)
+            if name == "http_server":
+                assert server_serves(srv.port)
+        finally:
+            srv.stop()
+
+
 def https_server_hostile_peers():
     srv = Server("http_server")
     rng = random.Random(14)
@@ -538,6 +577,7 @@ def main():
     else:
         print("skip https_server_with_curl: no curl", file=sys.stderr)
     test(https_server_hostile_peers)
+    test(stalled_handshakes_closed_after_idle)
     test(https_server_client_stops_reading)
     test(line_server_starttls_with_python_ssl)
     test(smtp_server_with_openssl_s_client_starttls)
