@@ -786,6 +786,80 @@ def http_server_rejects_ambiguous_content_length():
 
 
 # ---------------------------------------------------------------------------
+# Hash flooding: keys a client chose to collide in resp_server's table.
+
+def fnv_colliding_keys(n):
+    """n keys whose unseeded FNV-1a 64 hashes share their low 16 bits (the
+    bucket of every table up to 65,536 slots): the low bits of FNV's state
+    depend only on the low bits before, so 3-byte blocks that take them
+    from the offset basis back to it can be concatenated at will."""
+    prime, basis = 1099511628211, 1469598103934665603
+    mask = 0xffff
+    blocks = []
+    for a in range(33, 127):
+        ha = ((basis ^ a) * prime) & mask
+        for b in range(33, 127):
+            hb = ((ha ^ b) * prime) & mask
+            for c in range(33, 127):
+                if ((hb ^ c) * prime) & mask == basis & mask:
+                    blocks.append(bytes((a, b, c)))
+    keys = [b""]
+    while len(keys) < n:
+        keys = [k + blk for k in keys for blk in blocks]
+    return keys[:n]
+
+
+def resp_set_time(keys):
+    """Seconds resp_server takes to answer a SET of each key."""
+    srv = Server("resp_server")
+    try:
+        s = srv.connect(60)
+        payload = b"".join(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$1\r\nv\r\n" %
+                           (len(k), k) for k in keys)
+        t0 = time.monotonic()
+        got = 0
+        s.settimeout(120)
+        view = memoryview(payload)
+        sent = 0
+        s.setblocking(False)
+        while got < 5 * len(keys):  # "+OK\r\n" each
+            if sent < len(payload):
+                try:
+                    sent += s.send(view[sent:sent + 65536])
+                except BlockingIOError:
+                    pass
+            try:
+                chunk = s.recv(1 << 20)
+                assert chunk, "closed after %d replies" % (got // 5)
+                got += len(chunk)
+            except BlockingIOError:
+                time.sleep(0.001)
+        took = time.monotonic() - t0
+        s.close()
+        return took
+    finally:
+        srv.stop()
+
+
+@test
+def resp_server_survives_colliding_keys():
+    """A client that chooses keys which collide in the table (hash
+    flooding) must not make each SET walk one long chain: 100,000
+    colliding keys take about as long as 100,000 random ones, not
+    quadratic time (with an unkeyed hash: 190 times as long, 7.7 s against
+    0.04 s in a release build, every other client slowed meanwhile)."""
+    n = 100000
+    rng = random.Random(7)
+    plain = resp_set_time([b"%015d" % rng.randrange(10 ** 15)
+                           for _ in range(n)])
+    chosen = resp_set_time(fnv_colliding_keys(n))
+    print("     resp_server: %d SETs, random keys %.2f s, colliding keys "
+          "%.2f s" % (n, plain, chosen), file=sys.stderr)
+    assert chosen < 5 * plain + 1.0, \
+        "colliding keys took %.2f s, random ones %.2f s" % (chosen, plain)
+
+
+# ---------------------------------------------------------------------------
 # Resets before accept: 2,000 connect-send-RST cycles leave the fd count
 # where it started (issue 12, item 1; the library fix is in
 # shim/dispatcher.c, ac_dispatcher_open).
