@@ -540,9 +540,12 @@ static int fd_watchable(poller *p, int fd) {
 
 /* Checks the fds of the handles started since the last uv_run, right
  * before the next one: Python code (a later channel's predicates, or the
- * application after a failed pass) may have closed one meanwhile. */
-static void check_pending(poller *p) {
-  for (size_t i = 0; i < p->pending.n; i++) {
+ * application after a failed pass) may have closed one meanwhile.
+ * Returns how many there were. */
+static size_t check_pending(poller *p) {
+  size_t n = p->pending.n;
+
+  for (size_t i = 0; i < n; i++) {
     entry *e = p->pending.v[i];
     e->pending = 0;
     if (e->started && !fd_watchable(p, e->fd)) {
@@ -550,6 +553,7 @@ static void check_pending(poller *p) {
     }
   }
   p->pending.n = 0;
+  return n;
 }
 
 /* In a forked child, the loop's epoll instance is the parent's: each change
@@ -953,9 +957,17 @@ static int pass_wait(poller *p, long ms, int use_poll, result **out,
   if (own_loop_or_raise(p) < 0 || evaluate(p, use_poll) < 0) {
     goto out;
   }
-  check_pending(p);
+  size_t started = check_pending(p);
   if (vec_reserve(&p->ready, p->count + p->ready.n) < 0) {
     goto out;
+  }
+  if (started > 0) {
+    /* libuv hands the started handles' fds to epoll_ctl in its next
+     * uv_run and abort()s if that fails: that run is made now, not
+     * blocking, with the GIL held, so that no other thread can close a
+     * checked fd before (once registered, a closed fd just leaves the
+     * epoll set).  What it finds ready is this wait's. */
+    uv_run(&p->loop, UV_RUN_NOWAIT);
   }
   if (has_immediate(p)) {
     ms = 0;
