@@ -104,6 +104,13 @@ def context():
     return ctx
 
 
+def smtp_serves(srv):
+    """smtp_server answers a plaintext client (NOOP)."""
+    s = __import__("smtplib").SMTP("localhost", srv.port, timeout=10 * SLOW)
+    assert s.noop()[0] == 250
+    s.quit()
+
+
 def https_get(port, path="/", ctx=None, host="localhost"):
     with socket.create_connection(("127.0.0.1", port), 10 * SLOW) as raw:
         with (ctx or context()).wrap_socket(raw, server_hostname=host) as s:
@@ -469,10 +476,7 @@ def smtp_server_starttls_injection():
         assert b"250" not in rest, rest
         sock.close()
         # and the server goes on
-        s = __import__("smtplib").SMTP("localhost", srv.port,
-                                       timeout=10 * SLOW)
-        assert s.noop()[0] == 250
-        s.quit()
+        smtp_serves(srv)
     finally:
         srv.stop()
 
@@ -527,10 +531,7 @@ def smtp_server_resets_before_accept():
     try:
         def fds():
             return len(os.listdir("/proc/%d/fd" % srv.proc.pid))
-        s = __import__("smtplib").SMTP("localhost", srv.port,
-                                       timeout=10 * SLOW)
-        assert s.noop()[0] == 250
-        s.quit()
+        smtp_serves(srv)
         time.sleep(0.5 * SLOW)
         start = fds()
         for _ in range(3):
@@ -556,10 +557,7 @@ def smtp_server_resets_before_accept():
         time.sleep(1.0)
         busy = cpu_seconds(srv.proc.pid) - cpu
         assert busy < 0.3, "an idle server used %.2f s of CPU in 1 s" % busy
-        s = __import__("smtplib").SMTP("localhost", srv.port,
-                                       timeout=10 * SLOW)
-        assert s.noop()[0] == 250
-        s.quit()
+        smtp_serves(srv)
     finally:
         srv.stop()
 
