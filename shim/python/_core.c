@@ -181,6 +181,28 @@ static int mark_dirty(poller *p, entry *e) {
   return 0;
 }
 
+/* Releases the handle of a dead entry that has one.  A pollable entry's
+ * poll handle is closed: a ready entry stays in p->ready (skipped as dead)
+ * until the wait ends, and its memory lives until the close callback, in a
+ * later uv_run.  An unpollable entry leaves `fixed` for the graveyard,
+ * freed after the wait; if the graveyard cannot grow, it is freed now,
+ * unless an evaluation may still iterate it (in_use: then its few bytes are
+ * left rather than risk a use after free). */
+static void entry_release(poller *p, entry *e, int in_use) {
+  if (e->pollable) {
+    uv_poll_stop(&e->poll);
+    uv_close((uv_handle_t *)&e->poll, on_entry_closed);
+    return;
+  }
+  vec_remove(&p->fixed, e);
+  if (vec_push(&p->graveyard, e) < 0) {
+    PyErr_Clear();
+    if (!in_use) {
+      free(e);
+    }
+  }
+}
+
 /* Unlinks a live entry and starts its release.  Its object reference is
  * returned to the caller, who drops it once the poller is consistent (the
  * drop may run arbitrary Python code, a __del__ that calls back here). */
@@ -216,21 +238,7 @@ static PyObject *entry_kill(poller *p, entry *e) {
     }
     return obj;
   }
-  if (!e->pollable) {
-    vec_remove(&p->fixed, e);
-    /* Cannot fail: freed later, but a failed push must not leak. */
-    if (vec_push(&p->graveyard, e) < 0) {
-      PyErr_Clear();
-      if (!p->busy) {
-        free(e);
-      }
-    }
-    return obj;
-  }
-  uv_poll_stop(&e->poll);
-  uv_close((uv_handle_t *)&e->poll, on_entry_closed);
-  /* A ready entry stays in p->ready (skipped as dead) until the wait ends;
-   * its memory lives until the close callback, in a later uv_run. */
+  entry_release(p, e, p->busy);
   return obj;
 }
 
@@ -708,39 +716,31 @@ static int has_immediate(const poller *p) {
  * loop left (entry_kill, poller_add): removals first (a removed entry and
  * its replacement may share an fd), then the new handles. */
 static void run_deferred(poller *p) {
-  entry *list = p->deferred;
-  p->deferred = NULL;
-  p->n_uninit = 0;
-  for (entry *e = list; e != NULL; e = e->next_deferred) {
-    if (e->dead && !e->uninit && e->pollable) {
-      /* Freed by on_entry_closed, in a later uv_run. */
-      uv_poll_stop(&e->poll);
-      uv_close((uv_handle_t *)&e->poll, on_entry_closed);
-    }
-  }
+  entry *live = NULL;
   entry *next;
-  for (entry *e = list; e != NULL; e = next) {
+  for (entry *e = p->deferred; e != NULL; e = next) {
     next = e->next_deferred;
     e->deferred = 0;
-    if (e->dead) {
-      if (e->uninit) {
-        free(e); /* added and removed meanwhile: never had a handle */
-      } else if (!e->pollable) {
-        vec_remove(&p->fixed, e);
-        if (vec_push(&p->graveyard, e) < 0) {
-          PyErr_Clear();
-          free(e); /* in no list (not in ready: never started) */
-        }
-      }
-      continue;
+    if (!e->dead) {
+      e->next_deferred = live;
+      live = e;
+    } else if (e->uninit) {
+      free(e); /* added and removed meanwhile: never had a handle */
+    } else {
+      entry_release(p, e, 0); /* the wait evaluates after this */
     }
+  }
+  p->deferred = NULL;
+  p->n_uninit = 0;
+  for (entry *e = live; e != NULL; e = e->next_deferred) {
     if (e->uninit) {
       e->uninit = 0;
+      /* uv_poll_init refuses an fd libuv still watches (UV_EEXIST):
+       * hence after the removals, whose entry may have had the same fd */
       e->pollable = uv_poll_init(&p->loop, &e->poll, e->fd) == 0;
       e->poll.data = e;
       if (!e->pollable) {
-        /* Room reserved by poller_add. */
-        p->fixed.v[p->fixed.n++] = e;
+        p->fixed.v[p->fixed.n++] = e; /* room reserved by poller_add */
       }
     }
   }
