@@ -795,9 +795,7 @@ ssize_t ac__disconnected(ac_dispatcher_t *d) {
   if (d->flags & AC__F_RELEASED) {
     return UV_EBADF;
   }
-  if ((d->flags & AC__F_WERR) && d->so_error != 0) {
-    r = d->so_error;
-    d->so_error = 0;
+  if ((d->flags & AC__F_WERR) && (r = ac__take_error(d)) != 0) {
     return r;
   }
   r = ac__raise(d, AC__SLOT(d, handle_close)(d));

@@ -11,14 +11,13 @@
 #include <arpa/inet.h>
 
 /* SO_ERROR of d, cleared by reading (D-17, D-19).  The stream backend's
- * connect result was read by libuv and kept in so_error. */
+ * connect result was read by libuv and kept for it, as is a write error
+ * nobody could report (ac__take_error). */
 static int so_error(ac_dispatcher_t *d) {
-  int v = 0;
+  int v = ac__take_error(d);
   socklen_t len = sizeof(v);
 
-  if (d->so_error != 0) {
-    v = d->so_error;
-    d->so_error = 0;
+  if (v != 0) {
     return v;
   }
   if (d->fd < 0) {

@@ -233,13 +233,15 @@ AC__HIDDEN void ac__accept_resume(ac_map_t *m);
 static inline int ac__map_torn(const ac_map_t *m) {
   return !m->own_closed && uv_is_closing((const uv_handle_t *) &m->prepare);
 }
+/* A pause of d's reading takes effect at once (ac_pause_reading, the
+ * output limit below; map.c). */
+AC__HIDDEN void ac__reading_off(ac_dispatcher_t *d);
 /* The map's output limit (ac_map_set_output_limit), for the classes that
  * hold output (dispatcher_with_send, async_chat).  A class calls
  * ac__output_queued where it queues bytes the socket did not take, and
  * ac__output_sent where queued bytes leave (sent or dropped), with the
  * output it holds then: reading stops at the limit and starts again at
  * half of it.  Neither is called when the kernel takes everything. */
-AC__HIDDEN void ac__reading_off(ac_dispatcher_t *d);
 AC__HIDDEN void ac__output_pause(ac_dispatcher_t *d);
 AC__HIDDEN void ac__output_resume(ac_dispatcher_t *d);
 static inline void ac__output_queued(ac_dispatcher_t *d, size_t held) {
@@ -279,6 +281,15 @@ AC__HIDDEN int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
 #define AC__DWS_CHUNK 65536 /* W-03: one send of at most this much */
 AC__HIDDEN ssize_t ac__disconnected(ac_dispatcher_t *d);
 AC__HIDDEN void ac__keep_error(ac_dispatcher_t *d, int code);
+/* The error kept for d's next use (a connect result libuv read, a write
+ * error ac__keep_error kept), cleared by taking it as SO_ERROR is by
+ * reading; 0 if none. */
+static inline int ac__take_error(ac_dispatcher_t *d) {
+  int v = d->so_error;
+
+  d->so_error = 0;
+  return v;
+}
 AC__HIDDEN ssize_t ac__send_error(ac_dispatcher_t *d, int code);
 AC__HIDDEN ssize_t ac__sendv(ac_dispatcher_t *d, const struct iovec *iov,
                              int cnt);
