@@ -1,13 +1,17 @@
 /* The basic HTTP client of the asyncore documentation, on uvasyncore.
  *
- *   usage: http_client PORT [HOST [PATH]]
+ *   usage: http_client [--timeout SECONDS] PORT [HOST [PATH]]
  *
  * Sends "GET PATH HTTP/1.0" to HOST:PORT (default 127.0.0.1 and /) and
  * writes the raw response to stdout.  The host name is resolved without
  * blocking the loop.  Exits 0 when the server closes the connection or on
- * SIGINT/SIGTERM, 1 when the connection fails. */
+ * SIGINT/SIGTERM, 1 when the connection fails or stalls: no byte moves
+ * for SECONDS (default 30; the documentation's client would wait for ever
+ * on a server that accepts and never answers), 2 on a usage error (a port
+ * out of range, a host or path that would break the request line). */
 #include <uvasyncore.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,20 +21,43 @@ typedef struct {
   char buffer[1024];  /* self.buffer */
   size_t len;
   int failed;
+  ac_timer_t idle;    /* fires when no byte moved for `timeout` */
+  double timeout;
 } http_client_t;
 
 static http_client_t *client_of(ac_dispatcher_t *d) {
   return ac_container_of(d, http_client_t, d);
 }
 
+/* The server stalled: say so, and give up. */
+static int on_idle(ac_timer_t *t, void *arg) {
+  http_client_t *c = arg;
+
+  (void) t;
+  fprintf(stderr, "http_client: no progress for %g s, giving up\n",
+          c->timeout);
+  c->failed = 1;
+  return ac_close(&c->d);
+}
+
+/* Bytes moved (or the connection is up): the idle time starts again. */
+static void progress(http_client_t *c) {
+  (void) ac_timer_start(&c->idle, c->timeout, 0, on_idle, c);
+}
+
 /* def handle_connect(self): pass */
 static int client_connect(ac_dispatcher_t *d) {
-  (void) d;
+  progress(client_of(d));
   return 0;
 }
 
 /* def handle_close(self): self.close() */
 static int client_close(ac_dispatcher_t *d) { return ac_close(d); }
+
+/* The channel is gone: so is the reason for the idle timer. */
+static void client_closed(ac_dispatcher_t *d) {
+  (void) ac_timer_stop(&client_of(d)->idle);
+}
 
 /* def handle_read(self): print(self.recv(8192)) */
 static int client_read(ac_dispatcher_t *d) {
@@ -38,6 +65,7 @@ static int client_read(ac_dispatcher_t *d) {
   ssize_t n = ac_recv(d, data, sizeof(data));
 
   if (n > 0) {
+    progress(client_of(d));
     fwrite(data, 1, (size_t) n, stdout);
   }
   return n < 0 && n != UV_EAGAIN ? (int) n : 0;
@@ -53,6 +81,9 @@ static int client_write(ac_dispatcher_t *d) {
 
   if (sent < 0) {
     return (int) sent;
+  }
+  if (sent > 0) {
+    progress(c);
   }
   memmove(c->buffer, c->buffer + sent, c->len - (size_t) sent);
   c->len -= (size_t) sent;
@@ -75,8 +106,38 @@ static const ac_dispatcher_ops_t client_ops = {
     .handle_write = client_write,
     .handle_close = client_close,
     .handle_error = client_error,
+    .closed = client_closed,
     .type_name = "HTTPClient",
 };
+
+/* A host or path goes into the request line as it is: a space, a control
+ * character (CR, LF: a second header or request) or DEL would change the
+ * request, so they are refused. */
+static int request_safe(const char *s) {
+  for (; *s != '\0'; s++) {
+    unsigned char ch = (unsigned char) *s;
+    if (ch <= ' ' || ch == 0x7f) {
+      return 0;
+    }
+  }
+  return 1;
+}
+
+/* PORT: a number in 1..65535, else -1. */
+static int port_arg(const char *s) {
+  char *end;
+  long v = strtol(s, &end, 10);
+
+  return end != s && *end == '\0' && v >= 1 && v <= 65535 ? (int) v : -1;
+}
+
+/* SECONDS: a positive finite number, else -1. */
+static double seconds_arg(const char *s) {
+  char *end;
+  double v = strtod(s, &end);
+
+  return end != s && *end == '\0' && isfinite(v) && v > 0 ? v : -1;
+}
 
 static void on_signal(uv_signal_t *s, int signum) {
   (void) signum;
@@ -84,20 +145,38 @@ static void on_signal(uv_signal_t *s, int signum) {
 }
 
 int main(int argc, char **argv) {
-  const char *host = argc > 2 ? argv[2] : "127.0.0.1";
-  const char *path = argc > 3 ? argv[3] : "/";
+  double timeout = 30.0;
+  const char *host = "127.0.0.1";
+  const char *path = "/";
   http_client_t client;
   uv_signal_t sigint, sigterm;
   ac_map_t *map;
+  int port = -1;
+  int i = 1;
   int r;
 
-  if (argc < 2) {
-    fprintf(stderr, "usage: %s PORT [HOST [PATH]]\n", argv[0]);
+  if (argc > 2 && strcmp(argv[1], "--timeout") == 0) {
+    timeout = seconds_arg(argv[2]);
+    i = 3;
+  }
+  if (i < argc) {
+    port = port_arg(argv[i]);
+  }
+  host = i + 1 < argc ? argv[i + 1] : host;
+  path = i + 2 < argc ? argv[i + 2] : path;
+  if (timeout < 0 || port < 0 || argc > i + 3 || !request_safe(host) ||
+      !request_safe(path)) {
+    fprintf(stderr, "usage: %s [--timeout SECONDS] PORT [HOST [PATH]]\n",
+            argv[0]);
     return 2;
   }
   map = ac_default_map();
   memset(&client, 0, sizeof(client));
-  r = ac_dispatcher_init(&client.d, map, &client_ops);
+  client.timeout = timeout;
+  r = ac_timer_init(map, &client.idle);
+  if (r == 0) {
+    r = ac_dispatcher_init(&client.d, map, &client_ops);
+  }
   if (r == 0) {
     client.len = (size_t) snprintf(client.buffer, sizeof(client.buffer),
                                    "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n",
@@ -105,12 +184,13 @@ int main(int argc, char **argv) {
     r = client.len < sizeof(client.buffer) ? 0 : UV_E2BIG;
   }
   if (r == 0) {
-    r = ac_connect_name(&client.d, host, atoi(argv[1]));
+    r = ac_connect_name(&client.d, host, port);
   }
   if (r != 0) {
     fprintf(stderr, "http_client: %s\n", ac_strerror(r));
     return 1;
   }
+  progress(&client); /* the connect itself may stall */
   uv_signal_init(ac_map_loop(map), &sigint);
   uv_signal_init(ac_map_loop(map), &sigterm);
   sigint.data = sigterm.data = map;

@@ -210,6 +210,68 @@ def http_client_unknown_host_exits_1():
     assert out.returncode == 1, out.returncode
 
 
+def http_client_run(*args, timeout=30):
+    return subprocess.run([os.path.join(EXAMPLES, "http_client")]
+                          + [str(a) for a in args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout)
+
+
+@test
+def http_client_gives_up_on_a_silent_server():
+    # A server that accepts and never answers: the documentation's client
+    # waits for ever; ours gives up after --timeout without progress.
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        start_t = time.monotonic()
+        out = http_client_run("--timeout", "0.5", srv.getsockname()[1])
+        took = time.monotonic() - start_t
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert b"no progress" in out.stderr, out.stderr
+    assert 0.4 <= took < 10, took
+
+
+@test
+def http_client_slow_server_is_progress():
+    # The timeout is for a stall, not for the whole response: a response
+    # that trickles in, a piece every 0.2 s, arrives whole with a 1 s one.
+    body = b"".join(b"piece %d\n" % i for i in range(10))
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+
+        def serve():
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+                for i in range(0, len(body), 8):
+                    time.sleep(0.2)
+                    conn.sendall(body[i:i + 8])
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        out = http_client_run("--timeout", "1", srv.getsockname()[1])
+        t.join(10)
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    assert out.stdout.partition(b"\r\n\r\n")[2] == body, out.stdout
+
+
+@test
+def http_client_usage_errors():
+    # exit 2, nothing sent: a port out of range, a host or path that would
+    # add a header to the request (CR LF) or break its line (a space), a
+    # timeout that is not a positive number
+    for args in (["0"], ["65536"], ["80x"], ["80", "a b"],
+                 ["80", "localhost", "/x\r\nX-Evil: 1"],
+                 ["--timeout", "0", "80"], ["--timeout", "nan", "80"],
+                 ["80", "localhost", "/", "extra"]):
+        out = http_client_run(*args)
+        assert out.returncode == 2, (args, out.returncode)
+        assert b"usage" in out.stderr, (args, out.stderr)
+
+
 @test
 def echo_server_mt_3_threads_60_clients():
     port = free_port()
