@@ -211,7 +211,7 @@ static int flush_socket(ac_dispatcher_t *d, const char *p, size_t n) {
  * record at most per 16 KiB: gather_start leaves the send buffer room for
  * them).  Returns 0, or the transport's error, a disconnection among them:
  * reported as flush_socket's, by the flush's caller (once: D-13; inside
- * ac_close or ac_fileno not at all, the next use meets it).  A transport
+ * ac_fileno the next use meets it, inside ac_close nothing does).  A transport
  * that took only part without an error (an SSL_write that failed after
  * some records) leaves bytes that were reported sent with nowhere to go:
  * the connection is cut (cut), as flush_socket's is when out of memory,

@@ -549,12 +549,13 @@ static void close_fd(ac_dispatcher_t *d) {
   }
 }
 
-/* Before the channel closes, or before the application uses its socket
- * itself (ac_fileno): what the library gathered and reported sent (a read
- * burst's replies, or an async_chat parse's: burst.c) goes to the kernel,
- * as it would have without gathering; with `more`, gathering goes on. */
+/* Before the application uses the channel's socket itself (ac_fileno) or
+ * a transport starts on it (TLS): what the library gathered and reported
+ * sent (a read burst's replies, or an async_chat parse's: burst.c) goes to
+ * the kernel, as it would have without gathering; with `more`, gathering
+ * goes on.  An error is kept: the next use meets it. */
 void ac__send_held_back(ac_dispatcher_t *d, int more) {
-  ac__keep_error(d, ac__gather_flush(d, more)); /* the next use meets it */
+  ac__keep_error(d, ac__gather_flush(d, more));
 }
 
 int ac_close(ac_dispatcher_t *d) {
@@ -562,7 +563,10 @@ int ac_close(ac_dispatcher_t *d) {
     return UV_EINVAL;
   }
   if (!(d->flags & AC__F_CLOSED)) {
-    ac__send_held_back(d, 0); /* while the socket is still open */
+    /* what was gathered goes out while the socket is still open; an error
+     * its send meets goes with the socket (a use after the close is
+     * EBADF's, D-14), as does an error kept earlier (below) */
+    (void) ac__gather_flush(d, 0);
   }
   if (d->xport_) {
     ac__xport_close(d); /* TLS: close_notify, without blocking (tls.c) */
@@ -574,6 +578,7 @@ int ac_close(ac_dispatcher_t *d) {
     return 0;
   }
   d->flags |= AC__F_CLOSED;
+  (void) ac__take_error(d);
   ac__map_del(d->map, d);
   if (d->flags & AC__F_RESOLVING) {
     ac__resolve_abort(d); /* the lookup or a connect attempt (resolve.c) */
@@ -773,7 +778,7 @@ int ac__raise(ac_dispatcher_t *d, int code) {
 }
 
 /* A write the library made for d failed (AC__F_WERR: the send of gathered
- * replies inside ac_close, ac_fileno or the switch to TLS; libuv's queue)
+ * replies inside ac_fileno or the switch to TLS; libuv's queue)
  * with an error nobody could report: it is kept as the socket's pending
  * error, which the next send or receive reports (ac__disconnected) as the
  * kernel would have, had that write not taken it (ETIMEDOUT is reported

@@ -356,7 +356,7 @@ typedef struct ac__xport_ops_s {
   /* The bytes taken, 0 (would-block) or an error; a disconnection is
    * returned as its code, as ac__send_socket returns it: handle_close is
    * the caller's to call (ac__send), or to leave to the next use (a
-   * gathering's flush inside ac_close or ac_fileno, burst.c). */
+   * gathering's flush inside ac_fileno, burst.c). */
   ssize_t (*send)(ac_dispatcher_t *d, const void *buf, size_t n);
   /* The connect event: <0 an error, 0 not established yet, 1 established
    * (handle_connect follows). */

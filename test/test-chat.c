@@ -2868,6 +2868,66 @@ static int push_fileno_push_in_found(rec_t *r) {
   return e != 0 ? e : ac_chat_push(&r->chat, "ok;", 3);
 }
 
+/* What the test below saw of a receive after the close. */
+static ssize_t recv_after_close;
+
+/* A push, then ac_close, which sends it (gathered) first, then a receive;
+ * with `via_fileno`, ac_fileno sends it first and ac_close follows. */
+static int push_close_recv(rec_t *r, int via_fileno) {
+  int e = ac_chat_push(&r->chat, "ok;", 3);
+  char b[8];
+
+  if (e == 0 && via_fileno && ac_fileno(&r->chat.d) < 0) {
+    e = AC_EFAIL;
+  }
+  if (e == 0) {
+    e = ac_close(&r->chat.d);
+  }
+  recv_after_close = ac_recv(&r->chat.d, b, sizeof(b));
+  return e;
+}
+
+static int push_close_recv_in_found(rec_t *r) {
+  return push_close_recv(r, 0);
+}
+
+static int push_fileno_close_recv_in_found(rec_t *r) {
+  return push_close_recv(r, 1);
+}
+
+/* D-14 (a use after close is EBADF's: handle_close, 0), even when the send
+ * of gathered replies met an error nobody reported: in ac_close's own
+ * flush (round 0), or in ac_fileno's, kept for the next use (round 1):
+ * the error goes with the socket.  Before: the receive after the close
+ * returned the kept UV_ETIMEDOUT, and handle_close never ran. */
+TASK(gather_send_error_goes_with_the_closed_socket) {
+  static int (*const found[2])(rec_t *) = {push_close_recv_in_found,
+                                           push_fileno_close_recv_in_found};
+  int round;
+
+  for (round = 0; round < 2; round++) {
+    ac_map_t *map = task_map_new();
+    rec_t r;
+    int peer;
+
+    if (!timed_out_tcp(&r, map, &peer)) {
+      fprintf(stderr, "  skipped: the connection did not time out\n");
+      task_map_free(map);
+      return;
+    }
+    r.on_found = found[round];
+    recv_after_close = -1;
+    ASSERT_OK(ac_chat_set_terminator(&r.chat, ";", 1));
+    ASSERT_OK(ac_chat_feed(&r.chat, "a;", 2));
+    ASSERT_EQ(r.founds, 1);
+    ASSERT_EQ(recv_after_close, 0);
+    ASSERT_EQ(r.closes, 1);
+    ASSERT_EQ(r.errors, 0);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
 /* C-21 step 5 (CPython: initiate_send calls handle_error for a send error
  * that is not a disconnection) for sends the parse gathered, fed from
  * outside a read (ac_chat_feed from the application): the send at the
@@ -3370,6 +3430,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(gather_feed_from_timer),
     TASK_ENTRY(gather_send_error_to_handle_error),
     TASK_ENTRY(queued_write_error_reaches_the_next_receive),
+    TASK_ENTRY(gather_send_error_goes_with_the_closed_socket),
     TASK_ENTRY(gather_datagram_chat_sends_per_push),
     TASK_ENTRY(gather_reconnect_in_parse_keeps_gathering),
     TASK_ENTRY(gather_empty_push_between),
