@@ -148,7 +148,8 @@ int main(int argc, char **argv) {
   uv_signal_t sigint, sigterm;
   ac_map_t *map;
   int embed = 0;
-  int bad = argc < 2;
+  int port = argc > 1 ? parse_port(argv[1]) : -1;
+  int bad = port < 0;
   int r;
   int i;
 
@@ -170,7 +171,7 @@ int main(int argc, char **argv) {
   }
   setvbuf(stdout, NULL, _IOLBF, 0);
   map = ac_default_map();
-  uv_ip4_addr("127.0.0.1", atoi(argv[1]), &addr);
+  uv_ip4_addr("127.0.0.1", port, &addr);
   r = guard_init(&guard, map, queued);
   if (r == 0) {
     r = ac_dispatcher_init(&server, map, &server_ops);

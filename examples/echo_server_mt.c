@@ -255,34 +255,35 @@ static int stop(worker_t *w, int n) {
 int main(int argc, char **argv) {
   uv_signal_t sigint, sigterm;
   worker_t *w;
-  int n = -1;
-  int bad = argc < 2;
+  int n = 0; /* THREADS: 0 until given */
+  int port = argc > 1 ? parse_port(argv[1]) : -1;
+  int bad = port < 0;
   int r;
   int i;
 
   for (i = 2; i < argc && !bad; i++) {
     int k = limits_option(&limits, argc, argv, &i);
-    if (k == 0 && n == -1 && argv[i][0] != '-') {
-      n = atoi(argv[i]);
+    if (k == 0 && n == 0 && argv[i][0] != '-') {
+      n = (int) parse_long(argv[i], 1, 1024);
+      bad = n < 0;
     } else {
       bad = k != 1;
     }
   }
   if (bad) {
-    fprintf(stderr, "usage: %s PORT [THREADS] " LIMITS_USAGE "\n", argv[0]);
+    fprintf(stderr, "usage: %s PORT [THREADS (1 to 1024)] " LIMITS_USAGE "\n",
+            argv[0]);
     return 2;
   }
-  n = n == -1 ? cpus() : n;
-  if (n < 1 || n > 1024) {
-    fprintf(stderr, "echo_server_mt: bad thread count\n");
-    return 2;
+  if (n == 0) {
+    n = cpus() < 1024 ? cpus() : 1024;
   }
   setvbuf(stdout, NULL, _IOLBF, 0);
   w = calloc((size_t) n, sizeof(*w));
   if (w == NULL) {
     return 1;
   }
-  r = start(w, n, atoi(argv[1]));
+  r = start(w, n, port);
   if (r < n) {
     stop(w, r); /* the ones that listen */
     free(w);

@@ -46,6 +46,23 @@ typedef struct {
                         long is closed; 0: never */
 } limits_t;
 
+/* A whole number from lo to hi; -1 when malformed or out of range ("80x",
+ * "70000"), where atoi would read a port 80, or 0: any free port. */
+static inline long parse_long(const char *s, long lo, long hi) {
+  char *end;
+  long v;
+
+  errno = 0;
+  v = strtol(s, &end, 10);
+  return errno == 0 && end != s && *end == '\0' && v >= lo && v <= hi ? v
+                                                                      : -1;
+}
+
+/* A TCP port to listen on, 1 to 65535; -1 when malformed. */
+static inline int parse_port(const char *s) {
+  return (int) parse_long(s, 1, 65535);
+}
+
 /* A size with an optional k/m/g suffix ("64k"); 0 when malformed. */
 static inline size_t parse_size(const char *s) {
   char *end;
@@ -337,18 +354,25 @@ static inline void serve_on_signal(uv_signal_t *s, int signum) {
 
 /* Listens on 127.0.0.1:`port` with a server channel of `ops` (on the
  * default map) and runs ac_loop (poll mode) until a signal.  Returns the
- * process exit status: 0, or 1 when the server could not listen. */
+ * process exit status: 0, 1 when the server could not listen, 2 for a
+ * malformed port. */
 static inline int serve(const char *name, const char *port,
                  const ac_dispatcher_ops_t *ops, guard_t *guard,
                  size_t (*queued)(ac_dispatcher_t *d)) {
   ac_dispatcher_t server;
   struct sockaddr_in addr;
   uv_signal_t sigint, sigterm;
-  ac_map_t *map = ac_default_map();
-  int r = map != NULL ? 0 : UV_ENOMEM;
+  ac_map_t *map;
+  int r;
 
+  if (parse_port(port) < 0) {
+    fprintf(stderr, "%s: bad port %s\n", name, port);
+    return 2;
+  }
+  map = ac_default_map();
+  r = map != NULL ? 0 : UV_ENOMEM;
   if (r == 0) {
-    r = uv_ip4_addr("127.0.0.1", atoi(port), &addr);
+    r = uv_ip4_addr("127.0.0.1", parse_port(port), &addr);
   }
   if (r == 0) {
     r = guard_init(guard, map, queued);

@@ -303,11 +303,29 @@ def echo_server_mt_3_threads_60_clients():
 
 
 @test
+def servers_refuse_a_bad_port():
+    # A usage error (exit 2) before anything listens: atoi read "80x" as
+    # port 80 and "0" (or "x") as port 0, any free port, so a typo gave a
+    # server listening where nobody would find it.
+    for name in ("echo_server", "echo_server_mt", "line_server",
+                 "http_server", "resp_server", "smtp_server"):
+        for port in ("0", "x", "80x", "65536", "-1"):
+            try:
+                out = subprocess.run([os.path.join(EXAMPLES, name), port],
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, timeout=10)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("%s %s: still running" % (name, port))
+            assert out.returncode == 2, (name, port, out.returncode)
+
+
+@test
 def echo_server_mt_usage_errors():
     exe = os.path.join(EXAMPLES, "echo_server_mt")
     assert subprocess.run([exe], stderr=subprocess.PIPE).returncode == 2
-    assert subprocess.run([exe, "1", "0"],
-                          stderr=subprocess.PIPE).returncode == 2
+    for threads in ("0", "2x", "1025"):
+        assert subprocess.run([exe, "1", threads], stderr=subprocess.PIPE,
+                              timeout=10).returncode == 2, threads
 
 
 @test
