@@ -603,7 +603,7 @@ int ac_close(ac_dispatcher_t *d) {
   if ((d->flags & AC__F_DRAIN) && d->backend == AC_BACKEND_NONE) {
     /* Reused, then closed while the old stream still drains: back on the
      * drain list, which the map's linger may cut (stream.c). */
-    ac__list_add(&d->map->drain, &d->plink);
+    ac__stream_drain_add(d);
   }
   if (!(d->flags & (AC__F_HANDLE | AC__F_PENDREL))) {
     /* No libuv close callback will come: release from the loop, never

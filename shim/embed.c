@@ -8,10 +8,6 @@
  * caller is usually inside a callback of that loop. */
 #include "internal.h"
 
-/* The linger of ac_map_close, as ac_map_free's: closed streams get this
- * long to deliver their queued bytes before their drains are cut. */
-#define AC__LINGER_MS 2000
-
 /* Set what a stop outside ac_loop calls (NULL: uv_stop). */
 void ac_map_set_exit_cb(ac_map_t *m, ac_map_exit_cb cb, void *arg) {
   if (m != NULL) {
@@ -116,9 +112,10 @@ int ac_map_close(ac_map_t *m, ac_map_close_cb cb, void *arg) {
   ac__map_forget(m);
   ac_close_all(m, 1);
   ac__timer_close_all(m);
-  uv_timer_init(m->loop, &m->linger);
-  m->linger.data = m;
-  m->nhandles++;
+  /* The linger (ac_map_new's) stops ticking for the drains: it ticks
+   * once, then cuts them all after AC__LINGER_MS (on_tick).  The tick
+   * keeps the loop alive (the linger, unreferenced for the drains, not). */
+  uv_ref((uv_handle_t *) &m->linger);
   uv_timer_start(&m->linger, on_tick, 0, 0);
   return 0;
 }

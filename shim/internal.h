@@ -117,6 +117,7 @@ struct ac_map_s {
   ac_link_t synth;    /* channels ready without a libuv event */
   ac_link_t release;  /* socketless channels waiting for `closed` */
   ac_link_t drain;    /* closed streams still writing queued bytes */
+  ac_link_t drain_old; /* ... that were already at the last drain tick */
   int linger_expired;
   size_t nlive;       /* channels initialised with a socket, not released */
   uv_prepare_t prepare;
@@ -150,7 +151,9 @@ struct ac_map_s {
   void *exit_arg;
   ac_map_close_cb close_cb;
   void *close_arg;
-  uv_timer_t linger;    /* ac_map_close's tick and linger timer */
+  /* The drains' tick while the map runs (stream.c); ac_map_close's tick
+   * and linger timer once it closes (embed.c). */
+  uv_timer_t linger;
   ac_timer_t *timers;   /* timers not closed yet */
   size_t ntimers;       /* timers not released yet */
   struct ac__adopt_s *adopts; /* adoptions in progress */
@@ -304,7 +307,11 @@ AC__HIDDEN ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf,
                                     size_t n);
 AC__HIDDEN size_t ac__stream_room(const ac_dispatcher_t *d);
 AC__HIDDEN void ac__stream_close(ac_dispatcher_t *d);
+AC__HIDDEN void ac__stream_drain_add(ac_dispatcher_t *d);
 AC__HIDDEN void ac__stream_abort_drains(ac_map_t *m);
+/* How long closed streams may drain: ac_map_free and ac_map_close cut the
+ * drains after it, a running map between one and two times it (stream.c). */
+#define AC__LINGER_MS 2000
 
 /* poll.c: the uv_poll_t backend */
 AC__HIDDEN int ac__poll_open(ac_dispatcher_t *d);

@@ -117,20 +117,24 @@ int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
   ac__list_init(&m->synth);
   ac__list_init(&m->release);
   ac__list_init(&m->drain);
+  ac__list_init(&m->drain_old);
   m->sink = default_sink;
   uv_prepare_init(loop, &m->prepare);
   uv_check_init(loop, &m->check);
   uv_idle_init(loop, &m->idle);
   uv_timer_init(loop, &m->timer);
   uv_timer_init(loop, &m->accept_timer);
-  m->nhandles = 5;
+  uv_timer_init(loop, &m->linger);
+  m->nhandles = 6;
   m->prepare.data = m->check.data = m->idle.data = m->timer.data = m;
-  m->accept_timer.data = m;
+  m->accept_timer.data = m->linger.data = m;
   /* Started by ac__kick when the map has work; stopped when idle. */
   /* They run every iteration but must not keep an embedding loop alive. */
   uv_unref((uv_handle_t *) &m->prepare);
   uv_unref((uv_handle_t *) &m->check);
   uv_unref((uv_handle_t *) &m->timer);
+  /* The drains' own requests keep the loop alive, not their tick. */
+  uv_unref((uv_handle_t *) &m->linger);
   register_map(m);
   *out = m;
   return 0;
@@ -177,7 +181,7 @@ void ac_map_free(ac_map_t *m) {
   }
   ac_close_all(m, 1);
   ac__timer_close_all(m);
-  uv_timer_start(&m->timer, on_linger, 2000, 0);
+  uv_timer_start(&m->timer, on_linger, AC__LINGER_MS, 0);
   uv_ref((uv_handle_t *) &m->timer);
   m->stopping = 0;
   m->linger_expired = 0;
@@ -196,6 +200,7 @@ void ac_map_free(ac_map_t *m) {
   uv_close((uv_handle_t *) &m->idle, on_map_handle_closed);
   uv_close((uv_handle_t *) &m->timer, on_map_handle_closed);
   uv_close((uv_handle_t *) &m->accept_timer, on_map_handle_closed);
+  uv_close((uv_handle_t *) &m->linger, on_map_handle_closed);
   while (m->nhandles > 0) {
     uv_run(m->loop, UV_RUN_NOWAIT);
   }

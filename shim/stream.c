@@ -187,19 +187,58 @@ void ac__stream_close(ac_dispatcher_t *d) {
   if (d->wq_bytes > 0 && !(d->flags & AC__F_WERR) &&
       !uv_is_closing(&d->h.handle)) {
     d->flags |= AC__F_DRAIN;
-    ac__list_add(&d->map->drain, &d->plink);
+    ac__stream_drain_add(d);
     return;
   }
   ac__close_handle(d);
 }
 
-/* Cut the drains that outlived the map's linger time. */
-void ac__stream_abort_drains(ac_map_t *m) {
-  while (!ac__list_empty(&m->drain)) {
-    ac_dispatcher_t *d = AC__ENTRY(m->drain.next, plink);
+/* Cut the drains of list h: libuv drops their queued bytes; the kernel
+ * still sends what it took, then the end. */
+static void cut_drains(ac_link_t *h) {
+  while (!ac__list_empty(h)) {
+    ac_dispatcher_t *d = AC__ENTRY(h->next, plink);
     ac__list_del(&d->plink);
     d->flags &= (uint16_t) ~AC__F_DRAIN;
     ac__close_handle(d);
   }
+}
+
+/* The drains' tick, every AC__LINGER_MS while the map has drains and is
+ * not closing: a drain the previous tick saw already is cut, the others
+ * are left one more tick.  A peer that never reads would otherwise hold
+ * the fd, up to the emulated send buffer and the channel (no `closed`)
+ * for ever while the application's loop runs: a server closing idle
+ * connections of such peers would run out of fds.  The kernel keeps an
+ * unread socket's bytes after close(2) too, without the process's fd. */
+static void on_drain_tick(uv_timer_t *h) {
+  ac_map_t *m = h->data;
+
+  cut_drains(&m->drain_old);
+  while (!ac__list_empty(&m->drain)) {
+    ac_link_t *l = m->drain.next;
+    ac__list_del(l);
+    ac__list_add(&m->drain_old, l);
+  }
+  if (ac__list_empty(&m->drain_old)) {
+    uv_timer_stop(h);
+  }
+}
+
+/* d (closed) drains its queued bytes: on the map's drain list, cut after
+ * one to two AC__LINGER_MS unless it finishes first (on_write). */
+void ac__stream_drain_add(ac_dispatcher_t *d) {
+  ac_map_t *m = d->map;
+
+  ac__list_add(&m->drain, &d->plink);
+  if (!m->closing && !uv_is_active((uv_handle_t *) &m->linger)) {
+    uv_timer_start(&m->linger, on_drain_tick, AC__LINGER_MS, AC__LINGER_MS);
+  }
+}
+
+/* Cut the drains that outlived the map's linger time. */
+void ac__stream_abort_drains(ac_map_t *m) {
+  cut_drains(&m->drain_old);
+  cut_drains(&m->drain);
   ac__adopt_abort(m); /* adopted streams' queued bytes too (adopt.c) */
 }

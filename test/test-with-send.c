@@ -427,6 +427,65 @@ TASK(w03_send_before_any_connect) {
   task_map_free(map);
 }
 
+/* D-13, D-15 against a hostile peer: a channel that closes with bytes
+ * still in libuv's queue (the emulated send buffer) keeps its fd until
+ * they are written; a peer that never reads must not hold that fd, the
+ * queued bytes and the channel (its `closed` callback) for ever while the
+ * application's loop runs (a server that closes idle connections would
+ * run out of fds).  The drain is cut once the peer has read nothing of it
+ * for the linger time (2 s, as ac_map_free's): `closed` runs and the fd is
+ * closed within 4 s, in both modes, with ac_loop and with the
+ * application's own uv_run. */
+TASK(d15_drain_to_a_peer_that_never_reads_is_cut) {
+  int i;
+
+  for (i = 0; i < 3; i++) {
+    ac_map_t *map = task_map_new();
+    char *data = malloc(BIG);
+    uv_os_sock_t fds[2];
+    int fds_before;
+    size_t sent = 0;
+    ssize_t n = 1;
+    uint64_t t0;
+    probe_t w;
+    probe_t l;
+
+    ASSERT(data != NULL);
+    fill(data, BIG);
+    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    ASSERT_OK(probe_init(&w, map, &probe_ops, 0, "w"));
+    ASSERT_OK(ac_dispatcher_open(&w.base.d, fds[1]));
+    while (n > 0 && sent < BIG) {
+      n = ac_send(&w.base.d, data + sent, BIG - sent);
+      ASSERT_GE(n, 0);
+      sent += (size_t) n;
+    }
+    ASSERT_LT(sent, BIG); /* the kernel and the queue are full */
+    /* a listener keeps the map non-empty: ac_loop waits its timeout */
+    ASSERT_OK(probe_init(&l, map, &probe_ops, 0, "listener"));
+    ASSERT_GT(probe_listen(&l, AF_INET), 0);
+    fds_before = task_fd_count();
+    ac_close(&w.base.d);
+    t0 = uv_now(ac_map_loop(map));
+    while (w.closed == 0 && uv_now(ac_map_loop(map)) - t0 < 4500) {
+      if (i < 2) {
+        ASSERT_OK(ac_loop(map, 0.05, modes[i], 1));
+      } else {
+        uv_run(ac_map_loop(map), UV_RUN_ONCE); /* embedded: no ac_loop */
+      }
+    }
+    ASSERT_EQ(w.closed, 1);
+    ASSERT_GE(uv_now(ac_map_loop(map)) - t0, 1900); /* not cut early */
+    ASSERT_EQ(fcntl(fds[1], F_GETFD), -1); /* closed (nothing reopened) */
+    ASSERT_EQ(task_fd_count(), fds_before - 1);
+    ASSERT_EQ(w.n[EV_CLOSE] + w.n[EV_ERROR], 0);
+    ASSERT_EQ(l.n[EV_ACCEPT], 0);
+    task_map_free(map);
+    close(fds[0]);
+    free(data);
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(w01_construction),
     TASK_ENTRY(w02_buffered_send),
@@ -439,6 +498,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(w06_close_discards_buffer),
     TASK_ENTRY(d13_sent_bytes_survive_close),
     TASK_ENTRY(w03_send_before_any_connect),
+    TASK_ENTRY(d15_drain_to_a_peer_that_never_reads_is_cut),
 };
 
 int main(int argc, char **argv) {
