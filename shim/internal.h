@@ -23,6 +23,9 @@
 #define AC__R 0x01 /* read */
 #define AC__W 0x02 /* write */
 #define AC__P 0x04 /* priority (poll backend only) */
+/* In `armed` only (poll backend): the handle is stopped on a hang-up that
+ * none of the armed directions reports in select mode (poll.c). */
+#define AC__HUNG 0x08
 /* In `ready` only: its AC__R is good for one dispatch (stream.c: input that
  * came with the connect completion). */
 #define AC__RONCE 0x08

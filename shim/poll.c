@@ -66,6 +66,21 @@ static int exact_flags(const ac_dispatcher_t *d, int dflt) {
   return f;
 }
 
+/* Whether select mode dispatches nothing of `flags` (ac__dispatch) although
+ * they hold a hang-up or an error: a lone HUP on an fd the channel does
+ * not read (a pipe's read end whose writer is gone, written to or paused
+ * for reading).  select(2) would not report the fd; epoll reports it at
+ * every iteration. */
+static int hangup_unwatched(const ac_dispatcher_t *d, int flags) {
+  if (d->map->use_poll || !(flags & (AC_POLLHUP | AC_POLLERR))) {
+    return 0;
+  }
+  if ((d->armed & AC__R) || (flags & (AC_POLLPRI | AC_POLLNVAL))) {
+    return 0;
+  }
+  return !((d->armed & AC__W) && (flags & (AC_POLLOUT | AC_POLLERR)));
+}
+
 static void on_poll(uv_poll_t *h, int status, int events) {
   ac_dispatcher_t *d = h->data;
   int flags = 0;
@@ -88,6 +103,14 @@ static void on_poll(uv_poll_t *h, int status, int events) {
       flags = exact_flags(d, flags | AC_POLLPRI);
     }
   }
+  if (hangup_unwatched(d, flags)) {
+    /* Stop watching until the interest changes (ac__poll_apply), as
+     * select(2) would wait: else every pass returns at once, 100% CPU. */
+    uv_poll_stop(&d->h.poll);
+    d->flags &= (uint16_t) ~AC__F_POLL_ON;
+    d->armed |= AC__HUNG;
+    return;
+  }
   ac__dispatch(d, flags);
 }
 
@@ -100,13 +123,20 @@ void ac__poll_apply(ac_dispatcher_t *d, int bits) {
   if (bits == d->armed && (bits == 0 || (d->flags & AC__F_POLL_ON))) {
     return;
   }
+  if ((d->armed & AC__HUNG) && bits == (d->armed & ~AC__HUNG)) {
+    return; /* stopped on a hang-up (on_poll): until the interest changes */
+  }
   if (bits & AC__R) {
     mask |= UV_READABLE;
   }
   if (bits & AC__W) {
     mask |= UV_WRITABLE;
   }
-  if (bits & AC__P) {
+  if ((bits & AC__P) || ((bits & AC__W) && !(d->flags & AC__F_SOCK))) {
+    /* A lone HUP comes as every requested direction: with PRI among them
+     * on_poll asks poll(2) for the true flags.  A writer on a pipe's read
+     * end (no socket: never PRI) would take it for writable (poll mode:
+     * handle_write at every pass, where Python calls handle_close). */
     mask |= UV_PRIORITIZED;
   }
   if (mask == 0) {

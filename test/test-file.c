@@ -522,6 +522,52 @@ TASK(q08_dev_null_always_ready) {
   task_map_free(map);
 }
 
+/* A pipe's read end, paused (ac_pause_reading) with the default writable()
+ * (1), whose writer goes: poll(2) reports a lone POLLHUP, which libuv
+ * hands over as "writable".  As in CPython's asyncore (E-03, L-15, Q-06):
+ * select mode reports nothing (select(2) waits: the passes take their
+ * timeout, no handler runs) until reading resumes, when handle_read meets
+ * the end (handle_close); poll mode calls handle_close at once.  Before:
+ * select mode woke at once every pass without a handler (100% CPU), poll
+ * mode called handle_write every pass and never handle_close. */
+TASK(f09_paused_pipe_reader_writer_gone) {
+  int mode;
+
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    fd_chan_t c;
+    uint64_t t0;
+    int p[2];
+
+    ASSERT(map != NULL);
+    ac_map_set_log_sink(map, quiet_sink, NULL);
+    ASSERT_OK(pipe2(p, O_CLOEXEC));
+    memset(&c, 0, sizeof(c));
+    ASSERT_OK(ac_file_dispatcher_init(&c.f, map, &fd_ops, p[0]));
+    close(p[0]);
+    ASSERT_OK(ac_pause_reading(&c.f.d, 1));
+    ASSERT_OK(ac_loop(map, 0.01, mode, 2));
+    close(p[1]);
+    t0 = uv_hrtime();
+    ASSERT_OK(ac_loop(map, 0.02, mode, 10));
+    ASSERT_EQ(c.reads + c.writes + c.errors, 0);
+    if (mode == 1) {
+      ASSERT_EQ(c.closes, 1);
+      ASSERT(ac_is_closed(&c.f.d));
+    } else {
+      ASSERT_GE(uv_hrtime() - t0, 150 * 1000000ull); /* the passes waited */
+      ASSERT_EQ(c.closes, 0);
+      ASSERT_OK(ac_pause_reading(&c.f.d, 0));
+      ASSERT_OK(ac_loop(map, 0.02, mode, 3));
+      ASSERT_EQ(c.reads, 1);
+      ASSERT_EQ(c.closes, 1); /* the end read */
+      ASSERT_EQ(c.writes + c.errors, 0);
+    }
+    task_map_free(map);
+    ASSERT_EQ(c.released, 1);
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(f02_f03_f06_wrapper_recv_read),
     TASK_ENTRY(f03_wrapper_send_write),
@@ -538,6 +584,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(f09_would_block_read_is_an_error),
     TASK_ENTRY(f09_regular_file_write),
     TASK_ENTRY(q08_dev_null_always_ready),
+    TASK_ENTRY(f09_paused_pipe_reader_writer_gone),
 };
 
 /* F-01: POSIX only; this file is built on POSIX systems. */
