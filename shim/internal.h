@@ -26,6 +26,9 @@
 /* In `armed` only (poll backend): the handle is stopped on a hang-up that
  * none of the armed directions reports in select mode (poll.c). */
 #define AC__HUNG 0x08
+/* In `armed` only, of a reused channel (no backend yet) whose old stream
+ * drains: a drain tick saw it (stream.c).  Apply overwrites it. */
+#define AC__AGED 0x08
 /* In `ready` only: its AC__R is good for one dispatch (stream.c: input that
  * came with the connect completion). */
 #define AC__RONCE 0x08

@@ -130,6 +130,7 @@ static void on_write(uv_write_t *req, int status) {
     if ((d->flags & AC__F_DRAIN) &&
         (d->wq_bytes == 0 || (d->flags & AC__F_WERR))) {
       d->flags &= (uint16_t) ~AC__F_DRAIN;
+      d->armed &= (uint8_t) ~AC__AGED; /* a drain tick's mark (reused) */
       if (d->flags & AC__F_CLOSED) {
         ac__list_del(&d->plink); /* off the drain list (a reused one's
                                     plink is its new life's) */
@@ -204,6 +205,31 @@ static void cut_drains(ac_link_t *h) {
   }
 }
 
+/* The reused channels of m whose old stream still drains (reuse(),
+ * dispatcher.c: off the drain list, in the map) are aged as the drains are:
+ * marked at one tick, cut at the next, when the old handle's close lets
+ * the new socket attach.  Returns how many are left marked. */
+static int age_reused_drains(ac_map_t *m) {
+  ac_link_t *l;
+  int left = 0;
+
+  for (l = m->channels.next; l != &m->channels; l = l->next) {
+    ac_dispatcher_t *d = AC__ENTRY(l, link);
+    if (!(d->flags & AC__F_DRAIN) || !ac__reusing(d)) {
+      continue;
+    }
+    if (d->armed & AC__AGED) {
+      d->armed &= (uint8_t) ~AC__AGED;
+      d->flags &= (uint16_t) ~AC__F_DRAIN;
+      ac__close_handle(d);
+    } else {
+      d->armed |= AC__AGED;
+      left++;
+    }
+  }
+  return left;
+}
+
 /* The drains' tick, every AC__LINGER_MS while the map has drains and is
  * not closing: a drain the previous tick saw already is cut, the others
  * are left one more tick.  A peer that never reads would otherwise hold
@@ -213,6 +239,7 @@ static void cut_drains(ac_link_t *h) {
  * unread socket's bytes after close(2) too, without the process's fd. */
 static void on_drain_tick(uv_timer_t *h) {
   ac_map_t *m = h->data;
+  int reused = age_reused_drains(m);
 
   cut_drains(&m->drain_old);
   while (!ac__list_empty(&m->drain)) {
@@ -220,7 +247,7 @@ static void on_drain_tick(uv_timer_t *h) {
     ac__list_del(l);
     ac__list_add(&m->drain_old, l);
   }
-  if (ac__list_empty(&m->drain_old)) {
+  if (ac__list_empty(&m->drain_old) && !reused) {
     uv_timer_stop(h);
   }
 }

@@ -1879,6 +1879,78 @@ TASK(d15_reconnect_while_draining) {
   ASSERT_EQ(c.late, 0);
 }
 
+/* As d15_reconnect_while_draining, but the old peer never reads: the new
+ * connection must not wait for it for ever.  The old stream's drain is
+ * cut 2 to 4 s after the reconnect (as a closed channel's, see with-send
+ * d15_drain_to_a_peer_that_never_reads_is_cut); then the new connect
+ * starts and completes.  The old peer gets a prefix of what was sent, then
+ * the end.  Before, the new connect never started. */
+TASK(d15_reconnect_while_draining_to_a_peer_that_never_reads) {
+  static char chunk[65536];
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
+  rc_client_t c;
+  size_t sent = 0;
+  size_t got = 0;
+  uint64_t t0;
+  int lfd;
+  int p1;
+  int p2 = -1;
+  int port;
+  int k;
+
+  memset(&c, 0, sizeof(c));
+  c.rounds = 1;
+  lfd = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(lfd, 0);
+  task_addr(AF_INET, port, &c.addr);
+  ASSERT_OK(ac_dispatcher_init(&c.d, map, &rc_ops));
+  ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
+  LOOP_UNTIL(map, 0, c.connects == 1, 200);
+  p1 = accept(lfd, (struct sockaddr *) &ss, &sl);
+  ASSERT_GE(p1, 0);
+  for (k = 0; k < 4096; k++) { /* fill the kernel and the stream queue */
+    ssize_t n = ac_send(&c.d, chunk, sizeof(chunk));
+    ASSERT_GE(n, 0);
+    sent += (size_t) n;
+    if (n == 0) {
+      break;
+    }
+  }
+  ASSERT_OK(ac_close(&c.d));
+  ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
+  t0 = uv_hrtime();
+  while (c.connects < 2 && uv_hrtime() - t0 < 4500 * 1000000ull) {
+    ASSERT_OK(ac_loop(map, 0.05, 0, 1));
+  }
+  ASSERT_EQ(c.connects, 2);
+  ASSERT_GE(uv_hrtime() - t0, 1900 * 1000000ull); /* not cut early */
+  ASSERT_OK(fcntl(p1, F_SETFL, O_NONBLOCK));
+  for (k = 0; k < 20000; k++) {
+    ssize_t n = recv(p1, chunk, sizeof(chunk), 0);
+    if (n == 0) {
+      break;
+    }
+    ASSERT_GT(n, 0); /* the end, no reset */
+    got += (size_t) n;
+  }
+  ASSERT_LT(got, sent);
+  p2 = accept(lfd, (struct sockaddr *) &ss, &sl);
+  ASSERT_GE(p2, 0);
+  ASSERT_EQ(c.released, 0);
+  ASSERT_EQ(c.errors, 0);
+  ac_close(&c.d);
+  close(p1);
+  close(p2);
+  close(lfd);
+  task_map_free(map);
+  ASSERT_EQ(c.released, 1);
+  ASSERT_EQ(c.late, 0);
+}
+
 /* The reconnect idiom after refused connects: each round's connect waits
  * for the old handle, fails, and reaches handle_error (D-17, L-15) like
  * the first; `closed` runs once at the end. */
@@ -2462,6 +2534,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d15_reconnect_in_handle_close),
     TASK_ENTRY(d15_reconnect_after_refused),
     TASK_ENTRY(d15_reconnect_while_draining),
+    TASK_ENTRY(d15_reconnect_while_draining_to_a_peer_that_never_reads),
     TASK_ENTRY(d16_read_event),
     TASK_ENTRY(d16_d18_connect_event_first),
     TASK_ENTRY(d16_input_with_connect_same_pass),
