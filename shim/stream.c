@@ -10,6 +10,8 @@
  * makes the channel writable again. */
 #include "internal.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <string.h>
 
@@ -41,6 +43,13 @@ int ac__stream_open(ac_dispatcher_t *d) {
 
 void ac__stream_apply(ac_dispatcher_t *d, int bits) {
   if ((bits ^ d->armed) & AC__R) {
+    if ((bits & AC__R) && fcntl(d->fd, F_GETFD) < 0 && errno == EBADF) {
+      /* Closed behind our back: libuv would abort in epoll_ctl (Q-20,
+       * as ac__poll_apply). */
+      d->armed = (uint8_t) (bits & (AC__R | AC__W));
+      ac__dispatch(d, AC_POLLNVAL);
+      return;
+    }
     if (bits & AC__R) {
       if (uv_read_start((uv_stream_t *) &d->h.tcp, ac__no_buffer,
                         ac__dispatch_read) != 0) {

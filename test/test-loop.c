@@ -761,6 +761,38 @@ TASK(e09_fd_closed_behind_back) {
   }
 }
 
+/* E-09, Q-20 on the stream backend (a TCP channel, the usual one): its fd
+ * closed behind the library's back while reading is paused; resuming
+ * reading (ac_pause_reading, or the output limit's resume) must not hand
+ * the closed fd to libuv, which abort()s when epoll_ctl refuses it.  As
+ * on the poll backend: NVAL, handle_close, in both modes; the loop goes
+ * on.  Before, the process aborted in uv_run. */
+TASK(e09_stream_fd_closed_behind_back) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    uv_os_sock_t fds[2];
+    probe_t p;
+
+    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    ASSERT_OK(probe_init(&p, map, &probe_ops, 0, "tcp"));
+    ASSERT_OK(ac_dispatcher_open(&p.base.d, fds[1]));
+    ASSERT_EQ(p.base.d.backend, AC_BACKEND_STREAM);
+    p.consume = 1;
+    ASSERT_OK(ac_pause_reading(&p.base.d, 1));
+    ASSERT_OK(ac_loop(map, 0.001, modes[i], 2));
+    ASSERT_OK(close(ac_fileno(&p.base.d)));
+    ASSERT_OK(ac_pause_reading(&p.base.d, 0));
+    LOOP_UNTIL(map, modes[i], p.n[EV_CLOSE] == 1, 50);
+    ASSERT_EQ(p.n[EV_READ] + p.n[EV_ERROR], 0);
+    ASSERT_EQ(ac_map_len(map), 0);
+    task_map_free(map);
+    ASSERT_EQ(p.closed, 1);
+    close(fds[0]);
+  }
+}
+
 /* E-09, Q-04 (fixed): no FD_SETSIZE limit in select mode: a channel on fd
  * 1500 gets its events. */
 TASK(e09_no_fd_setsize_limit) {
@@ -815,6 +847,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(e01_map_stop),
     TASK_ENTRY(e08_handler_errors_escape),
     TASK_ENTRY(e09_fd_closed_behind_back),
+    TASK_ENTRY(e09_stream_fd_closed_behind_back),
     TASK_ENTRY(e09_no_fd_setsize_limit),
 };
 
