@@ -32,6 +32,7 @@ typedef struct ac__adopt_s {
   uv_close_cb app_closed;
   uv_write_t fence;
   int fencing;              /* the fence is in flight */
+  int aged;                 /* closed, fencing: a drain tick saw it */
   int err;                  /* after the input: an error received ahead */
   size_t off;               /* pending input: data[off, len) */
   size_t len;
@@ -178,6 +179,9 @@ void ac__adopt_closed(ac_dispatcher_t *d) {
   if (a != NULL) {
     a->off = a->len;
     a->err = 0;
+    if (a->fencing) {
+      ac__drain_tick_start(d->map); /* a peer that never reads: cut */
+    }
     finish(a);
   }
 }
@@ -224,6 +228,29 @@ void ac__adopt_abort(ac_map_t *m) {
       close_app(a);
     }
   }
+}
+
+/* A drain tick (stream.c): the fences of closed channels are aged as
+ * closed streams' drains are, marked at one tick and cut at the next, so
+ * that a peer that never reads the application's queued bytes does not
+ * hold the channel (no `closed`), its socket and the application's handle
+ * for ever.  Returns how many are left marked. */
+int ac__adopt_age(ac_map_t *m) {
+  ac__adopt_t *a;
+  int left = 0;
+
+  for (a = m->adopts; a != NULL; a = a->next) {
+    if (!a->fencing || !(a->d->flags & AC__F_CLOSED)) {
+      continue;
+    }
+    if (a->aged) {
+      close_app(a); /* its writes, the fence among them, are cancelled */
+    } else {
+      a->aged = 1;
+      left++;
+    }
+  }
+  return left;
 }
 
 /* A new adoption of d holding a copy of the n pending bytes, or NULL. */

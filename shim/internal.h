@@ -314,6 +314,7 @@ AC__HIDDEN ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf,
 AC__HIDDEN size_t ac__stream_room(const ac_dispatcher_t *d);
 AC__HIDDEN void ac__stream_close(ac_dispatcher_t *d);
 AC__HIDDEN void ac__stream_drain_add(ac_dispatcher_t *d);
+AC__HIDDEN void ac__drain_tick_start(ac_map_t *m);
 AC__HIDDEN void ac__stream_abort_drains(ac_map_t *m);
 /* How long closed streams may drain: ac_map_free and ac_map_close cut the
  * drains after it, a running map between one and two times it (stream.c). */
@@ -354,6 +355,7 @@ AC__HIDDEN void ac__adopt_left(ac_dispatcher_t *d);
 AC__HIDDEN int ac__adopt_fenced(const ac_dispatcher_t *d);
 AC__HIDDEN void ac__adopt_closed(ac_dispatcher_t *d);
 AC__HIDDEN void ac__adopt_abort(ac_map_t *m);
+AC__HIDDEN int ac__adopt_age(ac_map_t *m);
 
 /* file.c */
 AC__HIDDEN extern const ac__class_t ac__file_class;

@@ -248,7 +248,7 @@ static int age_reused_drains(ac_map_t *m) {
  * unread socket's bytes after close(2) too, without the process's fd. */
 static void on_drain_tick(uv_timer_t *h) {
   ac_map_t *m = h->data;
-  int reused = age_reused_drains(m);
+  int marked = age_reused_drains(m) + ac__adopt_age(m);
 
   cut_drains(&m->drain_old);
   while (!ac__list_empty(&m->drain)) {
@@ -256,7 +256,7 @@ static void on_drain_tick(uv_timer_t *h) {
     ac__list_del(l);
     ac__list_add(&m->drain_old, l);
   }
-  if (ac__list_empty(&m->drain_old) && !reused) {
+  if (ac__list_empty(&m->drain_old) && !marked) {
     uv_timer_stop(h);
   }
 }
@@ -264,9 +264,13 @@ static void on_drain_tick(uv_timer_t *h) {
 /* d (closed) drains its queued bytes: on the map's drain list, cut after
  * one to two AC__LINGER_MS unless it finishes first (on_write). */
 void ac__stream_drain_add(ac_dispatcher_t *d) {
-  ac_map_t *m = d->map;
+  ac__list_add(&d->map->drain, &d->plink);
+  ac__drain_tick_start(d->map);
+}
 
-  ac__list_add(&m->drain, &d->plink);
+/* Start the drain tick of m, unless it runs (or the map closes: its
+ * linger then cuts everything, embed.c). */
+void ac__drain_tick_start(ac_map_t *m) {
   if (!m->closing && !uv_is_active((uv_handle_t *) &m->linger)) {
     uv_timer_start(&m->linger, on_drain_tick, AC__LINGER_MS, AC__LINGER_MS);
   }

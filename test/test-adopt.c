@@ -597,6 +597,56 @@ TASK(adopt_map_free_cuts_stuck_queue) {
 }
 
 
+static void on_wake(uv_timer_t *t) { (void) t; }
+
+/* The same stuck queue while the application keeps running the loop: the
+ * channel is closed (an idle timeout, say) while the fence still waits
+ * behind 8 MiB a peer never reads.  The adoption must not hold the
+ * channel (no `closed`), the socket and the application's handle for
+ * ever: the fence is cut as a closed stream's drain is, 2 to 4 s after
+ * the close (the application's write fails with UV_ECANCELED, its handle
+ * is closed with its close_cb).  Before, nothing was released. */
+TASK(adopt_closed_with_stuck_queue_is_cut) {
+  uv_loop_t *loop = loop_new();
+  ac_map_t *map = NULL;
+  app_t *a = calloc(1, sizeof(*a));
+  uv_timer_t tick;
+  uint64_t t0;
+  chan_t c;
+  int fds[2];
+
+  ASSERT(loop != NULL && a != NULL);
+  ASSERT_OK(ac_map_new(loop, &map));
+  ASSERT_OK(tcp_pair(fds));
+  ASSERT_OK(uv_tcp_init(loop, &a->h.tcp));
+  a->h.tcp.data = a;
+  ASSERT_OK(uv_tcp_open(&a->h.tcp, fds[1]));
+  ASSERT_OK(app_queue_big(a));
+  memset(&c, 0, sizeof(c));
+  ASSERT_OK(ac_dispatcher_with_send_init(&c.base, map, &chan_ops));
+  ASSERT_OK(ac_dispatcher_adopt_stream(&c.base.d, &a->h.stream, NULL, 0,
+                                       app_closed));
+  uv_run(loop, UV_RUN_NOWAIT);
+  ASSERT_OK(ac_close(&c.base.d));
+  ASSERT_OK(uv_timer_init(loop, &tick)); /* the test's own wake-up */
+  ASSERT_OK(uv_timer_start(&tick, on_wake, 100, 100));
+  t0 = uv_hrtime();
+  while (c.released == 0 && uv_hrtime() - t0 < 4500 * 1000000ull) {
+    uv_run(loop, UV_RUN_ONCE);
+  }
+  uv_close((uv_handle_t *) &tick, NULL);
+  ASSERT_EQ(c.released, 1);
+  ASSERT_GE(uv_hrtime() - t0, 1900 * 1000000ull); /* not cut early */
+  ASSERT_EQ(a->closed, 1);
+  ASSERT_EQ(a->write_status, UV_ECANCELED);
+  ac_map_free(map);
+  close(fds[0]);
+  free(a->big);
+  free(a);
+  ASSERT_OK(loop_free(loop));
+}
+
+
 /* The adopted channel echoes what it reads, 8 KiB per handle_read (the
  * documentation's echo server), so that its reads burst (issue 13). */
 #define ECHO_MSG 100000u
@@ -733,6 +783,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(adopt_peer_reset_while_queued),
     TASK_ENTRY(adopt_bad_input),
     TASK_ENTRY(adopt_map_free_cuts_stuck_queue),
+    TASK_ENTRY(adopt_closed_with_stuck_queue_is_cut),
     TASK_ENTRY(adopt_fence_holds_during_read_burst),
 };
 
