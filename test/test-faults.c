@@ -758,6 +758,136 @@ TASK(emfile_pauses_listener) {
   }
 }
 
+/* An application's own handle_accept that calls ac_accept() and returns
+ * its error (docs/reliability.md, Out of fds, step 4). */
+typedef struct {
+  ac_dispatcher_t d;
+  int accepts;
+  int accepted;
+  int errors;
+  int err_code;
+  const char *err_where;
+  int close_on_error; /* handle_error: the default (closes) or nothing */
+} own_acceptor_t;
+
+static own_acceptor_t *own_of(ac_dispatcher_t *d) {
+  return ac_container_of(d, own_acceptor_t, d);
+}
+
+static int own_accept(ac_dispatcher_t *d) {
+  uv_os_sock_t sock;
+  int r = ac_accept(d, &sock, NULL, NULL);
+
+  own_of(d)->accepts++;
+  if (r > 0) {
+    own_of(d)->accepted++;
+    close(sock);
+  }
+  return r < 0 ? r : 0;
+}
+
+static int own_error(ac_dispatcher_t *d, const ac_error_t *e) {
+  own_acceptor_t *o = own_of(d);
+
+  o->errors++;
+  o->err_code = e->code;
+  o->err_where = e->where;
+  return o->close_on_error ? ac_default_handle_error(d, e) : 0;
+}
+
+static const ac_dispatcher_ops_t own_accept_ops = {
+    .handle_accept = own_accept,
+    .handle_error = own_error,
+};
+
+/* Step 4 in a child process with a low fd limit: the error reaches
+ * handle_error (E-02: UV_EMFILE, where "handle_accept"); a handle_error
+ * that does not close does not make the loop spin (ac_accept paused the
+ * listener: few calls in 30 passes of 10 ms), and the connection is
+ * accepted once an fd is free; the default handle_error closes the
+ * listener, as CPython's (Q-02). */
+static void emfile_own_accept_child(int mode, int close_on_error) {
+  struct sockaddr_storage ss;
+  struct rlimit rl;
+  ac_map_t *map = quiet_map();
+  own_acceptor_t l;
+  int src = fcntl(0, F_GETFD) >= 0 ? 0 : 2;
+  int fds[64];
+  int nfds;
+  int client;
+  int port;
+
+  ASSERT(map != NULL);
+  memset(&l, 0, sizeof(l));
+  l.close_on_error = close_on_error;
+  ASSERT_OK(ac_dispatcher_init(&l.d, map, &own_accept_ops));
+  ASSERT_OK(ac_create_socket(&l.d, AF_INET, SOCK_STREAM));
+  task_addr(AF_INET, 0, &ss);
+  ASSERT_OK(ac_bind(&l.d, (struct sockaddr *) &ss));
+  ASSERT_OK(ac_listen(&l.d, 8));
+  port = probe_port(ac_fileno(&l.d));
+  client = task_connect_tcp(AF_INET, port);
+  ASSERT_GE(client, 0);
+  ASSERT_OK(getrlimit(RLIMIT_NOFILE, &rl));
+  rl.rlim_cur = (rlim_t) task_fd_count() + 40;
+  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &rl));
+  nfds = fill_fds(src, fds, 64);
+  ASSERT_GT(nfds, 0);
+  ASSERT_LT(nfds, 64);
+  ASSERT_OK(ac_loop(map, 0.01, mode, 30));
+  ASSERT_GE(l.errors, 1);
+  ASSERT_EQ(l.err_code, UV_EMFILE);
+  ASSERT_STR_EQ(l.err_where, "handle_accept");
+  ASSERT_EQ(l.accepted, 0);
+  if (close_on_error) {
+    ASSERT_EQ(l.errors, 1);
+    ASSERT(ac_is_closed(&l.d));
+  } else {
+    ASSERT_LE(l.accepts, 10); /* a busy loop would make 30 */
+    ASSERT_EQ(l.errors, l.accepts);
+    ASSERT_EQ(ac_is_closed(&l.d), 0);
+    close(fds[--nfds]);
+    LOOP_UNTIL(map, mode, l.accepted == 1, 100);
+    ac_close(&l.d);
+  }
+  while (nfds > 0) {
+    close(fds[--nfds]);
+  }
+  close(client);
+  task_map_free(map);
+}
+
+/* Q-02, E-02: emfile_own_accept_child per mode and handle_error. */
+TASK(emfile_own_handle_accept_gets_the_error) {
+  int mode;
+  int close_on_error;
+
+  if (chan_under_valgrind()) {
+    fprintf(stderr, "  skipped under valgrind (emulated fd limit)\n");
+    return;
+  }
+  for (mode = 0; mode < 2; mode++) {
+    for (close_on_error = 0; close_on_error < 2; close_on_error++) {
+      int status = -1;
+      pid_t pid;
+
+      fflush(NULL);
+      pid = fork();
+      ASSERT(pid >= 0);
+      if (pid == 0) {
+        emfile_own_accept_child(modes[mode], close_on_error);
+        fflush(NULL);
+        _exit(task_failed ? 1 : 0); /* as emfile_pauses_listener */
+      }
+      ASSERT_EQ(waitpid(pid, &status, 0), pid);
+      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        TASK_FAIL("mode %d close_on_error %d: child status %d", mode,
+                  close_on_error, status);
+      }
+    }
+  }
+}
+
 /* ---------------------------------------------------------------- */
 /* fd reuse inside one pass (CPython gh-75114)                       */
 
@@ -1028,6 +1158,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(reconnect_every_class),
     TASK_ENTRY(host_does_not_resolve),
     TASK_ENTRY(emfile_pauses_listener),
+    TASK_ENTRY(emfile_own_handle_accept_gets_the_error),
     TASK_ENTRY(fd_reuse_in_same_pass),
     TASK_ENTRY(close_from_every_handler),
 };
