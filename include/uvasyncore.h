@@ -329,8 +329,9 @@ AC_EXTERN int ac_connect_name(ac_dispatcher_t *d, const char *host,
 
 /* send (D-13): one send; returns the bytes accepted (possibly fewer than
  * n, 0 on would-block), 0 after calling handle_close on a disconnection,
- * or a negative errno.  Bytes accepted always reach the peer, even when
- * close() follows at once.  On a dispatcher_with_send or async_chat
+ * or a negative errno.  Bytes accepted reach the peer, even when close()
+ * follows at once, if the peer reads them: a closed stream's drain is
+ * cut 2 to 4 s after the close.  On a dispatcher_with_send or async_chat
  * channel, this is the class's buffered send (W-02, returns n or an
  * error).  On a TLS channel (uvasyncore/tls.h) the bytes are plaintext:
  * 0 until the handshake has ended. */
