@@ -5,6 +5,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <unistd.h>
 
 #define BIG (8u * 1024 * 1024)
@@ -486,6 +488,82 @@ TASK(d15_drain_to_a_peer_that_never_reads_is_cut) {
   }
 }
 
+/* A connected pair of TCP sockets over loopback (fds[0] the client) whose
+ * segments are of `mss` bytes, as on a real network (loopback's are
+ * 64 KiB), so that a slow reader's progress reaches the sender in small
+ * steps. */
+static int mss_pair(int mss, int fds[2]) {
+  struct sockaddr_storage ss;
+  int port;
+  int lfd = task_listen_tcp(AF_INET, &port);
+
+  fds[0] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (lfd < 0 || fds[0] < 0 ||
+      setsockopt(fds[0], IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof(mss))) {
+    return -1;
+  }
+  task_addr(AF_INET, port, &ss);
+  if (connect(fds[0], (struct sockaddr *) &ss, sizeof(struct sockaddr_in))) {
+    return -1;
+  }
+  fds[1] = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+  close(lfd);
+  return fds[1] < 0 ? -1 : 0;
+}
+
+/* D-13, D-15: the cut of d15_drain_to_a_peer_that_never_reads_is_cut
+ * spares a peer that reads slowly (8 KiB every 250 ms; the kernel's
+ * buffers, at their defaults, take libuv's queue within the 2 s the cut
+ * leaves): every byte ac_send accepted arrives, then the end, about 6 s
+ * after the close. */
+TASK(d15_drain_to_a_slow_reader_is_not_cut) {
+  ac_map_t *map = task_map_new();
+  char *data = malloc(BIG);
+  char *got = malloc(BIG);
+  int fds[2];
+  size_t sent = 0;
+  size_t nin = 0;
+  ssize_t n = 1;
+  uint64_t t0;
+  probe_t w;
+  probe_t l;
+
+  ASSERT(data != NULL && got != NULL);
+  fill(data, BIG);
+  ASSERT_OK(mss_pair(1400, fds));
+  ASSERT_OK(probe_init(&w, map, &probe_ops, 0, "w"));
+  ASSERT_OK(ac_dispatcher_open(&w.base.d, fds[1]));
+  while (n > 0 && sent < BIG) {
+    n = ac_send(&w.base.d, data + sent, BIG - sent);
+    ASSERT_GE(n, 0);
+    sent += (size_t) n;
+  }
+  ASSERT_LT(sent, BIG); /* the kernel and libuv's queue are full */
+  ASSERT_OK(probe_init(&l, map, &probe_ops, 0, "listener"));
+  ASSERT_GT(probe_listen(&l, AF_INET), 0); /* ac_loop waits its timeout */
+  ac_close(&w.base.d);
+  ASSERT_OK(fcntl(fds[0], F_SETFL, O_NONBLOCK));
+  t0 = uv_hrtime();
+  while (uv_hrtime() - t0 < 60000 * 1000000ull) {
+    ssize_t r = recv(fds[0], got + nin, 8192, 0);
+    if (r == 0) {
+      break;
+    }
+    if (r > 0) {
+      nin += (size_t) r;
+    }
+    ASSERT_OK(ac_loop(map, 0.25, 0, 1)); /* a pass of about 250 ms */
+  }
+  ASSERT_GT(uv_hrtime() - t0, 4500 * 1000000ull); /* past two ticks */
+  ASSERT_EQ(nin, sent);
+  ASSERT_MEM_EQ(got, data, sent);
+  ASSERT_EQ(w.closed, 1);
+  task_map_free(map);
+  close(fds[0]);
+  free(got);
+  free(data);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(w01_construction),
     TASK_ENTRY(w02_buffered_send),
@@ -499,6 +577,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d13_sent_bytes_survive_close),
     TASK_ENTRY(w03_send_before_any_connect),
     TASK_ENTRY(d15_drain_to_a_peer_that_never_reads_is_cut),
+    TASK_ENTRY(d15_drain_to_a_slow_reader_is_not_cut),
 };
 
 int main(int argc, char **argv) {
