@@ -330,8 +330,9 @@ AC_EXTERN int ac_connect_name(ac_dispatcher_t *d, const char *host,
 /* send (D-13): one send; returns the bytes accepted (possibly fewer than
  * n, 0 on would-block), 0 after calling handle_close on a disconnection,
  * or a negative errno.  Bytes accepted reach the peer, even when close()
- * follows at once, if the peer reads them: a closed stream's drain is
- * cut 2 to 4 s after the close.  On a dispatcher_with_send or async_chat
+ * follows at once, if the peer takes them: a closed stream's drain that
+ * makes no progress for ac_map_set_drain_timeout's time is cut (a reset).
+ * On a dispatcher_with_send or async_chat
  * channel, this is the class's buffered send (W-02, returns n or an
  * error).  On a TLS channel (uvasyncore/tls.h) the bytes are plaintext:
  * 0 until the handshake has ended. */
@@ -396,6 +397,16 @@ AC_EXTERN int ac_reading_paused(const ac_dispatcher_t *d);
  * other.  0 (the default) turns it off; channels it paused then read again
  * once their output has drained.  Returns 0 or UV_EINVAL (map NULL). */
 AC_EXTERN int ac_map_set_output_limit(ac_map_t *map, size_t bytes);
+
+/* How long a closed stream may keep its fd while the bytes ac_send accepted
+ * wait in libuv's queue for a peer that does not take them.  A drain whose
+ * queue makes no progress (no queued send completes) for `seconds`, up to
+ * twice that, is cut: the connection is reset, so that a peer reading to
+ * the end meets an error, not an end it could take for the whole stream.
+ * Default 60; 0: never (the fd waits for the peer as long as it stays).
+ * Returns 0 or UV_EINVAL (map NULL; seconds negative, NaN, or above 1e9,
+ * infinity among them). */
+AC_EXTERN int ac_map_set_drain_timeout(ac_map_t *map, double seconds);
 
 /* repr (D-26) into buf (always NUL-terminated when cap > 0); returns the
  * length the full text needs, like snprintf. */

@@ -218,20 +218,33 @@ static void on_fence(uv_write_t *req, int status) {
   finish(a);
 }
 
-/* The map's linger expired: cut the fences still waiting (their streams'
- * queued writes are cancelled, as a drain's). */
+/* A fence cut short, as a drain is (stream.c): the connection is reset,
+ * so that the peer meets an error, not an end, then the application's
+ * handle is closed, which cancels its queued writes, the fence among
+ * them. */
+static void cut_app(ac__adopt_t *a) {
+  uv_os_fd_t fd;
+
+  if (a->app != NULL && !uv_is_closing((uv_handle_t *) a->app) &&
+      uv_fileno((uv_handle_t *) a->app, &fd) == 0) {
+    ac__reset_fd(fd);
+  }
+  close_app(a);
+}
+
+/* The map's linger expired: cut the fences still waiting. */
 void ac__adopt_abort(ac_map_t *m) {
   ac__adopt_t *a;
 
   for (a = m->adopts; a != NULL; a = a->next) {
     if (a->fencing) {
-      close_app(a);
+      cut_app(a);
     }
   }
 }
 
-/* A drain tick (stream.c): the fences of closed channels are aged as
- * closed streams' drains are, marked at one tick and cut at the next, so
+/* A drain tick (stream.c): the fences of closed channels are aged, marked
+ * at one tick and cut at the next (one to two drain timeouts), so
  * that a peer that never reads the application's queued bytes does not
  * hold the channel (no `closed`), its socket and the application's handle
  * for ever.  Returns how many are left marked. */
@@ -244,7 +257,7 @@ int ac__adopt_age(ac_map_t *m) {
       continue;
     }
     if (a->aged) {
-      close_app(a); /* its writes, the fence among them, are cancelled */
+      cut_app(a);
     } else {
       a->aged = 1;
       left++;

@@ -165,22 +165,27 @@ ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   return (ssize_t) n;
 }
 
-/* Bytes reported sent cannot reach the peer (no memory to keep them, a
- * transport that failed part-way): the connection is cut both ways, so
- * that neither side goes on as if they had arrived.  A reset (a TCP
- * disconnect: connect(2) to AF_UNSPEC sends an RST and leaves the
- * descriptor to the channel's close), so that a peer reading to the end
- * meets an error, not an end it could take for a complete stream; where
- * that is refused, both directions are shut down (a FIN).  Nothing more
- * of d is sent. */
-static void cut(ac_dispatcher_t *d) {
+/* The connection of socket fd is cut both ways, so that neither side goes
+ * on as if bytes reported sent had arrived.  A reset (a TCP disconnect:
+ * connect(2) to AF_UNSPEC sends an RST and leaves the descriptor to its
+ * owner's close), so that a peer reading to the end meets an error, not
+ * an end it could take for a complete stream; where that is refused, both
+ * directions are shut down (a FIN). */
+void ac__reset_fd(int fd) {
   struct sockaddr sa;
 
   memset(&sa, 0, sizeof(sa));
   sa.sa_family = AF_UNSPEC;
-  if (connect(d->fd, &sa, sizeof(sa)) != 0) {
-    (void) shutdown(d->fd, SHUT_RDWR);
+  if (connect(fd, &sa, sizeof(sa)) != 0) {
+    (void) shutdown(fd, SHUT_RDWR);
   }
+}
+
+/* Bytes reported sent cannot reach the peer (no memory to keep them, a
+ * transport that failed part-way): d's connection is reset; nothing more
+ * of d is sent. */
+static void cut(ac_dispatcher_t *d) {
+  ac__reset_fd(d->fd);
   d->flags |= AC__F_WERR;
 }
 

@@ -123,7 +123,7 @@ struct ac_map_s {
   ac_link_t synth;    /* channels ready without a libuv event */
   ac_link_t release;  /* socketless channels waiting for `closed` */
   ac_link_t drain;    /* closed streams still writing queued bytes */
-  ac_link_t drain_old; /* ... that were already at the last drain tick */
+  ac_link_t drain_old; /* ... that made no progress since the last tick */
   int linger_expired;
   size_t nlive;       /* channels initialised with a socket, not released */
   uv_prepare_t prepare;
@@ -153,6 +153,7 @@ struct ac_map_s {
   int own_closed;       /* the library closed the map's own handles */
   int tcp_poll;         /* new TCP channels take the poll backend */
   size_t out_limit;     /* ac_map_set_output_limit, 0: off */
+  uint64_t drain_ms;    /* ac_map_set_drain_timeout, 0: never cut */
   ac_map_exit_cb exit_cb;
   void *exit_arg;
   ac_map_close_cb close_cb;
@@ -316,9 +317,11 @@ AC__HIDDEN void ac__stream_close(ac_dispatcher_t *d);
 AC__HIDDEN void ac__stream_drain_add(ac_dispatcher_t *d);
 AC__HIDDEN void ac__drain_tick_start(ac_map_t *m);
 AC__HIDDEN void ac__stream_abort_drains(ac_map_t *m);
-/* How long closed streams may drain: ac_map_free and ac_map_close cut the
- * drains after it, a running map between one and two times it (stream.c). */
+/* How long closed streams may drain once ac_map_free or ac_map_close ran:
+ * then their drains are cut.  While the map runs, a drain without
+ * progress is cut after ac_map_set_drain_timeout's time (stream.c). */
 #define AC__LINGER_MS 2000
+#define AC__DRAIN_MS 60000 /* ac_map_set_drain_timeout's default */
 
 /* poll.c: the uv_poll_t backend */
 AC__HIDDEN int ac__poll_open(ac_dispatcher_t *d);
@@ -346,6 +349,7 @@ AC__HIDDEN ssize_t ac__gather_send(ac_dispatcher_t *d, const void *buf,
                                   size_t n);
 AC__HIDDEN int ac__gather_flush(ac_dispatcher_t *d, int more);
 AC__HIDDEN int ac__gather_end(ac_dispatcher_t *d);
+AC__HIDDEN void ac__reset_fd(int fd);
 
 /* adopt.c: pending input and the application's queued writes */
 AC__HIDDEN ssize_t ac__adopt_recv(ac_dispatcher_t *d, void *buf, size_t n);

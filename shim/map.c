@@ -126,6 +126,7 @@ int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
   uv_timer_init(loop, &m->accept_timer);
   uv_timer_init(loop, &m->linger);
   m->nhandles = 6;
+  m->drain_ms = AC__DRAIN_MS;
   m->prepare.data = m->check.data = m->idle.data = m->timer.data = m;
   m->accept_timer.data = m->linger.data = m;
   /* Started by ac__kick when the map has work; stopped when idle. */

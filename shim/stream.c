@@ -10,6 +10,8 @@
  * makes the channel writable again. */
 #include "internal.h"
 
+#include <math.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -124,6 +126,8 @@ int ac__stream_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   return 0;
 }
 
+static void drain_progress(ac_dispatcher_t *d);
+
 static void on_write(uv_write_t *req, int status) {
   wreq_t *w = (wreq_t *) req;
   ac_dispatcher_t *d = req->handle->data;
@@ -145,6 +149,8 @@ static void on_write(uv_write_t *req, int status) {
                                     plink is its new life's) */
       }
       ac__close_handle(d);
+    } else if (d->flags & AC__F_DRAIN) {
+      drain_progress(d);
     }
     ac__maybe_release(d);
     return;
@@ -203,21 +209,44 @@ void ac__stream_close(ac_dispatcher_t *d) {
   ac__close_handle(d);
 }
 
-/* Cut the drains of list h: libuv drops their queued bytes; the kernel
- * still sends what it took, then the end. */
+/* A drain cut short: its peer did not take the bytes reported sent, and
+ * must not take what it got for the whole stream: the connection is reset
+ * (ac__reset_fd; the peer reads what its kernel holds, then the error),
+ * then the handle is closed, which drops libuv's queue. */
+static void cut_drain(ac_dispatcher_t *d) {
+  uv_os_fd_t fd;
+
+  if (uv_fileno(&d->h.handle, &fd) == 0) {
+    ac__reset_fd(fd);
+  }
+  d->flags &= (uint16_t) ~AC__F_DRAIN;
+  d->armed &= (uint8_t) ~AC__AGED;
+  ac__close_handle(d);
+}
+
 static void cut_drains(ac_link_t *h) {
   while (!ac__list_empty(h)) {
     ac_dispatcher_t *d = AC__ENTRY(h->next, plink);
     ac__list_del(&d->plink);
-    d->flags &= (uint16_t) ~AC__F_DRAIN;
-    ac__close_handle(d);
+    cut_drain(d);
+  }
+}
+
+/* A queued send of d's draining stream completed: the peer takes its
+ * bytes, so the drain starts a new timeout (on_drain_tick). */
+static void drain_progress(ac_dispatcher_t *d) {
+  d->armed &= (uint8_t) ~AC__AGED; /* a reused channel's old stream */
+  if (d->flags & AC__F_CLOSED) {
+    ac__list_del(&d->plink);
+    ac__list_add(&d->map->drain, &d->plink);
   }
 }
 
 /* The reused channels of m whose old stream still drains (reuse(),
  * dispatcher.c: off the drain list, in the map) are aged as the drains are:
- * marked at one tick, cut at the next, when the old handle's close lets
- * the new socket attach.  Returns how many are left marked. */
+ * marked at one tick, cut at the next unless they made progress meanwhile
+ * (drain_progress), when the old handle's close lets the new socket
+ * attach.  Returns how many are left marked. */
 static int age_reused_drains(ac_map_t *m) {
   ac_link_t *l;
   int left = 0;
@@ -228,9 +257,7 @@ static int age_reused_drains(ac_map_t *m) {
       continue;
     }
     if (d->armed & AC__AGED) {
-      d->armed &= (uint8_t) ~AC__AGED;
-      d->flags &= (uint16_t) ~AC__F_DRAIN;
-      ac__close_handle(d);
+      cut_drain(d);
     } else {
       d->armed |= AC__AGED;
       left++;
@@ -239,13 +266,13 @@ static int age_reused_drains(ac_map_t *m) {
   return left;
 }
 
-/* The drains' tick, every AC__LINGER_MS while the map has drains and is
- * not closing: a drain the previous tick saw already is cut, the others
- * are left one more tick.  A peer that never reads would otherwise hold
- * the fd, up to the emulated send buffer and the channel (no `closed`)
- * for ever while the application's loop runs: a server closing idle
- * connections of such peers would run out of fds.  The kernel keeps an
- * unread socket's bytes after close(2) too, without the process's fd. */
+/* The drains' tick, every drain timeout (ac_map_set_drain_timeout) while
+ * the map has drains and is not closing: a drain that made no progress
+ * since the previous tick is cut, the others are left one more timeout.
+ * A peer that never reads would otherwise hold the fd, up to the emulated
+ * send buffer and the channel (no `closed`) for ever while the
+ * application's loop runs: a server closing idle connections of such
+ * peers would run out of fds.  A slow peer that reads keeps its drain. */
 static void on_drain_tick(uv_timer_t *h) {
   ac_map_t *m = h->data;
   int marked = age_reused_drains(m) + ac__adopt_age(m);
@@ -262,18 +289,35 @@ static void on_drain_tick(uv_timer_t *h) {
 }
 
 /* d (closed) drains its queued bytes: on the map's drain list, cut after
- * one to two AC__LINGER_MS unless it finishes first (on_write). */
+ * one to two drain timeouts without progress unless it finishes first
+ * (on_write). */
 void ac__stream_drain_add(ac_dispatcher_t *d) {
   ac__list_add(&d->map->drain, &d->plink);
   ac__drain_tick_start(d->map);
 }
 
-/* Start the drain tick of m, unless it runs (or the map closes: its
- * linger then cuts everything, embed.c). */
+/* Start the drain tick of m, unless it runs, the drain timeout is off, or
+ * the map closes (its linger then cuts everything, embed.c). */
 void ac__drain_tick_start(ac_map_t *m) {
-  if (!m->closing && !uv_is_active((uv_handle_t *) &m->linger)) {
-    uv_timer_start(&m->linger, on_drain_tick, AC__LINGER_MS, AC__LINGER_MS);
+  if (!m->closing && m->drain_ms > 0 &&
+      !uv_is_active((uv_handle_t *) &m->linger)) {
+    uv_timer_start(&m->linger, on_drain_tick, m->drain_ms, m->drain_ms);
   }
+}
+
+int ac_map_set_drain_timeout(ac_map_t *m, double seconds) {
+  if (m == NULL || !(seconds >= 0) || seconds > 1e9) {
+    return UV_EINVAL; /* NaN fails seconds >= 0 */
+  }
+  m->drain_ms = (uint64_t) ceil(seconds * 1000);
+  if (m->closing) {
+    return 0; /* the linger of ac_map_close runs on this timer */
+  }
+  /* The tick with the new interval (none for 0); without drains it stops
+   * at its first run. */
+  uv_timer_stop(&m->linger);
+  ac__drain_tick_start(m);
+  return 0;
 }
 
 /* Cut the drains that outlived the map's linger time. */

@@ -3,6 +3,8 @@
 
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <errno.h>
+#include <poll.h>
 #include <netinet/in.h>
 #include <unistd.h>
 
@@ -114,6 +116,22 @@ void task_map_free(ac_map_t *map) {
     abort();
   }
   free(loop);
+}
+
+int task_read_to_error(int fd) {
+  static char sink[65536];
+  struct pollfd p = {.fd = fd, .events = POLLIN};
+
+  while (poll(&p, 1, 5000) == 1) {
+    ssize_t n = recv(fd, sink, sizeof(sink), MSG_DONTWAIT);
+    if (n == 0) {
+      return 0;
+    }
+    if (n < 0 && errno != EAGAIN) {
+      return errno;
+    }
+  }
+  return ETIMEDOUT;
 }
 
 int task_fd_count(void) {

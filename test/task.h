@@ -94,5 +94,9 @@ ac_map_t *task_map_new(void);
 void task_map_free(ac_map_t *map);
 /* Count of open fds of this process. */
 int task_fd_count(void);
+/* Reads socket fd until it ends (waiting up to 5 s for more): 0 for an
+ * end, the errno of an error (ECONNRESET: the peer reset), ETIMEDOUT when
+ * neither came. */
+int task_read_to_error(int fd);
 
 #endif

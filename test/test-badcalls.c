@@ -99,6 +99,13 @@ TASK(map_and_loop) {
   ASSERT_EQ(ac_map_set_tcp_backend(NULL, AC_BACKEND_STREAM), UV_EINVAL);
   ASSERT_EQ(ac_map_set_tcp_backend(map, AC_BACKEND_NONE), UV_EINVAL);
   ASSERT_EQ(ac_map_set_tcp_backend(map, (ac_backend_t) 42), UV_EINVAL);
+  ASSERT_EQ(ac_map_set_drain_timeout(NULL, 1), UV_EINVAL);
+  ASSERT_EQ(ac_map_set_drain_timeout(map, -0.001), UV_EINVAL);
+  ASSERT_EQ(ac_map_set_drain_timeout(map, NAN), UV_EINVAL);
+  ASSERT_EQ(ac_map_set_drain_timeout(map, INFINITY), UV_EINVAL);
+  ASSERT_EQ(ac_map_set_drain_timeout(map, 2e9), UV_EINVAL);
+  ASSERT_OK(ac_map_set_drain_timeout(map, 0));
+  ASSERT_OK(ac_map_set_drain_timeout(map, 60));
   /* L-04, Q-21: an empty map returns at once, whatever the timeout. */
   ASSERT_EQ(ac_loop(map, NAN, 0, 1), UV_EINVAL);
   ASSERT_EQ(ac_loop(map, INFINITY, 0, 1), 0);

@@ -434,14 +434,17 @@ TASK(w03_send_before_any_connect) {
  * they are written; a peer that never reads must not hold that fd, the
  * queued bytes and the channel (its `closed` callback) for ever while the
  * application's loop runs (a server that closes idle connections would
- * run out of fds).  The drain is cut once the peer has read nothing of it
- * for the linger time (2 s, as ac_map_free's): `closed` runs and the fd is
- * closed within 4 s, in both modes, with ac_loop and with the
- * application's own uv_run. */
+ * run out of fds).  The drain is cut once the peer has taken nothing of
+ * it for the map's drain timeout (here 1 s; to twice that): `closed` runs
+ * and the fd is closed, in both modes, with ac_loop and with the
+ * application's own uv_run; the peer reads what its kernel holds, then
+ * ECONNRESET, not an end it could take for the whole stream.  Round 3:
+ * a timeout of 0 never cuts (1.5 s), and a timeout set while a drain runs
+ * applies to it. */
 TASK(d15_drain_to_a_peer_that_never_reads_is_cut) {
   int i;
 
-  for (i = 0; i < 3; i++) {
+  for (i = 0; i < 4; i++) {
     ac_map_t *map = task_map_new();
     char *data = malloc(BIG);
     uv_os_sock_t fds[2];
@@ -454,6 +457,7 @@ TASK(d15_drain_to_a_peer_that_never_reads_is_cut) {
 
     ASSERT(data != NULL);
     fill(data, BIG);
+    ASSERT_OK(ac_map_set_drain_timeout(map, i < 3 ? 1.0 : 0));
     ASSERT_OK(probe_tcp_pair(AF_INET, fds));
     ASSERT_OK(probe_init(&w, map, &probe_ops, 0, "w"));
     ASSERT_OK(ac_dispatcher_open(&w.base.d, fds[1]));
@@ -469,19 +473,30 @@ TASK(d15_drain_to_a_peer_that_never_reads_is_cut) {
     fds_before = task_fd_count();
     ac_close(&w.base.d);
     t0 = uv_now(ac_map_loop(map));
+    if (i == 3) { /* no timeout: the drain stays */
+      while (uv_now(ac_map_loop(map)) - t0 < 1500) {
+        ASSERT_OK(ac_loop(map, 0.05, 0, 1));
+      }
+      ASSERT_EQ(w.closed, 0);
+      ASSERT_OK(ac_map_set_drain_timeout(map, 0.2));
+      t0 = uv_now(ac_map_loop(map));
+    }
     while (w.closed == 0 && uv_now(ac_map_loop(map)) - t0 < 4500) {
-      if (i < 2) {
-        ASSERT_OK(ac_loop(map, 0.05, modes[i], 1));
+      if (i != 2) {
+        ASSERT_OK(ac_loop(map, 0.05, modes[i & 1], 1));
       } else {
         uv_run(ac_map_loop(map), UV_RUN_ONCE); /* embedded: no ac_loop */
       }
     }
     ASSERT_EQ(w.closed, 1);
-    ASSERT_GE(uv_now(ac_map_loop(map)) - t0, 1900); /* not cut early */
+    if (i < 3) {
+      ASSERT_GE(uv_now(ac_map_loop(map)) - t0, 900); /* not cut early */
+    }
     ASSERT_EQ(fcntl(fds[1], F_GETFD), -1); /* closed (nothing reopened) */
     ASSERT_EQ(task_fd_count(), fds_before - 1);
     ASSERT_EQ(w.n[EV_CLOSE] + w.n[EV_ERROR], 0);
     ASSERT_EQ(l.n[EV_ACCEPT], 0);
+    ASSERT_EQ(task_read_to_error(fds[0]), ECONNRESET);
     task_map_free(map);
     close(fds[0]);
     free(data);
@@ -512,29 +527,36 @@ static int mss_pair(int mss, int fds[2]) {
 }
 
 /* D-13, D-15: the cut of d15_drain_to_a_peer_that_never_reads_is_cut
- * spares a peer that reads slowly (8 KiB every 250 ms; the kernel's
- * buffers, at their defaults, take libuv's queue within the 2 s the cut
- * leaves): every byte ac_send accepted arrives, then the end, about 6 s
- * after the close. */
+ * spares a peer that reads slowly but steadily: with a drain timeout of
+ * 1 s, a peer taking 8 KiB every 250 ms through small buffers (so that
+ * libuv's queue, written in 4 KiB sends, moves while it reads) keeps its
+ * drain well past twice the timeout: every byte ac_send accepted arrives,
+ * then the end, not a reset.  A cut by age alone (the first version of
+ * the cut) fails it. */
 TASK(d15_drain_to_a_slow_reader_is_not_cut) {
   ac_map_t *map = task_map_new();
   char *data = malloc(BIG);
   char *got = malloc(BIG);
+  int small = 16384;
   int fds[2];
   size_t sent = 0;
   size_t nin = 0;
   ssize_t n = 1;
+  ssize_t r = 1;
   uint64_t t0;
   probe_t w;
   probe_t l;
 
   ASSERT(data != NULL && got != NULL);
   fill(data, BIG);
+  ASSERT_OK(ac_map_set_drain_timeout(map, 1.0));
   ASSERT_OK(mss_pair(1400, fds));
+  ASSERT_OK(setsockopt(fds[0], SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)));
+  ASSERT_OK(setsockopt(fds[1], SOL_SOCKET, SO_SNDBUF, &small, sizeof(small)));
   ASSERT_OK(probe_init(&w, map, &probe_ops, 0, "w"));
   ASSERT_OK(ac_dispatcher_open(&w.base.d, fds[1]));
   while (n > 0 && sent < BIG) {
-    n = ac_send(&w.base.d, data + sent, BIG - sent);
+    n = ac_send(&w.base.d, data + sent, BIG - sent < 4096 ? BIG - sent : 4096);
     ASSERT_GE(n, 0);
     sent += (size_t) n;
   }
@@ -544,17 +566,16 @@ TASK(d15_drain_to_a_slow_reader_is_not_cut) {
   ac_close(&w.base.d);
   ASSERT_OK(fcntl(fds[0], F_SETFL, O_NONBLOCK));
   t0 = uv_hrtime();
-  while (uv_hrtime() - t0 < 60000 * 1000000ull) {
-    ssize_t r = recv(fds[0], got + nin, 8192, 0);
-    if (r == 0) {
-      break;
-    }
+  while (r != 0 && uv_hrtime() - t0 < 60000 * 1000000ull) {
+    r = recv(fds[0], got + nin, nin + 8192 <= sent ? 8192 : sent - nin + 1, 0);
+    ASSERT(r >= 0 || errno == EAGAIN);
     if (r > 0) {
       nin += (size_t) r;
     }
     ASSERT_OK(ac_loop(map, 0.25, 0, 1)); /* a pass of about 250 ms */
   }
-  ASSERT_GT(uv_hrtime() - t0, 4500 * 1000000ull); /* past two ticks */
+  ASSERT_EQ(r, 0); /* the end, not a reset */
+  ASSERT_GT(uv_hrtime() - t0, 2500 * 1000000ull); /* past two timeouts */
   ASSERT_EQ(nin, sent);
   ASSERT_MEM_EQ(got, data, sent);
   ASSERT_EQ(w.closed, 1);
