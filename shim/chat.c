@@ -1002,7 +1002,9 @@ int ac_chat_collect_incoming(ac_chat_t *c, const char *data, size_t n) {
     return UV_ENOMEM;
   }
   if (n > 0) {
-    memcpy(c->inc + c->inc_len, data, n);
+    /* memmove: `data` may be what get_data returned, still in inc (a
+     * record handed back, C-06), which this append overwrites */
+    memmove(c->inc + c->inc_len, data, n);
   }
   c->inc_len = need;
   return 0;

@@ -626,6 +626,49 @@ TASK(c06_incoming_truncate) {
   task_map_free(map);
 }
 
+/* C-06: found_terminator hands part of the record get_data returned back
+ * to ac_chat_collect_incoming ("push back" the rest of a line, as
+ * `self._collect_incoming_data(data[k:])` does in Python).  The pointer is
+ * valid at the call (the append is what ends it), and when the record was
+ * copied into `incoming` (it came across receives) it points into the very
+ * buffer the append writes: the copy overlapped (memcpy, undefined; ASan
+ * reports memcpy-param-overlap).  The bytes must come back intact. */
+static int recollect_found(ac_chat_t *c) {
+  rec_t *r = rec(c);
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+
+  append(r, data, n);
+  append(r, "|", 1);
+  if (n > 1 && data[0] == 'R') {
+    return ac_chat_collect_incoming(c, data + 1, n - 1);
+  }
+  return 0;
+}
+
+static const ac_chat_ops_t recollect_ops = {
+    .base = {.closed = rec_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = recollect_found,
+};
+
+TASK(c06_recollect_own_data) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+
+  ASSERT_OK(rec_init(&r, map, &recollect_ops));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  /* copied (two receives), then pushed back twice: overlapping appends */
+  ASSERT_OK(ac_chat_feed(&r.chat, "RRab", 4));
+  ASSERT_OK(ac_chat_feed(&r.chat, "cdefghijklmnopqrstuvwxyz\nX\nY\n", 30));
+  ASSERT_STR_EQ(r.trace, "RRabcdefghijklmnopqrstuvwxyz|"
+                         "Rabcdefghijklmnopqrstuvwxyz"
+                         "X|abcdefghijklmnopqrstuvwxyzXY|");
+  ac_close(&r.chat.d);
+  task_map_free(map);
+  ASSERT_EQ(r.released, 1);
+}
+
 /* C-06: how long the pointer from ac_chat_get_data stays valid (the
  * header's promise): inside found_terminator it survives a second
  * get_data, set_terminator (to a heap terminator and back), pushes (a
@@ -3365,6 +3408,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c06_incoming_max),
     TASK_ENTRY(c06_clear_incoming),
     TASK_ENTRY(c06_incoming_truncate),
+    TASK_ENTRY(c06_recollect_own_data),
     TASK_ENTRY(c06_get_data_pointer_lifetime),
     TASK_ENTRY(c07_would_block_is_silent),
     TASK_ENTRY(c07_receive_error_to_handle_error),
