@@ -132,7 +132,9 @@ int ac_fifo_set_first(ac_fifo_t *f, void *item) {
 }
 
 void ac_fifo_clear(ac_fifo_t *f) {
-  if (f != NULL) {
+  /* a chat's own fifo is refused, as by the other calls: emptying it would
+   * drop entries without releasing them (ac_chat_discard_buffers does) */
+  if (is_ptr_fifo(f)) {
     f->head_ = 0;
     f->len_ = 0;
   }

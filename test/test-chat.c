@@ -2080,6 +2080,62 @@ TASK(p04_find_prefix_at_end) {
             0);
 }
 
+/* P-05: a porter's `self.producer_fifo.clear()` written as
+ * ac_fifo_clear(&c->fifo).  The public fifo functions refuse a chat's own
+ * fifo (it holds entries, not pointers), and clear must too: it emptied the
+ * ring without releasing the entries (free_fn never called, out_bytes
+ * stale), and from inside a free_fn, while initiate_send pops the entries
+ * it sent, the length wrapped to SIZE_MAX and free_fn ran for entries of
+ * the cleared ring (three times for one push).  ac_chat_discard_buffers is
+ * the call that drops the output. */
+typedef struct {
+  ac_chat_t *c;
+  int calls;
+} clear_ctx_t;
+
+static void clearing_free(void *data, void *ctx) {
+  clear_ctx_t *x = ctx;
+
+  (void) data;
+  x->calls++;
+  ac_fifo_clear(&x->c->fifo);
+}
+
+TASK(p05_fifo_clear_refuses_chat_fifo) {
+  ac_map_t *map = task_map_new();
+  clear_ctx_t x = {NULL, 0};
+  int freed = 0;
+  char got[8];
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  x.c = &r.chat;
+  /* queued (not connected), then cleared from outside: nothing changes */
+  r.chat.d.connected = 0;
+  ASSERT_OK(ac_chat_push_owned(&r.chat, "a", 1, count_free, &freed));
+  ac_fifo_clear(&r.chat.fifo);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 1);
+  ASSERT_EQ(ac_chat_out_bytes(&r.chat), 1);
+  /* cleared from a free_fn while the sent entries are popped */
+  ASSERT_OK(ac_chat_push_owned(&r.chat, "b", 1, clearing_free, &x));
+  ASSERT_OK(ac_chat_push(&r.chat, "c", 1));
+  r.chat.d.connected = 1;
+  ASSERT_OK(ac_chat_initiate_send(&r.chat));
+  ASSERT_EQ(x.calls, 1);
+  ASSERT_EQ(freed, 1);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(ac_chat_out_bytes(&r.chat), 0);
+  ASSERT_EQ(peer_take(peer, got, sizeof(got)), 3);
+  ASSERT_MEM_EQ(got, "abc", 3);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+  ASSERT_EQ(freed, 1);
+  ASSERT_EQ(x.calls, 1);
+  ASSERT_EQ(r.released, 1);
+  close(peer);
+}
+
 TASK(p05_fifo) {
   static int a;
   static int b;
@@ -3456,6 +3512,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c12_kept_prefix_survives_failures),
     TASK_ENTRY(p04_find_prefix_at_end),
     TASK_ENTRY(p05_fifo),
+    TASK_ENTRY(p05_fifo_clear_refuses_chat_fifo),
     TASK_ENTRY(q05_linear_16mib_one_byte_reads),
     TASK_ENTRY(q05_linear_long_terminator),
     TASK_ENTRY(q05_many_records_per_receive),
