@@ -313,6 +313,10 @@ static int send_loop(ac_chat_t *c) {
     ac__entry_t *e = head(c);
     if (e->kind == AC__E_CLOSE) {
       pop_release(c);
+      /* Nothing of this loop runs after handle_close: a push from it
+       * sends at once (initiate_send is not re-entered from here), as
+       * CPython's does, before the close that usually follows (C-20) */
+      c->sending = 0;
       return ac__raise(&c->d, AC__SLOT(&c->d, handle_close)(&c->d));
     }
     if (e->kind == AC__E_PRODUCER) {

@@ -1473,6 +1473,74 @@ TASK(c20_close_when_done) {
   ASSERT_EQ(r.released, 1);
 }
 
+/* C-20, C-21 step 2, C-16: the close marker calls handle_close, and an
+ * override that pushes a last line there and then closes gets it sent, as
+ * in CPython, whose push re-enters initiate_send (the peer reads
+ * "hello\r\nbye\r\n", then the end).  The push was queued behind
+ * initiate_send's re-entry guard instead, and the close dropped it. */
+static int bye_close(ac_dispatcher_t *d) {
+  rec_t *r = rec(ac_chat_of(d));
+  int e;
+
+  r->closes++;
+  e = ac_chat_push(ac_chat_of(d), "bye\r\n", 5);
+  ac_close(d);
+  return e;
+}
+
+static const ac_chat_ops_t bye_ops = {
+    .base = {.handle_close = bye_close,
+             .handle_error = rec_error,
+             .closed = rec_closed},
+    .collect_incoming_data = rec_collect,
+    .found_terminator = rec_found,
+};
+
+TASK(c20_push_in_handle_close_is_sent) {
+  int tcp;
+
+  for (tcp = 0; tcp < 2; tcp++) {
+    ac_map_t *map = task_map_new();
+    uv_os_sock_t fds[2];
+    char got[64];
+    size_t n = 0;
+    rec_t r;
+    int peer;
+    int i;
+
+    ASSERT_OK(rec_init(&r, map, &bye_ops));
+    if (tcp) {
+      ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    } else {
+      ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds));
+      fds[0] ^= fds[1]; /* the chat on the first, as probe_tcp_pair */
+      fds[1] ^= fds[0];
+      fds[0] ^= fds[1];
+    }
+    ASSERT_OK(ac_dispatcher_open(&r.chat.d, fds[1]));
+    peer = fds[0];
+    ASSERT_OK(ac_chat_push(&r.chat, "hello\r\n", 7));
+    ASSERT_OK(ac_chat_close_when_done(&r.chat));
+    LOOP_UNTIL(map, 0, r.released > 0, 200);
+    ASSERT_EQ(r.closes, 1);
+    ASSERT_EQ(r.errors, 0);
+    for (i = 0; i < 200; i++) {
+      ssize_t k;
+      ASSERT(probe_wait_fd(peer, POLLIN, 100) & POLLIN);
+      k = recv(peer, got + n, sizeof(got) - n, 0);
+      ASSERT_GE(k, 0);
+      if (k == 0) {
+        break; /* the end after the data */
+      }
+      n += (size_t) k;
+    }
+    ASSERT_EQ(n, 12);
+    ASSERT_MEM_EQ(got, "hello\r\nbye\r\n", 12);
+    close(peer);
+    task_map_free(map);
+  }
+}
+
 /* C-21 with the documented departure: one initiate_send sends every data
  * entry at the head in one vectored send; it stops at a producer, whose
  * more() is called only once the producer is at the head (P-01). */
@@ -3495,6 +3563,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c18_readable_always),
     TASK_ENTRY(c19_writable),
     TASK_ENTRY(c20_close_when_done),
+    TASK_ENTRY(c20_push_in_handle_close_is_sent),
     TASK_ENTRY(c21_one_gathered_send_per_call),
     TASK_ENTRY(c21_datagram_one_slice_per_send),
     TASK_ENTRY(c21_send_error_to_handle_error),
