@@ -229,6 +229,7 @@ static int send_head(ac_chat_t *c) {
   size_t limit = c->ac_out_buffer_size;
   int gather;
   int cnt = 0;
+  uint32_t gen;
   size_t i;
   ssize_t r;
 
@@ -253,11 +254,16 @@ static int send_head(ac_chat_t *c) {
     }
     cnt++;
   }
+  gen = c->out_gen;
   r = ac__sendv(&c->d, iov, cnt);
   if (r < 0) {
     return ac__chat_send_failed(c, (int) r);
   }
-  if (r > 0) {
+  /* A disconnection met part-way through the entries calls handle_close
+   * inside the send; if that dropped the fifo (discard_buffers, then a
+   * reconnect's greeting, say), the r bytes were of entries already gone:
+   * nothing left to consume. */
+  if (r > 0 && c->out_gen == gen) {
     consume(c, (size_t) r);
   }
   return 0;

@@ -1541,6 +1541,125 @@ TASK(c20_push_in_handle_close_is_sent) {
   }
 }
 
+/* C-21, D-13: a send of initiate_send meets a disconnection part-way
+ * (the data entries at the head went out one by one: a gathering parse,
+ * whose full gather's flush meets the peer's reset), and handle_close,
+ * called from inside that send, drops the old output and reconnects with
+ * a greeting (the reconnect idiom).  The bytes the send took before the
+ * failure were then consumed from the new fifo: the new peer got the
+ * greeting without its first 10 bytes.  It must get all of it. */
+typedef struct {
+  ac_producer_t base;
+  ac_chat_t *c;
+  int calls;
+  int released;
+  char *big;
+} meddle_t;
+
+static int meddle_more(ac_producer_t *p, const void **data, size_t *n) {
+  meddle_t *m = (meddle_t *) p;
+
+  if (m->calls++ > 0) {
+    *n = 0; /* exhausted at the second call */
+    return 0;
+  }
+  /* queued behind the producer: sent together once it is exhausted */
+  if (ac_chat_push(m->c, "0123456789", 10) != 0 ||
+      ac_chat_push(m->c, m->big, 100000) != 0) {
+    return UV_EIO;
+  }
+  *data = "chunk";
+  *n = 5;
+  return 0;
+}
+
+static void meddle_release(ac_producer_t *p) { ((meddle_t *) p)->released++; }
+
+static struct sockaddr_storage regreet_addr;
+static meddle_t regreet_producer;
+
+static int regreet_close(ac_dispatcher_t *d) {
+  ac_chat_t *c = ac_chat_of(d);
+  int e;
+
+  rec(c)->closes++;
+  ac_chat_discard_buffers(c); /* nothing old for the new peer */
+  ac_close(d);
+  e = ac_create_socket(d, AF_INET, SOCK_STREAM);
+  if (e == 0) {
+    e = ac_connect(d, (struct sockaddr *) &regreet_addr);
+  }
+  return e != 0 ? e : ac_chat_push(c, "GREETING-abcdefghij\r\n", 21);
+}
+
+static int regreet_found(ac_chat_t *c) {
+  int e;
+
+  regreet_producer.c = c;
+  e = ac_chat_push_with_producer(c, &regreet_producer.base);
+  return e != 0 ? e : ac_chat_initiate_send(c);
+}
+
+static const ac_chat_ops_t regreet_ops = {
+    .base = {.handle_close = regreet_close,
+             .handle_error = rec_error,
+             .closed = rec_closed},
+    .collect_incoming_data = rec_collect,
+    .found_terminator = regreet_found,
+};
+
+TASK(c21_reconnect_in_send_keeps_new_output) {
+  ac_map_t *map = task_map_new();
+  struct linger lg = {1, 0};
+  static char big[100000];
+  uv_os_sock_t fds[2];
+  char got[64];
+  size_t n = 0;
+  int listener;
+  int port;
+  int fresh;
+  rec_t r;
+  int i;
+
+  memset(&regreet_producer, 0, sizeof(regreet_producer));
+  regreet_producer.base.more = meddle_more;
+  regreet_producer.base.release = meddle_release;
+  regreet_producer.big = big;
+  listener = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(listener, 0);
+  task_addr(AF_INET, port, &regreet_addr);
+  ASSERT_OK(rec_init(&r, map, &regreet_ops));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&r.chat.d, fds[1]));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
+  /* the peer resets; the chat has not read since */
+  ASSERT_OK(setsockopt(fds[0], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+  close(fds[0]);
+  usleep(20000);
+  ASSERT_OK(ac_chat_feed(&r.chat, "go\n", 3));
+  ASSERT_EQ(r.closes, 1);
+  ASSERT_EQ(regreet_producer.released, 1);
+  /* the new connect starts once the old handle is closed (the loop) */
+  LOOP_UNTIL(map, 0, probe_wait_fd(listener, POLLIN, 0) & POLLIN, 200);
+  fresh = accept(listener, NULL, NULL);
+  ASSERT_GE(fresh, 0);
+  LOOP_UNTIL(map, 0, ac_chat_fifo_len(&r.chat) == 0, 200);
+  for (i = 0; i < 20 && n < 21 &&
+              (probe_wait_fd(fresh, POLLIN, 100) & POLLIN);
+       i++) {
+    ssize_t k = recv(fresh, got + n, sizeof(got) - n, 0);
+    ASSERT_GT(k, 0);
+    n += (size_t) k;
+  }
+  ASSERT_EQ(n, 21); /* was 11: "abcdefghij" was consumed unsent */
+  ASSERT_MEM_EQ(got, "GREETING-abcdefghij\r\n", 21);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+  ASSERT_EQ(r.released, 1);
+  close(fresh);
+  close(listener);
+}
+
 /* C-21 with the documented departure: one initiate_send sends every data
  * entry at the head in one vectored send; it stops at a producer, whose
  * more() is called only once the producer is at the head (P-01). */
@@ -3565,6 +3684,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c20_close_when_done),
     TASK_ENTRY(c20_push_in_handle_close_is_sent),
     TASK_ENTRY(c21_one_gathered_send_per_call),
+    TASK_ENTRY(c21_reconnect_in_send_keeps_new_output),
     TASK_ENTRY(c21_datagram_one_slice_per_send),
     TASK_ENTRY(c21_send_error_to_handle_error),
     TASK_ENTRY(c21_disconnect_calls_handle_close),
