@@ -501,6 +501,7 @@ static AC__INLINE int push_alive(ac_chat_t *c, const void *data, size_t n,
                                  void *ctx) {
   size_t size = c->ac_out_buffer_size;
   ssize_t sent = 0;
+  uint32_t gen;
   int r;
 
   if (n > 0 && (data == NULL || size == 0)) {
@@ -514,12 +515,24 @@ static AC__INLINE int push_alive(ac_chat_t *c, const void *data, size_t n,
     r = append_slices(c, data, n, 0, size, copy, free_fn, ctx);
     return r != 0 ? not_queued(r, data, free_fn, ctx) : ac_chat_initiate_send(c);
   }
+  gen = c->out_gen;
   sent = ac__send(&c->d, data, n <= size || gathers(c) ? n : size);
   if ((size_t) sent == n) {
     if (free_fn != NULL) {
       free_fn((void *) data, ctx);
     }
     return 0;
+  }
+  if (c->out_gen != gen) {
+    /* A disconnection called handle_close inside the send, and it dropped
+     * the fifo: CPython queues the bytes before it sends, so that
+     * discard_buffers drops them too (not queued behind what handle_close
+     * pushed for a new connection).  An error is reported as
+     * queue_unsent reports it. */
+    if (free_fn != NULL) {
+      free_fn((void *) data, ctx);
+    }
+    return sent < 0 ? ac__chat_send_failed(c, (int) sent) : 0;
   }
   return queue_unsent(c, data, n, sent, copy, free_fn, ctx);
 }

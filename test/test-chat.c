@@ -1660,6 +1660,67 @@ TASK(c21_reconnect_in_send_keeps_new_output) {
   close(listener);
 }
 
+/* C-16, C-22, D-13: a push whose own send meets a disconnection calls
+ * handle_close from inside the push; one that drops the old output
+ * (ac_chat_discard_buffers) and reconnects with a greeting must not get
+ * the push's bytes, meant for the old peer, queued behind its greeting:
+ * CPython appends them to the fifo before it sends, so discard_buffers
+ * drops them, and the new peer reads the greeting alone (checked against
+ * Python 3.11).  Before, the new peer read "GREETING\r\nold reply\r\n";
+ * the same for push_owned, whose bytes are then released once. */
+TASK(c16_reconnect_in_push_drops_the_push) {
+  int owned;
+
+  for (owned = 0; owned < 2; owned++) {
+    ac_map_t *map = task_map_new();
+    struct linger lg = {1, 0};
+    uv_os_sock_t fds[2];
+    char got[64];
+    size_t n = 0;
+    int freed = 0;
+    int listener;
+    int port;
+    int fresh;
+    rec_t r;
+    int i;
+
+    listener = task_listen_tcp(AF_INET, &port);
+    ASSERT_GE(listener, 0);
+    task_addr(AF_INET, port, &regreet_addr);
+    ASSERT_OK(rec_init(&r, map, &regreet_ops));
+    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    ASSERT_OK(ac_dispatcher_open(&r.chat.d, fds[1]));
+    ASSERT_OK(setsockopt(fds[0], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+    close(fds[0]); /* the peer resets */
+    usleep(20000);
+    if (owned) {
+      ASSERT_OK(ac_chat_push_owned(&r.chat, "old reply\r\n", 11, count_free,
+                                   &freed));
+      ASSERT_EQ(freed, 1);
+    } else {
+      ASSERT_OK(ac_chat_push(&r.chat, "old reply\r\n", 11));
+    }
+    ASSERT_EQ(r.closes, 1);
+    LOOP_UNTIL(map, 0, probe_wait_fd(listener, POLLIN, 0) & POLLIN, 200);
+    fresh = accept(listener, NULL, NULL);
+    ASSERT_GE(fresh, 0);
+    LOOP_UNTIL(map, 0, ac_chat_fifo_len(&r.chat) == 0, 200);
+    for (i = 0; i < 5 && (probe_wait_fd(fresh, POLLIN, 100) & POLLIN); i++) {
+      ssize_t k = recv(fresh, got + n, sizeof(got) - n, 0);
+      ASSERT_GT(k, 0);
+      n += (size_t) k;
+    }
+    ASSERT_EQ(n, 21);
+    ASSERT_MEM_EQ(got, "GREETING-abcdefghij\r\n", 21);
+    ac_close(&r.chat.d);
+    task_map_free(map);
+    ASSERT_EQ(r.released, 1);
+    ASSERT_EQ(freed, owned);
+    close(fresh);
+    close(listener);
+  }
+}
+
 /* C-21 with the documented departure: one initiate_send sends every data
  * entry at the head in one vectored send; it stops at a producer, whose
  * more() is called only once the producer is at the head (P-01). */
@@ -3685,6 +3746,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c20_push_in_handle_close_is_sent),
     TASK_ENTRY(c21_one_gathered_send_per_call),
     TASK_ENTRY(c21_reconnect_in_send_keeps_new_output),
+    TASK_ENTRY(c16_reconnect_in_push_drops_the_push),
     TASK_ENTRY(c21_datagram_one_slice_per_send),
     TASK_ENTRY(c21_send_error_to_handle_error),
     TASK_ENTRY(c21_disconnect_calls_handle_close),
