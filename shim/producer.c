@@ -312,17 +312,20 @@ static int call_more(ac_chat_t *c) {
 
 /* The loop of C-21; handlers and more() results travel as exceptions
  * (ac__raise): returned outside the event loop, to the wrapper inside. */
-static int send_loop(ac_chat_t *c) {
+static int send_loop(ac_chat_t *c, int outermost) {
   int r;
 
   while (c->fifo.len_ > 0 && c->d.connected) {
     ac__entry_t *e = head(c);
     if (e->kind == AC__E_CLOSE) {
       pop_release(c);
-      /* Nothing of this loop runs after handle_close: a push from it
-       * sends at once (initiate_send is not re-entered from here), as
-       * CPython's does, before the close that usually follows (C-20) */
-      c->sending = 0;
+      /* Nothing of this loop runs after handle_close, so initiate_send
+       * may run again from it: a push there sends at once, as CPython's
+       * does, before the close that usually follows (C-20).  One level
+       * only: a handle_close that queues a marker and pushes would
+       * otherwise recurse without end (CPython: RecursionError); from a
+       * marker met in that nested call, pushes queue, as from more(). */
+      c->sending = outermost ? 2 : 1;
       return ac__raise(&c->d, AC__SLOT(&c->d, handle_close)(&c->d));
     }
     if (e->kind == AC__E_PRODUCER) {
@@ -342,17 +345,20 @@ static int send_loop(ac_chat_t *c) {
 }
 
 int ac_chat_initiate_send(ac_chat_t *c) {
+  uint8_t outer;
   int r;
 
   if (!ac__chat_usable(c)) {
     return UV_EINVAL;
   }
-  if (c->sending) {
+  outer = c->sending;
+  if (outer == 1) {
     return 0; /* from inside more() or a release callback */
   }
+  /* outer 2: from the handle_close of a close marker (send_loop) */
   c->sending = 1;
-  r = send_loop(c);
-  c->sending = 0;
+  r = send_loop(c, outer == 0);
+  c->sending = outer;
   return r;
 }
 

@@ -1541,6 +1541,59 @@ TASK(c20_push_in_handle_close_is_sent) {
   }
 }
 
+/* The same with a careless handle_close that queues a new marker before
+ * an empty push (close_when_done, then push of nothing): the push's
+ * initiate_send skips the empty entry (Q-16), meets the new marker and
+ * calls handle_close again, which does the same: without a bound, the
+ * stack overflows (SIGSEGV).  The re-entry is allowed one level deep (a
+ * handle_close called from a marker inside it queues its pushes), so the
+ * stack stays bounded and the loop goes on, two calls per pass at most. */
+static int again_close(ac_dispatcher_t *d) {
+  rec_t *r = rec(ac_chat_of(d));
+
+  r->closes++;
+  if (r->closes > 100000) {
+    ac_close(d); /* a way out, should it ever get this far */
+    return 0;
+  }
+  (void) ac_chat_close_when_done(ac_chat_of(d));
+  return ac_chat_push(ac_chat_of(d), "", 0); /* an empty last line */
+}
+
+static const ac_chat_ops_t again_ops = {
+    .base = {.handle_close = again_close,
+             .handle_error = rec_error,
+             .closed = rec_closed},
+    .collect_incoming_data = rec_collect,
+    .found_terminator = rec_found,
+};
+
+TASK(c20_marker_pushed_in_handle_close_stays_bounded) {
+  ac_map_t *map = task_map_new();
+  char got[4096];
+  rec_t r;
+  int peer;
+  int i;
+
+  int sv[2];
+
+  ASSERT_OK(rec_init(&r, map, &again_ops));
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+  ASSERT_OK(ac_dispatcher_open(&r.chat.d, sv[0]));
+  peer = sv[1];
+  ASSERT_OK(ac_chat_close_when_done(&r.chat));
+  for (i = 0; i < 20; i++) {
+    ASSERT_OK(ac_loop(map, 0.001, 0, 1));
+    (void) peer_take(peer, got, sizeof(got));
+  }
+  ASSERT_LE(r.closes, 40); /* at most two per pass */
+  ASSERT_GE(r.closes, 20);
+  ac_close(&r.chat.d);
+  task_map_free(map);
+  ASSERT_EQ(r.released, 1);
+  close(peer);
+}
+
 /* C-21, D-13: a send of initiate_send meets a disconnection part-way
  * (the data entries at the head went out one by one: a gathering parse,
  * whose full gather's flush meets the peer's reset), and handle_close,
@@ -3744,6 +3797,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c19_writable),
     TASK_ENTRY(c20_close_when_done),
     TASK_ENTRY(c20_push_in_handle_close_is_sent),
+    TASK_ENTRY(c20_marker_pushed_in_handle_close_stays_bounded),
     TASK_ENTRY(c21_one_gathered_send_per_call),
     TASK_ENTRY(c21_reconnect_in_send_keeps_new_output),
     TASK_ENTRY(c16_reconnect_in_push_drops_the_push),

@@ -119,7 +119,7 @@ struct ac_chat_s {
   size_t oend;          /* position after the last byte */
   uint32_t out_gen;     /* bumped by discard */
   uint8_t out_nonempty; /* what writable() last reported for the fifo */
-  uint8_t sending;      /* inside initiate_send */
+  uint8_t sending;      /* inside initiate_send (2: in a marker's handle_close) */
   uint8_t parsing;      /* inside the parse loop */
   uint8_t gathering;    /* the parse asked for its sends to be gathered */
   uint8_t more_orphan;  /* the producer inside more() was discarded */
