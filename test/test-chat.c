@@ -122,13 +122,14 @@ static int rec_init(rec_t *r, ac_map_t *map, const ac_chat_ops_t *ops) {
   return ac_chat_init(&r->chat, map, ops);
 }
 
-/* A chat on one end of an AF_UNIX socketpair of `type`; the other end
- * (blocking) in *peer. */
-static int rec_pair(rec_t *r, ac_map_t *map, int type, int *peer) {
+/* A chat with `ops` on one end of an AF_UNIX socketpair of `type`; the
+ * other end (blocking) in *peer. */
+static int rec_pair_ops(rec_t *r, ac_map_t *map, const ac_chat_ops_t *ops,
+                        int type, int *peer) {
   int sv[2];
   int e;
 
-  if (rec_init(r, map, &rec_ops) != 0 ||
+  if (rec_init(r, map, ops) != 0 ||
       socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0) {
     return -1;
   }
@@ -140,6 +141,11 @@ static int rec_pair(rec_t *r, ac_map_t *map, int type, int *peer) {
   }
   *peer = sv[1];
   return 0;
+}
+
+/* rec_pair_ops with the recording ops. */
+static int rec_pair(rec_t *r, ac_map_t *map, int type, int *peer) {
+  return rec_pair_ops(r, map, &rec_ops, type, peer);
 }
 
 /* A chat on the server end of a loopback TCP connection (stream
@@ -806,6 +812,41 @@ TASK(c14_eof_drops_partial_record) {
   ASSERT(ac_is_closed(&r.chat.d));
   ASSERT_STR_EQ(r.trace, "line|#|abc|");
   ASSERT_EQ(r.founds, 1);
+  task_map_free(map);
+}
+
+/* handle_close that sets the terminator to none, then closes. */
+static int rec_close_to_none(ac_dispatcher_t *d) {
+  ac_chat_set_terminator_none(ac_chat_of(d));
+  return rec_close(d);
+}
+
+static const ac_chat_ops_t close_to_none_ops = {
+    .base = {.handle_close = rec_close_to_none,
+             .handle_error = rec_error,
+             .closed = rec_closed},
+    .collect_incoming_data = rec_collect,
+    .found_terminator = rec_found,
+};
+
+/* C-07, C-08: at EOF recv has called handle_close and returned empty, and
+ * the parse loop still runs over what is buffered: a terminator that
+ * handle_close changed applies to the kept partial terminator (CPython:
+ * collect(b'abc'), handle_close, collect(b'\r')). */
+TASK(c07_eof_parses_buffer_once_more) {
+  ac_map_t *map = task_map_new();
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair_ops(&r, map, &close_to_none_ops, SOCK_STREAM, &peer));
+  ASSERT_OK(ac_chat_set_terminator(&r.chat, "\r\n", 2));
+  DELIVER(&r, peer, "abc\r");
+  ASSERT_STR_EQ(r.trace, "abc|");
+  close(peer);
+  ASSERT_OK(ac_read(&r.chat.d));
+  ASSERT_EQ(r.closes, 1);
+  ASSERT_STR_EQ(r.trace, "abc|\r|");
+  ASSERT_EQ(ac_chat_in_buffer(&r.chat, NULL), 0);
   task_map_free(map);
 }
 
@@ -3771,6 +3812,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c07_receive_error_to_handle_error),
     TASK_ENTRY(c07_in_buffer_size_per_receive),
     TASK_ENTRY(c14_eof_drops_partial_record),
+    TASK_ENTRY(c07_eof_parses_buffer_once_more),
     TASK_ENTRY(c11_c12_line_terminator_lf),
     TASK_ENTRY(c11_c12_line_terminator_crlf),
     TASK_ENTRY(c11_c12_line_terminator_qqq),
