@@ -171,6 +171,7 @@ typedef struct {
   size_t len;
   int reads;
   int writes;
+  int expts;
   int closes;
   int errors;
   int released;
@@ -205,6 +206,11 @@ static int fd_write(ac_dispatcher_t *d) {
   return ac_default_handle_write(d);
 }
 
+static int fd_expt(ac_dispatcher_t *d) {
+  chan(d)->expts++;
+  return ac_default_handle_expt(d);
+}
+
 static int fd_error(ac_dispatcher_t *d, const ac_error_t *e) {
   chan(d)->errors++;
   chan(d)->last_error = e->code;
@@ -216,6 +222,7 @@ static void fd_released(ac_dispatcher_t *d) { chan(d)->released++; }
 static const ac_dispatcher_ops_t fd_ops = {
     .handle_read = fd_read,
     .handle_write = fd_write,
+    .handle_expt = fd_expt,
     .handle_close = fd_close,
     .handle_error = fd_error,
     .closed = fd_released,
@@ -261,6 +268,32 @@ TASK(f08_file_dispatcher_init) {
   ASSERT_EQ(c.released, 1);
   ASSERT(fd_open(p[0])); /* the caller's fd is the caller's */
   ASSERT(fcntl(p[0], F_GETFL) & O_NONBLOCK);
+  close(p[0]);
+  close(p[1]);
+  task_map_free(map);
+}
+
+/* F-04, D-19: a file's SO_ERROR reads as 0 (file_wrapper.getsockopt), so
+ * an exceptional event on a file_dispatcher is handle_expt, never the
+ * handle_close of a pending error. */
+TASK(f04_expt_event_on_file_dispatcher) {
+  ac_map_t *map = task_map_new();
+  fd_chan_t c;
+  int p[2];
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, quiet_sink, NULL);
+  ASSERT_OK(pipe2(p, O_CLOEXEC));
+  memset(&c, 0, sizeof(c));
+  ASSERT_OK(ac_file_dispatcher_init(&c.f, map, &fd_ops, p[0]));
+  ASSERT_OK(ac_exception(&c.f.d));
+  ASSERT_EQ(c.expts, 1);
+  ASSERT_EQ(c.closes, 0);
+  ASSERT_EQ(c.errors, 0);
+  ASSERT(!ac_is_closed(&c.f.d));
+  ac_close(&c.f.d);
+  uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+  ASSERT_EQ(c.released, 1);
   close(p[0]);
   close(p[1]);
   task_map_free(map);
@@ -576,6 +609,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(f05_wrapper_close_twice),
     TASK_ENTRY(f02_f05_wrapper_never_closes_callers_fd),
     TASK_ENTRY(f08_file_dispatcher_init),
+    TASK_ENTRY(f04_expt_event_on_file_dispatcher),
     TASK_ENTRY(f08_file_dispatcher_bad_fd),
     TASK_ENTRY(f09_regular_file_two_passes),
     TASK_ENTRY(f09_regular_file_loop_count_2),
