@@ -1323,6 +1323,7 @@ typedef struct {
   int calls;
   int released;
   int fail;        /* more() returns this when set */
+  int null_chunk;  /* more() gives its chunk's size with *data NULL */
 } gen_t;
 
 static int gen_more(ac_producer_t *p, const void **data, size_t *n) {
@@ -1342,7 +1343,7 @@ static int gen_more(ac_producer_t *p, const void **data, size_t *n) {
   }
   g->left--;
   g->index++;
-  *data = g->buf;
+  *data = g->null_chunk ? NULL : g->buf;
   *n = g->size;
   return 0;
 }
@@ -1941,6 +1942,32 @@ TASK(p01_more_failure) {
   ASSERT_EQ(r.errors, 1);
   ASSERT_EQ(r.err_code, UV_EIO);
   ASSERT_STR_EQ(r.err_where, "handle_write");
+  close(peer);
+  task_map_free(map);
+  ASSERT_EQ(g.released, 1); /* by the channel's release */
+}
+
+/* P-01: a more() that returns 0 with n > 0 bytes at NULL fails like a
+ * more() that returns UV_EINVAL: nothing is queued or sent from NULL, the
+ * producer stays queued, and in the loop handle_error gets the code. */
+TASK(p01_more_null_chunk_is_einval) {
+  ac_map_t *map = task_map_new();
+  char buf[8];
+  gen_t g;
+  rec_t r;
+  int peer;
+
+  ASSERT_OK(rec_pair(&r, map, SOCK_STREAM, &peer));
+  gen_init(&g, 3, 3);
+  g.null_chunk = 1;
+  ASSERT_EQ(ac_chat_push_with_producer(&r.chat, &g.base), UV_EINVAL);
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 1);
+  ASSERT_EQ(ac_chat_out_bytes(&r.chat), 0);
+  ASSERT_EQ(peer_take(peer, buf, sizeof(buf)), 0);
+  ASSERT_OK(ac_write(&r.chat.d));
+  ASSERT_EQ(r.errors, 1);
+  ASSERT_EQ(r.err_code, UV_EINVAL);
+  ASSERT_EQ(peer_take(peer, buf, sizeof(buf)), 0);
   close(peer);
   task_map_free(map);
   ASSERT_EQ(g.released, 1); /* by the channel's release */
@@ -3847,6 +3874,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c21_send_error_to_handle_error),
     TASK_ENTRY(c21_disconnect_calls_handle_close),
     TASK_ENTRY(p01_more_failure),
+    TASK_ENTRY(p01_more_null_chunk_is_einval),
     TASK_ENTRY(c17_producer_ownership_after_errors),
     TASK_ENTRY(c16_owned_ownership_after_errors),
     TASK_ENTRY(c22_discard_buffers),
