@@ -889,6 +889,63 @@ TASK(emfile_own_handle_accept_gets_the_error) {
 }
 
 /* ---------------------------------------------------------------- */
+/* accept(2) aborted                                                  */
+
+/* accept4 with a fault to inject (this test links with
+ * -Wl,--wrap=accept4): the next call fails with `accept_fault` (0: none).
+ * Linux fails an accept with ECONNABORTED only for a connection aborted in
+ * the queue by means a test cannot use. */
+static int accept_fault;
+
+int __real_accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags);
+int __wrap_accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags);
+
+int __wrap_accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags) {
+  if (accept_fault != 0) {
+    errno = accept_fault;
+    accept_fault = 0;
+    return -1;
+  }
+  return __real_accept4(fd, sa, len, flags);
+}
+
+/* D-12, Q-02: an accept that fails with ECONNABORTED returns "None", as
+ * would-block does: ac_accept returns 0, the default handle_accept calls
+ * no handler (no handle_error closing the listener), and the listener
+ * accepts the next connection in a later pass. */
+TASK(accept_aborted_is_none) {
+  int mode;
+
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = quiet_map();
+    uv_os_sock_t s = -1;
+    probe_t server;
+    int port;
+    int fd;
+
+    ASSERT_OK(probe_init(&server, map, &probe_accept_ops, 0, "server"));
+    server.accept_chain = 1;
+    port = probe_listen(&server, AF_INET);
+    ASSERT_GT(port, 0);
+    accept_fault = ECONNABORTED;
+    ASSERT_EQ(ac_accept(&server.base.d, &s, NULL, NULL), 0);
+    ASSERT_EQ(s, -1);
+    fd = task_connect_tcp(AF_INET, port);
+    ASSERT_GE(fd, 0);
+    accept_fault = ECONNABORTED;
+    RUN_UNTIL(map, modes[mode], server.n[EV_ACCEPTED] == 1, 200);
+    ASSERT_EQ(accept_fault, 0); /* the fault was met */
+    ASSERT_GE(server.n[EV_ACCEPT], 2);
+    ASSERT_EQ(server.n[EV_ERROR], 0);
+    ASSERT_EQ(server.n[EV_CLOSE], 0);
+    ASSERT(server.base.d.accepting);
+    close(fd);
+    ac_close(&server.base.d);
+    task_map_free(map);
+  }
+}
+
+/* ---------------------------------------------------------------- */
 /* fd reuse inside one pass (CPython gh-75114)                       */
 
 typedef struct {
@@ -1159,6 +1216,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(host_does_not_resolve),
     TASK_ENTRY(emfile_pauses_listener),
     TASK_ENTRY(emfile_own_handle_accept_gets_the_error),
+    TASK_ENTRY(accept_aborted_is_none),
     TASK_ENTRY(fd_reuse_in_same_pass),
     TASK_ENTRY(close_from_every_handler),
 };
