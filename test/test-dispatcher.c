@@ -2449,6 +2449,11 @@ TASK(d26_describe) {
   ASSERT(describes_as(&d, "<asyncore.dispatcher at %p>"));
   ASSERT_OK(ac_create_socket(&d, AF_INET, SOCK_STREAM));
   ASSERT(describes_as(&d, "<asyncore.dispatcher at %p>"));
+  /* listening without an address: no state word (CPython: accepting and
+   * addr) */
+  ASSERT_OK(ac_listen(&d, 5));
+  ASSERT(d.accepting);
+  ASSERT(describes_as(&d, "<asyncore.dispatcher at %p>"));
 
   ASSERT_OK(ac_dispatcher_init(&l, map, &named));
   ASSERT_OK(ac_create_socket(&l, AF_INET, SOCK_STREAM));
