@@ -37,18 +37,25 @@ static size_t drain(int fd, char *buf, size_t cap) {
   return got;
 }
 
-/* A with_send probe on one end of a socketpair; the peer in *peer. */
-static int ws_unix(ac_map_t *map, probe_t *p, uv_os_sock_t *peer) {
+/* A with_send probe on one end of a socketpair of `type`; the peer in
+ * *peer. */
+static int ws_unix_type(ac_map_t *map, probe_t *p, uv_os_sock_t *peer,
+                        int type) {
   int sv[2];
   int r = probe_init(p, map, &probe_ops, 1, "ws");
 
-  if (r == 0 && (r = socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0,
-                                sv)) == 0) {
+  if (r == 0 &&
+      (r = socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv)) == 0) {
     *peer = sv[1];
     p->chain_write = 1;
     r = ac_dispatcher_open(&p->base.d, sv[0]);
   }
   return r;
+}
+
+/* ws_unix_type on a stream socketpair. */
+static int ws_unix(ac_map_t *map, probe_t *p, uv_os_sock_t *peer) {
+  return ws_unix_type(map, p, peer, SOCK_STREAM);
 }
 
 /* A TCP connection inside one map: `w` (with_send or plain) on one end, a
@@ -179,6 +186,32 @@ TASK(w02_send_after_close) {
   ASSERT_STR_EQ(p.trace, "close ");
   task_map_free(map);
   ASSERT_EQ(p.closed, 1);
+  close(peer);
+}
+
+/* W-02, W-03, D-13: a send that fails with an error other than a
+ * disconnection (here a datagram larger than the send buffer: EMSGSIZE)
+ * reaches the caller, as Python's send raises it; the bytes stay in the
+ * buffer (Python appends them before the send), no handler runs. */
+TASK(w02_send_error_returned_bytes_kept) {
+  ac_map_t *map = task_map_new();
+  static char buf[20000];
+  uv_os_sock_t peer;
+  int small = 4096;
+  probe_t p;
+
+  ASSERT_OK(ws_unix_type(map, &p, &peer, SOCK_DGRAM));
+  ASSERT_OK(setsockopt(ac_fileno(&p.base.d), SOL_SOCKET, SO_SNDBUF, &small,
+                       sizeof(small)));
+  memset(buf, 'x', sizeof(buf));
+  ASSERT_EQ(ac_send(&p.base.d, buf, sizeof(buf)), UV_EMSGSIZE);
+  ASSERT_EQ(ac_dispatcher_with_send_pending(&p.base), sizeof(buf));
+  ASSERT_EQ(ac_dispatcher_with_send_send(&p.base, buf, sizeof(buf)),
+            UV_EMSGSIZE);
+  ASSERT_EQ(ac_dispatcher_with_send_pending(&p.base), 2 * sizeof(buf));
+  ASSERT_STR_EQ(p.trace, "");
+  ac_close(&p.base.d);
+  task_map_free(map);
   close(peer);
 }
 
@@ -589,6 +622,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(w01_construction),
     TASK_ENTRY(w02_buffered_send),
     TASK_ENTRY(w02_send_after_close),
+    TASK_ENTRY(w02_send_error_returned_bytes_kept),
     TASK_ENTRY(w02_buffer_limit_4gib),
     TASK_ENTRY(w03_one_send_of_64k),
     TASK_ENTRY(w03_queued_before_connect_delivered),
