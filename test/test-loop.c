@@ -427,6 +427,30 @@ TASK(l14_listener_never_written) {
   }
 }
 
+/* L-14, D-09, Q-19: a channel whose listen failed stays accepting, and
+ * is still never polled for write, although its socket (UDP) is always
+ * writable: with nothing to read, each pass waits its timeout. */
+TASK(l14_failed_listener_not_polled_for_write) {
+  int i;
+
+  for (i = 0; i < 2; i++) {
+    ac_map_t *map = task_map_new();
+    uint64_t t0;
+    probe_t l;
+
+    ASSERT_OK(probe_init(&l, map, &probe_ops, 0, "l"));
+    ASSERT_OK(ac_create_socket(&l.base.d, AF_INET, SOCK_DGRAM));
+    ASSERT_NE(ac_listen(&l.base.d, 5), 0);
+    ASSERT(l.base.d.accepting);
+    t0 = uv_hrtime();
+    ASSERT_OK(ac_loop(map, 0.02, modes[i], 3));
+    ASSERT_GE(uv_hrtime() - t0, 40 * 1000000ull);
+    ASSERT_STR_EQ(l.trace, "");
+    ac_close(&l.base.d);
+    task_map_free(map);
+  }
+}
+
 /* E-01: AC_EXIT from a handler ends ac_loop at once with AC_EXIT: the
  * events not yet dispatched in the pass are dropped and the map is left as
  * it is; the next ac_loop goes on.  Both modes, read and write handlers. */
@@ -843,6 +867,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(l12_close_all),
     TASK_ENTRY(l13_level_triggered),
     TASK_ENTRY(l14_listener_never_written),
+    TASK_ENTRY(l14_failed_listener_not_polled_for_write),
     TASK_ENTRY(e01_exit_from_handler),
     TASK_ENTRY(e01_map_stop),
     TASK_ENTRY(e08_handler_errors_escape),
