@@ -570,6 +570,7 @@ TASK(x_pause_reading) {
         ASSERT_EQ(ac_reading_paused(&p.base.d), 0);
         LOOP_UNTIL(map, modes[i], p.nin == 3, 50);
         ASSERT_EQ(p.n[EV_READ], 1);
+        ASSERT_OK(ac_pause_reading(&p.base.d, 1)); /* closed paused */
         ac_close(&p.base.d);
         ASSERT_EQ(ac_reading_paused(&p.base.d), 0); /* until the close */
         close(sv[0]);
