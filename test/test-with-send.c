@@ -192,7 +192,8 @@ TASK(w02_send_after_close) {
 /* W-02, W-03, D-13: a send that fails with an error other than a
  * disconnection (here a datagram larger than the send buffer: EMSGSIZE)
  * reaches the caller, as Python's send raises it; the bytes stay in the
- * buffer (Python appends them before the send), no handler runs. */
+ * buffer (Python appends them before the send), no handler runs.  In
+ * handle_write (W-04) the same failure goes to handle_error (E-02). */
 TASK(w02_send_error_returned_bytes_kept) {
   ac_map_t *map = task_map_new();
   static char buf[20000];
@@ -210,6 +211,11 @@ TASK(w02_send_error_returned_bytes_kept) {
             UV_EMSGSIZE);
   ASSERT_EQ(ac_dispatcher_with_send_pending(&p.base), 2 * sizeof(buf));
   ASSERT_STR_EQ(p.trace, "");
+  /* W-04: handle_write's initiate_send meets it too: handle_error */
+  ASSERT_OK(ac_write(&p.base.d));
+  ASSERT_EQ(p.n[EV_ERROR], 1);
+  ASSERT_EQ(p.err_code, UV_EMSGSIZE);
+  ASSERT_STR_EQ(p.err_where, "handle_write");
   ac_close(&p.base.d);
   task_map_free(map);
   close(peer);
