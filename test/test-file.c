@@ -336,7 +336,10 @@ TASK(f09_regular_file_two_passes) {
     ac_map_set_log_sink(map, quiet_sink, NULL);
     memset(&c, 0, sizeof(c));
     c.chunk = 29;
+    ASSERT_EQ(fcntl(fd, F_GETFL) & O_NONBLOCK, 0);
     ASSERT_OK(ac_file_dispatcher_init(&c.f, map, &fd_ops, fd));
+    /* F-08 sets O_NONBLOCK on any fd: here no libuv handle does it */
+    ASSERT(fcntl(fd, F_GETFL) & O_NONBLOCK);
     close(fd);
     ASSERT_OK(ac_loop(map, 0.01, mode, 1));
     ASSERT_EQ(c.reads, 1);
