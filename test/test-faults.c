@@ -945,6 +945,41 @@ TASK(accept_aborted_is_none) {
   }
 }
 
+/* A read burst (burst.c) whose receive ahead gets no memory: the burst
+ * ends there.  No further handle_read in that readiness, which would meet
+ * would-block when nothing more waits (asyncore calls handle_read only for
+ * a readable channel); more input would come with the next readiness. */
+TASK(burst_read_ahead_out_of_memory_stops) {
+  int mode;
+
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = quiet_map();
+    uv_os_sock_t fds[2];
+    char buf[1000];
+    probe_t p;
+
+    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    ASSERT_OK(probe_init(&p, map, &probe_ops, 0, "p"));
+    p.consume = 1;
+    p.rchunk = sizeof(buf); /* the receive fills its buffer: a burst */
+    ASSERT_OK(ac_dispatcher_open(&p.base.d, fds[1]));
+    memset(buf, 'x', sizeof(buf));
+    ASSERT_EQ(send(fds[0], buf, sizeof(buf), 0), (ssize_t) sizeof(buf));
+    ASSERT(probe_wait_fd(fds[1], POLLIN, 1000));
+    alloc_failed = 0;
+    alloc_fail_seq = alloc_seq + 1; /* the receive ahead's buffer */
+    RUN_UNTIL(map, modes[mode], p.n[EV_READ] > 0, 100);
+    alloc_fail_seq = 0;
+    ASSERT_EQ(alloc_failed, 1);
+    ASSERT_EQ(p.n[EV_READ], 1);
+    ASSERT_EQ(p.last_recv, (ssize_t) sizeof(buf));
+    ASSERT_EQ(p.n[EV_ERROR], 0);
+    close(fds[0]);
+    ac_close(&p.base.d);
+    task_map_free(map);
+  }
+}
+
 /* ---------------------------------------------------------------- */
 /* fd reuse inside one pass (CPython gh-75114)                       */
 
@@ -1217,6 +1252,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(emfile_pauses_listener),
     TASK_ENTRY(emfile_own_handle_accept_gets_the_error),
     TASK_ENTRY(accept_aborted_is_none),
+    TASK_ENTRY(burst_read_ahead_out_of_memory_stops),
     TASK_ENTRY(fd_reuse_in_same_pass),
     TASK_ENTRY(close_from_every_handler),
 };
