@@ -323,6 +323,33 @@ TASK(e10_failure_inside_send_and_recv) {
   }
 }
 
+/* E-10 in the loop, on the stream backend's read callback (the read of a
+ * TCP channel): handle_close, called from inside the handler's ac_recv at
+ * EOF, fails; the handler returns 0, and its readiness still fails with
+ * that code: handle_error (E-02 in select mode; E-03 in poll mode, not a
+ * disconnection). */
+TASK(e10_failure_inside_recv_in_loop) {
+  int mode;
+
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    uv_os_sock_t peer;
+    probe_t p;
+
+    ASSERT_OK(open_probe(map, &p, 1, &peer));
+    p.hook = send_in_handler;
+    p.ret[EV_CLOSE] = UV_EIO;
+    p.keep_open = 1;
+    close(peer);
+    LOOP_UNTIL(map, mode, p.n[EV_READ] > 0, 100);
+    ASSERT(strstr(p.trace, "read close error ") != NULL);
+    ASSERT_EQ(p.err_code, UV_EIO);
+    ASSERT_STR_EQ(p.err_where, "handle_read");
+    ac_close(&p.base.d);
+    task_map_free(map);
+  }
+}
+
 static int closes;
 
 static int fail_reset(ac_dispatcher_t *d) {
@@ -459,6 +486,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(e03_poll_mode_disconnect_classification),
     TASK_ENTRY(e02_where_of_other_steps),
     TASK_ENTRY(e10_failure_inside_send_and_recv),
+    TASK_ENTRY(e10_failure_inside_recv_in_loop),
     TASK_ENTRY(e05_default_handle_error),
     TASK_ENTRY(e05_default_handle_error_in_loop),
     TASK_ENTRY(e07_strerror),
