@@ -1476,15 +1476,43 @@ TASK(chat_discard_keeps_pushed_replies) {
  * gets the input, then its receive meets ETIMEDOUT, which goes to
  * handle_error (E-02) — not the end of the input the socket reports once
  * the error was taken (handle_close). */
-TASK(burst_timeout_error_is_reported) {
-  static char out[3 * CHUNK];
+/* The peer never reads: fill its window from the channel's fd, then let
+ * the connection time out on the channel's side (TCP_USER_TIMEOUT), the
+ * input waiting in fd still readable.  1 when it timed out, 0 when the
+ * kernel did not time it out (the caller skips), -1 on a setsockopt or
+ * poll failure. */
+static int time_out(int fd) {
   static char big[MSG];
-  ac_map_t *map = task_map_new();
-  static hostile_t h;
   struct pollfd p;
   int tmo = 200;
+  int i;
+
+  for (i = 0; i < 10000 && send(fd, big, sizeof(big), MSG_DONTWAIT) > 0;
+       i++) {
+  }
+  if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &tmo, sizeof(tmo)) !=
+      0) {
+    return -1;
+  }
+  p.fd = fd;
+  p.events = POLLIN;
+  p.revents = 0;
+  for (i = 0; i < 100 && !(p.revents & POLLERR); i++) {
+    usleep(50000); /* input waits: poll(2) returns at once */
+    if (poll(&p, 1, 0) < 0) {
+      return -1;
+    }
+  }
+  return (p.revents & POLLERR) != 0;
+}
+
+TASK(burst_timeout_error_is_reported) {
+  static char out[3 * CHUNK];
+  ac_map_t *map = task_map_new();
+  static hostile_t h;
   int peer;
   int fd;
+  int t;
   int i;
 
   pattern(out, sizeof(out));
@@ -1492,21 +1520,9 @@ TASK(burst_timeout_error_is_reported) {
   couple(map, &h.e, &hostile_ops, &peer);
   fd = ac_fileno(&h.e.w.d);
   peer_send(peer, fd, out, sizeof(out));
-  /* the peer never reads: fill its window, then let the connection time
-   * out on the channel's side */
-  for (i = 0; i < 10000 && send(fd, big, sizeof(big), MSG_DONTWAIT) > 0;
-       i++) {
-  }
-  ASSERT_OK(setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &tmo,
-                       sizeof(tmo)));
-  p.fd = fd;
-  p.events = POLLIN;
-  p.revents = 0;
-  for (i = 0; i < 100 && !(p.revents & POLLERR); i++) {
-    usleep(50000); /* input waits: poll(2) returns at once */
-    ASSERT_GE(poll(&p, 1, 0), 0);
-  }
-  if (!(p.revents & POLLERR)) {
+  t = time_out(fd);
+  ASSERT_GE(t, 0);
+  if (t == 0) {
     fprintf(stderr, "  skipped: the connection did not time out\n");
     ac_close(&h.e.w.d);
     close(peer);
@@ -1524,6 +1540,47 @@ TASK(burst_timeout_error_is_reported) {
   task_map_free(map);
 }
 
+
+/* The send of a read burst's gathered replies meets ETIMEDOUT (the
+ * connection timed out with input waiting, all of which the burst
+ * received: its last receive ahead took less than it asked, so no receive
+ * met the error first): handle_error, where handle_read, as the echo's
+ * own sends would have made it (D-13, E-02), not the handle_close of the
+ * end that the socket reports once the error was taken. */
+TASK(burst_gathered_send_timeout_is_reported) {
+  static char out[CHUNK + 100]; /* a full receive, then 100 bytes */
+  ac_map_t *map = task_map_new();
+  static hostile_t h;
+  int peer;
+  int fd;
+  int t;
+  int i;
+
+  pattern(out, sizeof(out));
+  memset(&h, 0, sizeof(h));
+  couple(map, &h.e, &hostile_ops, &peer);
+  h.e.echo = 1;
+  fd = ac_fileno(&h.e.w.d);
+  peer_send(peer, fd, out, sizeof(out));
+  t = time_out(fd);
+  ASSERT_GE(t, 0);
+  if (t == 0) {
+    fprintf(stderr, "  skipped: the connection did not time out\n");
+    ac_close(&h.e.w.d);
+    close(peer);
+    task_map_free(map);
+    return;
+  }
+  for (i = 0; i < 20 && h.errors + h.e.closes == 0; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(h.e.nin, sizeof(out));
+  ASSERT_EQ(h.e.reads, 2);
+  ASSERT_EQ(h.errors, 1);
+  ASSERT_EQ(h.e.closes, 0);
+  close(peer);
+  task_map_free(map);
+}
 
 /* ac_fileno from found_terminator after close_when_done in the same parse
  * (the application logs the socket, say): sending what was gathered
@@ -2672,6 +2729,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(burst_close_all_with_input_ahead),
     TASK_ENTRY(chat_discard_keeps_pushed_replies),
     TASK_ENTRY(burst_timeout_error_is_reported),
+    TASK_ENTRY(burst_gathered_send_timeout_is_reported),
     TASK_ENTRY(chat_fileno_after_close_when_done),
     TASK_ENTRY(chat_feed_other_keeps_both_replies),
     TASK_ENTRY(chat_feed_other_replies_on_right_socket),
