@@ -137,8 +137,11 @@ TASK(w02_buffered_send) {
   ASSERT_EQ(cap.lines, 1);
   ASSERT(strncmp(cap.text, "info: sending ", 14) == 0);
   ASSERT(strstr(cap.text, "dbg") != NULL);
-  ASSERT_EQ(drain(peer, buf, sizeof(buf)), 14);
-  ASSERT_MEM_EQ(buf, "helloabcxyzdbg", 14);
+  ASSERT_EQ(ac_send(&p.base.d, "vir", 3), 3); /* the virtual send logs too */
+  ASSERT_EQ(cap.lines, 2);
+  ASSERT(strstr(cap.text, "vir") != NULL);
+  ASSERT_EQ(drain(peer, buf, sizeof(buf)), 17);
+  ASSERT_MEM_EQ(buf, "helloabcxyzdbgvir", 17);
   ASSERT_STR_EQ(p.trace, "");
   ac_close(&p.base.d);
   task_map_free(map);
