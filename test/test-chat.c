@@ -2178,6 +2178,53 @@ TASK(c22_discard_buffers) {
   task_map_free(map);
 }
 
+/* A push_owned free_fn that discards its channel's buffers (C-22). */
+static void discard_in_free(void *data, void *ctx) {
+  (void) data;
+  ac_chat_discard_buffers(ctx);
+}
+
+/* C-21, C-22: one send takes several queued entries and the release of the
+ * first (push_owned's free_fn) discards the fifo: the walk over the sent
+ * entries ends there (the discard released the others), the fifo stays
+ * empty, and the bytes sent reach the peer. */
+TASK(c22_discard_in_release_after_one_send) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_storage ss;
+  char buf[8];
+  rec_t r;
+  int port;
+  int lfd;
+  int peer;
+  int i;
+
+  lfd = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(lfd, 0);
+  ASSERT_OK(rec_init(&r, map, &rec_ops));
+  ASSERT_OK(ac_create_socket(&r.chat.d, AF_INET, SOCK_STREAM));
+  task_addr(AF_INET, port, &ss);
+  ASSERT_OK(ac_connect(&r.chat.d, (struct sockaddr *) &ss));
+  /* not connected yet: all three wait for one send */
+  ASSERT_OK(ac_chat_push_owned(&r.chat, "a", 1, discard_in_free, &r.chat));
+  ASSERT_OK(ac_chat_push(&r.chat, "b", 1));
+  ASSERT_OK(ac_chat_push(&r.chat, "c", 1));
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 3);
+  for (i = 0; i < 200 && ac_chat_fifo_len(&r.chat) > 0; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(ac_chat_fifo_len(&r.chat), 0);
+  ASSERT_EQ(ac_chat_out_bytes(&r.chat), 0);
+  peer = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+  ASSERT_GE(peer, 0);
+  ASSERT_EQ(peer_read_loop(map, peer, buf, 3), 3);
+  ASSERT_MEM_EQ(buf, "abc", 3);
+  ASSERT_EQ(r.errors, 0);
+  ac_close(&r.chat.d);
+  close(peer);
+  close(lfd);
+  task_map_free(map);
+}
+
 /* Q-16: an empty entry is skipped without a zero-length send, and the
  * next entry goes in the same call. */
 TASK(q16_empty_entry_skipped) {
@@ -3878,6 +3925,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c17_producer_ownership_after_errors),
     TASK_ENTRY(c16_owned_ownership_after_errors),
     TASK_ENTRY(c22_discard_buffers),
+    TASK_ENTRY(c22_discard_in_release_after_one_send),
     TASK_ENTRY(q16_empty_entry_skipped),
     TASK_ENTRY(q18_encoding_is_a_no_op),
     TASK_ENTRY(c21_partial_sends_keep_order),
