@@ -337,6 +337,44 @@ TASK(x_output_limit_and_pause_reading) {
   }
 }
 
+/* The limit is reached at exactly `bytes` held ("holds bytes or more",
+ * uvasyncore.h): a chat whose socket takes nothing more queues a push
+ * that makes it hold exactly LIMIT (its bytes plus one entry), and reads
+ * nothing from then on; once its output drained it reads again. */
+TASK(c16_x_output_limit_reached_at_exactly_the_limit) {
+  static char buf[LIMIT];
+  ac_map_t *map = task_map_new();
+  uv_os_sock_t sv[2];
+  echo_t e;
+  int fd;
+  int k;
+
+  ASSERT_OK(couple(0, sv));
+  ASSERT_OK(ac_map_set_output_limit(map, LIMIT));
+  ASSERT_OK(echo_open(&e, map, K_CHAT_PUSH, sv[1]));
+  fd = ac_fileno(&e.u.c.d);
+  memset(buf, 'x', sizeof(buf));
+  while (send(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+  }
+  ASSERT_OK(ac_chat_push(&e.u.c, buf, LIMIT - ENTRY));
+  ASSERT_EQ(held(&e), LIMIT);
+  ASSERT_EQ(send(sv[0], "a\n", 2, 0), 2);
+  for (k = 0; k < 10; k++) {
+    ASSERT_OK(ac_loop(map, 0.001, 0, 1));
+  }
+  ASSERT_EQ(e.reads, 0);
+  for (k = 0; k < 2000 && e.reads == 0; k++) {
+    while (recv(sv[0], buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+    }
+    ASSERT_OK(ac_loop(map, 0.001, 0, 1));
+  }
+  ASSERT_GT(e.reads, 0);
+  ASSERT_EQ(e.failed, 0);
+  ac_close(&e.u.w.d);
+  close(sv[0]);
+  task_map_free(map);
+}
+
 /* Limit 0 (the default, and set back to 0): no back-pressure, the
  * channel's output grows past any bound while the peer never reads. */
 TASK(x_output_limit_off) {
@@ -383,6 +421,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(w02_x_output_limit_never_reader),
     TASK_ENTRY(c16_x_output_limit_never_reader),
     TASK_ENTRY(p01_x_output_limit_never_reader),
+    TASK_ENTRY(c16_x_output_limit_reached_at_exactly_the_limit),
     TASK_ENTRY(x_output_limit_and_pause_reading),
     TASK_ENTRY(x_output_limit_off),
 };
