@@ -36,6 +36,7 @@ typedef struct {
   int kind;
   int reads;       /* handle_read calls */
   size_t held_max; /* the most output held after a handle_read */
+  size_t held_first; /* output held when the first handle_read began */
   int failed;      /* an error inside a handler */
 } echo_t;
 
@@ -72,8 +73,12 @@ static int ws_read(ac_dispatcher_t *d) {
 }
 
 static int chat_read(ac_dispatcher_t *d) {
-  int r = ac_default_handle_read(d);
+  int r;
 
+  if (echo_of(d)->reads == 0) {
+    echo_of(d)->held_first = held(echo_of(d));
+  }
+  r = ac_default_handle_read(d);
   record(echo_of(d));
   return r;
 }
@@ -375,6 +380,44 @@ TASK(c16_x_output_limit_reached_at_exactly_the_limit) {
   task_map_free(map);
 }
 
+/* Reading resumes once the output drained to exactly half the limit
+ * (uvasyncore.h): a datagram chat sends one entry per writable pass; two
+ * queued entries hold LIMIT, and once the first left the chat holds
+ * LIMIT / 2, so its next handle_read comes while the second is still
+ * queued (the echo's push then sends it). */
+TASK(c16_x_output_limit_resumes_at_exactly_half) {
+  static char buf[LIMIT];
+  const size_t half = LIMIT / 2 - ENTRY; /* each entry holds LIMIT / 2 */
+  ac_map_t *map = task_map_new();
+  int sv[2];
+  echo_t e;
+  int fd;
+  int k;
+
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sv));
+  ASSERT_OK(ac_map_set_output_limit(map, LIMIT));
+  ASSERT_OK(echo_open(&e, map, K_CHAT_PUSH, sv[1]));
+  fd = ac_fileno(&e.u.c.d);
+  while (send(fd, "x", 1, MSG_DONTWAIT) > 0) { /* the peer's queue fills */
+  }
+  memset(buf, 'x', sizeof(buf));
+  ASSERT_OK(ac_chat_push(&e.u.c, buf, half));
+  ASSERT_OK(ac_chat_push(&e.u.c, buf, half));
+  ASSERT_EQ(held(&e), LIMIT);
+  ASSERT_EQ(send(sv[0], "a\n", 2, 0), 2);
+  while (recv(sv[0], buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+  }
+  for (k = 0; k < 200 && e.reads == 0; k++) {
+    ASSERT_OK(ac_loop(map, 0.001, 0, 1));
+  }
+  ASSERT_EQ(e.reads, 1);
+  ASSERT_EQ(e.held_first, half + ENTRY); /* the second entry still queued */
+  ASSERT_EQ(e.failed, 0);
+  ac_close(&e.u.w.d);
+  close(sv[0]);
+  task_map_free(map);
+}
+
 /* Limit 0 (the default, and set back to 0): no back-pressure, the
  * channel's output grows past any bound while the peer never reads. */
 TASK(x_output_limit_off) {
@@ -422,6 +465,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(c16_x_output_limit_never_reader),
     TASK_ENTRY(p01_x_output_limit_never_reader),
     TASK_ENTRY(c16_x_output_limit_reached_at_exactly_the_limit),
+    TASK_ENTRY(c16_x_output_limit_resumes_at_exactly_half),
     TASK_ENTRY(x_output_limit_and_pause_reading),
     TASK_ENTRY(x_output_limit_off),
 };
