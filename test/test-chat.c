@@ -1703,56 +1703,71 @@ static const ac_chat_ops_t regreet_ops = {
     .found_terminator = regreet_found,
 };
 
-TASK(c21_reconnect_in_send_keeps_new_output) {
-  ac_map_t *map = task_map_new();
+/* A regreet chat on a TCP connection whose peer has reset it (the chat
+ * has not read since): its next send meets the reset and calls
+ * regreet_close, which reconnects to *listener. */
+static void regreet_chat(rec_t *r, ac_map_t *map, int *listener) {
   struct linger lg = {1, 0};
-  static char big[100000];
   uv_os_sock_t fds[2];
+  int port;
+
+  *listener = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(*listener, 0);
+  task_addr(AF_INET, port, &regreet_addr);
+  ASSERT_OK(rec_init(r, map, &regreet_ops));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&r->chat.d, fds[1]));
+  ASSERT_OK(setsockopt(fds[0], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+  close(fds[0]); /* the peer resets */
+  usleep(20000);
+}
+
+/* The reconnected chat's new peer (accepted on listener) reads the
+ * greeting and nothing more (it reads while bytes come); then the chat is
+ * closed, and the peer and listener too. */
+static void regreet_new_peer_reads_greeting(rec_t *r, ac_map_t *map,
+                                            int listener) {
   char got[64];
   size_t n = 0;
-  int listener;
-  int port;
   int fresh;
-  rec_t r;
   int i;
+
+  /* the new connect starts once the old handle is closed (the loop) */
+  LOOP_UNTIL(map, 0, probe_wait_fd(listener, POLLIN, 0) & POLLIN, 200);
+  fresh = accept(listener, NULL, NULL);
+  ASSERT_GE(fresh, 0);
+  LOOP_UNTIL(map, 0, ac_chat_fifo_len(&r->chat) == 0, 200);
+  for (i = 0; i < 20 && (probe_wait_fd(fresh, POLLIN, 100) & POLLIN); i++) {
+    ssize_t k = recv(fresh, got + n, sizeof(got) - n, 0);
+    ASSERT_GT(k, 0);
+    n += (size_t) k;
+  }
+  ASSERT_EQ(n, 21);
+  ASSERT_MEM_EQ(got, "GREETING-abcdefghij\r\n", 21);
+  ac_close(&r->chat.d);
+  close(fresh);
+  close(listener);
+}
+
+TASK(c21_reconnect_in_send_keeps_new_output) {
+  ac_map_t *map = task_map_new();
+  static char big[100000];
+  int listener;
+  rec_t r;
 
   memset(&regreet_producer, 0, sizeof(regreet_producer));
   regreet_producer.base.more = meddle_more;
   regreet_producer.base.release = meddle_release;
   regreet_producer.big = big;
-  listener = task_listen_tcp(AF_INET, &port);
-  ASSERT_GE(listener, 0);
-  task_addr(AF_INET, port, &regreet_addr);
-  ASSERT_OK(rec_init(&r, map, &regreet_ops));
-  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
-  ASSERT_OK(ac_dispatcher_open(&r.chat.d, fds[1]));
+  regreet_chat(&r, map, &listener);
   ASSERT_OK(ac_chat_set_terminator(&r.chat, "\n", 1));
-  /* the peer resets; the chat has not read since */
-  ASSERT_OK(setsockopt(fds[0], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
-  close(fds[0]);
-  usleep(20000);
   ASSERT_OK(ac_chat_feed(&r.chat, "go\n", 3));
   ASSERT_EQ(r.closes, 1);
   ASSERT_EQ(regreet_producer.released, 1);
-  /* the new connect starts once the old handle is closed (the loop) */
-  LOOP_UNTIL(map, 0, probe_wait_fd(listener, POLLIN, 0) & POLLIN, 200);
-  fresh = accept(listener, NULL, NULL);
-  ASSERT_GE(fresh, 0);
-  LOOP_UNTIL(map, 0, ac_chat_fifo_len(&r.chat) == 0, 200);
-  for (i = 0; i < 20 && n < 21 &&
-              (probe_wait_fd(fresh, POLLIN, 100) & POLLIN);
-       i++) {
-    ssize_t k = recv(fresh, got + n, sizeof(got) - n, 0);
-    ASSERT_GT(k, 0);
-    n += (size_t) k;
-  }
-  ASSERT_EQ(n, 21); /* was 11: "abcdefghij" was consumed unsent */
-  ASSERT_MEM_EQ(got, "GREETING-abcdefghij\r\n", 21);
-  ac_close(&r.chat.d);
+  /* was 11 bytes: "abcdefghij" was consumed unsent */
+  regreet_new_peer_reads_greeting(&r, map, listener);
   task_map_free(map);
   ASSERT_EQ(r.released, 1);
-  close(fresh);
-  close(listener);
 }
 
 /* C-16, C-22, D-13: a push whose own send meets a disconnection calls
@@ -1768,26 +1783,11 @@ TASK(c16_reconnect_in_push_drops_the_push) {
 
   for (owned = 0; owned < 2; owned++) {
     ac_map_t *map = task_map_new();
-    struct linger lg = {1, 0};
-    uv_os_sock_t fds[2];
-    char got[64];
-    size_t n = 0;
     int freed = 0;
     int listener;
-    int port;
-    int fresh;
     rec_t r;
-    int i;
 
-    listener = task_listen_tcp(AF_INET, &port);
-    ASSERT_GE(listener, 0);
-    task_addr(AF_INET, port, &regreet_addr);
-    ASSERT_OK(rec_init(&r, map, &regreet_ops));
-    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
-    ASSERT_OK(ac_dispatcher_open(&r.chat.d, fds[1]));
-    ASSERT_OK(setsockopt(fds[0], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
-    close(fds[0]); /* the peer resets */
-    usleep(20000);
+    regreet_chat(&r, map, &listener);
     if (owned) {
       ASSERT_OK(ac_chat_push_owned(&r.chat, "old reply\r\n", 11, count_free,
                                    &freed));
@@ -1796,23 +1796,10 @@ TASK(c16_reconnect_in_push_drops_the_push) {
       ASSERT_OK(ac_chat_push(&r.chat, "old reply\r\n", 11));
     }
     ASSERT_EQ(r.closes, 1);
-    LOOP_UNTIL(map, 0, probe_wait_fd(listener, POLLIN, 0) & POLLIN, 200);
-    fresh = accept(listener, NULL, NULL);
-    ASSERT_GE(fresh, 0);
-    LOOP_UNTIL(map, 0, ac_chat_fifo_len(&r.chat) == 0, 200);
-    for (i = 0; i < 5 && (probe_wait_fd(fresh, POLLIN, 100) & POLLIN); i++) {
-      ssize_t k = recv(fresh, got + n, sizeof(got) - n, 0);
-      ASSERT_GT(k, 0);
-      n += (size_t) k;
-    }
-    ASSERT_EQ(n, 21);
-    ASSERT_MEM_EQ(got, "GREETING-abcdefghij\r\n", 21);
-    ac_close(&r.chat.d);
+    regreet_new_peer_reads_greeting(&r, map, listener);
     task_map_free(map);
     ASSERT_EQ(r.released, 1);
     ASSERT_EQ(freed, owned);
-    close(fresh);
-    close(listener);
   }
 }
 
