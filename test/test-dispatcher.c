@@ -1809,6 +1809,41 @@ TASK(d15_reconnect_in_handle_close) {
   }
 }
 
+/* The reconnect idiom while the old stream drains: c connects to a new
+ * listener (*lfd; the peer's end accepted as *p1), fills the kernel and
+ * the stream queue, then closes, creates a socket and connects again in
+ * one go.  *sent: the bytes ac_send accepted.  (A failed assertion
+ * returns early: callers check task_failed.) */
+static void rc_reconnect_while_full(rc_client_t *c, ac_map_t *map, int *lfd,
+                                    int *p1, size_t *sent) {
+  static char chunk[65536];
+  int port;
+  int k;
+
+  memset(c, 0, sizeof(*c));
+  c->rounds = 1;
+  *lfd = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(*lfd, 0);
+  task_addr(AF_INET, port, &c->addr);
+  ASSERT_OK(ac_dispatcher_init(&c->d, map, &rc_ops));
+  ASSERT_OK(ac_create_socket(&c->d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&c->d, (struct sockaddr *) &c->addr));
+  LOOP_UNTIL(map, 0, c->connects == 1, 200);
+  *p1 = accept(*lfd, NULL, NULL);
+  ASSERT_GE(*p1, 0);
+  for (k = 0; k < 4096; k++) { /* fill the kernel and the stream queue */
+    ssize_t n = ac_send(&c->d, chunk, sizeof(chunk));
+    ASSERT_GE(n, 0);
+    *sent += (size_t) n;
+    if (n == 0) {
+      break;
+    }
+  }
+  ASSERT_OK(ac_close(&c->d));
+  ASSERT_OK(ac_create_socket(&c->d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&c->d, (struct sockaddr *) &c->addr));
+}
+
 /* The reconnect idiom while the old stream still drains what ac_send
  * accepted (the peer reads slowly): the new connect waits for the drain
  * and the old handle's close, every accepted byte reaches the old peer,
@@ -1824,31 +1859,10 @@ TASK(d15_reconnect_while_draining) {
   int lfd;
   int p1;
   int p2 = -1;
-  int port;
   int k;
 
-  memset(&c, 0, sizeof(c));
-  c.rounds = 1;
-  lfd = task_listen_tcp(AF_INET, &port);
-  ASSERT_GE(lfd, 0);
-  task_addr(AF_INET, port, &c.addr);
-  ASSERT_OK(ac_dispatcher_init(&c.d, map, &rc_ops));
-  ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
-  ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
-  LOOP_UNTIL(map, 0, c.connects == 1, 200);
-  p1 = accept(lfd, (struct sockaddr *) &ss, &sl);
-  ASSERT_GE(p1, 0);
-  for (k = 0; k < 4096; k++) { /* fill the kernel and the stream queue */
-    ssize_t n = ac_send(&c.d, chunk, sizeof(chunk));
-    ASSERT_GE(n, 0);
-    sent += (size_t) n;
-    if (n == 0) {
-      break;
-    }
-  }
-  ASSERT_OK(ac_close(&c.d));
-  ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
-  ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
+  rc_reconnect_while_full(&c, map, &lfd, &p1, &sent);
+  ASSERT(!task_failed);
   ASSERT_EQ(ac_send(&c.d, "x", 1), 0); /* would block: not connected */
   for (k = 0; k < 5; k++) {
     ASSERT_OK(ac_loop(map, 0.01, 0, 1));
@@ -1899,32 +1913,11 @@ TASK(d15_reconnect_while_draining_to_a_peer_that_never_reads) {
   int lfd;
   int p1;
   int p2 = -1;
-  int port;
   int k;
 
   ASSERT_OK(ac_map_set_drain_timeout(map, 1.0));
-  memset(&c, 0, sizeof(c));
-  c.rounds = 1;
-  lfd = task_listen_tcp(AF_INET, &port);
-  ASSERT_GE(lfd, 0);
-  task_addr(AF_INET, port, &c.addr);
-  ASSERT_OK(ac_dispatcher_init(&c.d, map, &rc_ops));
-  ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
-  ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
-  LOOP_UNTIL(map, 0, c.connects == 1, 200);
-  p1 = accept(lfd, (struct sockaddr *) &ss, &sl);
-  ASSERT_GE(p1, 0);
-  for (k = 0; k < 4096; k++) { /* fill the kernel and the stream queue */
-    ssize_t n = ac_send(&c.d, chunk, sizeof(chunk));
-    ASSERT_GE(n, 0);
-    sent += (size_t) n;
-    if (n == 0) {
-      break;
-    }
-  }
-  ASSERT_OK(ac_close(&c.d));
-  ASSERT_OK(ac_create_socket(&c.d, AF_INET, SOCK_STREAM));
-  ASSERT_OK(ac_connect(&c.d, (struct sockaddr *) &c.addr));
+  rc_reconnect_while_full(&c, map, &lfd, &p1, &sent);
+  ASSERT(!task_failed);
   t0 = uv_hrtime();
   while (c.connects < 2 && uv_hrtime() - t0 < 4500 * 1000000ull) {
     ASSERT_OK(ac_loop(map, 0.05, 0, 1));
