@@ -404,8 +404,8 @@ AC_EXTERN int ac_map_set_output_limit(ac_map_t *map, size_t bytes);
  * twice that, is cut: the connection is reset, so that a peer reading to
  * the end meets an error, not an end it could take for the whole stream.
  * Default 60; 0: never (the fd waits for the peer as long as it stays).
- * Returns 0 or UV_EINVAL (map NULL; seconds negative, NaN, or above 1e9,
- * infinity among them). */
+ * Returns 0 or UV_EINVAL (map NULL; seconds negative, NaN, infinite or
+ * above 1e12, as ac_timer_start's times). */
 AC_EXTERN int ac_map_set_drain_timeout(ac_map_t *map, double seconds);
 
 /* repr (D-26) into buf (always NUL-terminated when cap > 0); returns the

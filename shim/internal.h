@@ -322,6 +322,9 @@ AC__HIDDEN void ac__stream_abort_drains(ac_map_t *m);
  * progress is cut after ac_map_set_drain_timeout's time (stream.c). */
 #define AC__LINGER_MS 2000
 #define AC__DRAIN_MS 60000 /* ac_map_set_drain_timeout's default */
+/* timer.c: seconds to whole milliseconds, rounded up; -1 when not a valid
+ * time (negative, NaN, infinite, or above 1e12 s). */
+AC__HIDDEN int64_t ac__to_ms(double s);
 
 /* poll.c: the uv_poll_t backend */
 AC__HIDDEN int ac__poll_open(ac_dispatcher_t *d);

@@ -10,7 +10,6 @@
  * makes the channel writable again. */
 #include "internal.h"
 
-#include <math.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -306,10 +305,12 @@ void ac__drain_tick_start(ac_map_t *m) {
 }
 
 int ac_map_set_drain_timeout(ac_map_t *m, double seconds) {
-  if (m == NULL || !(seconds >= 0) || seconds > 1e9) {
-    return UV_EINVAL; /* NaN fails seconds >= 0 */
+  int64_t ms = ac__to_ms(seconds);
+
+  if (m == NULL || ms < 0) {
+    return UV_EINVAL;
   }
-  m->drain_ms = (uint64_t) ceil(seconds * 1000);
+  m->drain_ms = (uint64_t) ms;
   if (m->closing) {
     return 0; /* the linger of ac_map_close runs on this timer */
   }

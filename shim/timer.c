@@ -12,8 +12,9 @@
 #define AC__T_INIT 0x1   /* ac_timer_init ran */
 #define AC__T_CLOSED 0x2 /* ac_timer_close ran */
 
-/* Seconds to whole milliseconds, rounded up; -1 when not a valid time. */
-static int64_t to_ms(double s) {
+/* Seconds to whole milliseconds, rounded up; -1 when not a valid time
+ * (negative, NaN, infinite, or above 1e12 s). */
+int64_t ac__to_ms(double s) {
   double ms;
   int64_t v;
 
@@ -87,8 +88,8 @@ static int usable(const ac_timer_t *t) {
 /* (Re)start t; 0 or UV_EINVAL. */
 int ac_timer_start(ac_timer_t *t, double delay, double interval,
                    ac_timer_cb cb, void *arg) {
-  int64_t d = to_ms(delay);
-  int64_t i = to_ms(interval);
+  int64_t d = ac__to_ms(delay);
+  int64_t i = ac__to_ms(interval);
 
   if (!usable(t) || cb == NULL || d < 0 || i < 0) {
     return UV_EINVAL;

@@ -103,7 +103,7 @@ TASK(map_and_loop) {
   ASSERT_EQ(ac_map_set_drain_timeout(map, -0.001), UV_EINVAL);
   ASSERT_EQ(ac_map_set_drain_timeout(map, NAN), UV_EINVAL);
   ASSERT_EQ(ac_map_set_drain_timeout(map, INFINITY), UV_EINVAL);
-  ASSERT_EQ(ac_map_set_drain_timeout(map, 2e9), UV_EINVAL);
+  ASSERT_EQ(ac_map_set_drain_timeout(map, 2e12), UV_EINVAL);
   ASSERT_OK(ac_map_set_drain_timeout(map, 0));
   ASSERT_OK(ac_map_set_drain_timeout(map, 60));
   /* L-04, Q-21: an empty map returns at once, whatever the timeout. */
