@@ -102,6 +102,9 @@ int ac_file_wrapper_close(ac_file_wrapper_t *w) {
   }
   fd = w->fd;
   w->fd = -1;
+  /* F-05: close's errors are returned, except EINTR: Linux has closed the
+   * fd then (a retry could close another one), and Python ignores it
+   * (os.close since 3.5, PEP 475) */
   return close(fd) == 0 || errno == EINTR ? 0 : AC__ERR(errno);
 }
 
