@@ -476,23 +476,16 @@ static int not_queued(int r, const void *data,
   return r;
 }
 
-/* After a direct send of `sent` of the n bytes at data (negative: it
- * failed): queue the rest, then report the failure.  The send may have
- * taken everything after all (the kernel took part, libuv's queue the
- * rest): then nothing is queued, not even an empty entry. */
-static int queue_unsent(ac_chat_t *c, const void *data,
-                                     size_t n, ssize_t sent, int copy,
-                                     ac_chat_free_cb free_fn, void *ctx) {
-  int r;
+/* After a direct send that took `sent` of the n bytes at data, fewer
+ * than all (negative: it failed): queue the rest, then report the
+ * failure.  (A send that took everything, the kernel part and libuv's
+ * queue the rest, is push_alive's: nothing is queued.) */
+static int queue_unsent(ac_chat_t *c, const void *data, size_t n,
+                        ssize_t sent, int copy, ac_chat_free_cb free_fn,
+                        void *ctx) {
+  int r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
+                        c->ac_out_buffer_size, copy, free_fn, ctx);
 
-  if (sent >= 0 && (size_t) sent == n) {
-    if (free_fn != NULL) {
-      free_fn((void *) data, ctx);
-    }
-    return 0;
-  }
-  r = append_slices(c, data, n, sent > 0 ? (size_t) sent : 0,
-                    c->ac_out_buffer_size, copy, free_fn, ctx);
   if (r != 0) {
     return not_queued(r, data, free_fn, ctx);
   }
