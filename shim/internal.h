@@ -26,8 +26,9 @@
 /* In `armed` only (poll backend): the handle is stopped on a hang-up that
  * none of the armed directions reports in select mode (poll.c). */
 #define AC__HUNG 0x08
-/* In `armed` only, of a reused channel (no backend yet) whose old stream
- * drains: a drain tick saw it (stream.c).  Apply overwrites it. */
+/* In `armed` only, of a channel whose stream drains (closed, or reused with
+ * no backend yet): a drain tick saw it without progress since (stream.c).
+ * Apply overwrites it. */
 #define AC__AGED 0x08
 /* In `ready` only: its AC__R is good for one dispatch (stream.c: input that
  * came with the connect completion). */
@@ -123,7 +124,6 @@ struct ac_map_s {
   ac_link_t synth;    /* channels ready without a libuv event */
   ac_link_t release;  /* socketless channels waiting for `closed` */
   ac_link_t drain;    /* closed streams still writing queued bytes */
-  ac_link_t drain_old; /* ... that made no progress since the last tick */
   int linger_expired;
   size_t nlive;       /* channels initialised with a socket, not released */
   uv_prepare_t prepare;

@@ -117,7 +117,6 @@ int ac_map_new(uv_loop_t *loop, ac_map_t **out) {
   ac__list_init(&m->synth);
   ac__list_init(&m->release);
   ac__list_init(&m->drain);
-  ac__list_init(&m->drain_old);
   m->sink = default_sink;
   uv_prepare_init(loop, &m->prepare);
   uv_check_init(loop, &m->check);

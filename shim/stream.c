@@ -10,7 +10,6 @@
  * makes the channel writable again. */
 #include "internal.h"
 
-
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -125,7 +124,30 @@ int ac__stream_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   return 0;
 }
 
-static void drain_progress(ac_dispatcher_t *d);
+/* d's drain is over (its queued bytes written, failed or cut): off the
+ * map's drain list (a reused channel's plink is its new life's), its
+ * handle closed. */
+static void end_drain(ac_dispatcher_t *d) {
+  d->flags &= (uint16_t) ~AC__F_DRAIN;
+  d->armed &= (uint8_t) ~AC__AGED; /* a drain tick's mark */
+  if (d->flags & AC__F_CLOSED) {
+    ac__list_del(&d->plink);
+  }
+  ac__close_handle(d);
+}
+
+/* A drain cut short: its peer did not take the bytes reported sent, and
+ * must not take what it got for the whole stream: the connection is reset
+ * (ac__reset_fd; the peer reads what its kernel holds, then the error),
+ * then the drain ends, which drops libuv's queue. */
+static void cut_drain(ac_dispatcher_t *d) {
+  uv_os_fd_t fd;
+
+  if (uv_fileno(&d->h.handle, &fd) == 0) {
+    ac__reset_fd(fd);
+  }
+  end_drain(d);
+}
 
 static void on_write(uv_write_t *req, int status) {
   wreq_t *w = (wreq_t *) req;
@@ -141,15 +163,10 @@ static void on_write(uv_write_t *req, int status) {
     /* The old stream of a closed (or reused) channel. */
     if ((d->flags & AC__F_DRAIN) &&
         (d->wq_bytes == 0 || (d->flags & AC__F_WERR))) {
-      d->flags &= (uint16_t) ~AC__F_DRAIN;
-      d->armed &= (uint8_t) ~AC__AGED; /* a drain tick's mark (reused) */
-      if (d->flags & AC__F_CLOSED) {
-        ac__list_del(&d->plink); /* off the drain list (a reused one's
-                                    plink is its new life's) */
-      }
-      ac__close_handle(d);
+      end_drain(d);
     } else if (d->flags & AC__F_DRAIN) {
-      drain_progress(d);
+      /* progress: the peer takes the bytes, a new drain timeout starts */
+      d->armed &= (uint8_t) ~AC__AGED;
     }
     ac__maybe_release(d);
     return;
@@ -208,61 +225,16 @@ void ac__stream_close(ac_dispatcher_t *d) {
   ac__close_handle(d);
 }
 
-/* A drain cut short: its peer did not take the bytes reported sent, and
- * must not take what it got for the whole stream: the connection is reset
- * (ac__reset_fd; the peer reads what its kernel holds, then the error),
- * then the handle is closed, which drops libuv's queue. */
-static void cut_drain(ac_dispatcher_t *d) {
-  uv_os_fd_t fd;
-
-  if (uv_fileno(&d->h.handle, &fd) == 0) {
-    ac__reset_fd(fd);
-  }
-  d->flags &= (uint16_t) ~AC__F_DRAIN;
-  d->armed &= (uint8_t) ~AC__AGED;
-  ac__close_handle(d);
-}
-
-static void cut_drains(ac_link_t *h) {
-  while (!ac__list_empty(h)) {
-    ac_dispatcher_t *d = AC__ENTRY(h->next, plink);
-    ac__list_del(&d->plink);
+/* A drain tick's look at d, whose stream drains: cut if the previous tick
+ * marked it and it made no progress since (a completed write clears the
+ * mark: on_write), else marked.  Returns whether d is left marked. */
+static int age_drain(ac_dispatcher_t *d) {
+  if (d->armed & AC__AGED) {
     cut_drain(d);
+    return 0;
   }
-}
-
-/* A queued send of d's draining stream completed: the peer takes its
- * bytes, so the drain starts a new timeout (on_drain_tick). */
-static void drain_progress(ac_dispatcher_t *d) {
-  d->armed &= (uint8_t) ~AC__AGED; /* a reused channel's old stream */
-  if (d->flags & AC__F_CLOSED) {
-    ac__list_del(&d->plink);
-    ac__list_add(&d->map->drain, &d->plink);
-  }
-}
-
-/* The reused channels of m whose old stream still drains (reuse(),
- * dispatcher.c: off the drain list, in the map) are aged as the drains are:
- * marked at one tick, cut at the next unless they made progress meanwhile
- * (drain_progress), when the old handle's close lets the new socket
- * attach.  Returns how many are left marked. */
-static int age_reused_drains(ac_map_t *m) {
-  ac_link_t *l;
-  int left = 0;
-
-  for (l = m->channels.next; l != &m->channels; l = l->next) {
-    ac_dispatcher_t *d = AC__ENTRY(l, link);
-    if (!(d->flags & AC__F_DRAIN) || !ac__reusing(d)) {
-      continue;
-    }
-    if (d->armed & AC__AGED) {
-      cut_drain(d);
-    } else {
-      d->armed |= AC__AGED;
-      left++;
-    }
-  }
-  return left;
+  d->armed |= AC__AGED;
+  return 1;
 }
 
 /* The drains' tick, every drain timeout (ac_map_set_drain_timeout) while
@@ -271,18 +243,27 @@ static int age_reused_drains(ac_map_t *m) {
  * A peer that never reads would otherwise hold the fd, up to the emulated
  * send buffer and the channel (no `closed`) for ever while the
  * application's loop runs: a server closing idle connections of such
- * peers would run out of fds.  A slow peer that reads keeps its drain. */
+ * peers would run out of fds.  A slow peer that reads keeps its drain.
+ * Closed channels drain on the map's drain list; a reused channel's old
+ * stream drains while the channel is in the map (reuse(), dispatcher.c:
+ * its plink is its new life's); an adopted channel's fence is adopt.c's. */
 static void on_drain_tick(uv_timer_t *h) {
   ac_map_t *m = h->data;
-  int marked = age_reused_drains(m) + ac__adopt_age(m);
+  int marked = ac__adopt_age(m);
+  ac_link_t *l;
+  ac_link_t *next;
 
-  cut_drains(&m->drain_old);
-  while (!ac__list_empty(&m->drain)) {
-    ac_link_t *l = m->drain.next;
-    ac__list_del(l);
-    ac__list_add(&m->drain_old, l);
+  for (l = m->drain.next; l != &m->drain; l = next) {
+    next = l->next; /* a cut drain leaves the list */
+    marked += age_drain(AC__ENTRY(l, plink));
   }
-  if (ac__list_empty(&m->drain_old) && !marked) {
+  for (l = m->channels.next; l != &m->channels; l = l->next) {
+    ac_dispatcher_t *d = AC__ENTRY(l, link);
+    if ((d->flags & AC__F_DRAIN) && ac__reusing(d)) {
+      marked += age_drain(d);
+    }
+  }
+  if (!marked) {
     uv_timer_stop(h);
   }
 }
@@ -323,7 +304,8 @@ int ac_map_set_drain_timeout(ac_map_t *m, double seconds) {
 
 /* Cut the drains that outlived the map's linger time. */
 void ac__stream_abort_drains(ac_map_t *m) {
-  cut_drains(&m->drain_old);
-  cut_drains(&m->drain);
+  while (!ac__list_empty(&m->drain)) {
+    cut_drain(AC__ENTRY(m->drain.next, plink));
+  }
   ac__adopt_abort(m); /* adopted streams' queued bytes too (adopt.c) */
 }
