@@ -464,12 +464,14 @@ static int append_entry(ac_chat_t *c, int kind, void *owner,
   return 0;
 }
 
-/* Queueing the bytes of a push failed (r: UV_ENOMEM).  The call took
- * them all the same: push_owned's bytes are given back now, so that no
- * failure after the argument checks leaves them to the caller (a failure
- * of initiate_send is also UV_ENOMEM at times, with the bytes queued). */
-static int not_queued(int r, const void *data,
-                                   ac_chat_free_cb free_fn, void *ctx) {
+/* The push is done with the bytes at data without queueing them: all
+ * sent, dropped, or queueing failed (r: UV_ENOMEM; the call took them all
+ * the same, so that no failure after the argument checks leaves them to
+ * the caller; a failure of initiate_send is also UV_ENOMEM at times, with
+ * the bytes queued).  push_owned's bytes are given back now (free_fn).
+ * Returns r. */
+static int give_back(int r, const void *data, ac_chat_free_cb free_fn,
+                     void *ctx) {
   if (free_fn != NULL) {
     free_fn((void *) data, ctx);
   }
@@ -487,7 +489,7 @@ static int queue_unsent(ac_chat_t *c, const void *data, size_t n,
                         c->ac_out_buffer_size, copy, free_fn, ctx);
 
   if (r != 0) {
-    return not_queued(r, data, free_fn, ctx);
+    return give_back(r, data, free_fn, ctx);
   }
   return sent < 0 ? ac__chat_send_failed(c, (int) sent) : 0;
 }
@@ -508,29 +510,24 @@ static AC__INLINE int push_alive(ac_chat_t *c, const void *data, size_t n,
   }
   if (n == 0) {
     r = append_entry(c, AC__E_DATA, (void *) data, free_fn, ctx);
-    return r != 0 ? not_queued(r, data, free_fn, ctx) : ac_chat_initiate_send(c);
+    return r != 0 ? give_back(r, data, free_fn, ctx) : ac_chat_initiate_send(c);
   }
   if (c->fifo.len_ > 0 || !c->d.connected || c->sending) {
     r = append_slices(c, data, n, 0, size, copy, free_fn, ctx);
-    return r != 0 ? not_queued(r, data, free_fn, ctx) : ac_chat_initiate_send(c);
+    return r != 0 ? give_back(r, data, free_fn, ctx) : ac_chat_initiate_send(c);
   }
   gen = c->out_gen;
   sent = ac__send(&c->d, data, n <= size || gathers(c) ? n : size);
   if ((size_t) sent == n) {
-    if (free_fn != NULL) {
-      free_fn((void *) data, ctx);
-    }
-    return 0;
+    return give_back(0, data, free_fn, ctx);
   }
   if (c->out_gen != gen) {
     /* A disconnection called handle_close inside the send, and it dropped
      * the fifo: CPython queues the bytes before it sends, so that
      * discard_buffers drops them too (not queued behind what handle_close
      * pushed for a new connection).  An error is reported as
-     * queue_unsent reports it. */
-    if (free_fn != NULL) {
-      free_fn((void *) data, ctx);
-    }
+     * queue_unsent reports it, once the bytes are given back. */
+    (void) give_back(0, data, free_fn, ctx);
     return sent < 0 ? ac__chat_send_failed(c, (int) sent) : 0;
   }
   return queue_unsent(c, data, n, sent, copy, free_fn, ctx);
