@@ -11,6 +11,8 @@
  * out of range, a host or path that would break the request line). */
 #include <uvasyncore.h>
 
+#include "args.h" /* parse_port */
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -123,14 +125,6 @@ static int request_safe(const char *s) {
   return 1;
 }
 
-/* PORT: a number in 1..65535, else -1. */
-static int port_arg(const char *s) {
-  char *end;
-  long v = strtol(s, &end, 10);
-
-  return end != s && *end == '\0' && v >= 1 && v <= 65535 ? (int) v : -1;
-}
-
 /* SECONDS: a positive finite number, else -1. */
 static double seconds_arg(const char *s) {
   char *end;
@@ -160,7 +154,7 @@ int main(int argc, char **argv) {
     i = 3;
   }
   if (i < argc) {
-    port = port_arg(argv[i]);
+    port = parse_port(argv[i]);
   }
   host = i + 1 < argc ? argv[i + 1] : host;
   path = i + 2 < argc ? argv[i + 2] : path;

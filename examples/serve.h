@@ -13,6 +13,8 @@
 
 #include <uvasyncore.h>
 
+#include "args.h" /* parse_long, parse_port */
+
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -45,23 +47,6 @@ typedef struct {
                         (no complete request, no output drained) for this
                         long is closed; 0: never */
 } limits_t;
-
-/* A whole number from lo to hi; -1 when malformed or out of range ("80x",
- * "70000"), where atoi would read a port 80, or 0: any free port. */
-static inline long parse_long(const char *s, long lo, long hi) {
-  char *end;
-  long v;
-
-  errno = 0;
-  v = strtol(s, &end, 10);
-  return errno == 0 && end != s && *end == '\0' && v >= lo && v <= hi ? v
-                                                                      : -1;
-}
-
-/* A TCP port to listen on, 1 to 65535; -1 when malformed. */
-static inline int parse_port(const char *s) {
-  return (int) parse_long(s, 1, 65535);
-}
 
 /* A size with an optional k/m/g suffix ("64k"); 0 when malformed. */
 static inline size_t parse_size(const char *s) {
