@@ -465,34 +465,6 @@ static int missing_found(ac_chat_t *c) {
   return AC_EFAIL;
 }
 
-/* C-09: no terminator, collect it all. */
-static int step_all(ac_chat_t *c, view_t *v) {
-  int r = collect(c, v, v->len);
-
-  if (r == 0) {
-    consume(c, v, v->len);
-  }
-  return r;
-}
-
-/* C-10: the countdown.  A terminator set inside collect_incoming_data
- * stands (Python overwrote it with the countdown's result). */
-static int step_count(ac_chat_t *c, view_t *v) {
-  uint64_t n = c->term_count;
-  uint32_t gen = c->term_gen;
-  size_t x = (uint64_t) v->len < n ? v->len : (size_t) n;
-  int r = collect(c, v, x);
-
-  if (r != 0) {
-    return r;
-  }
-  consume(c, v, x);
-  if (c->term_gen == gen) {
-    c->term_count = n - x;
-  }
-  return x < n ? 0 : found(c);
-}
-
 /* C-11 and C-12: a string terminator. */
 static int step_bytes(ac_chat_t *c, view_t *v) {
   size_t n = c->term_len;
@@ -522,17 +494,18 @@ static int step_bytes(ac_chat_t *c, view_t *v) {
   return 0;
 }
 
-/* Where step_byte stopped: v->b moves to b (w with it), v->len is len. */
+/* Where lines() stopped: v->b moves to b (w with it), v->len is len. */
 static void view_at(view_t *v, const char *b, size_t len) {
   v->w = v->w != NULL ? v->w + (b - v->b) : NULL;
   v->b = b;
   v->len = len;
 }
 
-/* The parse loop (parse() and its steps) for the common cases, without a
- * view: input with no terminator bytes in front (so no matcher state),
- * terminators of at most AC__CHAT_TERM_INLINE bytes, counts, none.
- * Works on *pb / *plen, the input not parsed yet, and moves them on.
+/* The parse loop: record after record of input that starts a record (no
+ * partial terminator in front, so no matcher state), for terminators of at
+ * most AC__CHAT_TERM_INLINE bytes, counts and none; run_fresh runs it on
+ * the receive buffer, parse() on a view.  Works on *pb / *plen, the input
+ * not parsed yet, and moves them on.
  * Stops when the input is used up or discarded (which empties it), when a
  * callback fails (what it was given stays unparsed: the record when
  * collect_incoming_data failed, the rest after the terminator when
@@ -543,7 +516,7 @@ static void view_at(view_t *v, const char *b, size_t len) {
  * terminator never stops there.  `gen` is c->in_gen at the start of the
  * parse. */
 static AC__INLINE int lines(ac_chat_t *c, const char **pb,
-                                  size_t *plen, uint32_t gen) {
+                            size_t *plen, uint32_t gen) {
   const char *b = *pb;
   size_t len = *plen;
   int r = 0;
@@ -613,7 +586,9 @@ static AC__INLINE int lines(ac_chat_t *c, const char **pb,
       }
       r = found(c);
     } else if (c->term_kind == AC_TERM_COUNT && c->term_count > 0) {
-      /* C-10, as step_count */
+      /* C-10, the countdown.  A terminator set inside
+       * collect_incoming_data stands (Python overwrote it with the
+       * countdown's result). */
       uint64_t n = c->term_count;
       uint32_t tgen = c->term_gen;
       size_t x = (uint64_t) len < n ? len : (size_t) n;
@@ -633,7 +608,7 @@ static AC__INLINE int lines(ac_chat_t *c, const char **pb,
         r = found(c);
       }
     } else if (c->term_kind != AC_TERM_BYTES || c->term_len == 0) {
-      /* C-09, as step_all */
+      /* C-09: no terminator, collect it all */
       r = deliver(c, b, len);
       if (r == 0) {
         len = 0;
@@ -649,7 +624,7 @@ static AC__INLINE int lines(ac_chat_t *c, const char **pb,
 
 /* lines() on a view (v->virt == 0): the search starts afresh where it
  * stopped (the start of a record). */
-static int step_byte(ac_chat_t *c, view_t *v) {
+static int step_lines(ac_chat_t *c, view_t *v) {
   const char *b = v->b;
   size_t len = v->len;
   int r = lines(c, &b, &len, v->gen);
@@ -661,24 +636,29 @@ static int step_byte(ac_chat_t *c, view_t *v) {
   return r;
 }
 
+/* The parse loop on a view: lines(), and step_bytes where it cannot go
+ * on (a terminator longer than AC__CHAT_TERM_INLINE bytes, a cut or false
+ * start of a shorter one) and where the input begins with a partial
+ * terminator kept from the last receive (C-12): only in the first step,
+ * where the search resumes inside the terminator instead of reading those
+ * bytes again.  Stops when the input is used up or kept, or a callback
+ * failed. */
 static int parse(ac_chat_t *c, view_t *v) {
   int r = 0;
 
   while (v->len > 0 && r == 0 && !v->kept) {
+    const char *b = v->b;
+
     if (c->in_gen != v->gen) { /* discard_buffers in found_terminator */
       view_rest_to_transport(c, v, 0);
       v->len = 0;
       break;
     }
-    if (c->term_kind == AC_TERM_COUNT && c->term_count > 0) {
-      r = step_count(c, v);
-    } else if (c->term_kind == AC_TERM_BYTES && c->term_len == 1 &&
-               v->virt == 0) {
-      r = step_byte(c, v);
-    } else if (c->term_kind == AC_TERM_BYTES && c->term_len > 0) {
+    if (v->virt == 0) {
+      r = step_lines(c, v);
+    }
+    if (r == 0 && v->b == b && v->len > 0 && c->in_gen == v->gen) {
       r = step_bytes(c, v);
-    } else {
-      r = step_all(c, v);
     }
   }
   return r;
