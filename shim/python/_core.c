@@ -181,6 +181,18 @@ static int mark_dirty(poller *p, entry *e) {
   return 0;
 }
 
+/* Leaves e's libuv calls to run_deferred, which makes them once the
+ * thread that runs the loop is done: links e onto p->deferred, if it is
+ * not there already. */
+static void defer(poller *p, entry *e) {
+  if (e->deferred) {
+    return;
+  }
+  e->deferred = 1;
+  e->next_deferred = p->deferred;
+  p->deferred = e;
+}
+
 /* Releases the handle of a dead entry that has one.  A pollable entry's
  * poll handle is closed: a ready entry stays in p->ready (skipped as dead)
  * until the wait ends, and its memory lives until the close callback, in a
@@ -231,11 +243,7 @@ static PyObject *entry_kill(poller *p, entry *e) {
     /* Another thread runs the loop: its handles are not to be touched
      * until it is done (run_deferred).  An entry added meanwhile has no
      * handle and is in no list but that one. */
-    if (!e->deferred) {
-      e->deferred = 1;
-      e->next_deferred = p->deferred;
-      p->deferred = e;
-    }
+    defer(p, e);
     return obj;
   }
   entry_release(p, e, p->busy);
@@ -327,9 +335,7 @@ static PyObject *poller_add(PyObject *self, PyObject *args) {
     /* Another thread runs the loop: the handle is made when it is done
      * (run_deferred), before the entry's first evaluation. */
     e->uninit = 1;
-    e->deferred = 1;
-    e->next_deferred = p->deferred;
-    p->deferred = e;
+    defer(p, e);
     p->n_uninit++;
   } else {
     e->pollable = uv_poll_init(&p->loop, &e->poll, fd) == 0;
