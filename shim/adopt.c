@@ -266,7 +266,6 @@ int ac__adopt_age(ac_map_t *m) {
   return left;
 }
 
-/* A new adoption of d holding a copy of the n pending bytes, or NULL. */
 /* A record for d with room for `cap` bytes, holding none. */
 static void adopt_init(ac__adopt_t *a, ac_dispatcher_t *d, size_t cap) {
   memset(a, 0, sizeof(*a));
