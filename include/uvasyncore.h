@@ -673,15 +673,20 @@ AC_EXTERN int ac_dispatcher_adopt_fd(ac_dispatcher_t *d, uv_os_sock_t sock,
 /* recvfrom on a SOCK_DGRAM channel, like Python's socket.recvfrom: the
  * datagram's length (0 is an empty datagram, not EOF: no handle_close),
  * UV_EAGAIN when none is queued, another negative errno.  `addr` and
- * `addrlen` (in: capacity ignored, out: length) may be NULL.  UV_EINVAL
- * for a bad argument, UV_EBADF when closed, UV_EPROTOTYPE when the
- * channel is not a datagram socket. */
+ * `addrlen` (in: capacity ignored, out: length) may be NULL; `addr` is
+ * zero-filled past the sender's address, and an unnamed sender (an
+ * AF_UNIX socket without a name) gives length 0 and family AF_UNSPEC.
+ * UV_EINVAL for a bad argument, UV_EBADF when closed, UV_EPROTOTYPE when
+ * the channel is not a datagram socket. */
 AC_EXTERN ssize_t ac_recvfrom(ac_dispatcher_t *d, void *buf, size_t n,
                               struct sockaddr_storage *addr,
                               socklen_t *addrlen);
 
 /* sendto on a SOCK_DGRAM channel (`addr` NULL: send on a connected one):
- * the bytes sent, UV_EAGAIN, or another negative errno, as ac_recvfrom. */
+ * the bytes sent, UV_EAGAIN, or another negative errno, as ac_recvfrom;
+ * UV_EAFNOSUPPORT for a family other than AF_INET, AF_INET6, AF_UNIX.  An
+ * AF_UNIX address is as long as ac_bind takes it: a path to its NUL, an
+ * abstract name (leading NUL) to the next NUL. */
 AC_EXTERN ssize_t ac_sendto(ac_dispatcher_t *d, const void *buf, size_t n,
                             const struct sockaddr *addr);
 

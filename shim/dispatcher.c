@@ -16,7 +16,7 @@ static const ac_dispatcher_ops_t no_overrides;
 /* The length of an address of a family the library knows, 0 for any other
  * family (its size is unknown: copying a sockaddr_storage from it could read
  * past the caller's object). */
-static socklen_t addr_len(const struct sockaddr *sa) {
+socklen_t ac__addr_len(const struct sockaddr *sa) {
   switch (sa->sa_family) {
   case AF_INET:
     return sizeof(struct sockaddr_in);
@@ -391,7 +391,7 @@ int ac_bind(ac_dispatcher_t *d, const struct sockaddr *addr) {
   if (d == NULL || addr == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
-  len = addr_len(addr);
+  len = ac__addr_len(addr);
   if (len == 0) {
     return UV_EAFNOSUPPORT;
   }
@@ -478,7 +478,7 @@ int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   if (d == NULL || addr == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
   }
-  len = addr_len(addr);
+  len = ac__addr_len(addr);
   if (len == 0) {
     return UV_EAFNOSUPPORT;
   }
@@ -536,7 +536,7 @@ int ac__take_connected(ac_dispatcher_t *d, uv_os_sock_t fd,
     d->type = SOCK_STREAM;
     d->family = (uint8_t) addr->sa_family;
   }
-  set_addr(d, addr, addr_len(addr)); /* IPv4 or IPv6: inline */
+  set_addr(d, addr, ac__addr_len(addr)); /* IPv4 or IPv6: inline */
   return ac__attach(d, 1);
 }
 

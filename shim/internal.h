@@ -271,6 +271,9 @@ static inline void ac__output_sent(ac_dispatcher_t *d, size_t held) {
 #define AC__ACCEPT_PAUSE_MS 100
 
 /* dispatcher.c */
+/* The exact length of an AF_INET, AF_INET6 or AF_UNIX address (a path with
+ * its NUL, an abstract name up to its end), 0 for another family. */
+AC__HIDDEN socklen_t ac__addr_len(const struct sockaddr *sa);
 AC__HIDDEN int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
                               const ac_dispatcher_ops_t *ops,
                               const void *cls);

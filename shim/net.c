@@ -7,7 +7,6 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <string.h>
-#include <sys/un.h>
 
 /* Whether d is an open datagram socket: 0, or the error to return. */
 static int check_dgram(const ac_dispatcher_t *d) {
@@ -43,7 +42,14 @@ ssize_t ac_recvfrom(ac_dispatcher_t *d, void *buf, size_t n,
     return errno == EWOULDBLOCK ? UV_EAGAIN : AC__ERR(errno);
   }
   if (addr != NULL) {
-    memcpy(addr, &ss, len < sizeof(*addr) ? len : sizeof(*addr));
+    /* Zero past the address: an AF_UNIX name ends at the first NUL for
+     * ac_sendto, and an unnamed sender (len 0) is AF_UNSPEC, not the
+     * address a previous datagram left in the caller's buffer. */
+    if (len > sizeof(*addr)) {
+      len = sizeof(*addr);
+    }
+    memcpy(addr, &ss, len);
+    memset((char *) addr + len, 0, sizeof(*addr) - len);
   }
   if (addrlen != NULL) {
     *addrlen = len;
@@ -63,20 +69,8 @@ ssize_t ac_sendto(ac_dispatcher_t *d, const void *buf, size_t n,
   if (buf == NULL && n > 0) {
     return UV_EINVAL;
   }
-  if (addr != NULL) {
-    switch (addr->sa_family) {
-    case AF_INET:
-      len = sizeof(struct sockaddr_in);
-      break;
-    case AF_INET6:
-      len = sizeof(struct sockaddr_in6);
-      break;
-    case AF_UNIX:
-      len = sizeof(struct sockaddr_un);
-      break;
-    default:
-      return UV_EAFNOSUPPORT;
-    }
+  if (addr != NULL && (len = ac__addr_len(addr)) == 0) {
+    return UV_EAFNOSUPPORT;
   }
   do {
     r = sendto(d->fd, buf, n, MSG_NOSIGNAL, addr, len);

@@ -4,6 +4,8 @@
 #include "task.h"
 
 #include <arpa/inet.h>
+#include <stddef.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 static const int modes[2] = {0, 1};
@@ -276,6 +278,108 @@ TASK(udp_icmp_error_is_pollerr) {
   }
 }
 
+/* An AF_UNIX datagram address: an abstract name (leading NUL) when
+ * `abstract`, else a path; of family AF_UNIX, the rest zero. */
+static void unix_addr(struct sockaddr_storage *ss, const char *name,
+                      int abstract) {
+  struct sockaddr_un *un = (struct sockaddr_un *) ss;
+
+  memset(ss, 0, sizeof(*ss));
+  un->sun_family = AF_UNIX;
+  memcpy(un->sun_path + (abstract ? 1 : 0), name, strlen(name));
+}
+
+/* A datagram channel bound to `name` (AF_UNIX, abstract), echoing or
+ * sending as udp_open's. */
+static int unix_dgram_open(udp_t *u, ac_map_t *map, const char *name) {
+  int r;
+
+  memset(u, 0, sizeof(*u));
+  unix_addr(&u->to, name, 1);
+  r = ac_dispatcher_init(&u->d, map, &udp_ops);
+  if (r == 0) {
+    r = ac_create_socket(&u->d, AF_UNIX, SOCK_DGRAM);
+  }
+  if (r == 0) {
+    r = ac_bind(&u->d, (struct sockaddr *) &u->to);
+  }
+  return r;
+}
+
+/* AF_UNIX datagrams between abstract names: ac_sendto gives the kernel an
+ * abstract address's exact length, as ac_bind and ac_connect do (the name
+ * is the bytes up to the address's length: with the whole sun_path the
+ * datagram went to another name, UV_ECONNREFUSED).  The server answers
+ * each client at the address ac_recvfrom gave, a longer name first, then
+ * a shorter one: ac_recvfrom zero-fills `addr` past the address, so that
+ * no byte of the longer name is left in the shorter one.  Both modes. */
+TASK(udp_unix_abstract_round_trip) {
+  int m;
+
+  for (m = 0; m < 2; m++) {
+    ac_map_t *map = task_map_new();
+    udp_t srv;
+    udp_t lng;
+    udp_t sht;
+
+    ASSERT(map != NULL);
+    ASSERT_OK(unix_dgram_open(&srv, map, "uvac-udp-srv"));
+    ASSERT_OK(unix_dgram_open(&lng, map, "uvac-udp-longer-name"));
+    ASSERT_OK(unix_dgram_open(&sht, map, "uvac-udp-s"));
+    srv.echo = 1;
+    memcpy(&lng.to, &srv.to, sizeof(lng.to));
+    lng.msg = "long";
+    lng.msglen = 4;
+    LOOP_UNTIL(map, modes[m], lng.ngot == 4, 500);
+    ASSERT_MEM_EQ(lng.got, "long", 4);
+    memcpy(&sht.to, &srv.to, sizeof(sht.to));
+    sht.msg = "short";
+    sht.msglen = 5;
+    LOOP_UNTIL(map, modes[m], sht.ngot == 5, 500);
+    ASSERT_MEM_EQ(sht.got, "short", 5);
+    ASSERT_EQ(lng.reads, 1); /* the short one's echo did not come here */
+    ASSERT_EQ(srv.errors + lng.errors + sht.errors, 0);
+    task_map_free(map);
+  }
+}
+
+/* An unnamed sender (an AF_UNIX datagram socket without a name) has no
+ * address: ac_recvfrom gives length 0 and family AF_UNSPEC, so that a
+ * reply to it fails (UV_EAFNOSUPPORT) instead of going to the address a
+ * previous datagram left in the caller's buffer. */
+TASK(udp_recvfrom_unnamed_sender) {
+  ac_map_t *map = task_map_new();
+  udp_t srv;
+  udp_t named;
+  struct sockaddr_storage from;
+  socklen_t len = sizeof(from);
+  char buf[8];
+  int s;
+
+  ASSERT(map != NULL);
+  ASSERT_OK(unix_dgram_open(&srv, map, "uvac-udp-srv2"));
+  ASSERT_OK(unix_dgram_open(&named, map, "uvac-udp-named"));
+  ASSERT_EQ(ac_sendto(&named.d, "a", 1, (struct sockaddr *) &srv.to), 1);
+  ASSERT_EQ(ac_recvfrom(&srv.d, buf, sizeof(buf), &from, &len), 1);
+  ASSERT_EQ(from.ss_family, AF_UNIX);
+  ASSERT_GT(len, offsetof(struct sockaddr_un, sun_path));
+  s = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(s, 0);
+  ASSERT_EQ(sendto(s, "b", 1, 0, (struct sockaddr *) &srv.to,
+                   (socklen_t) (offsetof(struct sockaddr_un, sun_path) + 1 +
+                                strlen("uvac-udp-srv2"))),
+            1);
+  len = sizeof(from);
+  ASSERT_EQ(ac_recvfrom(&srv.d, buf, sizeof(buf), &from, &len), 1);
+  ASSERT_EQ(len, 0);
+  ASSERT_EQ(from.ss_family, AF_UNSPEC);
+  ASSERT_EQ(ac_sendto(&srv.d, "x", 1, (struct sockaddr *) &from),
+            UV_EAFNOSUPPORT);
+  ASSERT_EQ(recv(ac_fileno(&named.d), buf, sizeof(buf), MSG_DONTWAIT), -1);
+  close(s);
+  task_map_free(map);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(udp_echo_round_trip),
     TASK_ENTRY(udp_empty_datagram_is_not_eof),
@@ -283,6 +387,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(udp_bad_input),
     TASK_ENTRY(udp_connected),
     TASK_ENTRY(udp_icmp_error_is_pollerr),
+    TASK_ENTRY(udp_unix_abstract_round_trip),
+    TASK_ENTRY(udp_recvfrom_unnamed_sender),
 };
 
 int main(int argc, char **argv) {
