@@ -331,6 +331,10 @@ AC__HIDDEN int64_t ac__to_ms(double s);
 
 /* poll.c: the uv_poll_t backend */
 AC__HIDDEN int ac__poll_open(ac_dispatcher_t *d);
+/* Whether d's fd was closed behind the library's back, or its number
+ * taken since by a file libuv cannot watch (Q-20): checked before libuv
+ * is to watch it anew, which would abort() in epoll_ctl. */
+AC__HIDDEN int ac__fd_gone(const ac_dispatcher_t *d);
 AC__HIDDEN void ac__poll_apply(ac_dispatcher_t *d, int bits);
 AC__HIDDEN void ac__poll_close(ac_dispatcher_t *d);
 

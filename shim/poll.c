@@ -14,9 +14,12 @@
 #include "internal.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
+#include <string.h>
 #include <sys/stat.h>
+#ifdef __linux__
+#include <sys/epoll.h>
+#endif
 
 int ac__poll_open(ac_dispatcher_t *d) {
   struct stat st;
@@ -40,6 +43,38 @@ int ac__poll_open(ac_dispatcher_t *d) {
   d->h.poll.data = d;
   d->flags |= AC__F_HANDLE;
   d->backend = AC_BACKEND_POLL;
+  return 0;
+}
+
+/* Whether d's fd is no longer one libuv can watch (Q-20): closed behind
+ * the library's back (EBADF), or its number taken since by a file epoll
+ * refuses (a regular file, a directory, a block device, /dev/null), which
+ * cannot be the fd the channel got its handle for (ac__poll_open): libuv
+ * abort()s when epoll_ctl refuses the fd it is to watch.  One fstat(2); a
+ * character device (a tty, /dev/null) is asked of epoll itself, as
+ * uv_poll_init does (an fd epoll holds already answers EEXIST). */
+int ac__fd_gone(const ac_dispatcher_t *d) {
+  struct stat st;
+
+  if (fstat(d->fd, &st) != 0) {
+    return errno == EBADF;
+  }
+  if (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode) || S_ISBLK(st.st_mode)) {
+    return 1;
+  }
+#ifdef __linux__
+  if (S_ISCHR(st.st_mode)) {
+    struct epoll_event ev;
+    int efd = uv_backend_fd(d->map->loop);
+
+    memset(&ev, 0, sizeof(ev));
+    if (epoll_ctl(efd, EPOLL_CTL_ADD, d->fd, &ev) == 0) {
+      (void) epoll_ctl(efd, EPOLL_CTL_DEL, d->fd, &ev);
+      return 0;
+    }
+    return errno != EEXIST;
+  }
+#endif
   return 0;
 }
 
@@ -142,7 +177,7 @@ void ac__poll_apply(ac_dispatcher_t *d, int bits) {
   if (mask == 0) {
     uv_poll_stop(&d->h.poll);
     d->flags &= (uint16_t) ~AC__F_POLL_ON;
-  } else if (fcntl(d->fd, F_GETFD) < 0 && errno == EBADF) {
+  } else if (ac__fd_gone(d)) {
     /* Closed behind our back: libuv would abort in epoll_ctl. */
     d->armed = (uint8_t) bits;
     ac__dispatch(d, AC_POLLNVAL);

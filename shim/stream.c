@@ -10,8 +10,6 @@
  * makes the channel writable again. */
 #include "internal.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <string.h>
 
@@ -43,7 +41,7 @@ int ac__stream_open(ac_dispatcher_t *d) {
 
 void ac__stream_apply(ac_dispatcher_t *d, int bits) {
   if ((bits ^ d->armed) & AC__R) {
-    if ((bits & AC__R) && fcntl(d->fd, F_GETFD) < 0 && errno == EBADF) {
+    if ((bits & AC__R) && ac__fd_gone(d)) {
       /* Closed behind our back: libuv would abort in epoll_ctl (Q-20,
        * as ac__poll_apply). */
       d->armed = (uint8_t) (bits & (AC__R | AC__W));

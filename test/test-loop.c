@@ -2,6 +2,7 @@
  * ac_loop (E-01, E-08). */
 #include "probe.h"
 
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -817,6 +818,72 @@ TASK(e09_stream_fd_closed_behind_back) {
   }
 }
 
+/* E-09, Q-20: an fd closed behind the library's back whose number is
+ * taken by a file epoll refuses (a regular file, /dev/null) before the
+ * interest changes.  The number is open, but it is no longer the fd libuv
+ * accepted: as for a closed one, NVAL, handle_close, both modes, on the
+ * poll backend (a socketpair end, its write interest turned on) and the
+ * stream backend (a TCP channel, its reading resumed).  Before, the fd
+ * check took the reused number for the channel's, and libuv abort()ed the
+ * process in uv_run (epoll_ctl: EPERM). */
+TASK(e09_fd_reused_by_unpollable_file) {
+  static const char *const files[2] = {"/dev/null", NULL};
+  int b;
+  int f;
+  int i;
+
+  for (b = 0; b < 2; b++) {
+    for (f = 0; f < 2; f++) {
+      for (i = 0; i < 2; i++) {
+        ac_map_t *map = task_map_new();
+        uv_os_sock_t peer;
+        probe_t p;
+        FILE *tmp = NULL;
+        int file;
+        int fd;
+
+        ASSERT(map != NULL);
+        if (b == 0) {
+          ASSERT_OK(unix_probe(map, &p, &probe_pred_ops, &peer));
+          p.writable = 0;
+        } else {
+          ASSERT_OK(tcp_probe(map, &p, &probe_ops, &peer));
+          ASSERT_EQ(p.base.d.backend, AC_BACKEND_STREAM);
+          p.consume = 1;
+          ASSERT_OK(ac_pause_reading(&p.base.d, 1));
+        }
+        ASSERT_OK(ac_loop(map, 0.001, modes[i], 2));
+        if (files[f] != NULL) {
+          file = open(files[f], O_RDWR | O_CLOEXEC);
+        } else {
+          tmp = tmpfile();
+          file = tmp != NULL ? fileno(tmp) : -1;
+        }
+        ASSERT_GE(file, 0);
+        fd = ac_fileno(&p.base.d);
+        ASSERT_OK(close(fd));
+        ASSERT_EQ(dup2(file, fd), fd); /* the number is taken again */
+        if (b == 0) {
+          p.writable = 1; /* a new mask: the fd is checked before polling */
+        } else {
+          ASSERT_OK(ac_pause_reading(&p.base.d, 0));
+        }
+        LOOP_UNTIL(map, modes[i], p.n[EV_CLOSE] == 1, 50);
+        ASSERT_EQ(p.n[EV_READ] + p.n[EV_ERROR], 0);
+        ASSERT_EQ(ac_map_len(map), 0);
+        task_map_free(map);
+        ASSERT_EQ(p.closed, 1);
+        close(peer);
+        if (tmp != NULL) {
+          fclose(tmp);
+        } else {
+          close(file);
+        }
+      }
+    }
+  }
+}
+
 /* E-09, Q-04 (fixed): no FD_SETSIZE limit in select mode: a channel on fd
  * 1500 gets its events. */
 TASK(e09_no_fd_setsize_limit) {
@@ -873,6 +940,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(e08_handler_errors_escape),
     TASK_ENTRY(e09_fd_closed_behind_back),
     TASK_ENTRY(e09_stream_fd_closed_behind_back),
+    TASK_ENTRY(e09_fd_reused_by_unpollable_file),
     TASK_ENTRY(e09_no_fd_setsize_limit),
 };
 
