@@ -204,9 +204,15 @@ AC_EXTERN int ac_map_new(uv_loop_t *loop, ac_map_t **out);
 /* Close every channel of the map (as ac_close_all with ignore_all), finish
  * pending closes and drains by running the loop until the map's own handles
  * are released, then free the map.  Must not be called from a callback of
- * the map's loop.  NULL is a no-op.  After the application closed every
- * handle of the loop (uv_walk, then uv_run), it releases what is left
- * without running the loop (docs/embedding.md). */
+ * the map's loop: from a handler, a timer or a `closed` callback of a map
+ * on that loop it logs an error and detaches the map as
+ * ac_map_close(map, NULL, NULL) does instead.  While it runs, the map
+ * takes nothing new (for the `closed` callbacks it runs): ac_dispatcher_init
+ * and ac_timer_init return UV_EINVAL, a channel taking a socket UV_EBUSY,
+ * ac_map_close UV_EALREADY, and ac_map_free returns at once.  NULL is a
+ * no-op.  After the application closed every handle of the loop (uv_walk,
+ * then uv_run), it releases what is left without running the loop
+ * (docs/embedding.md). */
 AC_EXTERN void ac_map_free(ac_map_t *map);
 
 /* The process-wide default map, created on first use on uv_default_loop().

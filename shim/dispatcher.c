@@ -96,8 +96,8 @@ int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
   if (map == NULL && (map = ac_default_map()) == NULL) {
     return UV_ENOMEM;
   }
-  if (map->closing) {
-    return UV_EINVAL; /* ac_map_close ran (embed.c) */
+  if (map->closing || map->freeing) {
+    return UV_EINVAL; /* ac_map_close ran (embed.c), ac_map_free runs */
   }
   memset(d, 0, sizeof(*d));
   d->ops = ops != NULL ? ops : &no_overrides;
@@ -222,9 +222,10 @@ static void drop_input(uv_os_sock_t sock) {
 
 /* Whether a channel can take a socket: it has none, and it is either new
  * or closed but not released (the reconnect idiom, see reuse()), while
- * its map is not being closed (ac_map_close). */
+ * its map is not being closed (ac_map_close) or freed (ac_map_free, whose
+ * loop would run for a channel added meanwhile). */
 static int can_take_socket(const ac_dispatcher_t *d) {
-  if (d->fd >= 0) {
+  if (d->fd >= 0 || d->map->freeing) {
     return 0;
   }
   return !(d->flags & AC__F_CLOSED) ||

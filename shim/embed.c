@@ -103,7 +103,7 @@ int ac_map_close(ac_map_t *m, ac_map_close_cb cb, void *arg) {
   if (m == NULL) {
     return UV_EINVAL;
   }
-  if (m->closing) {
+  if (m->closing || m->freeing) {
     return UV_EALREADY;
   }
   m->closing = 1;

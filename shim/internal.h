@@ -150,6 +150,7 @@ struct ac_map_s {
   /* Embedding, timers, adoption (embed.c, timer.c, adopt.c, net.c); all
    * start zeroed by ac_map_new's calloc. */
   int closing;          /* ac_map_close: 1 closing channels, 2 own handles */
+  int freeing;          /* ac_map_free runs: the map takes nothing new */
   int own_closed;       /* the library closed the map's own handles */
   int tcp_poll;         /* new TCP channels take the poll backend */
   size_t out_limit;     /* ac_map_set_output_limit, 0: off */

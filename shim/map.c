@@ -172,13 +172,25 @@ static void free_torn(ac_map_t *m) {
 }
 
 void ac_map_free(ac_map_t *m) {
-  if (m == NULL) {
-    return;
+  if (m == NULL || m->freeing) {
+    return; /* from a `closed` callback it runs: it goes on */
   }
   if (ac__map_torn(m)) {
+    m->freeing = 1;
     free_torn(m);
     return;
   }
+  if (loop_busy(m)) {
+    /* From a callback of the loop, which cannot be run here: the map
+     * would be freed under the callback.  Detached instead, as by
+     * ac_map_close, while the application runs the loop. */
+    m->sink(m->sink_ctx, "error",
+            "ac_map_free called from a callback of the map's loop; the map "
+            "is detached as by ac_map_close");
+    (void) ac_map_close(m, NULL, NULL);
+    return;
+  }
+  m->freeing = 1;
   ac_close_all(m, 1);
   ac__timer_close_all(m);
   uv_timer_start(&m->timer, on_linger, AC__LINGER_MS, 0);

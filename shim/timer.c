@@ -47,7 +47,9 @@ static void on_closed(uv_handle_t *h) {
 
   m->ntimers--;
   if (closed != NULL) {
+    m->in_callback++; /* no ac_loop or ac_map_free from here (map.c) */
     closed(t);
+    m->in_callback--;
   }
   if (m->closing) {
     ac__map_close_check(m);
@@ -62,7 +64,7 @@ int ac_timer_init(ac_map_t *map, ac_timer_t *t) {
   if (map == NULL && (map = ac_default_map()) == NULL) {
     return UV_ENOMEM;
   }
-  if (map->closing) {
+  if (map->closing || map->freeing) {
     return UV_EINVAL;
   }
   memset(t, 0, sizeof(*t));

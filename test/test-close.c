@@ -363,6 +363,71 @@ TASK(map_free_releases_everything_once) {
   ASSERT_EQ(probe_violations, 0);
 }
 
+/* What a `closed` callback run by ac_map_free tries on that map. */
+typedef struct {
+  ac_dispatcher_t d;
+  ac_map_t *map;
+  ac_dispatcher_t fresh; /* a new channel (a reconnecting client's) */
+  ac_dispatcher_t early; /* initialised before, given a socket now */
+  ac_timer_t timer;
+  int init_r;
+  int early_r;
+  int timer_r;
+  int close_r;
+  int closed;
+} reborn_t;
+
+static int reborn_tick(ac_timer_t *t, void *arg) {
+  (void) t;
+  (void) arg;
+  return 0;
+}
+
+static void reborn_closed(ac_dispatcher_t *d) {
+  reborn_t *r = ac_container_of(d, reborn_t, d);
+
+  r->closed++;
+  r->init_r = ac_dispatcher_init(&r->fresh, r->map, NULL);
+  if (r->init_r == 0) {
+    (void) ac_create_socket(&r->fresh, AF_INET, SOCK_DGRAM);
+  }
+  r->early_r = ac_create_socket(&r->early, AF_INET, SOCK_DGRAM);
+  r->timer_r = ac_timer_init(r->map, &r->timer);
+  if (r->timer_r == 0) {
+    (void) ac_timer_start(&r->timer, 3600.0, 0, reborn_tick, NULL);
+  }
+  r->close_r = ac_map_close(r->map, NULL, NULL);
+}
+
+static const ac_dispatcher_ops_t reborn_ops = {.closed = reborn_closed};
+
+/* 10.4: a `closed` callback that ac_map_free runs may try to use the map
+ * (a client that reconnects when its channel closes): while ac_map_free
+ * runs the map takes nothing new (ac_dispatcher_init and ac_timer_init
+ * UV_EINVAL, a socket UV_EBUSY, ac_map_close UV_EALREADY), and
+ * ac_map_free returns.  Before, the new channel (reading) and the new
+ * timer kept ac_map_free running the loop for ever, and ac_map_close made
+ * libuv abort (a handle closed twice). */
+TASK(map_free_takes_nothing_new) {
+  ac_map_t *map = task_map_new();
+  reborn_t r;
+
+  ASSERT(map != NULL);
+  memset(&r, 0, sizeof(r));
+  r.map = map;
+  ASSERT_OK(ac_dispatcher_init(&r.d, map, &reborn_ops));
+  ASSERT_OK(ac_create_socket(&r.d, AF_INET, SOCK_DGRAM));
+  ASSERT_OK(ac_dispatcher_init(&r.early, map, NULL));
+  alarm(20); /* the hang of before: fail, do not wait for meson */
+  task_map_free(map);
+  alarm(0);
+  ASSERT_EQ(r.closed, 1);
+  ASSERT_EQ(r.init_r, UV_EINVAL);
+  ASSERT_EQ(r.early_r, UV_EBUSY);
+  ASSERT_EQ(r.timer_r, UV_EINVAL);
+  ASSERT_EQ(r.close_r, UV_EALREADY);
+}
+
 typedef struct {
   ac_dispatcher_t *victims[2];
   int done;
@@ -476,6 +541,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(close_in_handle_connect_keeps_flags_clear),
     TASK_ENTRY(close_then_fd_reuse_in_same_pass),
     TASK_ENTRY(map_free_releases_everything_once),
+    TASK_ENTRY(map_free_takes_nothing_new),
     TASK_ENTRY(close_from_predicate),
     TASK_ENTRY(close_all_from_handler),
 };

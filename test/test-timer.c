@@ -4,6 +4,7 @@
 #include "task.h"
 
 #include <math.h>
+#include <string.h>
 #include <unistd.h>
 
 typedef struct {
@@ -298,6 +299,60 @@ TASK(timer_map_free_closes_open_timers) {
   ASSERT_EQ(a.fired + b.fired, 0);
 }
 
+/* What a map's log sink received: the number of "error" lines. */
+static void count_errors(void *ctx, const char *type, const char *message) {
+  (void) message;
+  if (type != NULL && strcmp(type, "error") == 0) {
+    (*(int *) ctx)++;
+  }
+}
+
+static int free_map_in_cb(ac_timer_t *t, void *arg) {
+  (void) t;
+  ac_map_free(arg);
+  return 0;
+}
+
+static ac_map_t *free_in_closed_map;
+
+static void free_map_in_closed(ac_timer_t *t) {
+  (void) t;
+  ac_map_free(free_in_closed_map);
+}
+
+/* ac_map_free() from a timer callback, or from a timer's `closed`
+ * callback, under the application's uv_run: it cannot run the loop there,
+ * so it logs an error and detaches the map as ac_map_close() does; the
+ * application's uv_run finishes it and the loop closes with no handle
+ * left.  Before, the map was freed under the running callback (heap use
+ * after free in on_timer, on_closed). */
+TASK(timer_map_free_in_callback) {
+  int how;
+
+  for (how = 0; how < 2; how++) {
+    uv_loop_t loop;
+    ac_map_t *map = NULL;
+    ac_timer_t t;
+    int errors = 0;
+    int i;
+
+    ASSERT_OK(uv_loop_init(&loop));
+    ASSERT_OK(ac_map_new(&loop, &map));
+    ac_map_set_log_sink(map, count_errors, &errors);
+    ASSERT_OK(ac_timer_init(map, &t));
+    if (how == 0) {
+      ASSERT_OK(ac_timer_start(&t, 0.001, 0, free_map_in_cb, map));
+    } else {
+      free_in_closed_map = map;
+      ASSERT_OK(ac_timer_close(&t, free_map_in_closed));
+    }
+    for (i = 0; i < 100 && uv_run(&loop, UV_RUN_ONCE) != 0; i++) {
+    }
+    ASSERT_EQ(errors, 1);
+    ASSERT_OK(uv_loop_close(&loop));
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(timer_once_and_interval),
     TASK_ENTRY(timer_stop_cancels),
@@ -309,6 +364,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(timer_under_uv_run),
     TASK_ENTRY(timer_exit_under_uv_run),
     TASK_ENTRY(timer_map_free_closes_open_timers),
+    TASK_ENTRY(timer_map_free_in_callback),
 };
 
 int main(int argc, char **argv) {
