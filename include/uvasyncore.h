@@ -291,7 +291,8 @@ AC_EXTERN int ac_set_socket(ac_dispatcher_t *d, uv_os_sock_t sock);
 /* create_socket (D-04): a non-blocking, close-on-exec socket of `family`
  * (AF_INET, AF_INET6, AF_UNIX) and `type` (SOCK_STREAM, SOCK_DGRAM),
  * registered in the map.  UV_EBUSY when the channel already has one, or
- * was closed and released.  On a closed channel not released yet (Python's
+ * was closed and released, or its map is being freed or had its loop's
+ * handles closed (docs/embedding.md).  On a closed channel not released yet (Python's
  * reconnect idiom in handle_close: close, create_socket, connect) the
  * channel lives again; `closed` runs once, at its final release, and its
  * handle and TCP connect wait until the old libuv handle is released. */
@@ -558,7 +559,8 @@ struct ac_timer_s {
 };
 
 /* Initialise a stopped timer of `map` (NULL: the default map now).
- * Returns 0, UV_EINVAL (timer NULL, map closing) or UV_ENOMEM (no default
+ * Returns 0, UV_EINVAL (timer NULL; map closing, being freed, or its
+ * loop's handles closed: docs/embedding.md) or UV_ENOMEM (no default
  * map). */
 AC_EXTERN int ac_timer_init(ac_map_t *map, ac_timer_t *timer);
 

@@ -96,8 +96,10 @@ int ac__init_class(ac_dispatcher_t *d, ac_map_t *map,
   if (map == NULL && (map = ac_default_map()) == NULL) {
     return UV_ENOMEM;
   }
-  if (map->closing || map->freeing) {
-    return UV_EINVAL; /* ac_map_close ran (embed.c), ac_map_free runs */
+  if (map->closing || map->freeing || ac__map_torn(map)) {
+    /* ac_map_close ran (embed.c), ac_map_free runs, or the application
+     * closed the loop's handles (no handle is started any more) */
+    return UV_EINVAL;
   }
   memset(d, 0, sizeof(*d));
   d->ops = ops != NULL ? ops : &no_overrides;
@@ -223,9 +225,10 @@ static void drop_input(uv_os_sock_t sock) {
 /* Whether a channel can take a socket: it has none, and it is either new
  * or closed but not released (the reconnect idiom, see reuse()), while
  * its map is not being closed (ac_map_close) or freed (ac_map_free, whose
- * loop would run for a channel added meanwhile). */
+ * loop would run for a channel added meanwhile), and has its handles
+ * (ac__map_torn: the loop may be gone). */
 static int can_take_socket(const ac_dispatcher_t *d) {
-  if (d->fd >= 0 || d->map->freeing) {
+  if (d->fd >= 0 || d->map->freeing || ac__map_torn(d->map)) {
     return 0;
   }
   return !(d->flags & AC__F_CLOSED) ||

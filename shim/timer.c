@@ -64,7 +64,7 @@ int ac_timer_init(ac_map_t *map, ac_timer_t *t) {
   if (map == NULL && (map = ac_default_map()) == NULL) {
     return UV_ENOMEM;
   }
-  if (map->closing || map->freeing) {
+  if (map->closing || map->freeing || ac__map_torn(map)) {
     return UV_EINVAL;
   }
   memset(t, 0, sizeof(*t));

@@ -1053,6 +1053,33 @@ TASK(embed_teardown_by_uv_walk) {
   }
 }
 
+/* After the uv_walk teardown the map starts no handle: a channel or a
+ * timer initialised then is refused (UV_EINVAL), a channel initialised
+ * before takes no socket (UV_EBUSY), so the loop still closes with no
+ * handle left and ac_map_free() frees everything.  Before, both were given
+ * libuv handles on the torn-down loop: uv_loop_close() failed (UV_EBUSY)
+ * and ac_map_free() leaked the map. */
+TASK(embed_torn_map_takes_nothing_new) {
+  uv_loop_t *loop = loop_new();
+  ac_map_t *map = NULL;
+  ac_dispatcher_t before;
+  ac_dispatcher_t after;
+  ac_timer_t t;
+
+  ASSERT(loop != NULL);
+  ASSERT_OK(ac_map_new(loop, &map));
+  ASSERT_OK(ac_dispatcher_init(&before, map, NULL));
+  uv_run(loop, UV_RUN_NOWAIT);
+  uv_walk(loop, close_every_handle, NULL);
+  uv_run(loop, UV_RUN_DEFAULT);
+  ASSERT_EQ(ac_dispatcher_init(&after, map, NULL), UV_EINVAL);
+  ASSERT_EQ(ac_timer_init(map, &t), UV_EINVAL);
+  ASSERT_EQ(ac_create_socket(&before, AF_INET, SOCK_DGRAM), UV_EBUSY);
+  ASSERT_OK(uv_loop_close(loop));
+  ac_map_free(map);
+  free(loop);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(embed_app_runs_only_uv_run),
     TASK_ENTRY(embed_no_busy_wait_when_idle),
@@ -1067,6 +1094,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(embed_map_close_timers_only),
     TASK_ENTRY(embed_predicates_once_per_iteration),
     TASK_ENTRY(embed_teardown_by_uv_walk),
+    TASK_ENTRY(embed_torn_map_takes_nothing_new),
 };
 
 int main(int argc, char **argv) {
