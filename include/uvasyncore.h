@@ -634,7 +634,8 @@ typedef struct ac_file_dispatcher_s {
  * (set_file), then set O_NONBLOCK on `fd` itself, which the caller keeps
  * (and which keeps O_NONBLOCK afterwards).  Regular files are always
  * ready (Q-08).  Returns 0, UV_EINVAL, UV_ENOMEM (no default map) or the
- * error of dup/fcntl; on failure nothing is registered. */
+ * error of dup/fcntl; on failure nothing is registered, and a failed dup
+ * (UV_EMFILE ...) leaves `fd` blocking if it was. */
 AC_EXTERN int ac_file_dispatcher_init(ac_file_dispatcher_t *f,
                                       ac_map_t *map,
                                       const ac_dispatcher_ops_t *ops,

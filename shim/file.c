@@ -173,6 +173,7 @@ static int set_nonblock(int fd) {
 /* F-08: a connected file_dispatcher on a duplicate of fd; 0 or an error. */
 int ac_file_dispatcher_init(ac_file_dispatcher_t *f, ac_map_t *map,
                             const ac_dispatcher_ops_t *ops, int fd) {
+  int copy;
   int r;
 
   if (f == NULL) {
@@ -185,16 +186,24 @@ int ac_file_dispatcher_init(ac_file_dispatcher_t *f, ac_map_t *map,
   if (fd < 0) {
     return UV_EBADF;
   }
-  /* F-08 sets O_NONBLOCK last; doing it first changes nothing observable
-   * (the flag is shared with the dup) and leaves nothing to undo. */
-  r = set_nonblock(fd);
-  if (r != 0) {
+  /* set_file's duplicate first, as F-08 makes it before it sets
+   * O_NONBLOCK: a failed dup leaves the caller's fd as it was (Python's
+   * set_file raises before os.set_blocking).  The flag is then set before
+   * the duplicate is registered, which leaves nothing to undo should it
+   * fail (it belongs to the open file description, which both share). */
+  r = dup_fd(fd);
+  if (r < 0) {
     return r;
   }
-  f->d.connected = 1;
-  r = ac_file_dispatcher_set_file(f, fd);
+  copy = r;
+  r = set_nonblock(fd);
+  if (r == 0) {
+    f->d.connected = 1;
+    r = register_file(&f->d, copy);
+  }
   if (r != 0) {
     f->d.connected = 0;
+    close(copy);
   }
   return r;
 }

@@ -3,6 +3,7 @@
 #include "task.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -319,6 +320,56 @@ TASK(f08_file_dispatcher_bad_fd) {
   task_map_free(map);
 }
 
+/* F-08 step 5 comes after set_file: when the duplicate cannot be made
+ * (EMFILE), the init fails and the caller's fd keeps its blocking mode, as
+ * in Python, where set_file raises before os.set_blocking.  Before, the
+ * fd was left non-blocking by the failed init. */
+TASK(f08_failed_init_keeps_blocking_mode) {
+  ac_map_t *map = task_map_new();
+  fd_chan_t c;
+  struct rlimit old;
+  struct rlimit rl;
+  int fds[64];
+  int nfds = 0;
+  int p[2];
+  int r;
+
+  ASSERT(map != NULL);
+  ASSERT_OK(pipe2(p, O_CLOEXEC));
+  ASSERT_OK(getrlimit(RLIMIT_NOFILE, &old));
+  rl = old;
+  rl.rlim_cur = (rlim_t) task_fd_count() + 8;
+  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &rl));
+  while (nfds < 64 && (fds[nfds] = dup(p[0])) >= 0) {
+    nfds++;
+  }
+  r = ac_file_dispatcher_init(&c.f, map, &fd_ops, p[0]);
+  while (nfds > 0) {
+    close(fds[--nfds]);
+  }
+  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &old));
+  ASSERT_EQ(r, UV_EMFILE);
+  ASSERT_EQ(fcntl(p[0], F_GETFL) & O_NONBLOCK, 0);
+  ASSERT_EQ(ac_map_len(map), 0);
+  ASSERT_EQ(ac_fileno(&c.f.d), -1);
+  /* A descriptor that is non-blocking already stays so. */
+  ASSERT_OK(fcntl(p[0], F_SETFL, O_NONBLOCK));
+  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &rl));
+  while (nfds < 64 && (fds[nfds] = dup(p[0])) >= 0) {
+    nfds++;
+  }
+  r = ac_file_dispatcher_init(&c.f, map, &fd_ops, p[0]);
+  while (nfds > 0) {
+    close(fds[--nfds]);
+  }
+  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &old));
+  ASSERT_EQ(r, UV_EMFILE);
+  ASSERT_NE(fcntl(p[0], F_GETFL) & O_NONBLOCK, 0);
+  close(p[0]);
+  close(p[1]);
+  task_map_free(map);
+}
+
 /* F-09, Q-08 (test_dispatcher): a 29-byte regular file in poll mode,
  * count=2.  Pass 1 reads the 29 bytes and runs the default handle_write;
  * pass 2 reads EOF, so handle_close runs and the channel closes.  The same
@@ -614,6 +665,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(f08_file_dispatcher_init),
     TASK_ENTRY(f04_expt_event_on_file_dispatcher),
     TASK_ENTRY(f08_file_dispatcher_bad_fd),
+    TASK_ENTRY(f08_failed_init_keeps_blocking_mode),
     TASK_ENTRY(f09_regular_file_two_passes),
     TASK_ENTRY(f09_regular_file_loop_count_2),
     TASK_ENTRY(f09_pipe_input_then_eof),
