@@ -578,8 +578,9 @@ AC_EXTERN int ac_timer_stop(ac_timer_t *timer);
 AC_EXTERN int ac_timer_is_active(const ac_timer_t *timer);
 
 /* Stop and close the timer; `closed` (may be NULL) follows from the loop
- * once libuv released the handle.  Idempotent: a second call changes
- * nothing.  Returns 0 or UV_EINVAL (never initialised). */
+ * once libuv released the handle; until then neither free the timer nor
+ * ac_timer_init it again.  Idempotent: a second call changes nothing.
+ * Returns 0 or UV_EINVAL (never initialised). */
 AC_EXTERN int ac_timer_close(ac_timer_t *timer, ac_timer_closed_cb closed);
 
 /* ------------------------------------------------------------------ */
