@@ -320,6 +320,28 @@ TASK(f08_file_dispatcher_bad_fd) {
   task_map_free(map);
 }
 
+/* *r: ac_file_dispatcher_init of c on fd while no descriptor is left for
+ * its duplicate (the limit lowered, the rest taken by dups of fd). */
+static void init_without_fds(fd_chan_t *c, ac_map_t *map, int fd, int *r) {
+  struct rlimit old;
+  struct rlimit rl;
+  int fds[64];
+  int nfds = 0;
+
+  ASSERT_OK(getrlimit(RLIMIT_NOFILE, &old));
+  rl = old;
+  rl.rlim_cur = (rlim_t) task_fd_count() + 8;
+  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &rl));
+  while (nfds < 64 && (fds[nfds] = dup(fd)) >= 0) {
+    nfds++;
+  }
+  *r = ac_file_dispatcher_init(&c->f, map, &fd_ops, fd);
+  while (nfds > 0) {
+    close(fds[--nfds]);
+  }
+  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &old));
+}
+
 /* F-08 step 5 comes after set_file: when the duplicate cannot be made
  * (EMFILE), the init fails and the caller's fd keeps its blocking mode, as
  * in Python, where set_file raises before os.set_blocking.  Before, the
@@ -327,42 +349,19 @@ TASK(f08_file_dispatcher_bad_fd) {
 TASK(f08_failed_init_keeps_blocking_mode) {
   ac_map_t *map = task_map_new();
   fd_chan_t c;
-  struct rlimit old;
-  struct rlimit rl;
-  int fds[64];
-  int nfds = 0;
   int p[2];
-  int r;
+  int r = 0;
 
   ASSERT(map != NULL);
   ASSERT_OK(pipe2(p, O_CLOEXEC));
-  ASSERT_OK(getrlimit(RLIMIT_NOFILE, &old));
-  rl = old;
-  rl.rlim_cur = (rlim_t) task_fd_count() + 8;
-  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &rl));
-  while (nfds < 64 && (fds[nfds] = dup(p[0])) >= 0) {
-    nfds++;
-  }
-  r = ac_file_dispatcher_init(&c.f, map, &fd_ops, p[0]);
-  while (nfds > 0) {
-    close(fds[--nfds]);
-  }
-  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &old));
+  init_without_fds(&c, map, p[0], &r);
   ASSERT_EQ(r, UV_EMFILE);
   ASSERT_EQ(fcntl(p[0], F_GETFL) & O_NONBLOCK, 0);
   ASSERT_EQ(ac_map_len(map), 0);
   ASSERT_EQ(ac_fileno(&c.f.d), -1);
   /* A descriptor that is non-blocking already stays so. */
   ASSERT_OK(fcntl(p[0], F_SETFL, O_NONBLOCK));
-  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &rl));
-  while (nfds < 64 && (fds[nfds] = dup(p[0])) >= 0) {
-    nfds++;
-  }
-  r = ac_file_dispatcher_init(&c.f, map, &fd_ops, p[0]);
-  while (nfds > 0) {
-    close(fds[--nfds]);
-  }
-  ASSERT_OK(setrlimit(RLIMIT_NOFILE, &old));
+  init_without_fds(&c, map, p[0], &r);
   ASSERT_EQ(r, UV_EMFILE);
   ASSERT_NE(fcntl(p[0], F_GETFL) & O_NONBLOCK, 0);
   close(p[0]);
