@@ -428,6 +428,50 @@ TASK(map_free_takes_nothing_new) {
   ASSERT_EQ(r.close_r, UV_EALREADY);
 }
 
+/* The "error" lines a map's log sink received. */
+static void count_errors(void *ctx, const char *type, const char *message) {
+  (void) message;
+  if (type != NULL && strcmp(type, "error") == 0) {
+    (*(int *) ctx)++;
+  }
+}
+
+static void free_again_closed(ac_dispatcher_t *d) {
+  reborn_t *r = ac_container_of(d, reborn_t, d);
+
+  r->closed++;
+  ac_map_free(r->map); /* the ac_map_free that runs this callback */
+}
+
+static const ac_dispatcher_ops_t free_again_ops = {.closed = free_again_closed};
+
+/* 10.4: a `closed` callback that ac_map_free runs may call ac_map_free
+ * on that map again (a client's clean-up that frees its map): the nested
+ * call returns at once, logging nothing, and the outer one frees the map
+ * once (the loop closes with no handle left: task_map_free); each
+ * channel's `closed` runs once. */
+TASK(map_free_nested_in_closed) {
+  ac_map_t *map = task_map_new();
+  reborn_t r[2];
+  int errors = 0;
+  int k;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, count_errors, &errors);
+  memset(r, 0, sizeof(r));
+  for (k = 0; k < 2; k++) {
+    r[k].map = map;
+    ASSERT_OK(ac_dispatcher_init(&r[k].d, map, &free_again_ops));
+    ASSERT_OK(ac_create_socket(&r[k].d, AF_INET, SOCK_DGRAM));
+  }
+  alarm(20);
+  task_map_free(map);
+  alarm(0);
+  ASSERT_EQ(r[0].closed, 1);
+  ASSERT_EQ(r[1].closed, 1);
+  ASSERT_EQ(errors, 0);
+}
+
 typedef struct {
   ac_dispatcher_t *victims[2];
   int done;
@@ -542,6 +586,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(close_then_fd_reuse_in_same_pass),
     TASK_ENTRY(map_free_releases_everything_once),
     TASK_ENTRY(map_free_takes_nothing_new),
+    TASK_ENTRY(map_free_nested_in_closed),
     TASK_ENTRY(close_from_predicate),
     TASK_ENTRY(close_all_from_handler),
 };
