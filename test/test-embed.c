@@ -1080,6 +1080,59 @@ TASK(embed_torn_map_takes_nothing_new) {
   free(loop);
 }
 
+typedef struct {
+  ac_dispatcher_t d;
+  ac_map_t *map;
+  int closed;
+} refree_t;
+
+static void refree_closed(ac_dispatcher_t *d) {
+  refree_t *r = ac_container_of(d, refree_t, d);
+
+  r->closed++;
+  ac_map_free(r->map); /* the ac_map_free that runs this callback */
+}
+
+static const ac_dispatcher_ops_t refree_ops = {.closed = refree_closed};
+
+static void count_errors(void *ctx, const char *type, const char *message) {
+  (void) message;
+  if (type != NULL && strcmp(type, "error") == 0) {
+    (*(int *) ctx)++;
+  }
+}
+
+/* After the uv_walk teardown, ac_map_free() releases the channels left
+ * without the loop; a `closed` callback it runs that calls ac_map_free()
+ * on the map again returns at once, logging nothing, and the outer call
+ * frees the map once (ASan sees a second free or a later access). */
+TASK(embed_torn_map_free_nested_in_closed) {
+  uv_loop_t *loop = loop_new();
+  ac_map_t *map = NULL;
+  refree_t r[2];
+  int errors = 0;
+  int k;
+
+  ASSERT(loop != NULL);
+  ASSERT_OK(ac_map_new(loop, &map));
+  ac_map_set_log_sink(map, count_errors, &errors);
+  memset(r, 0, sizeof(r));
+  for (k = 0; k < 2; k++) {
+    r[k].map = map;
+    ASSERT_OK(ac_dispatcher_init(&r[k].d, map, &refree_ops));
+    ASSERT_OK(ac_create_socket(&r[k].d, AF_INET, SOCK_DGRAM));
+  }
+  uv_run(loop, UV_RUN_NOWAIT);
+  uv_walk(loop, close_every_handle, NULL);
+  uv_run(loop, UV_RUN_DEFAULT);
+  ac_map_free(map);
+  ASSERT_EQ(r[0].closed, 1);
+  ASSERT_EQ(r[1].closed, 1);
+  ASSERT_EQ(errors, 0);
+  ASSERT_OK(uv_loop_close(loop));
+  free(loop);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(embed_app_runs_only_uv_run),
     TASK_ENTRY(embed_no_busy_wait_when_idle),
@@ -1095,6 +1148,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(embed_predicates_once_per_iteration),
     TASK_ENTRY(embed_teardown_by_uv_walk),
     TASK_ENTRY(embed_torn_map_takes_nothing_new),
+    TASK_ENTRY(embed_torn_map_free_nested_in_closed),
 };
 
 int main(int argc, char **argv) {
