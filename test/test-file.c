@@ -6,6 +6,9 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/epoll.h>
+#endif
 
 /* F-09 / FileWrapperTest: 29 bytes. */
 static const char k_data[] = "It's not dead, it's sleeping!";
@@ -318,6 +321,36 @@ TASK(f08_file_dispatcher_bad_fd) {
   ASSERT_EQ(ac_file_dispatcher_set_file(NULL, p[0]), UV_EINVAL);
   close(p[0]);
   task_map_free(map);
+}
+
+/* F-08: when the duplicate is made but cannot be registered (here an
+ * epoll instance that watches the loop's own: libuv's epoll refuses it,
+ * ELOOP), the init returns that error, closes the duplicate (no fd is
+ * left open), registers nothing and leaves the channel not connected. */
+TASK(f08_failed_registration_closes_duplicate) {
+#ifdef __linux__
+  ac_map_t *map = task_map_new();
+  struct epoll_event ev;
+  fd_chan_t c;
+  int fd0;
+  int ep;
+
+  ASSERT(map != NULL);
+  ep = epoll_create1(EPOLL_CLOEXEC);
+  ASSERT_GE(ep, 0);
+  memset(&ev, 0, sizeof(ev));
+  ev.events = EPOLLIN;
+  ASSERT_OK(epoll_ctl(ep, EPOLL_CTL_ADD, uv_backend_fd(ac_map_loop(map)),
+                      &ev));
+  fd0 = task_fd_count();
+  ASSERT_EQ(ac_file_dispatcher_init(&c.f, map, &fd_ops, ep), UV_ELOOP);
+  ASSERT_EQ(task_fd_count(), fd0);
+  ASSERT_EQ(ac_map_len(map), 0);
+  ASSERT_EQ(ac_fileno(&c.f.d), -1);
+  ASSERT_EQ(c.f.d.connected, 0);
+  close(ep);
+  task_map_free(map);
+#endif
 }
 
 /* *r: ac_file_dispatcher_init of c on fd while no descriptor is left for
@@ -665,6 +698,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(f04_expt_event_on_file_dispatcher),
     TASK_ENTRY(f08_file_dispatcher_bad_fd),
     TASK_ENTRY(f08_failed_init_keeps_blocking_mode),
+    TASK_ENTRY(f08_failed_registration_closes_duplicate),
     TASK_ENTRY(f09_regular_file_two_passes),
     TASK_ENTRY(f09_regular_file_loop_count_2),
     TASK_ENTRY(f09_pipe_input_then_eof),
