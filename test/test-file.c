@@ -687,6 +687,80 @@ TASK(f09_paused_pipe_reader_writer_gone) {
   }
 }
 
+static int tty_want_write;
+
+static int tty_writable(ac_dispatcher_t *d) {
+  (void) d;
+  return tty_want_write;
+}
+
+static int tty_write(ac_dispatcher_t *d) {
+  chan(d)->writes++;
+  tty_want_write = 0;
+  return 0;
+}
+
+static const ac_dispatcher_ops_t tty_ops = {
+    .writable = tty_writable,
+    .handle_read = fd_read,
+    .handle_write = tty_write,
+    .handle_close = fd_close,
+    .handle_error = fd_error,
+    .closed = fd_released,
+};
+
+/* F-09, Q-20 on a tty (a character device epoll can watch): a
+ * file_dispatcher on a pty's master reads what the slave writes, then
+ * gets handle_write once its write interest is turned on, in both modes.
+ * The check made before libuv watches the fd anew (ac__fd_gone) asks
+ * epoll about a character device: the channel's own tty, new to epoll
+ * (its first interest) or held by it already (EEXIST, the new one), is
+ * not taken for a closed fd (NVAL, handle_close). */
+TASK(f09_tty_read_then_write_interest) {
+  int mode;
+
+  for (mode = 0; mode < 2; mode++) {
+    ac_map_t *map = task_map_new();
+    fd_chan_t c;
+    int m;
+    int s;
+    int i;
+
+    ASSERT(map != NULL);
+    m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0) {
+      fprintf(stderr, "  (no pty: skipped)\n");
+      task_map_free(map);
+      return;
+    }
+    ASSERT_OK(grantpt(m));
+    ASSERT_OK(unlockpt(m));
+    s = open(ptsname(m), O_RDWR | O_NOCTTY | O_CLOEXEC);
+    ASSERT_GE(s, 0);
+    memset(&c, 0, sizeof(c));
+    tty_want_write = 0;
+    ASSERT_OK(ac_file_dispatcher_init(&c.f, map, &tty_ops, m));
+    close(m);
+    ASSERT_EQ(write(s, "abc", 3), 3);
+    for (i = 0; i < 100 && c.len < 3; i++) {
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_EQ(c.len, 3);
+    ASSERT_MEM_EQ(c.data, "abc", 3);
+    tty_want_write = 1; /* a new interest, the fd held by epoll */
+    for (i = 0; i < 100 && c.writes == 0; i++) {
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_EQ(c.writes, 1);
+    ASSERT_EQ(c.closes + c.errors, 0);
+    ASSERT(!ac_is_closed(&c.f.d));
+    ac_close(&c.f.d);
+    close(s);
+    task_map_free(map);
+    ASSERT_EQ(c.released, 1);
+  }
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(f02_f03_f06_wrapper_recv_read),
     TASK_ENTRY(f03_wrapper_send_write),
@@ -707,6 +781,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(f09_regular_file_write),
     TASK_ENTRY(q08_dev_null_always_ready),
     TASK_ENTRY(f09_paused_pipe_reader_writer_gone),
+    TASK_ENTRY(f09_tty_read_then_write_interest),
 };
 
 /* F-01: POSIX only; this file is built on POSIX systems. */
