@@ -819,21 +819,23 @@ TASK(e09_stream_fd_closed_behind_back) {
 }
 
 /* E-09, Q-20: an fd closed behind the library's back whose number is
- * taken by a file epoll refuses (a regular file, /dev/null) before the
- * interest changes.  The number is open, but it is no longer the fd libuv
+ * taken by a file epoll refuses (a regular file, a directory, /dev/null)
+ * before the interest changes.  The number is open, but it is no longer the fd libuv
  * accepted: as for a closed one, NVAL, handle_close, both modes, on the
  * poll backend (a socketpair end, its write interest turned on) and the
  * stream backend (a TCP channel, its reading resumed).  Before, the fd
  * check took the reused number for the channel's, and libuv abort()ed the
  * process in uv_run (epoll_ctl: EPERM). */
 TASK(e09_fd_reused_by_unpollable_file) {
-  static const char *const files[2] = {"/dev/null", NULL};
+  /* NULL: a regular file (tmpfile) */
+  static const char *const files[3] = {"/dev/null", "/", NULL};
+  static const int flags[3] = {O_RDWR, O_RDONLY | O_DIRECTORY, 0};
   int b;
   int f;
   int i;
 
   for (b = 0; b < 2; b++) {
-    for (f = 0; f < 2; f++) {
+    for (f = 0; f < 3; f++) {
       for (i = 0; i < 2; i++) {
         ac_map_t *map = task_map_new();
         uv_os_sock_t peer;
@@ -854,7 +856,7 @@ TASK(e09_fd_reused_by_unpollable_file) {
         }
         ASSERT_OK(ac_loop(map, 0.001, modes[i], 2));
         if (files[f] != NULL) {
-          file = open(files[f], O_RDWR | O_CLOEXEC);
+          file = open(files[f], flags[f] | O_CLOEXEC);
         } else {
           tmp = tmpfile();
           file = tmp != NULL ? fileno(tmp) : -1;
