@@ -380,6 +380,65 @@ TASK(udp_recvfrom_unnamed_sender) {
   task_map_free(map);
 }
 
+/* An AF_UNIX name that fills sun_path, as Python takes it (a path of
+ * sizeof(sun_path) bytes has no NUL; an abstract name, its NUL and 107
+ * bytes): `abstract` picks which, the path under /tmp. */
+static void full_unix_addr(struct sockaddr_un *un, int abstract) {
+  char head[64];
+  size_t n;
+
+  memset(un, 0, sizeof(*un));
+  un->sun_family = AF_UNIX;
+  n = (size_t) snprintf(head, sizeof(head), "%suvac-udp-full-%ld-",
+                        abstract ? "" : "/tmp/", (long) getpid());
+  memset(un->sun_path, 'x', sizeof(un->sun_path));
+  memcpy(un->sun_path + (abstract ? 1 : 0), head, n);
+  if (abstract) {
+    un->sun_path[0] = '\0';
+  }
+}
+
+/* Names as long as sun_path holds, a path (no NUL) and an abstract name:
+ * ac_bind, ac_sendto to the abstract one and ac_sendto back to the path
+ * as ac_recvfrom gave it (the whole sun_path, then the NUL Linux adds
+ * past the struct) take the exact length, never more than the struct
+ * (the kernel refuses a longer one, UV_EINVAL, and reading past the
+ * caller's sockaddr_un is an overflow ASan sees). */
+TASK(udp_unix_names_filling_sun_path) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_un srv_addr;
+  struct sockaddr_un cli_addr;
+  struct sockaddr_storage from;
+  socklen_t len = sizeof(from);
+  ac_dispatcher_t srv;
+  ac_dispatcher_t cli;
+  char path[sizeof(cli_addr.sun_path) + 1];
+  char buf[8];
+
+  ASSERT(map != NULL);
+  full_unix_addr(&srv_addr, 1);
+  full_unix_addr(&cli_addr, 0);
+  memcpy(path, cli_addr.sun_path, sizeof(cli_addr.sun_path));
+  path[sizeof(cli_addr.sun_path)] = '\0';
+  (void) unlink(path); /* a name a killed run left */
+  ASSERT_OK(ac_dispatcher_init(&srv, map, NULL));
+  ASSERT_OK(ac_create_socket(&srv, AF_UNIX, SOCK_DGRAM));
+  ASSERT_OK(ac_bind(&srv, (struct sockaddr *) &srv_addr));
+  ASSERT_OK(ac_dispatcher_init(&cli, map, NULL));
+  ASSERT_OK(ac_create_socket(&cli, AF_UNIX, SOCK_DGRAM));
+  ASSERT_OK(ac_bind(&cli, (struct sockaddr *) &cli_addr));
+  ASSERT_EQ(ac_sendto(&cli, "ping", 4, (struct sockaddr *) &srv_addr), 4);
+  ASSERT_EQ(ac_recvfrom(&srv, buf, sizeof(buf), &from, &len), 4);
+  ASSERT_GE(len, sizeof(struct sockaddr_un)); /* Linux: + its own NUL */
+  ASSERT_MEM_EQ(((struct sockaddr_un *) &from)->sun_path, cli_addr.sun_path,
+                sizeof(cli_addr.sun_path));
+  ASSERT_EQ(ac_sendto(&srv, "pong", 4, (struct sockaddr *) &from), 4);
+  ASSERT_EQ(recv(ac_fileno(&cli), buf, sizeof(buf), MSG_DONTWAIT), 4);
+  ASSERT_MEM_EQ(buf, "pong", 4);
+  task_map_free(map);
+  ASSERT_OK(unlink(path));
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(udp_echo_round_trip),
     TASK_ENTRY(udp_empty_datagram_is_not_eof),
@@ -389,6 +448,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(udp_icmp_error_is_pollerr),
     TASK_ENTRY(udp_unix_abstract_round_trip),
     TASK_ENTRY(udp_recvfrom_unnamed_sender),
+    TASK_ENTRY(udp_unix_names_filling_sun_path),
 };
 
 int main(int argc, char **argv) {
