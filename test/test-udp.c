@@ -286,7 +286,10 @@ static void unix_addr(struct sockaddr_storage *ss, const char *name,
 
   memset(ss, 0, sizeof(*ss));
   un->sun_family = AF_UNIX;
-  memcpy(un->sun_path + (abstract ? 1 : 0), name, strlen(name));
+  /* the process id in the name: two runs of the suite at once (two
+   * builds) would otherwise bind the same abstract names (EADDRINUSE) */
+  (void) snprintf(un->sun_path + (abstract ? 1 : 0),
+                  sizeof(un->sun_path) - 1, "%s-%ld", name, (long) getpid());
 }
 
 /* A datagram channel bound to `name` (AF_UNIX, abstract), echoing or
@@ -367,7 +370,8 @@ TASK(udp_recvfrom_unnamed_sender) {
   ASSERT_GE(s, 0);
   ASSERT_EQ(sendto(s, "b", 1, 0, (struct sockaddr *) &srv.to,
                    (socklen_t) (offsetof(struct sockaddr_un, sun_path) + 1 +
-                                strlen("uvac-udp-srv2"))),
+                                strlen(((struct sockaddr_un *) &srv.to)
+                                           ->sun_path + 1))),
             1);
   len = sizeof(from);
   ASSERT_EQ(ac_recvfrom(&srv.d, buf, sizeof(buf), &from, &len), 1);
