@@ -222,7 +222,11 @@ static void on_resolved(uv_getaddrinfo_t *req, int status,
 
   rq->res = res;
   rq->next = res;
-  if (d->flags & AC__F_CLOSED) {
+  if ((d->flags & AC__F_CLOSED) || ac__map_torn(d->map)) {
+    /* Closed meanwhile; or the application closed the loop's handles (a
+     * uv_walk teardown, whose uv_run waits for this answer): the map
+     * starts no handle and runs no handler any more, and ac_map_free()
+     * closes and releases d. */
     finish(rq);
     ac__maybe_release(d);
     return;

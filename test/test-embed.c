@@ -1133,6 +1133,60 @@ TASK(embed_torn_map_free_nested_in_closed) {
   free(loop);
 }
 
+/* The uv_walk teardown while ac_connect_name resolves (Q-07): the lookup is
+ * a request, not a handle, so the application's uv_run that finishes the
+ * closes also waits for its answer.  The answer starts nothing on the torn
+ * map: no libuv handle (a stream for a socket created beforehand, a
+ * connect attempt's poll), no handler; the loop still closes with no handle
+ * left (uv_loop_close 0) and ac_map_free() releases both channels once,
+ * every fd closed.  Before, the stream of the channel with a socket was
+ * opened on the torn loop: uv_loop_close failed with UV_EBUSY. */
+TASK(embed_torn_map_while_resolving) {
+  int fd0;
+  uv_loop_t *loop;
+  ac_map_t *map = NULL;
+  ac_dispatcher_t ch[2];
+  int errors = 0;
+  int lfd;
+  int port = 0;
+  int i;
+  guard_t g;
+
+  ASSERT_OK(loop_free(loop_new())); /* libuv's process-wide fds, first */
+  fd0 = task_fd_count();
+  loop = loop_new();
+  ASSERT(loop != NULL);
+  lfd = task_listen_tcp(AF_INET, &port);
+  ASSERT_GE(lfd, 0);
+  ASSERT_OK(ac_map_new(loop, &map));
+  ac_map_set_log_sink(map, count_errors, &errors);
+  memset(walk_released, 0, sizeof(walk_released));
+  for (i = 0; i < 2; i++) {
+    ASSERT_OK(ac_dispatcher_init(&ch[i], map, &walk_ops));
+    ch[i].data = (void *) (intptr_t) i;
+  }
+  /* 0: no socket yet; 1: a socket created beforehand */
+  ASSERT_OK(ac_connect_name(&ch[0], "127.0.0.1", port));
+  ASSERT_OK(ac_create_socket(&ch[1], AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect_name(&ch[1], "127.0.0.1", port));
+  uv_walk(loop, close_every_handle, NULL);
+  guard_start(&g, loop); /* after the walk: not closed by it */
+  uv_unref((uv_handle_t *) &g.t); /* fires only if something else runs */
+  uv_run(loop, UV_RUN_DEFAULT); /* the closes, the lookups' answers */
+  ASSERT_EQ(g.fired, 0);
+  guard_close(&g);
+  uv_run(loop, UV_RUN_NOWAIT);
+  ASSERT_OK(uv_loop_close(loop));
+  ac_map_free(map);
+  free(loop);
+  for (i = 0; i < 2; i++) {
+    ASSERT_EQ(walk_released[i], 1);
+  }
+  ASSERT_EQ(errors, 0);
+  close(lfd);
+  ASSERT_EQ(task_fd_count(), fd0);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(embed_app_runs_only_uv_run),
     TASK_ENTRY(embed_no_busy_wait_when_idle),
@@ -1149,6 +1203,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(embed_teardown_by_uv_walk),
     TASK_ENTRY(embed_torn_map_takes_nothing_new),
     TASK_ENTRY(embed_torn_map_free_nested_in_closed),
+    TASK_ENTRY(embed_torn_map_while_resolving),
 };
 
 int main(int argc, char **argv) {
