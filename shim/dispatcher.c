@@ -491,6 +491,13 @@ int ac_connect(ac_dispatcher_t *d, const struct sockaddr *addr) {
   if (d->fd < 0) {
     return UV_EBADF;
   }
+  if (d->flags & AC__F_RESOLVING) {
+    /* ac_connect_name's connect is in flight: this one counts as EALREADY
+     * (pending).  Its socket must get no handle now: it is not connected
+     * (it would poll as hung up), and the name's attempt that connects
+     * takes its place (resolve.c). */
+    return 0;
+  }
   r = addr_reserve(d, len);
   if (r == 0) {
     r = ac__attach(d, 1);

@@ -1413,6 +1413,231 @@ TASK(d11_connect_name_unresolvable) {
   }
 }
 
+/* A host name of three loopback addresses, in this order (the resolver
+ * sorts 127.0.0.1 first, RFC 6724's longest prefix shared with the source
+ * address, so the order of the lines matters little). */
+#define MANY "ac-many"
+static const char many_hosts[] = "127.0.0.1\tac-many\n"
+                                 "127.0.0.2\tac-many\n"
+                                 "127.0.0.3\tac-many\n";
+
+/* Whether MANY resolves, as ac_connect_name asks, to 127.0.0.1, .2, .3. */
+static int many_resolves(void) {
+  static const char *const want[3] = {"127.0.0.1", "127.0.0.2", "127.0.0.3"};
+  struct addrinfo hints;
+  struct addrinfo *res;
+  struct addrinfo *ai;
+  char text[INET_ADDRSTRLEN];
+  int n = 0;
+
+  memset(&hints, 0, sizeof(hints));
+  hints.ai_socktype = SOCK_STREAM;
+  if (getaddrinfo(MANY, "80", &hints, &res) != 0) {
+    return 0;
+  }
+  for (ai = res; ai != NULL; ai = ai->ai_next, n++) {
+    if (n >= 3 || ai->ai_family != AF_INET ||
+        inet_ntop(AF_INET, &((struct sockaddr_in *) ai->ai_addr)->sin_addr,
+                  text, sizeof(text)) == NULL ||
+        strcmp(text, want[n]) != 0) {
+      n = 4;
+      break;
+    }
+  }
+  freeaddrinfo(res);
+  return n == 3;
+}
+
+/* Run `task` again in a child whose /etc/hosts is many_hosts (a private
+ * mount namespace, as d11_connect_name_every_address_debian_hosts does);
+ * its result is the task's.  Skipped where namespaces are not allowed. */
+static void rerun_with_many_hosts(const char *task) {
+  char path[] = "/tmp/ac-hosts-XXXXXX";
+  char self[4096];
+  ssize_t len;
+  int status = 0;
+  int fd = mkstemp(path);
+  pid_t pid;
+
+  ASSERT_GE(fd, 0);
+  len = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  ASSERT_GT(len, 0);
+  self[len] = '\0';
+  ASSERT_EQ(write(fd, many_hosts, sizeof(many_hosts) - 1),
+            (ssize_t) sizeof(many_hosts) - 1);
+  close(fd);
+  fflush(NULL);
+  pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    if (unshare(CLONE_NEWNS) != 0 ||
+        mount("none", "/", "none", MS_REC | MS_PRIVATE, NULL) != 0 ||
+        mount(path, "/etc/hosts", "none", MS_BIND, NULL) != 0 ||
+        !many_resolves()) {
+      _exit(77);
+    }
+    execl(self, self, task, (char *) NULL);
+    _exit(2);
+  }
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  unlink(path);
+  ASSERT(WIFEXITED(status));
+  if (WEXITSTATUS(status) == 77) {
+    fprintf(stderr, "  skipped: no private mount namespace here\n");
+    return;
+  }
+  ASSERT_EQ(WEXITSTATUS(status), 0);
+}
+
+/* A TCP listener on 127.0.0.<last>:port (port 0: the kernel's choice, in
+ * *port), with `backlog`; or -1. */
+static int listen_on(int last, int *port, int backlog) {
+  struct sockaddr_in sin;
+  socklen_t len = sizeof(sin);
+  char text[16];
+  int one = 1;
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+  snprintf(text, sizeof(text), "127.0.0.%d", last);
+  if (fd < 0 || uv_ip4_addr(text, *port, &sin) != 0 ||
+      setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+      bind(fd, (struct sockaddr *) &sin, sizeof(sin)) != 0 ||
+      listen(fd, backlog) != 0 ||
+      getsockname(fd, (struct sockaddr *) &sin, &len) != 0) {
+    if (fd >= 0) {
+      close(fd);
+    }
+    return -1;
+  }
+  *port = ntohs(sin.sin_port);
+  return fd;
+}
+
+/* A black hole at 127.0.0.1:port: a listener whose backlog the connects
+ * of hole[1] and hole[2] fill, so that the kernel drops a new connect's
+ * SYN: it neither connects nor fails until the listener accepts (then
+ * the SYN sent again after about 1 s gets through).  hole[0] is the
+ * listener. */
+static void black_hole(int port, int hole[3]) {
+  struct sockaddr_in sin;
+  int k;
+
+  hole[0] = listen_on(1, &port, 0);
+  ASSERT_GE(hole[0], 0);
+  ASSERT_OK(uv_ip4_addr("127.0.0.1", port, &sin));
+  for (k = 1; k < 3; k++) {
+    hole[k] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    ASSERT_GE(hole[k], 0);
+    (void) connect(hole[k], (struct sockaddr *) &sin, sizeof(sin));
+  }
+  usleep(50000); /* the handshakes the backlog takes */
+}
+
+static void close_all(int *fds, int n) {
+  int k;
+
+  for (k = 0; k < n; k++) {
+    if (fds[k] >= 0) {
+      close(fds[k]);
+      fds[k] = -1;
+    }
+  }
+}
+
+/* Sets up MANY at one port: a black hole at 127.0.0.1 (hole[0..2]),
+ * nothing at 127.0.0.2 (refused), a listener at 127.0.0.3 (*srv).
+ * Returns the port. */
+static void many_setup(int hole[3], int *srv, int *port) {
+  *port = 0;
+  *srv = listen_on(3, port, 16);
+  ASSERT_GE(*srv, 0);
+  black_hole(*port, hole);
+}
+
+/* D-11, Q-07: ac_connect() on a channel (a socket created beforehand)
+ * while its ac_connect_name waits on MANY's first address counts as
+ * EALREADY: 0, the connect in flight goes on.  Once the black hole
+ * accepts (the SYN sent again after about 1 s gets through),
+ * handle_connect runs once, on a socket connected to 127.0.0.1, and bytes
+ * flow.  Before, ac_connect gave the unconnected socket its stream at
+ * once: handle_connect ran in the next pass on a socket with no peer (an
+ * unconnected TCP socket polls as hung up), then read and write
+ * readiness every pass for ever. */
+static void many_connect_while_hanging(int mode) {
+  int fd0 = task_fd_count();
+  struct sockaddr_storage peer;
+  socklen_t len = sizeof(peer);
+  struct sockaddr_in sin;
+  char c = 0;
+  int hole[3];
+  int srv;
+  int port;
+  int fd;
+  int got;
+  ac_map_t *map = task_map_new();
+  probe_t client;
+  int k;
+  int i;
+
+  many_setup(hole, &srv, &port);
+  ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+  client.readable = 0;
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+  fd = ac_fileno(&client.base.d);
+  ASSERT_OK(ac_connect_name(&client.base.d, MANY, port));
+  for (i = 0; i < 30; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+  }
+  ASSERT_STR_EQ(client.trace, ""); /* on the first address */
+  ASSERT_OK(uv_ip4_addr("127.0.0.3", port, &sin));
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &sin));
+  for (i = 0; i < 30; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+  }
+  ASSERT_STR_EQ(client.trace, "");
+  for (k = 1; k < 3; k++) { /* room in the black hole's backlog */
+    int a = accept(hole[0], NULL, NULL);
+    ASSERT_GE(a, 0);
+    close(a);
+  }
+  LOOP_UNTIL(map, mode, client.trace[0] != 0, 500);
+  /* handle_write follows in the same write readiness, as in Python */
+  ASSERT_STR_EQ(client.trace, "connect write ");
+  client.writable = 0;
+  ASSERT_EQ(client.base.d.connected, 1);
+  ASSERT_EQ(ac_fileno(&client.base.d), fd);
+  ASSERT_OK(getpeername(fd, (struct sockaddr *) &peer, &len));
+  ASSERT_EQ(addr_port((struct sockaddr *) &peer), port);
+  ASSERT_EQ(ac_send(&client.base.d, "x", 1), 1);
+  got = accept(hole[0], NULL, NULL);
+  ASSERT_GE(got, 0);
+  ASSERT_EQ(probe_wait_fd(got, POLLIN, 2000) & POLLIN, POLLIN);
+  ASSERT_EQ(read(got, &c, 1), 1);
+  close(got);
+  ASSERT_EQ(c, 'x');
+  for (i = 0; i < 10; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+  }
+  ASSERT_STR_EQ(client.trace, "connect write ");
+  task_map_free(map);
+  close_all(hole, 3);
+  close(srv);
+  ASSERT_EQ(task_fd_count(), fd0);
+}
+
+TASK(d11_connect_while_connect_name_tries) {
+  int mode;
+
+  if (!many_resolves()) {
+    rerun_with_many_hosts("d11_connect_while_connect_name_tries");
+    return;
+  }
+  task_map_free(task_map_new()); /* libuv's process-wide fds, first */
+  for (mode = 0; mode < 2 && !task_failed; mode++) {
+    many_connect_while_hanging(mode);
+  }
+}
+
 /* D-12: accept gives "none" (0) with nothing pending, then 1 with a
  * non-blocking close-on-exec socket and the peer address; the new socket
  * is in no map.  A socket that does not listen gives an error. */
@@ -2521,6 +2746,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d16_connect_completed_by_read),
     TASK_ENTRY(d11_connect_name_localhost),
     TASK_ENTRY(d11_connect_name_every_address),
+    TASK_ENTRY(d11_connect_while_connect_name_tries),
     TASK_ENTRY(d11_connect_name_every_address_debian_hosts),
     TASK_ENTRY(d11_connect_name_unresolvable),
     TASK_ENTRY(d12_accept),
