@@ -1554,6 +1554,87 @@ static void many_setup(int hole[3], int *srv, int *port) {
   black_hole(*port, hole);
 }
 
+static int exit_now(ac_timer_t *t, void *arg) {
+  (void) t;
+  (void) arg;
+  return AC_EXIT;
+}
+
+enum { BY_CLOSE, BY_MAP_FREE, BY_MAP_CLOSE, BY_STOP_THEN_FREE, BY_N };
+
+/* Q-07, D-15: the first address of MANY never answers; while
+ * ac_connect_name waits on it (on a socket of its own) the channel is
+ * closed, or its map freed or closed, or its ac_loop stopped and the map
+ * freed: no handler runs, `closed` comes once, no fd is left. */
+static void many_closed_while_hanging(int mode, int how) {
+  int fd0 = task_fd_count();
+  int hole[3];
+  int srv;
+  int port;
+  ac_map_t *map = task_map_new();
+  probe_t client;
+  int i;
+
+  many_setup(hole, &srv, &port);
+  ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+  ASSERT_OK(ac_connect_name(&client.base.d, MANY, port));
+  for (i = 0; i < 30; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+  }
+  ASSERT_STR_EQ(client.trace, ""); /* still on the first address */
+  ASSERT_EQ(client.base.d.connecting, 1);
+  switch (how) {
+  case BY_CLOSE:
+    ASSERT_OK(ac_close(&client.base.d));
+    task_map_free(map);
+    break;
+  case BY_MAP_FREE:
+    task_map_free(map);
+    break;
+  case BY_MAP_CLOSE: {
+    uv_loop_t *loop = ac_map_loop(map);
+
+    ASSERT_OK(ac_map_close(map, NULL, NULL));
+    for (i = 0; i < 2000 && uv_run(loop, UV_RUN_NOWAIT) != 0; i++) {
+      usleep(1000);
+    }
+    ASSERT_OK(uv_loop_close(loop));
+    free(loop);
+    break;
+  }
+  default: {
+    ac_timer_t t;
+
+    ASSERT_OK(ac_timer_init(map, &t));
+    ASSERT_OK(ac_timer_start(&t, 0.01, 0, exit_now, NULL));
+    ASSERT_EQ(ac_loop(map, 0.05, mode, AC_FOREVER), AC_EXIT);
+    task_map_free(map);
+    break;
+  }
+  }
+  ASSERT_EQ(client.closed, 1);
+  ASSERT_STR_EQ(client.trace, "");
+  close_all(hole, 3);
+  close(srv);
+  ASSERT_EQ(task_fd_count(), fd0);
+}
+
+TASK(d15_connect_name_closed_while_first_address_hangs) {
+  int mode;
+  int how;
+
+  if (!many_resolves()) {
+    rerun_with_many_hosts("d15_connect_name_closed_while_first_address_hangs");
+    return;
+  }
+  task_map_free(task_map_new()); /* libuv's process-wide fds, first */
+  for (mode = 0; mode < 2 && !task_failed; mode++) {
+    for (how = 0; how < BY_N && !task_failed; how++) {
+      many_closed_while_hanging(mode, how);
+    }
+  }
+}
+
 /* D-11, Q-07: ac_connect() on a channel (a socket created beforehand)
  * while its ac_connect_name waits on MANY's first address counts as
  * EALREADY: 0, the connect in flight goes on.  Once the black hole
@@ -1636,6 +1717,85 @@ TASK(d11_connect_while_connect_name_tries) {
   for (mode = 0; mode < 2 && !task_failed; mode++) {
     many_connect_while_hanging(mode);
   }
+}
+
+/* D-15, Q-07: the reconnect idiom by name (ac_close, ac_create_socket,
+ * ac_connect_name) while the old stream still drains what ac_send
+ * accepted: MANY's first address (127.0.0.1) connects on a socket of its
+ * own, which becomes the channel's while the old handle is still there.
+ * Once the old peer has read everything, the channel's connect is
+ * reported once, without error, and the new connection carries bytes. */
+TASK(d15_reconnect_by_name_while_draining) {
+  static char chunk[65536];
+  ac_map_t *map;
+  struct sockaddr_in sin;
+  size_t sent = 0;
+  size_t got = 0;
+  probe_t client;
+  char c = 0;
+  int lfd;
+  int port = 0;
+  int p1;
+  int p2;
+  int k;
+
+  if (!many_resolves()) {
+    rerun_with_many_hosts("d15_reconnect_by_name_while_draining");
+    return;
+  }
+  map = task_map_new();
+  lfd = listen_on(1, &port, 16);
+  ASSERT_GE(lfd, 0);
+  ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+  client.readable = 0;
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(uv_ip4_addr("127.0.0.1", port, &sin));
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &sin));
+  LOOP_UNTIL(map, 0, client.n[EV_CONNECT] == 1, 200);
+  client.writable = 0;
+  p1 = accept(lfd, NULL, NULL);
+  ASSERT_GE(p1, 0);
+  for (k = 0; k < 4096; k++) { /* fill the kernel and the stream queue */
+    ssize_t n = ac_send(&client.base.d, chunk, sizeof(chunk));
+    ASSERT_GE(n, 0);
+    sent += (size_t) n;
+    if (n == 0) {
+      break;
+    }
+  }
+  ASSERT_OK(ac_close(&client.base.d));
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect_name(&client.base.d, MANY, port));
+  client.writable = 1;
+  for (k = 0; k < 30; k++) { /* the name's first address connects */
+    ASSERT_OK(ac_loop(map, 0.01, 0, 1));
+  }
+  ASSERT_EQ(client.n[EV_CONNECT], 1); /* the old stream still drains */
+  ASSERT_OK(fcntl(p1, F_SETFL, O_NONBLOCK));
+  for (k = 0; k < 20000 && got < sent; k++) {
+    ssize_t n = recv(p1, chunk, sizeof(chunk), 0);
+    if (n > 0) {
+      got += (size_t) n;
+    }
+    ASSERT_OK(ac_loop(map, 0.001, 0, 1));
+  }
+  ASSERT_EQ(got, sent);
+  LOOP_UNTIL(map, 0, client.n[EV_CONNECT] + client.n[EV_ERROR] == 2, 200);
+  ASSERT_EQ(client.n[EV_ERROR], 0);
+  ASSERT_EQ(client.base.d.connected, 1);
+  client.writable = 0;
+  ASSERT_EQ(ac_send(&client.base.d, "y", 1), 1);
+  p2 = accept(lfd, NULL, NULL);
+  ASSERT_GE(p2, 0);
+  ASSERT_EQ(probe_wait_fd(p2, POLLIN, 2000) & POLLIN, POLLIN);
+  ASSERT_EQ(read(p2, &c, 1), 1);
+  ASSERT_EQ(c, 'y');
+  ASSERT_OK(ac_close(&client.base.d));
+  task_map_free(map);
+  ASSERT_EQ(client.closed, 1);
+  close(p1);
+  close(p2);
+  close(lfd);
 }
 
 /* D-12: accept gives "none" (0) with nothing pending, then 1 with a
@@ -2746,7 +2906,9 @@ static const task_t tasks[] = {
     TASK_ENTRY(d16_connect_completed_by_read),
     TASK_ENTRY(d11_connect_name_localhost),
     TASK_ENTRY(d11_connect_name_every_address),
+    TASK_ENTRY(d15_connect_name_closed_while_first_address_hangs),
     TASK_ENTRY(d11_connect_while_connect_name_tries),
+    TASK_ENTRY(d15_reconnect_by_name_while_draining),
     TASK_ENTRY(d11_connect_name_every_address_debian_hosts),
     TASK_ENTRY(d11_connect_name_unresolvable),
     TASK_ENTRY(d12_accept),
