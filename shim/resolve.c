@@ -146,15 +146,19 @@ static int connect_last(ac_dispatcher_t *d, const struct addrinfo *ai) {
   return r;
 }
 
-/* Give the connected socket to d; its connect is reported next pass. */
-static void win(resolve_t *rq, uv_os_sock_t fd) {
+/* Give the connected socket to d; its connect is reported next pass,
+ * with `err` (0, or the connection's end, read from SO_ERROR already) as
+ * the connect's result. */
+static void win(resolve_t *rq, uv_os_sock_t fd, int err) {
   ac_dispatcher_t *d = rq->d;
   int r = ac__take_connected(d, fd, rq->next->ai_addr);
 
   finish(rq);
   if (r != 0) {
     report(d, r);
+    return;
   }
+  d->so_error = err; /* the connect event takes it as SO_ERROR (events.c) */
 }
 
 /* Try rq->next and the addresses after it until one connects or is
@@ -174,7 +178,7 @@ static void try_from_next(resolve_t *rq) {
       return; /* on_attempt goes on */
     }
     if (r == 1) {
-      win(rq, fd);
+      win(rq, fd, 0);
       return;
     }
     rq->next = rq->next->ai_next; /* failed at once: the next address */
@@ -206,8 +210,12 @@ static void on_attempt(uv_poll_t *h, int status, int events) {
     err = -status;
   }
   end_attempt(rq);
-  if (err == 0) {
-    win(rq, fd);
+  if (err == 0 || err == ECONNRESET) {
+    /* Connected.  A reset since (the server accepted, then reset the
+     * connection) ends that connection; it is no refusal (that is
+     * ECONNREFUSED): d reports it as a connect to this one address would,
+     * and no other address gets a second connection. */
+    win(rq, fd, AC__ERR(err));
     return;
   }
   close(fd); /* refused, unreachable...: quietly, the next address */

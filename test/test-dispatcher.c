@@ -1798,6 +1798,78 @@ TASK(d15_reconnect_by_name_while_draining) {
   close(lfd);
 }
 
+/* A server at 127.0.0.1 that accepts the client's connection and resets
+ * it at once, before the client's loop looks at its connect; the
+ * client connects with ac_connect, or by MANY with ac_connect_name (whose
+ * other addresses refuse).  Its trace and last error in *out. */
+static void accept_then_reset(int mode, int byname, probe_t *out) {
+  ac_map_t *map = task_map_new();
+  struct linger lg = {1, 0};
+  struct sockaddr_in sin;
+  probe_t *client = out;
+  int port = 0;
+  int lfd = listen_on(1, &port, 16);
+  int a;
+  int k;
+
+  ASSERT_GE(lfd, 0);
+  ASSERT_OK(probe_init(client, map, &probe_ops, 0, "client"));
+  client->consume = 1;
+  if (byname) {
+    ASSERT_OK(ac_connect_name(&client->base.d, MANY, port));
+    /* until the first address's attempt is in the listen queue: that
+     * pass started it, the next would look at it */
+    for (k = 0; k < 2000 && probe_wait_fd(lfd, POLLIN, 0) == 0; k++) {
+      uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+      usleep(1000);
+    }
+  } else {
+    ASSERT_OK(ac_create_socket(&client->base.d, AF_INET, SOCK_STREAM));
+    ASSERT_OK(uv_ip4_addr("127.0.0.1", port, &sin));
+    ASSERT_OK(ac_connect(&client->base.d, (struct sockaddr *) &sin));
+  }
+  ASSERT_STR_EQ(client->trace, "");
+  a = accept(lfd, NULL, NULL);
+  ASSERT_GE(a, 0);
+  ASSERT_OK(setsockopt(a, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+  close(a);
+  LOOP_UNTIL(map, mode, client->closed == 1, 200);
+  ASSERT_EQ(probe_wait_fd(lfd, POLLIN, 0), 0); /* no other connection */
+  task_map_free(map);
+  close(lfd);
+}
+
+/* Q-07, D-17: a server that accepts and resets at once.  ac_connect_name
+ * passes over an address that refuses; this one connected: the channel
+ * takes that connection and reports its end as ac_connect to that one
+ * address does (select mode: handle_error with ECONNRESET; poll mode:
+ * handle_close), and connects to no other address.  Before, the attempt's
+ * reset was taken for a refusal: the next addresses were tried, and the
+ * application saw the last one's refusal (ECONNREFUSED in both modes),
+ * or a second connection to another address of the same server. */
+TASK(d17_connect_name_accepted_then_reset) {
+  int mode;
+
+  if (!many_resolves()) {
+    rerun_with_many_hosts("d17_connect_name_accepted_then_reset");
+    return;
+  }
+  for (mode = 0; mode < 2 && !task_failed; mode++) {
+    probe_t plain;
+    probe_t named;
+
+    accept_then_reset(mode, 0, &plain);
+    if (!task_failed) {
+      accept_then_reset(mode, 1, &named);
+    }
+    if (!task_failed) {
+      ASSERT_STR_EQ(named.trace, plain.trace);
+      ASSERT_EQ(named.err_code, plain.err_code);
+      ASSERT_STR_EQ(named.err_where, plain.err_where);
+    }
+  }
+}
+
 /* D-12: accept gives "none" (0) with nothing pending, then 1 with a
  * non-blocking close-on-exec socket and the peer address; the new socket
  * is in no map.  A socket that does not listen gives an error. */
@@ -2909,6 +2981,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d15_connect_name_closed_while_first_address_hangs),
     TASK_ENTRY(d11_connect_while_connect_name_tries),
     TASK_ENTRY(d15_reconnect_by_name_while_draining),
+    TASK_ENTRY(d17_connect_name_accepted_then_reset),
     TASK_ENTRY(d11_connect_name_every_address_debian_hosts),
     TASK_ENTRY(d11_connect_name_unresolvable),
     TASK_ENTRY(d12_accept),
