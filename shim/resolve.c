@@ -25,6 +25,7 @@ typedef struct {
   struct addrinfo *res;  /* every resolved address */
   struct addrinfo *next; /* the one being tried */
   attempt_t *att;        /* the attempt in flight, or NULL */
+  int dropped;           /* d was closed while resolving (resolve_abort) */
 } resolve_t;
 
 /* One connect on a socket of the request's own (not the last address). */
@@ -228,13 +229,23 @@ static void on_resolved(uv_getaddrinfo_t *req, int status,
   resolve_t *rq = (resolve_t *) req;
   ac_dispatcher_t *d = rq->d;
 
+  if (rq->dropped) {
+    /* d was closed meanwhile, and may live again already (the reconnect
+     * idiom, with a request of its own): it only waited for this one
+     * (nreq) to be released. */
+    uv_freeaddrinfo(res);
+    ac__free(rq);
+    d->nreq--;
+    ac__maybe_release(d);
+    return;
+  }
   rq->res = res;
   rq->next = res;
-  if ((d->flags & AC__F_CLOSED) || ac__map_torn(d->map)) {
-    /* Closed meanwhile; or the application closed the loop's handles (a
-     * uv_walk teardown, whose uv_run waits for this answer): the map
-     * starts no handle and runs no handler any more, and ac_map_free()
-     * closes and releases d. */
+  if (ac__map_torn(d->map)) {
+    /* The application closed the loop's handles (a uv_walk teardown,
+     * whose uv_run waits for this answer): the map starts no handle and
+     * runs no handler any more, and ac_map_free() closes and releases
+     * d. */
     finish(rq);
     ac__maybe_release(d);
     return;
@@ -248,12 +259,18 @@ static void on_resolved(uv_getaddrinfo_t *req, int status,
 }
 
 /* d is being closed (ac_close): drop the lookup or the attempt in flight.
- * `closed` waits for both (nreq). */
+ * `closed` waits for both (nreq).  A lookup cannot always be cancelled (it
+ * may be running in libuv's thread pool) and its callback comes anyway:
+ * it is left to end on its own, and d is done with it now, so that d can
+ * take a new socket at once (the reconnect idiom, dispatcher.md). */
 void ac__resolve_abort(ac_dispatcher_t *d) {
   resolve_t *rq = d->req;
 
   if (rq->att == NULL) {
-    uv_cancel((uv_req_t *) &rq->req); /* on_resolved sees the close */
+    (void) uv_cancel((uv_req_t *) &rq->req);
+    rq->dropped = 1; /* on_resolved only releases it */
+    d->req = NULL;
+    d->flags &= (uint16_t) ~AC__F_RESOLVING;
     return;
   }
   close(rq->att->fd);

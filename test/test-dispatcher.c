@@ -2405,6 +2405,61 @@ TASK(d15_reconnect_while_draining_to_a_peer_that_never_reads) {
   ASSERT_EQ(c.late, 0);
 }
 
+/* The reconnect idiom on a channel closed while ac_connect_name resolves
+ * (a connect timeout that gives up on a slow lookup, then connects to an
+ * address it has): until `closed`, a closed channel takes a new socket
+ * (D-15, dispatcher.md), whether the lookup could be cancelled or is
+ * still running in libuv's thread pool.  The new connect completes once;
+ * the lookup's answer does nothing to the new life; `closed` runs once,
+ * at the end, and no fd is left; the same when the new life connects by
+ * name again.  Before, ac_create_socket returned UV_EBUSY until the
+ * lookup's callback came. */
+TASK(d15_reconnect_after_close_while_resolving) {
+  int round;
+
+  task_map_free(task_map_new()); /* libuv's process-wide fds, first */
+  for (round = 0; round < 4 && !task_failed; round++) {
+    int mode = round % 2;
+    int fd0 = task_fd_count();
+    ac_map_t *map = task_map_new();
+    struct sockaddr_storage ss;
+    probe_t server;
+    probe_t client;
+    int port;
+    int k;
+
+    ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+    server.adopt = 1;
+    port = probe_listen(&server, AF_INET);
+    ASSERT_GT(port, 0);
+    ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+    client.readable = 0;
+    ASSERT_OK(ac_connect_name(&client.base.d, "localhost", port));
+    ASSERT_OK(ac_close(&client.base.d));
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, port, &ss);
+    if (round < 2) {
+      ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+    } else { /* by name again: two lookups, the first one dropped */
+      ASSERT_OK(ac_connect_name(&client.base.d, "localhost", port));
+    }
+    LOOP_UNTIL(map, mode, client.n[EV_CONNECT] == 1, 200);
+    client.writable = 0;
+    for (k = 0; k < 20; k++) { /* the lookup's answer, if it was late */
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_EQ(strncmp(client.trace, "connect ", 8), 0);
+    ASSERT_EQ(client.n[EV_CONNECT], 1);
+    ASSERT_EQ(client.n[EV_ERROR] + client.n[EV_CLOSE], 0);
+    ASSERT_EQ(client.base.d.connected, 1);
+    ASSERT_EQ(client.closed, 0);
+    LOOP_UNTIL(map, mode, server.n[EV_ACCEPTED] == 1, 200);
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+    ASSERT_EQ(task_fd_count(), fd0);
+  }
+}
+
 /* The reconnect idiom after refused connects: each round's connect waits
  * for the old handle, fails, and reaches handle_error (D-17, L-15) like
  * the first; `closed` runs once at the end. */
@@ -2995,6 +3050,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d15_close),
     TASK_ENTRY(d15_closed_callback_once),
     TASK_ENTRY(d15_reconnect_in_handle_close),
+    TASK_ENTRY(d15_reconnect_after_close_while_resolving),
     TASK_ENTRY(d15_reconnect_after_refused),
     TASK_ENTRY(d15_reconnect_while_draining),
     TASK_ENTRY(d15_reconnect_while_draining_to_a_peer_that_never_reads),
