@@ -1413,6 +1413,42 @@ TASK(d11_connect_name_unresolvable) {
   }
 }
 
+static int exit_at_once(ac_timer_t *t, void *arg) {
+  (void) t;
+  (void) arg;
+  return AC_EXIT;
+}
+
+/* E-01, Q-07: a resolver failure that comes in a pass a timer already
+ * stopped (AC_EXIT) is not dropped as the pass's readiness is (readiness
+ * comes again, a resolver answer once): handle_error, then the default
+ * close, the channel leaves the map.  (dispatcher.md listed it as dropped,
+ * the channel left connecting for ever.) */
+TASK(e01_connect_name_failure_in_a_stopped_pass) {
+  int mode;
+
+  for (mode = 0; mode < 2 && !task_failed; mode++) {
+    ac_map_t *map = task_map_new();
+    probe_t client;
+    ac_timer_t t;
+    int i;
+
+    ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+    ASSERT_OK(ac_connect_name(&client.base.d, "nonexistent.invalid", 80));
+    /* the answer waits for the pass (up to 2 s): the timer comes first */
+    ASSERT_OK(ac_timer_init(map, &t));
+    for (i = 0; i < 200 && client.trace[0] == 0; i++) {
+      usleep(10000);
+      ASSERT_OK(ac_timer_start(&t, 0, 0, exit_at_once, NULL));
+      ASSERT_EQ(ac_loop(map, 0.01, mode, 1), AC_EXIT);
+    }
+    ASSERT_STR_EQ(client.trace, "error close ");
+    ASSERT_EQ(ac_map_len(map), 0);
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+  }
+}
+
 /* A host name of three loopback addresses, in this order (the resolver
  * sorts 127.0.0.1 first, RFC 6724's longest prefix shared with the source
  * address, so the order of the lines matters little). */
@@ -3033,6 +3069,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d16_connect_completed_by_read),
     TASK_ENTRY(d11_connect_name_localhost),
     TASK_ENTRY(d11_connect_name_every_address),
+    TASK_ENTRY(e01_connect_name_failure_in_a_stopped_pass),
     TASK_ENTRY(d15_connect_name_closed_while_first_address_hangs),
     TASK_ENTRY(d11_connect_while_connect_name_tries),
     TASK_ENTRY(d15_reconnect_by_name_while_draining),
