@@ -836,14 +836,16 @@ static inline int behind_queue(const ac_dispatcher_t *d) {
 
 /* Whether d cannot send now although it has a socket: a stream still
  * connecting (W-03), a reused channel whose old handle is still closing
- * (no backend yet), or an adoption whose application writes are not
- * through yet (adopt.c). */
+ * (no backend yet), a socket created before ac_connect_name that the
+ * name's connect has not reached yet (no backend yet: it is not
+ * connected, the kernel would answer EPIPE), or an adoption whose
+ * application writes are not through yet (adopt.c). */
 static inline int must_wait(const ac_dispatcher_t *d) {
   switch (d->backend) {
   case AC_BACKEND_STREAM:
     return !(d->flags & AC__F_CONN_DONE);
   case AC_BACKEND_NONE:
-    return ac__reusing(d);
+    return ac__reusing(d) || (d->flags & AC__F_RESOLVING);
   default:
     return (d->flags & AC__F_ADOPT) && !ac__adopt_fenced(d);
   }
@@ -1013,7 +1015,8 @@ ssize_t ac__recv_result(ac_dispatcher_t *d, void *buf, size_t n,
 /* The receives that do not go straight to the socket: bad arguments; a
  * transport, which gives its plaintext (TLS: tls.c); pending input (an
  * adoption's, or what a read burst received ahead: adopt.c), which comes
- * before the socket; no socket yet (resolving a name): would-block; a
+ * before the socket; no socket, or none connected yet (ac_connect_name
+ * resolving or trying an address): would-block; a
  * closed channel or a receive of 0 bytes: the end (D-14). */
 AC__SPECIAL ssize_t ac__recv_special(ac_dispatcher_t *d, void *buf,
                                      size_t n) {
@@ -1035,8 +1038,9 @@ AC__SPECIAL ssize_t ac__recv_special(ac_dispatcher_t *d, void *buf,
     }
     return r;
   }
-  if (d->fd < 0 && (d->flags & AC__F_RESOLVING)) {
-    return UV_EAGAIN; /* no socket yet (ac_connect_name) */
+  if ((d->flags & AC__F_RESOLVING) &&
+      (d->fd < 0 || d->backend == AC_BACKEND_NONE)) {
+    return UV_EAGAIN; /* no socket, or none connected yet (ac_connect_name) */
   }
   if (d->fd < 0 || n == 0) {
     return ac__disconnected(d); /* D-14: EBADF, or recv(0) gives b'' */

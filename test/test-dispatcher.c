@@ -1413,6 +1413,50 @@ TASK(d11_connect_name_unresolvable) {
   }
 }
 
+/* D-13, D-14, Q-07: a socket created beforehand (to pick the family)
+ * and ac_connect_name: until the name's connect has started on it, the
+ * socket is not connected, yet sends and receives must not fail on it.
+ * A raw send would block (0), a receive is UV_EAGAIN, a
+ * dispatcher_with_send keeps the bytes, and no handler runs, as on a
+ * channel that resolves without a socket (dispatcher.md, reliability.md);
+ * the bytes go out once connected.  Before, the send met the unconnected
+ * socket (EPIPE): handle_close, and the channel closed before its
+ * connect. */
+TASK(d13_send_while_connect_name_resolves_on_a_socket) {
+  int mode;
+
+  for (mode = 0; mode < 2 && !task_failed; mode++) {
+    ac_map_t *map = task_map_new();
+    probe_t client;
+    char buf[8];
+    int port = 0;
+    int lfd = task_listen_tcp(AF_INET, &port);
+    int a;
+
+    ASSERT_GE(lfd, 0);
+    ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 1, "client"));
+    client.readable = 0;
+    client.chain_write = 1; /* dispatcher_with_send's initiate_send */
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    ASSERT_OK(ac_connect_name(&client.base.d, "127.0.0.1", port));
+    ASSERT_EQ(ac_dispatcher_send(&client.base.d, "x", 1), 0);
+    ASSERT_EQ(ac_recv(&client.base.d, buf, sizeof(buf)), UV_EAGAIN);
+    ASSERT_EQ(ac_send(&client.base.d, "hello", 5), 5);
+    ASSERT_STR_EQ(client.trace, "");
+    LOOP_UNTIL(map, mode, client.trace[0] != 0, 200);
+    ASSERT_EQ(strncmp(client.trace, "connect ", 8), 0);
+    a = accept(lfd, NULL, NULL);
+    ASSERT_GE(a, 0);
+    ASSERT_EQ(probe_wait_fd(a, POLLIN, 2000) & POLLIN, POLLIN);
+    ASSERT_EQ(read(a, buf, sizeof(buf)), 5);
+    ASSERT_MEM_EQ(buf, "hello", 5);
+    ASSERT_EQ(client.n[EV_CLOSE] + client.n[EV_ERROR], 0);
+    close(a);
+    task_map_free(map);
+    close(lfd);
+  }
+}
+
 static int exit_at_once(ac_timer_t *t, void *arg) {
   (void) t;
   (void) arg;
@@ -3070,6 +3114,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d11_connect_name_localhost),
     TASK_ENTRY(d11_connect_name_every_address),
     TASK_ENTRY(e01_connect_name_failure_in_a_stopped_pass),
+    TASK_ENTRY(d13_send_while_connect_name_resolves_on_a_socket),
     TASK_ENTRY(d15_connect_name_closed_while_first_address_hangs),
     TASK_ENTRY(d11_connect_while_connect_name_tries),
     TASK_ENTRY(d15_reconnect_by_name_while_draining),
