@@ -689,6 +689,12 @@ static void reattach(ac_dispatcher_t *d) {
   int r = 0;
 
   d->flags &= (uint16_t) ~AC__F_WERR; /* the old stream's */
+  if (d->flags & AC__F_RESOLVING) {
+    /* ac_connect_name connects the new life: its socket gets its handle
+     * when the name's connect reaches it (resolve.c), not before (it is
+     * not connected; the lookup is d->req). */
+    return;
+  }
   if (d->connecting && is_tcp(d) && !(d->flags & AC__F_TCP_POLL)) {
     r = ac__attach(d, 1);
     if (r == 0) {

@@ -2485,6 +2485,57 @@ TASK(d15_reconnect_while_draining_to_a_peer_that_never_reads) {
   ASSERT_EQ(c.late, 0);
 }
 
+/* D-15, Q-07: the reconnect idiom by name (ac_close, ac_create_socket,
+ * ac_connect_name) on a connected channel: the old handle is released
+ * while the name still resolves; the name's connect completes once, no
+ * error; `closed` runs once, at the end.  Before, the old handle's
+ * release started a connect of its own for the `connecting` channel
+ * (reattach), which met the lookup in flight: handle_error with EALREADY
+ * ("handle_connect_event"), and the channel closed. */
+TASK(d15_reconnect_by_name) {
+  int mode;
+
+  for (mode = 0; mode < 2 && !task_failed; mode++) {
+    ac_map_t *map = task_map_new();
+    struct sockaddr_storage ss;
+    probe_t client;
+    int port = 0;
+    int lfd = task_listen_tcp(AF_INET, &port);
+    int a;
+    int k;
+
+    ASSERT_GE(lfd, 0);
+    ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+    client.readable = 0;
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    task_addr(AF_INET, port, &ss);
+    ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &ss));
+    LOOP_UNTIL(map, mode, client.n[EV_CONNECT] == 1, 200);
+    for (k = 0; k < 2; k++) { /* the first connection, then the second */
+      a = accept(lfd, NULL, NULL);
+      ASSERT_GE(a, 0);
+      close(a);
+      if (k == 1) {
+        break;
+      }
+      ASSERT_OK(ac_close(&client.base.d));
+      ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+      ASSERT_OK(ac_connect_name(&client.base.d, "127.0.0.1", port));
+      LOOP_UNTIL(map, mode,
+                 client.n[EV_CONNECT] + client.n[EV_ERROR] +
+                         client.n[EV_CLOSE] > 1,
+                 200);
+      ASSERT_EQ(client.n[EV_CONNECT], 2);
+      ASSERT_EQ(client.n[EV_ERROR] + client.n[EV_CLOSE], 0);
+      ASSERT_EQ(client.base.d.connected, 1);
+    }
+    ASSERT_EQ(client.closed, 0);
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+    close(lfd);
+  }
+}
+
 /* The reconnect idiom on a channel closed while ac_connect_name resolves
  * (a connect timeout that gives up on a slow lookup, then connects to an
  * address it has): until `closed`, a closed channel takes a new socket
@@ -3132,6 +3183,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d15_close),
     TASK_ENTRY(d15_closed_callback_once),
     TASK_ENTRY(d15_reconnect_in_handle_close),
+    TASK_ENTRY(d15_reconnect_by_name),
     TASK_ENTRY(d15_reconnect_after_close_while_resolving),
     TASK_ENTRY(d15_reconnect_after_refused),
     TASK_ENTRY(d15_reconnect_while_draining),
