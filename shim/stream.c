@@ -75,7 +75,9 @@ static int input_waiting(const ac_dispatcher_t *d) {
 static void on_connect(uv_connect_t *req, int status) {
   ac_dispatcher_t *d = req->data;
 
-  d->req = NULL;
+  if (d->req == req) {
+    d->req = NULL; /* else ac__stream_close let go of it already */
+  }
   d->nreq--;
   ac__free(req);
   if ((d->flags & AC__F_CLOSED) || ac__reusing(d)) {
@@ -213,6 +215,11 @@ ssize_t ac__stream_queue(ac_dispatcher_t *d, const char *buf, size_t n) {
  * and uv_close would drop libuv's queue, so a stream with queued bytes
  * drains first (the fd stays open until then). */
 void ac__stream_close(ac_dispatcher_t *d) {
+  /* A connect in flight is libuv's to cancel with the handle (on_connect,
+   * UV_ECANCELED; nreq holds the release until then): d is done with it,
+   * so that a new life of d (the reconnect idiom) may connect at once,
+   * by address or by name. */
+  d->req = NULL;
   uv_read_stop((uv_stream_t *) &d->h.tcp);
   if (d->wq_bytes > 0 && !(d->flags & AC__F_WERR) &&
       !uv_is_closing(&d->h.handle)) {

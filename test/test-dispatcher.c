@@ -1878,6 +1878,60 @@ TASK(d15_reconnect_by_name_while_draining) {
   close(lfd);
 }
 
+/* D-15, Q-07: the reconnect idiom by name after giving up on a connect
+ * that never answers (a connect timeout: ac_close, ac_create_socket,
+ * ac_connect_name to another address).  The old connect is cancelled with
+ * the old handle, and is no connect in flight of the new life: the name's
+ * connect starts and completes once; `closed` runs once, at the end, and
+ * no fd is left.  Before, ac_connect_name returned UV_EBUSY: the old
+ * life's request was still the channel's until libuv cancelled it. */
+TASK(d15_reconnect_by_name_after_a_connect_that_hangs) {
+  int mode;
+
+  task_map_free(task_map_new()); /* libuv's process-wide fds, first */
+  for (mode = 0; mode < 2 && !task_failed; mode++) {
+    int fd0 = task_fd_count();
+    ac_map_t *map = task_map_new();
+    struct sockaddr_in sin;
+    probe_t client;
+    int hole[3];
+    int srv;
+    int port;
+    int a;
+    int i;
+
+    many_setup(hole, &srv, &port); /* 127.0.0.1 hangs, 127.0.0.3 listens */
+    ASSERT(!task_failed);
+    ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 0, "client"));
+    client.readable = 0;
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    ASSERT_OK(uv_ip4_addr("127.0.0.1", port, &sin));
+    ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &sin));
+    for (i = 0; i < 10; i++) {
+      ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+    }
+    ASSERT_STR_EQ(client.trace, ""); /* no answer: give up on it */
+    ASSERT_OK(ac_close(&client.base.d));
+    ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    ASSERT_OK(ac_connect_name(&client.base.d, "127.0.0.3", port));
+    LOOP_UNTIL(map, mode, client.trace[0] != 0, 300);
+    client.writable = 0;
+    ASSERT_EQ(strncmp(client.trace, "connect ", 8), 0);
+    ASSERT_EQ(client.n[EV_CONNECT], 1);
+    ASSERT_EQ(client.n[EV_ERROR] + client.n[EV_CLOSE], 0);
+    ASSERT_EQ(probe_wait_fd(srv, POLLIN, 2000) & POLLIN, POLLIN);
+    a = accept(srv, NULL, NULL);
+    ASSERT_GE(a, 0);
+    close(a);
+    ASSERT_EQ(client.closed, 0);
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+    close_all(hole, 3);
+    close(srv);
+    ASSERT_EQ(task_fd_count(), fd0);
+  }
+}
+
 /* A server at 127.0.0.1 that accepts the client's connection and resets
  * it at once, before the client's loop looks at its connect; the
  * client connects with ac_connect, or by MANY with ac_connect_name (whose
@@ -3170,6 +3224,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d11_connect_while_connect_name_tries),
     TASK_ENTRY(d15_reconnect_by_name_while_draining),
     TASK_ENTRY(d17_connect_name_accepted_then_reset),
+    TASK_ENTRY(d15_reconnect_by_name_after_a_connect_that_hangs),
     TASK_ENTRY(d11_connect_name_every_address_debian_hosts),
     TASK_ENTRY(d11_connect_name_unresolvable),
     TASK_ENTRY(d12_accept),
