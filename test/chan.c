@@ -308,15 +308,20 @@ alloc_stats_t alloc_uv;
 long alloc_seq;
 long alloc_fail_seq;
 int alloc_failed;
+int (*alloc_lib_fails)(size_t n);
+int (*alloc_uv_fails)(size_t n);
 
 typedef union {
   max_align_t align;
   size_t n;
 } hdr_t;
 
-/* Number an allocation; whether it is the one to fail. */
-static int fails(int who) {
-  if (++alloc_seq == alloc_fail_seq) {
+/* Number an allocation of n bytes; whether it is to fail: the one of
+ * number alloc_fail_seq, or one the targeted fault picks. */
+static int fails(int who, size_t n) {
+  int (*pick)(size_t) = who == 1 ? alloc_lib_fails : alloc_uv_fails;
+
+  if (++alloc_seq == alloc_fail_seq || (pick != NULL && pick(n))) {
     alloc_failed = who;
     return 1;
   }
@@ -388,21 +393,21 @@ static void *zeroed(alloc_stats_t *st, size_t a, size_t b) {
 }
 
 static void *lib_malloc(size_t n) {
-  return fails(1) ? NULL : get(&alloc_lib, n);
+  return fails(1, n) ? NULL : get(&alloc_lib, n);
 }
 
 static void *lib_realloc(void *p, size_t n) {
-  return fails(1) ? NULL : resize(&alloc_lib, p, n);
+  return fails(1, n) ? NULL : resize(&alloc_lib, p, n);
 }
 
 static void *lib_calloc(size_t a, size_t b) {
-  return fails(1) ? NULL : zeroed(&alloc_lib, a, b);
+  return fails(1, a * b) ? NULL : zeroed(&alloc_lib, a, b);
 }
 
 static void lib_free(void *p) { put(&alloc_lib, p); }
 
 static void *uv_malloc_fn(size_t n) {
-  return fails(2) ? NULL : get(&alloc_uv, n);
+  return fails(2, n) ? NULL : get(&alloc_uv, n);
 }
 
 /* Not numbered: libuv aborts when its watcher table cannot grow. */
@@ -411,7 +416,7 @@ static void *uv_realloc_fn(void *p, size_t n) {
 }
 
 static void *uv_calloc_fn(size_t a, size_t b) {
-  return fails(2) ? NULL : zeroed(&alloc_uv, a, b);
+  return fails(2, a * b) ? NULL : zeroed(&alloc_uv, a, b);
 }
 
 static void uv_free_fn(void *p) { put(&alloc_uv, p); }

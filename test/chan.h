@@ -107,6 +107,11 @@ extern alloc_stats_t alloc_uv;  /* libuv's */
 extern long alloc_seq;          /* numbered allocations so far */
 extern long alloc_fail_seq;     /* the one to fail (0: none) */
 extern int alloc_failed;        /* 1: a library one failed, 2: libuv's */
+/* Targeted faults (test-oom.c): while set, the library's allocations
+ * (alloc_lib_fails) or libuv's numbered ones (alloc_uv_fails) fail when
+ * the function, given the size asked for, says so. */
+extern int (*alloc_lib_fails)(size_t n);
+extern int (*alloc_uv_fails)(size_t n);
 /* Install for the library (lib) and/or libuv (uv); 0 or an error. */
 int alloc_install(int lib, int uv);
 

@@ -12,11 +12,16 @@
  * error), every block of both allocators is freed at the end, and either
  * the application saw an error (a call returned one, or handle_error ran)
  * or the session produced exactly the output of the run without failure.
+ * Then one test per row of the table "What a failed allocation does",
+ * each failing exactly that allocation (a targeted fault: alloc_lib_fails,
+ * alloc_uv_fails) and checking what the row says the caller sees.
  * docs/reliability.md, "Allocation failure". */
 #include "chan.h"
 #include "probe.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -425,8 +430,250 @@ TASK(fail_each_allocation_in_turn) {
   free(big);
 }
 
+/* ---------------------------------------------------------------- */
+/* One allocation at a time: the rows of the table "What a failed     */
+/* allocation does" (docs/reliability.md), each on its own.           */
+
+/* A targeted fault: the next `count` allocations (-1: all, until
+ * disarmed) that ask for at least `min` bytes fail; `hits` counts the
+ * failed ones, `size` keeps their sizes. */
+typedef struct {
+  size_t min;
+  long count;
+  int hits;
+  size_t size[4];
+} fault_t;
+
+static fault_t lib_fault; /* the library's allocations */
+
+static int pick(fault_t *f, size_t n) {
+  if (n < f->min || f->count == 0) {
+    return 0;
+  }
+  if (f->count > 0) {
+    f->count--;
+  }
+  if (f->hits < 4) {
+    f->size[f->hits] = n;
+  }
+  f->hits++;
+  return 1;
+}
+
+static int pick_lib(size_t n) { return pick(&lib_fault, n); }
+
+static void arm(fault_t *f, size_t min, long count) {
+  memset(f, 0, sizeof(*f));
+  f->min = min;
+  f->count = count;
+}
+
+/* The library's next `count` allocations of at least `min` bytes fail. */
+static void fail_lib(size_t min, long count) {
+  arm(&lib_fault, min, count);
+  alloc_lib_fails = pick_lib;
+}
+
+static void disarm(void) {
+  alloc_lib_fails = NULL;
+  alloc_uv_fails = NULL;
+}
+
+/* A channel that records what the application sees. */
+typedef struct {
+  union {
+    ac_dispatcher_t d;
+    ac_dispatcher_with_send_t ws;
+    ac_chat_t chat;
+  } u;
+  int connects;
+  int writes;
+  int closes;
+  int errors;
+  int err_code;
+  char err_where[32];
+  int released;
+  /* async_chat: the records found (their bytes, '|' after each) */
+  char found[256];
+  size_t nfound;
+  int nrecords;
+} obs_t;
+
+static obs_t *obs_of(ac_dispatcher_t *d) {
+  return ac_container_of(d, obs_t, u.d);
+}
+
+static int obs_never(ac_dispatcher_t *d) {
+  (void) d;
+  return 0;
+}
+
+/* Plain: writable only to learn of its connect (D-17). */
+static int obs_connecting(ac_dispatcher_t *d) { return !d->connected; }
+
+static int obs_connect(ac_dispatcher_t *d) {
+  obs_of(d)->connects++;
+  return 0;
+}
+
+static int obs_write(ac_dispatcher_t *d) {
+  obs_of(d)->writes++;
+  return 0;
+}
+
+static int obs_close(ac_dispatcher_t *d) {
+  obs_of(d)->closes++;
+  return ac_default_handle_close(d);
+}
+
+/* Records the error; does not close (the tests check what follows). */
+static int obs_error(ac_dispatcher_t *d, const ac_error_t *err) {
+  obs_t *o = obs_of(d);
+
+  o->errors++;
+  o->err_code = err->code;
+  snprintf(o->err_where, sizeof(o->err_where), "%s", err->where);
+  return 0;
+}
+
+static void obs_closed(ac_dispatcher_t *d) { obs_of(d)->released++; }
+
+static int obs_found(ac_chat_t *c) {
+  obs_t *o = obs_of(&c->d);
+  const char *p;
+  size_t n = ac_chat_get_data(c, &p);
+
+  if (o->nfound + n + 1 <= sizeof(o->found)) {
+    memcpy(o->found + o->nfound, p, n);
+    o->found[o->nfound + n] = '|';
+    o->nfound += n + 1;
+  }
+  o->nrecords++;
+  return 0;
+}
+
+/* Plain: never asks to read, nor to write once connected (the tests send
+ * themselves);
+ * with_send: the class's predicates and handle_write. */
+static const ac_dispatcher_ops_t obs_plain_ops = {
+    .readable = obs_never,
+    .writable = obs_connecting,
+    .handle_connect = obs_connect,
+    .handle_write = obs_write,
+    .handle_close = obs_close,
+    .handle_error = obs_error,
+    .closed = obs_closed,
+};
+
+static const ac_dispatcher_ops_t obs_ws_ops = {
+    .readable = obs_never,
+    .handle_connect = obs_connect,
+    .handle_close = obs_close,
+    .handle_error = obs_error,
+    .closed = obs_closed,
+};
+
+static const ac_chat_ops_t obs_chat_ops = {
+    .base = {.handle_connect = obs_connect,
+             .handle_close = obs_close,
+             .handle_error = obs_error,
+             .closed = obs_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = obs_found,
+};
+
+/* The process's fd count once libuv's process-wide fds (opened with the
+ * first loop) exist: what a test must leave after its loop is closed. */
+static int fd_baseline(void) {
+  uv_loop_t loop;
+
+  if (uv_loop_init(&loop) == 0) {
+    (void) uv_loop_close(&loop);
+  }
+  return task_fd_count();
+}
+
+/* The map: ac_map_new gets no memory for the map: UV_ENOMEM, nothing left
+ * on the loop (it closes); the default map cannot be created: NULL from
+ * ac_default_map, UV_ENOMEM from every function that takes a NULL map
+ * (the init functions, ac_loop, ac_close_all), none of which touched
+ * anything; with memory back, the default map is created and used. */
+TASK(map_out_of_memory) {
+  uv_loop_t *loop = malloc(sizeof(*loop));
+  long live0 = alloc_lib.live;
+  int fds0 = fd_baseline();
+  int fds1;
+  int fl0 = fcntl(0, F_GETFL);
+  ac_dispatcher_with_send_t ws;
+  ac_file_dispatcher_t f;
+  ac_map_t *map = NULL;
+  ac_map_t *old;
+  ac_map_t *def;
+  ac_dispatcher_t d;
+  ac_timer_t t;
+  ac_chat_t c;
+  int r[8];
+
+  disarm();
+  ASSERT(loop != NULL);
+  ASSERT_OK(uv_loop_init(loop));
+  fail_lib(0, -1);
+  r[0] = ac_map_new(loop, &map);
+  disarm();
+  ASSERT_EQ(r[0], UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_OK(uv_loop_close(loop)); /* no handle of a map left on it */
+  ASSERT_OK(uv_loop_init(loop));
+  ASSERT_OK(ac_map_new(loop, &map)); /* memory back: a map */
+  ac_map_free(map);
+  ASSERT_OK(uv_loop_close(loop));
+  free(loop);
+
+  /* The default map, on libuv's default loop (its fds are libuv's). */
+  old = ac_set_default_map(NULL);
+  ASSERT(uv_default_loop() != NULL);
+  fds1 = task_fd_count();
+  fail_lib(0, -1);
+  def = ac_default_map();
+  r[0] = ac_dispatcher_init(&d, NULL, &obs_plain_ops);
+  r[1] = ac_dispatcher_with_send_init(&ws, NULL, &obs_ws_ops);
+  r[2] = ac_chat_init(&c, NULL, &obs_chat_ops);
+  r[3] = ac_file_dispatcher_init(&f, NULL, &obs_plain_ops, 0);
+  r[4] = ac_timer_init(NULL, &t);
+  r[5] = ac_loop(NULL, 0.0, 0, 1);
+  r[6] = ac_close_all(NULL, 0);
+  disarm();
+  ASSERT(def == NULL);
+  ASSERT_EQ(r[0], UV_ENOMEM);
+  ASSERT_EQ(r[1], UV_ENOMEM);
+  ASSERT_EQ(r[2], UV_ENOMEM);
+  ASSERT_EQ(r[3], UV_ENOMEM);
+  ASSERT_EQ(r[4], UV_ENOMEM);
+  ASSERT_EQ(r[5], UV_ENOMEM);
+  ASSERT_EQ(r[6], UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 8); /* ac_default_map and the seven calls */
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_EQ(task_fd_count(), fds1); /* the file dispatcher dup'ed nothing */
+  ASSERT_EQ(fcntl(0, F_GETFL), fl0); /* nor made fd 0 non-blocking */
+  /* Memory back: the default map is created and bound. */
+  def = ac_default_map();
+  ASSERT(def != NULL);
+  ASSERT_OK(ac_dispatcher_init(&d, NULL, &obs_plain_ops));
+  ASSERT(d.map == def);
+  ASSERT_OK(ac_timer_init(NULL, &t));
+  ASSERT_OK(ac_timer_close(&t, NULL));
+  ac_close(&d);
+  ac_map_free(def);
+  ASSERT(ac_set_default_map(old) == NULL);
+  ASSERT_OK(uv_loop_close(uv_default_loop()));
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_EQ(task_fd_count(), fds0);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(fail_each_allocation_in_turn),
+    TASK_ENTRY(map_out_of_memory),
 };
 
 int main(int argc, char **argv) {
