@@ -671,9 +671,119 @@ TASK(map_out_of_memory) {
   ASSERT_EQ(task_fd_count(), fds0);
 }
 
+/* A map whose default handlers log nothing. */
+static ac_map_t *quiet_map(void) {
+  ac_map_t *map = task_map_new();
+
+  if (map != NULL) {
+    ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  }
+  return map;
+}
+
+/* What the peer of a stream-queue test received. */
+typedef struct {
+  int fd;
+  char *buf;
+  size_t cap;
+  size_t n;
+  int eof;
+  int err; /* errno of a failed receive */
+} peer_t;
+
+/* Receive what is there now, without waiting. */
+static void peer_take(peer_t *p) {
+  for (;;) {
+    char scratch[4096];
+    char *to = p->n < p->cap ? p->buf + p->n : scratch;
+    size_t room = p->n < p->cap ? p->cap - p->n : sizeof(scratch);
+    ssize_t r = recv(p->fd, to, room, MSG_DONTWAIT);
+    if (r > 0) {
+      p->n += (size_t) r;
+      continue;
+    }
+    if (r == 0) {
+      p->eof = 1;
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      p->err = errno;
+    }
+    return;
+  }
+}
+
+/* One pass of the map (timeout 5 ms), or, once the map is empty (ac_loop
+ * then returns at once), one non-blocking iteration of its loop and a
+ * millisecond's sleep: closed channels still drain and are released from
+ * the loop. */
+static int pass(ac_map_t *map) {
+  if (ac_map_len(map) > 0) {
+    return ac_loop(map, 0.005, 0, 1);
+  }
+  uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+  usleep(1000);
+  return 0;
+}
+
+/* Passes until cond holds, at most max, while the peer (if any) takes
+ * what arrives. */
+#define PASSES_UNTIL(map, peer, cond, max)                                    \
+  do {                                                                        \
+    int i_;                                                                   \
+    for (i_ = 0; i_ < (max) && !(cond); i_++) {                               \
+      ASSERT_OK(pass(map));                                                   \
+      if ((peer) != NULL) {                                                   \
+        peer_take(peer);                                                      \
+      }                                                                       \
+    }                                                                         \
+    ASSERT(cond);                                                             \
+  } while (0)
+
+/* A connect request (stream backend): ac_connect gets no memory for it:
+ * UV_ENOMEM, the channel stays `connecting` (Q-19), no connection was
+ * attempted; closing it releases it once, its fd and memory with it. */
+TASK(connect_request_out_of_memory) {
+  long live0 = alloc_lib.live;
+  int fds0 = fd_baseline();
+  ac_map_t *map = quiet_map();
+  struct sockaddr_storage ss;
+  struct pollfd pl;
+  int lport;
+  int lfd = task_listen_tcp(AF_INET, &lport);
+  obs_t o;
+  int r;
+
+  disarm();
+  ASSERT(map != NULL);
+  ASSERT_GE(lfd, 0);
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_dispatcher_init(&o.u.d, map, &obs_plain_ops));
+  ASSERT_OK(ac_create_socket(&o.u.d, AF_INET, SOCK_STREAM));
+  task_addr(AF_INET, lport, &ss);
+  fail_lib(0, 1);
+  r = ac_connect(&o.u.d, (struct sockaddr *) &ss);
+  disarm();
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(o.u.d.connecting, 1);
+  ASSERT_EQ(o.u.d.connected, 0);
+  pl.fd = lfd;
+  pl.events = POLLIN;
+  pl.revents = 0;
+  ASSERT_EQ(poll(&pl, 1, 50), 0); /* no connection reached the listener */
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, (peer_t *) NULL, o.released == 1, 100);
+  ASSERT_EQ(o.connects + o.errors + o.closes + o.writes, 0);
+  close(lfd);
+  task_map_free(map);
+  ASSERT_EQ(o.released, 1);
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_EQ(task_fd_count(), fds0);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(fail_each_allocation_in_turn),
     TASK_ENTRY(map_out_of_memory),
+    TASK_ENTRY(connect_request_out_of_memory),
 };
 
 int main(int argc, char **argv) {
