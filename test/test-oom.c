@@ -780,10 +780,85 @@ TASK(connect_request_out_of_memory) {
   ASSERT_EQ(task_fd_count(), fds0);
 }
 
+/* libuv's allocations too (malloc and calloc). */
+static fault_t uv_fault;
+
+static int pick_uv(size_t n) { return pick(&uv_fault, n); }
+
+/* The same for libuv's. */
+static void fail_uv(size_t min, long count) {
+  arm(&uv_fault, min, count);
+  alloc_uv_fails = pick_uv;
+}
+
+/* One ac_connect_name whose request gets no memory (`uv`: libuv's copy of
+ * the name, else the library's request): UV_ENOMEM and nothing started:
+ * no socket, not `connecting`, not in the map, no handler in later
+ * passes, no connection at the listener; a second call (memory back) is
+ * not refused as busy and connects. */
+static void connect_name_no_memory(int uv) {
+  long live0 = alloc_lib.live;
+  int fds0 = fd_baseline();
+  ac_map_t *map = quiet_map();
+  struct pollfd pl;
+  int lport;
+  int lfd = task_listen_tcp(AF_INET, &lport);
+  int hits;
+  obs_t o;
+  int r;
+
+  disarm();
+  ASSERT(map != NULL);
+  ASSERT_GE(lfd, 0);
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_dispatcher_init(&o.u.d, map, &obs_plain_ops));
+  if (uv) {
+    fail_uv(0, 1);
+  } else {
+    fail_lib(0, 1);
+  }
+  r = ac_connect_name(&o.u.d, "127.0.0.1", lport);
+  disarm();
+  hits = uv ? uv_fault.hits : lib_fault.hits;
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(hits, 1);
+  ASSERT_EQ(ac_fileno(&o.u.d), -1);
+  ASSERT_EQ(o.u.d.connecting, 0);
+  ASSERT_EQ(ac_map_len(map), 0);
+  ASSERT_OK(ac_loop(map, 0.01, 0, 5));
+  ASSERT_EQ(o.connects + o.errors + o.closes + o.writes, 0);
+  pl.fd = lfd;
+  pl.events = POLLIN;
+  pl.revents = 0;
+  ASSERT_EQ(poll(&pl, 1, 20), 0);
+  /* Nothing started: the channel takes the next request. */
+  ASSERT_OK(ac_connect_name(&o.u.d, "127.0.0.1", lport));
+  LOOP_UNTIL(map, 0, o.connects == 1, 500);
+  ASSERT_EQ(o.errors, 0);
+  ASSERT_EQ(o.u.d.connected, 1);
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, (peer_t *) NULL, o.released == 1, 100);
+  close(lfd);
+  task_map_free(map);
+  ASSERT_EQ(o.released, 1);
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_EQ(task_fd_count(), fds0);
+}
+
+/* A resolver request: the library's and libuv's copy of the name. */
+TASK(connect_name_request_out_of_memory) {
+  connect_name_no_memory(0);
+  if (task_failed) {
+    return;
+  }
+  connect_name_no_memory(1);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(fail_each_allocation_in_turn),
     TASK_ENTRY(map_out_of_memory),
     TASK_ENTRY(connect_request_out_of_memory),
+    TASK_ENTRY(connect_name_request_out_of_memory),
 };
 
 int main(int argc, char **argv) {
