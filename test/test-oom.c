@@ -854,11 +854,250 @@ TASK(connect_name_request_out_of_memory) {
   connect_name_no_memory(1);
 }
 
+/* A loopback TCP connection with small kernel buffers: *peer (the client,
+ * its receive buffer small) and *sock (the server's end, for a channel,
+ * its send buffer small): a send of a few tens of KiB to a peer that
+ * does not read is taken only in part.  0 or -1. */
+static int small_pair(uv_os_sock_t *peer, uv_os_sock_t *sock) {
+  struct sockaddr_storage ss;
+  int small = 4096;
+  int lport;
+  int lfd = task_listen_tcp(AF_INET, &lport);
+  int c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int s = -1;
+
+  if (lfd >= 0 && c >= 0 &&
+      setsockopt(c, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)) == 0) {
+    task_addr(AF_INET, lport, &ss);
+    if (connect(c, (struct sockaddr *) &ss, sizeof(struct sockaddr_in)) ==
+        0) {
+      s = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    }
+  }
+  if (lfd >= 0) {
+    close(lfd);
+  }
+  if (s < 0 ||
+      setsockopt(s, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small)) != 0) {
+    if (c >= 0) {
+      close(c);
+    }
+    if (s >= 0) {
+      close(s);
+    }
+    return -1;
+  }
+  *peer = c;
+  *sock = s;
+  return 0;
+}
+
+/* Whether the first n bytes of p are those of the pattern of seed s. */
+static int is_pattern(const char *p, size_t n, uint32_t s) {
+  size_t i;
+
+  for (i = 0; i < n; i++) {
+    if (p[i] != chan_pat(s, i)) {
+      return 0;
+    }
+  }
+  return 1;
+}
+
+#define SQ_N 60000 /* a send the kernel takes only in part (small_pair) */
+
+/* The stream queue, plain ac_send: the kernel takes part of a send and
+ * libuv's queue gets no memory for the rest: ac_send returns what the
+ * kernel took (the rest is refused as on would-block); behind bytes
+ * libuv holds, where the kernel takes nothing, UV_ENOMEM.  No handler is
+ * called; the application sends the rest later and the peer gets every
+ * byte, in order, then the end. */
+TASK(stream_queue_out_of_memory_plain_send) {
+  long live0 = alloc_lib.live;
+  int fds0 = fd_baseline();
+  ac_map_t *map = quiet_map();
+  static char out[SQ_N];
+  static char in[SQ_N];
+  peer_t peer = {-1, in, sizeof(in), 0, 0, 0};
+  uv_os_sock_t sock;
+  size_t sent;
+  ssize_t r;
+  obs_t o;
+
+  disarm();
+  ASSERT(map != NULL);
+  chan_fill(out, sizeof(out), 11, 0);
+  ASSERT_OK(small_pair(&peer.fd, &sock));
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_dispatcher_init(&o.u.d, map, &obs_plain_ops));
+  ASSERT_OK(ac_dispatcher_open(&o.u.d, sock));
+  fail_lib(0, 1);
+  r = ac_send(&o.u.d, out, SQ_N);
+  disarm();
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_GT(r, 0);
+  ASSERT_LT(r, SQ_N);
+  ASSERT_GT(lib_fault.size[0], (size_t) (SQ_N - r)); /* the queue's */
+  sent = (size_t) r;
+  /* With memory: libuv's queue takes what the kernel refuses. */
+  r = ac_send(&o.u.d, out + sent, 20000);
+  ASSERT_EQ(r, 20000);
+  sent += 20000;
+  /* Behind them: nothing taken, no memory for the queue. */
+  fail_lib(0, 1);
+  r = ac_send(&o.u.d, out + sent, SQ_N - sent);
+  disarm();
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(o.errors + o.closes, 0);
+  /* The peer reads; the application sends the rest. */
+  PASSES_UNTIL(map, &peer, peer.n == sent, 1000);
+  while (sent < SQ_N) {
+    r = ac_send(&o.u.d, out + sent, SQ_N - sent);
+    ASSERT_GE(r, 0);
+    sent += (size_t) r;
+    PASSES_UNTIL(map, &peer, peer.n == sent, 1000);
+  }
+  ASSERT(is_pattern(in, SQ_N, 11));
+  ASSERT_EQ(o.errors + o.closes, 0);
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, &peer, o.released == 1 && peer.eof, 1000);
+  ASSERT_EQ(peer.n, SQ_N);
+  ASSERT_EQ(peer.err, 0);
+  close(peer.fd);
+  task_map_free(map);
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_EQ(task_fd_count(), fds0);
+}
+
+/* The stream queue, dispatcher_with_send: the kernel takes part of a send
+ * and libuv's queue gets no memory: the rest stays in the buffer (no
+ * error) and goes at the next write event; behind bytes libuv holds,
+ * where the kernel takes nothing, the send returns UV_ENOMEM and its
+ * bytes stay buffered (W-02).  No handle_error; the peer gets every
+ * byte, in order. */
+TASK(stream_queue_out_of_memory_with_send) {
+  long live0 = alloc_lib.live;
+  int fds0 = fd_baseline();
+  ac_map_t *map = quiet_map();
+  static char out[SQ_N + 1000];
+  static char in[SQ_N + 1000];
+  peer_t peer = {-1, in, sizeof(in), 0, 0, 0};
+  uv_os_sock_t sock;
+  size_t pending;
+  obs_t o;
+  int r;
+
+  disarm();
+  ASSERT(map != NULL);
+  chan_fill(out, sizeof(out), 12, 0);
+  ASSERT_OK(small_pair(&peer.fd, &sock));
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_dispatcher_with_send_init(&o.u.ws, map, &obs_ws_ops));
+  ASSERT_OK(ac_dispatcher_open(&o.u.d, sock));
+  fail_lib(0, 1);
+  r = ac_dispatcher_with_send_send(&o.u.ws, out, SQ_N);
+  disarm();
+  pending = ac_dispatcher_with_send_pending(&o.u.ws);
+  ASSERT_EQ(r, 0);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_GT(pending, 0);
+  ASSERT_LT(pending, SQ_N);
+  /* the allocation that failed was the queue's, for the refused bytes */
+  ASSERT_GT(lib_fault.size[0], pending);
+  ASSERT_LT(lib_fault.size[0], pending + 1024);
+  /* The next write event (the peer still not reading): libuv's queue
+   * takes the buffered bytes. */
+  ASSERT_OK(ac_loop(map, 0.01, 0, 3));
+  ASSERT_EQ(ac_dispatcher_with_send_pending(&o.u.ws), 0);
+  fail_lib(0, 1);
+  r = ac_dispatcher_with_send_send(&o.u.ws, out + SQ_N, 1000);
+  disarm();
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(ac_dispatcher_with_send_pending(&o.u.ws), 1000);
+  ASSERT_EQ(o.errors + o.closes, 0);
+  PASSES_UNTIL(map, &peer, peer.n == SQ_N + 1000, 2000);
+  ASSERT(is_pattern(in, SQ_N + 1000, 12));
+  ASSERT_EQ(o.errors + o.closes, 0);
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, &peer, o.released == 1 && peer.eof, 1000);
+  ASSERT_EQ(peer.n, SQ_N + 1000);
+  ASSERT_EQ(peer.err, 0);
+  close(peer.fd);
+  task_map_free(map);
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_EQ(task_fd_count(), fds0);
+}
+
+/* The stream queue, async_chat: the kernel takes part of a push and
+ * libuv's queue gets no memory: the rest stays in the fifo (no error) and
+ * goes at the next write event; behind bytes libuv holds, where the
+ * kernel takes nothing, handle_error gets UV_ENOMEM with "initiate_send"
+ * (C-21) and the pushed bytes stay queued.  The peer gets every byte, in
+ * order (this handle_error does not close). */
+TASK(stream_queue_out_of_memory_async_chat) {
+  long live0 = alloc_lib.live;
+  int fds0 = fd_baseline();
+  ac_map_t *map = quiet_map();
+  static char out[SQ_N + 1000];
+  static char in[SQ_N + 1000];
+  peer_t peer = {-1, in, sizeof(in), 0, 0, 0};
+  uv_os_sock_t sock;
+  size_t queued;
+  obs_t o;
+  int r;
+
+  disarm();
+  ASSERT(map != NULL);
+  chan_fill(out, sizeof(out), 13, 0);
+  ASSERT_OK(small_pair(&peer.fd, &sock));
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_chat_init(&o.u.chat, map, &obs_chat_ops));
+  ASSERT_OK(ac_dispatcher_open(&o.u.d, sock));
+  fail_lib(0, 1);
+  r = ac_chat_push(&o.u.chat, out, SQ_N);
+  disarm();
+  queued = ac_chat_out_bytes(&o.u.chat);
+  ASSERT_EQ(r, 0);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_GT(queued, 0);
+  ASSERT_LT(queued, SQ_N);
+  ASSERT_GT(lib_fault.size[0], queued); /* the queue's */
+  ASSERT_LT(lib_fault.size[0], queued + 1024);
+  ASSERT_EQ(o.errors, 0);
+  ASSERT_OK(ac_loop(map, 0.01, 0, 3));
+  ASSERT_EQ(ac_chat_out_bytes(&o.u.chat), 0); /* now in libuv's queue */
+  fail_lib(0, 1);
+  (void) ac_chat_push(&o.u.chat, out + SQ_N, 1000);
+  disarm();
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(o.errors, 1);
+  ASSERT_EQ(o.err_code, UV_ENOMEM);
+  ASSERT_STR_EQ(o.err_where, "initiate_send");
+  ASSERT_EQ(ac_chat_out_bytes(&o.u.chat), 1000);
+  PASSES_UNTIL(map, &peer, peer.n == SQ_N + 1000, 2000);
+  ASSERT(is_pattern(in, SQ_N + 1000, 13));
+  ASSERT_EQ(o.errors, 1);
+  ASSERT_EQ(o.closes, 0);
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, &peer, o.released == 1 && peer.eof, 1000);
+  ASSERT_EQ(peer.n, SQ_N + 1000);
+  ASSERT_EQ(peer.err, 0);
+  close(peer.fd);
+  task_map_free(map);
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_EQ(task_fd_count(), fds0);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(fail_each_allocation_in_turn),
     TASK_ENTRY(map_out_of_memory),
     TASK_ENTRY(connect_request_out_of_memory),
     TASK_ENTRY(connect_name_request_out_of_memory),
+    TASK_ENTRY(stream_queue_out_of_memory_plain_send),
+    TASK_ENTRY(stream_queue_out_of_memory_with_send),
+    TASK_ENTRY(stream_queue_out_of_memory_async_chat),
 };
 
 int main(int argc, char **argv) {
