@@ -1090,6 +1090,83 @@ TASK(stream_queue_out_of_memory_async_chat) {
   ASSERT_EQ(task_fd_count(), fds0);
 }
 
+#define WB_N 200000 /* more than the one send of W-03 (64 KiB) */
+
+/* dispatcher_with_send's buffer gets no memory.  From an empty buffer:
+ * W-03's one send puts up to 64 KiB on the wire, the rest cannot be
+ * buffered: UV_ENOMEM, nothing pending; the peer gets a prefix, then the
+ * end once the application closes.  With bytes buffered, a send that
+ * needs a larger buffer: UV_ENOMEM, none of its bytes buffered or sent,
+ * the bytes buffered before intact (they all reach the peer). */
+TASK(with_send_buffer_out_of_memory) {
+  long live0 = alloc_lib.live;
+  int fds0 = fd_baseline();
+  ac_map_t *map = quiet_map();
+  static char out[2 * WB_N];
+  static char in[2 * WB_N];
+  peer_t peer = {-1, in, sizeof(in), 0, 0, 0};
+  uv_os_sock_t sock;
+  obs_t o;
+  int r;
+
+  disarm();
+  ASSERT(map != NULL);
+  chan_fill(out, sizeof(out), 14, 0);
+  ASSERT_OK(small_pair(&peer.fd, &sock));
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_dispatcher_with_send_init(&o.u.ws, map, &obs_ws_ops));
+  ASSERT_OK(ac_dispatcher_open(&o.u.d, sock));
+  /* the buffer for the rest: at least WB_N - 64 KiB (libuv's queue has
+   * its own, smaller, allocation) */
+  fail_lib(WB_N - 65536, 1);
+  r = ac_dispatcher_with_send_send(&o.u.ws, out, WB_N);
+  disarm();
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(ac_dispatcher_with_send_pending(&o.u.ws), 0);
+  ASSERT_OK(ac_loop(map, 0.01, 0, 3));
+  ASSERT_EQ(o.errors + o.closes, 0);
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, &peer, o.released == 1 && peer.eof, 2000);
+  ASSERT_GT(peer.n, 0);
+  ASSERT_LE(peer.n, 65536);
+  ASSERT(is_pattern(in, peer.n, 14));
+  ASSERT_EQ(peer.err, 0);
+  close(peer.fd);
+
+  /* Bytes buffered, then a send that needs more room. */
+  ASSERT_OK(small_pair(&peer.fd, &sock));
+  peer.n = 0;
+  peer.eof = 0;
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_dispatcher_with_send_init(&o.u.ws, map, &obs_ws_ops));
+  ASSERT_OK(ac_dispatcher_open(&o.u.d, sock));
+  ASSERT_OK(ac_dispatcher_with_send_send(&o.u.ws, out, WB_N));
+  ASSERT_GT(ac_dispatcher_with_send_pending(&o.u.ws), 0);
+  {
+    size_t before = ac_dispatcher_with_send_pending(&o.u.ws);
+
+    fail_lib(0, 1);
+    r = ac_dispatcher_with_send_send(&o.u.ws, out + WB_N, WB_N);
+    disarm();
+    ASSERT_EQ(r, UV_ENOMEM);
+    ASSERT_EQ(lib_fault.hits, 1);
+    ASSERT_GE(lib_fault.size[0], before + WB_N); /* the larger buffer */
+    ASSERT_EQ(ac_dispatcher_with_send_pending(&o.u.ws), before);
+  }
+  PASSES_UNTIL(map, &peer, ac_dispatcher_with_send_pending(&o.u.ws) == 0 &&
+                               peer.n == WB_N, 4000);
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, &peer, o.released == 1 && peer.eof, 1000);
+  ASSERT_EQ(peer.n, WB_N); /* nothing of the failed send */
+  ASSERT(is_pattern(in, WB_N, 14));
+  ASSERT_EQ(o.errors + o.closes, 0);
+  close(peer.fd);
+  task_map_free(map);
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_EQ(task_fd_count(), fds0);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(fail_each_allocation_in_turn),
     TASK_ENTRY(map_out_of_memory),
@@ -1098,6 +1175,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(stream_queue_out_of_memory_plain_send),
     TASK_ENTRY(stream_queue_out_of_memory_with_send),
     TASK_ENTRY(stream_queue_out_of_memory_async_chat),
+    TASK_ENTRY(with_send_buffer_out_of_memory),
 };
 
 int main(int argc, char **argv) {
