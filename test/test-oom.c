@@ -1167,6 +1167,64 @@ TASK(with_send_buffer_out_of_memory) {
   ASSERT_EQ(task_fd_count(), fds0);
 }
 
+#define LONG_TERM "<a terminator longer than 16 bytes>"
+
+/* async_chat's terminator copy: set_terminator with a terminator too long
+ * to be kept inline gets no memory: UV_ENOMEM, the old terminator stays
+ * (ac_chat_get_terminator, and the parse), also when the unparsed input
+ * is a partial match of the old one (kept first as its own copy). */
+TASK(chat_terminator_copy_out_of_memory) {
+  long live0 = alloc_lib.live;
+  ac_map_t *map = quiet_map();
+  const size_t tn = sizeof(LONG_TERM) - 1;
+  const void *tb;
+  size_t tl;
+  obs_t o;
+  int r;
+
+  disarm();
+  ASSERT(map != NULL);
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_chat_init(&o.u.chat, map, &obs_chat_ops));
+  ASSERT_OK(ac_chat_set_terminator(&o.u.chat, "\r\n", 2));
+  /* Nothing unparsed. */
+  fail_lib(tn, 1);
+  r = ac_chat_set_terminator(&o.u.chat, LONG_TERM, tn);
+  disarm();
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(ac_chat_get_terminator(&o.u.chat, &tb, &tl, NULL),
+            AC_TERM_BYTES);
+  ASSERT_EQ(tl, 2);
+  ASSERT_MEM_EQ(tb, "\r\n", 2);
+  ASSERT_OK(ac_chat_feed(&o.u.chat, "one\r\ntw", 7));
+  ASSERT_EQ(o.nrecords, 1);
+  /* Unparsed input ending in the old terminator's first byte. */
+  ASSERT_OK(ac_chat_feed(&o.u.chat, "o\r", 2));
+  ASSERT_EQ(o.nrecords, 1);
+  fail_lib(tn, 1); /* the copy, not the unparsed byte's */
+  r = ac_chat_set_terminator(&o.u.chat, LONG_TERM, tn);
+  disarm();
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(ac_chat_get_terminator(&o.u.chat, &tb, &tl, NULL),
+            AC_TERM_BYTES);
+  ASSERT_EQ(tl, 2);
+  ASSERT_MEM_EQ(tb, "\r\n", 2);
+  ASSERT_OK(ac_chat_feed(&o.u.chat, "\nthree", 6));
+  ASSERT_EQ(o.nrecords, 2);
+  /* Memory back: the long terminator is set and used. */
+  ASSERT_OK(ac_chat_set_terminator(&o.u.chat, LONG_TERM, tn));
+  ASSERT_OK(ac_chat_feed(&o.u.chat, "\r\n" LONG_TERM, 2 + tn));
+  ASSERT_EQ(o.nrecords, 3);
+  ASSERT_EQ(o.nfound, 16);
+  ASSERT_MEM_EQ(o.found, "one|two|three\r\n|", 16);
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, (peer_t *) NULL, o.released == 1, 100);
+  task_map_free(map);
+  ASSERT_EQ(alloc_lib.live, live0);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(fail_each_allocation_in_turn),
     TASK_ENTRY(map_out_of_memory),
@@ -1176,6 +1234,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(stream_queue_out_of_memory_with_send),
     TASK_ENTRY(stream_queue_out_of_memory_async_chat),
     TASK_ENTRY(with_send_buffer_out_of_memory),
+    TASK_ENTRY(chat_terminator_copy_out_of_memory),
 };
 
 int main(int argc, char **argv) {
