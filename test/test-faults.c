@@ -896,11 +896,17 @@ TASK(emfile_own_handle_accept_gets_the_error) {
  * Linux fails an accept with ECONNABORTED only for a connection aborted in
  * the queue by means a test cannot use. */
 static int accept_fault;
+/* The same for every call while set. */
+static int accept_fault_sticky;
 
 int __real_accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags);
 int __wrap_accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags);
 
 int __wrap_accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags) {
+  if (accept_fault_sticky != 0) {
+    errno = accept_fault_sticky;
+    return -1;
+  }
   if (accept_fault != 0) {
     errno = accept_fault;
     accept_fault = 0;
@@ -942,6 +948,61 @@ TASK(accept_aborted_is_none) {
     close(fd);
     ac_close(&server.base.d);
     task_map_free(map);
+  }
+}
+
+/* The other errors of a starved accept: ENFILE (the system's fd table),
+ * ENOBUFS and ENOMEM take EMFILE's path (Out of fds): ac_accept returns
+ * the error and pauses the listener; the default handle_accept takes it
+ * for "no connection now": no handle_error, the listener stays open and
+ * accepting, and is not asked again for 100 ms (no busy loop: at most a
+ * few attempts in 30 passes of 10 ms); once accept(2) works again the
+ * waiting connection is accepted.  accept4 fails while
+ * accept_fault_sticky is set (injected: a test cannot exhaust the
+ * system's fds or the kernel's memory). */
+TASK(accept_starved_pauses_listener) {
+  static const int errs[] = {ENFILE, ENOBUFS, ENOMEM};
+  int mode;
+  int e;
+
+  for (mode = 0; mode < 2; mode++) {
+    for (e = 0; e < 3; e++) {
+      ac_map_t *map = quiet_map();
+      struct sockaddr_storage ss;
+      uv_os_sock_t s = -1;
+      int client;
+      int port;
+      chan_t l;
+      int r;
+
+      ASSERT(map != NULL);
+      ASSERT_OK(chan_init(&l, map, CHAN_PLAIN, "listener"));
+      ASSERT_OK(ac_create_socket(&l.u.d, AF_INET, SOCK_STREAM));
+      task_addr(AF_INET, 0, &ss);
+      ASSERT_OK(ac_bind(&l.u.d, (struct sockaddr *) &ss));
+      ASSERT_OK(ac_listen(&l.u.d, 8));
+      port = probe_port(ac_fileno(&l.u.d));
+      client = task_connect_tcp(AF_INET, port);
+      ASSERT_GE(client, 0);
+      accept_fault_sticky = errs[e];
+      r = ac_accept(&l.u.d, &s, NULL, NULL);
+      ASSERT_OK(ac_loop(map, 0.01, modes[mode], 30));
+      accept_fault_sticky = 0;
+      ASSERT_EQ(r, -errs[e]);
+      ASSERT_EQ(s, -1);
+      ASSERT_GE(l.n[CH_ACCEPT], 1);
+      ASSERT_LE(l.n[CH_ACCEPT], 10); /* a busy loop would make 30 */
+      ASSERT_EQ(l.n[CH_ACCEPTED], 0);
+      ASSERT_EQ(l.n[CH_ERROR], 0);
+      ASSERT_EQ(l.u.d.accepting, 1);
+      ASSERT_EQ(ac_is_closed(&l.u.d), 0);
+      LOOP_UNTIL(map, modes[mode], l.n[CH_ACCEPTED] == 1, 100);
+      ASSERT_EQ(l.n[CH_ERROR], 0);
+      close(client);
+      ASSERT_OK(ac_close(&l.u.d));
+      task_map_free(map);
+      ASSERT_RELEASED_ONCE(&l);
+    }
   }
 }
 
@@ -1252,6 +1313,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(emfile_pauses_listener),
     TASK_ENTRY(emfile_own_handle_accept_gets_the_error),
     TASK_ENTRY(accept_aborted_is_none),
+    TASK_ENTRY(accept_starved_pauses_listener),
     TASK_ENTRY(burst_read_ahead_out_of_memory_stops),
     TASK_ENTRY(fd_reuse_in_same_pass),
     TASK_ENTRY(close_from_every_handler),
