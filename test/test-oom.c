@@ -1225,6 +1225,97 @@ TASK(chat_terminator_copy_out_of_memory) {
   ASSERT_EQ(alloc_lib.live, live0);
 }
 
+/* A simple producer and an adoption record get no memory: UV_ENOMEM, the
+ * data and the socket (or libuv stream) stay the caller's.  The producer
+ * copies nothing into the caller's bytes; the socket stays open and
+ * usable, the channel has none and adopts it once memory is back (the
+ * pending input first); the stream's handle is untouched (its fd the
+ * same, a write on it reaches the peer). */
+TASK(producer_and_adoption_record_out_of_memory) {
+  static const char line[] = "pending\n";
+  long live0 = alloc_lib.live;
+  int fds0 = fd_baseline();
+  ac_map_t *map = quiet_map();
+  long live1 = alloc_lib.live; /* the map's */
+  ac_producer_t *p = NULL;
+  char data[100];
+  char copy[100];
+  uv_os_sock_t fds[2];
+  uv_os_fd_t before;
+  uv_os_fd_t after;
+  uv_tcp_t stream;
+  char buf[16];
+  obs_t o;
+  int r;
+
+  disarm();
+  ASSERT(map != NULL);
+  /* The simple producer: it copies the data (nothing of the caller's to
+   * give back); its one allocation fails. */
+  memset(data, 'p', sizeof(data));
+  memcpy(copy, data, sizeof(data));
+  fail_lib(0, 1);
+  r = ac_simple_producer_new(data, sizeof(data), 10, &p);
+  disarm();
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_MEM_EQ(data, copy, sizeof(data));
+  ASSERT_EQ(alloc_lib.live, live1);
+
+  /* ac_dispatcher_adopt_fd. */
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_chat_init(&o.u.chat, map, &obs_chat_ops));
+  ASSERT_OK(ac_chat_set_terminator(&o.u.chat, "\n", 1));
+  fail_lib(0, 1);
+  r = ac_dispatcher_adopt_fd(&o.u.d, fds[1], line, sizeof(line) - 1);
+  disarm();
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(ac_fileno(&o.u.d), -1);
+  ASSERT_EQ(ac_map_len(map), 0);
+  ASSERT_GE(fcntl(fds[1], F_GETFD), 0); /* still open: the caller's */
+  ASSERT_EQ(send(fds[1], "x", 1, 0), 1);
+  ASSERT_EQ(recv(fds[0], buf, sizeof(buf), 0), 1);
+  ASSERT_OK(ac_dispatcher_adopt_fd(&o.u.d, fds[1], line, sizeof(line) - 1));
+  PASSES_UNTIL(map, (peer_t *) NULL, o.nrecords == 1, 100);
+  ASSERT_MEM_EQ(o.found, "pending|", 8);
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, (peer_t *) NULL, o.released == 1, 100);
+  close(fds[0]);
+
+  /* ac_dispatcher_adopt_stream. */
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(uv_tcp_init(ac_map_loop(map), &stream));
+  ASSERT_OK(uv_tcp_open(&stream, fds[1]));
+  ASSERT_OK(uv_fileno((uv_handle_t *) &stream, &before));
+  memset(&o, 0, sizeof(o));
+  ASSERT_OK(ac_chat_init(&o.u.chat, map, &obs_chat_ops));
+  fail_lib(0, 1);
+  r = ac_dispatcher_adopt_stream(&o.u.d, (uv_stream_t *) &stream, line,
+                                 sizeof(line) - 1, NULL);
+  disarm();
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(lib_fault.hits, 1);
+  ASSERT_EQ(ac_fileno(&o.u.d), -1);
+  ASSERT_OK(uv_fileno((uv_handle_t *) &stream, &after));
+  ASSERT_EQ(after, before);
+  ASSERT(!uv_is_closing((uv_handle_t *) &stream));
+  {
+    uv_buf_t b = uv_buf_init((char *) "y", 1);
+    ASSERT_EQ(uv_try_write((uv_stream_t *) &stream, &b, 1), 1);
+  }
+  ASSERT_EQ(recv(fds[0], buf, sizeof(buf), 0), 1);
+  ASSERT_EQ(buf[0], 'y');
+  uv_close((uv_handle_t *) &stream, NULL);
+  ASSERT_OK(ac_close(&o.u.d));
+  PASSES_UNTIL(map, (peer_t *) NULL, o.released == 1, 100);
+  close(fds[0]);
+  task_map_free(map);
+  ASSERT_EQ(alloc_lib.live, live0);
+  ASSERT_EQ(task_fd_count(), fds0);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(fail_each_allocation_in_turn),
     TASK_ENTRY(map_out_of_memory),
@@ -1235,6 +1326,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(stream_queue_out_of_memory_async_chat),
     TASK_ENTRY(with_send_buffer_out_of_memory),
     TASK_ENTRY(chat_terminator_copy_out_of_memory),
+    TASK_ENTRY(producer_and_adoption_record_out_of_memory),
 };
 
 int main(int argc, char **argv) {
