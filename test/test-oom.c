@@ -1316,6 +1316,39 @@ TASK(producer_and_adoption_record_out_of_memory) {
   ASSERT_EQ(task_fd_count(), fds0);
 }
 
+/* ac_find_prefix_at_end's table (needles of more than 33 bytes) gets no
+ * memory: the same result, from a slower scan. */
+TASK(find_prefix_table_out_of_memory) {
+  static const char needle[] = "abcabdabcabeabcabdabcabfabcabdabcabeXYZ";
+  const size_t nn = sizeof(needle) - 1;
+  char hay[200];
+  size_t want[40];
+  size_t got[40];
+  size_t i;
+  long live0 = alloc_lib.live;
+
+  disarm();
+  /* haystacks ending in every prefix of the needle (and in none) */
+  for (i = 0; i < nn; i++) {
+    memset(hay, 'z', sizeof(hay));
+    memcpy(hay + sizeof(hay) - i, needle, i);
+    want[i] = ac_find_prefix_at_end(hay, sizeof(hay), needle, nn);
+  }
+  fail_lib(0, -1);
+  for (i = 0; i < nn; i++) {
+    memset(hay, 'z', sizeof(hay));
+    memcpy(hay + sizeof(hay) - i, needle, i);
+    got[i] = ac_find_prefix_at_end(hay, sizeof(hay), needle, nn);
+  }
+  disarm();
+  ASSERT_EQ(lib_fault.hits, (int) nn); /* each call asked for its table */
+  for (i = 0; i < nn; i++) {
+    ASSERT_EQ(want[i], i);
+    ASSERT_EQ(got[i], want[i]);
+  }
+  ASSERT_EQ(alloc_lib.live, live0);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(fail_each_allocation_in_turn),
     TASK_ENTRY(map_out_of_memory),
@@ -1327,6 +1360,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(with_send_buffer_out_of_memory),
     TASK_ENTRY(chat_terminator_copy_out_of_memory),
     TASK_ENTRY(producer_and_adoption_record_out_of_memory),
+    TASK_ENTRY(find_prefix_table_out_of_memory),
 };
 
 int main(int argc, char **argv) {
