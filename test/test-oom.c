@@ -1349,6 +1349,22 @@ TASK(find_prefix_table_out_of_memory) {
   ASSERT_EQ(alloc_lib.live, live0);
 }
 
+/* libuv's loop: uv_loop_init without memory returns UV_ENOMEM (libuv's
+ * own result, which the row documents), and leaves no fd. */
+TASK(uv_loop_out_of_memory) {
+  int fds0 = fd_baseline();
+  uv_loop_t loop;
+  int r;
+
+  disarm();
+  fail_uv(0, 1);
+  r = uv_loop_init(&loop);
+  disarm();
+  ASSERT_EQ(r, UV_ENOMEM);
+  ASSERT_EQ(uv_fault.hits, 1);
+  ASSERT_EQ(task_fd_count(), fds0);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(fail_each_allocation_in_turn),
     TASK_ENTRY(map_out_of_memory),
@@ -1361,6 +1377,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(chat_terminator_copy_out_of_memory),
     TASK_ENTRY(producer_and_adoption_record_out_of_memory),
     TASK_ENTRY(find_prefix_table_out_of_memory),
+    TASK_ENTRY(uv_loop_out_of_memory),
 };
 
 int main(int argc, char **argv) {
