@@ -4,11 +4,16 @@
  *
  * Sends "GET PATH HTTP/1.0" to HOST:PORT (default 127.0.0.1 and /) and
  * writes the raw response to stdout.  The host name is resolved without
- * blocking the loop.  Exits 0 when the server closes the connection or on
- * SIGINT/SIGTERM, 1 when the connection fails or stalls: no byte moves
+ * blocking the loop.  Exits 0 when the server closes the connection after
+ * its response or on SIGINT/SIGTERM, 1 when the connection fails, ends
+ * before any byte of a response came (the server accepted, then closed or
+ * reset it: curl's "empty reply from server"), or stalls: no byte moves
  * for SECONDS (default 30; the documentation's client would wait for ever
  * on a server that accepts and never answers), 2 on a usage error (a port
- * out of range, a host or path that would break the request line). */
+ * out of range, a host or path that would break the request line or make
+ * it longer than its buffer).  As with asyncore, a reset after part of
+ * the response is an end like the server's close (handle_close for both):
+ * an HTTP/1.0 response without Content-Length ends there anyway. */
 #include <uvasyncore.h>
 
 #include "args.h" /* parse_port */
@@ -23,6 +28,7 @@ typedef struct {
   char buffer[1024];  /* self.buffer */
   size_t len;
   int failed;
+  int answered;       /* a byte of the response came */
   ac_timer_t idle;    /* fires when no byte moved for `timeout` */
   double timeout;
 } http_client_t;
@@ -53,8 +59,17 @@ static int client_connect(ac_dispatcher_t *d) {
   return 0;
 }
 
-/* def handle_close(self): self.close() */
-static int client_close(ac_dispatcher_t *d) { return ac_close(d); }
+/* def handle_close(self): self.close(); a connection that ended before
+ * the response began failed. */
+static int client_close(ac_dispatcher_t *d) {
+  http_client_t *c = client_of(d);
+
+  if (!c->answered) {
+    fprintf(stderr, "http_client: the connection ended without a response\n");
+    c->failed = 1;
+  }
+  return ac_close(d);
+}
 
 /* The channel is gone: so is the reason for the idle timer. */
 static void client_closed(ac_dispatcher_t *d) {
@@ -67,6 +82,7 @@ static int client_read(ac_dispatcher_t *d) {
   ssize_t n = ac_recv(d, data, sizeof(data));
 
   if (n > 0) {
+    client_of(d)->answered = 1;
     progress(client_of(d));
     fwrite(data, 1, (size_t) n, stdout);
   }
@@ -125,6 +141,28 @@ static int request_safe(const char *s) {
   return 1;
 }
 
+/* The request into c->buffer; 0 if it does not fit.  The Host header
+ * names the port unless it is HTTP's own (80), and an IPv6 address in
+ * brackets, as a URL does (RFC 7230, 5.4). */
+static int format_request(http_client_t *c, const char *host, int port,
+                          const char *path) {
+  int v6 = strchr(host, ':') != NULL;
+  char portpart[8] = "";
+  int n;
+
+  if (port != 80) {
+    (void) snprintf(portpart, sizeof(portpart), ":%d", port);
+  }
+  n = snprintf(c->buffer, sizeof(c->buffer),
+               "GET %s HTTP/1.0\r\nHost: %s%s%s%s\r\n\r\n", path,
+               v6 ? "[" : "", host, v6 ? "]" : "", portpart);
+  if (n < 0 || (size_t) n >= sizeof(c->buffer)) {
+    return 0;
+  }
+  c->len = (size_t) n;
+  return 1;
+}
+
 /* SECONDS: a positive finite number, else -1. */
 static double seconds_arg(const char *s) {
   char *end;
@@ -158,24 +196,18 @@ int main(int argc, char **argv) {
   }
   host = i + 1 < argc ? argv[i + 1] : host;
   path = i + 2 < argc ? argv[i + 2] : path;
+  memset(&client, 0, sizeof(client));
   if (timeout < 0 || port < 0 || argc > i + 3 || !request_safe(host) ||
-      !request_safe(path)) {
+      !request_safe(path) || !format_request(&client, host, port, path)) {
     fprintf(stderr, "usage: %s [--timeout SECONDS] PORT [HOST [PATH]]\n",
             argv[0]);
     return 2;
   }
   map = ac_default_map();
-  memset(&client, 0, sizeof(client));
   client.timeout = timeout;
   r = ac_timer_init(map, &client.idle);
   if (r == 0) {
     r = ac_dispatcher_init(&client.d, map, &client_ops);
-  }
-  if (r == 0) {
-    client.len = (size_t) snprintf(client.buffer, sizeof(client.buffer),
-                                   "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n",
-                                   path, host);
-    r = client.len < sizeof(client.buffer) ? 0 : UV_E2BIG;
   }
   if (r == 0) {
     r = ac_connect_name(&client.d, host, port);

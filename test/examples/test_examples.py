@@ -10,6 +10,7 @@ import random
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -270,6 +271,83 @@ def http_client_usage_errors():
         out = http_client_run(*args)
         assert out.returncode == 2, (args, out.returncode)
         assert b"usage" in out.stderr, (args, out.stderr)
+    # a path that would make the request longer than its buffer
+    out = http_client_run("80", "localhost", "/" + "x" * 2000)
+    assert out.returncode == 2, out.returncode
+    assert b"usage" in out.stderr, out.stderr
+
+
+def one_shot_server(family, host, answer):
+    """A server that takes one connection, reads its request (up to the
+    blank line) and calls answer(conn, request) in a thread; returns the
+    listening socket and the thread, whose `request` attribute has it."""
+    srv = socket.socket(family)
+    srv.bind((host, 0))
+    srv.listen(1)
+
+    def run():
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(10)
+            req = b""
+            while b"\r\n\r\n" not in req:
+                got = conn.recv(4096)
+                if not got:
+                    break
+                req += got
+            t.request = req
+            answer(conn, req)
+    t = threading.Thread(target=run, daemon=True)
+    t.request = None
+    t.start()
+    return srv, t
+
+
+@test
+def http_client_no_response_exits_1():
+    # The server accepts, reads the request and ends the connection without
+    # a byte of response: closed, or reset (SO_LINGER 0).  Both are a
+    # failed fetch (curl: "empty reply from server"), not a success.
+    def close(conn, req):
+        pass
+
+    def reset(conn, req):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                        struct.pack("ii", 1, 0))
+    for answer in (close, reset):
+        srv, t = one_shot_server(socket.AF_INET, "127.0.0.1", answer)
+        with srv:
+            out = http_client_run("--timeout", "10", srv.getsockname()[1])
+            t.join(10)
+        assert out.returncode == 1, (answer.__name__, out.returncode,
+                                     out.stderr)
+        assert b"without a response" in out.stderr, out.stderr
+        assert out.stdout == b"", out.stdout
+
+
+@test
+def http_client_host_header():
+    # Host names the port when it is not 80, and an IPv6 address in
+    # brackets (RFC 7230, 5.4), so that a server can parse it.
+    def ok(conn, req):
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nok")
+    cases = [(socket.AF_INET, "127.0.0.1", "127.0.0.1")]
+    if socket.has_ipv6:
+        cases.append((socket.AF_INET6, "::1", "[::1]"))
+    for family, host, shown in cases:
+        try:
+            srv, t = one_shot_server(family, host, ok)
+        except OSError:
+            continue  # no IPv6 loopback here
+        with srv:
+            port = srv.getsockname()[1]
+            out = http_client_run("--timeout", "10", port, host, "/p")
+            t.join(10)
+        assert out.returncode == 0, (host, out.returncode, out.stderr)
+        want = b"GET /p HTTP/1.0\r\nHost: %s:%d\r\n\r\n" % (
+            shown.encode(), port)
+        assert t.request == want, (t.request, want)
+        assert out.stdout.endswith(b"ok"), out.stdout
 
 
 @test
