@@ -222,18 +222,19 @@ static void drop_input(uv_os_sock_t sock) {
   }
 }
 
-/* Whether a channel can take a socket: it has none, and it is either new
- * or closed but not released (the reconnect idiom, see reuse()), while
- * its map is not being closed (ac_map_close) or freed (ac_map_free, whose
- * loop would run for a channel added meanwhile), and has its handles
- * (ac__map_torn: the loop may be gone). */
+/* Whether a channel can take a socket: it has none, it does not connect
+ * by name (ac_connect_name gives it the socket that connects: resolve.c),
+ * and it is either new or closed but not released (the reconnect idiom,
+ * see reuse()), while its map is not being closed (ac_map_close) or freed
+ * (ac_map_free, whose loop would run for a channel added meanwhile), and
+ * has its handles (ac__map_torn: the loop may be gone). */
 static int can_take_socket(const ac_dispatcher_t *d) {
-  if (d->fd >= 0 || d->map->freeing || ac__map_torn(d->map)) {
+  if (d->fd >= 0 || (d->flags & AC__F_RESOLVING) || d->map->freeing ||
+      ac__map_torn(d->map)) {
     return 0;
   }
   return !(d->flags & AC__F_CLOSED) ||
-         (!(d->flags & (AC__F_RELEASED | AC__F_RESOLVING | AC__F_ADOPT)) &&
-          !d->map->closing);
+         (!(d->flags & (AC__F_RELEASED | AC__F_ADOPT)) && !d->map->closing);
 }
 
 /* The reconnect idiom (handle_close: close, create_socket, connect): a
@@ -423,6 +424,11 @@ int ac_listen(ac_dispatcher_t *d, int backlog) {
 
   if (d == NULL || !(d->flags & AC__F_INIT)) {
     return UV_EINVAL;
+  }
+  if (d->flags & AC__F_RESOLVING) {
+    /* ac_connect_name connects the channel: the socket that connects
+     * replaces the one it may have (resolve.c) */
+    return UV_EBUSY;
   }
   d->accepting = 1; /* D-09: first, and it stays on failure */
   ac__interest_changed(d);

@@ -265,6 +265,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status,
  * take a new socket at once (the reconnect idiom, dispatcher.md). */
 void ac__resolve_abort(ac_dispatcher_t *d) {
   resolve_t *rq = d->req;
+  uv_os_sock_t fd;
 
   if (rq->att == NULL) {
     (void) uv_cancel((uv_req_t *) &rq->req);
@@ -273,8 +274,9 @@ void ac__resolve_abort(ac_dispatcher_t *d) {
     d->flags &= (uint16_t) ~AC__F_RESOLVING;
     return;
   }
-  close(rq->att->fd);
-  end_attempt(rq);
+  fd = rq->att->fd;
+  end_attempt(rq); /* the poll handle stops before its fd closes */
+  close(fd);
   finish(rq);
 }
 

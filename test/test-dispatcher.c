@@ -1457,6 +1457,55 @@ TASK(d13_send_while_connect_name_resolves_on_a_socket) {
   }
 }
 
+/* Q-07: while ac_connect_name connects a channel, the channel takes no
+ * other socket and does not listen (UV_EBUSY, nothing changed): the
+ * socket that connects becomes the channel's (over a socket created
+ * beforehand, with dup3), so a socket given meanwhile would be dropped or
+ * replaced under its family and listening state.  The name's connect goes
+ * on: handle_connect once, bytes flow. */
+TASK(q07_connect_name_takes_no_other_socket) {
+  int with_socket;
+
+  for (with_socket = 0; with_socket < 2 && !task_failed; with_socket++) {
+    ac_map_t *map = task_map_new();
+    probe_t client;
+    char buf[8];
+    int port = 0;
+    int lfd = task_listen_tcp(AF_INET, &port);
+    int s;
+    int a;
+
+    ASSERT_GE(lfd, 0);
+    ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+    if (with_socket) {
+      ASSERT_OK(ac_create_socket(&client.base.d, AF_INET, SOCK_STREAM));
+    }
+    ASSERT_OK(ac_connect_name(&client.base.d, "127.0.0.1", port));
+    s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    ASSERT_GE(s, 0);
+    ASSERT_EQ(ac_create_socket(&client.base.d, AF_INET6, SOCK_STREAM),
+              UV_EBUSY);
+    ASSERT_EQ(ac_set_socket(&client.base.d, s), UV_EBUSY);
+    ASSERT_EQ(ac_listen(&client.base.d, 5), UV_EBUSY);
+    ASSERT_EQ(client.base.d.accepting, 0);
+    ASSERT_EQ(client.base.d.connecting, 1);
+    close(s); /* still the caller's */
+    LOOP_UNTIL(map, 0, client.trace[0] != 0, 200);
+    ASSERT_EQ(strncmp(client.trace, "connect ", 8), 0);
+    ASSERT_EQ(client.n[EV_CONNECT], 1);
+    a = accept(lfd, NULL, NULL);
+    ASSERT_GE(a, 0);
+    ASSERT_EQ(ac_dispatcher_send(&client.base.d, "hello", 5), 5);
+    ASSERT_EQ(probe_wait_fd(a, POLLIN, 2000) & POLLIN, POLLIN);
+    ASSERT_EQ(read(a, buf, sizeof(buf)), 5);
+    ASSERT_MEM_EQ(buf, "hello", 5);
+    ASSERT_EQ(client.n[EV_CLOSE] + client.n[EV_ERROR], 0);
+    close(a);
+    task_map_free(map);
+    close(lfd);
+  }
+}
+
 static int exit_at_once(ac_timer_t *t, void *arg) {
   (void) t;
   (void) arg;
@@ -3236,6 +3285,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d11_connect_name_every_address),
     TASK_ENTRY(e01_connect_name_failure_in_a_stopped_pass),
     TASK_ENTRY(d13_send_while_connect_name_resolves_on_a_socket),
+    TASK_ENTRY(q07_connect_name_takes_no_other_socket),
     TASK_ENTRY(d15_connect_name_closed_while_first_address_hangs),
     TASK_ENTRY(d11_connect_while_connect_name_tries),
     TASK_ENTRY(d15_reconnect_by_name_while_draining),
