@@ -850,6 +850,55 @@ TASK(d11_connect_unix_immediate) {
  * whole of it, `addr` its family, repr shows the whole path; the copy is
  * freed at the release, where the address becomes None.  A socketless
  * channel keeps no such address (it may never be released). */
+/* D-10, D-11: an abstract AF_UNIX name (sun_path[0] == 0) goes to the
+ * kernel with its exact length, as Python passes it: a channel reaches a
+ * socket another program bound with that length, and a channel bound to
+ * one is reached by a connect of that length (a length of the whole
+ * sockaddr_un would pad the name with NULs: another name, ECONNREFUSED). */
+TASK(d10_d11_unix_abstract_exact_length) {
+  ac_map_t *map = task_map_new();
+  struct sockaddr_un un;
+  socklen_t len;
+  probe_t server;
+  probe_t client;
+  int lfd;
+  int c;
+  int a;
+
+  memset(&un, 0, sizeof(un));
+  un.sun_family = AF_UNIX;
+  snprintf(un.sun_path + 1, sizeof(un.sun_path) - 1, "uvasyncore-abs-%d",
+           (int) getpid());
+  len = (socklen_t) (offsetof(struct sockaddr_un, sun_path) + 1 +
+                     strlen(un.sun_path + 1));
+  /* another program's listener, bound with the exact length */
+  lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+  ASSERT_GE(lfd, 0);
+  ASSERT_OK(bind(lfd, (struct sockaddr *) &un, len));
+  ASSERT_OK(listen(lfd, 5));
+  ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+  ASSERT_OK(ac_create_socket(&client.base.d, AF_UNIX, SOCK_STREAM));
+  ASSERT_OK(ac_connect(&client.base.d, (struct sockaddr *) &un));
+  ASSERT_EQ(client.n[EV_CONNECT] + client.n[EV_ERROR], 1);
+  ASSERT_EQ(client.n[EV_CONNECT], 1);
+  a = accept(lfd, NULL, NULL);
+  ASSERT_GE(a, 0);
+  close(a);
+  close(lfd);
+  /* the library's listener, reached by another program's exact length */
+  ASSERT_OK(probe_init(&server, map, &probe_ops, 0, "server"));
+  ASSERT_OK(ac_create_socket(&server.base.d, AF_UNIX, SOCK_STREAM));
+  ASSERT_OK(ac_bind(&server.base.d, (struct sockaddr *) &un));
+  ASSERT_OK(ac_listen(&server.base.d, 5));
+  c = socket(AF_UNIX, SOCK_STREAM, 0);
+  ASSERT_GE(c, 0);
+  ASSERT_OK(connect(c, (struct sockaddr *) &un, len));
+  close(c);
+  ac_close(&client.base.d);
+  ac_close(&server.base.d);
+  task_map_free(map);
+}
+
 TASK(d10_d11_unix_long_address) {
   ac_map_t *map = task_map_new();
   struct sockaddr_storage ss;
@@ -3273,6 +3322,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d11_connect_tcp_pending),
     TASK_ENTRY(d11_connect_unix_immediate),
     TASK_ENTRY(d10_d11_unix_long_address),
+    TASK_ENTRY(d10_d11_unix_abstract_exact_length),
     TASK_ENTRY(memory_struct_sizes),
     TASK_ENTRY(d11_connect_immediate_failure),
     TASK_ENTRY(d11_connect_again_while_pending),

@@ -448,6 +448,10 @@ TASK(e07_strerror) {
   ASSERT_STR_EQ(ac_strerror(-EPERM), strerror(EPERM));
   ASSERT_STR_EQ(ac_strerror(-EPERM), "Operation not permitted");
   ASSERT_STR_EQ(ac_strerror(UV_ECONNRESET), strerror(ECONNRESET));
+  /* libuv's own codes, which are no errno: libuv's messages */
+  ASSERT_STR_EQ(ac_strerror(UV_EOF), uv_strerror(UV_EOF));
+  ASSERT_STR_EQ(ac_strerror(UV_UNKNOWN), uv_strerror(UV_UNKNOWN));
+  ASSERT_STR_EQ(ac_strerror(UV_ECHARSET), uv_strerror(UV_ECHARSET));
   for (i = 0; i < 4; i++) {
     ASSERT(ac_strerror(unknown[i]) != NULL);
     ASSERT_GT(strlen(ac_strerror(unknown[i])), 0);
