@@ -5,8 +5,15 @@
  * under ThreadSanitizer too (docs/embedding.md, "Threads"). */
 #include "task.h"
 
+#include <uvasyncore/chat.h>
+#include <uvasyncore/tls.h>
+
 #include <arpa/inet.h>
 #include <unistd.h>
+
+#ifdef AC_TEST_TLS
+#include "tlstest.h"
+#endif
 
 #define CLIENTS 8
 #define ROUNDS 20
@@ -457,10 +464,566 @@ TASK(default_map_created_once) {
   ASSERT_OK(uv_loop_close(uv_default_loop()));
 }
 
+/* ---------------------------------------------------------------- */
+/* A herd: everything at once, in several threads                      */
+
+/* HERD threads, each with its own loop and, CYCLES times over, its own
+ * map (created and freed; half of them under ac_loop, half embedded in
+ * uv_run), start together behind a barrier, so that the first use of
+ * everything lazily set up (the first map, the first lookup, the first
+ * TLS channel, the first error string) happens in all of them at once.
+ * Each map serves three listeners (a dispatcher_with_send echo, an
+ * async_chat line echo, a TLS echo when the build has TLS) and runs
+ * clients of three kinds: dispatcher_with_send by ac_connect_name
+ * ("localhost": libuv's resolver threads; ::1 refused first where it
+ * exists), async_chat, and TLS on one SSL_CTX shared by every thread.
+ * Every client lives LIVES times: the name client by the reconnect idiom
+ * inside its handler, the others re-initialised after `closed`.  A timer
+ * drives the end, and error strings are checked in every tick. */
+
+#define HERD 6
+#define CYCLES 2
+#define LIVES 2
+#define HROUNDS 5
+#define PER_KIND 2
+#define HERD_DEADLINE_MS 30000
+
+enum { K_NAME, K_CHAT, K_TLS, K_KINDS };
+
+typedef struct herd_s herd_t;
+
+typedef union {
+  ac_dispatcher_t d;
+  ac_dispatcher_with_send_t ws;
+  ac_chat_t chat;
+} any_chan_t;
+
+typedef struct {
+  any_chan_t u; /* first */
+  herd_t *h;
+  int kind;
+  int idx;
+  int life;
+  int round;
+  int inited;   /* initialised, `closed` not run yet */
+  int reinit;   /* a new life starts once `closed` ran (chat, TLS) */
+  int finished; /* every life done */
+  char in[64];
+  size_t nin;
+  char want[64];
+} peer_t;
+
+typedef struct {
+  any_chan_t u; /* first */
+  herd_t *h;
+} srv_t;
+
+struct herd_s {
+  uv_thread_t tid;
+  int id;
+  int embedded;
+  int use_poll;
+  uv_barrier_t *start;
+  struct ssl_ctx_st * server_ctx;
+  struct ssl_ctx_st * client_ctx;
+  uv_loop_t loop;
+  ac_map_t *map;
+  ac_dispatcher_t listeners[K_KINDS];
+  int port[K_KINDS];
+  peer_t peers[K_KINDS * PER_KIND];
+  int npeers;
+  ac_timer_t timer;
+  uint64_t t0;
+  int closing;
+  int map_closed;
+  int lines;    /* lines echoed back as sent, all cycles */
+  int lives;    /* client lives completed, all cycles */
+  char err[160]; /* the first failure */
+};
+
+static void herd_fail(herd_t *h, const char *what, int code) {
+  if (h->err[0] == '\0') {
+    snprintf(h->err, sizeof(h->err), "thread %d: %s: %d (%s)", h->id, what,
+             code, ac_err_name(code));
+  }
+}
+
+/* Servers --------------------------------------------------------- */
+
+static int srv_read(ac_dispatcher_t *d) {
+  char buf[256];
+  ssize_t n = ac_recv(d, buf, sizeof(buf));
+
+  if (n > 0) {
+    n = ac_send(d, buf, (size_t) n);
+  }
+  return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+}
+
+static int srv_close(ac_dispatcher_t *d) { return ac_close(d); }
+
+static int srv_error(ac_dispatcher_t *d, const ac_error_t *e) {
+  srv_t *s = d->data;
+
+  if (!s->h->closing) { /* the ends of a map's teardown are expected */
+    herd_fail(s->h, e->where, e->code);
+  }
+  return ac_close(d);
+}
+
+static void srv_closed(ac_dispatcher_t *d) { free(d->data); }
+
+static const ac_dispatcher_ops_t srv_echo_ops = {
+    .handle_read = srv_read,
+    .handle_close = srv_close,
+    .handle_error = srv_error,
+    .closed = srv_closed,
+};
+
+static int srv_found(ac_chat_t *c) {
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+  int r = ac_chat_push(c, data, n);
+
+  return r == 0 ? ac_chat_push(c, "\n", 1) : r;
+}
+
+static const ac_chat_ops_t srv_chat_ops = {
+    .base = {.handle_close = srv_close,
+             .handle_error = srv_error,
+             .closed = srv_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = srv_found,
+};
+
+static int herd_accepted(ac_dispatcher_t *l, uv_os_sock_t sock,
+                         const struct sockaddr *a, socklen_t len) {
+  herd_t *h = l->data;
+  int kind = (int) (l - h->listeners);
+  srv_t *s = calloc(1, sizeof(*s));
+  int r;
+
+  (void) a;
+  (void) len;
+  if (s == NULL) {
+    close(sock);
+    return UV_ENOMEM;
+  }
+  s->h = h;
+  if (kind == K_CHAT) {
+    r = ac_chat_init(&s->u.chat, h->map, &srv_chat_ops);
+    if (r == 0) {
+      r = ac_chat_set_terminator(&s->u.chat, "\n", 1);
+    }
+  } else {
+    r = ac_dispatcher_with_send_init(&s->u.ws, h->map, &srv_echo_ops);
+  }
+  if (r != 0) {
+    close(sock);
+    free(s);
+    return r;
+  }
+  s->u.d.data = s;
+  r = ac_dispatcher_open(&s->u.d, sock);
+  if (r == 0 && kind == K_TLS) {
+    r = ac_tls_server(&s->u.d, h->server_ctx);
+  }
+  if (r != 0) {
+    herd_fail(h, "accepted", r);
+    ac_close(&s->u.d); /* `closed` frees s */
+  }
+  return 0;
+}
+
+static const ac_dispatcher_ops_t herd_listener_ops = {
+    .handle_accepted = herd_accepted,
+};
+
+/* Clients --------------------------------------------------------- */
+
+static int peer_start(peer_t *p);
+
+static int peer_send_line(peer_t *p) {
+  int n = snprintf(p->want, sizeof(p->want), "t%d k%d p%d l%d r%d\n",
+                   p->h->id, p->kind, p->idx, p->life, p->round);
+
+  if (p->kind == K_CHAT) {
+    return ac_chat_push(&p->u.chat, p->want, (size_t) n);
+  }
+  return ac_send(&p->u.d, p->want, (size_t) n) == n ? 0 : AC_EFAIL;
+}
+
+static int peer_connected(ac_dispatcher_t *d) {
+  return peer_send_line(d->data);
+}
+
+/* A whole line came back (without its newline for the chat). */
+static int peer_line(peer_t *p, const char *line, size_t n) {
+  herd_t *h = p->h;
+  size_t want = strlen(p->want) - (p->kind == K_CHAT);
+  int r;
+
+  if (n != want || memcmp(line, p->want, n) != 0) {
+    herd_fail(h, "echo differs", (int) n);
+    return AC_EFAIL;
+  }
+  h->lines++;
+  if (++p->round < HROUNDS) {
+    return peer_send_line(p);
+  }
+  p->round = 0;
+  h->lives++;
+  if (++p->life == LIVES) {
+    p->finished = 1;
+    return ac_close(&p->u.d);
+  }
+  if (p->kind != K_NAME) {
+    p->reinit = 1; /* from the timer, once `closed` ran */
+    return ac_close(&p->u.d);
+  }
+  /* The reconnect idiom, by name, on the same struct. */
+  r = ac_close(&p->u.d);
+  if (r == 0) {
+    r = ac_create_socket(&p->u.d, AF_INET, SOCK_STREAM);
+  }
+  if (r == 0) {
+    r = ac_connect_name(&p->u.d, "localhost", h->port[K_NAME]);
+  }
+  return r;
+}
+
+static int peer_read(ac_dispatcher_t *d) {
+  peer_t *p = d->data;
+  ssize_t n = ac_recv(d, p->in + p->nin, sizeof(p->in) - 1 - p->nin);
+  char *nl;
+
+  if (n <= 0) {
+    return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+  }
+  p->nin += (size_t) n;
+  p->in[p->nin] = '\0';
+  nl = strchr(p->in, '\n');
+  if (nl == NULL) {
+    return p->nin < sizeof(p->in) - 1 ? 0 : AC_EFAIL;
+  }
+  n = nl + 1 - p->in;
+  if ((size_t) n != p->nin) {
+    herd_fail(p->h, "more than a line", (int) p->nin);
+    return AC_EFAIL;
+  }
+  p->nin = 0;
+  return peer_line(p, p->in, (size_t) n);
+}
+
+static int peer_found(ac_chat_t *c) {
+  const char *data;
+  size_t n = ac_chat_get_data(c, &data);
+
+  return peer_line(c->d.data, data, n);
+}
+
+static int peer_close(ac_dispatcher_t *d) {
+  peer_t *p = d->data;
+
+  herd_fail(p->h, "peer closed", p->kind);
+  return ac_close(d);
+}
+
+static int peer_error(ac_dispatcher_t *d, const ac_error_t *e) {
+  peer_t *p = d->data;
+
+  herd_fail(p->h, e->where, e->code);
+  return ac_close(d);
+}
+
+static void peer_closed(ac_dispatcher_t *d) {
+  ((peer_t *) d->data)->inited = 0;
+}
+
+static const ac_dispatcher_ops_t peer_ops = {
+    .handle_connect = peer_connected,
+    .handle_read = peer_read,
+    .handle_close = peer_close,
+    .handle_error = peer_error,
+    .closed = peer_closed,
+};
+
+static const ac_chat_ops_t peer_chat_ops = {
+    .base = {.handle_connect = peer_connected,
+             .handle_close = peer_close,
+             .handle_error = peer_error,
+             .closed = peer_closed},
+    .collect_incoming_data = ac_chat_collect_incoming,
+    .found_terminator = peer_found,
+};
+
+/* A new life of p: init, socket, connect (by name for K_NAME). */
+static int peer_start(peer_t *p) {
+  herd_t *h = p->h;
+  struct sockaddr_storage ss;
+  int r;
+
+  memset(&p->u, 0, sizeof(p->u));
+  p->nin = 0;
+  if (p->kind == K_CHAT) {
+    r = ac_chat_init(&p->u.chat, h->map, &peer_chat_ops);
+    if (r == 0) {
+      r = ac_chat_set_terminator(&p->u.chat, "\n", 1);
+    }
+  } else {
+    r = ac_dispatcher_with_send_init(&p->u.ws, h->map, &peer_ops);
+  }
+  if (r != 0) {
+    return r;
+  }
+  p->u.d.data = p;
+  p->inited = 1;
+  if (p->kind == K_NAME) {
+    /* No socket: both of localhost's families are tried. */
+    return ac_connect_name(&p->u.d, "localhost", h->port[K_NAME]);
+  }
+  r = ac_create_socket(&p->u.d, AF_INET, SOCK_STREAM);
+  if (r == 0 && p->kind == K_TLS) {
+    r = ac_tls_client(&p->u.d, h->client_ctx, "localhost");
+  }
+  task_addr(AF_INET, h->port[p->kind], &ss);
+  return r == 0 ? ac_connect(&p->u.d, (struct sockaddr *) &ss) : r;
+}
+
+/* The world of one cycle ------------------------------------------- */
+
+/* Per-thread error strings, right whatever the other threads ask. */
+static void herd_check_strings(herd_t *h) {
+  char want[32];
+  const char *a = ac_strerror(UV_ECONNREFUSED);
+  const char *b = ac_err_name(UV_ECONNREFUSED);
+  const char *c = ac_strerror(1000 + h->id);
+
+  snprintf(want, sizeof(want), "Unknown error %d", 1000 + h->id);
+  if (strcmp(a, "Connection refused") != 0 ||
+      strcmp(b, "ECONNREFUSED") != 0 || strcmp(c, want) != 0 ||
+      strcmp(ac_err_name(-424242), "Unknown system error -424242") != 0) {
+    herd_fail(h, "error strings", 0);
+  }
+}
+
+static void herd_map_closed(ac_map_t *map, void *arg) {
+  (void) map;
+  ((herd_t *) arg)->map_closed = 1;
+}
+
+/* The end of the cycle: every client done (or the deadline). */
+static int herd_end(herd_t *h) {
+  int i;
+
+  h->closing = 1;
+  if (h->embedded) {
+    return ac_map_close(h->map, herd_map_closed, h);
+  }
+  ac_timer_stop(&h->timer);
+  for (i = 0; i < h->npeers; i++) {
+    if (h->peers[i].inited) {
+      ac_close(&h->peers[i].u.d);
+    }
+  }
+  for (i = 0; i < K_KINDS; i++) {
+    ac_close(&h->listeners[i]); /* closed already (no TLS): nothing */
+  }
+  return 0; /* the map empties: ac_loop returns */
+}
+
+static int herd_tick(ac_timer_t *t, void *arg) {
+  herd_t *h = arg;
+  int done = 0;
+  int i;
+
+  (void) t;
+  herd_check_strings(h);
+  for (i = 0; i < h->npeers; i++) {
+    peer_t *p = &h->peers[i];
+    int r;
+
+    if (p->reinit && !p->inited) {
+      p->reinit = 0;
+      r = peer_start(p);
+      if (r != 0) {
+        herd_fail(h, "reconnect", r);
+      }
+    }
+    done += p->finished;
+  }
+  if (h->closing) {
+    return 0;
+  }
+  if (done == h->npeers || h->err[0] != '\0') {
+    return herd_end(h);
+  }
+  if (uv_now(&h->loop) - h->t0 > HERD_DEADLINE_MS) {
+    herd_fail(h, "deadline", done);
+    return herd_end(h);
+  }
+  return 0;
+}
+
+static int herd_listen(herd_t *h, int kind) {
+  ac_dispatcher_t *l = &h->listeners[kind];
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof(ss);
+  int r = ac_dispatcher_init(l, h->map, &herd_listener_ops);
+
+  l->data = h;
+  if (r == 0) {
+    r = ac_create_socket(l, AF_INET, SOCK_STREAM);
+  }
+  task_addr(AF_INET, 0, &ss);
+  if (r == 0) {
+    r = ac_bind(l, (struct sockaddr *) &ss);
+  }
+  if (r == 0) {
+    r = ac_listen(l, 16);
+  }
+  if (r == 0) {
+    getsockname(ac_fileno(l), (struct sockaddr *) &ss, &len);
+    h->port[kind] = ntohs(((struct sockaddr_in *) &ss)->sin_port);
+  }
+  return r;
+}
+
+static int herd_cycle(herd_t *h) {
+  int kinds = h->server_ctx != NULL ? K_KINDS : K_TLS;
+  ac_map_t *spare;
+  int r = 0;
+  int i;
+
+  /* Maps that come and go while the other threads' maps run. */
+  for (i = 0; i < 3 && r == 0; i++) {
+    r = ac_map_new(&h->loop, &spare);
+    if (r == 0) {
+      ac_map_free(spare);
+    }
+  }
+  if (r == 0) {
+    r = ac_map_new(&h->loop, &h->map);
+  }
+  if (r != 0) {
+    return r;
+  }
+  memset(h->listeners, 0, sizeof(h->listeners));
+  h->closing = 0;
+  h->map_closed = 0;
+  h->npeers = 0;
+  for (i = 0; i < K_KINDS; i++) {
+    /* an unused kind's listener is initialised and closed at once */
+    r = r != 0 ? r : herd_listen(h, i);
+  }
+  if (r == 0 && kinds < K_KINDS) {
+    ac_close(&h->listeners[K_TLS]);
+  }
+  for (i = 0; i < kinds * PER_KIND && r == 0; i++) {
+    peer_t *p = &h->peers[h->npeers++];
+
+    memset(p, 0, sizeof(*p));
+    p->h = h;
+    p->kind = i % kinds;
+    p->idx = i;
+    r = peer_start(p);
+  }
+  if (r == 0) {
+    r = ac_timer_init(h->map, &h->timer);
+  }
+  if (r == 0) {
+    h->t0 = uv_now(&h->loop);
+    r = ac_timer_start(&h->timer, 0.001, 0.001, herd_tick, h);
+  }
+  if (r != 0) {
+    herd_fail(h, "setup", r);
+    ac_map_free(h->map);
+    return r;
+  }
+  if (h->embedded) {
+    r = uv_run(&h->loop, UV_RUN_DEFAULT);
+    if (r == 0 && !h->map_closed) {
+      r = AC_EFAIL;
+    }
+  } else {
+    r = ac_loop(h->map, 0.05, h->use_poll, AC_FOREVER);
+    ac_map_free(h->map);
+  }
+  return r;
+}
+
+static void herd_run(void *arg) {
+  herd_t *h = arg;
+  int r = uv_loop_init(&h->loop);
+  int c;
+
+  /* Every thread is here before any makes its first map. */
+  uv_barrier_wait(h->start);
+  if (r != 0) {
+    herd_fail(h, "uv_loop_init", r);
+    return;
+  }
+  herd_check_strings(h);
+  for (c = 0; c < CYCLES && h->err[0] == '\0'; c++) {
+    r = herd_cycle(h);
+    if (r != 0) {
+      herd_fail(h, "cycle", r);
+    }
+  }
+  r = uv_loop_close(&h->loop);
+  if (r != 0) {
+    herd_fail(h, "uv_loop_close", r);
+  }
+}
+
+TASK(herd_of_maps) {
+  herd_t *h = calloc(HERD, sizeof(*h));
+  uv_barrier_t start;
+  struct ssl_ctx_st * server_ctx = NULL;
+  struct ssl_ctx_st * client_ctx = NULL;
+  int kinds = K_TLS;
+  int i;
+
+  ASSERT(h != NULL);
+#ifdef AC_TEST_TLS
+  ASSERT(ac_tls_available());
+  server_ctx = tlstest_server_ctx();
+  client_ctx = tlstest_client_ctx(1);
+  ASSERT(server_ctx != NULL && client_ctx != NULL);
+  kinds = K_KINDS;
+#endif
+  ASSERT_OK(uv_barrier_init(&start, HERD));
+  for (i = 0; i < HERD; i++) {
+    h[i].id = i;
+    h[i].embedded = i % 2;
+    h[i].use_poll = (i / 2) % 2;
+    h[i].start = &start;
+    h[i].server_ctx = server_ctx;
+    h[i].client_ctx = client_ctx;
+    ASSERT_OK(uv_thread_create(&h[i].tid, herd_run, &h[i]));
+  }
+  for (i = 0; i < HERD; i++) {
+    ASSERT_OK(uv_thread_join(&h[i].tid));
+  }
+  uv_barrier_destroy(&start);
+#ifdef AC_TEST_TLS
+  SSL_CTX_free(server_ctx);
+  SSL_CTX_free(client_ctx);
+  tlstest_free();
+#endif
+  for (i = 0; i < HERD; i++) {
+    ASSERT_STR_EQ(h[i].err, "");
+    ASSERT_EQ(h[i].lives, CYCLES * kinds * PER_KIND * LIVES);
+    ASSERT_EQ(h[i].lines, CYCLES * kinds * PER_KIND * LIVES * HROUNDS);
+  }
+  free(h);
+}
+
 static const task_t tasks[] = {
     TASK_ENTRY(two_maps_two_threads),
     TASK_ENTRY(reuse_port_spreads_one_port),
     TASK_ENTRY(default_map_created_once),
+    TASK_ENTRY(herd_of_maps),
 };
 
 int main(int argc, char **argv) {
