@@ -538,6 +538,7 @@ struct herd_s {
   int map_closed;
   int lines;    /* lines echoed back as sent, all cycles */
   int lives;    /* client lives completed, all cycles */
+  ac_map_t *default_map; /* what ac_default_map() gave this thread */
   char err[160]; /* the first failure */
 };
 
@@ -963,6 +964,9 @@ static void herd_run(void *arg) {
     herd_fail(h, "uv_loop_init", r);
     return;
   }
+  /* Racing for the default map (its lock, taken around the list's) with
+   * the maps the others create and free: nobody runs the default loop. */
+  h->default_map = ac_default_map();
   herd_check_strings(h);
   for (c = 0; c < CYCLES && h->err[0] == '\0'; c++) {
     r = herd_cycle(h);
@@ -1011,6 +1015,13 @@ TASK(herd_of_maps) {
   SSL_CTX_free(client_ctx);
   tlstest_free();
 #endif
+  ASSERT(h[0].default_map != NULL);
+  for (i = 0; i < HERD; i++) {
+    ASSERT(h[i].default_map == h[0].default_map);
+  }
+  ASSERT(ac_default_map() == h[0].default_map);
+  ac_map_free(h[0].default_map);
+  ASSERT_OK(uv_loop_close(uv_default_loop()));
   for (i = 0; i < HERD; i++) {
     ASSERT_STR_EQ(h[i].err, "");
     ASSERT_EQ(h[i].lives, CYCLES * kinds * PER_KIND * LIVES);
