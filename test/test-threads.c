@@ -1,8 +1,9 @@
 /* More than one core: maps on different loops in different threads run
  * independently (one under ac_loop, one under the application's uv_run,
  * each with its own timer); one listening port spread over threads with
- * SO_REUSEPORT; the lazily created default map is created once.  Run it
- * under ThreadSanitizer too (docs/embedding.md, "Threads"). */
+ * SO_REUSEPORT; the lazily created default map is created once; a herd of
+ * threads using every kind of channel, TLS and name lookups at once.  Run
+ * it under ThreadSanitizer too (docs/embedding.md, "Threads"). */
 #include "task.h"
 
 #include <uvasyncore/chat.h>
