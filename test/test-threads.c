@@ -479,7 +479,8 @@ TASK(default_map_created_once) {
  * ("localhost": libuv's resolver threads; ::1 refused first where it
  * exists), async_chat, and TLS on one SSL_CTX shared by every thread.
  * Every client lives LIVES times: the name client by the reconnect idiom
- * inside its handler, the others re-initialised after `closed`.  A timer
+ * inside its handler, the others re-initialised after `closed`; one more
+ * lookup per map is given up at once (herd_abandon).  A timer
  * drives the end, and error strings are checked in every tick. */
 
 #define HERD 6
@@ -540,6 +541,8 @@ struct herd_s {
   int lines;    /* lines echoed back as sent, all cycles */
   int lives;    /* client lives completed, all cycles */
   ac_map_t *default_map; /* what ac_default_map() gave this thread */
+  ac_dispatcher_t abandon; /* closed while its lookup runs in the pool */
+  int abandoned;           /* its `closed` calls, all cycles */
   char err[160]; /* the first failure */
 };
 
@@ -792,6 +795,26 @@ static int peer_start(peer_t *p) {
   return r == 0 ? ac_connect(&p->u.d, (struct sockaddr *) &ss) : r;
 }
 
+static void abandon_closed(ac_dispatcher_t *d) {
+  ((herd_t *) d->data)->abandoned++;
+}
+
+static const ac_dispatcher_ops_t abandon_ops = {
+    .closed = abandon_closed,
+};
+
+/* A lookup given up at once: its request, in libuv's thread pool that
+ * every loop shares, is cancelled or comes back to a closed channel. */
+static int herd_abandon(herd_t *h) {
+  int r = ac_dispatcher_init(&h->abandon, h->map, &abandon_ops);
+
+  h->abandon.data = h;
+  if (r == 0) {
+    r = ac_connect_name(&h->abandon, "localhost", h->port[K_NAME]);
+  }
+  return r == 0 ? ac_close(&h->abandon) : r;
+}
+
 /* The world of one cycle ------------------------------------------- */
 
 /* Per-thread error strings, right whatever the other threads ask. */
@@ -931,6 +954,9 @@ static int herd_cycle(herd_t *h) {
     r = peer_start(p);
   }
   if (r == 0) {
+    r = herd_abandon(h);
+  }
+  if (r == 0) {
     r = ac_timer_init(h->map, &h->timer);
   }
   if (r == 0) {
@@ -1025,6 +1051,7 @@ TASK(herd_of_maps) {
   ASSERT_OK(uv_loop_close(uv_default_loop()));
   for (i = 0; i < HERD; i++) {
     ASSERT_STR_EQ(h[i].err, "");
+    ASSERT_EQ(h[i].abandoned, CYCLES);
     ASSERT_EQ(h[i].lives, CYCLES * kinds * PER_KIND * LIVES);
     ASSERT_EQ(h[i].lines, CYCLES * kinds * PER_KIND * LIVES * HROUNDS);
   }
