@@ -2277,6 +2277,30 @@ TASK(d14_recv) {
   task_map_free(map);
 }
 
+/* D-14: a receive of 0 bytes is the end wherever the channel stands: on a
+ * channel without a socket, on a socket with no connection (created, not
+ * connected: no libuv handle yet) and on a closed channel it calls
+ * handle_close and returns 0.  UV_EAGAIN is only for a channel that
+ * ac_connect_name() has not connected yet. */
+TASK(d14_recv_zero_without_a_connection) {
+  ac_map_t *map = task_map_new();
+  probe_t p;
+  char buf[4];
+
+  ASSERT_OK(probe_init(&p, map, &probe_ops, 0, "p"));
+  p.keep_open = 1;
+  ASSERT_EQ(ac_recv(&p.base.d, buf, 0), 0);
+  ASSERT_STR_EQ(p.trace, "close ");
+  ASSERT_OK(ac_create_socket(&p.base.d, AF_INET, SOCK_STREAM));
+  ASSERT_EQ(ac_recv(&p.base.d, buf, 0), 0);
+  ASSERT_STR_EQ(p.trace, "close close ");
+  ASSERT_OK(ac_close(&p.base.d));
+  ASSERT_EQ(ac_recv(&p.base.d, buf, 0), 0);
+  ASSERT_STR_EQ(p.trace, "close close close ");
+  task_map_free(map);
+  ASSERT_EQ(p.closed, 1);
+}
+
 /* D-14, E-04: a reset connection is a disconnection: handle_close, 0. */
 TASK(d14_recv_reset) {
   ac_map_t *map = task_map_new();
@@ -3348,6 +3372,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d13_send_would_block),
     TASK_ENTRY(d13_send_disconnected),
     TASK_ENTRY(d14_recv),
+    TASK_ENTRY(d14_recv_zero_without_a_connection),
     TASK_ENTRY(d14_recv_reset),
     TASK_ENTRY(d14_recv_pending_error),
     TASK_ENTRY(d14_eof_in_loop),
