@@ -2783,6 +2783,217 @@ TASK(d15_reconnect_after_close_while_resolving) {
   }
 }
 
+/* Every thread of libuv's pool kept busy (as by a slow resolver answering
+ * other lookups): a lookup queued meanwhile waits until pool_release(). */
+enum { POOL_MAX = 1024 };
+typedef struct {
+  uv_work_t w[POOL_MAX];
+  uv_sem_t gate;
+  uv_mutex_t mu;
+  uv_loop_t *loop;
+  int n;
+  int started;
+  int done;
+} pool_block_t;
+
+static void pool_block_work(uv_work_t *w) {
+  pool_block_t *pb = w->data;
+
+  uv_mutex_lock(&pb->mu);
+  pb->started++;
+  uv_mutex_unlock(&pb->mu);
+  uv_sem_wait(&pb->gate);
+}
+
+static void pool_block_after(uv_work_t *w, int status) {
+  (void) status;
+  ((pool_block_t *) w->data)->done++;
+}
+
+static int pool_started(pool_block_t *pb) {
+  int n;
+
+  uv_mutex_lock(&pb->mu);
+  n = pb->started;
+  uv_mutex_unlock(&pb->mu);
+  return n;
+}
+
+/* Occupies the pool's threads (UV_THREADPOOL_SIZE, 4 by default) with work
+ * of `loop`; pool_release() must follow, even after a failure. */
+static void pool_block(pool_block_t *pb, uv_loop_t *loop) {
+  const char *env = getenv("UV_THREADPOOL_SIZE");
+  int i;
+
+  memset(pb, 0, sizeof(*pb));
+  pb->loop = loop;
+  pb->n = env != NULL && atoi(env) > 0 ? atoi(env) : 4;
+  pb->n = pb->n > POOL_MAX ? POOL_MAX : pb->n;
+  ASSERT_OK(uv_sem_init(&pb->gate, 0));
+  ASSERT_OK(uv_mutex_init(&pb->mu));
+  for (i = 0; i < pb->n; i++) {
+    pb->w[i].data = pb;
+    ASSERT_OK(uv_queue_work(loop, &pb->w[i], pool_block_work,
+                            pool_block_after));
+  }
+  for (i = 0; i < 5000 && pool_started(pb) < pb->n; i++) {
+    usleep(1000);
+  }
+  ASSERT_EQ(pool_started(pb), pb->n);
+}
+
+/* Lets the pool's threads go and runs the loop until their work is done. */
+static void pool_release(pool_block_t *pb) {
+  int i;
+
+  if (pb->loop == NULL) {
+    return;
+  }
+  for (i = 0; i < pb->n; i++) {
+    uv_sem_post(&pb->gate);
+  }
+  for (i = 0; i < 5000 && pb->done < pb->n; i++) {
+    uv_run(pb->loop, UV_RUN_NOWAIT);
+    if (pb->done < pb->n) {
+      usleep(1000);
+    }
+  }
+  uv_sem_destroy(&pb->gate);
+  uv_mutex_destroy(&pb->mu);
+  pb->loop = NULL;
+}
+
+/* The channel closes while its lookup waits for the pool: `closed` comes
+ * from the loop, the pool still busy. */
+static void close_while_pool_busy(ac_map_t *map, probe_t *client) {
+  int i;
+
+  ASSERT_OK(probe_init(client, map, &probe_ops, 0, "client"));
+  ASSERT_OK(ac_connect_name(&client->base.d, "localhost", 9));
+  ASSERT_OK(ac_close(&client->base.d));
+  ASSERT_EQ(ac_map_len(map), 0);
+  for (i = 0; i < 2000 && client->closed == 0; i++) {
+    uv_run(ac_map_loop(map), UV_RUN_NOWAIT); /* the map is empty */
+    if (client->closed == 0) {
+      usleep(1000);
+    }
+  }
+  ASSERT_EQ(client->closed, 1);
+  ASSERT_STR_EQ(client->trace, "");
+}
+
+/* D-15, Q-07: a channel closed while its lookup is still queued for
+ * libuv's thread pool (every thread busy: a slow resolver answering other
+ * lookups) does not wait for the pool: the lookup is cancelled and
+ * `closed` runs from the loop, once, while the threads are still busy; no
+ * handler runs, no fd is left, and `closed` does not come again when the
+ * pool is free. */
+TASK(d15_close_while_the_lookup_waits_for_the_pool) {
+  int round;
+
+  task_map_free(task_map_new()); /* libuv's process-wide fds, first */
+  for (round = 0; round < 2 && !task_failed; round++) {
+    int fd0 = task_fd_count();
+    ac_map_t *map = task_map_new();
+    pool_block_t *pb = calloc(1, sizeof(*pb));
+    probe_t client;
+
+    ASSERT(pb != NULL);
+    memset(&client, 0, sizeof(client));
+    pool_block(pb, ac_map_loop(map));
+    if (!task_failed) {
+      close_while_pool_busy(map, &client);
+    }
+    pool_release(pb); /* even after a failure: later tests resolve names */
+    free(pb);
+    ASSERT(!task_failed);
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+    ASSERT_STR_EQ(client.trace, "");
+    ASSERT_EQ(task_fd_count(), fd0);
+  }
+}
+
+/* The reconnect idiom by name after a connect that hangs, the lookup
+ * waiting for the pool while the old handle closes (its connect cancelled):
+ * the new life's lookup is still in flight. */
+static void reconnect_by_name_pool_busy(ac_map_t *map, probe_t *client,
+                                        int mode, int port) {
+  struct sockaddr_in sin;
+  int i;
+
+  ASSERT_OK(probe_init(client, map, &probe_pred_ops, 0, "client"));
+  client->readable = 0;
+  ASSERT_OK(ac_create_socket(&client->base.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(uv_ip4_addr("127.0.0.1", port, &sin));
+  ASSERT_OK(ac_connect(&client->base.d, (struct sockaddr *) &sin));
+  for (i = 0; i < 10; i++) {
+    ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+  }
+  ASSERT_STR_EQ(client->trace, ""); /* no answer: give up on it */
+  ASSERT_OK(ac_close(&client->base.d));
+  ASSERT_OK(ac_create_socket(&client->base.d, AF_INET, SOCK_STREAM));
+  ASSERT_OK(ac_connect_name(&client->base.d, "127.0.0.3", port));
+  for (i = 0; i < 10; i++) { /* the old handle closes */
+    ASSERT_OK(ac_loop(map, 0.01, mode, 1));
+  }
+  ASSERT_STR_EQ(client->trace, "");
+  ASSERT_EQ(client->base.d.connecting, 1);
+  /* the resolution is in flight (dispatcher.md, ac_connect_name) */
+  ASSERT_EQ(ac_connect_name(&client->base.d, "127.0.0.3", port), UV_EBUSY);
+}
+
+/* D-15, Q-07: as d15_reconnect_by_name_after_a_connect_that_hangs, with
+ * the new life's lookup still queued when the old handle closes and its
+ * cancelled connect comes back: that connect is not the new life's, and
+ * the lookup stays the channel's: a second ac_connect_name is UV_EBUSY
+ * (a resolution in flight); once the pool is free the name's connect
+ * completes once, without error, `closed` runs once at the end and no fd
+ * is left. */
+TASK(d15_reconnect_by_name_while_the_lookup_waits_for_the_pool) {
+  int mode;
+
+  task_map_free(task_map_new()); /* libuv's process-wide fds, first */
+  for (mode = 0; mode < 2 && !task_failed; mode++) {
+    int fd0 = task_fd_count();
+    ac_map_t *map = task_map_new();
+    pool_block_t *pb = calloc(1, sizeof(*pb));
+    probe_t client;
+    int hole[3];
+    int srv;
+    int port;
+    int a;
+
+    ASSERT(pb != NULL);
+    memset(&client, 0, sizeof(client));
+    many_setup(hole, &srv, &port); /* 127.0.0.1 hangs, 127.0.0.3 listens */
+    ASSERT(!task_failed);
+    pool_block(pb, ac_map_loop(map));
+    if (!task_failed) {
+      reconnect_by_name_pool_busy(map, &client, mode, port);
+    }
+    pool_release(pb);
+    free(pb);
+    ASSERT(!task_failed);
+    LOOP_UNTIL(map, mode, client.trace[0] != 0, 300);
+    client.writable = 0;
+    ASSERT_EQ(strncmp(client.trace, "connect ", 8), 0);
+    ASSERT_EQ(client.n[EV_CONNECT], 1);
+    ASSERT_EQ(client.n[EV_ERROR] + client.n[EV_CLOSE], 0);
+    ASSERT_EQ(probe_wait_fd(srv, POLLIN, 2000) & POLLIN, POLLIN);
+    a = accept(srv, NULL, NULL);
+    ASSERT_GE(a, 0);
+    close(a);
+    ASSERT_EQ(probe_wait_fd(srv, POLLIN, 0), 0); /* one connection */
+    ASSERT_EQ(client.closed, 0);
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+    close_all(hole, 3);
+    close(srv);
+    ASSERT_EQ(task_fd_count(), fd0);
+  }
+}
+
 /* The reconnect idiom after refused connects: each round's connect waits
  * for the old handle, fails, and reaches handle_error (D-17, L-15) like
  * the first; `closed` runs once at the end. */
@@ -3381,6 +3592,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(d15_reconnect_in_handle_close),
     TASK_ENTRY(d15_reconnect_by_name),
     TASK_ENTRY(d15_reconnect_after_close_while_resolving),
+    TASK_ENTRY(d15_close_while_the_lookup_waits_for_the_pool),
+    TASK_ENTRY(d15_reconnect_by_name_while_the_lookup_waits_for_the_pool),
     TASK_ENTRY(d15_reconnect_after_refused),
     TASK_ENTRY(d15_reconnect_while_draining),
     TASK_ENTRY(d15_reconnect_while_draining_to_a_peer_that_never_reads),
