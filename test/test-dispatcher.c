@@ -2994,6 +2994,177 @@ TASK(d15_reconnect_by_name_while_the_lookup_waits_for_the_pool) {
   }
 }
 
+/* A resolver of the test's own: /etc/resolv.conf (in a child's private
+ * mount namespace) names a DNS server at 127.0.0.1:53, which the test
+ * runs, so that it knows when a lookup is in libuv's thread pool (its
+ * query arrives) and decides when and how it ends. */
+static const char own_resolv[] = "# ac-test-resolver\n"
+                                 "nameserver 127.0.0.1\n"
+                                 "options timeout:2 attempts:1\n";
+
+static int own_resolver(void) {
+  char buf[256];
+  FILE *f = fopen("/etc/resolv.conf", "r");
+  size_t n;
+
+  if (f == NULL) {
+    return 0;
+  }
+  n = fread(buf, 1, sizeof(buf) - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  return strncmp(buf, own_resolv, sizeof(own_resolv) - 1) == 0;
+}
+
+/* Run `task` again in a child whose /etc/resolv.conf is own_resolv; its
+ * result is the task's.  Skipped where namespaces are not allowed. */
+static void rerun_with_own_resolver(const char *task) {
+  char path[] = "/tmp/ac-resolv-XXXXXX";
+  char self[4096];
+  ssize_t len;
+  int status = 0;
+  int fd = mkstemp(path);
+  pid_t pid;
+
+  ASSERT_GE(fd, 0);
+  len = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  ASSERT_GT(len, 0);
+  self[len] = '\0';
+  ASSERT_EQ(write(fd, own_resolv, sizeof(own_resolv) - 1),
+            (ssize_t) sizeof(own_resolv) - 1);
+  close(fd);
+  fflush(NULL);
+  pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    if (unshare(CLONE_NEWNS) != 0 ||
+        mount("none", "/", "none", MS_REC | MS_PRIVATE, NULL) != 0 ||
+        mount(path, "/etc/resolv.conf", "none", MS_BIND, NULL) != 0 ||
+        !own_resolver()) {
+      _exit(77);
+    }
+    execl(self, self, task, (char *) NULL);
+    _exit(2);
+  }
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  unlink(path);
+  ASSERT(WIFEXITED(status));
+  if (WEXITSTATUS(status) == 77) {
+    fprintf(stderr, "  skipped: no private mount namespace here\n");
+    return;
+  }
+  ASSERT_EQ(WEXITSTATUS(status), 0);
+}
+
+/* Answers the DNS queries that arrive at `dns` within `ms` of each other:
+ * an A query with 127.0.0.3, any other with no address; returns how many
+ * were answered. */
+static int dns_answer(int dns, int ms) {
+  static const unsigned char a_rr[16] = {0xc0, 0x0c, 0, 1, 0, 1, 0, 0,
+                                         0,    60,   0, 4, 127, 0, 0, 3};
+  unsigned char q[512];
+  unsigned char r[512 + sizeof(a_rr)];
+  struct sockaddr_storage from;
+  int answered = 0;
+
+  while (probe_wait_fd(dns, POLLIN, ms) & POLLIN) {
+    socklen_t flen = sizeof(from);
+    ssize_t n = recvfrom(dns, q, sizeof(q), 0, (struct sockaddr *) &from,
+                         &flen);
+    size_t end = 12;
+    int is_a;
+
+    if (n < 12) {
+      continue;
+    }
+    while (end < (size_t) n && q[end] != 0) { /* the question's name */
+      end += (size_t) q[end] + 1;
+    }
+    end += 5; /* its root label, type and class */
+    if (end > (size_t) n) {
+      continue;
+    }
+    is_a = q[end - 4] == 0 && q[end - 3] == 1;
+    memcpy(r, q, end);
+    r[2] = 0x81; /* a response, recursion desired and available, no error */
+    r[3] = 0x80;
+    r[6] = 0;
+    r[7] = (unsigned char) is_a; /* answers */
+    memset(r + 8, 0, 4);        /* no authority, no additional */
+    if (is_a) {
+      memcpy(r + end, a_rr, sizeof(a_rr));
+    }
+    if (sendto(dns, r, end + (is_a ? sizeof(a_rr) : 0), 0,
+               (struct sockaddr *) &from, flen) > 0) {
+      answered++;
+    }
+  }
+  return answered;
+}
+
+/* D-15, Q-07: a channel closed while its lookup runs in libuv's thread
+ * pool (its query has reached the server: the lookup can no longer be
+ * cancelled) gets its `closed` from the loop once the lookup ends,
+ * whether the server answers with an address or the lookup fails (the
+ * server is gone): no handler runs, nothing connects to the answer's
+ * address, no fd is left, and (valgrind) the answer's memory is freed.
+ * `closed` came only from ac_map_free() if the lookup's callback did not
+ * release the channel. */
+TASK(d15_close_while_the_lookup_runs) {
+  struct sockaddr_in sin;
+  int round;
+
+  if (!own_resolver()) {
+    rerun_with_own_resolver("d15_close_while_the_lookup_runs");
+    return;
+  }
+  task_map_free(task_map_new()); /* libuv's process-wide fds, first */
+  for (round = 0; round < 2 && !task_failed; round++) {
+    int fd0 = task_fd_count();
+    ac_map_t *map = task_map_new();
+    probe_t client;
+    int port = 0;
+    int srv = listen_on(3, &port, 16);
+    int dns = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int i;
+
+    ASSERT_GE(srv, 0);
+    ASSERT_GE(dns, 0);
+    ASSERT_OK(uv_ip4_addr("127.0.0.1", 53, &sin));
+    if (bind(dns, (struct sockaddr *) &sin, sizeof(sin)) != 0) {
+      fprintf(stderr, "  skipped: 127.0.0.1:53 is taken\n");
+      close(dns);
+      close(srv);
+      task_map_free(map);
+      return;
+    }
+    ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
+    ASSERT_OK(ac_connect_name(&client.base.d, "ac-slow.test", port));
+    ASSERT_EQ(probe_wait_fd(dns, POLLIN, 5000) & POLLIN, POLLIN);
+    ASSERT_OK(ac_close(&client.base.d));
+    for (i = 0; i < 20; i++) {
+      uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+    }
+    if (round == 0) {
+      ASSERT_GE(dns_answer(dns, 300), 1); /* 127.0.0.3 */
+    }
+    close(dns); /* round 1: refused, the lookup fails */
+    for (i = 0; i < 5000 && client.closed == 0; i++) {
+      uv_run(ac_map_loop(map), UV_RUN_NOWAIT); /* the map is empty */
+      if (client.closed == 0) {
+        usleep(1000);
+      }
+    }
+    ASSERT_EQ(client.closed, 1);
+    ASSERT_STR_EQ(client.trace, "");
+    ASSERT_EQ(probe_wait_fd(srv, POLLIN, 50), 0); /* no connection */
+    task_map_free(map);
+    ASSERT_EQ(client.closed, 1);
+    close(srv);
+    ASSERT_EQ(task_fd_count(), fd0);
+  }
+}
+
 /* The reconnect idiom after refused connects: each round's connect waits
  * for the old handle, fails, and reaches handle_error (D-17, L-15) like
  * the first; `closed` runs once at the end. */
@@ -3594,6 +3765,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(d15_reconnect_after_close_while_resolving),
     TASK_ENTRY(d15_close_while_the_lookup_waits_for_the_pool),
     TASK_ENTRY(d15_reconnect_by_name_while_the_lookup_waits_for_the_pool),
+    TASK_ENTRY(d15_close_while_the_lookup_runs),
     TASK_ENTRY(d15_reconnect_after_refused),
     TASK_ENTRY(d15_reconnect_while_draining),
     TASK_ENTRY(d15_reconnect_while_draining_to_a_peer_that_never_reads),
