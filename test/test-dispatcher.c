@@ -6,8 +6,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <net/if.h>
 #include <netdb.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -2997,7 +2999,9 @@ TASK(d15_reconnect_by_name_while_the_lookup_waits_for_the_pool) {
 /* A resolver of the test's own: /etc/resolv.conf (in a child's private
  * mount namespace) names a DNS server at 127.0.0.1:53, which the test
  * runs, so that it knows when a lookup is in libuv's thread pool (its
- * query arrives) and decides when and how it ends. */
+ * query arrives) and decides when and how it ends.  The child has a
+ * network namespace of its own too (its loopback up), where port 53 is
+ * free and no other process's lookups arrive. */
 static const char own_resolv[] = "# ac-test-resolver\n"
                                  "nameserver 127.0.0.1\n"
                                  "options timeout:2 attempts:1\n";
@@ -3016,8 +3020,29 @@ static int own_resolver(void) {
   return strncmp(buf, own_resolv, sizeof(own_resolv) - 1) == 0;
 }
 
-/* Run `task` again in a child whose /etc/resolv.conf is own_resolv; its
- * result is the task's.  Skipped where namespaces are not allowed. */
+/* Brings up the loopback interface of a new network namespace. */
+static int loopback_up(void) {
+  struct ifreq ifr;
+  int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  int r;
+
+  if (s < 0) {
+    return -1;
+  }
+  memset(&ifr, 0, sizeof(ifr));
+  memcpy(ifr.ifr_name, "lo", 3);
+  r = ioctl(s, SIOCGIFFLAGS, &ifr);
+  if (r == 0) {
+    ifr.ifr_flags |= IFF_UP;
+    r = ioctl(s, SIOCSIFFLAGS, &ifr);
+  }
+  close(s);
+  return r;
+}
+
+/* Run `task` again in a child whose /etc/resolv.conf is own_resolv, in a
+ * network namespace of its own; its result is the task's.  Skipped where
+ * namespaces are not allowed. */
 static void rerun_with_own_resolver(const char *task) {
   char path[] = "/tmp/ac-resolv-XXXXXX";
   char self[4096];
@@ -3037,7 +3062,7 @@ static void rerun_with_own_resolver(const char *task) {
   pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
-    if (unshare(CLONE_NEWNS) != 0 ||
+    if (unshare(CLONE_NEWNS | CLONE_NEWNET) != 0 || loopback_up() != 0 ||
         mount("none", "/", "none", MS_REC | MS_PRIVATE, NULL) != 0 ||
         mount(path, "/etc/resolv.conf", "none", MS_BIND, NULL) != 0 ||
         !own_resolver()) {
