@@ -28,6 +28,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <arpa/inet.h>
 
 #ifdef AC_HAVE_TLS
 
@@ -562,6 +563,15 @@ static int tcp_connected(const ac_dispatcher_t *d) {
          (d->flags & AC__F_CONN_DONE) && d->so_error == 0;
 }
 
+/* Whether `host` is an IPv4 or IPv6 address, not a name.  RFC 6066 (3)
+ * does not permit one in SNI: servers may refuse the hello (Python's ssl
+ * does not send one either); the certificate is still checked for it. */
+static int is_address(const char *host) {
+  unsigned char a[16];
+
+  return inet_pton(AF_INET, host, a) == 1 || inet_pton(AF_INET6, host, a) == 1;
+}
+
 static int tls_start(ac_dispatcher_t *d, SSL_CTX *ctx, const char *host,
                      int server) {
   tls_t *t;
@@ -587,7 +597,8 @@ static int tls_start(ac_dispatcher_t *d, SSL_CTX *ctx, const char *host,
     SSL_set_accept_state(t->ssl);
   } else {
     SSL_set_connect_state(t->ssl);
-    if (host != NULL && (!SSL_set_tlsext_host_name(t->ssl, host) ||
+    if (host != NULL && ((!is_address(host) &&
+                          !SSL_set_tlsext_host_name(t->ssl, host)) ||
                          !SSL_set1_host(t->ssl, host))) {
       r = AC_ETLS;
     }

@@ -6,6 +6,7 @@
 #include "tlstest.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -1474,6 +1475,177 @@ TASK(tls_starttls_after_input_received_ahead) {
 }
 
 /* ---------------------------------------------------------------- */
+/* The client against hostile or broken servers                       */
+
+/* A server in a thread: one connection, accepted on a blocking socket
+ * (5 s timeouts), given to `script`; the socket is closed after it. */
+typedef struct hs_s hs_t;
+struct hs_s {
+  int lfd;
+  int port;
+  void (*script)(hs_t *h, int fd);
+  int max12;         /* the server speaks TLS 1.2 at most */
+  const char *ciphers; /* its TLS 1.2 ciphers (NULL: OpenSSL's) */
+  int rcvbuf;        /* SO_RCVBUF of the accepted socket (0: default) */
+  long count;        /* the script's: how many, how much */
+  long done_count;   /* what it did */
+  char sni[256];     /* the server name the client sent ("" none) */
+  int stop;          /* set by the test: the script may go on */
+  int result;        /* the script's verdict */
+  int done;
+};
+
+static int hs_servername(SSL *ssl, int *al, void *arg) {
+  hs_t *h = arg;
+  const char *name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+
+  (void) al;
+  snprintf(h->sni, sizeof(h->sni), "%s", name != NULL ? name : "");
+  return SSL_TLSEXT_ERR_OK;
+}
+
+/* A blocking OpenSSL server on fd, handshake done; NULL on failure. */
+static SSL *hs_accept(hs_t *h, int fd, SSL_CTX **ctxp) {
+  SSL_CTX *ctx = tlstest_server_ctx();
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+
+  *ctxp = ctx;
+  if (ssl == NULL) {
+    return NULL;
+  }
+  SSL_CTX_set_tlsext_servername_callback(ctx, hs_servername);
+  SSL_CTX_set_tlsext_servername_arg(ctx, h);
+  if (h->max12) {
+    SSL_set_max_proto_version(ssl, TLS1_2_VERSION);
+  }
+  if (h->ciphers != NULL) {
+    SSL_set_cipher_list(ssl, h->ciphers);
+  }
+  SSL_set_fd(ssl, fd);
+  if (SSL_accept(ssl) != 1) {
+    SSL_free(ssl);
+    return NULL;
+  }
+  return ssl;
+}
+
+static void hs_end(SSL *ssl, SSL_CTX *ctx) {
+  SSL_free(ssl);
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+}
+
+static void *hs_main(void *arg) {
+  hs_t *h = arg;
+  struct pollfd p = {h->lfd, POLLIN, 0};
+  struct timeval tv = {5, 0};
+  int fd = -1;
+
+  if (poll(&p, 1, 10000) == 1) {
+    fd = accept(h->lfd, NULL, NULL);
+  }
+  if (fd >= 0) {
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    if (h->rcvbuf > 0) {
+      setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &h->rcvbuf, sizeof(h->rcvbuf));
+    }
+    h->script(h, fd);
+    close(fd);
+  }
+  __atomic_store_n(&h->done, 1, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+static int hs_start(hs_t *h, pthread_t *th, void (*script)(hs_t *, int)) {
+  h->lfd = task_listen_tcp(AF_INET, &h->port);
+  h->script = script;
+  if (h->lfd < 0) {
+    return UV_EADDRINUSE;
+  }
+  if (h->rcvbuf > 0) { /* inherited by the accepted socket: a small window */
+    setsockopt(h->lfd, SOL_SOCKET, SO_RCVBUF, &h->rcvbuf, sizeof(h->rcvbuf));
+  }
+  return pthread_create(th, NULL, hs_main, h) == 0 ? 0 : UV_EAGAIN;
+}
+
+static int hs_done(void *arg) {
+  return __atomic_load_n(&((hs_t *) arg)->done, __ATOMIC_SEQ_CST);
+}
+
+static void hs_join(hs_t *h, pthread_t th) {
+  __atomic_store_n(&h->stop, 1, __ATOMIC_SEQ_CST);
+  pthread_join(th, NULL);
+  close(h->lfd);
+}
+
+
+/* Hands over the plaintext "hello", then close_notify. */
+static void hello_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+
+  if (ssl != NULL && SSL_write(ssl, "hello", 5) == 5) {
+    h->result = SSL_shutdown(ssl) >= 0;
+  }
+  hs_end(ssl, ctx);
+}
+
+/* A TLS client channel of class cls to the hostile server h. */
+static void hs_client(hs_t *h, chan_t *c, ac_map_t *map, int cls,
+                      SSL_CTX *ctx, const char *host) {
+  ASSERT_OK(client_start(c, map, cls, ctx, host, h->port));
+}
+
+static int hs_client_ended(void *arg) {
+  chan_t *c = arg;
+  return c->eof || c->n[CH_ERROR] > 0 || c->released > 0;
+}
+
+/* `host` as SNI and as the name the certificate must have: a DNS name is
+ * sent, an IP address is checked against the certificate but not sent
+ * (RFC 6066 3: "Literal IPv4 and IPv6 addresses are not permitted in
+ * HostName"; Python's ssl does not send one either). */
+static void sni_case(const char *host, const char *sni, int code) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  strcpy(h.sni, "(no hello)");
+  ASSERT_OK(hs_start(&h, &th, hello_script));
+  hs_client(&h, &c, map, CHAN_PLAIN, cctx, host);
+  run_while(map, hs_client_ended, &c);
+  if (code == 0) {
+    ASSERT_EQ(c.n[CH_ERROR], 0);
+    ASSERT_EQ(c.n[CH_CONNECT], 1);
+    ASSERT_EQ(c.nin, 5);
+    ASSERT(c.eof);
+  } else {
+    ASSERT_EQ(c.err_code, code);
+  }
+  ac_close(&c.u.d);
+  run_while(map, hs_done, &h);
+  hs_join(&h, th);
+  ASSERT_STR_EQ(h.sni, sni);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
+TASK(tls_client_sni_is_the_host_name) {
+  sni_case("localhost", "localhost", 0);
+}
+
+TASK(tls_client_ip_address_is_no_sni) {
+  sni_case("127.0.0.1", "", 0);         /* the certificate names it */
+  sni_case("127.0.0.2", "", AC_ETLS_VERIFY); /* it does not */
+}
+
+/* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
   ac_map_t *map = task_map_new();
@@ -1526,6 +1698,8 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_pause_in_handle_read_poll_mode),
       TASK_ENTRY(tls_with_send_flood_never_read_then_reset),
       TASK_ENTRY(tls_starttls_after_input_received_ahead),
+      TASK_ENTRY(tls_client_sni_is_the_host_name),
+      TASK_ENTRY(tls_client_ip_address_is_no_sni),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,

@@ -67,7 +67,8 @@ AC_EXTERN int ac_tls_server(ac_dispatcher_t *d, struct ssl_ctx_st *ctx);
  * established), or connected (STARTTLS: the handshake starts now).
  * `hostname` (may be NULL) is sent as SNI and, when ctx verifies the peer
  * (SSL_VERIFY_PEER), the certificate must be for that name (or IP
- * address).  Returns as ac_tls_server(), UV_EBADF without a socket. */
+ * address: checked, but not sent as SNI, which RFC 6066 does not permit).
+ * Returns as ac_tls_server(), UV_EBADF without a socket. */
 AC_EXTERN int ac_tls_client(ac_dispatcher_t *d, struct ssl_ctx_st *ctx,
                             const char *hostname);
 
