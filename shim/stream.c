@@ -172,6 +172,9 @@ static void on_write(uv_write_t *req, int status) {
     return;
   }
   ac__keep_error(d, status); /* for the next send or receive */
+  if (d->xport_) {
+    ac__xport_written(d); /* TLS: its own bytes waiting for room */
+  }
   if (d->wq_bytes == 0 || (d->flags & AC__F_WERR)) {
     d->ready |= AC__W;
     ac__synth_update(d);

@@ -57,6 +57,7 @@ typedef struct {
   unsigned synth : 1;   /* we set AC__R in d->ready */
   unsigned backlog : 1; /* ciphertext the socket did not take waits in
                            the write BIO (flush_out) */
+  unsigned stalled : 1; /* no receive until the backlog is out (pump_in) */
   unsigned claim : 1;   /* started inside a chat's parse: the input it
                            did not parse is ours (tls_unread) */
   char detail[200];     /* ac_tls_error() */
@@ -95,29 +96,6 @@ static int holds_input(const tls_t *t) {
   return SSL_pending(t->ssl) > 0 || BIO_ctrl_pending(t->in) > 0;
 }
 
-/* One receive of ciphertext into OpenSSL: the bytes, UV_EAGAIN, or the end
- * (0 or an error, kept in t->end: the end comes after the input). */
-static ssize_t pump_in(tls_t *t, ac_dispatcher_t *d) {
-  char buf[TLS_RECV];
-  ssize_t r;
-
-  if (t->ended) {
-    return t->end;
-  }
-  do {
-    r = recv(d->fd, buf, sizeof(buf), 0);
-  } while (r < 0 && errno == EINTR);
-  if (r > 0) {
-    return BIO_write(t->in, buf, (int) r) == (int) r ? r : UV_ENOMEM;
-  }
-  if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-    return UV_EAGAIN;
-  }
-  t->end = r == 0 ? 0 : AC__ERR(errno);
-  t->ended = 1;
-  return t->end;
-}
-
 /* Send what OpenSSL made.  Returns 0, or the socket's error (a
  * disconnection is not handled here: the caller reports it once it is done
  * with t).  Records are made only when the emulated send buffer has room
@@ -144,6 +122,39 @@ static int flush_out(tls_t *t, ac_dispatcher_t *d) {
     s -= BIO_read(t->out, sent, s < 4096 ? (int) s : 4096);
   }
   return 0;
+}
+
+/* One receive of ciphertext into OpenSSL: the bytes, UV_EAGAIN, or the end
+ * (0 or an error, kept in t->end: the end comes after the input). */
+static ssize_t pump_in(tls_t *t, ac_dispatcher_t *d) {
+  char buf[TLS_RECV];
+  ssize_t r;
+
+  if (t->ended) {
+    return t->end;
+  }
+  if (t->backlog && flush_out(t, d) == 0 && t->backlog) {
+    /* Answers OpenSSL made (to a KeyUpdate, a renegotiation request) wait
+     * for the socket: no more input until they are out, as OpenSSL on a
+     * blocking socket would not read on either.  A peer that asks for
+     * answers and reads none cannot pile them up here.  The stream's
+     * writes resume the reading (tls_written). */
+    t->stalled = 1;
+    ac__interest_changed(d); /* no read interest meanwhile */
+    return UV_EAGAIN;
+  }
+  do {
+    r = recv(d->fd, buf, sizeof(buf), 0);
+  } while (r < 0 && errno == EINTR);
+  if (r > 0) {
+    return BIO_write(t->in, buf, (int) r) == (int) r ? r : UV_ENOMEM;
+  }
+  if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+    return UV_EAGAIN;
+  }
+  t->end = r == 0 ? 0 : AC__ERR(errno);
+  t->ended = 1;
+  return t->end;
 }
 
 /* The words of OpenSSL's first error, or of `why`. */
@@ -405,6 +416,9 @@ static int tls_interest(ac_dispatcher_t *d, int bits) {
   if (t->state != OPEN && t->tcp_up) {
     bits &= ~AC__W;
   }
+  if (t->stalled) {
+    bits &= ~AC__R; /* until the answers waiting are out (pump_in) */
+  }
   return bits;
 }
 
@@ -454,6 +468,19 @@ static void tls_unread(ac_dispatcher_t *d, const char *b, size_t n) {
   synth(t, d, 1);
 }
 
+/* The stream's queue took bytes: the answers that stopped the input go
+ * out now (or meet the socket's error), and the input goes on, from what
+ * OpenSSL already holds. */
+static void tls_written(ac_dispatcher_t *d) {
+  tls_t *t = tls_of(d);
+
+  if (t->stalled && (flush_out(t, d) < 0 || !t->backlog)) {
+    t->stalled = 0;
+    ac__interest_changed(d);
+    synth(t, d, t->state != FAILED);
+  }
+}
+
 /* The handshake is done: the channel may be connected. */
 static int tls_up(ac_dispatcher_t *d) { return tls_of(d)->state == OPEN; }
 
@@ -467,8 +494,8 @@ static int tls_can_gather(ac_dispatcher_t *d) {
 }
 
 static const ac__xport_ops_t tls_ops = {
-    tls_recv,  tls_send,  tls_connect_event, tls_interest,   tls_more,
-    tls_close, tls_unread, tls_up,           tls_can_gather,
+    tls_recv,  tls_send,   tls_connect_event, tls_interest,   tls_more,
+    tls_close, tls_unread, tls_up,            tls_can_gather, tls_written,
 };
 
 /* Whether d's class still holds plaintext output the socket did not take:

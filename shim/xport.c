@@ -4,7 +4,8 @@
  * A channel with a transport has d->xport_ set, and the byte path branches
  * off to the transport in one place each: the receive (ac_recv), the send
  * (ac__send, ac__sendv), the connect event (events.c), the interest
- * (map.c), a read burst and the end of a gathering (burst.c).  A channel
+ * (map.c), a read burst and the end of a gathering (burst.c); it hears
+ * when the stream's queue takes bytes again (stream.c).  A channel
  * without one pays a bit test on those paths and no memory: the
  * transports are kept by the map, in a table indexed by descriptor, which
  * only channels with one read.  A transport also takes the channel's
@@ -91,4 +92,8 @@ int ac__xport_up(ac_dispatcher_t *d) { return ac__xport(d)->ops->up(d); }
 
 int ac__xport_can_gather(ac_dispatcher_t *d) {
   return ac__xport(d)->ops->can_gather(d);
+}
+
+void ac__xport_written(ac_dispatcher_t *d) {
+  ac__xport(d)->ops->written(d);
 }

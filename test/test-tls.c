@@ -1486,7 +1486,8 @@ struct hs_s {
   void (*script)(hs_t *h, int fd);
   int max12;         /* the server speaks TLS 1.2 at most */
   const char *ciphers; /* its TLS 1.2 ciphers (NULL: OpenSSL's) */
-  int rcvbuf;        /* SO_RCVBUF of the accepted socket (0: default) */
+  int rcvbuf;        /* SO_RCVBUF and SO_SNDBUF of the accepted socket
+                        (0: the defaults) */
   long count;        /* the script's: how many, how much */
   long done_count;   /* what it did */
   char sni[256];     /* the server name the client sent ("" none) */
@@ -1549,6 +1550,7 @@ static void *hs_main(void *arg) {
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     if (h->rcvbuf > 0) {
       setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &h->rcvbuf, sizeof(h->rcvbuf));
+      setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &h->rcvbuf, sizeof(h->rcvbuf));
     }
     h->script(h, fd);
     close(fd);
@@ -1645,6 +1647,125 @@ TASK(tls_client_ip_address_is_no_sni) {
   sni_case("127.0.0.2", "", AC_ETLS_VERIFY); /* it does not */
 }
 
+/* Whether the peer stopped taking bytes for 50 ms. */
+static int hs_blocked(int fd) {
+  struct pollfd p = {fd, POLLOUT, 0};
+  return poll(&p, 1, 50) == 0;
+}
+
+/* Discard what the client sent (its answers), without SSL. */
+static void hs_drain_raw(int fd) {
+  char buf[65536];
+
+  while (recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+  }
+}
+
+/* `count` messages that ask for an answer, reading nothing: KeyUpdates
+ * that ask for the client's (TLS 1.3), or renegotiation requests
+ * (HelloRequest, TLS 1.2: the answer is a no_renegotiation alert).  Only
+ * when the client stops taking them (50 ms), its answers are read (and
+ * thrown away); then "done". */
+static void key_update_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  int k = 1;
+
+  if (ssl == NULL ||
+      SSL_version(ssl) != (h->max12 ? TLS1_2_VERSION : TLS1_3_VERSION)) {
+    hs_end(ssl, ctx);
+    return;
+  }
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  while (h->done_count < h->count && !h->stop) {
+    if (k == 1 && (h->max12 ? SSL_renegotiate(ssl)
+                            : SSL_key_update(ssl, SSL_KEY_UPDATE_REQUESTED)) !=
+                      1) {
+      break;
+    }
+    k = SSL_do_handshake(ssl); /* sends the KeyUpdate */
+    if (k == 1) {
+      h->done_count++;
+    } else if (SSL_get_error(ssl, k) != SSL_ERROR_WANT_WRITE) {
+      break;
+    } else if (hs_blocked(fd)) {
+      h->result++; /* the client stopped: it waits for us to read */
+      hs_drain_raw(fd);
+    }
+  }
+  while (h->done_count == h->count && !h->stop) {
+    k = SSL_write(ssl, "done", 4);
+    if (k == 4) {
+      break;
+    }
+    if (SSL_get_error(ssl, k) != SSL_ERROR_WANT_WRITE) {
+      break;
+    }
+    if (hs_blocked(fd)) {
+      hs_drain_raw(fd);
+    }
+  }
+  while (!__atomic_load_n(&h->stop, __ATOMIC_SEQ_CST)) {
+    hs_drain_raw(fd);
+    usleep(10000);
+  }
+  hs_end(ssl, ctx);
+}
+
+/* A server floods the client with messages that ask for an answer and
+ * reads nothing: the answers cannot be sent.  The client stops receiving
+ * while its answers wait for the socket (memory bounded, as OpenSSL on a
+ * blocking socket would), and goes on when the server reads again. */
+static void answers_flood(int max12) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  int small = 4096;
+  size_t most = 0;
+  uint64_t end;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  h.count = chan_under_valgrind() ? 6000 : 12000; /* 25 bytes each */
+  h.rcvbuf = small;
+  h.max12 = max12;
+  ASSERT_OK(hs_start(&h, &th, key_update_script));
+  ASSERT_OK(chan_init(&c, map, CHAN_PLAIN, "client"));
+  ASSERT_OK(ac_create_socket(&c.u.d, AF_INET, SOCK_STREAM));
+  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+  ASSERT_OK(ac_tls_client(&c.u.d, cctx, "localhost"));
+  {
+    struct sockaddr_storage ss;
+    task_addr(AF_INET, h.port, &ss);
+    ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &ss));
+  }
+  end = uv_hrtime() + 60000000000ull;
+  while (c.nin < 4 && !hs_client_ended(&c) && uv_hrtime() < end) {
+    SSL *ssl = ac_tls_ssl(&c.u.d);
+    size_t held;
+    ac_loop(map, 0.05, 0, 1);
+    held = ssl != NULL ? BIO_ctrl_pending(SSL_get_wbio(ssl)) : 0;
+    most = held > most ? held : most;
+  }
+  ac_close(&c.u.d);
+  hs_join(&h, th);
+  ASSERT_EQ(h.done_count, h.count);
+  ASSERT_EQ(c.nin, 4); /* "done": the client went on */
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_LT(most, 64u * 1024); /* before: the answers to all of them */
+  ASSERT_GT(h.result, 0);       /* the server saw the client stop */
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
+TASK(tls_client_key_update_flood_bounded) { answers_flood(0); }
+
+TASK(tls_client_renegotiation_request_flood_bounded) { answers_flood(1); }
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -1700,6 +1821,8 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_starttls_after_input_received_ahead),
       TASK_ENTRY(tls_client_sni_is_the_host_name),
       TASK_ENTRY(tls_client_ip_address_is_no_sni),
+      TASK_ENTRY(tls_client_key_update_flood_bounded),
+      TASK_ENTRY(tls_client_renegotiation_request_flood_bounded),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
