@@ -435,14 +435,25 @@ static int tls_more(ac_dispatcher_t *d) {
 }
 
 /* ac_close: close_notify when the handshake is done (the stream sends it
- * after close, as any queued bytes), then TLS is gone. */
+ * after close, as any queued bytes, with what still waited for room), then
+ * TLS is gone. */
 static void tls_close(ac_dispatcher_t *d) {
   tls_t *t = tls_of(d);
+  char *p;
+  long len;
 
   if (t->state == OPEN && !(SSL_get_shutdown(t->ssl) & SSL_SENT_SHUTDOWN)) {
     ERR_clear_error();
     (void) SSL_shutdown(t->ssl);
-    (void) flush_out(t, d);
+  }
+  if (flush_out(t, d) == 0 && t->backlog &&
+      d->backend == AC_BACKEND_STREAM && (d->flags & AC__F_CONN_DONE)) {
+    /* What the emulated send buffer had no room for (answers that
+     * stopped the input, then close_notify) joins libuv's queue all the
+     * same, behind what is there: the stream drains it after the close.
+     * It is small: the input stops while answers wait (pump_in). */
+    len = BIO_get_mem_data(t->out, &p);
+    (void) ac__stream_queue(d, p, (size_t) len);
   }
   ERR_clear_error();
   if (t->synth) {

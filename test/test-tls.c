@@ -1766,6 +1766,115 @@ TASK(tls_client_key_update_flood_bounded) { answers_flood(0); }
 
 TASK(tls_client_renegotiation_request_flood_bounded) { answers_flood(1); }
 
+/* Reads nothing; once the test says so (count 1), ten KeyUpdates asking
+ * for the client's, in one send (result 1); once it says `go` (count -1),
+ * everything: done_count plaintext bytes, then the end (stop: SSL_get_error
+ * of the read that ended). */
+static void ask_then_read_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  BIO *out = BIO_new(BIO_s_mem());
+  char buf[16384];
+  char *p;
+  long n;
+  uint64_t end = uv_hrtime() + 20000000000ull;
+  int k;
+
+  if (ssl == NULL || out == NULL) {
+    BIO_free(out);
+    hs_end(ssl, ctx);
+    return;
+  }
+  while (__atomic_load_n(&h->count, __ATOMIC_SEQ_CST) == 0 &&
+         uv_hrtime() < end) {
+    usleep(5000);
+  }
+  SSL_set0_wbio(ssl, out); /* the KeyUpdates made in memory, sent at once */
+  for (k = 0; k < 10; k++) {
+    SSL_key_update(ssl, SSL_KEY_UPDATE_REQUESTED);
+    SSL_do_handshake(ssl);
+  }
+  n = BIO_get_mem_data(out, &p);
+  if (send(fd, p, (size_t) n, MSG_NOSIGNAL) == n) {
+    __atomic_store_n(&h->result, 1, __ATOMIC_SEQ_CST);
+  }
+  while (__atomic_load_n(&h->count, __ATOMIC_SEQ_CST) != -1 &&
+         uv_hrtime() < end) {
+    usleep(5000);
+  }
+  while ((k = SSL_read(ssl, buf, sizeof(buf))) > 0) {
+    h->done_count += k;
+  }
+  h->stop = SSL_get_error(ssl, k);
+  hs_end(ssl, ctx);
+}
+
+static int hs_asked(void *arg) {
+  return __atomic_load_n(&((hs_t *) arg)->result, __ATOMIC_SEQ_CST) != 0;
+}
+
+/* The client closes while its answers to the server's KeyUpdates wait for
+ * room (it filled the socket first; the server reads nothing): once the
+ * server reads, it gets every byte, the answers, then close_notify, not a
+ * connection cut in the middle of a record. */
+TASK(tls_client_close_while_answers_wait) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  size_t size = 8u * 1024 * 1024;
+  char *data = malloc(size);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  int small = 4096;
+  struct sockaddr_storage ss;
+  size_t last = 0;
+  int same = 0;
+  uint64_t end;
+
+  ASSERT(map != NULL && cctx != NULL && data != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(data, 'x', size);
+  memset(&h, 0, sizeof(h));
+  h.rcvbuf = small;
+  ASSERT_OK(hs_start(&h, &th, ask_then_read_script));
+  ASSERT_OK(chan_init(&c, map, CHAN_PLAIN, "client"));
+  ASSERT_OK(ac_create_socket(&c.u.d, AF_INET, SOCK_STREAM));
+  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  ASSERT_OK(ac_tls_client(&c.u.d, cctx, "localhost"));
+  task_addr(AF_INET, h.port, &ss);
+  ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &ss));
+  ASSERT_OK(chan_send(&c, data, size));
+  /* until the client's sends stop being taken */
+  end = uv_hrtime() + 20000000000ull;
+  while (same < 20 && uv_hrtime() < end) {
+    ac_loop(map, 0.01, 0, 1);
+    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
+    last = c.accepted;
+  }
+  ASSERT_LT(c.accepted, size);
+  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
+  ASSERT(run_while(map, hs_asked, &h));
+  for (same = 0; same < 20; same++) { /* the client reads them, answers */
+    ac_loop(map, 0.01, 0, 1);
+  }
+  ac_close(&c.u.d);
+  __atomic_store_n(&h.count, -1, __ATOMIC_SEQ_CST);
+  /* the map is empty: the loop itself drains the closed stream */
+  end = uv_hrtime() + 20000000000ull;
+  while (!hs_done(&h) && uv_hrtime() < end) {
+    uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+    usleep(1000);
+  }
+  ASSERT(hs_done(&h));
+  pthread_join(th, NULL);
+  close(h.lfd);
+  ASSERT_EQ(h.done_count, (long) c.accepted);
+  ASSERT_EQ(h.stop, SSL_ERROR_ZERO_RETURN);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+  free(data);
+}
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -1823,6 +1932,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_ip_address_is_no_sni),
       TASK_ENTRY(tls_client_key_update_flood_bounded),
       TASK_ENTRY(tls_client_renegotiation_request_flood_bounded),
+      TASK_ENTRY(tls_client_close_while_answers_wait),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
