@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -1875,6 +1876,387 @@ TASK(tls_client_close_while_answers_wait) {
   free(data);
 }
 
+/* Reads nothing until the test says `go` (h->count set to 1), then
+ * everything: done_count bytes (result: SSL_get_error of the read that
+ * ended; done_count < 0: a byte differed from the pattern of seed 21). */
+static void late_reader_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  char buf[16384];
+  int k;
+  int i;
+  int bad = 0;
+  uint64_t end = uv_hrtime() + 20000000000ull;
+
+  while (ssl != NULL && !__atomic_load_n(&h->count, __ATOMIC_SEQ_CST) &&
+         uv_hrtime() < end) {
+    usleep(5000);
+  }
+  while (ssl != NULL && (k = SSL_read(ssl, buf, sizeof(buf))) > 0) {
+    for (i = 0; i < k; i++) {
+      bad += buf[i] != chan_pat(21, (size_t) h->done_count + (size_t) i);
+    }
+    h->done_count += k;
+  }
+  if (ssl != NULL) {
+    h->result = SSL_get_error(ssl, k);
+  }
+  if (bad > 0) {
+    h->done_count = -1;
+  }
+  hs_end(ssl, ctx);
+}
+
+/* The client sends until the socket takes nothing more (the server reads
+ * nothing), then ac_close: the server, reading at last, gets every byte
+ * and then close_notify (SSL_ERROR_ZERO_RETURN), not a truncation. */
+static void close_notify_behind_full_queue(int max12, const char *ciphers) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  size_t size = 1024u * 1024;
+  char *data = malloc(size);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  size_t last = 0;
+  int same = 0;
+  int small = 4096;
+  uint64_t end;
+
+  ASSERT(map != NULL && cctx != NULL && data != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  chan_fill(data, size, 21, 0);
+  memset(&h, 0, sizeof(h));
+  h.max12 = max12;
+  h.ciphers = ciphers;
+  h.rcvbuf = small;
+  ASSERT_OK(hs_start(&h, &th, late_reader_script));
+  hs_client(&h, &c, map, CHAN_PLAIN, cctx, "localhost");
+  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  ASSERT_OK(chan_send(&c, data, size));
+  /* until the client's sends stop being taken */
+  end = uv_hrtime() + 20000000000ull;
+  while (same < 20 && uv_hrtime() < end) {
+    ac_loop(map, 0.01, 0, 1);
+    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
+    last = c.accepted;
+  }
+  ASSERT_GT(c.accepted, 0);
+  ASSERT_LT(c.accepted, size);
+  ac_close(&c.u.d);
+  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
+  /* the map is empty: the loop itself drains the closed stream */
+  end = uv_hrtime() + 20000000000ull;
+  while (!hs_done(&h) && uv_hrtime() < end) {
+    uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+    usleep(1000);
+  }
+  hs_join(&h, th);
+  ASSERT_EQ(h.done_count, (long) c.accepted);
+  ASSERT_EQ(h.result, SSL_ERROR_ZERO_RETURN);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+  free(data);
+}
+
+TASK(tls_client_close_notify_behind_full_queue) {
+  close_notify_behind_full_queue(0, NULL);
+}
+
+TASK(tls_client_close_notify_behind_full_queue_tls12) {
+  close_notify_behind_full_queue(1, NULL);
+  close_notify_behind_full_queue(1, "ECDHE-ECDSA-AES256-SHA384");
+  close_notify_behind_full_queue(1, "ECDHE-ECDSA-AES128-SHA");
+}
+
+/* Open fds of the process (once libuv's process-wide ones are open). */
+static int fd_count(void) {
+  static int warm;
+  int n = 0;
+  int fd;
+
+  if (!warm) {
+    task_map_free(task_map_new()); /* libuv's signal pipe, once */
+    warm = 1;
+  }
+
+  for (fd = 0; fd < 1024; fd++) {
+    n += fcntl(fd, F_GETFD) != -1;
+  }
+  return n;
+}
+
+/* What reply_script answers the ClientHello with, and whether it resets
+ * the connection after (SO_LINGER 0) rather than closing it. */
+static const char *reply_bytes;
+static size_t reply_len;
+static int reply_reset;
+
+/* Reads the ClientHello (done_count: its bytes), answers, ends. */
+static void reply_script(hs_t *h, int fd) {
+  char buf[4096];
+
+  h->done_count = recv(fd, buf, sizeof(buf), 0); /* the ClientHello */
+  if (reply_len > 0) {
+    send(fd, reply_bytes, reply_len, MSG_NOSIGNAL);
+  }
+  if (reply_reset) {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+  }
+}
+
+/* A server answers the hello with `bytes` (or nothing), then closes (or
+ * resets): the client's handle_error gets `code` at "tls_handshake" (or
+ * its handle_close comes), no handle_connect or handle_read, its fd goes. */
+static void bad_server_reply(const char *bytes, size_t n, int reset, int cls,
+                             int code, const char *says) {
+  int fds = fd_count();
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  char detail[200] = "";
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  reply_bytes = bytes;
+  reply_len = n;
+  reply_reset = reset;
+  ASSERT_OK(hs_start(&h, &th, reply_script));
+  hs_client(&h, &c, map, cls, cctx, "localhost");
+  c.hook = keep_detail;
+  c.ctx = detail;
+  ASSERT(run_while(map, released_or, &c));
+  hs_join(&h, th);
+  ASSERT_GT(h.done_count, 0);
+  ASSERT_EQ(c.n[CH_CONNECT], 0);
+  ASSERT_EQ(c.n[CH_READ], 0);
+  ASSERT_EQ(c.after_release, 0);
+  if (code != 0) {
+    ASSERT_EQ(c.n[CH_ERROR], 1);
+    ASSERT_EQ(c.err_code, code);
+    if (code == AC_ETLS_HANDSHAKE) {
+      ASSERT_STR_EQ(c.err_where, "tls_handshake");
+    }
+    if (says != NULL && strstr(detail, says) == NULL) {
+      TASK_FAIL("detail \"%s\" lacks \"%s\"", detail, says);
+    }
+  } else {
+    ASSERT_EQ(c.n[CH_ERROR], 0);
+    ASSERT_EQ(c.n[CH_CLOSE], 1);
+  }
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+  ASSERT_EQ(fd_count(), fds); /* the client's socket is gone */
+}
+
+TASK(tls_client_http_reply_to_hello) {
+  static const char http[] =
+      "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n";
+  bad_server_reply(http, sizeof(http) - 1, 0, CHAN_PLAIN, AC_ETLS_HANDSHAKE,
+                   "wrong version number");
+  bad_server_reply(http, sizeof(http) - 1, 0, CHAN_CHAT, AC_ETLS_HANDSHAKE,
+                   "wrong version number");
+}
+
+TASK(tls_client_garbage_reply_to_hello) {
+  char junk[3000];
+  size_t i;
+
+  for (i = 0; i < sizeof(junk); i++) {
+    junk[i] = (char) (i * 7919u >> 3);
+  }
+  bad_server_reply(junk, sizeof(junk), 0, CHAN_WS, AC_ETLS_HANDSHAKE, NULL);
+  /* a record header of a handshake record, then garbage inside */
+  memcpy(junk, "\x16\x03\x03\x00\x40", 5);
+  bad_server_reply(junk, 5 + 64, 0, CHAN_WS, AC_ETLS_HANDSHAKE, NULL);
+}
+
+TASK(tls_client_server_closes_mid_handshake) {
+  bad_server_reply(NULL, 0, 0, CHAN_CHAT, AC_ETLS_HANDSHAKE,
+                   "during the handshake");
+  /* the first bytes of a ServerHello, then the end */
+  bad_server_reply("\x16\x03\x03\x00\x7a\x02\x00", 7, 0, CHAN_CHAT,
+                   AC_ETLS_HANDSHAKE, "during the handshake");
+}
+
+TASK(tls_client_server_resets_mid_handshake) {
+  bad_server_reply(NULL, 0, 1, CHAN_PLAIN, UV_ECONNRESET, NULL);
+  use_poll = 1; /* E-03: a disconnection is handle_close */
+  bad_server_reply(NULL, 0, 1, CHAN_PLAIN, 0, NULL);
+  use_poll = 0;
+}
+
+/* The bytes OpenSSL made, to fd one byte a send (TCP_NODELAY: a segment
+ * each). */
+static int trickle(BIO *out, int fd) {
+  char *p;
+  long n = BIO_get_mem_data(out, &p);
+  long i;
+
+  for (i = 0; i < n; i++) {
+    if (send(fd, p + i, 1, MSG_NOSIGNAL) != 1) {
+      return -1;
+    }
+    if (i % 64 == 0) {
+      usleep(100);
+    }
+  }
+  (void) BIO_reset(out);
+  return 0;
+}
+
+#define TRICKLE 9000 /* plaintext, in three records */
+
+/* Its whole side of the connection one byte at a time: the handshake,
+ * three records of the pattern of seed 23, close_notify; then waits for
+ * the client's end (its close). */
+static void trickle_script(hs_t *h, int fd) {
+  SSL_CTX *ctx = tlstest_server_ctx();
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  BIO *in = BIO_new(BIO_s_mem());
+  BIO *out = BIO_new(BIO_s_mem());
+  char buf[4096];
+  int one = 1;
+  int k;
+  int i;
+
+  if (ssl == NULL || in == NULL || out == NULL) {
+    BIO_free(in);
+    BIO_free(out);
+    hs_end(ssl, ctx);
+    return;
+  }
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  SSL_set_bio(ssl, in, out);
+  SSL_set_accept_state(ssl);
+  while ((k = SSL_do_handshake(ssl)) != 1) {
+    ssize_t r;
+    if (SSL_get_error(ssl, k) != SSL_ERROR_WANT_READ ||
+        trickle(out, fd) != 0 || (r = recv(fd, buf, sizeof(buf), 0)) <= 0) {
+      hs_end(ssl, ctx);
+      return;
+    }
+    BIO_write(in, buf, (int) r);
+  }
+  for (i = 0; i < 3; i++) {
+    chan_fill(buf, TRICKLE / 3, 23, (size_t) i * (TRICKLE / 3));
+    SSL_write(ssl, buf, TRICKLE / 3);
+  }
+  SSL_shutdown(ssl);
+  h->result = trickle(out, fd) == 0;
+  while (recv(fd, buf, sizeof(buf), 0) > 0) {
+  }
+  hs_end(ssl, ctx);
+}
+
+/* The shutdown state OpenSSL saw when handle_close came. */
+static void note_shutdown(chan_t *c, int ev) {
+  if (ev == CH_CLOSE && ac_tls_ssl(&c->u.d) != NULL) {
+    *(int *) c->ctx = SSL_get_shutdown(ac_tls_ssl(&c->u.d));
+  }
+}
+
+/* A server that sends everything one byte per segment: the client's
+ * handshake completes, each record's plaintext is one handle_read (none
+ * for the bytes of a partial record), every byte arrives once, in order,
+ * then the end, with the peer's close_notify seen. */
+static void trickled(int cls) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  int shut = 0;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  ASSERT_OK(hs_start(&h, &th, trickle_script));
+  hs_client(&h, &c, map, cls, cctx, "localhost");
+  c.in_seed = 23;
+  c.hook = note_shutdown;
+  c.ctx = &shut;
+  ASSERT(run_while(map, released_or, &c)); /* handle_close closes */
+  hs_join(&h, th);
+  ASSERT_EQ(h.result, 1);
+  ASSERT_EQ(c.n[CH_CONNECT], 1);
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_EQ(c.nin, TRICKLE);
+  ASSERT_EQ(c.bad_in, 0);
+  if (cls != CHAN_CHAT) {
+    ASSERT_LE(c.n[CH_READ], 3 + 1); /* a record each, and the end */
+  }
+  ASSERT_EQ(c.n[CH_CLOSE], 1);
+  ASSERT(shut & SSL_RECEIVED_SHUTDOWN);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
+TASK(tls_client_server_trickles_bytes_dispatcher) { trickled(CHAN_PLAIN); }
+TASK(tls_client_server_trickles_bytes_async_chat) { trickled(CHAN_CHAT); }
+
+/* "hello", then the connection ends without close_notify (h->count 1: the
+ * record cut in its middle, nothing of it readable). */
+static void ragged_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  BIO *out = BIO_new(BIO_s_mem());
+  char *p;
+  long n;
+
+  if (ssl != NULL && out != NULL) {
+    SSL_set0_wbio(ssl, out);
+    out = NULL;
+    SSL_write(ssl, "hello", 5);
+    n = BIO_get_mem_data(SSL_get_wbio(ssl), &p);
+    h->result = send(fd, p, (size_t) (h->count ? n / 2 : n), 0) > 0;
+  }
+  BIO_free(out);
+  hs_end(ssl, ctx);
+}
+
+/* A server that ends the connection without close_notify (a truncation):
+ * the client's application sees the end as after close_notify (D-14: recv
+ * returns 0, handle_close), and tells them apart in handle_close by
+ * OpenSSL's shutdown state: no SSL_RECEIVED_SHUTDOWN. */
+static void ragged(int cut) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  int shut = -1;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  h.count = cut;
+  ASSERT_OK(hs_start(&h, &th, ragged_script));
+  hs_client(&h, &c, map, CHAN_WS, cctx, "localhost");
+  c.hook = note_shutdown;
+  c.ctx = &shut;
+  ASSERT(run_while(map, released_or, &c));
+  hs_join(&h, th);
+  ASSERT_EQ(h.result, 1);
+  ASSERT_EQ(c.n[CH_CONNECT], 1);
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_EQ(c.n[CH_CLOSE], 1);
+  ASSERT_EQ(c.nin, cut ? 0 : 5);
+  ASSERT(c.eof);
+  ASSERT(shut >= 0 && !(shut & SSL_RECEIVED_SHUTDOWN));
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
+TASK(tls_client_ragged_eof_is_the_end) {
+  ragged(0);
+  ragged(1);
+}
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -1933,6 +2315,15 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_key_update_flood_bounded),
       TASK_ENTRY(tls_client_renegotiation_request_flood_bounded),
       TASK_ENTRY(tls_client_close_while_answers_wait),
+      TASK_ENTRY(tls_client_close_notify_behind_full_queue),
+      TASK_ENTRY(tls_client_close_notify_behind_full_queue_tls12),
+      TASK_ENTRY(tls_client_http_reply_to_hello),
+      TASK_ENTRY(tls_client_garbage_reply_to_hello),
+      TASK_ENTRY(tls_client_server_closes_mid_handshake),
+      TASK_ENTRY(tls_client_server_resets_mid_handshake),
+      TASK_ENTRY(tls_client_server_trickles_bytes_dispatcher),
+      TASK_ENTRY(tls_client_server_trickles_bytes_async_chat),
+      TASK_ENTRY(tls_client_ragged_eof_is_the_end),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
