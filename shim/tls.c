@@ -79,16 +79,22 @@ static tls_t *tls_of(const ac_dispatcher_t *d) {
 }
 
 /* Read readiness that no socket event will report (input inside OpenSSL,
- * or an end not reported yet), on or off. */
+ * or an end not reported yet), on or off.  On, it is dispatched from the
+ * next pass on: the next prepare puts the channel on the synthetic list
+ * (adopt.c too), not this pass's list, which the pass walks until it is
+ * empty (map.c, on_check).  Turned off and on again inside one handler
+ * (a receive that meets the end, then the end left where it is: a
+ * handle_close that does not close), it would be dispatched again and
+ * again in the same pass, which never ended (L-13: once a pass). */
 static void synth(tls_t *t, ac_dispatcher_t *d, int on) {
   if (on) {
     d->ready |= AC__R;
-    ac__interest_changed(d); /* armed at the next prepare (adopt.c too) */
+    ac__interest_changed(d);
   } else if (t->synth) {
     d->ready &= (uint8_t) ~AC__R;
+    ac__synth_update(d);
   }
   t->synth = on != 0;
-  ac__synth_update(d);
 }
 
 /* Whether OpenSSL holds input: plaintext, or ciphertext not processed. */

@@ -2257,6 +2257,68 @@ TASK(tls_client_ragged_eof_is_the_end) {
   ragged(1);
 }
 
+/* handle_close calls in the current pass; past 100 the pass would never
+ * end: the channel is closed to end it, and the test fails. */
+typedef struct {
+  int in_pass;
+  int runaway;
+} end_watch_t;
+
+static void count_close_in_pass(chan_t *c, int ev) {
+  end_watch_t *w = c->ctx;
+
+  if (ev == CH_CLOSE && ++w->in_pass > 100 && !w->runaway) {
+    w->runaway = 1;
+    ac_close(&c->u.d);
+  }
+}
+
+/* A server sends "hello", then ends: with close_notify and the
+ * connection's end (cut 0), or only the end (cut 1).  The client's
+ * handle_close does not close (it has more to do, as a half-closing
+ * application): the end is read readiness in every pass (L-13), one
+ * handle_close a pass, and each pass ends. */
+static void end_left_open(int cut) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  end_watch_t w = {0, 0};
+  int passes;
+  int most = 0;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  ASSERT_OK(hs_start(&h, &th, cut ? ragged_script : hello_script));
+  hs_client(&h, &c, map, CHAN_WS, cctx, "localhost");
+  c.keep_open = 1;
+  c.hook = count_close_in_pass;
+  c.ctx = &w;
+  run_while(map, hs_done, &h); /* the server's end has come */
+  for (passes = 0; passes < 200 && c.n[CH_CLOSE] < 5 && !w.runaway;
+       passes++) {
+    w.in_pass = 0;
+    ac_loop(map, 0.01, 0, 1);
+    most = w.in_pass > most ? w.in_pass : most;
+  }
+  hs_join(&h, th);
+  ASSERT_EQ(w.runaway, 0);
+  ASSERT_LE(most, 1);
+  ASSERT_EQ(c.nin, 5);
+  ASSERT_EQ(c.n[CH_CLOSE], 5); /* one a pass, as long as it stays open */
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ac_close(&c.u.d);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
+TASK(tls_client_end_left_open_one_close_a_pass) {
+  end_left_open(0);
+  end_left_open(1);
+}
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -2324,6 +2386,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_server_trickles_bytes_dispatcher),
       TASK_ENTRY(tls_client_server_trickles_bytes_async_chat),
       TASK_ENTRY(tls_client_ragged_eof_is_the_end),
+      TASK_ENTRY(tls_client_end_left_open_one_close_a_pass),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
