@@ -270,6 +270,15 @@ static int input_ready(tls_t *t, ac_dispatcher_t *d) {
     clear_errors();
     k = SSL_peek(t->ssl, &c, 1);
     e = k > 0 ? SSL_ERROR_NONE : SSL_get_error(t->ssl, k);
+    if (e != SSL_ERROR_NONE && e != SSL_ERROR_WANT_READ &&
+        e != SSL_ERROR_ZERO_RETURN) {
+      /* A record that does not decrypt, a fatal alert: failed now, while
+       * OpenSSL's reason is in the queue.  Left to the handler's receive,
+       * it was gone (cleared), and OpenSSL's next SSL_read took the alert
+       * for close_notify: handle_close, as for a clean end. */
+      (void) fail(t, d, AC_ETLS, "TLS protocol error");
+      return 1;
+    }
     if (flush_out(t, d) < 0 || e != SSL_ERROR_WANT_READ) {
       /* plaintext, close_notify, an error (of the socket: its next send
        * meets it again): the handler's recv meets it.  What OpenSSL

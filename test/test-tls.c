@@ -552,11 +552,18 @@ static void echo_input(chan_t *c) {
   }
 }
 
-static void setup_echo(chan_t *s) { s->on_input = echo_input; }
+static char echo_detail[200]; /* ac_tls_error at its handle_error */
+
+static void setup_echo(chan_t *s) {
+  s->on_input = echo_input;
+  s->hook = keep_detail;
+  s->ctx = echo_detail;
+}
 
 /* A TLS 1.2 client asks to renegotiate: the server refuses (the
  * no_renegotiation alert), the client's renegotiation fails with
- * SSL_R_NO_RENEGOTIATION, the server's channel sees the end. */
+ * SSL_R_NO_RENEGOTIATION, and its fatal handshake_failure alert reaches
+ * the server's handle_error (it was taken for close_notify). */
 TASK(tls_renegotiation_refused) {
   ac_map_t *map = task_map_new();
   listener_t l;
@@ -579,11 +586,13 @@ TASK(tls_renegotiation_refused) {
   ASSERT_MEM_EQ(oc.got, "echo", 4);
   ASSERT(oc.reneg_result != 1);
   ASSERT_EQ(oc.reneg_reason, SSL_R_NO_RENEGOTIATION);
-  /* the client gives up after its failure: the server's read meets an
-   * orderly end */
+  /* the client gives up after its failure, with a fatal alert */
   ASSERT(run_while(map, released_or, l.server));
-  ASSERT_EQ(l.server->n[CH_CLOSE], 1);
-  ASSERT_EQ(l.server->n[CH_ERROR], 0);
+  ASSERT_EQ(l.server->n[CH_ERROR], 1);
+  ASSERT_EQ(l.server->err_code, AC_ETLS);
+  ASSERT_STR_EQ(l.server->err_where, "handle_read");
+  ASSERT(strstr(echo_detail, "alert handshake failure") != NULL);
+  ASSERT_EQ(l.server->n[CH_CLOSE], 1); /* handle_error's default */
   listener_end(&l, map);
 }
 
@@ -1492,7 +1501,8 @@ struct hs_s {
   long count;        /* the script's: how many, how much */
   long done_count;   /* what it did */
   char sni[256];     /* the server name the client sent ("" none) */
-  int stop;          /* set by the test: the script may go on */
+  int stop;          /* set by hs_join: the script ends */
+  int end;           /* the script's: SSL_get_error of its last read */
   int result;        /* the script's verdict */
   int done;
 };
@@ -2319,6 +2329,89 @@ TASK(tls_client_end_left_open_one_close_a_pass) {
   end_left_open(1);
 }
 
+/* Reads everything (done_count bytes, result -1 if one differed from the
+ * pattern of seed 31), then the end: stop is SSL_get_error of the read
+ * that ended.  With count 1, the server asks for a client certificate
+ * (none comes: the handshake or the first read fails). */
+static void reader_script(hs_t *h, int fd) {
+  SSL_CTX *ctx = tlstest_server_ctx();
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  char buf[16384];
+  int k;
+  int i;
+
+  if (ssl == NULL) {
+    hs_end(ssl, ctx);
+    return;
+  }
+  if (h->max12) {
+    SSL_set_max_proto_version(ssl, TLS1_2_VERSION);
+  }
+  SSL_set_num_tickets(ssl, 0);
+  if (h->count == 1) {
+    SSL_set_verify(ssl, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                   NULL);
+  }
+  SSL_set_fd(ssl, fd);
+  if (SSL_accept(ssl) == 1) {
+    while ((k = SSL_read(ssl, buf, sizeof(buf))) > 0) {
+      for (i = 0; i < k; i++) {
+        if (buf[i] != chan_pat(31, (size_t) h->done_count + (size_t) i)) {
+          h->result = -1;
+        }
+      }
+      h->done_count += k;
+    }
+    h->end = SSL_get_error(ssl, k);
+  }
+  hs_end(ssl, ctx);
+}
+
+/* The server wants a client certificate and gets none.  TLS 1.3: the
+ * client's handshake is over before the server's alert comes, so the
+ * alert is a failure after it: AC_ETLS at handle_read, after
+ * handle_connect, with the alert named (it was handle_close, as for
+ * close_notify).  TLS 1.2: the alert ends the handshake
+ * (AC_ETLS_HANDSHAKE). */
+static void certificate_required(int max12, int code, const char *where,
+                                 int connects, const char *says) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  char detail[200] = "";
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  h.count = 1;
+  h.max12 = max12;
+  ASSERT_OK(hs_start(&h, &th, reader_script));
+  hs_client(&h, &c, map, CHAN_WS, cctx, "localhost");
+  c.hook = keep_detail;
+  c.ctx = detail;
+  run_while(map, released_or, &c);
+  hs_join(&h, th);
+  ASSERT_EQ(c.n[CH_ERROR], 1);
+  ASSERT_EQ(c.err_code, code);
+  ASSERT_STR_EQ(c.err_where, where);
+  ASSERT_EQ(c.n[CH_CONNECT], connects);
+  ASSERT_EQ(c.nin, 0);
+  ASSERT_LE(c.n[CH_READ], 1); /* its recv meets the failure */
+  ASSERT_EQ(c.n[CH_CLOSE], 1); /* from handle_error's default only */
+  ASSERT_EQ(c.after_release, 0);
+  if (strstr(detail, says) == NULL) {
+    TASK_FAIL("detail \"%s\" lacks \"%s\"", detail, says);
+  }
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
+TASK(tls_client_server_alert_after_handshake) {
+  certificate_required(0, AC_ETLS, "handle_read", 1, "certificate required");
+}
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -2387,6 +2480,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_server_trickles_bytes_async_chat),
       TASK_ENTRY(tls_client_ragged_eof_is_the_end),
       TASK_ENTRY(tls_client_end_left_open_one_close_a_pass),
+      TASK_ENTRY(tls_client_server_alert_after_handshake),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
