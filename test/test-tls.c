@@ -1979,6 +1979,18 @@ TASK(tls_client_close_notify_behind_full_queue_tls12) {
   close_notify_behind_full_queue(1, "ECDHE-ECDSA-AES128-SHA");
 }
 
+/* Until the server thread is done: the loop itself runs, so that closed
+ * channels' streams drain (ac_loop returns at once on an empty map). */
+static void hs_drain_until_done(ac_map_t *map, hs_t *h) {
+  uint64_t end = uv_hrtime() + 20000000000ull;
+
+  while (!hs_done(h) && uv_hrtime() < end) {
+    ac_loop(map, 0.01, use_poll, 1);
+    uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+    usleep(1000);
+  }
+}
+
 /* Open fds of the process (once libuv's process-wide ones are open). */
 static int fd_count(void) {
   static int warm;
@@ -2347,6 +2359,10 @@ static void reader_script(hs_t *h, int fd) {
   if (h->max12) {
     SSL_set_max_proto_version(ssl, TLS1_2_VERSION);
   }
+  /* No TLS 1.3 session tickets: sent after the client's handshake ended,
+   * they could reach a client that already closed, whose kernel answers
+   * with a reset, which destroys what the client's kernel still had to
+   * send (tls.md, Limits) */
   SSL_set_num_tickets(ssl, 0);
   if (h->count == 1) {
     SSL_set_verify(ssl, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
@@ -2365,6 +2381,58 @@ static void reader_script(hs_t *h, int fd) {
     h->end = SSL_get_error(ssl, k);
   }
   hs_end(ssl, ctx);
+}
+
+static int all_sent(void *arg) {
+  return chan_pending(arg) == 0 && ((chan_t *) arg)->n[CH_CONNECT] > 0;
+}
+
+/* Pushed before the connect, then close_when_done (C-20): the handshake,
+ * every byte once and in order, then close_notify. */
+static void pushed_before_handshake(int cls) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  size_t size = 300u * 1024;
+  char *data = malloc(size);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+
+  ASSERT(map != NULL && cctx != NULL && data != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  chan_fill(data, size, 31, 0);
+  memset(&h, 0, sizeof(h));
+  ASSERT_OK(hs_start(&h, &th, reader_script));
+  hs_client(&h, &c, map, cls, cctx, "localhost");
+  /* before and during the handshake, in pieces */
+  ASSERT_OK(chan_send(&c, data, 1000));
+  ac_loop(map, 0.001, 0, 1);
+  ASSERT_OK(chan_send(&c, data + 1000, size - 1000));
+  if (cls == CHAN_CHAT) {
+    ASSERT_OK(ac_chat_close_when_done(&c.u.chat));
+    ASSERT(run_while(map, released_or, &c));
+  } else {
+    ASSERT(run_while(map, all_sent, &c));
+    ac_close(&c.u.d);
+  }
+  hs_drain_until_done(map, &h);
+  hs_join(&h, th);
+  ASSERT_EQ(c.n[CH_CONNECT], 1);
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_EQ(h.done_count, (long) size);
+  ASSERT_EQ(h.result, 0);
+  ASSERT_EQ(h.end, SSL_ERROR_ZERO_RETURN);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+  free(data);
+}
+
+TASK(tls_client_chat_push_before_handshake_close_when_done) {
+  pushed_before_handshake(CHAN_CHAT);
+}
+
+TASK(tls_client_with_send_before_handshake) {
+  pushed_before_handshake(CHAN_WS);
 }
 
 /* The server wants a client certificate and gets none.  TLS 1.3: the
@@ -2480,6 +2548,8 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_server_trickles_bytes_async_chat),
       TASK_ENTRY(tls_client_ragged_eof_is_the_end),
       TASK_ENTRY(tls_client_end_left_open_one_close_a_pass),
+      TASK_ENTRY(tls_client_chat_push_before_handshake_close_when_done),
+      TASK_ENTRY(tls_client_with_send_before_handshake),
       TASK_ENTRY(tls_client_server_alert_after_handshake),
       TASK_ENTRY(tls_bad_calls),
   };
