@@ -37,7 +37,10 @@ int ac__connect_event(ac_dispatcher_t *d) {
   int r;
 
   d->map->where = "handle_connect_event";
-  r = so_error(d);
+  /* The connect's result.  Once it is in, a transport's handshake (TLS)
+   * meets a later socket error in its receive, after the input that came
+   * before it: a peer's alert, then its reset, is the alert. */
+  r = d->xport_ && ac__xport_handshaking(d) ? 0 : so_error(d);
   if (r != 0) {
     return r;
   }

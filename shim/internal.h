@@ -411,6 +411,9 @@ typedef struct ac__xport_ops_s {
   /* A write of the stream's libuv queue completed: room for what the
    * transport made and the socket did not take (stream.c). */
   void (*written)(ac_dispatcher_t *d);
+  /* Whether the TCP connect completed and the transport's handshake runs:
+   * its receives meet a socket error after the input before it. */
+  int (*handshaking)(ac_dispatcher_t *d);
 } ac__xport_ops_t;
 struct ac__xport_s {
   const ac__xport_ops_t *ops;
@@ -431,6 +434,7 @@ AC__HIDDEN void ac__xport_unread(ac_dispatcher_t *d, const char *b, size_t n);
 AC__HIDDEN int ac__xport_up(ac_dispatcher_t *d);
 AC__HIDDEN int ac__xport_can_gather(ac_dispatcher_t *d);
 AC__HIDDEN void ac__xport_written(ac_dispatcher_t *d);
+AC__HIDDEN int ac__xport_handshaking(ac_dispatcher_t *d);
 /* dispatcher.c, for transports: what a read burst or a parse gathered,
  * sent now (before a transport starts on a live channel). */
 AC__HIDDEN void ac__send_held_back(ac_dispatcher_t *d, int more);

@@ -510,6 +510,12 @@ static void tls_written(ac_dispatcher_t *d) {
 /* The handshake is done: the channel may be connected. */
 static int tls_up(ac_dispatcher_t *d) { return tls_of(d)->state == OPEN; }
 
+/* The connect is in and the handshake runs: pump_in meets the socket's
+ * errors, in order with its input. */
+static int tls_handshaking(ac_dispatcher_t *d) {
+  return tls_of(d)->tcp_up;
+}
+
 /* Gathered plaintext (an async_chat parse's replies: burst.c) becomes
  * records when the gathering ends, sent at once: tls_send then makes them
  * all, as nothing older waits for room. */
@@ -520,8 +526,9 @@ static int tls_can_gather(ac_dispatcher_t *d) {
 }
 
 static const ac__xport_ops_t tls_ops = {
-    tls_recv,  tls_send,   tls_connect_event, tls_interest,   tls_more,
-    tls_close, tls_unread, tls_up,            tls_can_gather, tls_written,
+    tls_recv,       tls_send,    tls_connect_event, tls_interest,
+    tls_more,       tls_close,   tls_unread,        tls_up,
+    tls_can_gather, tls_written, tls_handshaking,
 };
 
 /* Whether d's class still holds plaintext output the socket did not take:

@@ -97,3 +97,7 @@ int ac__xport_can_gather(ac_dispatcher_t *d) {
 void ac__xport_written(ac_dispatcher_t *d) {
   ac__xport(d)->ops->written(d);
 }
+
+int ac__xport_handshaking(ac_dispatcher_t *d) {
+  return ac__xport(d)->ops->handshaking(d);
+}

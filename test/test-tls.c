@@ -2480,6 +2480,90 @@ TASK(tls_client_server_alert_after_handshake) {
   certificate_required(0, AC_ETLS, "handle_read", 1, "certificate required");
 }
 
+/* The server's side of reject_script: the client's Certificate message is
+ * in (result 1); OpenSSL fails the handshake once the test says so. */
+static void reject_on_certificate(int write_p, int version, int type,
+                                  const void *buf, size_t len, SSL *ssl,
+                                  void *arg) {
+  hs_t *h = arg;
+  uint64_t end = uv_hrtime() + 10000000000ull;
+
+  (void) version;
+  (void) ssl;
+  if (!write_p && type == SSL3_RT_HANDSHAKE && len > 0 &&
+      ((const unsigned char *) buf)[0] == SSL3_MT_CERTIFICATE) {
+    __atomic_store_n(&h->result, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&h->count, __ATOMIC_SEQ_CST) != 2 &&
+           uv_hrtime() < end) {
+      usleep(1000);
+    }
+  }
+}
+
+/* TLS 1.2, a client certificate required: the client sends none, the
+ * server's handshake fails with its alert, and the connection is reset
+ * (the client's last messages unread). */
+static void reject_script(hs_t *h, int fd) {
+  SSL_CTX *ctx = tlstest_server_ctx();
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  struct linger lg = {1, 0};
+
+  if (ssl != NULL) {
+    SSL_set_max_proto_version(ssl, TLS1_2_VERSION);
+    SSL_set_verify(ssl, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                   NULL);
+    SSL_set_msg_callback(ssl, reject_on_certificate);
+    SSL_set_msg_callback_arg(ssl, h);
+    SSL_set_fd(ssl, fd);
+    (void) SSL_accept(ssl); /* fails: the alert goes out */
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+  }
+  hs_end(ssl, ctx);
+}
+
+static int hs_result_set(void *arg) {
+  return __atomic_load_n(&((hs_t *) arg)->result, __ATOMIC_SEQ_CST) != 0;
+}
+
+/* The server rejects the client's handshake with an alert and resets the
+ * connection, both before the client looks again: the client's
+ * handle_error gets the alert, which came first (AC_ETLS_HANDSHAKE,
+ * "alert handshake failure"), not the reset behind it (it got
+ * UV_ECONNRESET, SO_ERROR taken before the input). */
+TASK(tls_client_alert_then_reset_in_handshake) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  char detail[200] = "";
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  ASSERT_OK(hs_start(&h, &th, reject_script));
+  hs_client(&h, &c, map, CHAN_WS, cctx, "localhost");
+  c.hook = keep_detail;
+  c.ctx = detail;
+  ASSERT(run_while(map, hs_result_set, &h)); /* its last flight is out */
+  __atomic_store_n(&h.count, 2, __ATOMIC_SEQ_CST);
+  while (!hs_done(&h)) { /* the alert and the reset, the client idle */
+    usleep(1000);
+  }
+  usleep(20000);
+  run_while(map, released_or, &c);
+  hs_join(&h, th);
+  ASSERT_EQ(c.n[CH_ERROR], 1);
+  ASSERT_EQ(c.err_code, AC_ETLS_HANDSHAKE);
+  ASSERT_STR_EQ(c.err_where, "tls_handshake");
+  if (strstr(detail, "alert handshake failure") == NULL) {
+    TASK_FAIL("detail \"%s\" lacks the alert", detail);
+  }
+  ASSERT_EQ(c.n[CH_CONNECT], 0);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -2551,6 +2635,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_chat_push_before_handshake_close_when_done),
       TASK_ENTRY(tls_client_with_send_before_handshake),
       TASK_ENTRY(tls_client_server_alert_after_handshake),
+      TASK_ENTRY(tls_client_alert_then_reset_in_handshake),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
