@@ -1495,6 +1495,7 @@ struct hs_s {
   int port;
   void (*script)(hs_t *h, int fd);
   int max12;         /* the server speaks TLS 1.2 at most */
+  int no_tickets;    /* it sends no TLS 1.3 session tickets */
   const char *ciphers; /* its TLS 1.2 ciphers (NULL: OpenSSL's) */
   int rcvbuf;        /* SO_RCVBUF and SO_SNDBUF of the accepted socket
                         (0: the defaults) */
@@ -1529,6 +1530,9 @@ static SSL *hs_accept(hs_t *h, int fd, SSL_CTX **ctxp) {
   SSL_CTX_set_tlsext_servername_arg(ctx, h);
   if (h->max12) {
     SSL_set_max_proto_version(ssl, TLS1_2_VERSION);
+  }
+  if (h->no_tickets) {
+    SSL_set_num_tickets(ssl, 0); /* see reader_script */
   }
   if (h->ciphers != NULL) {
     SSL_set_cipher_list(ssl, h->ciphers);
@@ -2564,6 +2568,223 @@ TASK(tls_client_alert_then_reset_in_handshake) {
   task_map_free(map);
 }
 
+/* A server that sends "hello" at once after its handshake, then echoes
+ * what it reads until the end (count 2: serves two connections, the first
+ * rejected: no trust in the client's context for it). */
+static void hello_echo_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  char buf[16384];
+  int k;
+
+  if (ssl != NULL && SSL_write(ssl, "hello", 5) == 5) {
+    while ((k = SSL_read(ssl, buf, sizeof(buf))) > 0) {
+      h->done_count += k;
+      if (SSL_write(ssl, buf, k) != k) {
+        break;
+      }
+    }
+    h->end = SSL_get_error(ssl, k);
+  }
+  hs_end(ssl, ctx);
+}
+
+/* handle_connect (TLS established) closes the channel, with the server's
+ * "hello" already in: handle_read at most once (D-16: it follows the
+ * connect event), nothing after the release, close_notify, no fd left. */
+static void close_at_connect(chan_t *c, int ev) {
+  if (ev == CH_CONNECT) {
+    ac_close(&c->u.d);
+  }
+}
+
+/* handle_connect empties the map (ac_close_all). */
+static void close_all_at_connect(chan_t *c, int ev) {
+  if (ev == CH_CONNECT) {
+    ac_close_all(c->u.d.map, 1);
+  }
+}
+
+static void closed_in_handler(int cls, void (*hook)(chan_t *c, int ev)) {
+  int fds = fd_count();
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  h.no_tickets = 1;
+  ASSERT_OK(hs_start(&h, &th, hello_echo_script));
+  hs_client(&h, &c, map, cls, cctx, "localhost");
+  c.hook = hook;
+  ASSERT(run_while(map, released_or, &c));
+  hs_drain_until_done(map, &h);
+  hs_join(&h, th);
+  ASSERT_EQ(c.n[CH_CONNECT], 1);
+  ASSERT_LE(c.n[CH_READ], 1); /* D-16: handle_read follows handle_connect */
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_EQ(c.released, 1);
+  ASSERT_EQ(c.after_release, 0);
+  ASSERT_EQ(h.end, SSL_ERROR_ZERO_RETURN); /* close_notify */
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+  ASSERT_EQ(fd_count(), fds);
+}
+
+TASK(tls_client_closes_in_handle_connect) {
+  closed_in_handler(CHAN_PLAIN, close_at_connect);
+  closed_in_handler(CHAN_CHAT, close_at_connect);
+  closed_in_handler(CHAN_WS, close_all_at_connect);
+}
+
+/* The reconnect idiom from handle_error: the first server's certificate
+ * does not verify (the client trusts nothing); handle_error closes the
+ * channel and connects it again, on a new socket, with a context that
+ * trusts the server: the second handshake completes, the echo comes
+ * back, once, in order. */
+typedef struct {
+  SSL_CTX *good;
+  int port;
+  int rc;
+} again_t;
+
+static void reconnect_on_error(chan_t *c, int ev) {
+  again_t *a = c->ctx;
+  struct sockaddr_storage ss;
+
+  if (ev == CH_ERROR && c->n[CH_ERROR] == 1) {
+    ac_close(&c->u.d);
+    task_addr(AF_INET, a->port, &ss);
+    a->rc = ac_create_socket(&c->u.d, AF_INET, SOCK_STREAM);
+    if (a->rc == 0) {
+      a->rc = ac_tls_client(&c->u.d, a->good, "localhost");
+    }
+    if (a->rc == 0) {
+      a->rc = ac_connect(&c->u.d, (struct sockaddr *) &ss);
+    }
+  }
+  if (ev == CH_CONNECT) {
+    ac_send(&c->u.d, "ping", 4);
+  }
+}
+
+static void two_connections_script(hs_t *h, int fd) {
+  struct pollfd p = {h->lfd, POLLIN, 0};
+  int second = -1;
+
+  hello_echo_script(h, fd); /* fails: the client rejects the certificate */
+  if (poll(&p, 1, 10000) == 1) {
+    second = accept(h->lfd, NULL, NULL);
+  }
+  if (second >= 0) {
+    struct timeval tv = {5, 0};
+    setsockopt(second, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    hello_echo_script(h, second);
+    close(second);
+  }
+}
+
+static int got_echo(void *arg) { return ((chan_t *) arg)->nin >= 9; }
+
+TASK(tls_client_reconnects_from_handle_error) {
+  int fds = fd_count();
+  ac_map_t *map = task_map_new();
+  SSL_CTX *bad = tlstest_client_ctx(0);
+  again_t a;
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+
+  ASSERT(map != NULL && bad != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  a.good = tlstest_client_ctx(1);
+  a.rc = -1;
+  ASSERT(a.good != NULL);
+  memset(&h, 0, sizeof(h));
+  h.no_tickets = 1;
+  ASSERT_OK(hs_start(&h, &th, two_connections_script));
+  a.port = h.port;
+  hs_client(&h, &c, map, CHAN_WS, bad, "localhost");
+  SSL_CTX_free(bad); /* the channel holds its own reference */
+  c.hook = reconnect_on_error;
+  c.ctx = &a;
+  c.keep_open = 1;
+  ASSERT(run_while(map, got_echo, &c));
+  ASSERT_OK(a.rc);
+  ASSERT_EQ(c.n[CH_ERROR], 1);
+  ASSERT_EQ(c.err_code, AC_ETLS_VERIFY);
+  ASSERT_EQ(c.n[CH_CONNECT], 1);
+  ASSERT(ac_tls_established(&c.u.d));
+  ASSERT_EQ(c.nin, 9);
+  ac_close(&c.u.d);
+  hs_drain_until_done(map, &h);
+  hs_join(&h, th);
+  ASSERT_EQ(h.done_count, 4);
+  ASSERT_EQ(h.end, SSL_ERROR_ZERO_RETURN);
+  ASSERT_EQ(c.after_release, 0);
+  SSL_CTX_free(a.good);
+  task_map_free(map);
+  ASSERT_EQ(fd_count(), fds);
+}
+
+/* handle_connect asks for a KeyUpdate both ways (SSL_key_update on
+ * ac_tls_ssl), then sends: the KeyUpdate goes out before the record, the
+ * server answers with its own, and the echo comes back under the new keys,
+ * then again after a second update from handle_read. */
+static void update_and_ping(chan_t *c) {
+  SSL *ssl = ac_tls_ssl(&c->u.d);
+
+  if (ssl == NULL || SSL_key_update(ssl, SSL_KEY_UPDATE_REQUESTED) != 1 ||
+      ac_send(&c->u.d, "ping", 4) != 4) {
+    c->err_code = -1;
+  }
+}
+
+static void key_update_at_connect(chan_t *c, int ev) {
+  if (ev == CH_CONNECT) {
+    update_and_ping(c);
+  }
+}
+
+static void key_update_after_echo(chan_t *c) {
+  if (c->nin == 9) { /* "hello" and the first echo */
+    update_and_ping(c);
+  }
+}
+
+static int got_two_echoes(void *arg) { return ((chan_t *) arg)->nin >= 13; }
+
+TASK(tls_client_key_update_both_ways) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  h.no_tickets = 1;
+  ASSERT_OK(hs_start(&h, &th, hello_echo_script));
+  hs_client(&h, &c, map, CHAN_WS, cctx, "localhost");
+  c.hook = key_update_at_connect;
+  c.on_input = key_update_after_echo;
+  ASSERT(run_while(map, got_two_echoes, &c));
+  ac_close(&c.u.d);
+  hs_drain_until_done(map, &h);
+  hs_join(&h, th);
+  ASSERT_EQ(c.err_code, 0);
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_EQ(c.nin, 13); /* "hello", "ping", "ping" */
+  ASSERT_EQ(h.done_count, 8);
+  ASSERT_EQ(h.end, SSL_ERROR_ZERO_RETURN);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -2636,6 +2857,9 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_with_send_before_handshake),
       TASK_ENTRY(tls_client_server_alert_after_handshake),
       TASK_ENTRY(tls_client_alert_then_reset_in_handshake),
+      TASK_ENTRY(tls_client_closes_in_handle_connect),
+      TASK_ENTRY(tls_client_reconnects_from_handle_error),
+      TASK_ENTRY(tls_client_key_update_both_ways),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
