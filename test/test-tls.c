@@ -2785,6 +2785,64 @@ TASK(tls_client_key_update_both_ways) {
   task_map_free(map);
 }
 
+/* Writes up to 32 MiB (done_count: what its SSL_write took) until the
+ * client stops taking them for 1 s. */
+static void flood_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  struct timeval tv = {1, 0};
+  static char buf[16384];
+
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  while (ssl != NULL && h->done_count < 32L * 1024 * 1024 &&
+         SSL_write(ssl, buf, sizeof(buf)) == (int) sizeof(buf)) {
+    h->done_count += (long) sizeof(buf);
+  }
+  __atomic_store_n(&h->result, 1, __ATOMIC_SEQ_CST);
+  while (!__atomic_load_n(&h->stop, __ATOMIC_SEQ_CST)) {
+    usleep(5000);
+  }
+  hs_end(ssl, ctx);
+}
+
+/* The server floods, the client never takes its input (handle_read
+ * receives nothing): what the client holds inside OpenSSL stays about one
+ * record, the server's writes stop. */
+TASK(tls_client_never_reads_a_flood) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  size_t most = 0;
+  uint64_t end;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  ASSERT_OK(hs_start(&h, &th, flood_script));
+  hs_client(&h, &c, map, CHAN_PLAIN, cctx, "localhost");
+  c.no_read = 1;
+  end = uv_hrtime() + 30000000000ull;
+  while (!hs_result_set(&h) && uv_hrtime() < end) {
+    SSL *ssl = ac_tls_ssl(&c.u.d);
+    ac_loop(map, 0.01, 0, 1);
+    if (ssl != NULL) {
+      size_t held = BIO_ctrl_pending(SSL_get_rbio(ssl)) +
+                    (size_t) SSL_pending(ssl);
+      most = held > most ? held : most;
+    }
+  }
+  ASSERT(hs_result_set(&h));
+  ac_close(&c.u.d);
+  hs_join(&h, th);
+  ASSERT_LT(h.done_count, 16L * 1024 * 1024); /* the kernel's buffers */
+  ASSERT_LT(most, 64u * 1024);
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -2860,6 +2918,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_closes_in_handle_connect),
       TASK_ENTRY(tls_client_reconnects_from_handle_error),
       TASK_ENTRY(tls_client_key_update_both_ways),
+      TASK_ENTRY(tls_client_never_reads_a_flood),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
