@@ -2322,8 +2322,8 @@ static void end_left_open(int cut) {
   c.keep_open = 1;
   c.hook = count_close_in_pass;
   c.ctx = &w;
-  run_while(map, hs_done, &h); /* the server's end has come */
-  for (passes = 0; passes < 200 && c.n[CH_CLOSE] < 5 && !w.runaway;
+  /* until the server's end has come and been met five times */
+  for (passes = 0; passes < 2000 && c.n[CH_CLOSE] < 5 && !w.runaway;
        passes++) {
     w.in_pass = 0;
     ac_loop(map, 0.01, 0, 1);
