@@ -2326,7 +2326,7 @@ static void end_left_open(int cut) {
   for (passes = 0; passes < 2000 && c.n[CH_CLOSE] < 5 && !w.runaway;
        passes++) {
     w.in_pass = 0;
-    ac_loop(map, 0.01, 0, 1);
+    ac_loop(map, 0.01, use_poll, 1);
     most = w.in_pass > most ? w.in_pass : most;
   }
   hs_join(&h, th);
@@ -2843,6 +2843,44 @@ TASK(tls_client_never_reads_a_flood) {
   task_map_free(map);
 }
 
+/* A refused connect of a TLS client: handle_error with the connect's
+ * error (D-17), in both modes (ECONNREFUSED is no disconnection, E-03),
+ * no handle_connect, no fd left. */
+TASK(tls_client_connect_refused) {
+  int mode;
+
+  for (mode = 0; mode < 2; mode++) {
+    int fds = fd_count();
+    ac_map_t *map = task_map_new();
+    SSL_CTX *cctx = tlstest_client_ctx(1);
+    int port;
+    int lfd = task_listen_tcp(AF_INET, &port);
+    chan_t c;
+
+    ASSERT(map != NULL && cctx != NULL && lfd >= 0);
+    close(lfd); /* nobody listens there now */
+    ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+    use_poll = mode;
+    ASSERT_OK(client_start(&c, map, CHAN_CHAT, cctx, "localhost", port));
+    run_while(map, released_or, &c);
+    use_poll = 0;
+    ASSERT_EQ(c.released, 1);
+    ASSERT_EQ(c.n[CH_CONNECT], 0);
+    ASSERT_EQ(c.n[CH_ERROR], 1); /* not a disconnection: both modes */
+    ASSERT_EQ(c.err_code, UV_ECONNREFUSED);
+    SSL_CTX_free(cctx);
+    task_map_free(map);
+    ASSERT_EQ(fd_count(), fds);
+  }
+}
+
+TASK(tls_client_end_left_open_poll_mode) {
+  use_poll = 1;
+  end_left_open(0);
+  end_left_open(1);
+  use_poll = 0;
+}
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -2919,6 +2957,8 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_reconnects_from_handle_error),
       TASK_ENTRY(tls_client_key_update_both_ways),
       TASK_ENTRY(tls_client_never_reads_a_flood),
+      TASK_ENTRY(tls_client_connect_refused),
+      TASK_ENTRY(tls_client_end_left_open_poll_mode),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
