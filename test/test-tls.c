@@ -2881,6 +2881,75 @@ TASK(tls_client_end_left_open_poll_mode) {
   use_poll = 0;
 }
 
+/* handle_connect, or handle_read with the server's first bytes, closes the
+ * whole map (ac_map_close: from a handler, what ac_map_free does): the
+ * channel ends with close_notify, no callback after its release, the map
+ * is freed while the loop runs, the loop closes clean. */
+static int map_closed;
+
+static void map_closed_cb(ac_map_t *map, void *arg) {
+  (void) map;
+  (void) arg;
+  map_closed = 1;
+}
+
+static void close_map_in(chan_t *c, int ev) {
+  if (ev == (int) (intptr_t) c->ctx) {
+    ac_map_close(c->u.d.map, map_closed_cb, NULL);
+  }
+}
+
+static void map_closed_in_handler(int ev) {
+  int fds = fd_count();
+  ac_map_t *map = task_map_new();
+  uv_loop_t *loop = ac_map_loop(map);
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  uint64_t end;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  h.no_tickets = 1;
+  map_closed = 0;
+  ASSERT_OK(hs_start(&h, &th, hello_echo_script));
+  hs_client(&h, &c, map, CHAN_WS, cctx, "localhost");
+  c.hook = close_map_in;
+  c.ctx = (void *) (intptr_t) ev;
+  end = uv_hrtime() + 10000000000ull;
+  while (!map_closed && uv_hrtime() < end) {
+    if (c.released == 0) {
+      ac_loop(map, 0.01, 0, 1);
+    } else {
+      uv_run(loop, UV_RUN_NOWAIT);
+      usleep(1000);
+    }
+  }
+  ASSERT(map_closed);
+  while (!hs_done(&h) && uv_hrtime() < end) {
+    uv_run(loop, UV_RUN_NOWAIT);
+    usleep(1000);
+  }
+  hs_join(&h, th);
+  ASSERT_EQ(c.released, 1);
+  ASSERT_EQ(c.after_release, 0);
+  ASSERT_EQ(c.n[CH_CONNECT], 1);
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_EQ(h.end, SSL_ERROR_ZERO_RETURN);
+  SSL_CTX_free(cctx);
+  uv_run(loop, UV_RUN_NOWAIT);
+  ASSERT_EQ(uv_loop_close(loop), 0);
+  free(loop);
+  ASSERT_EQ(fd_count(), fds);
+}
+
+TASK(tls_client_map_closed_in_handlers) {
+  map_closed_in_handler(CH_CONNECT);
+  map_closed_in_handler(CH_READ);
+}
+
 /* ---------------------------------------------------------------- */
 
 TASK(tls_bad_calls) {
@@ -2959,6 +3028,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_never_reads_a_flood),
       TASK_ENTRY(tls_client_connect_refused),
       TASK_ENTRY(tls_client_end_left_open_poll_mode),
+      TASK_ENTRY(tls_client_map_closed_in_handlers),
       TASK_ENTRY(tls_bad_calls),
   };
   int r = task_run("tls", tasks, sizeof(tasks) / sizeof(tasks[0]), argc,
