@@ -1392,14 +1392,19 @@ TASK(d11_connect_name_every_address) {
   connect_name_cases("localhost");
 }
 
-/* The same with the stock Debian 12 /etc/hosts, where "localhost" is both
- * ::1 and 127.0.0.1 (::1 first): in a child with a private mount namespace
- * and that hosts file bound over /etc/hosts, which runs the test above.  Before, a server on
- * 127.0.0.1 only was refused.  Skipped where namespaces are not allowed. */
-TASK(d11_connect_name_every_address_debian_hosts) {
-  char path[] = "/tmp/ac-hosts-XXXXXX";
-  static const char hosts[] = "127.0.0.1\tlocalhost\n"
-                              "::1\tlocalhost ip6-localhost ip6-loopback\n";
+static int loopback_up(void);
+
+/* Run `task` again in a fresh process (exec: threads after a fork of a
+ * process that has some, libuv's resolver pool, are not for every
+ * checker) whose file `target` (/etc/hosts, /etc/resolv.conf) has
+ * `content`: a private mount namespace with a file bound over it, and with
+ * `own_net` a network namespace of its own, its loopback up.  `ready` says
+ * whether the child sees what the task needs.  Its result is the task's;
+ * skipped where namespaces are not allowed. */
+static void rerun_in_namespace(const char *task, const char *target,
+                               const char *content, int own_net,
+                               int (*ready)(void)) {
+  char path[] = "/tmp/ac-etc-XXXXXX";
   char self[4096];
   ssize_t len;
   int status = 0;
@@ -1411,23 +1416,19 @@ TASK(d11_connect_name_every_address_debian_hosts) {
   len = readlink("/proc/self/exe", self, sizeof(self) - 1);
   ASSERT_GT(len, 0);
   self[len] = '\0';
-  ASSERT_EQ(write(fd, hosts, sizeof(hosts) - 1), (ssize_t) sizeof(hosts) - 1);
+  ASSERT_EQ(write(fd, content, strlen(content)), (ssize_t) strlen(content));
   close(fd);
   fflush(NULL);
   pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
-    int n;
-
-    if (unshare(CLONE_NEWNS) != 0 ||
+    if (unshare(CLONE_NEWNS | (own_net ? CLONE_NEWNET : 0)) != 0 ||
+        (own_net && loopback_up() != 0) ||
         mount("none", "/", "none", MS_REC | MS_PRIVATE, NULL) != 0 ||
-        mount(path, "/etc/hosts", "none", MS_BIND, NULL) != 0 ||
-        !resolves_to("localhost", AF_INET6, &n) || n < 2) {
+        mount(path, target, "none", MS_BIND, NULL) != 0 || !ready()) {
       _exit(77);
     }
-    /* A fresh process runs the cases: threads after a fork of a process
-     * that has some (libuv's resolver pool) are not for every checker. */
-    execl(self, self, "d11_connect_name_every_address", (char *) NULL);
+    execl(self, self, task, (char *) NULL);
     _exit(2);
   }
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
@@ -1438,6 +1439,24 @@ TASK(d11_connect_name_every_address_debian_hosts) {
     return;
   }
   ASSERT_EQ(WEXITSTATUS(status), 0);
+}
+
+/* Whether "localhost" is both ::1 and 127.0.0.1 here. */
+static int localhost_both(void) {
+  int n;
+
+  return resolves_to("localhost", AF_INET6, &n) && n >= 2;
+}
+
+/* The same with the stock Debian 12 /etc/hosts, where "localhost" is both
+ * ::1 and 127.0.0.1 (::1 first), bound over /etc/hosts in a child.
+ * Before, a server on 127.0.0.1 only was refused.  Skipped where
+ * namespaces are not allowed. */
+TASK(d11_connect_name_every_address_debian_hosts) {
+  rerun_in_namespace("d11_connect_name_every_address", "/etc/hosts",
+                     "127.0.0.1\tlocalhost\n"
+                     "::1\tlocalhost ip6-localhost ip6-loopback\n",
+                     0, localhost_both);
 }
 
 /* Q-07 fixed: a name that cannot be resolved reaches handle_error with a
@@ -1628,45 +1647,9 @@ static int many_resolves(void) {
   return n == 3;
 }
 
-/* Run `task` again in a child whose /etc/hosts is many_hosts (a private
- * mount namespace, as d11_connect_name_every_address_debian_hosts does);
- * its result is the task's.  Skipped where namespaces are not allowed. */
+/* Run `task` again in a child whose /etc/hosts is many_hosts. */
 static void rerun_with_many_hosts(const char *task) {
-  char path[] = "/tmp/ac-hosts-XXXXXX";
-  char self[4096];
-  ssize_t len;
-  int status = 0;
-  int fd = mkstemp(path);
-  pid_t pid;
-
-  ASSERT_GE(fd, 0);
-  len = readlink("/proc/self/exe", self, sizeof(self) - 1);
-  ASSERT_GT(len, 0);
-  self[len] = '\0';
-  ASSERT_EQ(write(fd, many_hosts, sizeof(many_hosts) - 1),
-            (ssize_t) sizeof(many_hosts) - 1);
-  close(fd);
-  fflush(NULL);
-  pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    if (unshare(CLONE_NEWNS) != 0 ||
-        mount("none", "/", "none", MS_REC | MS_PRIVATE, NULL) != 0 ||
-        mount(path, "/etc/hosts", "none", MS_BIND, NULL) != 0 ||
-        !many_resolves()) {
-      _exit(77);
-    }
-    execl(self, self, task, (char *) NULL);
-    _exit(2);
-  }
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  unlink(path);
-  ASSERT(WIFEXITED(status));
-  if (WEXITSTATUS(status) == 77) {
-    fprintf(stderr, "  skipped: no private mount namespace here\n");
-    return;
-  }
-  ASSERT_EQ(WEXITSTATUS(status), 0);
+  rerun_in_namespace(task, "/etc/hosts", many_hosts, 0, many_resolves);
 }
 
 /* A TCP listener on 127.0.0.<last>:port (port 0: the kernel's choice, in
@@ -3041,44 +3024,9 @@ static int loopback_up(void) {
 }
 
 /* Run `task` again in a child whose /etc/resolv.conf is own_resolv, in a
- * network namespace of its own; its result is the task's.  Skipped where
- * namespaces are not allowed. */
+ * network namespace of its own. */
 static void rerun_with_own_resolver(const char *task) {
-  char path[] = "/tmp/ac-resolv-XXXXXX";
-  char self[4096];
-  ssize_t len;
-  int status = 0;
-  int fd = mkstemp(path);
-  pid_t pid;
-
-  ASSERT_GE(fd, 0);
-  len = readlink("/proc/self/exe", self, sizeof(self) - 1);
-  ASSERT_GT(len, 0);
-  self[len] = '\0';
-  ASSERT_EQ(write(fd, own_resolv, sizeof(own_resolv) - 1),
-            (ssize_t) sizeof(own_resolv) - 1);
-  close(fd);
-  fflush(NULL);
-  pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    if (unshare(CLONE_NEWNS | CLONE_NEWNET) != 0 || loopback_up() != 0 ||
-        mount("none", "/", "none", MS_REC | MS_PRIVATE, NULL) != 0 ||
-        mount(path, "/etc/resolv.conf", "none", MS_BIND, NULL) != 0 ||
-        !own_resolver()) {
-      _exit(77);
-    }
-    execl(self, self, task, (char *) NULL);
-    _exit(2);
-  }
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  unlink(path);
-  ASSERT(WIFEXITED(status));
-  if (WEXITSTATUS(status) == 77) {
-    fprintf(stderr, "  skipped: no private mount namespace here\n");
-    return;
-  }
-  ASSERT_EQ(WEXITSTATUS(status), 0);
+  rerun_in_namespace(task, "/etc/resolv.conf", own_resolv, 1, own_resolver);
 }
 
 /* Answers the DNS queries that arrive at `dns` within `ms` of each other:
