@@ -1824,6 +1824,7 @@ static void ask_then_read_script(hs_t *h, int fd) {
   hs_end(ssl, ctx);
 }
 
+/* Whether the hostile server's script has set its result (run_while). */
 static int hs_asked(void *arg) {
   return __atomic_load_n(&((hs_t *) arg)->result, __ATOMIC_SEQ_CST) != 0;
 }
@@ -2525,10 +2526,6 @@ static void reject_script(hs_t *h, int fd) {
   hs_end(ssl, ctx);
 }
 
-static int hs_result_set(void *arg) {
-  return __atomic_load_n(&((hs_t *) arg)->result, __ATOMIC_SEQ_CST) != 0;
-}
-
 /* The server rejects the client's handshake with an alert and resets the
  * connection, both before the client looks again: the client's
  * handle_error gets the alert, which came first (AC_ETLS_HANDSHAKE,
@@ -2549,7 +2546,7 @@ TASK(tls_client_alert_then_reset_in_handshake) {
   hs_client(&h, &c, map, CHAN_WS, cctx, "localhost");
   c.hook = keep_detail;
   c.ctx = detail;
-  ASSERT(run_while(map, hs_result_set, &h)); /* its last flight is out */
+  ASSERT(run_while(map, hs_asked, &h)); /* its last flight is out */
   __atomic_store_n(&h.count, 2, __ATOMIC_SEQ_CST);
   while (!hs_done(&h)) { /* the alert and the reset, the client idle */
     usleep(1000);
@@ -2824,7 +2821,7 @@ TASK(tls_client_never_reads_a_flood) {
   hs_client(&h, &c, map, CHAN_PLAIN, cctx, "localhost");
   c.no_read = 1;
   end = uv_hrtime() + 30000000000ull;
-  while (!hs_result_set(&h) && uv_hrtime() < end) {
+  while (!hs_asked(&h) && uv_hrtime() < end) {
     SSL *ssl = ac_tls_ssl(&c.u.d);
     ac_loop(map, 0.01, 0, 1);
     if (ssl != NULL) {
@@ -2833,7 +2830,7 @@ TASK(tls_client_never_reads_a_flood) {
       most = held > most ? held : most;
     }
   }
-  ASSERT(hs_result_set(&h));
+  ASSERT(hs_asked(&h));
   ac_close(&c.u.d);
   hs_join(&h, th);
   ASSERT_LT(h.done_count, 16L * 1024 * 1024); /* the kernel's buffers */
