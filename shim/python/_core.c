@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 #include <uv.h>
 #ifdef __linux__
 #include <sys/epoll.h>
@@ -1157,11 +1158,33 @@ static int poller_init(PyObject *self, PyObject *args, PyObject *kw) {
   if (p->loop_ok) {
     return 0;
   }
+  /* libuv's first uv_loop_init in a process makes its epoll fd, then a
+   * pipe for its signal handling, and abort()s if it cannot make the pipe
+   * (uv__signal_global_once_init): near the fd limit the process died.
+   * Until one loop was made, check that three fds can be had at once. */
+  static int libuv_ready;
+  if (!libuv_ready) {
+    int fds[3] = {-1, -1, -1};
+    int ok = pipe(fds) == 0 && (fds[2] = dup(fds[0])) >= 0;
+    int err = errno;
+    for (int i = 0; i < 3; i++) {
+      if (fds[i] >= 0) {
+        close(fds[i]);
+      }
+    }
+    if (!ok) {
+      errno = err;
+      PyErr_SetFromErrno(PyExc_OSError);
+      return -1;
+    }
+  }
   int rc = uv_loop_init(&p->loop);
   if (rc != 0) {
-    PyErr_Format(PyExc_OSError, "uv_loop_init: %s", uv_strerror(rc));
+    errno = -rc;
+    PyErr_SetFromErrno(PyExc_OSError);
     return -1;
   }
+  libuv_ready = 1;
   uv_timer_init(&p->loop, &p->timer);
   p->timer.data = p;
   p->gen = fork_gen;

@@ -1373,6 +1373,52 @@ class Fork(unittest.TestCase):
                 self.assertEqual(parent.got, [b'2'])
 
 
+FIRST_POLLER_AT_THE_FD_LIMIT = r"""
+import os, resource, socket, sys
+sys.path.insert(0, sys.argv[1])
+import uvasyncore.asyncore as asyncore
+a, b = socket.socketpair()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+chans = {}
+# None to 3 fds left (the original's dispatcher needs none of its own).
+for spare in range(4):
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (max(map(int, os.listdir('/proc/self/fd'))) + spare,
+                        hard))
+    try:
+        asyncore.dispatcher(a, map=chans).del_channel()
+        print('added', end=' ')
+    except OSError as e:
+        print(e.errno == __import__('errno').EMFILE, len(chans), end=' ')
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+got = []
+d = asyncore.dispatcher(a, map=chans)
+d.handle_read = lambda: got.append(d.recv(10))
+d.writable = lambda: False
+b.send(b'hi')
+asyncore.loop(timeout=1, map=chans, count=1)
+print(got)
+"""
+
+
+class FdLimit(unittest.TestCase):
+    """libuv's first uv_loop_init in a process makes a pipe (its signal
+    handling's global state) and abort()s when it cannot: the first
+    channel added with every fd in use killed the process (SIGABRT)."""
+
+    def test_first_poller_at_the_fd_limit(self):
+        import os
+        import subprocess
+        r = subprocess.run(
+            [sys.executable, '-c', FIRST_POLLER_AT_THE_FD_LIMIT,
+             os.path.dirname(os.path.dirname(uvasyncore.__file__))],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        # Each time an OSError (EMFILE) the application can handle, the
+        # map as it was; with fds again, the channel is served.
+        self.assertEqual(r.stdout.strip(), "True 0 " * 4 + "[b'hi']")
+
+
 class OtherThread(unittest.TestCase):
     """A legacy pattern: loop() runs in a background thread while the main
     thread creates and closes channels of the same map.  The wait runs with

@@ -349,8 +349,10 @@ class dispatcher:
     def add_channel(self, map=None):
         if map is None:
             map = self._map
-        map[self._fileno] = self
+        # Watched first: a channel whose poller cannot be made (no fd left
+        # for its loop: OSError) is not left in the map.
         self._ac_poller = _watch(map, self._fileno, self)
+        map[self._fileno] = self
 
     def del_channel(self, map=None):
         fd = self._fileno
