@@ -230,6 +230,35 @@ class MapChangedDirectly(unittest.TestCase):
                     b.close()
 
 
+    def test_map_emptied_by_hand_lets_its_channels_go(self):
+        # A legacy teardown: map.clear() instead of close_all(), then a
+        # loop() or poll() that finds the map empty.  As with the original,
+        # the channels and their sockets are freed then (no gc needed): the
+        # peer sees the socket closed.
+        import warnings
+        import weakref
+        calls = (lambda map: asyncore.loop(map=map),
+                 lambda map: asyncore.poll(map=map),
+                 lambda map: asyncore.poll2(map=map))
+        for call in calls:
+            with self.subTest(call=calls.index(call)):
+                map = {}
+                a, b = socket.socketpair()
+                self.addCleanup(b.close)
+                d = asyncore.dispatcher(a, map=map)
+                gone = weakref.ref(d)
+                del a, d
+                asyncore.loop(timeout=0, map=map, count=1)
+                map.clear()
+                with warnings.catch_warnings():
+                    warnings.simplefilter('ignore', ResourceWarning)
+                    call(map)
+                self.assertIsNone(gone())
+                self.assertNotIn(id(map), asyncore._pollers)
+                b.settimeout(1)
+                self.assertEqual(b.recv(10), b'')
+
+
 class ManyFds(unittest.TestCase):
     """No FD_SETSIZE: a channel on an fd above 1024 is served."""
 

@@ -94,12 +94,16 @@ def _watch_of(map):
 
 def _forget_if_empty(map):
     # An empty map needs no poller; what the poller may still watch (a
-    # channel put in by hand and closed through another map) is stale.
+    # channel put in by hand and closed through another map, or the
+    # channels of a map emptied by hand) is stale: let it go, as the
+    # original's map let them go.
     if map:
         return
     watch = _pollers.get(id(map))
     if watch is not None and watch.map is map:
         del _pollers[id(map)]
+        for fd in watch.poller.fds():
+            watch.poller.remove(fd)
 
 
 def _is_default(obj, name, defaults):
@@ -238,6 +242,7 @@ def poll(timeout=0.0, map=None):
     if map is None:
         map = socket_map
     if not map:
+        _forget_if_empty(map)
         return
     poller = _synced_poller(map)
     if read is _read and write is _write and _exception is _exception_orig:
@@ -262,6 +267,7 @@ def poll2(timeout=0.0, map=None):
     if map is None:
         map = socket_map
     if not map:
+        _forget_if_empty(map)
         return
     poller = _synced_poller(map)
     if readwrite is _readwrite:
@@ -285,10 +291,12 @@ def loop(timeout=30.0, use_poll=False, map=None, count=None):
     if count is None:
         while map:
             poll_fun(timeout, map)
-        return
-    while map and count > 0:
-        poll_fun(timeout, map)
-        count -= 1
+    else:
+        while map and count > 0:
+            poll_fun(timeout, map)
+            count -= 1
+    # A map emptied by hand: its channels go now, not at a later pass.
+    _forget_if_empty(map)
 
 
 # ---- dispatcher -------------------------------------------------------------
