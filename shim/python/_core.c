@@ -28,6 +28,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -937,7 +938,12 @@ static int timeout_arg(PyObject *obj, long *ms) {
     return -1;
   }
   /* As select.poll(): negative means no limit; as select(): ms resolution,
-   * rounded up so that a small timeout does not busy-loop. */
+   * rounded up so that a small timeout does not busy-loop, and NaN refused
+   * (converting it to a long is undefined). */
+  if (isnan(t)) {
+    PyErr_SetString(PyExc_ValueError, "Invalid value NaN (not a number)");
+    return -1;
+  }
   if (t < 0) {
     *ms = -1;
   } else if (t > (double)LONG_MAX / 1000.0) {

@@ -297,6 +297,25 @@ class ManyFds(unittest.TestCase):
 
 class Semantics(unittest.TestCase):
 
+    def test_nan_timeout_raises(self):
+        # As the original (select() and poll() refuse it: ValueError), and
+        # before any handler runs; the drop-in converted NaN to a count of
+        # milliseconds (undefined in C: UBSan stops there) and ran the pass.
+        for use_poll in MODES:
+            with self.subTest(use_poll=use_poll):
+                map = {}
+                a, b = socket.socketpair()
+                self.addCleanup(b.close)
+                self.addCleanup(asyncore.close_all, map)
+                reads = []
+                d = asyncore.dispatcher(a, map=map)
+                d.handle_read = lambda: reads.append(d.recv(10))
+                b.send(b'x')
+                with self.assertRaises(ValueError):
+                    asyncore.loop(timeout=float('nan'), use_poll=use_poll,
+                                  map=map, count=1)
+                self.assertEqual(reads, [])
+
     def test_handler_exception_is_current_in_handle_error(self):
         for use_poll in MODES:
             with self.subTest(use_poll=use_poll):
