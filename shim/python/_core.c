@@ -1164,16 +1164,20 @@ static int poller_init(PyObject *self, PyObject *args, PyObject *kw) {
   if (p->loop_ok) {
     return 0;
   }
-  /* libuv's first uv_loop_init in a process makes its epoll fd, then a
-   * pipe for its signal handling, and abort()s if it cannot make the pipe
-   * (uv__signal_global_once_init): near the fd limit the process died.
-   * Until one loop was made, check that three fds can be had at once. */
+  /* libuv's first uv_loop_init in a process makes its epoll fd (from
+   * 1.45 on io_uring's too), then a pipe for its signal handling, and
+   * abort()s if it cannot make the pipe (uv__signal_global_once_init): near
+   * the fd limit the process died.  Until one loop was made, check that
+   * eight fds can be had at once (3 are enough for 1.44). */
   static int libuv_ready;
   if (!libuv_ready) {
-    int fds[3] = {-1, -1, -1};
-    int ok = pipe(fds) == 0 && (fds[2] = dup(fds[0])) >= 0;
+    int fds[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
+    int ok = pipe(fds) == 0;
+    for (int i = 2; ok && i < 8; i++) {
+      ok = (fds[i] = dup(fds[0])) >= 0;
+    }
     int err = errno;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 8; i++) {
       if (fds[i] >= 0) {
         close(fds[i]);
       }
