@@ -25,7 +25,6 @@ typedef struct {
   struct addrinfo *res;  /* every resolved address */
   struct addrinfo *next; /* the one being tried */
   attempt_t *att;        /* the attempt in flight, or NULL */
-  int dropped;           /* d was closed while resolving (resolve_abort) */
 } resolve_t;
 
 /* One connect on a socket of the request's own (not the last address). */
@@ -61,15 +60,24 @@ static void report(ac_dispatcher_t *d, int code) {
   }
 }
 
-/* The request is done: d may be connected or released again. */
-static void finish(resolve_t *rq) {
-  ac_dispatcher_t *d = rq->d;
+/* d is done with the request: it may connect, or take a new socket (the
+ * reconnect idiom), and a request of its own, while this one still runs. */
+static void let_go(resolve_t *rq) {
+  rq->d->req = NULL;
+  rq->d->flags &= (uint16_t) ~AC__F_RESOLVING;
+}
 
-  d->req = NULL;
-  d->nreq--;
-  d->flags &= (uint16_t) ~AC__F_RESOLVING;
+/* The request's memory and its hold on d's release (nreq) go. */
+static void release(resolve_t *rq) {
+  rq->d->nreq--;
   uv_freeaddrinfo(rq->res);
   ac__free(rq);
+}
+
+/* The request is done: d may be connected or released again. */
+static void finish(resolve_t *rq) {
+  let_go(rq);
+  release(rq);
 }
 
 static void on_attempt_closed(uv_handle_t *h) {
@@ -229,17 +237,15 @@ static void on_resolved(uv_getaddrinfo_t *req, int status,
   resolve_t *rq = (resolve_t *) req;
   ac_dispatcher_t *d = rq->d;
 
-  if (rq->dropped) {
-    /* d was closed meanwhile, and may live again already (the reconnect
-     * idiom, with a request of its own): it only waited for this one
-     * (nreq) to be released. */
-    uv_freeaddrinfo(res);
-    ac__free(rq);
-    d->nreq--;
+  rq->res = res;
+  if (d->req != rq) {
+    /* d let go of it (closed meanwhile: ac__resolve_abort) and may live
+     * again already, with a request of its own: it only waited for this
+     * one (nreq) to be released. */
+    release(rq);
     ac__maybe_release(d);
     return;
   }
-  rq->res = res;
   rq->next = res;
   if (ac__map_torn(d->map)) {
     /* The application closed the loop's handles (a uv_walk teardown,
@@ -269,9 +275,7 @@ void ac__resolve_abort(ac_dispatcher_t *d) {
 
   if (rq->att == NULL) {
     (void) uv_cancel((uv_req_t *) &rq->req);
-    rq->dropped = 1; /* on_resolved only releases it */
-    d->req = NULL;
-    d->flags &= (uint16_t) ~AC__F_RESOLVING;
+    let_go(rq); /* on_resolved only releases it */
     return;
   }
   fd = rq->att->fd;
