@@ -1483,6 +1483,19 @@ TASK(d11_connect_name_unresolvable) {
   }
 }
 
+/* The connection waiting at listener lfd reads "hello", the client's
+ * five bytes. */
+static void peer_reads_hello(int lfd) {
+  char buf[8];
+  int a = accept(lfd, NULL, NULL);
+
+  ASSERT_GE(a, 0);
+  ASSERT_EQ(probe_wait_fd(a, POLLIN, 2000) & POLLIN, POLLIN);
+  ASSERT_EQ(read(a, buf, sizeof(buf)), 5);
+  ASSERT_MEM_EQ(buf, "hello", 5);
+  close(a);
+}
+
 /* D-13, D-14, Q-07: a socket created beforehand (to pick the family)
  * and ac_connect_name: until the name's connect has started on it, the
  * socket is not connected, yet sends and receives must not fail on it.
@@ -1501,7 +1514,6 @@ TASK(d13_send_while_connect_name_resolves_on_a_socket) {
     char buf[8];
     int port = 0;
     int lfd = task_listen_tcp(AF_INET, &port);
-    int a;
 
     ASSERT_GE(lfd, 0);
     ASSERT_OK(probe_init(&client, map, &probe_pred_ops, 1, "client"));
@@ -1515,13 +1527,8 @@ TASK(d13_send_while_connect_name_resolves_on_a_socket) {
     ASSERT_STR_EQ(client.trace, "");
     LOOP_UNTIL(map, mode, client.trace[0] != 0, 200);
     ASSERT_EQ(strncmp(client.trace, "connect ", 8), 0);
-    a = accept(lfd, NULL, NULL);
-    ASSERT_GE(a, 0);
-    ASSERT_EQ(probe_wait_fd(a, POLLIN, 2000) & POLLIN, POLLIN);
-    ASSERT_EQ(read(a, buf, sizeof(buf)), 5);
-    ASSERT_MEM_EQ(buf, "hello", 5);
+    peer_reads_hello(lfd);
     ASSERT_EQ(client.n[EV_CLOSE] + client.n[EV_ERROR], 0);
-    close(a);
     task_map_free(map);
     close(lfd);
   }
@@ -1539,11 +1546,9 @@ TASK(q07_connect_name_takes_no_other_socket) {
   for (with_socket = 0; with_socket < 2 && !task_failed; with_socket++) {
     ac_map_t *map = task_map_new();
     probe_t client;
-    char buf[8];
     int port = 0;
     int lfd = task_listen_tcp(AF_INET, &port);
     int s;
-    int a;
 
     ASSERT_GE(lfd, 0);
     ASSERT_OK(probe_init(&client, map, &probe_ops, 0, "client"));
@@ -1563,14 +1568,9 @@ TASK(q07_connect_name_takes_no_other_socket) {
     LOOP_UNTIL(map, 0, client.trace[0] != 0, 200);
     ASSERT_EQ(strncmp(client.trace, "connect ", 8), 0);
     ASSERT_EQ(client.n[EV_CONNECT], 1);
-    a = accept(lfd, NULL, NULL);
-    ASSERT_GE(a, 0);
     ASSERT_EQ(ac_dispatcher_send(&client.base.d, "hello", 5), 5);
-    ASSERT_EQ(probe_wait_fd(a, POLLIN, 2000) & POLLIN, POLLIN);
-    ASSERT_EQ(read(a, buf, sizeof(buf)), 5);
-    ASSERT_MEM_EQ(buf, "hello", 5);
+    peer_reads_hello(lfd);
     ASSERT_EQ(client.n[EV_CLOSE] + client.n[EV_ERROR], 0);
-    close(a);
     task_map_free(map);
     close(lfd);
   }
