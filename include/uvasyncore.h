@@ -160,6 +160,8 @@ struct ac_dispatcher_s {
   unsigned debug : 1;              /* dispatcher_with_send logs sends */
   unsigned xport_ : 1;             /* private: a transport (TLS) carries
                                       the bytes (shim/xport.c) */
+  unsigned shut_wr_ : 1;           /* private: ac_shutdown's SHUT_WR waits
+                                      for libuv's queue (shim/stream.c) */
   uint8_t family;                  /* AF_*, from create_socket / the socket */
   uint8_t type;                    /* SOCK_STREAM, SOCK_DGRAM ... */
   uint16_t addrlen;                /* 0: addr is "None" */
@@ -370,8 +372,22 @@ AC_EXTERN int ac_close(ac_dispatcher_t *d);
 AC_EXTERN const struct sockaddr *ac_addr(const ac_dispatcher_t *d,
                                          socklen_t *len);
 
-/* The channel's socket, or -1. */
+/* The channel's socket, or -1.  Bytes a stream channel's ac_send queued
+ * in libuv (the emulated send buffer: the channel is not writable until
+ * they leave) are not in the kernel yet: a raw send(2) on the socket
+ * would overtake them, a raw shutdown(2) cut them.  Use ac_shutdown(). */
 AC_EXTERN uv_os_sock_t ac_fileno(const ac_dispatcher_t *d);
+
+/* socket.shutdown(how) of the channel: SHUT_RD, SHUT_WR or SHUT_RDWR.
+ * Every byte ac_send reported sent goes before the end of the write side:
+ * bytes waiting in libuv's queue first (the shutdown follows when they
+ * are written, as the kernel's send buffer would have them), and sends
+ * from now on fail as after the shutdown (EPIPE: handle_close, D-13).
+ * Returns 0, UV_EINVAL (NULL, not initialised, another `how`), UV_EBADF
+ * (no socket: closed or never opened), UV_ENOTCONN (still resolving a
+ * name), UV_ENOTSUP (a TLS channel: end it with ac_close, which sends
+ * close_notify), or shutdown(2)'s error (UV_ENOTCONN, UV_ENOTSOCK). */
+AC_EXTERN int ac_shutdown(ac_dispatcher_t *d, int how);
 
 /* Whether `d` has been closed (or never had a socket). */
 AC_EXTERN int ac_is_closed(const ac_dispatcher_t *d);

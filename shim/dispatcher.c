@@ -595,6 +595,7 @@ int ac_close(ac_dispatcher_t *d) {
     return 0;
   }
   d->flags |= AC__F_CLOSED;
+  d->shut_wr_ = 0; /* a drain ends in close(2): the end after the bytes */
   (void) ac__take_error(d);
   ac__map_del(d->map, d);
   if (d->flags & AC__F_RESOLVING) {
@@ -918,6 +919,9 @@ ssize_t ac__send_other(ac_dispatcher_t *d, const void *buf, size_t n,
   if (must_wait(d)) {
     return 0;
   }
+  if (d->shut_wr_) { /* ac_shutdown(SHUT_WR) waits for the queue */
+    return quiet ? UV_EPIPE : ac__send_error(d, UV_EPIPE);
+  }
   if (behind_queue(d)) {
     return queue_rest(d, buf, n, 0);
   }
@@ -987,6 +991,37 @@ ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
     return AC__CLS(d)->send(d, buf, n);
   }
   return ac_dispatcher_send(d, buf, n);
+}
+
+/* socket.shutdown(how).  Unlike a raw shutdown(2) on ac_fileno, the end
+ * of the write side comes after every byte ac_send reported sent: what
+ * was gathered goes to the kernel first (as for ac_fileno); what waits in
+ * libuv's queue (the emulated send buffer, stream.c) keeps the write side
+ * open until it is written (on_write ends it), and the sends meanwhile
+ * fail as they would after the shutdown. */
+int ac_shutdown(ac_dispatcher_t *d, int how) {
+  if (d == NULL || !(d->flags & AC__F_INIT) ||
+      (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)) {
+    return UV_EINVAL;
+  }
+  if (d->flags & AC__F_RESOLVING) {
+    return UV_ENOTCONN; /* a name's connect: no connection yet */
+  }
+  if (d->fd < 0) {
+    return UV_EBADF;
+  }
+  if (d->xport_) {
+    return UV_ENOTSUP; /* a TLS channel ends with close_notify: ac_close */
+  }
+  ac__send_held_back(d, how == SHUT_RD);
+  if (how != SHUT_RD && behind_queue(d)) {
+    d->shut_wr_ = 1; /* the queue first (stream.c) */
+    if (how == SHUT_WR) {
+      return 0;
+    }
+    how = SHUT_RD;
+  }
+  return shutdown(d->fd, how) == 0 ? 0 : AC__ERR(errno);
 }
 
 /* A receive filled the caller's buffer: more input may wait (AC__RMORE),

@@ -172,6 +172,12 @@ static void on_write(uv_write_t *req, int status) {
     return;
   }
   ac__keep_error(d, status); /* for the next send or receive */
+  if (d->shut_wr_ && (d->wq_bytes == 0 || (d->flags & AC__F_WERR))) {
+    /* ac_shutdown's end of the write side, after the bytes it waited for
+     * (an error of its own is the socket's, met by the next call) */
+    d->shut_wr_ = 0;
+    (void) shutdown(d->fd, SHUT_WR);
+  }
   if (d->xport_) {
     ac__xport_written(d); /* TLS: its own bytes waiting for room */
   }

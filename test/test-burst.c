@@ -1227,6 +1227,111 @@ TASK(chat_raw_shutdown_after_pushes) {
 }
 
 
+/* ac_shutdown(SHUT_WR) after sends that ac_send took into libuv's queue
+ * (the emulated send buffer: the peer reads nothing meanwhile): the peer
+ * gets every byte reported sent, then the end, no reset (a raw
+ * shutdown(2) on ac_fileno cut the queued 64 KiB: the peer saw a clean
+ * end of a shorter stream).  A send in between fails as after the
+ * shutdown: EPIPE, handle_close (D-13), whose close lets the queue
+ * drain. */
+static int shut_closes;
+
+static int shut_close(ac_dispatcher_t *d) {
+  shut_closes++;
+  return ac_close(d);
+}
+
+static int shut_read(ac_dispatcher_t *d) {
+  char buf[64];
+  ssize_t r = ac_recv(d, buf, sizeof(buf)); /* the end: handle_close */
+
+  return r < 0 ? (int) r : 0;
+}
+
+static const ac_dispatcher_ops_t shut_close_ops = {
+    .handle_read = shut_read, .handle_close = shut_close};
+
+TASK(shutdown_after_queued_sends_delivers_all) {
+  static char chunk[16384];
+  int close_after;
+
+  memset(chunk, 'q', sizeof(chunk));
+  for (close_after = 0; close_after < 2; close_after++) {
+    ac_map_t *map = task_map_new();
+    static ac_dispatcher_t d;
+    uv_os_sock_t fds[2];
+    size_t reported = 0;
+    size_t got = 0;
+    ssize_t r = 1;
+    int i;
+
+    shut_closes = 0;
+    ASSERT_OK(ac_dispatcher_init(&d, map, &shut_close_ops));
+    ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+    ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+    for (i = 0; i < 100000; i++) {
+      ssize_t s = ac_send(&d, chunk, sizeof(chunk));
+      ASSERT(s >= 0);
+      reported += (size_t) s;
+      if ((size_t) s < sizeof(chunk)) {
+        break;
+      }
+    }
+    ASSERT(reported > 0);
+    ASSERT_OK(ac_shutdown(&d, SHUT_WR));
+    if (close_after) {
+      ASSERT_EQ(ac_send(&d, "late", 4), 0); /* EPIPE: handle_close */
+      ASSERT_EQ(shut_closes, 1);
+      ASSERT(ac_is_closed(&d));
+    }
+    for (i = 0; i < 5000 && r != 0; i++) {
+      char buf[65536];
+      /* the closed channel drains outside the map: the loop runs it */
+      (void) uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+      while ((r = recv(fds[0], buf, sizeof(buf), MSG_DONTWAIT)) > 0) {
+        ASSERT(memchr(buf, 'l', (size_t) r) == NULL); /* not "late" */
+        got += (size_t) r;
+      }
+      ASSERT(r == 0 || errno == EAGAIN);
+    }
+    ASSERT_EQ(r, 0);
+    ASSERT_EQ(got, reported);
+    ASSERT_EQ(shut_closes, close_after);
+    ac_close(&d);
+    close(fds[0]);
+    task_map_free(map);
+  }
+}
+
+/* ac_shutdown with nothing queued is shutdown(2) at once: SHUT_WR, the
+ * peer reads the end now; SHUT_RD, the channel meets its end at the next
+ * read (handle_close); a TLS-less channel with no socket is UV_EBADF;
+ * a bad `how` UV_EINVAL, nothing done. */
+TASK(shutdown_now_when_nothing_queued) {
+  ac_map_t *map = task_map_new();
+  static ac_dispatcher_t d;
+  uv_os_sock_t fds[2];
+  char buf[8];
+
+  shut_closes = 0;
+  ASSERT_OK(ac_dispatcher_init(&d, map, &shut_close_ops));
+  ASSERT_EQ(ac_shutdown(&d, SHUT_WR), UV_EBADF); /* no socket yet */
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+  ASSERT_EQ(ac_shutdown(&d, 7), UV_EINVAL);
+  ASSERT_EQ(ac_shutdown(NULL, SHUT_WR), UV_EINVAL);
+  ASSERT_EQ(ac_send(&d, "hi", 2), 2);
+  ASSERT_OK(ac_shutdown(&d, SHUT_WR));
+  ASSERT_EQ(recv(fds[0], buf, sizeof(buf), 0), 2);
+  ASSERT_EQ(recv(fds[0], buf, sizeof(buf), MSG_DONTWAIT), 0);
+  ASSERT_OK(ac_shutdown(&d, SHUT_RD));
+  ASSERT_OK(ac_loop(map, 0.5, 0, 1));
+  ASSERT_EQ(shut_closes, 1); /* the read met the end */
+  ASSERT_EQ(ac_shutdown(&d, SHUT_RDWR), UV_EBADF); /* closed */
+  close(fds[0]);
+  task_map_free(map);
+}
+
 /* A handler of a burst's later call stops the loop (AC_EXIT, E-01),
  * fails (AC_EFAIL: handle_error closes), or closes the whole map from
  * inside (ac_map_close, embedded): the replies it sent before reach the
@@ -2722,6 +2827,8 @@ static const task_t tasks[] = {
     TASK_ENTRY(burst_embedded_resume_delivers_input_ahead),
     TASK_ENTRY(burst_raw_socket_use_after_send),
     TASK_ENTRY(chat_raw_shutdown_after_pushes),
+    TASK_ENTRY(shutdown_after_queued_sends_delivers_all),
+    TASK_ENTRY(shutdown_now_when_nothing_queued),
     TASK_ENTRY(burst_stop_fail_or_map_close_delivers_replies),
     TASK_ENTRY(burst_large_replies_keep_order),
     TASK_ENTRY(burst_close_all_with_input_ahead),

@@ -1523,6 +1523,7 @@ TASK(d13_send_while_connect_name_resolves_on_a_socket) {
     ASSERT_OK(ac_connect_name(&client.base.d, "127.0.0.1", port));
     ASSERT_EQ(ac_dispatcher_send(&client.base.d, "x", 1), 0);
     ASSERT_EQ(ac_recv(&client.base.d, buf, sizeof(buf)), UV_EAGAIN);
+    ASSERT_EQ(ac_shutdown(&client.base.d, SHUT_WR), UV_ENOTCONN);
     ASSERT_EQ(ac_send(&client.base.d, "hello", 5), 5);
     ASSERT_STR_EQ(client.trace, "");
     LOOP_UNTIL(map, mode, client.trace[0] != 0, 200);

@@ -1753,6 +1753,7 @@ static void answers_flood(int max12) {
   setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
   setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
   ASSERT_OK(ac_tls_client(&c.u.d, cctx, "localhost"));
+  ASSERT_EQ(ac_shutdown(&c.u.d, SHUT_WR), UV_ENOTSUP); /* ac_close's */
   {
     struct sockaddr_storage ss;
     task_addr(AF_INET, h.port, &ss);
