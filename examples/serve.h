@@ -271,32 +271,60 @@ static inline void guard_progress(const guard_t *g, conn_t *c) {
   c->last = g->now;
 }
 
-/* handle_close of the chat servers.  The client half-closed (or the
- * connection broke): the replies already queued still go out
- * (close_when_done), then the connection closes; the default
- * handle_close would close at once and drop them.  *done marks a client
- * that reads no more.  A connection that was gone before it was accepted
- * (the client reset it first: a live, unconnected channel, D-03) can send
- * nothing: it closes at once, with its greeting (smtp_server's) dropped;
- * waiting for the send would hold it until --idle, and an unconnected
- * async_chat is always writable, so the loop would never sleep. */
+/* How a connection of the chat servers ends (their `done`; non-zero: the
+ * client's requests are read and ignored). */
+enum {
+  CHAT_LIVE = 0,
+  CHAT_FINISHING, /* its last reply is queued (chat_finish) */
+  CHAT_LINGERING, /* that reply is out and the write side shut: what the
+                     client still sends is read and dropped until its end */
+  CHAT_CLOSING    /* the client ended first: close once the replies are out */
+};
+
+/* handle_close of the chat servers, called for the end of the client's
+ * input, a broken connection, or close_when_done's marker.
+ *
+ * The marker of chat_finish: the last reply is out.  A plain close now,
+ * with input of the client unread (the rest of an upload that was
+ * refused, requests pipelined after QUIT), would make the kernel reset
+ * the connection, and a client still sending meets that reset and never
+ * reads the reply (seen: 7 in 10 uploads of a too-long line).  So the
+ * close lingers, as nginx's does: the write side is shut (the reply, then
+ * the end), reading resumes and drops what comes, and the client's own
+ * end closes the connection (else the idle timeout).  Over TLS
+ * (ac_shutdown: UV_ENOTSUP) the connection closes at once, as before.
+ *
+ * The client's end while replies are still queued: they still go out
+ * (close_when_done), then the connection closes; the default handle_close
+ * would close at once and drop them.  A connection that was gone before
+ * it was accepted (the client reset it first: a live, unconnected
+ * channel, D-03) can send nothing: it closes at once, with its greeting
+ * (smtp_server's) dropped; waiting for the send would hold it until
+ * --idle, and an unconnected async_chat is always writable, so the loop
+ * would never sleep. */
 static inline int chat_close_when_sent(ac_chat_t *c, int *done) {
-  if (*done || ac_chat_out_bytes(c) == 0 ||
+  if (*done == CHAT_FINISHING && ac_chat_out_bytes(c) == 0 &&
+      c->d.connected && ac_shutdown(&c->d, SHUT_WR) == 0) {
+    *done = CHAT_LINGERING;
+    return ac_pause_reading(&c->d, 0);
+  }
+  if (*done != CHAT_LIVE || ac_chat_out_bytes(c) == 0 ||
       (!c->d.connected && !c->d.connecting)) {
     return ac_close(&c->d); /* nothing left, or nothing can be sent, or the
-                               close marker was reached */
+                               end after a lingering close */
   }
-  *done = 1;
+  *done = CHAT_CLOSING;
   ac_pause_reading(&c->d, 1); /* for good: the client sends no more */
   return ac_chat_close_when_done(c);
 }
 
 /* The last reply of a connection was queued (its push returned r): a
- * refusal, QUIT, "Connection: close".  The connection reads nothing more
- * (*done, and reading pauses for good) and closes once the reply is
- * sent.  Returns r, or what ac_chat_close_when_done returns. */
+ * refusal, QUIT, "Connection: close".  The connection ignores what the
+ * client sends from now on (*done) and reads nothing more until the reply
+ * is out: then the close lingers (chat_close_when_sent).  Returns r, or
+ * what ac_chat_close_when_done returns. */
 static inline int chat_finish(ac_chat_t *c, int *done, int r) {
-  *done = 1;
+  *done = CHAT_FINISHING;
   ac_pause_reading(&c->d, 1);
   return r != 0 ? r : ac_chat_close_when_done(c);
 }
