@@ -928,37 +928,129 @@ static int collect(poller *p, int use_poll, result **out, size_t *nout) {
   return 0;
 }
 
-static int timeout_arg(PyObject *obj, long *ms) {
-  if (obj == Py_None) {
-    *ms = -1;
+/* A timeout as CPython 3.11 converts it for select() and time.sleep()
+ * (unit 1e9 ns: seconds) or for select.poll's poll() (1e6: milliseconds),
+ * with their errors (pytime.c's _PyTime_FromSecondsObject and
+ * _PyTime_FromMillisecondsObject, rounding as _PyTime_ROUND_TIMEOUT): a
+ * float is rounded away from zero to ns, NaN a ValueError and beyond
+ * 64 bits of ns an OverflowError; anything else is taken as an integer
+ * (__index__: a str, a Decimal or None raise TypeError).  *ns: the count
+ * of nanoseconds. */
+static int timeout_ns(PyObject *obj, long long unit, long long *ns) {
+  if (PyFloat_Check(obj)) {
+    double d = PyFloat_AsDouble(obj);
+    if (d == -1.0 && PyErr_Occurred()) {
+      return -1;
+    }
+    if (isnan(d)) {
+      PyErr_SetString(PyExc_ValueError, "Invalid value NaN (not a number)");
+      return -1;
+    }
+    d *= (double)unit;
+    d = d >= 0 ? ceil(d) : floor(d);
+    /* -(double)LLONG_MIN is 2**63, exactly; LLONG_MAX as a double is too */
+    if (!((double)LLONG_MIN <= d && d < -(double)LLONG_MIN)) {
+      PyErr_SetString(PyExc_OverflowError,
+                      "timestamp out of range for platform time_t");
+      return -1;
+    }
+    *ns = (long long)d;
     return 0;
   }
-  double t = PyFloat_AsDouble(obj);
-  if (t == -1.0 && PyErr_Occurred()) {
+  long long n = PyLong_AsLongLong(obj);
+  if (n == -1 && PyErr_Occurred()) {
+    if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+      PyErr_SetString(PyExc_OverflowError,
+                      "timestamp too large to convert to C _PyTime_t");
+    }
     return -1;
   }
-  /* As select.poll(): negative means no limit; as select(): ms resolution,
-   * rounded up so that a small timeout does not busy-loop, and NaN refused
-   * (converting it to a long is undefined). */
-  if (isnan(t)) {
-    PyErr_SetString(PyExc_ValueError, "Invalid value NaN (not a number)");
+  if (n > LLONG_MAX / unit || n < LLONG_MIN / unit) {
+    PyErr_SetString(PyExc_OverflowError,
+                    "timestamp too large to convert to C _PyTime_t");
     return -1;
   }
-  if (t < 0) {
-    *ms = -1;
-  } else if (t > (double)LONG_MAX / 1000.0) {
-    *ms = LONG_MAX;
-  } else {
-    double ms_d = t * 1000.0;
-    long v = (long)ms_d;
-    *ms = (double)v < ms_d ? v + 1 : v;
+  *ns = n * unit;
+  return 0;
+}
+
+/* ns as whole milliseconds for run_loop, rounded up so that a small
+ * timeout does not busy-loop (ns >= 0). */
+static long ms_of_ns(long long ns) {
+  long long ms = ns / 1000000 + (ns % 1000000 != 0);
+  return ms > LONG_MAX ? LONG_MAX : (long)ms;
+}
+
+/* Whether a live channel is readable or writable (select mode: whether
+ * asyncore.poll() would call select() or, with none, time.sleep()). */
+static int any_interest(const poller *p) {
+  for (size_t fd = 0; fd < p->nbyfd; fd++) {
+    if (p->byfd[fd] != NULL && p->byfd[fd]->want != 0) {
+      return 1;
+    }
   }
   return 0;
 }
 
-/* One pass's wait: evaluates the interests that may have changed, waits
- * (ms: -1 no limit), and gives the ready fds in *out (malloc'd, *n). */
-static int pass_wait(poller *p, long ms, int use_poll, result **out,
+/* The select-mode timeout (seconds), taken as asyncore.poll() has it
+ * taken: by select() when a channel is readable or writable (None: no
+ * limit; a negative one a ValueError), else by time.sleep() (None is a
+ * TypeError), each with its messages.  Hence after the evaluation, as
+ * there after every readable() and writable(); whether a channel is
+ * watched is looked up only when the answer differs. */
+static int select_timeout(const poller *p, PyObject *obj, long *ms) {
+  if (obj == Py_None && any_interest(p)) {
+    *ms = -1;
+    return 0;
+  }
+  long long ns;
+  if (timeout_ns(obj, 1000000000LL, &ns) < 0) {
+    if (PyErr_ExceptionMatches(PyExc_TypeError) && any_interest(p)) {
+      PyErr_SetString(PyExc_TypeError, "timeout must be a float or None");
+    }
+    return -1;
+  }
+  if (ns < 0) {
+    PyErr_SetString(PyExc_ValueError,
+                    any_interest(p) ? "timeout must be non-negative"
+                                    : "sleep length must be non-negative");
+    return -1;
+  }
+  *ms = ms_of_ns(ns);
+  return 0;
+}
+
+/* The poll-mode timeout (milliseconds: poll2 made them int(timeout *
+ * 1000)), as select.poll's poll() takes it: None or negative is no limit,
+ * beyond a C int an OverflowError. */
+static int poll_timeout(PyObject *obj, long *ms) {
+  if (obj == Py_None) {
+    *ms = -1;
+    return 0;
+  }
+  long long ns;
+  if (timeout_ns(obj, 1000000LL, &ns) < 0) {
+    if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+      PyErr_SetString(PyExc_TypeError, "timeout must be an integer or None");
+    }
+    return -1;
+  }
+  /* Back to ms, rounded away from zero (exact for poll2's int). */
+  long long v = ns / 1000000 + (ns % 1000000 > 0) - (ns % 1000000 < 0);
+  if (v < INT_MIN || v > INT_MAX) {
+    PyErr_SetString(PyExc_OverflowError, "timeout is too large");
+    return -1;
+  }
+  *ms = v < 0 ? -1 : (long)v;
+  return 0;
+}
+
+/* One pass's wait: evaluates the interests that may have changed, takes
+ * the timeout tobj as the mode's asyncore function has it taken
+ * (select_timeout, poll_timeout: its errors come after the predicates,
+ * before any handler), waits, and gives the ready fds in *out (malloc'd,
+ * *n). */
+static int pass_wait(poller *p, PyObject *tobj, int use_poll, result **out,
                      size_t *n) {
   if (p->busy) {
     PyErr_SetString(PyExc_RuntimeError, "Poller.wait re-entered");
@@ -967,7 +1059,10 @@ static int pass_wait(poller *p, long ms, int use_poll, result **out,
   p->busy = 1;
   p->waits++;
   int rc = -1;
-  if (own_loop_or_raise(p) < 0 || evaluate(p, use_poll) < 0) {
+  long ms;
+  if (own_loop_or_raise(p) < 0 || evaluate(p, use_poll) < 0 ||
+      (use_poll ? poll_timeout(tobj, &ms)
+                : select_timeout(p, tobj, &ms)) < 0) {
     goto out;
   }
   size_t started = check_pending(p);
@@ -1000,18 +1095,19 @@ out:
   return rc;
 }
 
-/* wait(timeout, use_poll): one pass's wait.  timeout in seconds (None: no
- * limit).  Returns [(fd, flags)]: poll2's POLL* flags if use_poll, else
- * 1|2|4 for membership in select's r, w and e lists. */
+/* wait(timeout, use_poll): one pass's wait.  timeout as select() (or
+ * time.sleep()) takes it, in seconds, or, use_poll, as select.poll's poll()
+ * does, in milliseconds (pass_wait).  Returns [(fd, flags)]: poll2's POLL*
+ * flags if use_poll, else 1|2|4 for membership in select's r, w and e
+ * lists. */
 static PyObject *poller_wait(PyObject *self, PyObject *args) {
   PyObject *tobj;
   int use_poll;
-  long ms;
   result *res;
   size_t n;
   poller *p = check_usable(self);
   if (p == NULL || !PyArg_ParseTuple(args, "Op:wait", &tobj, &use_poll) ||
-      timeout_arg(tobj, &ms) < 0 || pass_wait(p, ms, use_poll, &res, &n) < 0) {
+      pass_wait(p, tobj, use_poll, &res, &n) < 0) {
     return NULL;
   }
   PyObject *list = PyList_New((Py_ssize_t)n);
@@ -1093,21 +1189,21 @@ static int dispatch_poll(PyObject *obj, long flags, PyObject *failed) {
 
 /* dispatch(timeout, use_poll, map, failed): one pass as poll2() (use_poll)
  * or poll() run it with asyncore's readwrite (or read, write and
- * _exception) as they are: the wait, then for each ready fd the channel
- * now in map (map.get(fd)) and its handlers; an exception of a handler is
- * handed to failed(obj, exc, use_poll), which runs those functions' except
- * clauses.  asyncore.py calls this while those functions are its own. */
+ * _exception) as they are: the wait (timeout as wait's), then for each
+ * ready fd the channel now in map (map.get(fd)) and its handlers; an
+ * exception of a handler is handed to failed(obj, exc, use_poll), which
+ * runs those functions' except clauses.  asyncore.py calls this while
+ * those functions are its own. */
 static PyObject *poller_dispatch(PyObject *self, PyObject *args) {
   PyObject *tobj, *map, *failed;
   int use_poll;
-  long ms;
   result *res;
   size_t n;
   poller *p = check_usable(self);
   if (p == NULL ||
       !PyArg_ParseTuple(args, "OpOO:dispatch", &tobj, &use_poll, &map,
                         &failed) ||
-      timeout_arg(tobj, &ms) < 0 || pass_wait(p, ms, use_poll, &res, &n) < 0) {
+      pass_wait(p, tobj, use_poll, &res, &n) < 0) {
     return NULL;
   }
   /* Select mode: every read, then every write, then every exceptional

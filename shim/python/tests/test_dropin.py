@@ -7,13 +7,17 @@ the address they talk to.
     PYTHONPATH=<build>/shim/python python3 test_dropin.py [-v]
 """
 
+import contextlib
 import http.server
 import resource
+import signal
 import socket
 import sys
 import threading
 import time
 import unittest
+from decimal import Decimal
+from fractions import Fraction
 
 import uvasyncore
 uvasyncore.install()
@@ -295,6 +299,25 @@ class ManyFds(unittest.TestCase):
                 s.close()
 
 
+class Blocked(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def bounded(seconds):
+    """Raises Blocked in the block if it still runs after seconds (SIGALRM:
+    a wait, the drop-in's as select()'s, gives way to the handler)."""
+    def alarm(signum, frame):
+        raise Blocked('still waiting after %s s' % seconds)
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 class Semantics(unittest.TestCase):
 
     def test_nan_timeout_raises(self):
@@ -315,6 +338,170 @@ class Semantics(unittest.TestCase):
                     asyncore.loop(timeout=float('nan'), use_poll=use_poll,
                                   map=map, count=1)
                 self.assertEqual(reads, [])
+
+    # The timeouts below: CPython 3.11's asyncore measured with the same
+    # cases.  Its poll() hands the timeout to select.select() or, when no
+    # channel is readable or writable, to time.sleep(), after asking every
+    # channel; its poll2() makes it int(timeout * 1000) first of all (an
+    # empty map too), then asks the channels and hands it to
+    # select.poll().poll().
+
+    def one_pass(self, timeout, use_poll, case, loop=False):
+        """One pass (poll() or poll2(); loop(count=1) if loop) with timeout
+        on a map: 'empty', 'idle' (one channel neither readable nor
+        writable) or 'ready' (one readable, data waiting).  Returns the
+        exception raised (None if it returned) and what the channel saw:
+        readable() asked, handle_read() run."""
+        map = {}
+        seen = []
+        if case != 'empty':
+            a, b = socket.socketpair()
+            self.addCleanup(b.close)
+            self.addCleanup(asyncore.close_all, map)
+
+            class Ch(asyncore.dispatcher):
+                def readable(self):
+                    seen.append('readable')
+                    return case == 'ready'
+
+                def writable(self):
+                    return False
+
+                def handle_read(self):
+                    seen.append('handle_read')
+                    self.recv(10)
+
+            Ch(a, map=map)
+            if case == 'ready':
+                b.send(b'x')
+        try:
+            with bounded(2):
+                if loop:
+                    asyncore.loop(timeout=timeout, use_poll=use_poll,
+                                  map=map, count=1)
+                elif use_poll:
+                    asyncore.poll2(timeout, map)
+                else:
+                    asyncore.poll(timeout, map)
+        except Exception as e:
+            return e, seen
+        return None, seen
+
+    def assertRaisedAfterAsking(self, got, exc_type, message):
+        exc, seen = got
+        self.assertIsInstance(exc, exc_type)
+        self.assertEqual(str(exc), message)
+        self.assertEqual(seen, ['readable'])
+
+    def test_negative_timeout_raises_in_select_mode(self):
+        # time.sleep()'s and select()'s ValueError, after asking the
+        # channels and before any handler; the drop-in waited (no limit).
+        for t in (-1, -1.0, -0.0004, -1e-10):
+            with self.subTest(timeout=t):
+                self.assertRaisedAfterAsking(
+                    self.one_pass(t, False, 'idle'), ValueError,
+                    'sleep length must be non-negative')
+                self.assertRaisedAfterAsking(
+                    self.one_pass(t, False, 'ready'), ValueError,
+                    'timeout must be non-negative')
+                self.assertEqual(self.one_pass(t, False, 'empty'),
+                                 (None, []))
+        # The same from loop(); -0.0 is no wait.
+        self.assertRaisedAfterAsking(
+            self.one_pass(-1, False, 'idle', loop=True), ValueError,
+            'sleep length must be non-negative')
+        self.assertEqual(self.one_pass(-0.0, False, 'ready'),
+                         (None, ['readable', 'handle_read']))
+
+    def test_infinite_or_huge_timeout_raises_overflow_in_select_mode(self):
+        # The drop-in waited (no limit) where select() and time.sleep()
+        # raise; a float and an int beyond 2**63 ns say it differently.
+        cases = [(t, 'timestamp out of range for platform time_t')
+                 for t in (float('inf'), float('-inf'), 1e300, 1e10)]
+        cases += [(t, 'timestamp too large to convert to C _PyTime_t')
+                  for t in (10**30, -10**30)]
+        for t, message in cases:
+            for case in ('idle', 'ready'):
+                with self.subTest(timeout=t, case=case):
+                    self.assertRaisedAfterAsking(
+                        self.one_pass(t, False, case), OverflowError, message)
+        # 9e9 s fits: data waiting is read at once.
+        self.assertEqual(self.one_pass(9e9, False, 'ready'),
+                         (None, ['readable', 'handle_read']))
+
+    def test_none_timeout_raises_in_select_mode_when_no_channel_is_watched(
+            self):
+        # time.sleep(None): TypeError (the drop-in waited forever); with a
+        # channel watched select() waits (here data waits already).
+        self.assertRaisedAfterAsking(
+            self.one_pass(None, False, 'idle'), TypeError,
+            "'NoneType' object cannot be interpreted as an integer")
+        self.assertEqual(self.one_pass(None, False, 'ready'),
+                         (None, ['readable', 'handle_read']))
+
+    def test_timeout_neither_float_nor_int_raises_type_error_in_select_mode(
+            self):
+        # select() and time.sleep() take a float or an int (__index__): a
+        # Decimal or a Fraction too is a TypeError (the drop-in took any
+        # __float__ and said "must be real number" for a str).
+        for t, name in (('x', 'str'), (Decimal('0.01'), 'decimal.Decimal'),
+                        (Fraction(1, 100), 'Fraction')):
+            with self.subTest(timeout=t):
+                self.assertRaisedAfterAsking(
+                    self.one_pass(t, False, 'idle'), TypeError,
+                    "'%s' object cannot be interpreted as an integer" % name)
+                self.assertRaisedAfterAsking(
+                    self.one_pass(t, False, 'ready'), TypeError,
+                    'timeout must be a float or None')
+
+    def test_poll_mode_raises_int_of_the_milliseconds_errors_first(self):
+        # poll2() computes int(timeout * 1000) before looking at the map:
+        # its error comes before any channel is asked, an empty map too
+        # (the drop-in returned there, and said otherwise elsewhere).
+        for t, exc_type, message in (
+                (float('inf'), OverflowError,
+                 'cannot convert float infinity to integer'),
+                (float('-inf'), OverflowError,
+                 'cannot convert float infinity to integer'),
+                (float('nan'), ValueError,
+                 'cannot convert float NaN to integer'),
+                ('x', ValueError,  # (the literal cut short)
+                 "invalid literal for int() with base 10: 'xxxxxxxxxx"),
+                ([1], TypeError, "int() argument must be a string, a "
+                 "bytes-like object or a real number, not 'list'")):
+            for case in ('empty', 'idle', 'ready'):
+                with self.subTest(timeout=t, case=case):
+                    exc, seen = self.one_pass(t, True, case)
+                    self.assertIsInstance(exc, exc_type)
+                    self.assertTrue(str(exc).startswith(message), exc)
+                    self.assertEqual(seen, [])
+
+    def test_poll_mode_timeout_beyond_a_c_int_of_milliseconds_raises(self):
+        # select.poll().poll()'s OverflowError, after asking the channels
+        # and before any handler; the drop-in waited without a limit.
+        cases = [(t, 'timeout is too large')
+                 for t in (9e9, 2147483.648, -2147483.649)]
+        cases += [(t, 'timestamp too large to convert to C _PyTime_t')
+                  for t in (1e10, 1e300, 10**30, -10**30)]
+        for t, message in cases:
+            for case in ('idle', 'ready'):
+                with self.subTest(timeout=t, case=case):
+                    self.assertRaisedAfterAsking(
+                        self.one_pass(t, True, case), OverflowError, message)
+        self.assertEqual(self.one_pass(2147483.647, True, 'ready'),
+                         (None, ['readable', 'handle_read']))
+
+    def test_poll_mode_negative_timeout_under_a_millisecond_does_not_wait(
+            self):
+        # int(-0.0004 * 1000) is 0: poll(2) returns at once (the drop-in
+        # took any negative timeout for no limit).  -1 is no limit: with
+        # data waiting the pass returns at once.
+        for t in (-0.0004, -1e-10):
+            with self.subTest(timeout=t):
+                self.assertEqual(self.one_pass(t, True, 'idle'),
+                                 (None, ['readable']))
+        self.assertEqual(self.one_pass(-1, True, 'ready'),
+                         (None, ['readable', 'handle_read']))
 
     def test_handler_exception_is_current_in_handle_error(self):
         for use_poll in MODES:

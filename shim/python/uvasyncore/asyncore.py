@@ -266,6 +266,11 @@ def poll2(timeout=0.0, map=None):
     """One pass with poll()'s semantics: readwrite() per ready channel."""
     if map is None:
         map = socket_map
+    if timeout is not None:
+        # Milliseconds for select.poll's poll(), made first of all as the
+        # original makes them (an empty map too): int() raises for inf,
+        # NaN or a str, and a timeout above -0.001 s is 0, no wait.
+        timeout = int(timeout * 1000)
     if not map:
         _forget_if_empty(map)
         return
