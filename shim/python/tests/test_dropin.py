@@ -321,8 +321,8 @@ def bounded(seconds):
 class Semantics(unittest.TestCase):
 
     def test_nan_timeout_raises(self):
-        # As the original (select() and poll() refuse it: ValueError), and
-        # before any handler runs; the drop-in converted NaN to a count of
+        # As the original (select() refuses it, and poll2's int(timeout *
+        # 1000) before poll(): ValueError), and before any handler runs; the drop-in converted NaN to a count of
         # milliseconds (undefined in C: UBSan stops there) and ran the pass.
         for use_poll in MODES:
             with self.subTest(use_poll=use_poll):
