@@ -383,6 +383,8 @@ AC_EXTERN uv_os_sock_t ac_fileno(const ac_dispatcher_t *d);
  * bytes waiting in libuv's queue first (the shutdown follows when they
  * are written, as the kernel's send buffer would have them), and sends
  * from now on fail as after the shutdown (EPIPE: handle_close, D-13).
+ * What a class holds (a dispatcher_with_send's buffer, an async_chat's
+ * fifo) is not waited for, as in CPython: shut down once it is empty.
  * Returns 0, UV_EINVAL (NULL, not initialised, another `how`), UV_EBADF
  * (no socket: closed or never opened), UV_ENOTCONN (still resolving a
  * name), UV_ENOTSUP (a TLS channel: end it with ac_close, which sends

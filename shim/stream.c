@@ -174,9 +174,14 @@ static void on_write(uv_write_t *req, int status) {
   ac__keep_error(d, status); /* for the next send or receive */
   if (d->shut_wr_ && (d->wq_bytes == 0 || (d->flags & AC__F_WERR))) {
     /* ac_shutdown's end of the write side, after the bytes it waited for
-     * (an error of its own is the socket's, met by the next call) */
+     * (an error of its own is the socket's, met by the next call); not
+     * after the application closed the handle itself (a uv_walk
+     * teardown cancelled the writes): libuv closed the fd at uv_close,
+     * and its number may be another socket's by now */
     d->shut_wr_ = 0;
-    (void) shutdown(d->fd, SHUT_WR);
+    if (!uv_is_closing(&d->h.handle)) {
+      (void) shutdown(d->fd, SHUT_WR);
+    }
   }
   if (d->xport_) {
     ac__xport_written(d); /* TLS: its own bytes waiting for room */

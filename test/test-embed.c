@@ -1053,6 +1053,52 @@ TASK(embed_teardown_by_uv_walk) {
   }
 }
 
+/* ac_shutdown(SHUT_WR) waits for bytes queued in libuv when the
+ * application tears the loop down with uv_walk: libuv closes the stream's
+ * fd at uv_close and cancels its writes later, in the close callback.  The
+ * shutdown must not follow those cancelled writes: the fd number may be
+ * another socket's by then (here a socketpair's, opened in between), whose
+ * peer would meet an end it never sent. */
+TASK(embed_uv_walk_cancels_pending_shutdown) {
+  uv_loop_t *loop = loop_new();
+  ac_map_t *map = NULL;
+  ac_dispatcher_t d;
+  static char chunk[65536];
+  char buf[8];
+  int fds[2];
+  int fresh[2];
+  int i;
+
+  ASSERT(loop != NULL);
+  ASSERT_OK(ac_map_new(loop, &map));
+  ac_map_set_log_sink(map, walk_sink, NULL);
+  ASSERT_OK(ac_dispatcher_init(&d, map, NULL));
+  ASSERT_OK(tcp_pair(fds));
+  ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+  for (i = 0; i < 256 && ac_send(&d, chunk, sizeof(chunk)) > 0; i++) {
+  }
+  ASSERT_GT(d.wq_bytes, 0);
+  ASSERT_OK(ac_shutdown(&d, SHUT_WR)); /* pending: the queue first */
+  uv_walk(loop, close_every_handle, NULL); /* closes fds[1] now */
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fresh));
+  /* the new pair's first fd takes fds[1]'s number */
+  ASSERT(fresh[0] == fds[1] || fresh[1] == fds[1]);
+  uv_run(loop, UV_RUN_DEFAULT); /* the writes are cancelled */
+  for (i = 0; i < 2; i++) {
+    errno = 0;
+    ASSERT_EQ(send(fresh[i], "x", 1, MSG_NOSIGNAL), 1); /* not shut */
+  }
+  for (i = 0; i < 2; i++) {
+    ASSERT_EQ(recv(fresh[i], buf, sizeof(buf), 0), 1); /* no end */
+  }
+  ac_map_free(map);
+  ASSERT_OK(uv_loop_close(loop));
+  free(loop);
+  close(fds[0]);
+  close(fresh[0]);
+  close(fresh[1]);
+}
+
 /* After the uv_walk teardown the map starts no handle: a channel or a
  * timer initialised then is refused (UV_EINVAL), a channel initialised
  * before takes no socket (UV_EBUSY), so the loop still closes with no
@@ -1201,6 +1247,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(embed_map_close_timers_only),
     TASK_ENTRY(embed_predicates_once_per_iteration),
     TASK_ENTRY(embed_teardown_by_uv_walk),
+    TASK_ENTRY(embed_uv_walk_cancels_pending_shutdown),
     TASK_ENTRY(embed_torn_map_takes_nothing_new),
     TASK_ENTRY(embed_torn_map_free_nested_in_closed),
     TASK_ENTRY(embed_torn_map_while_resolving),
