@@ -291,8 +291,8 @@ enum {
  * reads the reply (seen: 7 in 10 uploads of a too-long line).  So the
  * close lingers, as nginx's does: the write side is shut (the reply, then
  * the end), reading resumes and drops what comes, and the client's own
- * end closes the connection (else the idle timeout).  Over TLS
- * (ac_shutdown: UV_ENOTSUP) the connection closes at once, as before.
+ * end closes the connection (else the idle timeout).  Over TLS the end
+ * of the write side is close_notify, then the TCP end.
  *
  * The client's end while replies are still queued: they still go out
  * (close_when_done), then the connection closes; the default handle_close

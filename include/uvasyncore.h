@@ -385,10 +385,12 @@ AC_EXTERN uv_os_sock_t ac_fileno(const ac_dispatcher_t *d);
  * from now on fail as after the shutdown (EPIPE: handle_close, D-13).
  * What a class holds (a dispatcher_with_send's buffer, an async_chat's
  * fifo) is not waited for, as in CPython: shut down once it is empty.
+ * On a TLS channel the write side ends with close_notify, then the TCP
+ * end; the input goes on until the peer's close_notify.
  * Returns 0, UV_EINVAL (NULL, not initialised, another `how`), UV_EBADF
  * (no socket: closed or never opened), UV_ENOTCONN (still resolving a
- * name), UV_ENOTSUP (a TLS channel: end it with ac_close, which sends
- * close_notify), or shutdown(2)'s error (UV_ENOTCONN, UV_ENOTSOCK). */
+ * name; TLS: the handshake not done), or shutdown(2)'s error (UV_ENOTCONN,
+ * UV_ENOTSOCK). */
 AC_EXTERN int ac_shutdown(ac_dispatcher_t *d, int how);
 
 /* Whether `d` has been closed (or never had a socket). */

@@ -1000,6 +1000,8 @@ ssize_t ac_send(ac_dispatcher_t *d, const void *buf, size_t n) {
  * open until it is written (on_write ends it), and the sends meanwhile
  * fail as they would after the shutdown. */
 int ac_shutdown(ac_dispatcher_t *d, int how) {
+  int held = 0;
+
   if (d == NULL || !(d->flags & AC__F_INIT) ||
       (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)) {
     return UV_EINVAL;
@@ -1010,11 +1012,15 @@ int ac_shutdown(ac_dispatcher_t *d, int how) {
   if (d->fd < 0) {
     return UV_EBADF;
   }
-  if (d->xport_) {
-    return UV_ENOTSUP; /* a TLS channel ends with close_notify: ac_close */
-  }
   ac__send_held_back(d, how == SHUT_RD);
-  if (how != SHUT_RD && behind_queue(d)) {
+  if (how != SHUT_RD && d->xport_) {
+    /* TLS: close_notify first, made from nothing held back any more */
+    held = ac__xport_shutdown(d);
+    if (held < 0) {
+      return held;
+    }
+  }
+  if (how != SHUT_RD && (behind_queue(d) || held)) {
     d->shut_wr_ = 1; /* the queue first (stream.c) */
     if (how == SHUT_WR) {
       return 0;

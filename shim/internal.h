@@ -409,11 +409,16 @@ typedef struct ac__xport_ops_s {
    * when the gathering ends: established, nothing of its own waiting. */
   int (*can_gather)(ac_dispatcher_t *d);
   /* A write of the stream's libuv queue completed: room for what the
-   * transport made and the socket did not take (stream.c). */
-  void (*written)(ac_dispatcher_t *d);
+   * transport made and the socket did not take (stream.c).  Returns
+   * whether some of that still waits in the transport. */
+  int (*written)(ac_dispatcher_t *d);
   /* Whether the TCP connect completed and the transport's handshake runs:
    * its receives meet a socket error after the input before it. */
   int (*handshaking)(ac_dispatcher_t *d);
+  /* ac_shutdown of the write side: the transport's own end (TLS:
+   * close_notify), sent as far as the socket takes it.  Returns 1 if some
+   * of it waits in the transport (`written` sends it), 0, or an error. */
+  int (*shutdown)(ac_dispatcher_t *d);
 } ac__xport_ops_t;
 struct ac__xport_s {
   const ac__xport_ops_t *ops;
@@ -433,8 +438,9 @@ AC__HIDDEN void ac__xport_close(ac_dispatcher_t *d);
 AC__HIDDEN void ac__xport_unread(ac_dispatcher_t *d, const char *b, size_t n);
 AC__HIDDEN int ac__xport_up(ac_dispatcher_t *d);
 AC__HIDDEN int ac__xport_can_gather(ac_dispatcher_t *d);
-AC__HIDDEN void ac__xport_written(ac_dispatcher_t *d);
+AC__HIDDEN int ac__xport_written(ac_dispatcher_t *d);
 AC__HIDDEN int ac__xport_handshaking(ac_dispatcher_t *d);
+AC__HIDDEN int ac__xport_shutdown(ac_dispatcher_t *d);
 /* dispatcher.c, for transports: what a read burst or a parse gathered,
  * sent now (before a transport starts on a live channel). */
 AC__HIDDEN void ac__send_held_back(ac_dispatcher_t *d, int more);

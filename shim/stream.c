@@ -152,6 +152,7 @@ static void cut_drain(ac_dispatcher_t *d) {
 static void on_write(uv_write_t *req, int status) {
   wreq_t *w = (wreq_t *) req;
   ac_dispatcher_t *d = req->handle->data;
+  int held;
 
   d->wq_bytes -= (uint32_t) (sizeof(*w) + w->len);
   d->nreq--;
@@ -172,7 +173,10 @@ static void on_write(uv_write_t *req, int status) {
     return;
   }
   ac__keep_error(d, status); /* for the next send or receive */
-  if (d->shut_wr_ && (d->wq_bytes == 0 || (d->flags & AC__F_WERR))) {
+  /* TLS: its own bytes waiting for room */
+  held = d->xport_ ? ac__xport_written(d) : 0;
+  if (d->shut_wr_ &&
+      ((d->wq_bytes == 0 && !held) || (d->flags & AC__F_WERR))) {
     /* ac_shutdown's end of the write side, after the bytes it waited for
      * (an error of its own is the socket's, met by the next call); not
      * after the application closed the handle itself (a uv_walk
@@ -182,9 +186,6 @@ static void on_write(uv_write_t *req, int status) {
     if (!uv_is_closing(&d->h.handle)) {
       (void) shutdown(d->fd, SHUT_WR);
     }
-  }
-  if (d->xport_) {
-    ac__xport_written(d); /* TLS: its own bytes waiting for room */
   }
   if (d->wq_bytes == 0 || (d->flags & AC__F_WERR)) {
     d->ready |= AC__W;

@@ -22,6 +22,9 @@
  *    only (tls_interest).
  *  - ac_close sends close_notify (when the handshake is done) the same
  *    way: into libuv's queue if the kernel is full, never blocking.
+ *    ac_shutdown(SHUT_WR) sends it and leaves the channel open: the input
+ *    goes on (TLS 1.3's half-close; a TLS 1.2 peer usually ends too), and
+ *    the socket's write side ends once close_notify is out (stream.c).
  */
 #include "internal.h"
 #include "chat_internal.h"
@@ -398,6 +401,9 @@ static ssize_t tls_send(ac_dispatcher_t *d, const void *buf, size_t n) {
   if (t->state != OPEN) {
     return t->state == FAILED ? t->fail : 0;
   }
+  if (SSL_get_shutdown(t->ssl) & SSL_SENT_SHUTDOWN) {
+    return UV_EPIPE; /* after ac_shutdown: as a socket shut for writing */
+  }
   if (t->backlog && (f = flush_out(t, d)) < 0) {
     return f;
   }
@@ -494,17 +500,20 @@ static void tls_unread(ac_dispatcher_t *d, const char *b, size_t n) {
   synth(t, d, 1);
 }
 
-/* The stream's queue took bytes: the answers that stopped the input go
- * out now (or meet the socket's error), and the input goes on, from what
- * OpenSSL already holds. */
-static void tls_written(ac_dispatcher_t *d) {
+/* The stream's queue took bytes: ciphertext that waited for room goes
+ * out now (or meets the socket's error): the answers that stopped the
+ * input, after which the input goes on, from what OpenSSL already holds;
+ * ac_shutdown's close_notify.  Returns whether some still waits. */
+static int tls_written(ac_dispatcher_t *d) {
   tls_t *t = tls_of(d);
+  int f = t->backlog ? flush_out(t, d) : 0;
 
-  if (t->stalled && (flush_out(t, d) < 0 || !t->backlog)) {
+  if (t->stalled && (f < 0 || !t->backlog)) {
     t->stalled = 0;
     ac__interest_changed(d);
     synth(t, d, t->state != FAILED);
   }
+  return f == 0 && t->backlog;
 }
 
 /* The handshake is done: the channel may be connected. */
@@ -525,10 +534,30 @@ static int tls_can_gather(ac_dispatcher_t *d) {
   return t->state == OPEN && !t->backlog;
 }
 
+/* ac_shutdown(SHUT_WR): close_notify, once the handshake is done (no
+ * connection before: UV_ENOTCONN); sends fail from now on (tls_send).
+ * Returns 1 if some of it waits for room (tls_written sends it), 0, or
+ * the socket's error. */
+static int tls_shutdown(ac_dispatcher_t *d) {
+  tls_t *t = tls_of(d);
+  int f;
+
+  if (t->state != OPEN) {
+    return UV_ENOTCONN;
+  }
+  if (!(SSL_get_shutdown(t->ssl) & SSL_SENT_SHUTDOWN)) {
+    clear_errors();
+    (void) SSL_shutdown(t->ssl);
+    clear_errors();
+  }
+  f = flush_out(t, d);
+  return f < 0 ? f : t->backlog;
+}
+
 static const ac__xport_ops_t tls_ops = {
     tls_recv,       tls_send,    tls_connect_event, tls_interest,
     tls_more,       tls_close,   tls_unread,        tls_up,
-    tls_can_gather, tls_written, tls_handshaking,
+    tls_can_gather, tls_written, tls_handshaking,   tls_shutdown,
 };
 
 /* Whether d's class still holds plaintext output the socket did not take:

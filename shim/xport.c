@@ -94,10 +94,14 @@ int ac__xport_can_gather(ac_dispatcher_t *d) {
   return ac__xport(d)->ops->can_gather(d);
 }
 
-void ac__xport_written(ac_dispatcher_t *d) {
-  ac__xport(d)->ops->written(d);
+int ac__xport_written(ac_dispatcher_t *d) {
+  return ac__xport(d)->ops->written(d);
 }
 
 int ac__xport_handshaking(ac_dispatcher_t *d) {
   return ac__xport(d)->ops->handshaking(d);
+}
+
+int ac__xport_shutdown(ac_dispatcher_t *d) {
+  return ac__xport(d)->ops->shutdown(d);
 }

@@ -445,6 +445,9 @@ typedef struct {
   int max12;         /* TLS 1.2 at most (renegotiation exists) */
   int renegotiate;
   const char *send;  /* sent after the handshake */
+  const char *after_end; /* sent after the server's close_notify, then
+                            the client's own, and the TCP end is read */
+  int tcp_end;       /* after_end: the raw read after close_notify */
   char got[256];
   int got_len;
   int end_error;     /* SSL_get_error of the read that ended */
@@ -495,6 +498,12 @@ static void *ossl_client(void *arg) {
     oc->got_len += k;
   }
   oc->end_error = SSL_get_error(ssl, k);
+  if (oc->after_end != NULL && oc->end_error == SSL_ERROR_ZERO_RETURN) {
+    char b;
+    oc->tcp_end = (int) recv(fd, &b, 1, 0); /* 0: the TCP end follows */
+    SSL_write(ssl, oc->after_end, (int) strlen(oc->after_end));
+    SSL_shutdown(ssl);
+  }
 out:
   if (ssl != NULL) {
     SSL_free(ssl);
@@ -542,6 +551,60 @@ TASK(tls_close_sends_close_notify) {
   ASSERT_EQ(oc.got_len, 3);
   ASSERT_MEM_EQ(oc.got, "bye", 3);
   ASSERT_EQ(oc.end_error, SSL_ERROR_ZERO_RETURN);
+  listener_end(&l, map);
+}
+
+/* ac_shutdown(SHUT_WR) on a TLS channel: the server says "bye" and shuts
+ * its write side: the client reads it, then close_notify, then the TCP
+ * end; the server still reads what the client sends after that (TLS
+ * 1.3's half-close), and the client's close_notify is its end
+ * (handle_close).  Before, ac_shutdown refused a TLS channel (UV_ENOTSUP),
+ * so that a TLS server could only close, and a client still sending met
+ * a reset instead of the reply. */
+static int shut_rc = 1;
+
+static void bye_and_shutdown(chan_t *c) {
+  if (c->nin == 2 && shut_rc == 1) {
+    ASSERT_EQ(ac_send(&c->u.d, "bye", 3), 3);
+    shut_rc = ac_shutdown(&c->u.d, SHUT_WR);
+    ASSERT_EQ(ac_send(&c->u.d, "late", 4), 0); /* EPIPE: handle_close */
+  }
+}
+
+static void setup_shutdown(chan_t *s) {
+  s->on_input = bye_and_shutdown;
+  s->keep_open = 1; /* the late send's handle_close leaves it open */
+}
+
+static int server_ended(void *arg) {
+  listener_t *l = arg;
+  return l->server != NULL && l->server->nin == 6 && l->server->eof;
+}
+
+TASK(tls_shutdown_sends_close_notify_and_reads_on) {
+  ac_map_t *map = task_map_new();
+  listener_t l;
+  ossl_client_t oc;
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
+  l.setup = setup_shutdown;
+  memset(&oc, 0, sizeof(oc));
+  oc.port = l.port;
+  oc.send = "hi";
+  oc.after_end = "more";
+  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
+  ASSERT(run_while(map, server_ended, &l));
+  run_while(map, client_done, &oc);
+  pthread_join(th, NULL);
+  ASSERT_OK(shut_rc);
+  ASSERT_EQ(oc.got_len, 3);
+  ASSERT_MEM_EQ(oc.got, "bye", 3); /* not "late" */
+  ASSERT_EQ(oc.end_error, SSL_ERROR_ZERO_RETURN);
+  ASSERT_EQ(oc.tcp_end, 0);
+  ASSERT_EQ(l.server->n[CH_ERROR], 0);
   listener_end(&l, map);
 }
 
@@ -1753,7 +1816,7 @@ static void answers_flood(int max12) {
   setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
   setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
   ASSERT_OK(ac_tls_client(&c.u.d, cctx, "localhost"));
-  ASSERT_EQ(ac_shutdown(&c.u.d, SHUT_WR), UV_ENOTSUP); /* ac_close's */
+  ASSERT_EQ(ac_shutdown(&c.u.d, SHUT_WR), UV_ENOTCONN); /* handshake to come */
   {
     struct sockaddr_storage ss;
     task_addr(AF_INET, h.port, &ss);
@@ -1926,7 +1989,11 @@ static void late_reader_script(hs_t *h, int fd) {
 /* The client sends until the socket takes nothing more (the server reads
  * nothing), then ac_close: the server, reading at last, gets every byte
  * and then close_notify (SSL_ERROR_ZERO_RETURN), not a truncation. */
-static void close_notify_behind_full_queue(int max12, const char *ciphers) {
+/* The client ends with ac_close, or (shut) with ac_shutdown(SHUT_WR) and
+ * stays open: close_notify waits behind the full queue either way, and
+ * goes out after every byte the client's sends took. */
+static void close_notify_behind_full_queue(int max12, const char *ciphers,
+                                           int shut) {
   ac_map_t *map = task_map_new();
   SSL_CTX *cctx = tlstest_client_ctx(1);
   size_t size = 1024u * 1024;
@@ -1959,11 +2026,21 @@ static void close_notify_behind_full_queue(int max12, const char *ciphers) {
   }
   ASSERT_GT(c.accepted, 0);
   ASSERT_LT(c.accepted, size);
-  ac_close(&c.u.d);
+  if (shut) {
+    c.nsrc = 0; /* the class sends nothing more */
+    ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
+    ASSERT(!ac_is_closed(&c.u.d));
+  } else {
+    ac_close(&c.u.d);
+  }
   __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
-  /* the map is empty: the loop itself drains the closed stream */
+  /* the map is empty after ac_close: the loop itself drains the closed
+   * stream */
   end = uv_hrtime() + 20000000000ull;
   while (!hs_done(&h) && uv_hrtime() < end) {
+    if (shut) {
+      ac_loop(map, 0.001, 0, 1);
+    }
     uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
     usleep(1000);
   }
@@ -1976,13 +2053,20 @@ static void close_notify_behind_full_queue(int max12, const char *ciphers) {
 }
 
 TASK(tls_client_close_notify_behind_full_queue) {
-  close_notify_behind_full_queue(0, NULL);
+  close_notify_behind_full_queue(0, NULL, 0);
 }
 
 TASK(tls_client_close_notify_behind_full_queue_tls12) {
-  close_notify_behind_full_queue(1, NULL);
-  close_notify_behind_full_queue(1, "ECDHE-ECDSA-AES256-SHA384");
-  close_notify_behind_full_queue(1, "ECDHE-ECDSA-AES128-SHA");
+  close_notify_behind_full_queue(1, NULL, 0);
+  close_notify_behind_full_queue(1, "ECDHE-ECDSA-AES256-SHA384", 0);
+  close_notify_behind_full_queue(1, "ECDHE-ECDSA-AES128-SHA", 0);
+}
+
+/* ac_shutdown's close_notify behind a full queue (TLS 1.3 and 1.2): the
+ * peer reads every byte the sends took, then close_notify. */
+TASK(tls_client_shutdown_behind_full_queue) {
+  close_notify_behind_full_queue(0, NULL, 1);
+  close_notify_behind_full_queue(1, NULL, 1);
 }
 
 /* Until the server thread is done: the loop itself runs, so that closed
@@ -2990,6 +3074,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_plaintext_to_tls_port),
       TASK_ENTRY(tls_truncated_handshake),
       TASK_ENTRY(tls_close_sends_close_notify),
+    TASK_ENTRY(tls_shutdown_sends_close_notify_and_reads_on),
       TASK_ENTRY(tls_renegotiation_refused),
       TASK_ENTRY(tls_client_stops_reading),
       TASK_ENTRY(tls_starttls_line_server),
@@ -3008,6 +3093,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_close_while_answers_wait),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue_tls12),
+      TASK_ENTRY(tls_client_shutdown_behind_full_queue),
       TASK_ENTRY(tls_client_http_reply_to_hello),
       TASK_ENTRY(tls_client_garbage_reply_to_hello),
       TASK_ENTRY(tls_client_server_closes_mid_handshake),

@@ -369,6 +369,55 @@ def https_server_client_stops_reading():
         srv.stop()
 
 
+def read_to_end(s):
+    """What s receives until its end; a reset or a TLS error raises."""
+    got = bytearray()
+    while True:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            return bytes(got)
+        got += chunk
+
+
+def refused_clients_still_sending_get_their_reply():
+    """A client still sending after its refusal reads the reply, then the
+    end: https_server's 413 to an 8 MiB upload over TLS (close_notify, then
+    the TCP end: the close lingers, ac_shutdown), smtp_server's 500 to a
+    line too long and its 221 to a QUIT with commands pipelined after it,
+    in plaintext.  Before, the 413's client met SSLEOFError in its sendall
+    every time (the server had closed; the reply was still readable)."""
+    big = 8 << 20
+    srv = Server("http_server")
+    try:
+        for _ in range(3):
+            raw = socket.create_connection(("127.0.0.1", srv.port))
+            s = context().wrap_socket(raw, server_hostname="localhost")
+            s.settimeout(20 * SLOW)
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                      b"\r\n\r\n" % big + b"a" * big)
+            got = read_to_end(s)
+            assert got.startswith(b"HTTP/1.1 413 "), got[:80]
+            s.close()
+        assert server_serves(srv.port)
+    finally:
+        srv.stop()
+    srv = Server("smtp_server")
+    try:
+        for data, want in ((b"HELO x\r\n" + b"y" * big,
+                            b"500 5.5.2 Line too long\r\n"),
+                           (b"QUIT\r\n" + b"NOOP\r\n" * (big // 6),
+                            b"221 2.0.0 Bye\r\n")):
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.settimeout(20 * SLOW)
+            s.sendall(data)
+            got = read_to_end(s)
+            assert got.startswith(b"220 ") and got.endswith(want), got[-80:]
+            s.close()
+        smtp_serves(srv)
+    finally:
+        srv.stop()
+
+
 def starttls_session(port, pipelined):
     """line_server: plaintext line, STARTTLS, then lines over TLS."""
     sock = socket.create_connection(("127.0.0.1", port), 10 * SLOW)
@@ -577,6 +626,7 @@ def main():
     test(https_server_hostile_peers)
     test(stalled_handshakes_closed_after_idle)
     test(https_server_client_stops_reading)
+    test(refused_clients_still_sending_get_their_reply)
     test(line_server_starttls_with_python_ssl)
     test(smtp_server_with_openssl_s_client_starttls)
     test(smtp_server_with_python_smtplib)
