@@ -104,7 +104,6 @@ static AC__INLINE int gather_start(ac_dispatcher_t *d) {
   m->gather_len = 0;
   m->gather_cap = d->xport_ ? AC__GATHER_MAX / 2 : AC__GATHER_MAX;
   m->gather_owner = d;
-  d->ready |= AC__GATHERING;
   return 1;
 }
 
@@ -134,7 +133,7 @@ static AC__SPECIAL ssize_t gather_full(ac_dispatcher_t *d, const void *buf,
  * send asks again, so that the replies of its own records still leave
  * together. */
 static AC__INLINE int gathering(ac_dispatcher_t *d) {
-  if ((d->ready & AC__GATHERING) || gather_start(d)) {
+  if (d->map->gather_owner == d || gather_start(d)) {
     return 1;
   }
   if (d->map->gather_owner == NULL) {
@@ -231,22 +230,21 @@ static int flush_transport(ac_dispatcher_t *d, const char *p, size_t n) {
   return r < 0 ? (int) r : 0;
 }
 
-/* Send what d gathered, if it gathers (AC__GATHERING; else the map's
- * gather, if in use, is another channel's, and nothing is sent); with
- * `more`, the sends that follow are gathered again if they can be
+/* Send what d gathered, if it gathers (it is the map's gather_owner; else
+ * the map's gather, if in use, is another channel's, and nothing is sent);
+ * with `more`, the sends that follow are gathered again if they can be
  * (AC__GATHER stays), else the burst's or parse's gathering is over.
  * Returns 0, or the error of the send. */
 int ac__gather_flush(ac_dispatcher_t *d, int more) {
   ac_map_t *m = d->map;
   size_t n = m->gather_len;
 
-  if (!(d->ready & AC__GATHERING)) {
-    if (!more) {
-      d->ready &= (uint8_t) ~AC__GATHER;
-    }
+  if (!more) {
+    d->ready &= (uint8_t) ~AC__GATHER;
+  }
+  if (m->gather_owner != d) {
     return 0;
   }
-  d->ready &= (uint8_t) ~(more ? AC__GATHERING : AC__GATHERING | AC__GATHER);
   m->gather_len = 0;
   m->gather_owner = NULL;
   if (n == 0) {

@@ -253,7 +253,7 @@ static AC__SPECIAL int read_burst(ac_dispatcher_t *d, int r) {
     r = read_step(d);
   }
   m->reading = NULL;
-  if (d->ready & AC__GATHERING) {
+  if (m->gather_owner == d) {
     /* the burst's replies; a failure is handle_read's, as the sends
      * that reported them sent would have made it */
     int e = settle(m, ac__gather_end(d));

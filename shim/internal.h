@@ -36,14 +36,12 @@
 /* In `ready` only: the last receive filled the caller's buffer, so more
  * input may be waiting (events.c: the same readiness may read again). */
 #define AC__RMORE 0x10
-/* In `ready` only: d's sends are gathered (a read burst's, an async_chat
- * parse's: burst.c); d is the map's gather_owner.  Only with AC__GATHER. */
-#define AC__GATHERING 0x20
 /* In `ready` only: in this read readiness, the library's last receive
  * ahead took less than it asked, all the kernel had (burst.c). */
 #define AC__DRAINED 0x40
 /* In `ready` only: a read burst or an async_chat parse runs, whose replies
- * are to be gathered if they can be; the first send decides (burst.c). */
+ * are to be gathered if they can be; the first send decides (burst.c).
+ * Whether d gathers now is the map's to say: d is its gather_owner. */
 #define AC__GATHER 0x80
 
 /* ac_dispatcher_t.paused: why read interest is off */
@@ -179,7 +177,7 @@ struct ac_map_s {
   char *gather;
   size_t gather_len;
   size_t gather_cap; /* the most this gathering holds */
-  ac_dispatcher_t *gather_owner;
+  ac_dispatcher_t *gather_owner; /* the channel that gathers, or NULL */
   /* The last read-ahead record drained, kept for the next (adopt.c): a
    * large message would otherwise allocate and free 64 KiB per receive. */
   struct ac__adopt_s *ahead_spare;

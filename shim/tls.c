@@ -674,7 +674,7 @@ static int tls_start(ac_dispatcher_t *d, SSL_CTX *ctx, const char *host,
   }
   if (d->connected) {
     ac__send_held_back(d, 0); /* plaintext replies gathered: out first */
-    if (d->fd < 0 || class_holds_output(d) || (d->ready & AC__GATHERING)) {
+    if (d->fd < 0 || class_holds_output(d) || d->map->gather_owner == d) {
       return d->fd < 0 ? UV_EBADF : UV_EBUSY;
     }
   }

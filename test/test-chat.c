@@ -3639,7 +3639,7 @@ TASK(gather_empty_push_between) {
  * some later event, or for ever. */
 static int gather_idle(ac_map_t *map, rec_t *r) {
   return map->gather_owner == NULL &&
-         (r->chat.d.ready & (AC__GATHER | AC__GATHERING)) == 0;
+         (r->chat.d.ready & AC__GATHER) == 0;
 }
 
 /* A's found_terminator feeds chat B before A pushed anything; B's
