@@ -919,8 +919,15 @@ ssize_t ac__send_other(ac_dispatcher_t *d, const void *buf, size_t n,
   if (must_wait(d)) {
     return 0;
   }
-  if (d->shut_wr_) { /* ac_shutdown(SHUT_WR) waits for the queue */
-    return quiet ? UV_EPIPE : ac__send_error(d, UV_EPIPE);
+  /* ac_shutdown(SHUT_WR) waits for the queue: the application's sends
+   * fail as after it.  A transport's own bytes (quiet) go on: what TLS
+   * sends then is ciphertext made before it (answers, close_notify) that
+   * waited for room, which the end of the write side waits for (tls.c
+   * refuses the application's records itself).  Refused here, their
+   * EPIPE reached the receives as the peer gone: handle_close while the
+   * input still came (a half-close cut short). */
+  if (d->shut_wr_ && !quiet) {
+    return ac__send_error(d, UV_EPIPE);
   }
   if (behind_queue(d)) {
     return queue_rest(d, buf, n, 0);

@@ -2069,6 +2069,141 @@ TASK(tls_client_shutdown_behind_full_queue) {
   close_notify_behind_full_queue(1, NULL, 1);
 }
 
+#define SPLIT_LEN 100 /* plaintext of the record the server splits */
+
+/* Reads nothing until the test says so (count 1); then ten KeyUpdates that
+ * ask for the client's, in one send (result 1: the client's answers wait
+ * behind its full queue); once the test says `go` (count 2), reads 8 KiB,
+ * then sends one record of SPLIT_LEN bytes of the pattern of seed 0 in
+ * two segments 100 ms apart (the client meets a partial record first
+ * while its queue still drains), reads everything (done_count bytes,
+ * result: SSL_get_error of the read that ended) and answers the client's
+ * close_notify with its own. */
+static void split_then_read_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  BIO *out = BIO_new(BIO_s_mem());
+  char buf[16384];
+  char *p;
+  long n;
+  int k;
+  uint64_t end = uv_hrtime() + 20000000000ull;
+
+  if (ssl == NULL || out == NULL) {
+    BIO_free(out);
+    hs_end(ssl, ctx);
+    return;
+  }
+  while (__atomic_load_n(&h->count, __ATOMIC_SEQ_CST) == 0 &&
+         uv_hrtime() < end) {
+    usleep(5000);
+  }
+  SSL_set0_wbio(ssl, out); /* what it makes, in memory, sent by hand */
+  for (k = 0; k < 10; k++) {
+    SSL_key_update(ssl, SSL_KEY_UPDATE_REQUESTED);
+    SSL_do_handshake(ssl);
+  }
+  n = BIO_get_mem_data(out, &p);
+  if (send(fd, p, (size_t) n, MSG_NOSIGNAL) == n) {
+    __atomic_store_n(&h->result, 1, __ATOMIC_SEQ_CST);
+  }
+  (void) BIO_reset(out);
+  while (__atomic_load_n(&h->count, __ATOMIC_SEQ_CST) != 2 &&
+         uv_hrtime() < end) {
+    usleep(5000);
+  }
+  while (h->done_count < 8192 && (k = SSL_read(ssl, buf, 4096)) > 0) {
+    h->done_count += k;
+  }
+  chan_fill(buf, SPLIT_LEN, 0, 0);
+  SSL_write(ssl, buf, SPLIT_LEN);
+  n = BIO_get_mem_data(out, &p);
+  send(fd, p, 10, MSG_NOSIGNAL);
+  usleep(100000);
+  send(fd, p + 10, (size_t) n - 10, MSG_NOSIGNAL);
+  (void) BIO_reset(out);
+  while ((k = SSL_read(ssl, buf, sizeof(buf))) > 0) {
+    h->done_count += k;
+  }
+  h->result = SSL_get_error(ssl, k);
+  SSL_shutdown(ssl);
+  n = BIO_get_mem_data(out, &p);
+  send(fd, p, (size_t) n, MSG_NOSIGNAL);
+  hs_end(ssl, ctx);
+}
+
+/* ac_shutdown while the client's answers to KeyUpdates wait behind its
+ * full queue (close_notify waits behind them, in the write BIO); then the
+ * server reads slowly and sends a record that arrives in two parts: the
+ * client's input goes on, the partial record is no handle_read, the
+ * record is read whole, and the end is the server's close_notify, after
+ * the server got every byte and the client's close_notify. */
+static void note_nin_at_close(chan_t *c, int ev) {
+  if (ev == CH_CLOSE && c->n[CH_CLOSE] == 1) { /* the first */
+    *(size_t *) c->ctx = c->nin;
+  }
+}
+
+TASK(tls_client_shutdown_waiting_reads_on) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  size_t size = 1024u * 1024;
+  char *data = malloc(size);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  size_t last = 0;
+  int same = 0;
+  int small = 4096;
+  size_t nin_at_close = 0;
+  uint64_t end;
+
+  ASSERT(map != NULL && cctx != NULL && data != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  chan_fill(data, size, 21, 0);
+  memset(&h, 0, sizeof(h));
+  h.rcvbuf = small;
+  ASSERT_OK(hs_start(&h, &th, split_then_read_script));
+  hs_client(&h, &c, map, CHAN_PLAIN, cctx, "localhost");
+  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  c.keep_open = 1; /* the test closes it */
+  c.hook = note_nin_at_close;
+  c.ctx = &nin_at_close;
+  ASSERT_OK(chan_send(&c, data, size));
+  end = uv_hrtime() + 20000000000ull;
+  while (same < 20 && uv_hrtime() < end) {
+    ac_loop(map, 0.01, 0, 1);
+    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
+    last = c.accepted;
+  }
+  ASSERT_LT(c.accepted, size);
+  c.nsrc = 0; /* the class sends nothing more */
+  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
+  ASSERT(run_while(map, hs_asked, &h));
+  for (same = 0; same < 20; same++) { /* the client reads them, answers */
+    ac_loop(map, 0.01, 0, 1);
+  }
+  ASSERT_GT(BIO_ctrl_pending(SSL_get_wbio(ac_tls_ssl(&c.u.d))), 0);
+  ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
+  __atomic_store_n(&h.count, 2, __ATOMIC_SEQ_CST);
+  end = uv_hrtime() + 20000000000ull;
+  while (!(hs_done(&h) && c.eof) && c.n[CH_ERROR] == 0 && uv_hrtime() < end) {
+    ac_loop(map, 0.005, 0, 1);
+  }
+  hs_join(&h, th);
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_EQ(nin_at_close, SPLIT_LEN); /* the end came after the record */
+  ASSERT_EQ(c.nin, SPLIT_LEN);
+  ASSERT_EQ(c.bad_in, 0);
+  ASSERT(c.eof);
+  ASSERT_EQ(h.done_count, (long) c.accepted);
+  ASSERT_EQ(h.result, SSL_ERROR_ZERO_RETURN);
+  ac_close(&c.u.d);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+  free(data);
+}
+
 /* Until the server thread is done: the loop itself runs, so that closed
  * channels' streams drain (ac_loop returns at once on an empty map). */
 static void hs_drain_until_done(ac_map_t *map, hs_t *h) {
@@ -3094,6 +3229,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_close_notify_behind_full_queue),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue_tls12),
       TASK_ENTRY(tls_client_shutdown_behind_full_queue),
+      TASK_ENTRY(tls_client_shutdown_waiting_reads_on),
       TASK_ENTRY(tls_client_http_reply_to_hello),
       TASK_ENTRY(tls_client_garbage_reply_to_hello),
       TASK_ENTRY(tls_client_server_closes_mid_handshake),
