@@ -1137,6 +1137,133 @@ TASK(tls_chat_gathers_pipelined_replies) {
   SSL_CTX_free(l.ctx);
 }
 
+/* ac_shutdown from inside an async_chat parse of pipelined lines, after
+ * the replies gathered so far: each line's reply, the tenth's followed by
+ * the shutdown; the lines after it get none. */
+#define SP_LINES 20
+#define SP_SHUT 10
+
+static int sp_shut_rc = 1;
+
+static int sp_found(ac_chat_t *c) {
+  pl_server_t *s = ac_container_of(c, pl_server_t, chat);
+  int r;
+
+  if (s->seq >= SP_SHUT) {
+    return 0;
+  }
+  r = pl_found(c);
+  if (r == 0 && s->seq == SP_SHUT) {
+    sp_shut_rc = ac_shutdown(&c->d, SHUT_WR);
+  }
+  return r;
+}
+
+static const ac_chat_ops_t sp_ops = {
+    .collect_incoming_data = pl_collect,
+    .found_terminator = sp_found,
+};
+
+static void sp_accepted(chan_t *c, uv_os_sock_t sock) {
+  pl_listener_t *l = ac_container_of(c, pl_listener_t, l);
+  pl_server_t *s = calloc(1, sizeof(*s));
+
+  if (s == NULL || ac_chat_init(&s->chat, c->u.d.map, &sp_ops) != 0 ||
+      ac_chat_set_terminator(&s->chat, "\n", 1) != 0 ||
+      ac_dispatcher_open(&s->chat.d, sock) != 0 ||
+      ac_tls_server(&s->chat.d, l->ctx) != 0) {
+    close(sock);
+    free(s);
+    return;
+  }
+  l->s = s;
+}
+
+typedef struct {
+  int port;
+  char in[SP_LINES * PL_REPLY];
+  size_t got;
+  int end_error;
+  int tcp_end;
+  int done;
+} sp_client_t;
+
+static void *sp_client(void *arg) {
+  sp_client_t *sc = arg;
+  SSL_CTX *ctx = tlstest_client_ctx(1);
+  SSL *ssl = ctx != NULL ? SSL_new(ctx) : NULL;
+  int fd = task_connect_tcp(AF_INET, sc->port);
+  struct timeval tv = {5, 0};
+  char lines[SP_LINES * 6];
+  char b;
+  int k = 0;
+  int i;
+
+  for (i = 0; i < SP_LINES; i++) {
+    memcpy(lines + i * 6, "abcde\n", 6);
+  }
+  if (ssl == NULL || fd < 0) {
+    goto out;
+  }
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  SSL_set_fd(ssl, fd);
+  SSL_set1_host(ssl, "localhost");
+  if (SSL_connect(ssl) != 1 ||
+      SSL_write(ssl, lines, (int) sizeof(lines)) != (int) sizeof(lines)) {
+    goto out;
+  }
+  while (sc->got < sizeof(sc->in) &&
+         (k = SSL_read(ssl, sc->in + sc->got,
+                       (int) (sizeof(sc->in) - sc->got))) > 0) {
+    sc->got += (size_t) k;
+  }
+  sc->end_error = SSL_get_error(ssl, k);
+  sc->tcp_end = (int) recv(fd, &b, 1, 0);
+out:
+  SSL_free(ssl);
+  if (fd >= 0) {
+    close(fd);
+  }
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+  __atomic_store_n(&sc->done, 1, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+static int sp_done(void *arg) {
+  return __atomic_load_n(&((sp_client_t *) arg)->done, __ATOMIC_SEQ_CST);
+}
+
+TASK(tls_chat_shutdown_inside_parse) {
+  ac_map_t *map = task_map_new();
+  pl_listener_t l;
+  static sp_client_t sc;
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&l, 0, sizeof(l));
+  memset(&sc, 0, sizeof(sc));
+  l.ctx = tlstest_server_ctx();
+  ASSERT(l.ctx != NULL);
+  sc.port = listen_plain(&l.l, map, sp_accepted);
+  ASSERT_GT(sc.port, 0);
+  ASSERT_EQ(pthread_create(&th, NULL, sp_client, &sc), 0);
+  run_while(map, sp_done, &sc);
+  pthread_join(th, NULL);
+  ASSERT(l.s != NULL);
+  ASSERT_OK(sp_shut_rc);
+  ASSERT_EQ(sc.got, (size_t) SP_SHUT * PL_REPLY);
+  ASSERT_EQ(pl_first_bad(sc.in, sc.got), -1);
+  ASSERT_EQ(sc.end_error, SSL_ERROR_ZERO_RETURN);
+  ASSERT_EQ(sc.tcp_end, 0);
+  ac_close(&l.s->chat.d);
+  ac_close(&l.l.u.d);
+  task_map_free(map);
+  free(l.s);
+  SSL_CTX_free(l.ctx);
+}
+
 /* ---------------------------------------------------------------- */
 /* Gathering under TLS: a dispatcher_with_send's read burst            */
 
@@ -1897,7 +2024,9 @@ static int hs_asked(void *arg) {
  * room (it filled the socket first; the server reads nothing): once the
  * server reads, it gets every byte, the answers, then close_notify, not a
  * connection cut in the middle of a record. */
-TASK(tls_client_close_while_answers_wait) {
+/* With `shut`, ac_shutdown(SHUT_WR) first (close_notify waits behind the
+ * answers), then ac_close: the same bytes, one close_notify. */
+static void close_while_answers_wait(int shut) {
   ac_map_t *map = task_map_new();
   SSL_CTX *cctx = tlstest_client_ctx(1);
   size_t size = 8u * 1024 * 1024;
@@ -1937,6 +2066,10 @@ TASK(tls_client_close_while_answers_wait) {
   for (same = 0; same < 20; same++) { /* the client reads them, answers */
     ac_loop(map, 0.01, 0, 1);
   }
+  if (shut) {
+    c.nsrc = 0; /* the class sends nothing more */
+    ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
+  }
   ac_close(&c.u.d);
   __atomic_store_n(&h.count, -1, __ATOMIC_SEQ_CST);
   /* the map is empty: the loop itself drains the closed stream */
@@ -1953,6 +2086,15 @@ TASK(tls_client_close_while_answers_wait) {
   SSL_CTX_free(cctx);
   task_map_free(map);
   free(data);
+}
+
+TASK(tls_client_close_while_answers_wait) { close_while_answers_wait(0); }
+
+/* Before, the close_notify of ac_shutdown that waited behind the answers
+ * met the shutdown's own EPIPE at ac_close and was dropped with them: the
+ * server read a truncated stream (SSL_ERROR_SYSCALL). */
+TASK(tls_client_shutdown_then_close_while_answers_wait) {
+  close_while_answers_wait(1);
 }
 
 /* Reads nothing until the test says `go` (h->count set to 1), then
@@ -3226,10 +3368,12 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_key_update_flood_bounded),
       TASK_ENTRY(tls_client_renegotiation_request_flood_bounded),
       TASK_ENTRY(tls_client_close_while_answers_wait),
+      TASK_ENTRY(tls_client_shutdown_then_close_while_answers_wait),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue_tls12),
       TASK_ENTRY(tls_client_shutdown_behind_full_queue),
       TASK_ENTRY(tls_client_shutdown_waiting_reads_on),
+      TASK_ENTRY(tls_chat_shutdown_inside_parse),
       TASK_ENTRY(tls_client_http_reply_to_hello),
       TASK_ENTRY(tls_client_garbage_reply_to_hello),
       TASK_ENTRY(tls_client_server_closes_mid_handshake),
