@@ -1019,6 +1019,12 @@ int ac_shutdown(ac_dispatcher_t *d, int how) {
   if (d->fd < 0) {
     return UV_EBADF;
   }
+  if (d->xport_ && !ac__xport_up(d)) {
+    /* TLS not established (its TCP connect, its handshake): not
+     * connected yet, for every `how`; the kernel's shutdown would
+     * abandon the connect or end the handshake's input */
+    return UV_ENOTCONN;
+  }
   ac__send_held_back(d, how == SHUT_RD);
   if (how != SHUT_RD && d->xport_) {
     /* TLS: close_notify first, made from nothing held back any more */

@@ -1852,6 +1852,47 @@ TASK(tls_client_ip_address_is_no_sni) {
   sni_case("127.0.0.2", "", AC_ETLS_VERIFY); /* it does not */
 }
 
+/* ac_shutdown of any `how` before the handshake is done (the TCP connect
+ * running, then the handshake): UV_ENOTCONN, nothing changed, and the
+ * handshake completes.  Before, SHUT_RD and SHUT_RDWR reached the kernel
+ * (only SHUT_WR asked TLS): a connect abandoned, a handshake whose input
+ * ended ("the peer closed the connection during the handshake"). */
+TASK(tls_client_shutdown_before_handshake_refused) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  int how[3] = {SHUT_RD, SHUT_WR, SHUT_RDWR};
+  int i;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  ASSERT_OK(hs_start(&h, &th, hello_script));
+  hs_client(&h, &c, map, CHAN_PLAIN, cctx, "localhost");
+  for (i = 0; i < 3; i++) { /* the TCP connect runs */
+    ASSERT_EQ(ac_shutdown(&c.u.d, how[i]), UV_ENOTCONN);
+  }
+  while (!ac_tls_established(&c.u.d) && !hs_client_ended(&c)) {
+    ac_loop(map, 0.05, 0, 1);
+    for (i = 0; i < 3 && !ac_tls_established(&c.u.d); i++) {
+      ASSERT_EQ(ac_shutdown(&c.u.d, how[i]), UV_ENOTCONN);
+    }
+  }
+  run_while(map, hs_client_ended, &c);
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_EQ(c.n[CH_CONNECT], 1);
+  ASSERT_EQ(c.nin, 5);
+  ASSERT(c.eof);
+  ac_close(&c.u.d);
+  run_while(map, hs_done, &h);
+  hs_join(&h, th);
+  ASSERT_EQ(h.result, 1);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
 /* Whether the peer stopped taking bytes for 50 ms. */
 static int hs_blocked(int fd) {
   struct pollfd p = {fd, POLLOUT, 0};
@@ -3365,6 +3406,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_starttls_after_input_received_ahead),
       TASK_ENTRY(tls_client_sni_is_the_host_name),
       TASK_ENTRY(tls_client_ip_address_is_no_sni),
+      TASK_ENTRY(tls_client_shutdown_before_handshake_refused),
       TASK_ENTRY(tls_client_key_update_flood_bounded),
       TASK_ENTRY(tls_client_renegotiation_request_flood_bounded),
       TASK_ENTRY(tls_client_close_while_answers_wait),
