@@ -173,8 +173,12 @@ static void on_write(uv_write_t *req, int status) {
     return;
   }
   ac__keep_error(d, status); /* for the next send or receive */
-  /* TLS: its own bytes waiting for room */
-  held = d->xport_ ? ac__xport_written(d) : 0;
+  /* TLS: its own bytes waiting for room; none once the application
+   * closed the handle itself (a uv_walk teardown cancelled the writes):
+   * libuv closed the fd at uv_close, and its number may be another
+   * socket's by now, which would get the ciphertext */
+  held = d->xport_ && !uv_is_closing(&d->h.handle) ? ac__xport_written(d)
+                                                   : 0;
   if (d->shut_wr_ &&
       ((d->wq_bytes == 0 && !held) || (d->flags & AC__F_WERR))) {
     /* ac_shutdown's end of the write side, after the bytes it waited for

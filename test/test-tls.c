@@ -2064,9 +2064,9 @@ static int hs_asked(void *arg) {
 /* The client closes while its answers to the server's KeyUpdates wait for
  * room (it filled the socket first; the server reads nothing): once the
  * server reads, it gets every byte, the answers, then close_notify, not a
- * connection cut in the middle of a record. */
-/* With `shut`, ac_shutdown(SHUT_WR) first (close_notify waits behind the
- * answers), then ac_close: the same bytes, one close_notify. */
+ * connection cut in the middle of a record.  With `shut`,
+ * ac_shutdown(SHUT_WR) first (close_notify waits behind the answers),
+ * then ac_close: the same bytes, one close_notify. */
 static void close_while_answers_wait(int shut) {
   ac_map_t *map = task_map_new();
   SSL_CTX *cctx = tlstest_client_ctx(1);
@@ -2136,6 +2136,88 @@ TASK(tls_client_close_while_answers_wait) { close_while_answers_wait(0); }
  * server read a truncated stream (SSL_ERROR_SYSCALL). */
 TASK(tls_client_shutdown_then_close_while_answers_wait) {
   close_while_answers_wait(1);
+}
+
+static void close_every_handle(uv_handle_t *hd, void *arg) {
+  (void) arg;
+  if (!uv_is_closing(hd)) {
+    uv_close(hd, NULL);
+  }
+}
+
+/* ac_shutdown while the answers to the server's KeyUpdates wait (its
+ * close_notify behind them, in the write BIO), then the application tears
+ * the loop down (uv_walk closing every handle): libuv closes the fd at
+ * uv_close and cancels the queued writes later.  Their completions must
+ * not send what TLS holds: the fd number is another socket's by then
+ * (a socketpair's, opened in between), whose peer would read ciphertext
+ * it was never sent.  Before, the last cancelled write sent close_notify
+ * (and the answers) into it. */
+TASK(tls_client_uv_walk_with_close_notify_waiting) {
+  ac_map_t *map = task_map_new();
+  uv_loop_t *loop = map != NULL ? ac_map_loop(map) : NULL;
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  size_t size = 8u * 1024 * 1024;
+  char *data = malloc(size);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  int small = 4096;
+  struct sockaddr_storage ss;
+  size_t last = 0;
+  int same = 0;
+  int fd;
+  int fresh[2];
+  char buf[64];
+  int i;
+  uint64_t end;
+
+  ASSERT(map != NULL && cctx != NULL && data != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(data, 'x', size);
+  memset(&h, 0, sizeof(h));
+  h.rcvbuf = small;
+  ASSERT_OK(hs_start(&h, &th, ask_then_read_script));
+  ASSERT_OK(chan_init(&c, map, CHAN_PLAIN, "client"));
+  ASSERT_OK(ac_create_socket(&c.u.d, AF_INET, SOCK_STREAM));
+  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  ASSERT_OK(ac_tls_client(&c.u.d, cctx, "localhost"));
+  task_addr(AF_INET, h.port, &ss);
+  ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &ss));
+  ASSERT_OK(chan_send(&c, data, size));
+  end = uv_hrtime() + 20000000000ull;
+  while (same < 20 && uv_hrtime() < end) {
+    ac_loop(map, 0.01, 0, 1);
+    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
+    last = c.accepted;
+  }
+  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
+  ASSERT(run_while(map, hs_asked, &h));
+  for (same = 0; same < 20; same++) { /* the client reads them, answers */
+    ac_loop(map, 0.01, 0, 1);
+  }
+  ASSERT_GT(BIO_ctrl_pending(SSL_get_wbio(ac_tls_ssl(&c.u.d))), 0);
+  c.nsrc = 0;
+  ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
+  fd = ac_fileno(&c.u.d);
+  uv_walk(loop, close_every_handle, NULL); /* closes fd now */
+  ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fresh));
+  ASSERT(fresh[0] == fd || fresh[1] == fd); /* it took fd's number */
+  uv_run(loop, UV_RUN_DEFAULT); /* the writes are cancelled */
+  for (i = 0; i < 2; i++) {
+    errno = 0;
+    ASSERT_EQ(recv(fresh[i], buf, sizeof(buf), MSG_DONTWAIT), -1);
+    ASSERT(errno == EAGAIN || errno == EWOULDBLOCK); /* nothing came */
+  }
+  __atomic_store_n(&h.count, -1, __ATOMIC_SEQ_CST);
+  hs_join(&h, th);
+  ac_map_free(map);
+  ASSERT_OK(uv_loop_close(loop));
+  free(loop);
+  close(fresh[0]);
+  close(fresh[1]);
+  SSL_CTX_free(cctx);
+  free(data);
 }
 
 /* Reads nothing until the test says `go` (h->count set to 1), then
@@ -3411,6 +3493,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_renegotiation_request_flood_bounded),
       TASK_ENTRY(tls_client_close_while_answers_wait),
       TASK_ENTRY(tls_client_shutdown_then_close_while_answers_wait),
+      TASK_ENTRY(tls_client_uv_walk_with_close_notify_waiting),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue_tls12),
       TASK_ENTRY(tls_client_shutdown_behind_full_queue),
