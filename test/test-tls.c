@@ -1893,6 +1893,84 @@ TASK(tls_client_shutdown_before_handshake_refused) {
   task_map_free(map);
 }
 
+/* Reads until the client's close_notify (result: SSL_get_error of that
+ * read), then, with count 1, a KeyUpdate first; then "data" and its own
+ * close_notify. */
+static void after_close_notify_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  char buf[256];
+  int k;
+
+  if (ssl == NULL) {
+    hs_end(ssl, ctx);
+    return;
+  }
+  while ((k = SSL_read(ssl, buf, sizeof(buf))) > 0) {
+  }
+  h->result = SSL_get_error(ssl, k);
+  if (h->count == 1) {
+    SSL_key_update(ssl, SSL_KEY_UPDATE_NOT_REQUESTED);
+  }
+  SSL_write(ssl, "data", 4);
+  SSL_shutdown(ssl);
+  while (recv(fd, buf, sizeof(buf), 0) > 0) {
+  }
+  hs_end(ssl, ctx);
+}
+
+/* The client shuts its write side at handle_connect (the handshake
+ * done): the server reads close_notify, then sends "data" (after a
+ * KeyUpdate with key_update; TLS 1.2 with max12) and its own
+ * close_notify: the client reads both, no error (the half-close; OpenSSL
+ * still takes a KeyUpdate after its close_notify). */
+static void shut_at_connect(chan_t *c, int ev) {
+  if (ev == CH_CONNECT) {
+    *(int *) c->ctx = ac_shutdown(&c->u.d, SHUT_WR);
+  }
+}
+
+static void half_close_peer_sends(int key_update, int max12) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  int rc = 1;
+  int shut;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  h.count = key_update;
+  h.max12 = max12;
+  ASSERT_OK(hs_start(&h, &th, after_close_notify_script));
+  hs_client(&h, &c, map, CHAN_PLAIN, cctx, "localhost");
+  c.keep_open = 1; /* to see what it got, and the peer's close_notify */
+  c.hook = shut_at_connect;
+  c.ctx = &rc;
+  run_while(map, hs_client_ended, &c);
+  shut = ac_tls_ssl(&c.u.d) != NULL ? SSL_get_shutdown(ac_tls_ssl(&c.u.d))
+                                     : 0;
+  ac_close(&c.u.d);
+  run_while(map, hs_done, &h);
+  hs_join(&h, th);
+  ASSERT_OK(rc);
+  ASSERT_EQ(h.result, SSL_ERROR_ZERO_RETURN); /* our close_notify */
+  ASSERT_EQ(c.n[CH_ERROR], 0);
+  ASSERT_EQ(c.nin, 4);     /* "data", after our close_notify */
+  ASSERT(c.eof);
+  ASSERT_EQ(shut, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
+TASK(tls_client_half_close_peer_sends) {
+  half_close_peer_sends(0, 0);
+  half_close_peer_sends(1, 0);
+  half_close_peer_sends(0, 1);
+}
+
 /* Whether the peer stopped taking bytes for 50 ms. */
 static int hs_blocked(int fd) {
   struct pollfd p = {fd, POLLOUT, 0};
@@ -2217,6 +2295,106 @@ TASK(tls_client_uv_walk_with_close_notify_waiting) {
   close(fresh[0]);
   close(fresh[1]);
   SSL_CTX_free(cctx);
+  free(data);
+}
+
+/* Reads nothing; once the test says so (count 1), ten KeyUpdates asking
+ * for the client's, in one send (result 1); once it says so (count 2),
+ * resets the connection. */
+static void ask_then_reset_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  BIO *out = BIO_new(BIO_s_mem());
+  struct linger lg = {1, 0};
+  char *p;
+  long n;
+  uint64_t end = uv_hrtime() + 20000000000ull;
+  int k;
+
+  if (ssl == NULL || out == NULL) {
+    BIO_free(out);
+    hs_end(ssl, ctx);
+    return;
+  }
+  while (__atomic_load_n(&h->count, __ATOMIC_SEQ_CST) == 0 &&
+         uv_hrtime() < end) {
+    usleep(5000);
+  }
+  SSL_set0_wbio(ssl, out);
+  for (k = 0; k < 10; k++) {
+    SSL_key_update(ssl, SSL_KEY_UPDATE_REQUESTED);
+    SSL_do_handshake(ssl);
+  }
+  n = BIO_get_mem_data(out, &p);
+  if (send(fd, p, (size_t) n, MSG_NOSIGNAL) == n) {
+    __atomic_store_n(&h->result, 1, __ATOMIC_SEQ_CST);
+  }
+  while (__atomic_load_n(&h->count, __ATOMIC_SEQ_CST) != 2 &&
+         uv_hrtime() < end) {
+    usleep(5000);
+  }
+  setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+  hs_end(ssl, ctx);
+}
+
+/* The server resets while the client's close_notify waits behind its
+ * answers (ac_shutdown): the client's channel ends (handle_close or
+ * handle_error, then released), without a pass that never sleeps. */
+TASK(tls_client_reset_while_close_notify_waits) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  size_t size = 8u * 1024 * 1024;
+  char *data = malloc(size);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  int small = 4096;
+  struct sockaddr_storage ss;
+  size_t last = 0;
+  int same = 0;
+  int passes = 0;
+  uint64_t end;
+
+  ASSERT(map != NULL && cctx != NULL && data != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(data, 'x', size);
+  memset(&h, 0, sizeof(h));
+  h.rcvbuf = small;
+  ASSERT_OK(hs_start(&h, &th, ask_then_reset_script));
+  ASSERT_OK(chan_init(&c, map, CHAN_PLAIN, "client"));
+  ASSERT_OK(ac_create_socket(&c.u.d, AF_INET, SOCK_STREAM));
+  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  ASSERT_OK(ac_tls_client(&c.u.d, cctx, "localhost"));
+  task_addr(AF_INET, h.port, &ss);
+  ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &ss));
+  ASSERT_OK(chan_send(&c, data, size));
+  end = uv_hrtime() + 20000000000ull;
+  while (same < 20 && uv_hrtime() < end) {
+    ac_loop(map, 0.01, 0, 1);
+    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
+    last = c.accepted;
+  }
+  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
+  ASSERT(run_while(map, hs_asked, &h));
+  for (same = 0; same < 20; same++) {
+    ac_loop(map, 0.01, 0, 1);
+  }
+  ASSERT_GT(BIO_ctrl_pending(SSL_get_wbio(ac_tls_ssl(&c.u.d))), 0);
+  c.nsrc = 0;
+  ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
+  __atomic_store_n(&h.count, 2, __ATOMIC_SEQ_CST);
+  end = uv_hrtime() + 5000000000ull;
+  while (c.released == 0 && uv_hrtime() < end) {
+    ac_loop(map, 0.2, 0, 1);
+    passes++;
+  }
+  hs_join(&h, th);
+  ASSERT_EQ(c.released, 1);
+  ASSERT_EQ(c.n[CH_CLOSE] + c.n[CH_ERROR], 1);
+  ASSERT_EQ(c.after_release, 0);
+  ASSERT_LT(passes, 10); /* each pass waited for an event */
+  SSL_CTX_free(cctx);
+  task_map_free(map);
   free(data);
 }
 
@@ -3489,11 +3667,13 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_sni_is_the_host_name),
       TASK_ENTRY(tls_client_ip_address_is_no_sni),
       TASK_ENTRY(tls_client_shutdown_before_handshake_refused),
+      TASK_ENTRY(tls_client_half_close_peer_sends),
       TASK_ENTRY(tls_client_key_update_flood_bounded),
       TASK_ENTRY(tls_client_renegotiation_request_flood_bounded),
       TASK_ENTRY(tls_client_close_while_answers_wait),
       TASK_ENTRY(tls_client_shutdown_then_close_while_answers_wait),
       TASK_ENTRY(tls_client_uv_walk_with_close_notify_waiting),
+      TASK_ENTRY(tls_client_reset_while_close_notify_waits),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue_tls12),
       TASK_ENTRY(tls_client_shutdown_behind_full_queue),
