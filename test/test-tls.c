@@ -1894,8 +1894,8 @@ TASK(tls_client_shutdown_before_handshake_refused) {
 }
 
 /* Reads until the client's close_notify (result: SSL_get_error of that
- * read), then, with count 1, a KeyUpdate first; then "data" and its own
- * close_notify. */
+ * read), then a KeyUpdate first with count 1 (count 2: one that asks for
+ * the client's); then "data" and its own close_notify. */
 static void after_close_notify_script(hs_t *h, int fd) {
   SSL_CTX *ctx;
   SSL *ssl = hs_accept(h, fd, &ctx);
@@ -1909,8 +1909,9 @@ static void after_close_notify_script(hs_t *h, int fd) {
   while ((k = SSL_read(ssl, buf, sizeof(buf))) > 0) {
   }
   h->result = SSL_get_error(ssl, k);
-  if (h->count == 1) {
-    SSL_key_update(ssl, SSL_KEY_UPDATE_NOT_REQUESTED);
+  if (h->count > 0) {
+    SSL_key_update(ssl, h->count == 1 ? SSL_KEY_UPDATE_NOT_REQUESTED
+                                      : SSL_KEY_UPDATE_REQUESTED);
   }
   SSL_write(ssl, "data", 4);
   SSL_shutdown(ssl);
@@ -1921,9 +1922,10 @@ static void after_close_notify_script(hs_t *h, int fd) {
 
 /* The client shuts its write side at handle_connect (the handshake
  * done): the server reads close_notify, then sends "data" (after a
- * KeyUpdate with key_update; TLS 1.2 with max12) and its own
- * close_notify: the client reads both, no error (the half-close; OpenSSL
- * still takes a KeyUpdate after its close_notify). */
+ * KeyUpdate with key_update, 2: one that asks for the client's; TLS 1.2
+ * with max12) and its own close_notify: the client reads both, no error
+ * (the half-close; OpenSSL still takes a KeyUpdate after its
+ * close_notify, and answers none). */
 static void shut_at_connect(chan_t *c, int ev) {
   if (ev == CH_CONNECT) {
     *(int *) c->ctx = ac_shutdown(&c->u.d, SHUT_WR);
@@ -1969,6 +1971,7 @@ TASK(tls_client_half_close_peer_sends) {
   half_close_peer_sends(0, 0);
   half_close_peer_sends(1, 0);
   half_close_peer_sends(0, 1);
+  half_close_peer_sends(2, 0);
 }
 
 /* Whether the peer stopped taking bytes for 50 ms. */
