@@ -608,6 +608,65 @@ TASK(tls_shutdown_sends_close_notify_and_reads_on) {
   listener_end(&l, map);
 }
 
+/* ac_shutdown inside a read burst: handle_read receives 512 bytes at a
+ * time of the client's 8000; after the first it sends "bye" and shuts its
+ * write side, after the second it sends "late".  "late" fails as after
+ * the shutdown (ac_send: handle_close, 0), it is not reported sent: the
+ * burst's next receive must not start a gathering that takes it (before,
+ * one did: ac_send returned 4, and the burst's end met EPIPE).  The client
+ * reads "bye", close_notify, the TCP end. */
+static ssize_t burst_late_rc = 1;
+
+static void burst_shutdown(chan_t *c) {
+  if (c->nin == 512 && shut_rc == 1) {
+    ASSERT_EQ(ac_send(&c->u.d, "bye", 3), 3);
+    shut_rc = ac_shutdown(&c->u.d, SHUT_WR);
+  } else if (c->nin == 1024) {
+    burst_late_rc = ac_send(&c->u.d, "late", 4);
+  }
+}
+
+static void setup_burst_shutdown(chan_t *s) {
+  s->on_input = burst_shutdown;
+  s->rchunk = 512;
+  s->keep_open = 1; /* the late send's handle_close leaves it open */
+}
+
+static void burst_shutdown_case(int cls) {
+  ac_map_t *map = task_map_new();
+  static char big[8001];
+  listener_t l;
+  ossl_client_t oc;
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, cls));
+  l.setup = setup_burst_shutdown;
+  memset(big, 'q', sizeof(big) - 1);
+  memset(&oc, 0, sizeof(oc));
+  oc.port = l.port;
+  oc.send = big;
+  shut_rc = 1;
+  burst_late_rc = 1;
+  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
+  run_while(map, client_done, &oc);
+  pthread_join(th, NULL);
+  ASSERT_OK(shut_rc);
+  /* EPIPE: handle_close; a dispatcher_with_send buffers it (n) first */
+  ASSERT_EQ(burst_late_rc, cls == CHAN_WS ? 4 : 0);
+  ASSERT_GE(l.server->n[CH_CLOSE], 1);
+  ASSERT_EQ(oc.got_len, 3);
+  ASSERT_MEM_EQ(oc.got, "bye", 3);
+  ASSERT_EQ(oc.end_error, SSL_ERROR_ZERO_RETURN);
+  listener_end(&l, map);
+}
+
+TASK(tls_shutdown_inside_read_burst) {
+  burst_shutdown_case(CHAN_PLAIN);
+  burst_shutdown_case(CHAN_WS);
+}
+
 /* The echo of a with_send server, for the renegotiation test. */
 static void echo_input(chan_t *c) {
   if (c->nin > 0 && c->nin <= 5) {
@@ -3660,6 +3719,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_truncated_handshake),
       TASK_ENTRY(tls_close_sends_close_notify),
     TASK_ENTRY(tls_shutdown_sends_close_notify_and_reads_on),
+    TASK_ENTRY(tls_shutdown_inside_read_burst),
       TASK_ENTRY(tls_renegotiation_refused),
       TASK_ENTRY(tls_client_stops_reading),
       TASK_ENTRY(tls_starttls_line_server),
