@@ -160,8 +160,9 @@ struct ac_dispatcher_s {
   unsigned debug : 1;              /* dispatcher_with_send logs sends */
   unsigned xport_ : 1;             /* private: a transport (TLS) carries
                                       the bytes (shim/xport.c) */
-  unsigned shut_wr_ : 1;           /* private: ac_shutdown's SHUT_WR waits
-                                      for libuv's queue (shim/stream.c) */
+  unsigned shut_wr_ : 1;           /* private: ac_shutdown shut the write
+                                      side, or will once libuv's queue is
+                                      out (shim/stream.c) */
   uint8_t family;                  /* AF_*, from create_socket / the socket */
   uint8_t type;                    /* SOCK_STREAM, SOCK_DGRAM ... */
   uint16_t addrlen;                /* 0: addr is "None" */

@@ -79,8 +79,9 @@ int ac__burst_again(ac_dispatcher_t *d) {
  * now: d is open and connected (a closed channel sends nothing; and a
  * gathering must end only through a flush, which ac_close does first,
  * while only a closed channel takes a new socket, whose new life would
- * clear the flag and leave the owner claimed), no write of d failed,
- * nothing of d waits in libuv's queue, and a transport (TLS) could send
+ * clear the flag and leave the owner claimed), no write of d failed, its
+ * write side is not shut (ac_shutdown: what a gathering took could never
+ * go), nothing of d waits in libuv's queue, and a transport (TLS) could send
  * at once what is gathered.  (Else its sends take the usual way, where
  * that queue is the bound of what the channel accepts: the application
  * sees the back-pressure.)  With a transport, a gathering holds half:
@@ -91,7 +92,7 @@ static AC__INLINE int gather_start(ac_dispatcher_t *d) {
   ac_map_t *m = d->map;
 
   if (m->gather_owner != NULL || !ac__stream_clear(d) || !d->connected ||
-      (d->flags & AC__F_WERR) ||
+      (d->flags & AC__F_WERR) || d->shut_wr_ ||
       (d->xport_ && !ac__xport_can_gather(d))) {
     return 0;
   }

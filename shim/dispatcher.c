@@ -1040,7 +1040,15 @@ int ac_shutdown(ac_dispatcher_t *d, int how) {
     }
     how = SHUT_RD;
   }
-  return shutdown(d->fd, how) == 0 ? 0 : AC__ERR(errno);
+  if (shutdown(d->fd, how) != 0) {
+    return AC__ERR(errno);
+  }
+  if (how != SHUT_RD) {
+    /* shut: no gathering starts (burst.c), as what it took could never
+     * go; the sends meet the kernel's EPIPE */
+    d->shut_wr_ = 1;
+  }
+  return 0;
 }
 
 /* A receive filled the caller's buffer: more input may wait (AC__RMORE),

@@ -182,11 +182,11 @@ static void on_write(uv_write_t *req, int status) {
   if (d->shut_wr_ &&
       ((d->wq_bytes == 0 && !held) || (d->flags & AC__F_WERR))) {
     /* ac_shutdown's end of the write side, after the bytes it waited for
-     * (an error of its own is the socket's, met by the next call); not
-     * after the application closed the handle itself (a uv_walk
-     * teardown cancelled the writes): libuv closed the fd at uv_close,
-     * and its number may be another socket's by now */
-    d->shut_wr_ = 0;
+     * (an error of its own is the socket's, met by the next call; shut_wr_
+     * stays: the side is shut, and no write of d follows to come here
+     * again); not after the application closed the handle itself (a
+     * uv_walk teardown cancelled the writes): libuv closed the fd at
+     * uv_close, and its number may be another socket's by now */
     if (!uv_is_closing(&d->h.handle)) {
       (void) shutdown(d->fd, SHUT_WR);
     }

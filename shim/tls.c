@@ -527,14 +527,12 @@ static int tls_handshaking(ac_dispatcher_t *d) {
 
 /* Gathered plaintext (an async_chat parse's replies: burst.c) becomes
  * records when the gathering ends, sent at once: tls_send then makes them
- * all, as nothing older waits for room.  Not after close_notify
- * (ac_shutdown): tls_send refuses records, and a gathering would report
- * sent what can never go (a read burst's next receive starts one). */
+ * all, as nothing older waits for room.  (After close_notify no gathering
+ * starts: ac_shutdown marks the write side shut, burst.c.) */
 static int tls_can_gather(ac_dispatcher_t *d) {
   tls_t *t = tls_of(d);
 
-  return t->state == OPEN && !t->backlog &&
-         !(SSL_get_shutdown(t->ssl) & SSL_SENT_SHUTDOWN);
+  return t->state == OPEN && !t->backlog;
 }
 
 /* ac_shutdown(SHUT_WR): close_notify, once the handshake is done (no

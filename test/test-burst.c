@@ -1303,6 +1303,59 @@ TASK(shutdown_after_queued_sends_delivers_all) {
   }
 }
 
+/* ac_shutdown(SHUT_WR) inside a read burst's handle_read, nothing
+ * queued (shutdown(2) at once): a send in a later call of the same burst
+ * fails as after the shutdown (EPIPE: handle_close, D-13).  Before, the
+ * burst's next receive started a gathering that took the send (ac_send
+ * returned its length), and the bytes met the shut socket only at the
+ * burst's end. */
+static int sb_calls, sb_closes;
+static ssize_t sb_sent = -1;
+
+static int sb_read(ac_dispatcher_t *d) {
+  char buf[8192];
+  ssize_t n = ac_recv(d, buf, sizeof(buf));
+
+  if (n <= 0) {
+    return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+  }
+  if (++sb_calls == 1) {
+    return ac_shutdown(d, SHUT_WR);
+  }
+  if (sb_sent < 0) {
+    sb_sent = ac_send(d, "x", 1);
+  }
+  return 0;
+}
+
+static int sb_close(ac_dispatcher_t *d) {
+  sb_closes++;
+  return ac_close(d);
+}
+
+static const ac_dispatcher_ops_t sb_ops = {.handle_read = sb_read,
+                                           .handle_close = sb_close};
+
+TASK(shutdown_in_burst_later_send_fails) {
+  static char big[32 * 1024];
+  ac_map_t *map = task_map_new();
+  static ac_dispatcher_t d;
+  uv_os_sock_t fds[2];
+  char buf[16];
+
+  ASSERT_OK(ac_dispatcher_init(&d, map, &sb_ops));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+  peer_send(fds[0], fds[1], big, sizeof(big));
+  ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+  ASSERT_GT(sb_calls, 1); /* a burst */
+  ASSERT_EQ(sb_sent, 0);  /* not taken: EPIPE, handle_close */
+  ASSERT_EQ(sb_closes, 1);
+  ASSERT_EQ(recv(fds[0], buf, sizeof(buf), 0), 0); /* the end, no "x" */
+  close(fds[0]);
+  task_map_free(map);
+}
+
 /* ac_shutdown with nothing queued is shutdown(2) at once: SHUT_WR, the
  * peer reads the end now; SHUT_RD, the channel meets its end at the next
  * read (handle_close); a TLS-less channel with no socket is UV_EBADF;
@@ -2828,6 +2881,7 @@ static const task_t tasks[] = {
     TASK_ENTRY(chat_raw_shutdown_after_pushes),
     TASK_ENTRY(shutdown_after_queued_sends_delivers_all),
     TASK_ENTRY(shutdown_now_when_nothing_queued),
+    TASK_ENTRY(shutdown_in_burst_later_send_fails),
     TASK_ENTRY(burst_stop_fail_or_map_close_delivers_replies),
     TASK_ENTRY(burst_large_replies_keep_order),
     TASK_ENTRY(burst_close_all_with_input_ahead),
