@@ -2201,6 +2201,55 @@ static int hs_asked(void *arg) {
   return __atomic_load_n(&((hs_t *) arg)->result, __ATOMIC_SEQ_CST) != 0;
 }
 
+/* Run passes until the client's sends stop being taken (the peer reads
+ * nothing): 20 passes without progress, or 20 s. */
+static void until_sends_stall(ac_map_t *map, chan_t *c) {
+  uint64_t end = uv_hrtime() + 20000000000ull;
+  size_t last = 0;
+  int same = 0;
+
+  while (same < 20 && uv_hrtime() < end) {
+    ac_loop(map, 0.01, 0, 1);
+    same = c->accepted == last && c->accepted > 0 ? same + 1 : 0;
+    last = c->accepted;
+  }
+}
+
+/* The hostile server's script asks (h->count 1: its KeyUpdates), and the
+ * client reads them and answers into its full socket: the answers wait.
+ * Returns whether the script asked. */
+static int answers_wait(ac_map_t *map, hs_t *h) {
+  int i;
+
+  __atomic_store_n(&h->count, 1, __ATOMIC_SEQ_CST);
+  if (!run_while(map, hs_asked, h)) {
+    return 0;
+  }
+  for (i = 0; i < 20; i++) {
+    ac_loop(map, 0.01, 0, 1);
+  }
+  return 1;
+}
+
+/* A plain TLS client channel with a send buffer of `sndbuf`, connecting
+ * to the hostile server's port. */
+static int small_client(chan_t *c, ac_map_t *map, SSL_CTX *cctx, int port,
+                        int sndbuf) {
+  struct sockaddr_storage ss;
+  int r = chan_init(c, map, CHAN_PLAIN, "client");
+
+  if (r == 0) {
+    r = ac_create_socket(&c->u.d, AF_INET, SOCK_STREAM);
+  }
+  if (r == 0) {
+    setsockopt(ac_fileno(&c->u.d), SOL_SOCKET, SO_SNDBUF, &sndbuf,
+               sizeof(sndbuf));
+    r = ac_tls_client(&c->u.d, cctx, "localhost");
+  }
+  task_addr(AF_INET, port, &ss);
+  return r == 0 ? ac_connect(&c->u.d, (struct sockaddr *) &ss) : r;
+}
+
 /* The client closes while its answers to the server's KeyUpdates wait for
  * room (it filled the socket first; the server reads nothing): once the
  * server reads, it gets every byte, the answers, then close_notify, not a
@@ -2216,9 +2265,6 @@ static void close_while_answers_wait(int shut) {
   pthread_t th;
   chan_t c;
   int small = 4096;
-  struct sockaddr_storage ss;
-  size_t last = 0;
-  int same = 0;
   uint64_t end;
 
   ASSERT(map != NULL && cctx != NULL && data != NULL);
@@ -2227,26 +2273,11 @@ static void close_while_answers_wait(int shut) {
   memset(&h, 0, sizeof(h));
   h.rcvbuf = small;
   ASSERT_OK(hs_start(&h, &th, ask_then_read_script));
-  ASSERT_OK(chan_init(&c, map, CHAN_PLAIN, "client"));
-  ASSERT_OK(ac_create_socket(&c.u.d, AF_INET, SOCK_STREAM));
-  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
-  ASSERT_OK(ac_tls_client(&c.u.d, cctx, "localhost"));
-  task_addr(AF_INET, h.port, &ss);
-  ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &ss));
+  ASSERT_OK(small_client(&c, map, cctx, h.port, small));
   ASSERT_OK(chan_send(&c, data, size));
-  /* until the client's sends stop being taken */
-  end = uv_hrtime() + 20000000000ull;
-  while (same < 20 && uv_hrtime() < end) {
-    ac_loop(map, 0.01, 0, 1);
-    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
-    last = c.accepted;
-  }
+  until_sends_stall(map, &c);
   ASSERT_LT(c.accepted, size);
-  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
-  ASSERT(run_while(map, hs_asked, &h));
-  for (same = 0; same < 20; same++) { /* the client reads them, answers */
-    ac_loop(map, 0.01, 0, 1);
-  }
+  ASSERT(answers_wait(map, &h));
   if (shut) {
     c.nsrc = 0; /* the class sends nothing more */
     ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
@@ -2303,9 +2334,6 @@ TASK(tls_client_uv_walk_with_close_notify_waiting) {
   pthread_t th;
   chan_t c;
   int small = 4096;
-  struct sockaddr_storage ss;
-  size_t last = 0;
-  int same = 0;
   int fd;
   int fresh[2];
   char buf[64];
@@ -2318,24 +2346,10 @@ TASK(tls_client_uv_walk_with_close_notify_waiting) {
   memset(&h, 0, sizeof(h));
   h.rcvbuf = small;
   ASSERT_OK(hs_start(&h, &th, ask_then_read_script));
-  ASSERT_OK(chan_init(&c, map, CHAN_PLAIN, "client"));
-  ASSERT_OK(ac_create_socket(&c.u.d, AF_INET, SOCK_STREAM));
-  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
-  ASSERT_OK(ac_tls_client(&c.u.d, cctx, "localhost"));
-  task_addr(AF_INET, h.port, &ss);
-  ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &ss));
+  ASSERT_OK(small_client(&c, map, cctx, h.port, small));
   ASSERT_OK(chan_send(&c, data, size));
-  end = uv_hrtime() + 20000000000ull;
-  while (same < 20 && uv_hrtime() < end) {
-    ac_loop(map, 0.01, 0, 1);
-    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
-    last = c.accepted;
-  }
-  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
-  ASSERT(run_while(map, hs_asked, &h));
-  for (same = 0; same < 20; same++) { /* the client reads them, answers */
-    ac_loop(map, 0.01, 0, 1);
-  }
+  until_sends_stall(map, &c);
+  ASSERT(answers_wait(map, &h));
   ASSERT_GT(BIO_ctrl_pending(SSL_get_wbio(ac_tls_ssl(&c.u.d))), 0);
   c.nsrc = 0;
   ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
@@ -2415,9 +2429,6 @@ TASK(tls_client_reset_while_close_notify_waits) {
   pthread_t th;
   chan_t c;
   int small = 4096;
-  struct sockaddr_storage ss;
-  size_t last = 0;
-  int same = 0;
   int passes = 0;
   uint64_t end;
 
@@ -2427,24 +2438,10 @@ TASK(tls_client_reset_while_close_notify_waits) {
   memset(&h, 0, sizeof(h));
   h.rcvbuf = small;
   ASSERT_OK(hs_start(&h, &th, ask_then_reset_script));
-  ASSERT_OK(chan_init(&c, map, CHAN_PLAIN, "client"));
-  ASSERT_OK(ac_create_socket(&c.u.d, AF_INET, SOCK_STREAM));
-  setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
-  ASSERT_OK(ac_tls_client(&c.u.d, cctx, "localhost"));
-  task_addr(AF_INET, h.port, &ss);
-  ASSERT_OK(ac_connect(&c.u.d, (struct sockaddr *) &ss));
+  ASSERT_OK(small_client(&c, map, cctx, h.port, small));
   ASSERT_OK(chan_send(&c, data, size));
-  end = uv_hrtime() + 20000000000ull;
-  while (same < 20 && uv_hrtime() < end) {
-    ac_loop(map, 0.01, 0, 1);
-    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
-    last = c.accepted;
-  }
-  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
-  ASSERT(run_while(map, hs_asked, &h));
-  for (same = 0; same < 20; same++) {
-    ac_loop(map, 0.01, 0, 1);
-  }
+  until_sends_stall(map, &c);
+  ASSERT(answers_wait(map, &h));
   ASSERT_GT(BIO_ctrl_pending(SSL_get_wbio(ac_tls_ssl(&c.u.d))), 0);
   c.nsrc = 0;
   ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
@@ -2510,8 +2507,6 @@ static void close_notify_behind_full_queue(int max12, const char *ciphers,
   hs_t h;
   pthread_t th;
   chan_t c;
-  size_t last = 0;
-  int same = 0;
   int small = 4096;
   uint64_t end;
 
@@ -2526,13 +2521,7 @@ static void close_notify_behind_full_queue(int max12, const char *ciphers,
   hs_client(&h, &c, map, CHAN_PLAIN, cctx, "localhost");
   setsockopt(ac_fileno(&c.u.d), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
   ASSERT_OK(chan_send(&c, data, size));
-  /* until the client's sends stop being taken */
-  end = uv_hrtime() + 20000000000ull;
-  while (same < 20 && uv_hrtime() < end) {
-    ac_loop(map, 0.01, 0, 1);
-    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
-    last = c.accepted;
-  }
+  until_sends_stall(map, &c);
   ASSERT_GT(c.accepted, 0);
   ASSERT_LT(c.accepted, size);
   if (shut) {
@@ -2661,8 +2650,6 @@ TASK(tls_client_shutdown_waiting_reads_on) {
   hs_t h;
   pthread_t th;
   chan_t c;
-  size_t last = 0;
-  int same = 0;
   int small = 4096;
   size_t nin_at_close = 0;
   uint64_t end;
@@ -2679,19 +2666,10 @@ TASK(tls_client_shutdown_waiting_reads_on) {
   c.hook = note_nin_at_close;
   c.ctx = &nin_at_close;
   ASSERT_OK(chan_send(&c, data, size));
-  end = uv_hrtime() + 20000000000ull;
-  while (same < 20 && uv_hrtime() < end) {
-    ac_loop(map, 0.01, 0, 1);
-    same = c.accepted == last && c.accepted > 0 ? same + 1 : 0;
-    last = c.accepted;
-  }
+  until_sends_stall(map, &c);
   ASSERT_LT(c.accepted, size);
   c.nsrc = 0; /* the class sends nothing more */
-  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
-  ASSERT(run_while(map, hs_asked, &h));
-  for (same = 0; same < 20; same++) { /* the client reads them, answers */
-    ac_loop(map, 0.01, 0, 1);
-  }
+  ASSERT(answers_wait(map, &h));
   ASSERT_GT(BIO_ctrl_pending(SSL_get_wbio(ac_tls_ssl(&c.u.d))), 0);
   ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
   __atomic_store_n(&h.count, 2, __ATOMIC_SEQ_CST);
