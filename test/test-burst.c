@@ -1385,6 +1385,201 @@ TASK(shutdown_now_when_nothing_queued) {
   task_map_free(map);
 }
 
+/* Fills the channel's libuv queue (the peer reads nothing): ac_send of
+ * 16 KiB chunks until one is taken in part.  Returns the bytes reported
+ * sent (0: a send failed). */
+static size_t shut_fill(ac_dispatcher_t *d) {
+  static char chunk[16384];
+  size_t reported = 0;
+  int i;
+
+  memset(chunk, 'q', sizeof(chunk));
+  for (i = 0; i < 100000; i++) {
+    ssize_t s = ac_send(d, chunk, sizeof(chunk));
+    if (s < 0) {
+      return 0;
+    }
+    reported += (size_t) s;
+    if ((size_t) s < sizeof(chunk)) {
+      break;
+    }
+  }
+  return reported;
+}
+
+/* Runs the loop and reads the peer's socket until `want` bytes came, then
+ * a while longer (bounded): returns the bytes read; *end: whether the end
+ * of the stream came after them (else the peer would block). */
+static size_t shut_peer_read(ac_map_t *map, int fd, size_t want, int *end) {
+  size_t got = 0;
+  int extra = 0;
+  int i;
+
+  *end = 0;
+  for (i = 0; i < 5000 && !*end && extra < 50; i++) {
+    char buf[65536];
+    ssize_t r;
+
+    (void) uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+    while ((r = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0) {
+      got += (size_t) r;
+    }
+    *end = r == 0;
+    if (got >= want) {
+      extra++;
+      usleep(1000);
+    }
+  }
+  return got;
+}
+
+/* ac_shutdown(SHUT_RDWR) behind libuv's queue: the read side ends now
+ * (handle_close), the write side after the queue, as for SHUT_WR: the
+ * peer gets every byte reported sent, then the end.  A bad `how` meanwhile
+ * is UV_EINVAL and does nothing.  A user would see a shorter stream (the
+ * kernel's shutdown at once cuts what waits in libuv), or a bad `how`
+ * reported done with the write side marked shut. */
+TASK(shutdown_rdwr_after_queued_sends_delivers_all) {
+  ac_map_t *map = task_map_new();
+  static ac_dispatcher_t d;
+  uv_os_sock_t fds[2];
+  size_t reported;
+  int end;
+
+  shut_closes = 0;
+  ASSERT_OK(ac_dispatcher_init(&d, map, &shut_close_ops));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+  reported = shut_fill(&d);
+  ASSERT_GT(reported, 0);
+  ASSERT_EQ(ac_shutdown(&d, 7), UV_EINVAL);
+  ASSERT_EQ(ac_shutdown(&d, -1), UV_EINVAL);
+  ASSERT_OK(ac_shutdown(&d, SHUT_RDWR));
+  ASSERT_EQ(shut_peer_read(map, fds[0], reported, &end), reported);
+  ASSERT(end);
+  ASSERT_EQ(shut_closes, 1); /* the read side's end: handle_close */
+  ac_close(&d);
+  close(fds[0]);
+  task_map_free(map);
+}
+
+/* After the end that ac_shutdown(SHUT_WR) deferred behind libuv's queue,
+ * the read side goes on (a half-close): no handle_close until the peer
+ * ends, and what the peer sends is read; the write side stays shut: a
+ * send in a later call of a read burst fails at once (EPIPE: handle_close,
+ * D-13), it is not gathered and reported sent.  A user would see the
+ * input end when the queue drained, or a reply reported sent and lost. */
+static int sw_calls, sw_closes;
+static size_t sw_got;
+static ssize_t sw_sent = -1;
+
+static int sw_read(ac_dispatcher_t *d) {
+  char buf[8192];
+  ssize_t n = ac_recv(d, buf, sizeof(buf));
+
+  if (n <= 0) {
+    return n < 0 && n != UV_EAGAIN ? (int) n : 0;
+  }
+  sw_got += (size_t) n;
+  if (++sw_calls > 1 && sw_sent < 0) {
+    sw_sent = ac_send(d, "x", 1);
+  }
+  return 0;
+}
+
+static int sw_close(ac_dispatcher_t *d) {
+  sw_closes++;
+  return ac_close(d);
+}
+
+static const ac_dispatcher_ops_t sw_ops = {.handle_read = sw_read,
+                                           .handle_close = sw_close};
+
+TASK(shutdown_waiting_then_reads_on_and_sends_fail) {
+  static char big[32 * 1024];
+  ac_map_t *map = task_map_new();
+  static ac_dispatcher_t d;
+  uv_os_sock_t fds[2];
+  size_t reported;
+  int end;
+  char buf[16];
+
+  ASSERT_OK(ac_dispatcher_init(&d, map, &sw_ops));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+  reported = shut_fill(&d);
+  ASSERT_GT(reported, 0);
+  ASSERT_OK(ac_shutdown(&d, SHUT_WR)); /* waits for the queue */
+  ASSERT_EQ(shut_peer_read(map, fds[0], reported, &end), reported);
+  ASSERT(end);
+  ASSERT_OK(ac_loop(map, 0.2, 0, 1));
+  ASSERT_EQ(sw_closes, 0); /* the input did not end */
+  peer_send(fds[0], fds[1], big, sizeof(big));
+  ASSERT_OK(ac_loop(map, 1.0, 0, 1));
+  ASSERT_GE(sw_got, 2 * 8192); /* read on, until the send failed */
+  ASSERT_GT(sw_calls, 1); /* a burst */
+  ASSERT_EQ(sw_sent, 0);  /* not taken: EPIPE, handle_close */
+  ASSERT_EQ(sw_closes, 1);
+  ASSERT_EQ(recv(fds[0], buf, sizeof(buf), MSG_DONTWAIT), 0); /* no "x" */
+  close(fds[0]);
+  task_map_free(map);
+}
+
+/* A channel shut (ac_shutdown) and closed takes a new socket: its write
+ * side is open.  Sends that fill libuv's queue are taken, and the peer
+ * gets them without an end.  A user would see the new connection's sends
+ * fail (EPIPE: handle_close) once one waits behind the queue, and the
+ * write side end when the queue drains. */
+TASK(shutdown_then_close_new_socket_sends) {
+  ac_map_t *map = task_map_new();
+  static ac_dispatcher_t d;
+  uv_os_sock_t fds[2];
+  uv_os_sock_t fds2[2];
+  size_t reported;
+  int end;
+  int i;
+
+  shut_closes = 0;
+  ASSERT_OK(ac_dispatcher_init(&d, map, &shut_close_ops));
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds));
+  ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
+  ASSERT_OK(ac_shutdown(&d, SHUT_WR));
+  ASSERT_OK(ac_close(&d)); /* not released: the channel lives again */
+  ASSERT_OK(probe_tcp_pair(AF_INET, fds2));
+  ASSERT_OK(ac_dispatcher_open(&d, fds2[1]));
+  for (i = 0; i < 10; i++) {
+    (void) uv_run(ac_map_loop(map), UV_RUN_NOWAIT); /* the old handle goes */
+  }
+  reported = shut_fill(&d);
+  ASSERT_GT(reported, 0);
+  ASSERT_EQ(ac_send(&d, "y", 1), 0); /* the queue is full: would-block */
+  ASSERT_EQ(shut_closes, 0);
+  ASSERT_EQ(shut_peer_read(map, fds2[0], reported, &end), reported);
+  ASSERT(!end); /* the write side is open */
+  ASSERT_EQ(shut_closes, 0);
+  ASSERT_EQ(ac_send(&d, "z", 1), 1);
+  ac_close(&d);
+  close(fds[0]);
+  close(fds2[0]);
+  task_map_free(map);
+}
+
+/* ac_shutdown on a socket that is not connected (created, no connect
+ * yet): shutdown(2)'s error, UV_ENOTCONN, for every `how`.  A user would
+ * see the call reported done. */
+TASK(shutdown_unconnected_socket_fails) {
+  ac_map_t *map = task_map_new();
+  static ac_dispatcher_t d;
+
+  ASSERT_OK(ac_dispatcher_init(&d, map, &shut_close_ops));
+  ASSERT_OK(ac_create_socket(&d, AF_INET, SOCK_STREAM));
+  ASSERT_EQ(ac_shutdown(&d, SHUT_WR), UV_ENOTCONN);
+  ASSERT_EQ(ac_shutdown(&d, SHUT_RD), UV_ENOTCONN);
+  ASSERT_EQ(ac_shutdown(&d, SHUT_RDWR), UV_ENOTCONN);
+  ac_close(&d);
+  task_map_free(map);
+}
+
 /* A handler of a burst's later call stops the loop (AC_EXIT, E-01),
  * fails (AC_EFAIL: handle_error closes), or closes the whole map from
  * inside (ac_map_close, embedded): the replies it sent before reach the
@@ -2882,6 +3077,10 @@ static const task_t tasks[] = {
     TASK_ENTRY(shutdown_after_queued_sends_delivers_all),
     TASK_ENTRY(shutdown_now_when_nothing_queued),
     TASK_ENTRY(shutdown_in_burst_later_send_fails),
+    TASK_ENTRY(shutdown_rdwr_after_queued_sends_delivers_all),
+    TASK_ENTRY(shutdown_waiting_then_reads_on_and_sends_fail),
+    TASK_ENTRY(shutdown_then_close_new_socket_sends),
+    TASK_ENTRY(shutdown_unconnected_socket_fails),
     TASK_ENTRY(burst_stop_fail_or_map_close_delivers_replies),
     TASK_ENTRY(burst_large_replies_keep_order),
     TASK_ENTRY(burst_close_all_with_input_ahead),
