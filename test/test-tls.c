@@ -667,6 +667,103 @@ TASK(tls_shutdown_inside_read_burst) {
   burst_shutdown_case(CHAN_WS);
 }
 
+/* ac_shutdown(SHUT_RD) on a TLS channel ends the input only: no
+ * close_notify, the channel still sends (as socket.shutdown(SHUT_RD)
+ * leaves the socket writable): the client reads the reply sent after it,
+ * then the close_notify of ac_close.  A user would see the reply lost:
+ * close_notify first, the send failing (EPIPE). */
+static int shut_rd_rc = 1;
+static ssize_t shut_rd_sent = -1;
+
+static void shut_rd_then_reply(chan_t *c) {
+  if (c->nin == 2 && shut_rd_rc == 1) {
+    shut_rd_rc = ac_shutdown(&c->u.d, SHUT_RD);
+    shut_rd_sent = ac_send(&c->u.d, "bye", 3);
+    ac_close(&c->u.d);
+  }
+}
+
+static void setup_shut_rd(chan_t *s) { s->on_input = shut_rd_then_reply; }
+
+TASK(tls_shutdown_rd_still_sends) {
+  ac_map_t *map = task_map_new();
+  listener_t l;
+  ossl_client_t oc;
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
+  l.setup = setup_shut_rd;
+  memset(&oc, 0, sizeof(oc));
+  oc.port = l.port;
+  oc.send = "hi";
+  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
+  run_while(map, client_done, &oc);
+  pthread_join(th, NULL);
+  ASSERT_OK(shut_rd_rc);
+  ASSERT_EQ(shut_rd_sent, 3);
+  ASSERT_EQ(oc.got_len, 3);
+  ASSERT_MEM_EQ(oc.got, "bye", 3);
+  ASSERT_EQ(oc.end_error, SSL_ERROR_ZERO_RETURN);
+  listener_end(&l, map);
+}
+
+/* ac_shutdown(SHUT_WR) called again, at each input, while the client's
+ * 20000 bytes (two records) are read 512 bytes at a time: no-ops (one
+ * close_notify), and every byte is read.  A user would see input lost: a
+ * second SSL_shutdown reads on for the peer's close_notify, dropping the
+ * application data it meets. */
+static int twice_first_rc = 1;
+
+static void shutdown_each_input(chan_t *c) {
+  int r = ac_shutdown(&c->u.d, SHUT_WR);
+
+  if (twice_first_rc == 1) {
+    twice_first_rc = r;
+  }
+}
+
+static void setup_shutdown_twice(chan_t *s) {
+  s->on_input = shutdown_each_input;
+  s->rchunk = 512;
+  s->keep_open = 1;
+}
+
+static int server_read_all_or_ended(void *arg) {
+  listener_t *l = arg;
+
+  return l->server != NULL &&
+         (l->server->nin >= 20000 || l->server->eof ||
+          l->server->n[CH_ERROR] > 0 || l->server->released > 0);
+}
+
+TASK(tls_shutdown_twice_reads_on) {
+  static char big[20001];
+  ac_map_t *map = task_map_new();
+  listener_t l;
+  ossl_client_t oc;
+  pthread_t th;
+
+  ASSERT(map != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
+  l.setup = setup_shutdown_twice;
+  memset(big, 'q', sizeof(big) - 1);
+  memset(&oc, 0, sizeof(oc));
+  oc.port = l.port;
+  oc.send = big;
+  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
+  run_while(map, client_done, &oc);
+  pthread_join(th, NULL);
+  ASSERT(run_while(map, server_read_all_or_ended, &l));
+  ASSERT_OK(twice_first_rc);
+  ASSERT_EQ(l.server->nin, 20000);
+  ASSERT_EQ(oc.got_len, 0);
+  ASSERT_EQ(oc.end_error, SSL_ERROR_ZERO_RETURN);
+  listener_end(&l, map);
+}
+
 /* The echo of a with_send server, for the renegotiation test. */
 static void echo_input(chan_t *c) {
   if (c->nin > 0 && c->nin <= 5) {
@@ -2461,6 +2558,61 @@ TASK(tls_client_reset_while_close_notify_waits) {
   free(data);
 }
 
+/* Waits until the test says `go` (h->count set to 1), then resets the
+ * connection (SO_LINGER 0), with the client's channel established. */
+static void reset_on_go_script(hs_t *h, int fd) {
+  SSL_CTX *ctx;
+  SSL *ssl = hs_accept(h, fd, &ctx);
+  struct linger lg = {1, 0};
+  uint64_t end = uv_hrtime() + 5000000000ull;
+
+  while (ssl != NULL && !__atomic_load_n(&h->count, __ATOMIC_SEQ_CST) &&
+         uv_hrtime() < end) {
+    usleep(2000);
+  }
+  setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+  hs_end(ssl, ctx);
+}
+
+/* ac_shutdown(SHUT_WR) on a TLS channel whose server reset the connection
+ * (not read yet): close_notify meets the reset, and ac_shutdown returns
+ * that error (UV_ECONNRESET), not 0 nor the kernel's shutdown error of a
+ * connection already gone.  A user would see the end of the write side
+ * reported done on a connection that is gone. */
+TASK(tls_client_shutdown_after_reset_reports_it) {
+  ac_map_t *map = task_map_new();
+  SSL_CTX *cctx = tlstest_client_ctx(1);
+  hs_t h;
+  pthread_t th;
+  chan_t c;
+  int i;
+
+  ASSERT(map != NULL && cctx != NULL);
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(&h, 0, sizeof(h));
+  ASSERT_OK(hs_start(&h, &th, reset_on_go_script));
+  hs_client(&h, &c, map, CHAN_PLAIN, cctx, "localhost");
+  while (!ac_tls_established(&c.u.d) && !hs_client_ended(&c)) {
+    ac_loop(map, 0.05, 0, 1);
+  }
+  ASSERT(ac_tls_established(&c.u.d));
+  __atomic_store_n(&h.count, 1, __ATOMIC_SEQ_CST);
+  for (i = 0; i < 500 && !hs_done(&h); i++) {
+    usleep(2000); /* the loop does not run: the reset is not read */
+  }
+  ASSERT(hs_done(&h));
+  usleep(20000);
+  ASSERT_EQ(ac_shutdown(&c.u.d, SHUT_WR), UV_ECONNRESET);
+  ac_close(&c.u.d);
+  hs_join(&h, th);
+  for (i = 0; i < 100 && c.released == 0; i++) {
+    (void) uv_run(ac_map_loop(map), UV_RUN_NOWAIT); /* the map is empty */
+  }
+  ASSERT_EQ(c.released, 1);
+  SSL_CTX_free(cctx);
+  task_map_free(map);
+}
+
 /* Reads nothing until the test says `go` (h->count set to 1), then
  * everything: done_count bytes (result: SSL_get_error of the read that
  * ended; done_count < 0: a byte differed from the pattern of seed 21). */
@@ -3698,6 +3850,8 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_close_sends_close_notify),
     TASK_ENTRY(tls_shutdown_sends_close_notify_and_reads_on),
     TASK_ENTRY(tls_shutdown_inside_read_burst),
+    TASK_ENTRY(tls_shutdown_rd_still_sends),
+    TASK_ENTRY(tls_shutdown_twice_reads_on),
       TASK_ENTRY(tls_renegotiation_refused),
       TASK_ENTRY(tls_client_stops_reading),
       TASK_ENTRY(tls_starttls_line_server),
@@ -3719,6 +3873,7 @@ int main(int argc, char **argv) {
       TASK_ENTRY(tls_client_shutdown_then_close_while_answers_wait),
       TASK_ENTRY(tls_client_uv_walk_with_close_notify_waiting),
       TASK_ENTRY(tls_client_reset_while_close_notify_waits),
+    TASK_ENTRY(tls_client_shutdown_after_reset_reports_it),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue),
       TASK_ENTRY(tls_client_close_notify_behind_full_queue_tls12),
       TASK_ENTRY(tls_client_shutdown_behind_full_queue),
