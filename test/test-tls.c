@@ -521,6 +521,33 @@ static int client_done(void *arg) {
   return __atomic_load_n(&((ossl_client_t *) arg)->done, __ATOMIC_SEQ_CST);
 }
 
+/* The listener of class `cls` (its accepted channels set up by `setup`)
+ * and one ossl_client `oc` (its fields set, but for the port): runs the
+ * loop until the client's thread ends, after `server_done(l)` if given.
+ * Returns 0 when the listener failed or server_done did not come. */
+static int ossl_exchange(ac_map_t *map, listener_t *l, int cls,
+                         void (*setup)(chan_t *), ossl_client_t *oc,
+                         int (*server_done)(void *)) {
+  pthread_t th;
+  int ok = 1;
+
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  if (listener_start(l, map, cls) != 0) {
+    return 0;
+  }
+  l->setup = setup;
+  oc->port = l->port;
+  if (pthread_create(&th, NULL, ossl_client, oc) != 0) {
+    return 0;
+  }
+  if (server_done != NULL) {
+    ok = run_while(map, server_done, l);
+  }
+  run_while(map, client_done, oc);
+  pthread_join(th, NULL);
+  return ok;
+}
+
 /* The server says "bye" and closes at once: the client reads it, then a
  * clean TLS end (close_notify: SSL_ERROR_ZERO_RETURN), not a truncation. */
 static void bye_and_close(chan_t *c) {
@@ -536,18 +563,11 @@ TASK(tls_close_sends_close_notify) {
   ac_map_t *map = task_map_new();
   listener_t l;
   ossl_client_t oc;
-  pthread_t th;
 
   ASSERT(map != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
-  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
-  l.setup = setup_bye;
   memset(&oc, 0, sizeof(oc));
-  oc.port = l.port;
   oc.send = "hi";
-  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
-  run_while(map, client_done, &oc);
-  pthread_join(th, NULL);
+  ASSERT(ossl_exchange(map, &l, CHAN_PLAIN, setup_bye, &oc, NULL));
   ASSERT_EQ(oc.got_len, 3);
   ASSERT_MEM_EQ(oc.got, "bye", 3);
   ASSERT_EQ(oc.end_error, SSL_ERROR_ZERO_RETURN);
@@ -585,20 +605,12 @@ TASK(tls_shutdown_sends_close_notify_and_reads_on) {
   ac_map_t *map = task_map_new();
   listener_t l;
   ossl_client_t oc;
-  pthread_t th;
 
   ASSERT(map != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
-  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
-  l.setup = setup_shutdown;
   memset(&oc, 0, sizeof(oc));
-  oc.port = l.port;
   oc.send = "hi";
   oc.after_end = "more";
-  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
-  ASSERT(run_while(map, server_ended, &l));
-  run_while(map, client_done, &oc);
-  pthread_join(th, NULL);
+  ASSERT(ossl_exchange(map, &l, CHAN_PLAIN, setup_shutdown, &oc, server_ended));
   ASSERT_OK(shut_rc);
   ASSERT_EQ(oc.got_len, 3);
   ASSERT_MEM_EQ(oc.got, "bye", 3); /* not "late" */
@@ -637,21 +649,14 @@ static void burst_shutdown_case(int cls) {
   static char big[8001];
   listener_t l;
   ossl_client_t oc;
-  pthread_t th;
 
   ASSERT(map != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
-  ASSERT_OK(listener_start(&l, map, cls));
-  l.setup = setup_burst_shutdown;
   memset(big, 'q', sizeof(big) - 1);
   memset(&oc, 0, sizeof(oc));
-  oc.port = l.port;
   oc.send = big;
   shut_rc = 1;
   burst_late_rc = 1;
-  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
-  run_while(map, client_done, &oc);
-  pthread_join(th, NULL);
+  ASSERT(ossl_exchange(map, &l, cls, setup_burst_shutdown, &oc, NULL));
   ASSERT_OK(shut_rc);
   /* EPIPE: handle_close; a dispatcher_with_send buffers it (n) first */
   ASSERT_EQ(burst_late_rc, cls == CHAN_WS ? 4 : 0);
@@ -689,18 +694,11 @@ TASK(tls_shutdown_rd_still_sends) {
   ac_map_t *map = task_map_new();
   listener_t l;
   ossl_client_t oc;
-  pthread_t th;
 
   ASSERT(map != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
-  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
-  l.setup = setup_shut_rd;
   memset(&oc, 0, sizeof(oc));
-  oc.port = l.port;
   oc.send = "hi";
-  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
-  run_while(map, client_done, &oc);
-  pthread_join(th, NULL);
+  ASSERT(ossl_exchange(map, &l, CHAN_PLAIN, setup_shut_rd, &oc, NULL));
   ASSERT_OK(shut_rd_rc);
   ASSERT_EQ(shut_rd_sent, 3);
   ASSERT_EQ(oc.got_len, 3);
@@ -743,19 +741,12 @@ TASK(tls_shutdown_twice_reads_on) {
   ac_map_t *map = task_map_new();
   listener_t l;
   ossl_client_t oc;
-  pthread_t th;
 
   ASSERT(map != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
-  ASSERT_OK(listener_start(&l, map, CHAN_PLAIN));
-  l.setup = setup_shutdown_twice;
   memset(big, 'q', sizeof(big) - 1);
   memset(&oc, 0, sizeof(oc));
-  oc.port = l.port;
   oc.send = big;
-  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
-  run_while(map, client_done, &oc);
-  pthread_join(th, NULL);
+  ASSERT(ossl_exchange(map, &l, CHAN_PLAIN, setup_shutdown_twice, &oc, NULL));
   ASSERT(run_while(map, server_read_all_or_ended, &l));
   ASSERT_OK(twice_first_rc);
   ASSERT_EQ(l.server->nin, 20000);
@@ -787,20 +778,13 @@ TASK(tls_renegotiation_refused) {
   ac_map_t *map = task_map_new();
   listener_t l;
   ossl_client_t oc;
-  pthread_t th;
 
   ASSERT(map != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
-  ASSERT_OK(listener_start(&l, map, CHAN_WS));
-  l.setup = setup_echo;
   memset(&oc, 0, sizeof(oc));
-  oc.port = l.port;
   oc.max12 = 1;
   oc.renegotiate = 1;
   oc.send = "hi";
-  ASSERT_EQ(pthread_create(&th, NULL, ossl_client, &oc), 0);
-  run_while(map, client_done, &oc);
-  pthread_join(th, NULL);
+  ASSERT(ossl_exchange(map, &l, CHAN_WS, setup_echo, &oc, NULL));
   ASSERT_EQ(oc.got_len, 4);
   ASSERT_MEM_EQ(oc.got, "echo", 4);
   ASSERT(oc.reneg_result != 1);
@@ -1154,11 +1138,13 @@ typedef struct {
   SSL_CTX *ctx;
 } pl_listener_t;
 
-static void pl_accepted(chan_t *c, uv_os_sock_t sock) {
+/* handle_accepted of the listener: a TLS line server of `ops`. */
+static void pl_accept_with(chan_t *c, uv_os_sock_t sock,
+                           const ac_chat_ops_t *ops) {
   pl_listener_t *l = ac_container_of(c, pl_listener_t, l);
   pl_server_t *s = calloc(1, sizeof(*s));
 
-  if (s == NULL || ac_chat_init(&s->chat, c->u.d.map, &pl_ops) != 0 ||
+  if (s == NULL || ac_chat_init(&s->chat, c->u.d.map, ops) != 0 ||
       ac_chat_set_terminator(&s->chat, "\n", 1) != 0 ||
       ac_dispatcher_open(&s->chat.d, sock) != 0 ||
       ac_tls_server(&s->chat.d, l->ctx) != 0) {
@@ -1167,6 +1153,10 @@ static void pl_accepted(chan_t *c, uv_os_sock_t sock) {
     return;
   }
   l->s = s;
+}
+
+static void pl_accepted(chan_t *c, uv_os_sock_t sock) {
+  pl_accept_with(c, sock, &pl_ops);
 }
 
 /* A client thread: one blocking TLS connection that writes `out` in one
@@ -1321,18 +1311,7 @@ static const ac_chat_ops_t sp_ops = {
 };
 
 static void sp_accepted(chan_t *c, uv_os_sock_t sock) {
-  pl_listener_t *l = ac_container_of(c, pl_listener_t, l);
-  pl_server_t *s = calloc(1, sizeof(*s));
-
-  if (s == NULL || ac_chat_init(&s->chat, c->u.d.map, &sp_ops) != 0 ||
-      ac_chat_set_terminator(&s->chat, "\n", 1) != 0 ||
-      ac_dispatcher_open(&s->chat.d, sock) != 0 ||
-      ac_tls_server(&s->chat.d, l->ctx) != 0) {
-    close(sock);
-    free(s);
-    return;
-  }
-  l->s = s;
+  pl_accept_with(c, sock, &sp_ops);
 }
 
 typedef struct {
@@ -2347,6 +2326,26 @@ static int small_client(chan_t *c, ac_map_t *map, SSL_CTX *cctx, int port,
   return r == 0 ? ac_connect(&c->u.d, (struct sockaddr *) &ss) : r;
 }
 
+/* The client of the hostile server's `script` (8 KiB socket buffers
+ * both ways) sends `size` bytes the server does not read, until its
+ * sends stall; then the script asks (its KeyUpdates), and the client's
+ * answers wait for room (answers_wait). */
+static void stall_client(ac_map_t *map, SSL_CTX *cctx, hs_t *h,
+                         pthread_t *th, chan_t *c, const char *data,
+                         size_t size, void (*script)(hs_t *, int)) {
+  int small = 4096;
+
+  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
+  memset(h, 0, sizeof(*h));
+  h->rcvbuf = small;
+  ASSERT_OK(hs_start(h, th, script));
+  ASSERT_OK(small_client(c, map, cctx, h->port, small));
+  ASSERT_OK(chan_send(c, data, size));
+  until_sends_stall(map, c);
+  ASSERT_LT(c->accepted, size);
+  ASSERT(answers_wait(map, h));
+}
+
 /* The client closes while its answers to the server's KeyUpdates wait for
  * room (it filled the socket first; the server reads nothing): once the
  * server reads, it gets every byte, the answers, then close_notify, not a
@@ -2361,20 +2360,12 @@ static void close_while_answers_wait(int shut) {
   hs_t h;
   pthread_t th;
   chan_t c;
-  int small = 4096;
   uint64_t end;
 
   ASSERT(map != NULL && cctx != NULL && data != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
   memset(data, 'x', size);
-  memset(&h, 0, sizeof(h));
-  h.rcvbuf = small;
-  ASSERT_OK(hs_start(&h, &th, ask_then_read_script));
-  ASSERT_OK(small_client(&c, map, cctx, h.port, small));
-  ASSERT_OK(chan_send(&c, data, size));
-  until_sends_stall(map, &c);
-  ASSERT_LT(c.accepted, size);
-  ASSERT(answers_wait(map, &h));
+  stall_client(map, cctx, &h, &th, &c, data, size, ask_then_read_script);
+  ASSERT(!task_failed);
   if (shut) {
     c.nsrc = 0; /* the class sends nothing more */
     ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
@@ -2430,7 +2421,6 @@ TASK(tls_client_uv_walk_with_close_notify_waiting) {
   hs_t h;
   pthread_t th;
   chan_t c;
-  int small = 4096;
   int fd;
   int fresh[2];
   char buf[64];
@@ -2438,15 +2428,9 @@ TASK(tls_client_uv_walk_with_close_notify_waiting) {
   uint64_t end;
 
   ASSERT(map != NULL && cctx != NULL && data != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
   memset(data, 'x', size);
-  memset(&h, 0, sizeof(h));
-  h.rcvbuf = small;
-  ASSERT_OK(hs_start(&h, &th, ask_then_read_script));
-  ASSERT_OK(small_client(&c, map, cctx, h.port, small));
-  ASSERT_OK(chan_send(&c, data, size));
-  until_sends_stall(map, &c);
-  ASSERT(answers_wait(map, &h));
+  stall_client(map, cctx, &h, &th, &c, data, size, ask_then_read_script);
+  ASSERT(!task_failed);
   ASSERT_GT(BIO_ctrl_pending(SSL_get_wbio(ac_tls_ssl(&c.u.d))), 0);
   c.nsrc = 0;
   ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
@@ -2525,20 +2509,13 @@ TASK(tls_client_reset_while_close_notify_waits) {
   hs_t h;
   pthread_t th;
   chan_t c;
-  int small = 4096;
   int passes = 0;
   uint64_t end;
 
   ASSERT(map != NULL && cctx != NULL && data != NULL);
-  ac_map_set_log_sink(map, chan_quiet_sink, NULL);
   memset(data, 'x', size);
-  memset(&h, 0, sizeof(h));
-  h.rcvbuf = small;
-  ASSERT_OK(hs_start(&h, &th, ask_then_reset_script));
-  ASSERT_OK(small_client(&c, map, cctx, h.port, small));
-  ASSERT_OK(chan_send(&c, data, size));
-  until_sends_stall(map, &c);
-  ASSERT(answers_wait(map, &h));
+  stall_client(map, cctx, &h, &th, &c, data, size, ask_then_reset_script);
+  ASSERT(!task_failed);
   ASSERT_GT(BIO_ctrl_pending(SSL_get_wbio(ac_tls_ssl(&c.u.d))), 0);
   c.nsrc = 0;
   ASSERT_OK(ac_shutdown(&c.u.d, SHUT_WR));
