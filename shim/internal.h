@@ -413,8 +413,8 @@ typedef struct ac__xport_ops_s {
   /* Whether the TCP connect completed and the transport's handshake runs:
    * its receives meet a socket error after the input before it. */
   int (*handshaking)(ac_dispatcher_t *d);
-  /* ac_shutdown of the write side: the transport's own end (TLS:
-   * close_notify), sent as far as the socket takes it.  Returns 1 if some
+  /* ac_shutdown of the write side, once `up`: the transport's own end
+   * (TLS: close_notify), sent as far as the socket takes it.  Returns 1 if some
    * of it waits in the transport (`written` sends it), 0, or an error. */
   int (*shutdown)(ac_dispatcher_t *d);
 } ac__xport_ops_t;

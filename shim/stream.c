@@ -152,7 +152,6 @@ static void cut_drain(ac_dispatcher_t *d) {
 static void on_write(uv_write_t *req, int status) {
   wreq_t *w = (wreq_t *) req;
   ac_dispatcher_t *d = req->handle->data;
-  int held;
 
   d->wq_bytes -= (uint32_t) (sizeof(*w) + w->len);
   d->nreq--;
@@ -173,21 +172,18 @@ static void on_write(uv_write_t *req, int status) {
     return;
   }
   ac__keep_error(d, status); /* for the next send or receive */
-  /* TLS: its own bytes waiting for room; none once the application
-   * closed the handle itself (a uv_walk teardown cancelled the writes):
-   * libuv closed the fd at uv_close, and its number may be another
-   * socket's by now, which would get the ciphertext */
-  held = d->xport_ && !uv_is_closing(&d->h.handle) ? ac__xport_written(d)
-                                                   : 0;
-  if (d->shut_wr_ &&
-      ((d->wq_bytes == 0 && !held) || (d->flags & AC__F_WERR))) {
-    /* ac_shutdown's end of the write side, after the bytes it waited for
-     * (an error of its own is the socket's, met by the next call; shut_wr_
-     * stays: the side is shut, and no write of d follows to come here
-     * again); not after the application closed the handle itself (a
-     * uv_walk teardown cancelled the writes): libuv closed the fd at
-     * uv_close, and its number may be another socket's by now */
-    if (!uv_is_closing(&d->h.handle)) {
+  /* Nothing more goes to the socket once the application closed the
+   * handle itself (a uv_walk teardown cancelled the writes): libuv closed
+   * the fd at uv_close, and its number may be another socket's by now. */
+  if (!uv_is_closing(&d->h.handle)) {
+    /* TLS: its own bytes waiting for room */
+    int held = d->xport_ ? ac__xport_written(d) : 0;
+    if (d->shut_wr_ &&
+        ((d->wq_bytes == 0 && !held) || (d->flags & AC__F_WERR))) {
+      /* ac_shutdown's end of the write side, after the bytes it waited
+       * for (an error of its own is the socket's, met by the next call;
+       * shut_wr_ stays: the side is shut, and no write of d follows to
+       * come here again) */
       (void) shutdown(d->fd, SHUT_WR);
     }
   }

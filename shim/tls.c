@@ -535,17 +535,14 @@ static int tls_can_gather(ac_dispatcher_t *d) {
   return t->state == OPEN && !t->backlog;
 }
 
-/* ac_shutdown(SHUT_WR): close_notify, once the handshake is done (no
- * connection before: UV_ENOTCONN); sends fail from now on (tls_send).
+/* ac_shutdown(SHUT_WR) of an established channel (ac_shutdown refuses
+ * the others: tls_up): close_notify; sends fail from now on (tls_send).
  * Returns 1 if some of it waits for room (tls_written sends it), 0, or
  * the socket's error. */
 static int tls_shutdown(ac_dispatcher_t *d) {
   tls_t *t = tls_of(d);
   int f;
 
-  if (t->state != OPEN) {
-    return UV_ENOTCONN;
-  }
   if (!(SSL_get_shutdown(t->ssl) & SSL_SENT_SHUTDOWN)) {
     clear_errors();
     (void) SSL_shutdown(t->ssl);

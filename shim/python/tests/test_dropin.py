@@ -393,6 +393,15 @@ class Semantics(unittest.TestCase):
         self.assertEqual(str(exc), message)
         self.assertEqual(seen, ['readable'])
 
+    def assertOverflowAfterAsking(self, cases, use_poll):
+        # Each (timeout, message) of `cases`, with a channel idle or ready.
+        for t, message in cases:
+            for case in ('idle', 'ready'):
+                with self.subTest(timeout=t, case=case):
+                    self.assertRaisedAfterAsking(
+                        self.one_pass(t, use_poll, case), OverflowError,
+                        message)
+
     def test_negative_timeout_raises_in_select_mode(self):
         # time.sleep()'s and select()'s ValueError, after asking the
         # channels and before any handler; the drop-in waited (no limit).
@@ -420,11 +429,7 @@ class Semantics(unittest.TestCase):
                  for t in (float('inf'), float('-inf'), 1e300, 1e10)]
         cases += [(t, 'timestamp too large to convert to C _PyTime_t')
                   for t in (10**30, -10**30)]
-        for t, message in cases:
-            for case in ('idle', 'ready'):
-                with self.subTest(timeout=t, case=case):
-                    self.assertRaisedAfterAsking(
-                        self.one_pass(t, False, case), OverflowError, message)
+        self.assertOverflowAfterAsking(cases, False)
         # 9e9 s fits: data waiting is read at once.
         self.assertEqual(self.one_pass(9e9, False, 'ready'),
                          (None, ['readable', 'handle_read']))
@@ -483,11 +488,7 @@ class Semantics(unittest.TestCase):
                  for t in (9e9, 2147483.648, -2147483.649)]
         cases += [(t, 'timestamp too large to convert to C _PyTime_t')
                   for t in (1e10, 1e300, 10**30, -10**30)]
-        for t, message in cases:
-            for case in ('idle', 'ready'):
-                with self.subTest(timeout=t, case=case):
-                    self.assertRaisedAfterAsking(
-                        self.one_pass(t, True, case), OverflowError, message)
+        self.assertOverflowAfterAsking(cases, True)
         self.assertEqual(self.one_pass(2147483.647, True, 'ready'),
                          (None, ['readable', 'handle_read']))
 
