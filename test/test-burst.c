@@ -1227,6 +1227,63 @@ TASK(chat_raw_shutdown_after_pushes) {
 }
 
 
+/* Fills the channel's libuv queue (the peer reads nothing): ac_send of
+ * 16 KiB chunks until one is taken in part.  Returns the bytes reported
+ * sent (0: a send failed). */
+static size_t shut_fill(ac_dispatcher_t *d) {
+  static char chunk[16384];
+  size_t reported = 0;
+  int i;
+
+  memset(chunk, 'q', sizeof(chunk));
+  for (i = 0; i < 100000; i++) {
+    ssize_t s = ac_send(d, chunk, sizeof(chunk));
+    if (s < 0) {
+      return 0;
+    }
+    reported += (size_t) s;
+    if ((size_t) s < sizeof(chunk)) {
+      break;
+    }
+  }
+  return reported;
+}
+
+/* Bytes the peer read that were not shut_fill's (shut_peer_read). */
+static size_t shut_odd;
+
+/* Runs the loop and reads the peer's socket until `want` bytes came, then
+ * a while longer (bounded): returns the bytes read, counting in shut_odd
+ * those other than shut_fill's; *end: whether the end of the stream came
+ * after them (else the peer would block). */
+static size_t shut_peer_read(ac_map_t *map, int fd, size_t want, int *end) {
+  size_t got = 0;
+  int extra = 0;
+  int i;
+
+  *end = 0;
+  shut_odd = 0;
+  for (i = 0; i < 5000 && !*end && extra < 50; i++) {
+    char buf[65536];
+    ssize_t r;
+
+    (void) uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
+    while ((r = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0) {
+      ssize_t k;
+      for (k = 0; k < r; k++) {
+        shut_odd += buf[k] != 'q';
+      }
+      got += (size_t) r;
+    }
+    *end = r == 0;
+    if (got >= want) {
+      extra++;
+      usleep(1000);
+    }
+  }
+  return got;
+}
+
 /* ac_shutdown(SHUT_WR) after sends that ac_send took into libuv's queue
  * (the emulated send buffer: the peer reads nothing meanwhile): the peer
  * gets every byte reported sent, then the end, no reset (a raw
@@ -1252,31 +1309,20 @@ static const ac_dispatcher_ops_t shut_close_ops = {
     .handle_read = shut_read, .handle_close = shut_close};
 
 TASK(shutdown_after_queued_sends_delivers_all) {
-  static char chunk[16384];
   int close_after;
 
-  memset(chunk, 'q', sizeof(chunk));
   for (close_after = 0; close_after < 2; close_after++) {
     ac_map_t *map = task_map_new();
     static ac_dispatcher_t d;
     uv_os_sock_t fds[2];
-    size_t reported = 0;
-    size_t got = 0;
-    ssize_t r = 1;
-    int i;
+    size_t reported;
+    int end;
 
     shut_closes = 0;
     ASSERT_OK(ac_dispatcher_init(&d, map, &shut_close_ops));
     ASSERT_OK(probe_tcp_pair(AF_INET, fds));
     ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
-    for (i = 0; i < 100000; i++) {
-      ssize_t s = ac_send(&d, chunk, sizeof(chunk));
-      ASSERT(s >= 0);
-      reported += (size_t) s;
-      if ((size_t) s < sizeof(chunk)) {
-        break;
-      }
-    }
+    reported = shut_fill(&d);
     ASSERT(reported > 0);
     ASSERT_OK(ac_shutdown(&d, SHUT_WR));
     if (close_after) {
@@ -1284,18 +1330,11 @@ TASK(shutdown_after_queued_sends_delivers_all) {
       ASSERT_EQ(shut_closes, 1);
       ASSERT(ac_is_closed(&d));
     }
-    for (i = 0; i < 5000 && r != 0; i++) {
-      char buf[65536];
-      /* the closed channel drains outside the map: the loop runs it */
-      (void) uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
-      while ((r = recv(fds[0], buf, sizeof(buf), MSG_DONTWAIT)) > 0) {
-        ASSERT(memchr(buf, 'l', (size_t) r) == NULL); /* not "late" */
-        got += (size_t) r;
-      }
-      ASSERT(r == 0 || errno == EAGAIN);
-    }
-    ASSERT_EQ(r, 0);
-    ASSERT_EQ(got, reported);
+    /* a closed channel drains outside the map: shut_peer_read runs the
+     * loop itself */
+    ASSERT_EQ(shut_peer_read(map, fds[0], reported, &end), reported);
+    ASSERT_EQ(shut_odd, 0); /* not "late" */
+    ASSERT(end);
     ASSERT_EQ(shut_closes, close_after);
     ac_close(&d);
     close(fds[0]);
@@ -1309,7 +1348,7 @@ TASK(shutdown_after_queued_sends_delivers_all) {
  * burst's next receive started a gathering that took the send (ac_send
  * returned its length), and the bytes met the shut socket only at the
  * burst's end. */
-static int sb_calls, sb_closes;
+static int sb_calls;
 static ssize_t sb_sent = -1;
 
 static int sb_read(ac_dispatcher_t *d) {
@@ -1328,13 +1367,8 @@ static int sb_read(ac_dispatcher_t *d) {
   return 0;
 }
 
-static int sb_close(ac_dispatcher_t *d) {
-  sb_closes++;
-  return ac_close(d);
-}
-
 static const ac_dispatcher_ops_t sb_ops = {.handle_read = sb_read,
-                                           .handle_close = sb_close};
+                                           .handle_close = shut_close};
 
 TASK(shutdown_in_burst_later_send_fails) {
   static char big[32 * 1024];
@@ -1343,6 +1377,7 @@ TASK(shutdown_in_burst_later_send_fails) {
   uv_os_sock_t fds[2];
   char buf[16];
 
+  shut_closes = 0;
   ASSERT_OK(ac_dispatcher_init(&d, map, &sb_ops));
   ASSERT_OK(probe_tcp_pair(AF_INET, fds));
   ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
@@ -1350,7 +1385,7 @@ TASK(shutdown_in_burst_later_send_fails) {
   ASSERT_OK(ac_loop(map, 1.0, 0, 1));
   ASSERT_GT(sb_calls, 1); /* a burst */
   ASSERT_EQ(sb_sent, 0);  /* not taken: EPIPE, handle_close */
-  ASSERT_EQ(sb_closes, 1);
+  ASSERT_EQ(shut_closes, 1);
   ASSERT_EQ(recv(fds[0], buf, sizeof(buf), 0), 0); /* the end, no "x" */
   close(fds[0]);
   task_map_free(map);
@@ -1383,54 +1418,6 @@ TASK(shutdown_now_when_nothing_queued) {
   ASSERT_EQ(ac_shutdown(&d, SHUT_RDWR), UV_EBADF); /* closed */
   close(fds[0]);
   task_map_free(map);
-}
-
-/* Fills the channel's libuv queue (the peer reads nothing): ac_send of
- * 16 KiB chunks until one is taken in part.  Returns the bytes reported
- * sent (0: a send failed). */
-static size_t shut_fill(ac_dispatcher_t *d) {
-  static char chunk[16384];
-  size_t reported = 0;
-  int i;
-
-  memset(chunk, 'q', sizeof(chunk));
-  for (i = 0; i < 100000; i++) {
-    ssize_t s = ac_send(d, chunk, sizeof(chunk));
-    if (s < 0) {
-      return 0;
-    }
-    reported += (size_t) s;
-    if ((size_t) s < sizeof(chunk)) {
-      break;
-    }
-  }
-  return reported;
-}
-
-/* Runs the loop and reads the peer's socket until `want` bytes came, then
- * a while longer (bounded): returns the bytes read; *end: whether the end
- * of the stream came after them (else the peer would block). */
-static size_t shut_peer_read(ac_map_t *map, int fd, size_t want, int *end) {
-  size_t got = 0;
-  int extra = 0;
-  int i;
-
-  *end = 0;
-  for (i = 0; i < 5000 && !*end && extra < 50; i++) {
-    char buf[65536];
-    ssize_t r;
-
-    (void) uv_run(ac_map_loop(map), UV_RUN_NOWAIT);
-    while ((r = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0) {
-      got += (size_t) r;
-    }
-    *end = r == 0;
-    if (got >= want) {
-      extra++;
-      usleep(1000);
-    }
-  }
-  return got;
 }
 
 /* ac_shutdown(SHUT_RDWR) behind libuv's queue: the read side ends now
@@ -1469,7 +1456,7 @@ TASK(shutdown_rdwr_after_queued_sends_delivers_all) {
  * send in a later call of a read burst fails at once (EPIPE: handle_close,
  * D-13), it is not gathered and reported sent.  A user would see the
  * input end when the queue drained, or a reply reported sent and lost. */
-static int sw_calls, sw_closes;
+static int sw_calls;
 static size_t sw_got;
 static ssize_t sw_sent = -1;
 
@@ -1487,13 +1474,8 @@ static int sw_read(ac_dispatcher_t *d) {
   return 0;
 }
 
-static int sw_close(ac_dispatcher_t *d) {
-  sw_closes++;
-  return ac_close(d);
-}
-
 static const ac_dispatcher_ops_t sw_ops = {.handle_read = sw_read,
-                                           .handle_close = sw_close};
+                                           .handle_close = shut_close};
 
 TASK(shutdown_waiting_then_reads_on_and_sends_fail) {
   static char big[32 * 1024];
@@ -1504,6 +1486,7 @@ TASK(shutdown_waiting_then_reads_on_and_sends_fail) {
   int end;
   char buf[16];
 
+  shut_closes = 0;
   ASSERT_OK(ac_dispatcher_init(&d, map, &sw_ops));
   ASSERT_OK(probe_tcp_pair(AF_INET, fds));
   ASSERT_OK(ac_dispatcher_open(&d, fds[1]));
@@ -1513,13 +1496,13 @@ TASK(shutdown_waiting_then_reads_on_and_sends_fail) {
   ASSERT_EQ(shut_peer_read(map, fds[0], reported, &end), reported);
   ASSERT(end);
   ASSERT_OK(ac_loop(map, 0.2, 0, 1));
-  ASSERT_EQ(sw_closes, 0); /* the input did not end */
+  ASSERT_EQ(shut_closes, 0); /* the input did not end */
   peer_send(fds[0], fds[1], big, sizeof(big));
   ASSERT_OK(ac_loop(map, 1.0, 0, 1));
   ASSERT_GE(sw_got, 2 * 8192); /* read on, until the send failed */
   ASSERT_GT(sw_calls, 1); /* a burst */
   ASSERT_EQ(sw_sent, 0);  /* not taken: EPIPE, handle_close */
-  ASSERT_EQ(sw_closes, 1);
+  ASSERT_EQ(shut_closes, 1);
   ASSERT_EQ(recv(fds[0], buf, sizeof(buf), MSG_DONTWAIT), 0); /* no "x" */
   close(fds[0]);
   task_map_free(map);
